@@ -1,0 +1,128 @@
+"""The storage layout: every artifact path under the storage root is built here, and only here.
+
+The root is an fsspec URI (a local folder, ``s3://bucket/prefix``, ``memory://x``). Writers go
+through :func:`atomic_write` / :func:`atomic_put_dir` so a killed step never leaves a
+half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+
+@dataclass(frozen=True)
+class StorageLayout:
+    """Paths of every artifact under one storage root (see DESIGN.md, 'The flow of data')."""
+
+    root: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", normalize_root(self.root))
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return url_to_fs(self.root)[0]
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *[p.strip("/") for p in parts if p]])
+
+    # --- sources and images ---------------------------------------------------------------
+    def sources_dir(self) -> str:
+        return self.join("sources")
+
+    def source_list(self, source_id: str) -> str:
+        """The copy of a URL list as ingested (Parquet), named by its content hash."""
+        return self.join("sources", f"{source_id}.parquet")
+
+    def images_dir(self, source_id: str) -> str:
+        return self.join("images", source_id)
+
+    def image_shard(self, source_id: str, shard: int) -> str:
+        return self.join("images", source_id, f"{shard:05d}.tar")
+
+    def shard_inputs_dir(self, source_id: str) -> str:
+        """Input slices for shard tasks; on the storage root so workers on any node read them."""
+        return self.join("images", source_id, "_inputs")
+
+    # --- CLIP and embeddings --------------------------------------------------------------
+    def clip_dir(self, clip_id: str) -> str:
+        return self.join("clip", clip_id)
+
+    def embeddings_dir(self, clip_id: str, source_id: str) -> str:
+        return self.join("embeddings", clip_id, source_id)
+
+    def embedding_shard(self, clip_id: str, source_id: str, shard: int) -> str:
+        return self.join("embeddings", clip_id, source_id, f"{shard:05d}.parquet")
+
+    # --- manifests ------------------------------------------------------------------------
+    def manifests_dir(self) -> str:
+        return self.join("manifests")
+
+    def manifest(self, version: str) -> str:
+        return self.join("manifests", f"{version}.json")
+
+    def embedding_stats(self, version: str) -> str:
+        return self.join("manifests", f"{version}.stats.npz")
+
+    # --- training, evaluation, registry ---------------------------------------------------
+    def runs_dir(self, model: str) -> str:
+        return self.join("runs", model)
+
+    def run_dir(self, model: str, run_name: str) -> str:
+        return self.join("runs", model, run_name)
+
+    def eval_dir(self, run_name: str) -> str:
+        return self.join("eval", run_name)
+
+    def registry(self, model: str) -> str:
+        return self.join("registry", f"{model}.json")
+
+
+def normalize_root(root: str) -> str:
+    """Make a local root absolute (Ray workers may run in another cwd); leave URIs alone."""
+    if "://" in root:
+        return root.rstrip("/")
+    return os.path.abspath(os.path.expanduser(root)).rstrip("/")
+
+
+def exists(path: str) -> bool:
+    fs, p = url_to_fs(path)
+    return fs.exists(p)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Write to ``path`` through a temporary sibling, renamed into place only on success."""
+    fs, p = url_to_fs(path)
+    parent = p.rsplit("/", 1)[0] if "/" in p else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open(tmp, mode) as f:
+            yield f
+        fs.mv(tmp, p)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.rm(tmp)
+        raise
+
+
+def write_json(path: str, obj: Any) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+
+
+def read_json(path: str) -> Any:
+    fs, p = url_to_fs(path)
+    with fs.open(p, "r") as f:
+        return json.load(f)

@@ -1,0 +1,74 @@
+"""Typed config sections owned by ``unclip.training``; ``unclip.pipelines.config`` composes them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainerConfig(Section):
+    """The one trainer (Ray Train TorchTrainer + DeepSpeed) that every model uses."""
+
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL; else CPU with gloo.")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 needs CUDA.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage.")
+    batch_size: int = Field(64, ge=1, description="Micro-batch per worker.")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps.")
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping.")
+    checkpoint_every: int = Field(250, ge=1)
+    keep_last: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+
+
+class BootstrapClipConfig(Section):
+    """Training the bootstrap CLIP (architecture in the ``clip`` section)."""
+
+    trainer: TrainerConfig = TrainerConfig(max_steps=600, batch_size=128, lr=1e-3)
+
+
+class PriorConfig(Section):
+    """The diffusion prior (diffusers PriorTransformer): CLIP text embedding → image embedding."""
+
+    num_layers: int = Field(4, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    attention_head_dim: int = Field(32, ge=1)
+    timesteps: int = Field(1000, ge=1)
+    cond_drop_prob: float = Field(0.1, ge=0, le=1)
+    sample_steps: int = Field(50, ge=1, description="DDIM steps when sampling.")
+    guidance_scale: float = Field(1.0, gt=0)
+    trainer: TrainerConfig = TrainerConfig()
+
+
+class DecoderConfig(Section):
+    """The diffusion decoder (diffusers UNet2DConditionModel): image embedding → pixels."""
+
+    image_size: int = Field(32, ge=8)
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = Field(1, ge=1)
+    attention_head_dim: int = Field(8, ge=1)
+    timesteps: int = Field(1000, ge=1)
+    cond_drop_prob: float = Field(0.1, ge=0, le=1)
+    sample_steps: int = Field(50, ge=1)
+    guidance_scale: float = Field(3.0, gt=0)
+    trainer: TrainerConfig = TrainerConfig()
+
+
+class EvaluateConfig(Section):
+    holdout_fraction: float = Field(0.05, gt=0, lt=1, description="Pairs held out of training.")
+    captions: list[str] = Field(
+        default_factory=lambda: ["a red circle", "a blue square", "a green triangle", "a yellow circle"],
+        description="Captions drawn in the sample grid.",
+    )
+    samples_per_caption: int = Field(2, ge=1)
