@@ -53,6 +53,18 @@ class StorageLayout:
         """Input slices for shard tasks; on the storage root so workers on any node read them."""
         return self.join("images", source_id, "_inputs")
 
+    def shard_input(self, source_id: str, shard: int) -> str:
+        """One shard's input slice (Arrow IPC file, the format img2dataset's Downloader reads)."""
+        return self.join("images", source_id, "_inputs", f"{shard:05d}.feather")
+
+    def ingest_plan(self, source_id: str) -> str:
+        """How a source was split into shards (rows, samples per shard); fixed at first ingest."""
+        return self.join("images", source_id, "_plan.json")
+
+    def ingest_stats(self, source_id: str) -> str:
+        """Summary of the last ingest run of a source that did work."""
+        return self.join("images", source_id, "_ingest_stats.json")
+
     # --- CLIP and embeddings --------------------------------------------------------------
     def clip_dir(self, clip_id: str) -> str:
         return self.join("clip", clip_id)
@@ -82,6 +94,10 @@ class StorageLayout:
 
     def eval_dir(self, run_name: str) -> str:
         return self.join("eval", run_name)
+
+    def latest_run(self, model: str) -> str:
+        """Pointer to the newest finished run of a model (run name, export, dataset version)."""
+        return self.join("runs", model, "latest.json")
 
     def registry(self, model: str) -> str:
         return self.join("registry", f"{model}.json")

@@ -1,0 +1,1 @@
+"""unclip.datasets: URL lists to image shards, CLIP embeddings, manifests and readers (see architecture.md)."""

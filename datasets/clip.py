@@ -1,0 +1,252 @@
+"""open_clip models: the bootstrap architecture, open_clip-loadable checkpoints, and the CLIP identity.
+
+Every model goes through open_clip's own loading code: a saved bootstrap checkpoint is a directory
+in open_clip's hf-hub layout (``open_clip_config.json`` + ``open_clip_model.safetensors``) loaded
+with ``local-dir:``; a pretrained model is ``create_model_and_transforms(name, pretrained=...)``
+with a tag, an ``hf-hub:`` name or a local file. ``clip_id`` names what the embeddings were made
+with, so two CLIPs never share an embeddings folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+from fsspec.core import url_to_fs
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image
+
+from .config import ClipConfig
+from .storage import atomic_write
+
+CONFIG_NAME = "open_clip_config.json"  # open_clip.constants.HF_CONFIG_NAME
+WEIGHTS_NAME = "open_clip_model.safetensors"  # open_clip.constants.HF_SAFE_WEIGHTS_NAME
+VOCAB_SIZE = 49408  # open_clip's default SimpleTokenizer (bpe_simple_vocab_16e6.txt.gz)
+
+
+@dataclass
+class ClipBundle:
+    """A loaded CLIP with its preprocessing, tokenizer and identity."""
+
+    model: torch.nn.Module
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    tokenizer: Callable[[Sequence[str]], torch.Tensor]
+    clip_id: str
+    identity: dict[str, Any] = field(default_factory=dict)
+    embed_dim: int = 0
+    device: str = "cpu"
+
+
+def bootstrap_model_config(cfg: ClipConfig) -> dict[str, Any]:
+    """The bootstrap architecture as an open_clip model config dict (the model_configs/*.json format)."""
+    if cfg.vision_width % cfg.heads or cfg.text_width % cfg.heads:
+        raise ValueError(
+            f"clip: vision_width ({cfg.vision_width}) and text_width ({cfg.text_width}) "
+            f"must be divisible by heads ({cfg.heads})"
+        )
+    if cfg.image_size % cfg.patch_size:
+        raise ValueError(
+            f"clip: image_size ({cfg.image_size}) must be divisible by patch_size ({cfg.patch_size})"
+        )
+    return {
+        "embed_dim": cfg.embed_dim,
+        "vision_cfg": {
+            "image_size": cfg.image_size,
+            "layers": cfg.vision_layers,
+            "width": cfg.vision_width,
+            "head_width": cfg.vision_width // cfg.heads,
+            "patch_size": cfg.patch_size,
+        },
+        "text_cfg": {
+            "context_length": cfg.context_length,
+            "vocab_size": VOCAB_SIZE,
+            "width": cfg.text_width,
+            "heads": cfg.heads,
+            "layers": cfg.text_layers,
+        },
+    }
+
+
+def bootstrap_preprocess_config(cfg: ClipConfig) -> dict[str, Any]:
+    """open_clip's default preprocessing at the bootstrap image size."""
+    return asdict(PreprocessCfg(size=cfg.image_size))
+
+
+def build_bootstrap_clip(cfg: ClipConfig) -> torch.nn.Module:
+    """An untrained open_clip ``CLIP`` of the bootstrap architecture (seed torch before calling)."""
+    model = open_clip.CLIP(**bootstrap_model_config(cfg))
+    open_clip.set_model_preprocess_cfg(model, bootstrap_preprocess_config(cfg))
+    return model
+
+
+def model_config_of(cfg: ClipConfig) -> dict[str, Any]:
+    """The open_clip model config of ``cfg``: the bootstrap one, or the named model's."""
+    if cfg.model_name is None:
+        return bootstrap_model_config(cfg)
+    model_cfg = open_clip.get_model_config(cfg.model_name)
+    if model_cfg is None:
+        raise ValueError(f"clip.model_name: unknown open_clip model {cfg.model_name!r}")
+    return model_cfg
+
+
+def save_clip(model: torch.nn.Module, cfg: ClipConfig, directory: str) -> str:
+    """Write ``model`` as a directory open_clip loads with ``local-dir:``; atomic; returns it."""
+    import safetensors.torch
+
+    preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))
+    # The same keys open_clip's push_to_hf_hub.save_config_for_hf writes.
+    config = {
+        "model_cfg": model_config_of(cfg),
+        "preprocess_cfg": {
+            k: preprocess_cfg[k]
+            for k in ("mean", "std", "interpolation", "resize_mode")
+            if k in preprocess_cfg
+        },
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = safetensors.torch.save(tensors)
+    config_bytes = json.dumps(config, indent=2, sort_keys=True).encode()
+
+    fs, path = url_to_fs(directory)
+    if "://" not in directory or directory.startswith("file://"):
+        # Local: write a sibling folder, then swap it in with renames.
+        path = os.path.abspath(path)
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        os.makedirs(tmp)
+        try:
+            with open(os.path.join(tmp, WEIGHTS_NAME), "wb") as f:
+                f.write(weights)
+            with open(os.path.join(tmp, CONFIG_NAME), "wb") as f:
+                f.write(config_bytes)
+            old = None
+            if os.path.exists(path):
+                old = f"{path}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(path, old)
+            os.rename(tmp, path)
+            if old:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+        return path
+    # Remote: each file atomically, the config last (a directory is complete when it has one).
+    base = directory.rstrip("/")
+    with atomic_write(f"{base}/{WEIGHTS_NAME}") as f:
+        f.write(weights)
+    with atomic_write(f"{base}/{CONFIG_NAME}") as f:
+        f.write(config_bytes)
+    return base
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over the state dict (names, dtypes, shapes, bytes): the same weights from any file."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def clip_identity(model: torch.nn.Module, model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """What makes two CLIPs give the same embeddings: architecture, weights, preprocessing."""
+    pp = dict(open_clip.get_model_preprocess_cfg(model))
+    pp = {k: list(v) if isinstance(v, tuple) else v for k, v in pp.items()}
+    return {"model_cfg": model_cfg, "weights_sha256": weights_sha256(model), "preprocess_cfg": pp}
+
+
+def clip_id_of(identity: dict[str, Any]) -> str:
+    """Short content hash of a CLIP identity."""
+    blob = json.dumps(identity, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _local_dir(checkpoint: str) -> Iterator[str]:
+    """A local path for a checkpoint directory (remote ones are copied to a temp dir)."""
+    if "://" not in checkpoint or checkpoint.startswith("file://"):
+        yield url_to_fs(checkpoint)[1]
+        return
+    fs, path = url_to_fs(checkpoint)
+    tmp = tempfile.mkdtemp(prefix="unclip-clip-")
+    try:
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            fs.get(f"{path.rstrip('/')}/{name}", os.path.join(tmp, name))
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_clip(cfg: ClipConfig, checkpoint: str | None = None, device: str = "cpu") -> ClipBundle:
+    """Load a saved checkpoint directory, else ``cfg.model_name`` with ``cfg.pretrained`` via open_clip."""
+    if checkpoint is not None:
+        with _local_dir(checkpoint) as local:
+            if not os.path.isfile(os.path.join(local, CONFIG_NAME)):
+                raise FileNotFoundError(
+                    f"clip checkpoint {checkpoint!r} has no {CONFIG_NAME} (not written by save_clip?)"
+                )
+            name = f"local-dir:{local}"
+            model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
+            tokenizer = open_clip.get_tokenizer(name)
+            model_cfg = open_clip.get_model_config(name)
+        source = checkpoint
+    elif cfg.model_name is not None:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            cfg.model_name, pretrained=cfg.pretrained, device=device
+        )
+        tokenizer = open_clip.get_tokenizer(cfg.model_name)
+        model_cfg = model_config_of(cfg)
+        source = f"{cfg.model_name}:{cfg.pretrained}"
+    else:
+        raise ValueError(
+            "clip: no checkpoint and no model_name; train the bootstrap CLIP first "
+            "(or set clip.model_name and clip.pretrained)"
+        )
+    model.eval()
+    identity = clip_identity(model, model_cfg)
+    identity_out = {**identity, "source": source}
+    return ClipBundle(
+        model=model,
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+        clip_id=clip_id_of(identity),
+        identity=identity_out,
+        embed_dim=int(model_cfg["embed_dim"]),
+        device=device,
+    )
+
+
+def preprocess_for(model: torch.nn.Module) -> Callable[[Image.Image], torch.Tensor]:
+    """The eval-time transform open_clip would build for ``model``."""
+    return image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(model)), is_train=False)
+
+
+@torch.no_grad()
+def encode_images(bundle: ClipBundle, images: Sequence[Image.Image]) -> np.ndarray:
+    """L2-normalised image embeddings, float32 [N, D]."""
+    if not images:
+        return np.zeros((0, bundle.embed_dim), np.float32)
+    x = torch.stack([bundle.preprocess(im) for im in images]).to(bundle.device)
+    return bundle.model.encode_image(x, normalize=True).float().cpu().numpy()
+
+
+@torch.no_grad()
+def encode_texts(bundle: ClipBundle, texts: Sequence[str]) -> np.ndarray:
+    """L2-normalised text embeddings, float32 [N, D]."""
+    if not texts:
+        return np.zeros((0, bundle.embed_dim), np.float32)
+    tokens = bundle.tokenizer(list(texts)).to(bundle.device)
+    return bundle.model.encode_text(tokens, normalize=True).float().cpu().numpy()

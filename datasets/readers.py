@@ -1,0 +1,286 @@
+"""What training reads: embeddings as arrays, image tars joined with embeddings by key, hold-out split.
+
+Keys returned here are ``"{source}/{key}"``: img2dataset keys are unique within a source only.
+The hold-out split hashes that global key, so it is the same on every machine and every run.
+Every embedding file is checked against the manifest (sha256, CLIP identity, dimension) before
+it is used: a file from another CLIP or a changed file is an error, never silently mixed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+from PIL import Image
+
+from .shards import ShardReadStats, completed_shards, iter_shard
+from .storage import StorageLayout, read_json
+
+log = logging.getLogger(__name__)
+
+Split = Literal["train", "holdout", "all"]
+CLIP_ID_KEY = b"unclip.clip_id"
+DIM_KEY = b"unclip.embedding_dim"
+
+
+@dataclass
+class EmbeddingArrays:
+    keys: list[str]
+    captions: list[str]
+    image: np.ndarray  # float32 [N, D]
+    text: np.ndarray  # float32 [N, D]
+
+
+@dataclass
+class ImagePairs:
+    keys: list[str]
+    captions: list[str]
+    images: np.ndarray  # uint8 [N, H, W, 3]
+    image_emb: np.ndarray | None  # float32 [N, D]
+    text_emb: np.ndarray | None  # float32 [N, D]
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+
+def in_holdout(key: str, fraction: float) -> bool:
+    """Whether ``key`` is in the hold-out split: a hash of the key, deterministic everywhere."""
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+    return h / 2**64 < fraction
+
+
+def _keep(key: str, split: Split, fraction: float) -> bool:
+    if split == "all":
+        return True
+    if split not in ("train", "holdout"):
+        raise ValueError(f"split must be 'train', 'holdout' or 'all', not {split!r}")
+    return in_holdout(key, fraction) == (split == "holdout")
+
+
+def load_manifest(layout: StorageLayout, version: str) -> dict[str, Any]:
+    """The manifest of dataset ``version``."""
+    path = layout.manifest(version)
+    fs, p = url_to_fs(path)
+    if not fs.exists(p):
+        raise FileNotFoundError(f"dataset version {version!r}: no manifest at {path}")
+    return read_json(path)
+
+
+def load_embedding_stats(layout: StorageLayout, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
+    """image_mean, image_std, text_mean, text_std (float32 [D]) of the manifest's embeddings."""
+    path = layout.embedding_stats(manifest["version"])
+    fs, p = url_to_fs(path)
+    if not fs.exists(p):
+        raise FileNotFoundError(f"dataset version {manifest['version']!r}: no stats at {path}")
+    with fs.open(p, "rb") as f:
+        data = np.load(io.BytesIO(f.read()))
+        return {k: data[k].astype(np.float32) for k in data.files}
+
+
+def read_embedding_table(
+    layout: StorageLayout,
+    entry: dict[str, Any],
+    clip_id: str | None = None,
+    embedding_dim: int | None = None,
+    columns: list[str] | None = None,
+) -> pa.Table:
+    """One manifest entry's embedding Parquet, checked against its sha256 and the CLIP identity."""
+    path = layout.join(entry["embeddings"])
+    fs, p = url_to_fs(path)
+    if not fs.exists(p):
+        raise FileNotFoundError(f"embeddings of {entry['source']}/{entry['shard']}: {path} is missing")
+    with fs.open(p, "rb") as f:
+        data = f.read()
+    if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ValueError(f"{path}: sha256 differs from the manifest (file changed or truncated)")
+    try:
+        table = pq.read_table(pa.BufferReader(data), columns=columns)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"{path}: unreadable Parquet ({e})") from e
+    check_embedding_metadata(path, table.schema, clip_id, embedding_dim)
+    return table
+
+
+def check_embedding_metadata(
+    path: str, schema: pa.Schema, clip_id: str | None, embedding_dim: int | None
+) -> None:
+    """Raise if an embedding file was written by another CLIP or has another dimension."""
+    meta = schema.metadata or {}
+    if clip_id is not None:
+        found = meta.get(CLIP_ID_KEY, b"").decode() or None
+        if found != clip_id:
+            raise ValueError(
+                f"{path}: embeddings were written by CLIP {found!r}, the manifest expects {clip_id!r}"
+            )
+    if embedding_dim is not None:
+        found_dim = meta.get(DIM_KEY)
+        if found_dim is None or int(found_dim) != int(embedding_dim):
+            raise ValueError(
+                f"{path}: embedding_dim {found_dim!r} in file, the manifest expects {embedding_dim}"
+            )
+
+
+def fixed_list_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed_size_list<float16|float32>[D] column as float32 [N, D]."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    d = arr.type.list_size
+    values = arr.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(len(arr), d).astype(np.float32)
+
+
+def load_embeddings(
+    layout: StorageLayout, manifest: dict[str, Any], split: Split, holdout_fraction: float
+) -> EmbeddingArrays:
+    """Image and text embeddings of the manifest's shards (one split), as float32 arrays."""
+    d = int(manifest["embedding_dim"])
+    keys: list[str] = []
+    captions: list[str] = []
+    images: list[np.ndarray] = []
+    texts: list[np.ndarray] = []
+    for entry in manifest["shards"]:
+        t = read_embedding_table(
+            layout,
+            entry,
+            manifest["clip_id"],
+            d,
+            columns=["key", "caption", "image_embedding", "text_embedding"],
+        )
+        gkeys = [f"{entry['source']}/{k}" for k in t.column("key").to_pylist()]
+        mask = np.array([_keep(k, split, holdout_fraction) for k in gkeys], dtype=bool)
+        if not mask.any():
+            continue
+        caps = t.column("caption").to_pylist()
+        keys += [k for k, m in zip(gkeys, mask) if m]
+        captions += [c for c, m in zip(caps, mask) if m]
+        images.append(fixed_list_to_numpy(t.column("image_embedding"))[mask])
+        texts.append(fixed_list_to_numpy(t.column("text_embedding"))[mask])
+    empty = np.zeros((0, d), np.float32)
+    return EmbeddingArrays(
+        keys=keys,
+        captions=captions,
+        image=np.concatenate(images) if images else empty,
+        text=np.concatenate(texts) if texts else empty,
+    )
+
+
+def _to_array(image: Image.Image, image_size: int | None) -> np.ndarray:
+    if image_size is not None and image.size != (image_size, image_size):
+        w, h = image.size
+        s = min(w, h)
+        if w != h:  # center crop to square first
+            left, top = (w - s) // 2, (h - s) // 2
+            image = image.crop((left, top, left + s, top + s))
+        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _stack(arrays: list[np.ndarray], keys: list[str]) -> np.ndarray:
+    if not arrays:
+        return np.zeros((0, 0, 0, 3), np.uint8)
+    shape = arrays[0].shape
+    for a, k in zip(arrays, keys):
+        if a.shape != shape:
+            raise ValueError(
+                f"image {k} is {a.shape[1]}x{a.shape[0]}, others are {shape[1]}x{shape[0]}; "
+                "pass image_size to resize"
+            )
+    return np.stack(arrays)
+
+
+def _iter_samples(
+    layout: StorageLayout, shards: Iterable[tuple[str, int]], stats: ShardReadStats
+) -> Iterator[tuple[str, int, Any]]:
+    for source, shard in shards:
+        for s in iter_shard(layout.image_shard(source, shard), stats):
+            yield source, shard, s
+
+
+def load_image_pairs(
+    layout: StorageLayout,
+    manifest: dict[str, Any],
+    split: Split,
+    holdout_fraction: float,
+    image_size: int | None = None,
+) -> ImagePairs:
+    """Images of the manifest's tars joined with their embeddings by key (one split)."""
+    d = int(manifest["embedding_dim"])
+    keys: list[str] = []
+    captions: list[str] = []
+    images: list[np.ndarray] = []
+    img_emb: list[np.ndarray] = []
+    txt_emb: list[np.ndarray] = []
+    skipped = {"not_in_embeddings": 0, "corrupt": 0, "truncated_tar": 0}
+    stats = ShardReadStats()
+    for entry in manifest["shards"]:
+        t = read_embedding_table(
+            layout, entry, manifest["clip_id"], d, columns=["key", "image_embedding", "text_embedding"]
+        )
+        index = {k: i for i, k in enumerate(t.column("key").to_pylist())}
+        ie = fixed_list_to_numpy(t.column("image_embedding"))
+        te = fixed_list_to_numpy(t.column("text_embedding"))
+        source = entry["source"]
+        for s in iter_shard(layout.join(entry["images"]), stats):
+            gkey = f"{source}/{s.key}"
+            if not _keep(gkey, split, holdout_fraction):
+                continue
+            i = index.get(s.key)
+            if i is None:
+                skipped["not_in_embeddings"] += 1
+                continue
+            keys.append(gkey)
+            captions.append(s.caption)
+            images.append(_to_array(s.image, image_size))
+            img_emb.append(ie[i])
+            txt_emb.append(te[i])
+    skipped["corrupt"], skipped["truncated_tar"] = stats.corrupt, stats.truncated
+    if any(skipped.values()):
+        log.warning("load_image_pairs skipped %s (first errors: %s)", skipped, stats.errors[:3])
+    return ImagePairs(
+        keys=keys,
+        captions=captions,
+        images=_stack(images, keys),
+        image_emb=np.stack(img_emb) if img_emb else np.zeros((0, d), np.float32),
+        text_emb=np.stack(txt_emb) if txt_emb else np.zeros((0, d), np.float32),
+        skipped=skipped,
+    )
+
+
+def load_images_captions(
+    layout: StorageLayout,
+    source_ids: list[str],
+    split: Split,
+    holdout_fraction: float,
+    image_size: int | None = None,
+) -> ImagePairs:
+    """Images and captions of every committed shard of ``source_ids`` (before any embeddings exist)."""
+    keys: list[str] = []
+    captions: list[str] = []
+    images: list[np.ndarray] = []
+    stats = ShardReadStats()
+    shards = [(src, sh) for src in source_ids for sh in completed_shards(layout, src)]
+    for source, _, s in _iter_samples(layout, shards, stats):
+        gkey = f"{source}/{s.key}"
+        if not _keep(gkey, split, holdout_fraction):
+            continue
+        keys.append(gkey)
+        captions.append(s.caption)
+        images.append(_to_array(s.image, image_size))
+    skipped = {"corrupt": stats.corrupt, "truncated_tar": stats.truncated}
+    if any(skipped.values()):
+        log.warning("load_images_captions skipped %s (first errors: %s)", skipped, stats.errors[:3])
+    return ImagePairs(
+        keys=keys,
+        captions=captions,
+        images=_stack(images, keys),
+        image_emb=None,
+        text_emb=None,
+        skipped=skipped,
+    )

@@ -1,0 +1,1 @@
+"""unclip.pipelines: config, Dagster assets, command line."""

@@ -1,0 +1,275 @@
+"""The ``unclip`` command line: the whole pipeline, or one stage, from a YAML config."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from unclip.pipelines.config import ConfigError, PipelineConfig, load_config, parse_override
+
+app = typer.Typer(
+    help=(
+        "unclip: (image URL, caption) lists to a trained, evaluated DALL-E 2-style model.\n\n"
+        "Every command takes a pipeline config (YAML; see configs/ and docs/config.md). Work runs "
+        "on an embedded Ray, or on the cluster at RAY_ADDRESS when it is set. Every stage is "
+        "idempotent: re-running does only what is missing."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+train_app = typer.Typer(help="Train one model (and whatever it needs that is missing).", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+console = Console()
+
+ConfigArg = Annotated[Path, typer.Argument(help="Pipeline config YAML, e.g. configs/demo.yaml.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config key: --set prior.trainer.max_steps=100 (repeatable)."),
+]
+
+
+def _load(config: Path, sets: list[str] | None) -> tuple[PipelineConfig, dict[str, Any]]:
+    overrides: dict[str, Any] = {}
+    for item in sets or []:
+        overrides = _merge(overrides, parse_override(item))
+    if os.environ.get("UNCLIP_STORAGE"):
+        overrides["storage"] = os.environ["UNCLIP_STORAGE"]
+    try:
+        return load_config(config, overrides), overrides
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class StageBoard:
+    """A live table of stages: pending, running (with elapsed time), done or failed."""
+
+    def __init__(self, stages: list[str]) -> None:
+        self.state = {s: "pending" for s in stages}
+        self.started: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, event: str, stage: str) -> None:
+        if stage not in self.state:
+            return
+        if event == "start":
+            self.started[stage] = time.monotonic()
+            self.state[stage] = "running"
+        else:
+            self.seconds[stage] = time.monotonic() - self.started.get(stage, time.monotonic())
+            self.state[stage] = "done" if event == "success" else "failed"
+
+    def __rich__(self) -> Table:
+        t = Table(title="unclip pipeline", show_lines=False)
+        t.add_column("stage")
+        t.add_column("status")
+        t.add_column("time", justify="right")
+        style = {"pending": "dim", "running": "yellow", "done": "green", "failed": "red"}
+        for s, st in self.state.items():
+            secs = self.seconds.get(s)
+            if st == "running":
+                secs = time.monotonic() - self.started[s]
+            t.add_row(s, f"[{style[st]}]{st}[/]", f"{secs:,.1f} s" if secs is not None else "")
+        return t
+
+
+def _materialize(config: Path, sets: list[str] | None, targets: list[str] | None) -> dict[str, Any]:
+    """Run the selected assets and everything upstream of them (no-ops where already done)."""
+    from unclip.pipelines.runner import STAGES, PipelineFailed, run_pipeline
+
+    cfg, overrides = _load(config, sets)
+    stages = STAGES if targets is None else _upstream_closure(targets)
+    board = StageBoard(stages)
+    t0 = time.monotonic()
+    try:
+        with Live(board, console=console, refresh_per_second=2, transient=False):
+            run = run_pipeline(str(config), cfg, overrides, on_event=board, stages=stages)
+    except PipelineFailed as e:
+        console.print(f"[red]stage {e.stage} failed[/red] (Dagster run {e.run.run_id})\n{e}")
+        raise typer.Exit(1) from None
+    console.print(f"finished in {time.monotonic() - t0:,.1f} s; Dagster run {run.run_id} ({run.dagster_home})")
+    return {"cfg": cfg, "run": run}
+
+
+def _upstream_closure(targets: list[str]) -> list[str]:
+    from unclip.pipelines.assets import ALL_ASSETS
+
+    deps = {a.key.to_user_string(): {k.to_user_string() for k in a.asset_deps[a.key]} for a in ALL_ASSETS}
+    seen: list[str] = []
+
+    def visit(n: str) -> None:
+        for d in sorted(deps[n]):
+            visit(d)
+        if n not in seen:
+            seen.append(n)
+
+    for t in targets:
+        visit(t)
+    order = list(deps)
+    return sorted(seen, key=order.index)
+
+
+def _print_outputs(cfg: PipelineConfig, outputs: dict[str, Any]) -> None:
+    t = Table(title="outputs")
+    t.add_column("what")
+    t.add_column("where / value")
+    t.add_row("storage root", cfg.storage)
+    if "dataset_manifest" in outputs:
+        m = outputs["dataset_manifest"]
+        t.add_row("dataset version", f"{m['version']} ({m['num_samples']} pairs, {m['num_shards']} shards)")
+    for model in ("clip_model", "prior", "decoder"):
+        if model in outputs and outputs[model].get("run"):
+            o = outputs[model]
+            t.add_row(f"{model} export", o.get("export") or o.get("checkpoint"))
+    if "evaluation" in outputs:
+        e = outputs["evaluation"]
+        t.add_row("prior metrics", e["prior_metrics"])
+        for k in ("cos_pred_true", "cos_text_baseline"):
+            if k in e:
+                t.add_row(f"  {k}", f"{e[k]:.3f}")
+        t.add_row("sample grid", e["sample_grid"])
+    console.print(t)
+
+
+@app.command()
+def run(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Run the whole pipeline: sources → ingest → CLIP → embed → manifest → prior, decoder → evaluate."""
+    out = _materialize(config, set_, None)
+    _print_outputs(out["cfg"], out["run"].outputs)
+
+
+@app.command()
+def ingest(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Download every source's missing shards with img2dataset on Ray."""
+    out = _materialize(config, set_, ["image_shards"])
+    _print_outputs(out["cfg"], out["run"].outputs)
+
+
+@app.command()
+def embed(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Embed every image shard that has no embeddings yet (trains the bootstrap CLIP if needed)."""
+    out = _materialize(config, set_, ["dataset_manifest"])
+    _print_outputs(out["cfg"], out["run"].outputs)
+
+
+@train_app.command("prior")
+def train_prior(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Train the diffusion prior (text embedding → image embedding)."""
+    out = _materialize(config, set_, ["prior"])
+    _print_outputs(out["cfg"], out["run"].outputs)
+
+
+@train_app.command("decoder")
+def train_decoder(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Train the diffusion decoder (image embedding → pixels)."""
+    out = _materialize(config, set_, ["decoder"])
+    _print_outputs(out["cfg"], out["run"].outputs)
+
+
+@app.command()
+def evaluate(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Evaluate the trained prior and decoder: metrics JSON and a sample grid under eval/."""
+    out = _materialize(config, set_, ["evaluation"])
+    _print_outputs(out["cfg"], out["run"].outputs)
+
+
+@app.command()
+def sample(
+    caption: Annotated[list[str], typer.Argument(help="One or more captions.")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="Pipeline config YAML.")] = Path("configs/demo.yaml"),
+    n: Annotated[int, typer.Option("--n", help="Images per caption.", min=1)] = 4,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the PNGs.")] = Path("samples"),
+    steps: Annotated[int | None, typer.Option(help="DDIM steps (default: from config).")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Decoder guidance scale (default: from config).")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    set_: SetOpt = None,
+) -> None:
+    """Generate images for captions: CLIP text → prior → decoder, from the latest trained runs."""
+    from unclip.pipelines import stages
+    from unclip.training.sampling import generate
+
+    cfg, _ = _load(config, set_)
+    for c in caption:
+        if not c.strip():
+            console.print("[red]error:[/red] empty caption")
+            raise typer.Exit(2)
+    try:
+        clip_ckpt = stages.latest_export(cfg, "clip") if cfg.uses_bootstrap_clip else None
+        prior_export = stages.latest_export(cfg, "prior")
+        decoder_export = stages.latest_export(cfg, "decoder")
+    except FileNotFoundError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+    images = generate(
+        caption,
+        cfg.clip,
+        clip_ckpt,
+        prior_export,
+        decoder_export,
+        n_per_caption=n,
+        steps=steps or cfg.decoder.sample_steps,
+        guidance=guidance if guidance is not None else cfg.decoder.guidance_scale,
+        seed=seed,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        c = caption[i // n]
+        path = out / f"{_slug(c)}-{i % n}.png"
+        img.save(path)
+        console.print(str(path))
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in text.lower()).strip("-")[:60] or "sample"
+
+
+@app.command()
+def status(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Print the latest dataset version, trained runs and recent pipeline runs."""
+    from unclip.datasets.storage import exists, read_json
+    from unclip.pipelines.runner import instance_for
+    from unclip.pipelines.stages import layout_of
+
+    cfg, _ = _load(config, set_)
+    layout = layout_of(cfg)
+    t = Table(title=f"unclip status — {cfg.storage}")
+    t.add_column("what")
+    t.add_column("value")
+    for model in ("clip", "prior", "decoder"):
+        p = layout.latest_run(model)
+        if exists(p):
+            info = read_json(p)
+            t.add_row(f"latest {model}", f"{info['run']} (dataset {info.get('dataset_version')})")
+        else:
+            t.add_row(f"latest {model}", "[dim]none[/dim]")
+    instance = instance_for(cfg)
+    for r in instance.get_run_records(limit=5):
+        t.add_row("run", f"{r.dagster_run.run_id[:8]} {r.dagster_run.status.value} {r.create_timestamp:%Y-%m-%d %H:%M}")
+    console.print(t)
+
+
+@app.command("config-schema")
+def config_schema() -> None:
+    """Print the pipeline config's JSON schema (every key, type and default)."""
+    import json
+
+    console.print_json(json.dumps(PipelineConfig.model_json_schema()))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,135 @@
+"""The one pipeline config: composed of each package's sections, loaded from YAML.
+
+Unknown keys and wrong types fail before any work, with the key path and the file named.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from unclip.datasets.config import (
+    ClipConfig,
+    EmbedConfig,
+    IngestConfig,
+    SyntheticConfig,
+)
+from unclip.training.config import (
+    BootstrapClipConfig,
+    DecoderConfig,
+    EvaluateConfig,
+    PriorConfig,
+)
+
+
+class RayConfig(BaseModel):
+    """Where Ray runs: ``RAY_ADDRESS`` (a cluster) wins; otherwise an embedded local Ray."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray (None: all).")
+
+
+class PipelineConfig(BaseModel):
+    """A whole unclip run: where artifacts live, what data, and how each stage runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field("unclip", description="A label for this pipeline in logs and the UI.")
+    storage: str = Field(..., description="Storage root: a local folder or an fsspec URI.")
+    seed: int = 0
+    sources: list[str] = Field(
+        default_factory=list,
+        description="URL lists (parquet/csv/tsv/jsonl, local paths or URIs); one list = one source.",
+    )
+    synthetic: SyntheticConfig | None = Field(
+        None, description="Generate and serve the captioned-shapes demo set as an extra source."
+    )
+    ray: RayConfig = RayConfig()
+    ingest: IngestConfig = IngestConfig()
+    clip: ClipConfig = ClipConfig()
+    bootstrap: BootstrapClipConfig = BootstrapClipConfig()
+    embed: EmbedConfig = EmbedConfig()
+    prior: PriorConfig = PriorConfig()
+    decoder: DecoderConfig = DecoderConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @property
+    def uses_bootstrap_clip(self) -> bool:
+        return self.clip.model_name is None
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and each bad key."""
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read a YAML config; relative paths in it are resolved against the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw = _deep_merge(raw, overrides or {})
+    raw = _resolve_relative_paths(raw, path.parent)
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: dict[str, Any], source: str = "<config>") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            if err["type"] == "extra_forbidden":
+                lines.append(f"  {key}: unknown key (misspelled?)")
+            else:
+                lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines)) from None
+
+
+def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    def resolve(p: Any) -> Any:
+        if isinstance(p, str) and "://" not in p and not Path(p).expanduser().is_absolute():
+            return str((base / p).resolve())
+        return p
+
+    out = dict(raw)
+    if "storage" in out:
+        out["storage"] = resolve(out["storage"])
+    if isinstance(out.get("sources"), list):
+        out["sources"] = [resolve(s) for s in out["sources"]]
+    return out
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """``a.b.c=value`` (value parsed as YAML) → nested dict, for ``--set`` on the command line."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. prior.trainer.max_steps=100")
+    key, value = item.split("=", 1)
+    node: dict[str, Any] = {}
+    cur = node
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        cur[p] = {}
+        cur = cur[p]
+    cur[parts[-1]] = yaml.safe_load(value)
+    return node

@@ -1,0 +1,253 @@
+"""The pipeline's stages as plain functions of the config.
+
+Each stage finds its inputs in the storage root, does only the work that is missing, and
+returns a small JSON-able summary. Dagster assets (``assets.py``) and the CLI's single-stage
+commands both call these, so a stage behaves the same whichever way it is launched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from unclip.datasets import embed as embed_mod
+from unclip.datasets import ingest as ingest_mod
+from unclip.datasets import manifest as manifest_mod
+from unclip.datasets import synthetic, url_lists
+from unclip.datasets.storage import StorageLayout, exists, read_json, write_json
+from unclip.pipelines.config import PipelineConfig
+
+Progress = Callable[[int, int], None]
+
+SYNTHETIC_LIST = "synthetic.parquet"
+
+
+def layout_of(cfg: PipelineConfig) -> StorageLayout:
+    return StorageLayout(cfg.storage)
+
+
+def ensure_ray(cfg: PipelineConfig) -> None:
+    """Connect to ``RAY_ADDRESS`` when set, else start an embedded Ray (once per process)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+def synthetic_list_path(cfg: PipelineConfig) -> str:
+    return layout_of(cfg).join("incoming", SYNTHETIC_LIST)
+
+
+def url_list_paths(cfg: PipelineConfig) -> list[str]:
+    """Every URL list of this run: configured sources, plus the synthetic list when enabled."""
+    paths = list(cfg.sources)
+    if cfg.synthetic is not None:
+        paths.append(synthetic_list_path(cfg))
+    if not paths:
+        raise ValueError("config has no `sources` and no `synthetic` section: nothing to ingest")
+    return paths
+
+
+def prepare_sources(cfg: PipelineConfig) -> dict[str, Any]:
+    """Write the synthetic URL list (once; its server port is fixed by the first write)."""
+    out: dict[str, Any] = {"sources": len(url_list_paths(cfg))}
+    if cfg.synthetic is not None:
+        path = synthetic_list_path(cfg)
+        if not exists(path):
+            with synthetic.serve_synthetic(cfg.synthetic) as base_url:
+                synthetic.write_url_list(cfg.synthetic, base_url, path)
+        out["synthetic_list"] = path
+        out["synthetic_pairs"] = cfg.synthetic.num_pairs
+    for p in cfg.sources:
+        if not exists(p):
+            raise FileNotFoundError(f"sources: URL list {p} does not exist")
+    return out
+
+
+def source_ids(cfg: PipelineConfig) -> list[str]:
+    return [url_lists.source_id(p) for p in url_list_paths(cfg)]
+
+
+@contextlib.contextmanager
+def _synthetic_server_if_needed(cfg: PipelineConfig, url_list: str) -> Iterator[None]:
+    """Serve the synthetic images on the list's own port while its shards download."""
+    if cfg.synthetic is None or url_list != synthetic_list_path(cfg):
+        yield
+        return
+    with synthetic.serve_synthetic(cfg.synthetic, port=synthetic.url_list_port(url_list) or 0):
+        yield
+
+
+def ingest(cfg: PipelineConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Download every source's missing shards (img2dataset in Ray tasks)."""
+    ensure_ray(cfg)
+    layout = layout_of(cfg)
+    results = []
+    for path in url_list_paths(cfg):
+        sid = url_lists.source_id(path)
+        if not _missing_shards(layout, cfg, path, sid):
+            results.append({"source": sid, "shards_written": 0, "skipped": True})
+            continue
+        with _synthetic_server_if_needed(cfg, path):
+            r = ingest_mod.ingest_source(layout, path, cfg.ingest, progress=progress)
+        results.append(
+            {
+                "source": r.source_id,
+                "shards_written": r.shards_written,
+                "shards_skipped": r.shards_skipped,
+                "successes": r.successes,
+                "failures": r.failures,
+            }
+        )
+    return {
+        "sources": results,
+        "shards_written": sum(r["shards_written"] for r in results),
+    }
+
+
+def _missing_shards(layout: StorageLayout, cfg: PipelineConfig, path: str, sid: str) -> bool:
+    done = ingest_mod.completed_shards(layout, sid)
+    rows = url_lists.read_url_list(path, cfg.ingest).num_rows
+    expected = -(-rows // cfg.ingest.samples_per_shard)
+    return len(done) < expected
+
+
+# --- CLIP and embeddings --------------------------------------------------------------------
+
+
+def clip_checkpoint(cfg: PipelineConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """The CLIP that embeds this run's data: pretrained as configured, else the bootstrap one."""
+    if not cfg.uses_bootstrap_clip:
+        return {"checkpoint": None, "bootstrap": False}
+    from unclip.training.clip_task import train_bootstrap_clip
+
+    ensure_ray(cfg)
+    fit = train_bootstrap_clip(
+        layout_of(cfg),
+        cfg.clip,
+        cfg.bootstrap,
+        source_ids(cfg),
+        cfg.evaluate.holdout_fraction,
+    )
+    _record_latest(cfg, "clip", fit, None)
+    return {
+        "checkpoint": fit.export_dir,
+        "bootstrap": True,
+        "run": fit.run_name,
+        "skipped": fit.skipped,
+        **_scalars(fit.metrics),
+    }
+
+
+def embed(cfg: PipelineConfig, clip_ckpt: str | None) -> dict[str, Any]:
+    ensure_ray(cfg)
+    layout = layout_of(cfg)
+    written = skipped = 0
+    clip_id = None
+    for sid in source_ids(cfg):
+        r = embed_mod.embed_source(layout, sid, cfg.clip, clip_ckpt, cfg.embed)
+        written += r.shards_written
+        skipped += r.shards_skipped
+        clip_id = r.clip_id
+    return {"clip_id": clip_id, "shards_written": written, "shards_skipped": skipped}
+
+
+def assemble(cfg: PipelineConfig, clip_id: str) -> dict[str, Any]:
+    m = manifest_mod.assemble_manifest(layout_of(cfg), clip_id, source_ids(cfg))
+    return {
+        "version": m["version"],
+        "num_samples": m["num_samples"],
+        "num_shards": len(m["shards"]),
+        "embedding_dim": m["embedding_dim"],
+    }
+
+
+# --- training and evaluation ----------------------------------------------------------------
+
+
+def train_prior(cfg: PipelineConfig, version: str) -> dict[str, Any]:
+    from unclip.training.prior import train_prior as fit_prior
+
+    ensure_ray(cfg)
+    fit = fit_prior(layout_of(cfg), version, cfg.prior, cfg.evaluate.holdout_fraction)
+    _record_latest(cfg, "prior", fit, version)
+    return _fit_summary(fit)
+
+
+def train_decoder(cfg: PipelineConfig, version: str) -> dict[str, Any]:
+    from unclip.training.decoder import train_decoder as fit_decoder
+
+    ensure_ray(cfg)
+    fit = fit_decoder(layout_of(cfg), version, cfg.decoder, cfg.evaluate.holdout_fraction)
+    _record_latest(cfg, "decoder", fit, version)
+    return _fit_summary(fit)
+
+
+def _record_latest(cfg: PipelineConfig, model: str, fit: Any, version: str | None) -> None:
+    """Point ``runs/{model}/latest.json`` at this run, for ``unclip sample`` and ``status``."""
+    write_json(
+        layout_of(cfg).latest_run(model),
+        {"run": fit.run_name, "export": fit.export_dir, "dataset_version": version},
+    )
+
+
+def latest_export(cfg: PipelineConfig, model: str) -> str:
+    path = layout_of(cfg).latest_run(model)
+    if not exists(path):
+        raise FileNotFoundError(
+            f"no trained {model} under {cfg.storage} ({path} is missing): run `unclip run` or "
+            f"`unclip train {model}` first"
+        )
+    return read_json(path)["export"]
+
+
+def _fit_summary(fit: Any) -> dict[str, Any]:
+    return {
+        "run": fit.run_name,
+        "run_dir": fit.run_dir,
+        "export": fit.export_dir,
+        "skipped": fit.skipped,
+        **_scalars(fit.metrics),
+    }
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str, bool))}
+
+
+def evaluate(cfg: PipelineConfig, version: str, clip_ckpt: str | None) -> dict[str, Any]:
+    """Prior cosine suite on held-out pairs and a decoder sample grid, under ``eval/``."""
+    from unclip.training.decoder import train_decoder as fit_decoder
+    from unclip.training.evaluation import evaluate_prior, write_sample_grid
+    from unclip.training.prior import train_prior as fit_prior
+
+    ensure_ray(cfg)
+    layout = layout_of(cfg)
+    holdout = cfg.evaluate.holdout_fraction
+    # Both fits are finished by now: these calls only look their exports up.
+    prior_fit = fit_prior(layout, version, cfg.prior, holdout)
+    decoder_fit = fit_decoder(layout, version, cfg.decoder, holdout)
+
+    metrics_path = layout.join("eval", prior_fit.run_name, "prior_metrics.json")
+    if exists(metrics_path):
+        prior_metrics = read_json(metrics_path)
+    else:
+        prior_metrics = evaluate_prior(layout, version, prior_fit, cfg.evaluate, holdout)
+
+    grid = layout.join("eval", decoder_fit.run_name, "samples.png")
+    if not exists(grid):
+        write_sample_grid(
+            layout, cfg.clip, clip_ckpt, prior_fit.export_dir, decoder_fit.export_dir, cfg.evaluate, grid
+        )
+    return {"prior_metrics": metrics_path, "sample_grid": grid, **_scalars(prior_metrics)}

@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import pytest
+
+from unclip.pipelines.config import ConfigError, load_config, parse_override
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "laion.yaml"])
+def test_shipped_configs_validate(name):
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.storage
+    assert cfg.prior.trainer.zero_stage in (0, 1, 2, 3)
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    f = tmp_path / "sub" / "c.yaml"
+    f.write_text("storage: ../out\nsources: [lists/a.parquet, s3://b/c.parquet]\n")
+    cfg = load_config(f)
+    assert cfg.storage == str(tmp_path / "out")
+    assert cfg.sources == [str(tmp_path / "sub" / "lists" / "a.parquet"), "s3://b/c.parquet"]
+
+
+def test_misspelled_key_names_key_and_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("storage: x\nprior:\n  trainer:\n    max_stpes: 10\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert str(f) in str(e.value)
+    assert "prior.trainer.max_stpes" in str(e.value)
+    assert "unknown key" in str(e.value)
+
+
+def test_wrong_type_names_key(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("storage: x\ningest:\n  image_size: big\n")
+    with pytest.raises(ConfigError, match=r"ingest\.image_size"):
+        load_config(f)
+
+
+def test_zero_stage_out_of_range_is_rejected(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("storage: x\nprior:\n  trainer:\n    zero_stage: 4\n")
+    with pytest.raises(ConfigError, match=r"prior\.trainer\.zero_stage"):
+        load_config(f)
+
+
+def test_missing_storage_and_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("seed: 1\n")
+    with pytest.raises(ConfigError, match="storage"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_merge_into_nested_sections(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("storage: x\nprior:\n  num_layers: 2\n")
+    cfg = load_config(f, parse_override("prior.trainer.max_steps=7"))
+    assert cfg.prior.trainer.max_steps == 7
+    assert cfg.prior.num_layers == 2
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_override("prior.trainer.max_steps")

@@ -1,0 +1,1 @@
+"""unclip.training: models, diffusion, the one Ray Train + DeepSpeed trainer, evaluation."""
