@@ -40,7 +40,6 @@ class PipelineConfig(BaseModel):
 
     name: str = Field("unclip", description="A label for this pipeline in logs and the UI.")
     storage: str = Field(..., description="Storage root: a local folder or an fsspec URI.")
-    seed: int = 0
     sources: list[str] = Field(
         default_factory=list,
         description="URL lists (parquet/csv/tsv/jsonl, local paths or URIs); one list = one source.",

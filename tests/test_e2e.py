@@ -1,0 +1,100 @@
+"""The demo config, shrunk, through the Dagster definitions on a 2-CPU local Ray."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from unclip.pipelines.config import load_config
+from unclip.pipelines.runner import STAGES, run_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_TRAINER = {"num_workers": 2, "zero_stage": 1, "batch_size": 16, "warmup_steps": 2, "checkpoint_every": 10, "log_every": 2}
+
+SHRINK = {
+    "synthetic": {"num_pairs": 240},
+    "ingest": {"samples_per_shard": 100, "thread_count": 8},
+    "clip": {"embed_dim": 32, "vision_width": 64, "vision_layers": 1, "text_width": 64, "text_layers": 1, "heads": 2},
+    "bootstrap": {"trainer": {**TINY_TRAINER, "max_steps": 12}},
+    "embed": {"batch_size": 64},
+    "prior": {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 16, "sample_steps": 5,
+              "trainer": {**TINY_TRAINER, "max_steps": 12}},
+    "decoder": {"image_size": 16, "block_out_channels": [16, 32], "sample_steps": 5,
+                "trainer": {**TINY_TRAINER, "max_steps": 12, "zero_stage": 2}},
+    "evaluate": {"holdout_fraction": 0.1, "captions": ["a red circle", "a blue square"], "samples_per_caption": 1},
+}
+
+
+def _files(root: Path, pattern: str) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime_ns for p in root.glob(pattern)}
+
+
+@pytest.mark.e2e
+def test_demo_pipeline_end_to_end_then_rerun_does_no_work(tmp_path, ray_local, monkeypatch):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    raw["storage"] = str(tmp_path / "store")
+    config_path = tmp_path / "demo.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(config_path, SHRINK)
+    store = Path(cfg.storage)
+
+    run = run_pipeline(str(config_path), cfg, SHRINK)
+    assert run.success
+    assert set(run.stage_seconds) == set(STAGES)
+    out = run.outputs
+
+    # ingest: 240 pairs in shards of 100 → 3 webdataset tars of 64 px center crops
+    tars = sorted(store.glob("images/*/*.tar"))
+    assert len(tars) == 3
+    assert out["image_shards"]["shards_written"] == 3
+
+    # embeddings: one Parquet per shard, float16 L2-normalized
+    parquets = sorted(store.glob("embeddings/*/*/*.parquet"))
+    assert len(parquets) == 3
+    t = pq.read_table(parquets[0])
+    assert {"key", "caption", "url", "image_embedding", "text_embedding", "clip_score"} <= set(t.column_names)
+    emb = np.stack(t.column("image_embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    assert emb.shape[1] == 32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-2)
+
+    # manifest: version = content hash, with stats
+    version = out["dataset_manifest"]["version"]
+    manifest = json.loads((store / "manifests" / f"{version}.json").read_text())
+    assert manifest["num_samples"] == out["dataset_manifest"]["num_samples"] > 200
+    assert len(manifest["shards"]) == 3
+
+    # training: DeepSpeed checkpoints reported to Ray Train, metrics, exports
+    for model in ("clip", "prior", "decoder"):
+        runs = [p for p in (store / "runs" / model).iterdir() if p.is_dir()]
+        assert len(runs) == 1, runs
+        assert list(runs[0].glob("checkpoint_*")), f"no Ray Train checkpoint for {model}"
+        assert (runs[0] / "export").is_dir()
+        lines = (runs[0] / "metrics.jsonl").read_text().splitlines()
+        assert lines and "loss" in json.loads(lines[-1])
+
+    # evaluation: prior cosine suite and a sample grid
+    metrics = json.loads(Path(out["evaluation"]["prior_metrics"]).read_text())
+    for key in ("cos_pred_true", "cos_pred_text", "cos_pred_unrelated", "cos_text_baseline"):
+        assert -1.0 <= metrics[key] <= 1.0
+    grid = Image.open(out["evaluation"]["sample_grid"])
+    assert grid.width >= 2 * 16 and grid.height >= 16
+
+    # Re-run: every stage sees its outputs; no download, embedding or training happens.
+    before = {**_files(store, "images/*/*"), **_files(store, "embeddings/**/*.parquet"),
+              **_files(store, "runs/*/*/checkpoint_*"), **_files(store, "manifests/*")}
+    again = run_pipeline(str(config_path), cfg, SHRINK).outputs
+    after = {**_files(store, "images/*/*"), **_files(store, "embeddings/**/*.parquet"),
+             **_files(store, "runs/*/*/checkpoint_*"), **_files(store, "manifests/*")}
+    assert after == before
+    assert again["image_shards"]["shards_written"] == 0
+    assert again["embeddings"]["shards_written"] == 0
+    assert again["dataset_manifest"]["version"] == version
+    for model in ("clip_model", "prior", "decoder"):
+        assert again[model]["skipped"] is True, model
