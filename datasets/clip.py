@@ -75,6 +75,9 @@ def bootstrap_model_config(cfg: ClipConfig) -> dict[str, Any]:
             "heads": cfg.heads,
             "layers": cfg.text_layers,
         },
+        # logit_scale as shape [1], not a 0-dim tensor: DeepSpeed broadcasts parameters as
+        # uint8 views, which 0-dim tensors cannot be.
+        "nonscalar_logit_scale": True,
     }
 
 
@@ -92,11 +95,16 @@ def build_bootstrap_clip(cfg: ClipConfig) -> torch.nn.Module:
 
 def model_config_of(cfg: ClipConfig) -> dict[str, Any]:
     """The open_clip model config of ``cfg``: the bootstrap one, or the named model's."""
-    if cfg.model_name is None:
+    p = cfg.pretrained
+    if p and (p.startswith("hf-hub:") or os.path.isdir(p)):
+        name = p if p.startswith("hf-hub:") else f"local-dir:{p}"
+    elif cfg.model_name is None:
         return bootstrap_model_config(cfg)
-    model_cfg = open_clip.get_model_config(cfg.model_name)
+    else:
+        name = cfg.model_name if ":" in cfg.model_name else cfg.model_name.replace("/", "-")
+    model_cfg = open_clip.get_model_config(name)
     if model_cfg is None:
-        raise ValueError(f"clip.model_name: unknown open_clip model {cfg.model_name!r}")
+        raise ValueError(f"clip: unknown open_clip model {name!r}")
     return model_cfg
 
 
@@ -165,6 +173,8 @@ def clip_identity(model: torch.nn.Module, model_cfg: dict[str, Any]) -> dict[str
     """What makes two CLIPs give the same embeddings: architecture, weights, preprocessing."""
     pp = dict(open_clip.get_model_preprocess_cfg(model))
     pp = {k: list(v) if isinstance(v, tuple) else v for k, v in pp.items()}
+    if isinstance(pp.get("size"), int):  # open_clip stores (h, w) or an int, meaning the same
+        pp["size"] = [pp["size"], pp["size"]]
     return {"model_cfg": model_cfg, "weights_sha256": weights_sha256(model), "preprocess_cfg": pp}
 
 
@@ -190,26 +200,49 @@ def _local_dir(checkpoint: str) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _load_named(name: str, pretrained: str | None, device: str) -> tuple[Any, Any, Any, dict]:
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        name, pretrained=pretrained, device=device
+    )
+    model_cfg = open_clip.get_model_config(name if ":" in name else name.replace("/", "-"))
+    if model_cfg is None:
+        raise ValueError(f"clip: unknown open_clip model {name!r}")
+    return model, preprocess, open_clip.get_tokenizer(name), model_cfg
+
+
 def load_clip(cfg: ClipConfig, checkpoint: str | None = None, device: str = "cpu") -> ClipBundle:
-    """Load a saved checkpoint directory, else ``cfg.model_name`` with ``cfg.pretrained`` via open_clip."""
+    """Load a save_clip directory, else ``cfg.model_name`` / ``cfg.pretrained`` through open_clip.
+
+    ``pretrained`` may be an open_clip tag, ``hf-hub:org/name`` (open_clip's own schema, which
+    then names the model too), a local directory in the hf-hub layout, or a local weights file;
+    with ``model_name`` unset a weights file is read into the bootstrap architecture.
+    """
+    pretrained = cfg.pretrained
     if checkpoint is not None:
         with _local_dir(checkpoint) as local:
             if not os.path.isfile(os.path.join(local, CONFIG_NAME)):
                 raise FileNotFoundError(
                     f"clip checkpoint {checkpoint!r} has no {CONFIG_NAME} (not written by save_clip?)"
                 )
-            name = f"local-dir:{local}"
-            model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
-            tokenizer = open_clip.get_tokenizer(name)
-            model_cfg = open_clip.get_model_config(name)
+            model, preprocess, tokenizer, model_cfg = _load_named(
+                f"local-dir:{local}", None, device
+            )
         source = checkpoint
+    elif pretrained and (pretrained.startswith("hf-hub:") or os.path.isdir(pretrained)):
+        name = pretrained if pretrained.startswith("hf-hub:") else f"local-dir:{pretrained}"
+        model, preprocess, tokenizer, model_cfg = _load_named(name, None, device)
+        source = pretrained
     elif cfg.model_name is not None:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            cfg.model_name, pretrained=cfg.pretrained, device=device
-        )
-        tokenizer = open_clip.get_tokenizer(cfg.model_name)
-        model_cfg = model_config_of(cfg)
-        source = f"{cfg.model_name}:{cfg.pretrained}"
+        model, preprocess, tokenizer, model_cfg = _load_named(cfg.model_name, pretrained, device)
+        source = f"{cfg.model_name}:{pretrained}"
+    elif pretrained and os.path.isfile(pretrained):
+        model = build_bootstrap_clip(cfg)
+        open_clip.load_checkpoint(model, pretrained)
+        model.to(device)
+        preprocess = preprocess_for(model)
+        tokenizer = open_clip.SimpleTokenizer(context_length=cfg.context_length)
+        model_cfg = bootstrap_model_config(cfg)
+        source = pretrained
     else:
         raise ValueError(
             "clip: no checkpoint and no model_name; train the bootstrap CLIP first "
@@ -231,7 +264,9 @@ def load_clip(cfg: ClipConfig, checkpoint: str | None = None, device: str = "cpu
 
 def preprocess_for(model: torch.nn.Module) -> Callable[[Image.Image], torch.Tensor]:
     """The eval-time transform open_clip would build for ``model``."""
-    return image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(model)), is_train=False)
+    return image_transform_v2(
+        PreprocessCfg(**open_clip.get_model_preprocess_cfg(model)), is_train=False
+    )
 
 
 @torch.no_grad()

@@ -17,8 +17,12 @@ class SyntheticConfig(Section):
     """The captioned-shapes demo data set, generated deterministically and served on loopback."""
 
     num_pairs: int = Field(2000, ge=1, description="Number of (image URL, caption) pairs.")
-    image_size: int = Field(96, ge=16, description="Side of the generated images, before ingest resizes them.")
-    seed: int = Field(0, description="Seed: the same seed gives byte-identical images and captions.")
+    image_size: int = Field(
+        96, ge=16, description="Side of the generated images, before ingest resizes them."
+    )
+    seed: int = Field(
+        0, description="Seed: the same seed gives byte-identical images and captions."
+    )
     colors: list[str] = Field(
         default_factory=lambda: ["red", "green", "blue", "yellow", "purple", "orange"],
         description="Colour names used in images and captions.",
@@ -56,7 +60,8 @@ class ClipConfig(Section):
     """
 
     model_name: str | None = Field(
-        None, description="open_clip model name (e.g. 'ViT-B-32'); None uses the bootstrap architecture."
+        None,
+        description="open_clip model name (e.g. 'ViT-B-32'); None uses the bootstrap architecture.",
     )
     pretrained: str | None = Field(
         None, description="open_clip tag, 'hf-hub:org/name', or a local checkpoint path."

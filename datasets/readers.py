@@ -96,7 +96,9 @@ def read_embedding_table(
     path = layout.join(entry["embeddings"])
     fs, p = url_to_fs(path)
     if not fs.exists(p):
-        raise FileNotFoundError(f"embeddings of {entry['source']}/{entry['shard']}: {path} is missing")
+        raise FileNotFoundError(
+            f"embeddings of {entry['source']}/{entry['shard']}: {path} is missing"
+        )
     with fs.open(p, "rb") as f:
         data = f.read()
     if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
@@ -158,8 +160,8 @@ def load_embeddings(
         if not mask.any():
             continue
         caps = t.column("caption").to_pylist()
-        keys += [k for k, m in zip(gkeys, mask) if m]
-        captions += [c for c, m in zip(caps, mask) if m]
+        keys += [k for k, m in zip(gkeys, mask, strict=True) if m]
+        captions += [c for c, m in zip(caps, mask, strict=True) if m]
         images.append(fixed_list_to_numpy(t.column("image_embedding"))[mask])
         texts.append(fixed_list_to_numpy(t.column("text_embedding"))[mask])
     empty = np.zeros((0, d), np.float32)
@@ -186,7 +188,7 @@ def _stack(arrays: list[np.ndarray], keys: list[str]) -> np.ndarray:
     if not arrays:
         return np.zeros((0, 0, 0, 3), np.uint8)
     shape = arrays[0].shape
-    for a, k in zip(arrays, keys):
+    for a, k in zip(arrays, keys, strict=True):
         if a.shape != shape:
             raise ValueError(
                 f"image {k} is {a.shape[1]}x{a.shape[0]}, others are {shape[1]}x{shape[0]}; "
@@ -221,7 +223,11 @@ def load_image_pairs(
     stats = ShardReadStats()
     for entry in manifest["shards"]:
         t = read_embedding_table(
-            layout, entry, manifest["clip_id"], d, columns=["key", "image_embedding", "text_embedding"]
+            layout,
+            entry,
+            manifest["clip_id"],
+            d,
+            columns=["key", "image_embedding", "text_embedding"],
         )
         index = {k: i for i, k in enumerate(t.column("key").to_pylist())}
         ie = fixed_list_to_numpy(t.column("image_embedding"))

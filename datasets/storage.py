@@ -85,6 +85,10 @@ class StorageLayout:
     def embedding_stats(self, version: str) -> str:
         return self.join("manifests", f"{version}.stats.npz")
 
+    def latest_manifest_pointer(self) -> str:
+        """``{"version": ...}`` of the manifest assembled last."""
+        return self.join("manifests", "latest.json")
+
     # --- training, evaluation, registry ---------------------------------------------------
     def runs_dir(self, model: str) -> str:
         return self.join("runs", model)

@@ -108,12 +108,22 @@ def ingest(cfg: PipelineConfig, progress: Progress | None = None) -> dict[str, A
                 "shards_skipped": r.shards_skipped,
                 "successes": r.successes,
                 "failures": r.failures,
+                "failed_shards": r.failed_shards,
             }
         )
+    failed = {r["source"]: r["failed_shards"] for r in results if r.get("failed_shards")}
+    if failed:
+        # Finished shards are kept; the next run retries only these.
+        lines = [f"  source {s} shard {n:05d}: {err}" for s, shards in failed.items() for n, err in shards.items()]
+        raise IngestFailed("shards failed after Ray retries (re-run to retry them):\n" + "\n".join(lines))
     return {
         "sources": results,
         "shards_written": sum(r["shards_written"] for r in results),
     }
+
+
+class IngestFailed(RuntimeError):
+    """Some shards could not be downloaded; the ones that were are committed and kept."""
 
 
 def _missing_shards(layout: StorageLayout, cfg: PipelineConfig, path: str, sid: str) -> bool:

@@ -1,0 +1,138 @@
+"""Reading URL lists: parquet / csv / tsv / jsonl (plain or .gz), local or any fsspec URI.
+
+A list is returned with its url and caption columns renamed to ``url`` and ``caption`` (the names
+img2dataset's downloader expects) and every other column carried through as shard metadata.
+A list's source id is the hash of its bytes, so the same list added twice is one source.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+from .config import IngestConfig
+
+FORMATS = ("parquet", "csv", "tsv", "jsonl", "json")
+# Columns img2dataset writes itself; an input column of that name is kept under "{name}_src".
+RESERVED = {
+    "key",
+    "status",
+    "error_message",
+    "width",
+    "height",
+    "original_width",
+    "original_height",
+    "exif",
+    "md5",
+    "sha256",
+    "sha512",
+}
+
+
+def list_format(path: str) -> tuple[str, bool]:
+    """(format, gzipped) from the file name."""
+    name = path.rsplit("/", 1)[-1].lower()
+    gz = name.endswith(".gz")
+    if gz:
+        name = name[:-3]
+    ext = name.rsplit(".", 1)[-1] if "." in name else ""
+    if ext not in FORMATS:
+        raise ValueError(
+            f"{path}: unknown URL list format {ext!r}; use one of {list(FORMATS)} (+ .gz)"
+        )
+    return ("jsonl" if ext == "json" else ext), gz
+
+
+def _read_bytes(path: str) -> bytes:
+    fs, p = url_to_fs(path)
+    if not fs.exists(p):
+        raise FileNotFoundError(f"URL list not found: {path}")
+    with fs.open(p, "rb") as f:
+        return f.read()
+
+
+def source_id(path: str) -> str:
+    """Short hex hash of the list's bytes: the same list twice is the same source."""
+    return hashlib.sha256(_read_bytes(path)).hexdigest()[:16]
+
+
+def _column_names(data: bytes, fmt: str) -> list[str]:
+    if fmt == "parquet":
+        return pq.read_schema(pa.BufferReader(data)).names
+    if fmt in ("csv", "tsv"):
+        first = data.split(b"\n", 1)[0].decode("utf-8-sig").rstrip("\r")
+        return [c.strip('"') for c in first.split("\t" if fmt == "tsv" else ",")]
+    return []  # jsonl: columns are known only after parsing
+
+
+def read_url_list(path: str, cfg: IngestConfig) -> pa.Table:
+    """The list as a table with ``url`` and ``caption`` string columns plus its extra columns."""
+    fmt, gz = list_format(path)
+    data = _read_bytes(path)
+    if gz:
+        data = gzip.decompress(data)
+    wanted = {"url_col": cfg.url_col, "caption_col": cfg.caption_col}
+    names = _column_names(data, fmt)
+    for field, col in wanted.items():
+        if names and col not in names:
+            raise ValueError(
+                f"{path}: missing column {col!r} (ingest.{field}); columns are {names}"
+            )
+    try:
+        if fmt == "parquet":
+            table = pq.read_table(pa.BufferReader(data))
+        elif fmt in ("csv", "tsv"):
+            table = pacsv.read_csv(
+                io.BytesIO(data),
+                parse_options=pacsv.ParseOptions(
+                    delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True
+                ),
+                convert_options=pacsv.ConvertOptions(
+                    column_types={cfg.url_col: pa.string(), cfg.caption_col: pa.string()},
+                    strings_can_be_null=True,
+                ),
+            )
+        else:
+            table = pajson.read_json(io.BytesIO(data))
+    except pa.ArrowInvalid as e:
+        raise ValueError(f"{path}: cannot parse as {fmt}: {e}") from e
+    for field, col in wanted.items():
+        if col not in table.column_names:
+            raise ValueError(
+                f"{path}: missing column {col!r} (ingest.{field}); columns are {table.column_names}"
+            )
+    return normalize_columns(table, cfg, path)
+
+
+def normalize_columns(table: pa.Table, cfg: IngestConfig, path: str = "<table>") -> pa.Table:
+    """Rename url/caption columns to canonical names; make extra columns JSON-friendly."""
+    cols: dict[str, pa.ChunkedArray] = {
+        "url": table.column(cfg.url_col).cast(pa.string()),
+        "caption": table.column(cfg.caption_col).cast(pa.string()),
+    }
+    for name in table.column_names:
+        if name in (cfg.url_col, cfg.caption_col):
+            continue
+        col = table.column(name)
+        out = f"{name}_src" if name in RESERVED or name in ("url", "caption") else name
+        if out in cols:
+            raise ValueError(f"{path}: column {name!r} clashes with {out!r} after renaming")
+        t = col.type
+        if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+            continue  # not metadata a JSON sidecar can hold
+        if (
+            pa.types.is_temporal(t)
+            or pa.types.is_decimal(t)
+            or pa.types.is_dictionary(t)
+            or pa.types.is_null(t)
+        ):
+            col = col.cast(pa.string())
+        cols[out] = col
+    return pa.table(cols)

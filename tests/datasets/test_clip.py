@@ -1,0 +1,106 @@
+"""open_clip models: bootstrap architecture, open_clip-loadable checkpoints, local weights, clip_id."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from unclip.datasets.clip import (
+    bootstrap_model_config,
+    build_bootstrap_clip,
+    encode_images,
+    encode_texts,
+    load_clip,
+    save_clip,
+)
+
+IMAGES = [Image.new("RGB", (48, 40), c) for c in [(255, 0, 0), (0, 200, 0), (10, 10, 240)]]
+TEXTS = ["a red circle", "a green square", "a blue triangle"]
+
+
+def test_bootstrap_is_open_clip_clip_of_configured_size(tiny_clip_cfg):
+    model = build_bootstrap_clip(tiny_clip_cfg)
+    assert isinstance(model, open_clip.CLIP)
+    assert model.visual.image_size == (32, 32)
+    assert model.context_length == 16
+    assert model.text_projection.shape[1] == 32
+
+
+def test_save_load_round_trip_and_open_clip_loads_the_dir(tiny_clip_cfg, tmp_path):
+    torch.manual_seed(0)
+    model = build_bootstrap_clip(tiny_clip_cfg).eval()
+    directory = save_clip(model, tiny_clip_cfg, str(tmp_path / "ckpt"))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+    ]
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporaries left
+    bundle = load_clip(tiny_clip_cfg, directory)
+    assert bundle.embed_dim == 32 and len(bundle.clip_id) == 16
+
+    with torch.no_grad():
+        x = torch.stack([bundle.preprocess(im) for im in IMAGES])
+        expected_img = model.encode_image(x, normalize=True).numpy()
+        expected_txt = model.encode_text(bundle.tokenizer(TEXTS), normalize=True).numpy()
+    np.testing.assert_array_equal(encode_images(bundle, IMAGES), expected_img)
+    np.testing.assert_array_equal(encode_texts(bundle, TEXTS), expected_txt)
+    np.testing.assert_allclose(np.linalg.norm(expected_img, axis=1), 1, atol=1e-5)
+
+    # open_clip itself, with no unclip code in between
+    m2, _, pre = open_clip.create_model_and_transforms(f"local-dir:{directory}")
+    tok = open_clip.get_tokenizer(f"local-dir:{directory}")
+    with torch.no_grad():
+        e2 = m2.eval().encode_text(tok(TEXTS), normalize=True).numpy()
+    np.testing.assert_array_equal(e2, expected_txt)
+    assert tok(TEXTS).shape == (3, 16)
+
+    # same weights again: same id; re-saving over the dir works; other weights: other id
+    assert (
+        load_clip(tiny_clip_cfg, save_clip(model, tiny_clip_cfg, directory)).clip_id
+        == bundle.clip_id
+    )
+    with torch.no_grad():
+        model.logit_scale.add_(1.0)
+    save_clip(model, tiny_clip_cfg, directory)
+    assert load_clip(tiny_clip_cfg, directory).clip_id != bundle.clip_id
+
+
+def test_pretrained_local_state_dict_file(tiny_clip_cfg, tmp_path):
+    """The open_clip name + pretrained=<local file> path, with a registered tiny config."""
+    name = "unclip-test-tiny"
+    (tmp_path / f"{name}.json").write_text(json.dumps(bootstrap_model_config(tiny_clip_cfg)))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+    torch.manual_seed(1)
+    model = build_bootstrap_clip(tiny_clip_cfg).eval()
+    weights = tmp_path / "tiny.pt"
+    torch.save(model.state_dict(), weights)
+
+    cfg = tiny_clip_cfg.model_copy(update={"model_name": name, "pretrained": str(weights)})
+    bundle = load_clip(cfg)
+    with torch.no_grad():
+        expected = model.encode_text(bundle.tokenizer(TEXTS), normalize=True).numpy()
+    np.testing.assert_array_equal(encode_texts(bundle, TEXTS), expected)
+    # the same weights through save_clip/local-dir: the same identity, the same clip_id
+    saved = load_clip(tiny_clip_cfg, save_clip(model, tiny_clip_cfg, str(tmp_path / "dir")))
+    assert saved.clip_id == bundle.clip_id
+
+    # without a model name, a weights file is read into the bootstrap architecture
+    boot = load_clip(tiny_clip_cfg.model_copy(update={"pretrained": str(weights)}))
+    assert boot.clip_id == bundle.clip_id
+    # a directory in open_clip's hf-hub layout given as `pretrained`
+    by_dir = load_clip(tiny_clip_cfg.model_copy(update={"pretrained": str(tmp_path / "dir")}))
+    assert by_dir.clip_id == bundle.clip_id
+
+    with pytest.raises(RuntimeError, match="not a known tag or valid file path"):
+        load_clip(cfg.model_copy(update={"pretrained": str(tmp_path / "missing.pt")}))
+
+
+def test_load_clip_needs_a_model(tiny_clip_cfg, tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint and no model_name"):
+        load_clip(tiny_clip_cfg)
+    with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
+        load_clip(tiny_clip_cfg, str(tmp_path))

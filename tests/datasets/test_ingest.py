@@ -1,0 +1,141 @@
+"""Ingest on a local Ray: real HTTP through img2dataset's Downloader, atomic shards, idempotence."""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from unclip.datasets.config import IngestConfig, SyntheticConfig
+from unclip.datasets.ingest import completed_shards, ingest_source
+from unclip.datasets.shards import iter_shard
+from unclip.datasets.storage import StorageLayout
+from unclip.datasets.synthetic import render_image, serve_synthetic, write_url_list
+
+SYN = SyntheticConfig(num_pairs=60, image_size=96, seed=1)
+
+
+def ingest_cfg(**kw) -> IngestConfig:
+    base = {"thread_count": 4, "timeout_s": 5.0, "allow_private_networks": True, "shard_retries": 0}
+    return IngestConfig(**{**base, "samples_per_shard": 20, **kw})
+
+
+CFG = ingest_cfg(samples_per_shard=25, image_size=64)
+
+
+def _files(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def ingested(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ingest")
+    layout = StorageLayout(str(root / "store"))
+    url_list = str(root / "shapes.parquet")
+    calls: list[tuple[int, int]] = []
+    with serve_synthetic(SYN) as base:
+        write_url_list(SYN, base, url_list)
+        result = ingest_source(layout, url_list, CFG, progress=lambda d, t: calls.append((d, t)))
+        yield layout, url_list, result, calls
+
+
+def test_ingest_writes_complete_shards(ingested):
+    layout, _, result, calls = ingested
+    assert (result.shards_total, result.shards_written, result.shards_skipped) == (3, 3, 0)
+    assert (result.successes, result.failures, result.failed_shards) == (60, 0, {})
+    assert calls[0] == (0, 3) and calls[-1] == (3, 3)
+    src = result.source_id
+    assert completed_shards(layout, src) == [0, 1, 2]
+    for shard, n in [(0, 25), (1, 25), (2, 10)]:
+        with tarfile.open(layout.image_shard(src, shard)) as tar:
+            names = tar.getnames()
+        assert len(names) == 3 * n
+        assert {n.split(".", 1)[1] for n in names} == {"jpg", "txt", "json"}
+        stats = json.load(open(layout.image_shard(src, shard).replace(".tar", "_stats.json")))
+        assert stats["count"] == n and stats["successes"] == n
+        meta = pq.read_table(layout.image_shard(src, shard).replace(".tar", ".parquet"))
+        assert meta.num_rows == n and set(meta.column("status").to_pylist()) == {"success"}
+        assert {"color", "shape", "sha256"} <= set(meta.column_names)  # extra columns carried
+    for s in iter_shard(layout.image_shard(src, 1)):
+        assert s.image.size == (64, 64)
+        index = int(s.meta["url"].rsplit("/", 1)[1].split(".")[0])
+        assert s.caption == f"a {s.meta['color']} {s.meta['shape']}"
+        expected = render_image(SYN, index).resize((64, 64), Image.Resampling.BOX)
+        diff = np.abs(np.asarray(s.image, np.float32) - np.asarray(expected, np.float32)).mean()
+        assert diff < 8, (s.key, diff)
+    summary = json.load(open(layout.ingest_stats(src)))
+    assert summary["successes"] == 60 and summary["shards_written"] == 3
+    assert os.path.exists(layout.source_list(src))
+    assert not list(Path(layout.shard_inputs_dir(src)).glob("*"))  # inputs cleaned after commit
+
+
+def test_rerun_does_no_work(ingested):
+    layout, url_list, result, _ = ingested
+    before = _files(Path(layout.root))
+    with serve_synthetic(SYN, port=0):  # a server on another port: nothing may be fetched anyway
+        again = ingest_source(layout, url_list, CFG)
+    assert (again.shards_written, again.shards_skipped, again.successes) == (0, 3, 0)
+    assert _files(Path(layout.root)) == before
+
+
+def test_killed_shard_is_ignored_then_redone(ingested):
+    layout, url_list, result, _ = ingested
+    src = result.source_id
+    tar1 = Path(layout.image_shard(src, 1))
+    members = tarfile.open(tar1).getnames()
+    # a task killed mid-commit: sidecars written, the tar only as a temporary
+    tar1.rename(tar1.with_name(tar1.name + ".tmp-deadbeef"))
+    assert completed_shards(layout, src) == [0, 2]
+    before = _files(Path(layout.root))
+    again = ingest_source(layout, url_list, CFG)  # the fixture's server is still up
+    assert (again.shards_written, again.shards_skipped, again.successes) == (1, 2, 25)
+    after = _files(Path(layout.root))
+    for shard in (0, 2):
+        key = str(Path(layout.image_shard(src, shard)).relative_to(layout.root))
+        assert after[key] == before[key]
+    assert sorted(tarfile.open(tar1).getnames()) == sorted(members)
+
+
+def test_wrong_column_fails_before_any_download(ray_local, tmp_path):
+    layout = StorageLayout(str(tmp_path / "store"))
+    url_list = str(tmp_path / "l.parquet")
+    write_url_list(SYN, "http://127.0.0.1:9", url_list)
+    with pytest.raises(ValueError) as e:
+        ingest_source(layout, url_list, ingest_cfg(caption_col="TEXT"))
+    assert url_list in str(e.value) and "'TEXT'" in str(e.value)
+    assert not (tmp_path / "store").exists()
+
+
+def test_private_urls_refused_without_allow_private_networks(ray_local, tmp_path):
+    syn = SyntheticConfig(num_pairs=5, image_size=32)
+    layout = StorageLayout(str(tmp_path / "store"))
+    url_list = str(tmp_path / "l.parquet")
+    with serve_synthetic(syn) as base:
+        write_url_list(syn, base, url_list)
+        result = ingest_source(layout, url_list, ingest_cfg(allow_private_networks=False))
+    assert (result.shards_written, result.successes, result.failures) == (1, 0, 5)
+    meta = pq.read_table(layout.image_shard(result.source_id, 0).replace(".tar", ".parquet"))
+    assert set(meta.column("status").to_pylist()) == {"failed_to_download"}
+    assert all("refused: 127.0.0.1" in m for m in meta.column("error_message").to_pylist())
+    assert any("refused" in r for r in result.stats["failure_reasons"])
+    assert list(iter_shard(layout.image_shard(result.source_id, 0))) == []
+
+
+def test_server_down_fails_the_shard_without_committing(ray_local, tmp_path):
+    syn = SyntheticConfig(num_pairs=4, image_size=32)
+    with serve_synthetic(syn) as base:
+        pass  # the port is now closed: connection refused
+    layout = StorageLayout(str(tmp_path / "store"))
+    url_list = str(tmp_path / "l.parquet")
+    write_url_list(syn, base, url_list)
+    result = ingest_source(layout, url_list, ingest_cfg())
+    assert result.shards_written == 0 and list(result.failed_shards) == [0]
+    assert "every download failed" in result.failed_shards[0]
+    assert completed_shards(layout, result.source_id) == []
+    with pytest.raises(ValueError, match="samples_per_shard cannot change"):
+        ingest_source(layout, url_list, ingest_cfg(samples_per_shard=2))

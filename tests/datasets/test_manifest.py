@@ -1,0 +1,89 @@
+"""The dataset manifest: stable versions, new versions on new content, stats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from unclip.datasets.clip import load_clip
+from unclip.datasets.embed import embed_shard
+from unclip.datasets.manifest import assemble_manifest, latest_manifest
+from unclip.datasets.readers import load_embedding_stats, load_embeddings
+
+
+def test_version_is_stable_and_files_written_once(shapes_store):
+    layout, src, clip_id = shapes_store.layout, shapes_store.source, shapes_store.clip_id
+    m = assemble_manifest(layout, clip_id, [src])
+    assert m["clip_id"] == clip_id and m["embedding_dim"] == 32 and m["num_samples"] == 40
+    assert [(s["source"], s["shard"], s["count"]) for s in m["shards"]] == [
+        (src, 0, 20),
+        (src, 1, 20),
+    ]
+    for s in m["shards"]:
+        assert (
+            Path(layout.join(s["images"])).is_file()
+            and Path(layout.join(s["embeddings"])).is_file()
+        )
+        assert len(s["sha256"]) == 64
+    path = Path(layout.manifest(m["version"]))
+    mtime, data = path.stat().st_mtime_ns, path.read_bytes()
+    again = assemble_manifest(layout, clip_id, [src, src])
+    assert again == m and path.stat().st_mtime_ns == mtime and path.read_bytes() == data
+    assert latest_manifest(layout) == m
+
+    stats = load_embedding_stats(layout, m)
+    emb = load_embeddings(layout, m, "all", 0.0)
+    assert set(stats) == {"image_mean", "image_std", "text_mean", "text_std"}
+    for k in stats:
+        assert stats[k].dtype == np.float32 and stats[k].shape == (32,)
+    np.testing.assert_allclose(stats["image_mean"], emb.image.mean(0), atol=1e-4)
+    np.testing.assert_allclose(stats["text_std"], emb.text.std(0), atol=1e-4)
+
+
+def test_new_shard_gives_new_version(shapes_store, tiny_clip_cfg):
+    layout, src, clip_id = shapes_store.layout, shapes_store.source, shapes_store.clip_id
+    emb1 = Path(layout.embedding_shard(clip_id, src, 1))
+    emb1.unlink()
+    m1 = assemble_manifest(layout, clip_id, [src])
+    assert [s["shard"] for s in m1["shards"]] == [0] and m1["num_samples"] == 20
+    embed_shard(layout, load_clip(tiny_clip_cfg, shapes_store.clip_checkpoint), src, 1, 16)
+    m2 = assemble_manifest(layout, clip_id, [src])
+    assert m2["version"] != m1["version"] and m2["num_samples"] == 40
+    assert latest_manifest(layout)["version"] == m2["version"]
+    assert Path(layout.manifest(m1["version"])).is_file()  # old versions stay readable
+
+
+def test_no_embeddings_or_a_truncated_file_is_an_error(shapes_store):
+    layout, src, clip_id = shapes_store.layout, shapes_store.source, shapes_store.clip_id
+    with pytest.raises(ValueError, match="no shards with embeddings"):
+        assemble_manifest(layout, "0" * 16, [src])
+    emb = Path(layout.embedding_shard(clip_id, src, 1))
+    emb.write_bytes(emb.read_bytes()[:300])
+    with pytest.raises(ValueError, match="unreadable embedding Parquet") as e:
+        assemble_manifest(layout, clip_id, [src])
+    assert str(emb) in str(e.value)
+
+
+def test_any_fsspec_root(shapes_store, tiny_clip_cfg):
+    """The same manifest and readers on a memory:// root (local paths are not assumed)."""
+    import fsspec
+    from unclip.datasets.clip import load_clip, save_clip
+    from unclip.datasets.readers import load_image_pairs
+    from unclip.datasets.storage import StorageLayout
+
+    mem = fsspec.filesystem("memory")
+    for p in Path(shapes_store.root).rglob("*"):
+        if p.is_file() and "embeddings" not in p.parts and "clip" not in p.parts:
+            mem.pipe(f"/unclip-test/{p.relative_to(shapes_store.root)}", p.read_bytes())
+    layout = StorageLayout("memory://unclip-test")
+    bundle = load_clip(tiny_clip_cfg, shapes_store.clip_checkpoint)
+    remote_ckpt = save_clip(bundle.model, tiny_clip_cfg, layout.join("clip", "boot"))
+    assert load_clip(tiny_clip_cfg, remote_ckpt).clip_id == bundle.clip_id
+    for shard in shapes_store.shards:
+        embed_shard(layout, bundle, shapes_store.source, shard, 16)
+    m = assemble_manifest(layout, bundle.clip_id, [shapes_store.source])
+    local = assemble_manifest(shapes_store.layout, bundle.clip_id, [shapes_store.source])
+    assert m["version"] == local["version"]
+    assert load_image_pairs(layout, m, "all", 0.1).images.shape == (40, 32, 32, 3)
+    mem.rm("/unclip-test", recursive=True)
