@@ -201,7 +201,6 @@ def sample(
 ) -> None:
     """Generate images for captions: CLIP text → prior → decoder, from the latest trained runs."""
     from unclip.pipelines import stages
-    from unclip.training.sampling import generate
 
     cfg, _ = _load(config, set_)
     for c in caption:
@@ -215,6 +214,8 @@ def sample(
     except FileNotFoundError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from None
+    from unclip.training.sampling import generate
+
     images = generate(
         caption,
         cfg.clip,
