@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Section(BaseModel):
@@ -33,6 +33,66 @@ class SyntheticConfig(Section):
     )
 
 
+class MetadataRule(Section):
+    """Bounds on a numeric column of the URL list; a row outside them is removed before download."""
+
+    min: float | None = Field(None, description="Keep rows with value >= min.")
+    max: float | None = Field(None, description="Keep rows with value <= max.")
+    gt: float | None = Field(None, description="Keep rows with value > gt.")
+    lt: float | None = Field(None, description="Keep rows with value < lt (punsafe: {lt: 0.5}).")
+    keep_missing: bool = Field(False, description="Keep rows whose value is null.")
+
+
+class FilterConfig(Section):
+    """Which samples ingest keeps. Each filter counts its removals, per shard and in total.
+
+    Caption, metadata and (url, caption) dedup filters run in the driver before download; the
+    image filters run in the shard task after download, before an image is decoded in full.
+    """
+
+    # --- image (after download) ---
+    min_image_size: int = Field(0, ge=0, description="Smallest allowed side in pixels.")
+    max_aspect_ratio: float | None = Field(
+        None, ge=1, description="Largest allowed long side / short side."
+    )
+    max_image_area: int = Field(
+        89_478_485,
+        ge=1,
+        description="Largest allowed width × height, checked from the header before decoding "
+        "(decompression bombs); the default is PIL's limit.",
+    )
+    dedup_image_sha256: bool = Field(
+        True, description="Drop an image whose bytes' sha256 already occurred in the shard."
+    )
+    # --- caption (before download) ---
+    caption_min_chars: int = Field(1, ge=0, description="Fewest characters (stripped).")
+    caption_max_chars: int | None = Field(None, ge=1, description="Most characters (stripped).")
+    caption_min_words: int = Field(0, ge=0, description="Fewest whitespace-separated words.")
+    caption_max_words: int | None = Field(None, ge=1, description="Most words.")
+    caption_scripts: list[str] | None = Field(
+        None,
+        description="Unicode scripts a caption must be written in, as the first word of the "
+        "characters' Unicode names (e.g. ['LATIN'], ['CJK', 'HIRAGANA', 'KATAKANA']).",
+    )
+    caption_min_script_fraction: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="Fraction of a caption's letters that must be in those scripts.",
+    )
+    # --- metadata and dedup (before download) ---
+    metadata: dict[str, MetadataRule] = Field(
+        default_factory=dict,
+        description="Thresholds on list columns, e.g. {punsafe: {lt: 0.5}, pwatermark: {lt: 0.8}}; "
+        "a rule on a column the list lacks is skipped (and reported).",
+    )
+    dedup_url_caption: bool = Field(
+        True,
+        description="Drop rows whose 128-bit (url, caption) hash occurred earlier in the list or "
+        "in any source ingested before.",
+    )
+
+
 class IngestConfig(Section):
     """How URL lists become webdataset shards (img2dataset inside Ray tasks)."""
 
@@ -41,7 +101,9 @@ class IngestConfig(Section):
     image_size: int = Field(64, ge=8, description="Output side in pixels.")
     resize_mode: Literal["center_crop", "border", "keep_ratio", "no"] = "center_crop"
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
-    encode_quality: int = Field(95, ge=1, le=100)
+    encode_quality: int = Field(
+        95, ge=0, le=100, description="jpg / webp quality 1-100; for png the compression level 0-9."
+    )
     samples_per_shard: int = Field(1000, ge=1, description="URLs per shard (one Ray task each).")
     thread_count: int = Field(16, ge=1, description="Download threads inside each shard task.")
     timeout_s: float = Field(10.0, gt=0, description="Per-request timeout.")
@@ -50,6 +112,30 @@ class IngestConfig(Section):
     allow_private_networks: bool = Field(
         False, description="Permit URLs on loopback/private addresses (the demo and tests set it)."
     )
+    max_redirects: int = Field(5, ge=0, description="Redirects followed per request.")
+    max_image_bytes: int = Field(
+        32 * 1024 * 1024, ge=1, description="Largest response body accepted per image."
+    )
+    max_request_time_s: float = Field(
+        60.0, gt=0, description="Wall-clock limit per request (redirects and body included)."
+    )
+    disallowed_header_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
+        description="X-Robots-Tag directives that opt an image out (img2dataset's defaults).",
+    )
+    failure_warn_rate: float = Field(
+        0.2, ge=0, le=1, description="Warn (with the top errors) above this failure rate."
+    )
+    filters: FilterConfig = FilterConfig()
+
+    @model_validator(mode="after")
+    def _check_quality(self) -> IngestConfig:
+        if self.encode_format == "png" and self.encode_quality > 9:
+            raise ValueError(
+                f"ingest.encode_quality={self.encode_quality}: for encode_format 'png' it is the "
+                "compression level, 0-9"
+            )
+        return self
 
 
 class ClipConfig(Section):

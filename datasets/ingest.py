@@ -8,6 +8,13 @@ temp dir, then commits ``.parquet``, ``_stats.json`` and finally ``.tar`` to the
 each atomically. A shard exists only when its tar exists, so a killed task leaves nothing a
 reader takes, and a re-run redoes exactly the missing shards. Failed samples are rows in the
 shard's Parquet (status + error message); a failed shard task is retried by Ray.
+
+Filters: at the first plan of a source the pre-download filters (``filters.py``) and the
+(url, caption) dedup against every source already indexed (``dedup.py``) run in the driver; the
+rows kept are fixed in ``_rows.parquet`` (the removed ones, with their reason, in
+``_prefiltered.parquet``) and the shards slice them. Image filters run inside the shard task
+(``image_filters.py``). :func:`retry_failed` re-downloads the failed rows of finished shards into
+new shards numbered after the planned ones, never rewriting a committed shard.
 """
 
 from __future__ import annotations
@@ -19,21 +26,35 @@ import os
 import shutil
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from fsspec.core import url_to_fs
 
+from . import dedup
 from .config import IngestConfig
-from .netguard import guarded_urlopen
+from .filters import prefilter
+from .image_filters import FILTERED, GuardedResizer, ShardTally, adjust_stats, filtering_writer
+from .ingest_stats import failure_warning, format_summary, summarize
+from .netguard import RequestLimits, guarded_urlopen
 from .shards import completed_shards
 from .storage import StorageLayout, atomic_write, exists, read_json, write_json
 from .url_lists import read_url_list, source_id
+
+__all__ = [
+    "IngestResult",
+    "completed_shards",
+    "format_summary",
+    "ingest_source",
+    "plan_source",
+    "retry_failed",
+    "source_complete",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +82,8 @@ class IngestResult:
     failures: int  # in shards written by this run
     stats: dict[str, Any] = field(default_factory=dict)
     failed_shards: dict[int, str] = field(default_factory=dict)  # shard -> error, after Ray retries
+    filtered: dict[str, int] = field(default_factory=dict)  # filter -> rows removed
+    warnings: list[str] = field(default_factory=list)
 
 
 def shard_stats_path(layout: StorageLayout, source: str, shard: int) -> str:
@@ -76,23 +99,29 @@ def _put(local: str, remote: str) -> None:
         shutil.copyfileobj(src, dst, length=1 << 20)
 
 
-def _make_downloader(cfg: IngestConfig, output_folder: str, column_list: list[str]) -> Any:
+def _make_downloader(
+    cfg: IngestConfig, output_folder: str, column_list: list[str], tally: ShardTally
+) -> Any:
     # img2dataset imports albumentations, which otherwise phones home for updates on import.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer
     from img2dataset.writer import WebDatasetSampleWriter
 
+    f = cfg.filters
     resizer = Resizer(
         image_size=cfg.image_size,
         resize_mode=cfg.resize_mode,
         resize_only_if_bigger=False,
         encode_quality=cfg.encode_quality,
         encode_format=cfg.encode_format,
+        min_image_size=f.min_image_size,
+        max_image_area=f.max_image_area,
+        max_aspect_ratio=f.max_aspect_ratio or float("inf"),
     )
     return Downloader(
-        sample_writer_class=WebDatasetSampleWriter,
-        resizer=resizer,
+        sample_writer_class=filtering_writer(WebDatasetSampleWriter, tally, f.dedup_image_sha256),
+        resizer=GuardedResizer(resizer, f),
         thread_count=cfg.thread_count,
         save_caption=True,
         extract_exif=False,
@@ -106,9 +135,13 @@ def _make_downloader(cfg: IngestConfig, output_folder: str, column_list: list[st
         encode_format=cfg.encode_format,
         retries=cfg.retries,
         user_agent_token=None,
-        # img2dataset's default opt-outs (X-Robots-Tag), honoured.
-        disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"],
+        # X-Robots-Tag opt-outs (img2dataset's defaults unless configured); an empty list honours none.
+        disallowed_header_directives=list(cfg.disallowed_header_directives) or None,
     )
+
+
+def request_limits(cfg: IngestConfig) -> RequestLimits:
+    return RequestLimits(cfg.max_redirects, cfg.max_image_bytes, cfg.max_request_time_s)
 
 
 def _all_transient(stats: dict[str, Any]) -> bool:
@@ -133,40 +166,26 @@ def download_shard(root: str, source: str, shard: int, cfg: IngestConfig) -> dic
             column_list = pa.ipc.open_file(f).schema.names
         out = os.path.join(tmp, "out")
         os.makedirs(out)
-        downloader = _make_downloader(cfg, out, column_list)
-        with guarded_urlopen(cfg.allow_private_networks):
+        tally = ShardTally()
+        downloader = _make_downloader(cfg, out, column_list, tally)
+        with guarded_urlopen(cfg.allow_private_networks, request_limits(cfg)):
             ok, _ = downloader((shard, local_input))  # img2dataset removes local_input when done
         name = f"{shard:0{OOM_SHARD_COUNT}d}"
         stats_file = os.path.join(out, f"{name}_stats.json")
         if not ok or not os.path.exists(stats_file):
             raise ShardError(f"{source}/{name}: img2dataset's downloader failed (see worker log)")
         with open(stats_file) as f:
-            stats = json.load(f)
+            stats = adjust_stats(json.load(f), tally)
         if _all_transient(stats):
             raise ShardError(f"{source}/{name}: every download failed: {stats['status_dict']}")
         _put(os.path.join(out, f"{name}.parquet"), shard_parquet_path(layout, source, shard))
-        _put(stats_file, shard_stats_path(layout, source, shard))
+        write_json(shard_stats_path(layout, source, shard), stats)
         _put(os.path.join(out, f"{name}.tar"), tar_path)  # last: the shard now exists
     in_fs.rm(in_path)
     return stats
 
 
 _download_shard_task = ray.remote(num_cpus=1, retry_exceptions=True)(download_shard)
-
-
-def _check_plan(layout: StorageLayout, source: str, num_rows: int, cfg: IngestConfig) -> int:
-    plan = {"num_rows": num_rows, "samples_per_shard": cfg.samples_per_shard}
-    path = layout.ingest_plan(source)
-    if exists(path):
-        old = read_json(path)
-        if old != plan:
-            raise ValueError(
-                f"source {source} was split with {old}, now {plan}: samples_per_shard cannot "
-                f"change for an ingested source (see {path})"
-            )
-    else:
-        write_json(path, plan)
-    return math.ceil(num_rows / cfg.samples_per_shard)
 
 
 def _write_inputs(
@@ -181,46 +200,165 @@ def _write_inputs(
             w.write_table(part)
 
 
-def _summary(run_stats: dict[int, dict[str, Any]], duration: float) -> dict[str, Any]:
-    reasons: Counter[str] = Counter()
-    count = successes = failed_download = failed_resize = 0
-    for s in run_stats.values():
-        count += s["count"]
-        successes += s["successes"]
-        failed_download += s["failed_to_download"]
-        failed_resize += s["failed_to_resize"]
-        reasons.update({k: v for k, v in s.get("status_dict", {}).items() if k != "success"})
-    return {
-        "count": count,
-        "successes": successes,
-        "failed_to_download": failed_download,
-        "failed_to_resize": failed_resize,
-        "failure_reasons": dict(reasons.most_common(20)),
-        "duration_s": round(duration, 3),
-        "images_per_s": round(successes / duration, 2) if duration > 0 else None,
-    }
-
-
 @dataclass
 class SourcePlan:
     source_id: str
-    num_rows: int
+    num_rows: int  # rows kept by the pre-download filters: what the shards slice
     shards_total: int
     pending: list[int]  # shards without a committed tar; their input slices are written
+    filtered: dict[str, int] = field(default_factory=dict)  # pre-download removals
+
+
+def _read_parquet(path: str) -> pa.Table:
+    fs, p = url_to_fs(path)
+    with fs.open(p, "rb") as f:
+        return pq.read_table(f)
+
+
+def _write_parquet(path: str, table: pa.Table) -> None:
+    with atomic_write(path) as f:
+        pq.write_table(table, f)
+
+
+def _filter_rows(
+    layout: StorageLayout, source: str, table: pa.Table, cfg: IngestConfig, url_list: str
+) -> tuple[pa.Table, pa.Table, dict[str, int], list[str]]:
+    """(kept, removed, counts, notes): pre-download filters, then (url, caption) dedup."""
+    pf = prefilter(table, cfg.filters, url_list)
+    kept, removed, counts = pf.kept, pf.removed, dict(pf.counts)
+    if cfg.filters.dedup_url_caption:
+        hashes = dedup.url_caption_hashes(
+            kept.column("url").to_pylist(), kept.column("caption").to_pylist()
+        )
+        dup = dedup.duplicates(hashes, dedup.load_index(layout, exclude=source))
+        if dup.any():
+            mask = pa.array(dup)
+            gone = kept.filter(mask)
+            gone = gone.append_column("filter", pa.array(["dedup_url_caption"] * len(gone)))
+            removed = pa.concat_tables([removed, gone])
+            counts["dedup_url_caption"] = int(dup.sum())
+            kept = kept.filter(pc.invert(mask))
+        dedup.record_source(layout, source, hashes[~dup])
+    return kept, removed, counts, pf.notes
 
 
 def plan_source(layout: StorageLayout, url_list: str, cfg: IngestConfig) -> SourcePlan:
-    """Read and check a list, record its copy and shard split, write input slices of missing shards."""
+    """Read and check a list; at first sight filter it and fix its split; write missing inputs.
+
+    The rows kept and the split are fixed the first time (``_plan.json`` is written last, as the
+    commit): later filter settings or sources never change an ingested source's shards.
+    """
     table = read_url_list(url_list, cfg)  # bad columns fail here, before any download
     source = source_id(url_list)
     if not exists(layout.source_list(source)):
-        with atomic_write(layout.source_list(source)) as f:
-            pq.write_table(table, f)
-    total = _check_plan(layout, source, table.num_rows, cfg)
+        _write_parquet(layout.source_list(source), table)
+    plan_path = layout.ingest_plan(source)
+    if exists(plan_path):
+        plan = read_json(plan_path)
+        new = {"num_rows": plan["num_rows"], "samples_per_shard": cfg.samples_per_shard}
+        if plan["samples_per_shard"] != cfg.samples_per_shard:
+            old = {"num_rows": plan["num_rows"], "samples_per_shard": plan["samples_per_shard"]}
+            raise ValueError(
+                f"source {source} was split with {old}, now {new}: samples_per_shard cannot "
+                f"change for an ingested source (see {plan_path})"
+            )
+        # Plans from before filters existed sliced the whole list.
+        rows_path = layout.ingest_rows(source)
+        kept = _read_parquet(rows_path) if exists(rows_path) else table
+        if kept.num_rows != plan["num_rows"]:
+            raise ValueError(
+                f"{rows_path}: {kept.num_rows} rows, {plan_path} says {plan['num_rows']}"
+            )
+        counts = plan.get("filtered_before_download", {})
+    else:
+        kept, removed, counts, notes = _filter_rows(layout, source, table, cfg, url_list)
+        _write_parquet(layout.prefiltered_rows(source), removed)
+        _write_parquet(layout.ingest_rows(source), kept)
+        plan = {
+            "num_rows": kept.num_rows,
+            "samples_per_shard": cfg.samples_per_shard,
+            "list_rows": table.num_rows,
+            "filtered_before_download": counts,
+            "notes": notes,
+        }
+        write_json(plan_path, plan)
+    total = math.ceil(kept.num_rows / cfg.samples_per_shard)
     done = set(completed_shards(layout, source))
     pending = [s for s in range(total) if s not in done]
-    _write_inputs(layout, source, table, pending, cfg.samples_per_shard)
-    return SourcePlan(source, table.num_rows, total, pending)
+    _write_inputs(layout, source, kept, pending, cfg.samples_per_shard)
+    return SourcePlan(source, kept.num_rows, total, pending, counts)
+
+
+def source_complete(layout: StorageLayout, url_list: str, cfg: IngestConfig) -> bool:
+    """True when every planned shard of the list's source is committed (no download needed)."""
+    source = source_id(url_list)
+    if not exists(layout.ingest_plan(source)):
+        return False
+    plan = read_json(layout.ingest_plan(source))
+    total = math.ceil(plan["num_rows"] / plan["samples_per_shard"])
+    return set(range(total)) <= set(completed_shards(layout, source))
+
+
+def _run_shards(
+    layout: StorageLayout,
+    source: str,
+    shards: list[int],
+    cfg: IngestConfig,
+    result: IngestResult,
+    progress: Callable[[int, int], None] | None,
+) -> dict[int, dict[str, Any]]:
+    """One Ray task per shard; failed shards (after Ray's retries) go to ``result.failed_shards``."""
+    task = _download_shard_task.options(max_retries=cfg.shard_retries)
+    refs = {task.remote(layout.root, source, s, cfg): s for s in shards}
+    run_stats: dict[int, dict[str, Any]] = {}
+    remaining = list(refs)
+    while remaining:
+        ready, remaining = ray.wait(remaining, num_returns=1)
+        shard = refs[ready[0]]
+        try:
+            run_stats[shard] = ray.get(ready[0])
+        except Exception as e:  # after Ray's retries: report, keep the other shards
+            result.failed_shards[shard] = f"{type(e).__name__}: {e}"[:2000]
+            log.error("ingest %s shard %05d failed: %s", source, shard, e)
+        if progress:
+            progress(
+                result.shards_skipped + len(run_stats) + len(result.failed_shards),
+                result.shards_total,
+            )
+    return run_stats
+
+
+def _finish(
+    layout: StorageLayout,
+    result: IngestResult,
+    run_stats: dict[int, dict[str, Any]],
+    start: float,
+    cfg: IngestConfig,
+    extra: dict[str, Any],
+    before_download: dict[str, int] | None,
+) -> IngestResult:
+    summary = summarize(run_stats, time.time() - start, before_download)
+    result.shards_written = len(run_stats)
+    result.successes = summary["successes"]
+    result.failures = summary["failed_to_download"] + summary["failed_to_resize"]
+    result.filtered = summary["filtered"]
+    warning = failure_warning(summary, cfg.failure_warn_rate, result.source_id)
+    if warning:
+        log.warning(warning)
+        result.warnings.append(warning)
+    result.stats = {
+        "source_id": result.source_id,
+        **extra,
+        "shards_total": result.shards_total,
+        "shards_written": result.shards_written,
+        "shards_skipped": result.shards_skipped,
+        "failed_shards": {f"{k:05d}": v for k, v in result.failed_shards.items()},
+        **summary,
+        "warning": warning,
+    }
+    write_json(layout.ingest_stats(result.source_id), result.stats)
+    log.info("ingest summary\n%s", format_summary(result.stats))
+    return result
 
 
 def ingest_source(
@@ -237,35 +375,77 @@ def ingest_source(
         progress(total - len(pending), total)
     if not pending:
         return result
-
     start = time.time()
-    task = _download_shard_task.options(max_retries=cfg.shard_retries)
-    refs = {task.remote(layout.root, source, s, cfg): s for s in pending}
-    run_stats: dict[int, dict[str, Any]] = {}
-    remaining = list(refs)
-    while remaining:
-        ready, remaining = ray.wait(remaining, num_returns=1)
-        shard = refs[ready[0]]
-        try:
-            run_stats[shard] = ray.get(ready[0])
-        except Exception as e:  # after Ray's retries: report, keep the other shards
-            result.failed_shards[shard] = f"{type(e).__name__}: {e}"[:2000]
-            log.error("ingest %s shard %05d failed: %s", source, shard, e)
-        if progress:
-            progress(result.shards_skipped + len(run_stats) + len(result.failed_shards), total)
+    run_stats = _run_shards(layout, source, pending, cfg, result, progress)
+    return _finish(layout, result, run_stats, start, cfg, {"url_list": url_list}, plan.filtered)
 
-    summary = _summary(run_stats, time.time() - start)
-    result.shards_written = len(run_stats)
-    result.successes = summary["successes"]
-    result.failures = summary["failed_to_download"] + summary["failed_to_resize"]
-    result.stats = {
-        "source_id": source,
-        "url_list": url_list,
-        "shards_total": total,
-        "shards_written": result.shards_written,
-        "shards_skipped": result.shards_skipped,
-        "failed_shards": {f"{k:05d}": v for k, v in result.failed_shards.items()},
-        **summary,
-    }
-    write_json(layout.ingest_stats(source), result.stats)
-    return result
+
+def failed_rows(layout: StorageLayout, source: str, statuses: tuple[str, ...]) -> pa.Table:
+    """Rows of committed shards with one of ``statuses`` that no later retry has taken up."""
+    tables, superseded = [], set()
+    for shard in completed_shards(layout, source):
+        t = _read_parquet(shard_parquet_path(layout, source, shard))
+        if "retry_of" in t.column_names:
+            superseded.update(k for k in t.column("retry_of").to_pylist() if k)
+        tables.append(t)
+    out = []
+    for t in tables:
+        mask = pc.is_in(t.column("status"), value_set=pa.array(statuses))
+        rows = t.filter(mask)
+        if superseded and rows.num_rows:
+            rows = rows.filter(
+                pc.invert(pc.is_in(rows.column("key"), pa.array(sorted(superseded))))
+            )
+        out.append(rows)
+    return pa.concat_tables(out, promote_options="default") if out else pa.table({})
+
+
+def retry_failed(
+    layout: StorageLayout,
+    source: str,
+    cfg: IngestConfig,
+    progress: Callable[[int, int], None] | None = None,
+    statuses: tuple[str, ...] = ("failed_to_download",),
+) -> IngestResult:
+    """Re-download the failed rows of a source's committed shards into new shards.
+
+    Committed shards are never rewritten: each retried row goes to a shard numbered after every
+    existing one, with ``retry_of`` naming the key it retries; a row retried once is not retried
+    from its old shard again. Filtered rows (status ``filtered``) are never retried.
+    """
+    if FILTERED in statuses:
+        raise ValueError("filtered rows are removed on purpose and cannot be retried")
+    plan_path = layout.ingest_plan(source)
+    if not exists(plan_path):
+        raise ValueError(f"source {source} has no ingest plan ({plan_path}): ingest it first")
+    plan = read_json(plan_path)
+    if plan["samples_per_shard"] != cfg.samples_per_shard:
+        raise ValueError(
+            f"source {source} was split with samples_per_shard={plan['samples_per_shard']}, "
+            f"config says {cfg.samples_per_shard}"
+        )
+    rows_path = layout.ingest_rows(source)
+    columns = (
+        _read_parquet(rows_path) if exists(rows_path) else _read_parquet(layout.source_list(source))
+    ).column_names
+    failed = failed_rows(layout, source, statuses)
+    done = completed_shards(layout, source)
+    planned = math.ceil(plan["num_rows"] / plan["samples_per_shard"])
+    first = max([planned - 1, *done]) + 1
+    n = cfg.samples_per_shard
+    count = math.ceil(failed.num_rows / n) if failed.num_rows else 0
+    result = IngestResult(source, first + count, 0, len(done), 0, 0)
+    if not count:
+        return result
+    inputs = failed.select([c for c in columns if c != "retry_of"])
+    inputs = inputs.append_column("retry_of", failed.column("key"))
+    shards = list(range(first, first + count))
+    for i, shard in enumerate(shards):
+        with (
+            atomic_write(layout.shard_input(source, shard)) as f,
+            pa.ipc.new_file(f, inputs.schema) as w,
+        ):
+            w.write_table(inputs.slice(i * n, n))
+    start = time.time()
+    run_stats = _run_shards(layout, source, shards, cfg, result, progress)
+    return _finish(layout, result, run_stats, start, cfg, {"retry_failed": list(statuses)}, None)

@@ -65,6 +65,21 @@ class StorageLayout:
         """Summary of the last ingest run of a source that did work."""
         return self.join("images", source_id, "_ingest_stats.json")
 
+    def ingest_rows(self, source_id: str) -> str:
+        """The rows of a source that passed the pre-download filters: what its shards slice."""
+        return self.join("images", source_id, "_rows.parquet")
+
+    def prefiltered_rows(self, source_id: str) -> str:
+        """The rows the pre-download filters removed, with a ``filter`` column naming why."""
+        return self.join("images", source_id, "_prefiltered.parquet")
+
+    def dedup_index_dir(self) -> str:
+        """The (url, caption) hash index across sources: one Parquet file per source."""
+        return self.join("images", "_dedup", "url_caption")
+
+    def dedup_index(self, source_id: str) -> str:
+        return self.join("images", "_dedup", "url_caption", f"{source_id}.parquet")
+
     # --- CLIP and embeddings --------------------------------------------------------------
     def clip_dir(self, clip_id: str) -> str:
         return self.join("clip", clip_id)

@@ -9,6 +9,7 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
+
 from unclip.datasets.clip import (
     bootstrap_model_config,
     build_bootstrap_clip,

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from unclip.datasets.clip import encode_texts, load_clip
 from unclip.datasets.config import EmbedConfig
 from unclip.datasets.embed import embed_shard, embed_source, pending_shards

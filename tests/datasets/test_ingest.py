@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+
 from unclip.datasets.config import IngestConfig, SyntheticConfig
 from unclip.datasets.ingest import completed_shards, ingest_source
 from unclip.datasets.shards import iter_shard

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from unclip.datasets.clip import load_clip
 from unclip.datasets.embed import embed_shard
 from unclip.datasets.manifest import assemble_manifest, latest_manifest
@@ -68,6 +69,7 @@ def test_no_embeddings_or_a_truncated_file_is_an_error(shapes_store):
 def test_any_fsspec_root(shapes_store, tiny_clip_cfg):
     """The same manifest and readers on a memory:// root (local paths are not assumed)."""
     import fsspec
+
     from unclip.datasets.clip import load_clip, save_clip
     from unclip.datasets.readers import load_image_pairs
     from unclip.datasets.storage import StorageLayout

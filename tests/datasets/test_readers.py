@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from unclip.datasets.manifest import assemble_manifest
 from unclip.datasets.readers import (
     in_holdout,

@@ -7,6 +7,7 @@ import json
 import tarfile
 
 from PIL import Image
+
 from unclip.datasets.shards import ShardReadStats, completed_shards, iter_shard
 from unclip.datasets.storage import StorageLayout
 

@@ -9,6 +9,7 @@ import urllib.request
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+
 from unclip.datasets.config import SyntheticConfig
 from unclip.datasets.synthetic import (
     render_png,

@@ -8,6 +8,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from unclip.datasets.config import IngestConfig
 from unclip.datasets.url_lists import read_url_list, source_id
 
