@@ -28,14 +28,35 @@ class TrainerConfig(Section):
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping.")
     checkpoint_every: int = Field(250, ge=1)
     keep_last: int = Field(2, ge=1)
-    log_every: int = Field(10, ge=1)
+    log_every: int = Field(10, ge=1, description="Steps per row of metrics.jsonl.")
+    report_every_s: float = Field(
+        10.0,
+        ge=0,
+        description="Least seconds between metric reports to Ray Train (a report can wait for its controller).",
+    )
     seed: int = 0
+    max_failures: int = Field(
+        0,
+        ge=0,
+        description="Ray Train restarts of a run whose worker died, from its last checkpoint.",
+    )
+    ema_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="EMA of the weights (0 disables); the export uses the EMA weights.",
+    )
+    ema_update_after: int = Field(0, ge=0, description="Steps before the EMA starts averaging.")
 
 
 class BootstrapClipConfig(Section):
     """Training the bootstrap CLIP (architecture in the ``clip`` section)."""
 
-    trainer: TrainerConfig = TrainerConfig(max_steps=600, batch_size=128, lr=1e-3)
+    # 2 CPU workers × 64 = 128 pairs a step: the default architecture reaches ~95% zero-shot
+    # accuracy on the synthetic shapes after ~100 steps and 100% by ~200 (≈1 step/s on 2 CPUs).
+    trainer: TrainerConfig = TrainerConfig(
+        max_steps=200, batch_size=64, lr=1e-3, warmup_steps=20, checkpoint_every=100
+    )
 
 
 class PriorConfig(Section):
@@ -68,7 +89,15 @@ class DecoderConfig(Section):
 class EvaluateConfig(Section):
     holdout_fraction: float = Field(0.05, gt=0, lt=1, description="Pairs held out of training.")
     captions: list[str] = Field(
-        default_factory=lambda: ["a red circle", "a blue square", "a green triangle", "a yellow circle"],
+        default_factory=lambda: [
+            "a red circle",
+            "a blue square",
+            "a green triangle",
+            "a yellow circle",
+        ],
         description="Captions drawn in the sample grid.",
     )
     samples_per_caption: int = Field(2, ge=1)
+    max_pairs: int = Field(
+        1000, ge=1, description="Held-out pairs the prior's cosine suite uses at most."
+    )

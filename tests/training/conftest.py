@@ -1,0 +1,22 @@
+"""Fixtures for unclip.training (helpers live in ``training_helpers.py``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+# Test modules import the helpers by name, however pytest was pointed at this folder.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from training_helpers import EmbeddedStore, build_embedded_store  # noqa: E402
+
+# Ray Train's controller polls workers every 2 s by default and a report waits for that poll;
+# set before the module-scoped ``ray_local`` starts Ray, whose processes inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
+
+@pytest.fixture(scope="session")
+def embedded_store(tmp_path_factory: pytest.TempPathFactory) -> EmbeddedStore:
+    return build_embedded_store(str(tmp_path_factory.mktemp("embedded")))

@@ -1,0 +1,66 @@
+"""The diffusion decoder: shapes, loss, data from the manifest, sampling, export round trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from training_helpers import DIM, TINY_DECODER
+from training_helpers import make_decoder_task as make_task
+
+from unclip.training.config import DecoderConfig
+from unclip.training.decoder import build_decoder, load_decoder, predict_eps
+
+TINY = TINY_DECODER
+
+
+def test_unet_is_conditioned_on_the_image_embedding_kandinsky_style():
+    model = build_decoder(TINY, DIM)
+    assert model.config.addition_embed_type == "image"
+    assert model.config.encoder_hid_dim_type == "image_proj" and model.config.encoder_hid_dim == DIM
+    x = torch.randn(2, 3, 16, 16)
+    t = torch.tensor([3, 50])
+    emb = torch.randn(2, DIM)
+    out = predict_eps(model, x, t, emb)
+    assert out.shape == x.shape
+    assert not torch.allclose(out, predict_eps(model, x, t, torch.zeros_like(emb)))
+
+
+def test_bad_decoder_configs_are_clear_errors():
+    with pytest.raises(ValueError, match="divisible by attention_head_dim"):
+        build_decoder(DecoderConfig(block_out_channels=[12, 32], attention_head_dim=8), DIM)
+    with pytest.raises(ValueError, match="image_size"):
+        build_decoder(DecoderConfig(image_size=18, block_out_channels=[16, 32, 32]), DIM)
+
+
+def test_task_reads_images_joined_with_embeddings_and_computes_its_loss(embedded_store):
+    task = make_task(layout=embedded_store.layout, version=embedded_store.version)
+    n = task.load_data(0, 1)
+    assert 60 < n < embedded_store.manifest["num_samples"]  # the hold-out is left out
+    batch = task.batch(np.arange(4))
+    assert batch["images"].shape == (4, 3, 16, 16) and batch["image_emb"].shape == (4, DIM)
+    assert -1.0 <= float(batch["images"].min()) and float(batch["images"].max()) <= 1.0
+    model = task.build_model()
+    loss, _ = task.loss(model, batch)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+
+
+def test_sampling_export_and_load_round_trip(tmp_path):
+    task = make_task()
+    torch.manual_seed(0)
+    task.export(task.build_model(), str(tmp_path))
+    assert json.loads((tmp_path / "unclip_decoder.json").read_text())["image_size"] == 16
+    UNet2DConditionModel.from_pretrained(str(tmp_path), subfolder="unet")
+    sampler = load_decoder(str(tmp_path))
+    emb = torch.randn(2, DIM)
+    images = sampler.sample(emb, seed=1, guidance_scale=3.0)
+    assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+    assert np.array_equal(images, sampler.sample(emb, seed=1, guidance_scale=3.0))
+    with pytest.raises(ValueError, match=f"\\[N, {DIM}\\]"):
+        sampler.sample(torch.randn(2, DIM + 2))
+    with pytest.raises(ValueError, match="guidance"):
+        sampler.sample(emb, guidance_scale=-1.0)

@@ -1,0 +1,186 @@
+"""The one trainer: data order, schedule, run names, and real fits on a 2-worker local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+import numpy as np
+import pytest
+import torch
+from training_helpers import KilledOnce, NanAt, Regression, tiny_trainer
+
+from unclip.datasets.storage import StorageLayout
+from unclip.training.config import PriorConfig, TrainerConfig
+from unclip.training.runlog import read_rows
+from unclip.training.train_loop import Ema, batch_indices, ds_config, warmup_cosine
+from unclip.training.trainer import (
+    TRAINER_STATE,
+    FitResult,
+    check_resumable,
+    fit,
+    run_name_for,
+    validate_trainer_config,
+)
+
+
+# --- pure parts ---------------------------------------------------------------------------
+def test_batch_indices_split_an_epoch_into_equal_disjoint_rank_slices():
+    n, b, world = 50, 4, 3  # 12 per global batch: 4 steps per epoch, 2 samples dropped
+    seen = []
+    for k in range(4):
+        parts = [batch_indices(k, n, b, r, world, seed=7) for r in range(world)]
+        assert all(len(p) == b for p in parts)
+        seen += [int(i) for p in parts for i in p]
+    assert len(seen) == len(set(seen)) == 48
+    again = batch_indices(2, n, b, 1, world, seed=7)
+    assert np.array_equal(again, batch_indices(2, n, b, 1, world, seed=7))
+    assert not np.array_equal(
+        batch_indices(4, n, b, 0, world, seed=7), batch_indices(0, n, b, 0, world, seed=7)
+    )
+
+
+def test_batch_indices_repeat_a_data_set_smaller_than_one_global_batch():
+    parts = [batch_indices(0, 5, 4, r, 2, seed=0) for r in range(2)]
+    assert all(len(p) == 4 for p in parts)
+    assert set(np.concatenate(parts)) == set(range(5))
+    with pytest.raises(ValueError, match="empty"):
+        batch_indices(0, 0, 4, 0, 1, seed=0)
+
+
+def test_warmup_then_cosine_decay():
+    f = warmup_cosine(4, 20)
+    assert [f(k) for k in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == pytest.approx(1.0)
+    values = [f(k) for k in range(4, 20)]
+    assert values == sorted(values, reverse=True) and values[-1] < 0.05
+
+
+def test_ds_config_follows_the_trainer_config():
+    conf = ds_config(TrainerConfig(zero_stage=3, batch_size=5, grad_accum=2, grad_clip=0.5))
+    assert conf["zero_optimization"]["stage"] == 3
+    assert conf["train_micro_batch_size_per_gpu"] == 5 and conf["gradient_accumulation_steps"] == 2
+    assert conf["gradient_clipping"] == 0.5 and conf["bf16"]["enabled"] is False
+    assert "gradient_clipping" not in ds_config(TrainerConfig(grad_clip=0))
+
+
+def test_run_name_is_a_content_hash_of_configs_data_and_seed():
+    a = run_name_for("prior", PriorConfig(), data_version="v1", seed=0)
+    assert a.startswith("prior-") and a == run_name_for(
+        "prior", PriorConfig(), data_version="v1", seed=0
+    )
+    assert a != run_name_for("prior", PriorConfig(), data_version="v2", seed=0)
+    assert a != run_name_for("prior", PriorConfig(), data_version="v1", seed=1)
+    assert a != run_name_for("prior", PriorConfig(num_layers=2), data_version="v1", seed=0)
+
+
+def test_bad_trainer_configs_fail_before_any_work():
+    with pytest.raises(ValueError, match="bf16"):
+        validate_trainer_config(TrainerConfig(precision="bf16"))
+    with pytest.raises(ValueError, match="zero_stage"):
+        validate_trainer_config(TrainerConfig(ema_decay=0.9, zero_stage=3))
+    with pytest.raises(Exception, match="zero_stage"):
+        TrainerConfig(zero_stage=4)
+
+
+def test_ema_follows_then_averages():
+    model = torch.nn.Linear(2, 1)
+    ema = Ema(model, decay=0.5, update_after=1)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model, 1)  # before update_after: a copy
+    assert torch.all(ema.shadow["weight"] == 1.0)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model, 2)
+    assert torch.allclose(ema.shadow["weight"], torch.full_like(model.weight, 2.0))
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoint_000000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / TRAINER_STATE).write_text(json.dumps({"step": 4, "task": {"model": "other"}}))
+    with pytest.raises(ValueError, match="another model config"):
+        check_resumable(str(tmp_path / "run"), Regression())
+    check_resumable(str(tmp_path / "nothing-here"), Regression())
+
+
+# --- fits on Ray ------------------------------------------------------------------------------
+def checkpoints(run_dir: str) -> list[str]:
+    return sorted(
+        p
+        for p in os.listdir(run_dir)
+        if re.fullmatch(r"checkpoint_\d+", p) and os.path.isdir(os.path.join(run_dir, p))
+    )
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory) -> StorageLayout:
+    return StorageLayout(str(tmp_path_factory.mktemp("trainer")))
+
+
+@pytest.fixture(scope="module")
+def zero1_run(ray_local, layout) -> tuple[FitResult, float]:
+    t0 = time.perf_counter()
+    result = fit(Regression(), tiny_trainer(), layout, "regression", "zero1")
+    return result, time.perf_counter() - t0
+
+
+def test_fit_trains_reports_checkpoints_and_exports(zero1_run, layout):
+    result, _ = zero1_run
+    assert not result.skipped and result.run_dir == layout.run_dir("regression", "zero1")
+    rows = read_rows(os.path.join(result.run_dir, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == list(range(2, 13, 2))
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+    assert {"lr", "abs_err", "samples_per_s", "epoch"} <= set(rows[0])
+    ckpts = checkpoints(result.run_dir)
+    assert ckpts == ["checkpoint_000000006", "checkpoint_000000012"]
+    state = json.loads(open(os.path.join(result.run_dir, ckpts[-1], TRAINER_STATE)).read())
+    assert (
+        state["step"] == 12
+        and state["run_name"] == "zero1"
+        and state["task"]["model"] == "regression"
+    )
+    assert os.path.isdir(os.path.join(result.run_dir, ckpts[-1], "deepspeed"))
+    assert os.path.isfile(os.path.join(result.export_dir, "weights.pt"))
+    assert os.path.isfile(os.path.join(result.run_dir, "loss.png"))
+    assert result.metrics["step"] == 12 and result.metrics["eval_mse"] < rows[0]["loss"]
+    weights = torch.load(os.path.join(result.export_dir, "weights.pt"), weights_only=True)
+    assert weights["0.weight"].dtype == torch.float32
+
+
+def test_fit_again_after_completion_does_no_training(zero1_run, layout):
+    first, _ = zero1_run
+    t0 = time.perf_counter()
+    again = fit(Regression(), tiny_trainer(), layout, "regression", "zero1")
+    assert again.skipped and again.metrics == first.metrics
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_a_killed_worker_resumes_from_the_checkpoint_with_the_same_steps(
+    zero1_run, layout, tmp_path
+):
+    """Rank 1 dies at step 9 (after the step-6 checkpoint); Ray restarts the group from it."""
+    first, _ = zero1_run
+    task = KilledOnce(die_at=9, marker=str(tmp_path / "died"))
+    result = fit(task, tiny_trainer(max_failures=1), layout, "regression", "killed")
+    assert os.path.exists(tmp_path / "died")
+    rows = read_rows(os.path.join(result.run_dir, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == list(range(2, 13, 2))
+    # Exact resume: the same batches and the same noise as the run that never died.
+    reference = read_rows(os.path.join(first.run_dir, "metrics.jsonl"))
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in reference], rel=1e-5)
+    assert result.metrics["eval_mse"] == pytest.approx(first.metrics["eval_mse"], rel=1e-5)
+
+
+def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(ray_local, layout):
+    cfg = tiny_trainer(zero_stage=2, ema_decay=0.9, checkpoint_every=5)
+    with pytest.raises(FloatingPointError, match="at step 8"):
+        fit(NanAt(nan_step=8), cfg, layout, "regression", "nan")
+    run_dir = layout.run_dir("regression", "nan")
+    assert checkpoints(run_dir) == ["checkpoint_000000005"]
+    assert os.path.isfile(os.path.join(run_dir, "checkpoint_000000005", "ema.pt"))
+    assert not os.path.exists(os.path.join(run_dir, "export"))
+    assert [r["step"] for r in read_rows(os.path.join(run_dir, "metrics.jsonl"))] == [2, 4, 6]

@@ -1,0 +1,262 @@
+"""Test helpers for unclip.training: tiny tasks for the trainer and a storage root with embedded shapes.
+
+``build_embedded_store`` writes, without Ray or a CLIP, exactly what the data stages leave
+behind: a webdataset tar of synthetic shapes, its embedding Parquet (fake but structured
+embeddings: one direction per caption, image = that direction plus noise), and the manifest with
+its statistics (assembled by ``unclip.datasets.manifest``).
+
+A module of its own (not conftest.py) so tests import it by a unique name; Ray workers receive
+its classes by value.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import tarfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.cloudpickle
+import torch
+
+from unclip.datasets.config import ClipConfig, SyntheticConfig
+from unclip.datasets.manifest import assemble_manifest
+from unclip.datasets.storage import StorageLayout, atomic_write
+from unclip.datasets.synthetic import render_image, sample_spec
+from unclip.training.config import DecoderConfig, PriorConfig, TrainerConfig
+from unclip.training.decoder import DecoderTask
+from unclip.training.prior import PriorTask
+from unclip.training.trainer import TrainTask
+
+# Ray workers cannot import this test module by name: ship its classes by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+DIM = 16
+SOURCE = "src0000000000000"
+CLIP_ID = "fakeclip00000000"
+NUM_PAIRS = 120
+HOLDOUT = 0.2
+
+TINY_CLIP = ClipConfig(
+    embed_dim=32,
+    image_size=32,
+    patch_size=8,
+    vision_width=64,
+    vision_layers=1,
+    text_width=64,
+    text_layers=1,
+    heads=2,
+    context_length=16,
+)
+
+
+def tiny_trainer(**kw: Any) -> TrainerConfig:
+    base = {
+        "num_workers": 2,
+        "zero_stage": 1,
+        "batch_size": 8,
+        "lr": 3e-2,
+        "warmup_steps": 2,
+        "max_steps": 12,
+        "checkpoint_every": 6,
+        "log_every": 2,
+        "report_every_s": 0.0,
+    }
+    return TrainerConfig(**{**base, **kw})
+
+
+# --- a tiny task for the trainer ----------------------------------------------------------------
+@dataclass
+class Regression(TrainTask):
+    """y = x · w* with a small MLP: its loss falls within a few steps."""
+
+    n: int = 256
+    export_name: str = "weights.pt"
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": "regression", "n": self.n}
+
+    def build_model(self) -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+
+    def load_data(self, rank: int, world: int) -> int:
+        g = torch.Generator().manual_seed(123)
+        self.x = torch.randn(self.n, 8, generator=g)
+        self.y = self.x @ torch.linspace(-1, 1, 8).view(8, 1)
+        return self.n
+
+    def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        return {"x": self.x[indices], "y": self.y[indices]}
+
+    def loss(
+        self, model: Any, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        out = model(batch["x"])
+        # Noise drawn inside the loss: exact resume must replay it too.
+        noise = 1e-3 * torch.randn_like(out)
+        loss = torch.nn.functional.mse_loss(out + noise, batch["y"])
+        return loss, {"abs_err": float((out - batch["y"]).abs().mean())}
+
+    def export(self, model: torch.nn.Module, directory: str) -> None:
+        torch.save(model.state_dict(), os.path.join(directory, self.export_name))
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        return {"eval_mse": float(torch.nn.functional.mse_loss(model(self.x), self.y))}
+
+
+@dataclass
+class KilledOnce(Regression):
+    """Rank 1's process dies (os._exit) at micro-batch ``die_at`` of its first life."""
+
+    die_at: int = 9
+    marker: str = ""
+
+    def describe(self) -> dict[str, Any]:
+        return Regression.describe(self)  # the same model as Regression: same identity
+
+    def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        import ray.train
+
+        self.calls = getattr(self, "calls", 0) + 1
+        rank = ray.train.get_context().get_world_rank()
+        if rank == 1 and self.calls == self.die_at and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)
+        return super().batch(indices)
+
+
+@dataclass
+class NanAt(Regression):
+    """The loss of rank 0 becomes NaN from optimizer step ``nan_step`` on."""
+
+    nan_step: int = 8
+
+    def loss(
+        self, model: Any, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        import ray.train
+
+        self.calls = getattr(self, "calls", 0) + 1
+        loss, metrics = super().loss(model, batch)
+        if ray.train.get_context().get_world_rank() == 0 and self.calls >= self.nan_step:
+            loss = loss * float("nan")
+        return loss, metrics
+
+
+# --- a storage root with embedded shapes ----------------------------------------------------
+@dataclass
+class EmbeddedStore:
+    layout: StorageLayout
+    manifest: dict[str, Any]
+    version: str
+    captions: list[str]
+
+
+def _write_tar(path: str, items: list[tuple[str, bytes, str]]) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key, png, caption in items:
+            for name, data in (
+                (f"{key}.png", png),
+                (f"{key}.txt", caption.encode()),
+                (f"{key}.json", json.dumps({"key": key, "caption": caption}).encode()),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    with atomic_write(path) as f:
+        f.write(buf.getvalue())
+
+
+def _fixed_list(x: np.ndarray) -> pa.Array:
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float16).reshape(-1)), x.shape[1])
+
+
+def build_embedded_store(root: str, num_pairs: int = NUM_PAIRS) -> EmbeddedStore:
+    layout = StorageLayout(root)
+    syn = SyntheticConfig(num_pairs=num_pairs, image_size=64, seed=0)
+    items, captions = [], []
+    for i in range(num_pairs):
+        im = render_image(syn, i)
+        png = io.BytesIO()
+        im.save(png, format="PNG")
+        caption = sample_spec(syn, i)["caption"]
+        items.append((f"{i:09d}", png.getvalue(), caption))
+        captions.append(caption)
+    _write_tar(layout.image_shard(SOURCE, 0), items)
+
+    classes = sorted(set(captions))
+    rng = np.random.default_rng(0)
+    directions = rng.normal(size=(len(classes), DIM))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    cls = np.array([classes.index(c) for c in captions])
+    text = directions[cls]
+    noise = rng.normal(size=(num_pairs, DIM))
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    image = 0.8 * text + 0.6 * noise
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    table = pa.table(
+        {
+            "key": pa.array([k for k, _, _ in items], pa.string()),
+            "caption": pa.array(captions, pa.string()),
+            "url": pa.array([f"http://127.0.0.1/{i}.png" for i in range(num_pairs)], pa.string()),
+            "image_embedding": _fixed_list(image),
+            "text_embedding": _fixed_list(text),
+            "clip_score": pa.array((image * text).sum(1).astype(np.float32), pa.float32()),
+        }
+    ).replace_schema_metadata({"unclip.clip_id": CLIP_ID, "unclip.embedding_dim": str(DIM)})
+    with atomic_write(layout.embedding_shard(CLIP_ID, SOURCE, 0)) as f:
+        pq.write_table(table, f)
+    manifest = assemble_manifest(layout, CLIP_ID, [SOURCE])
+    return EmbeddedStore(layout, manifest, manifest["version"], captions)
+
+
+# --- in-process prior and decoder tasks -------------------------------------------------------
+TINY_PRIOR = PriorConfig(
+    num_layers=1, num_attention_heads=2, attention_head_dim=16, timesteps=100, sample_steps=4
+)
+TINY_DECODER = DecoderConfig(
+    image_size=16, block_out_channels=[16, 32], attention_head_dim=8, timesteps=100, sample_steps=3
+)
+
+
+def make_prior_task(dim: int = DIM, n: int = 32, clip_id: str = "clip0") -> PriorTask:
+    """A prior task on random in-memory embeddings (no storage)."""
+    rng = np.random.default_rng(0)
+    task = PriorTask(
+        layout=StorageLayout("/nonexistent"),
+        manifest_version="v0",
+        cfg=TINY_PRIOR,
+        holdout_fraction=0.1,
+        dim=dim,
+        clip_id=clip_id,
+        image_mean=[0.01] * dim,
+        image_std=[0.2] * dim,
+    )
+    text = rng.normal(size=(n, dim)).astype(np.float32)
+    task.set_arrays(text, rng.normal(size=(n, dim)).astype(np.float32))
+    return task
+
+
+def make_decoder_task(
+    dim: int = DIM,
+    layout: StorageLayout | None = None,
+    version: str = "v0",
+    clip_id: str = "clip0",
+) -> DecoderTask:
+    """A decoder task; it reads data only if given a layout and version."""
+    return DecoderTask(
+        layout=layout or StorageLayout("/nonexistent"),
+        manifest_version=version,
+        cfg=TINY_DECODER,
+        holdout_fraction=HOLDOUT,
+        dim=dim,
+        clip_id=clip_id,
+    )

@@ -1,0 +1,186 @@
+"""The bootstrap CLIP as a :class:`~unclip.training.trainer.TrainTask`: open_clip's contrastive loss
+on the ingested (image, caption) pairs, before any embedding exists.
+
+Its export is a ``save_clip`` checkpoint, so ``unclip.datasets.clip.load_clip(cfg, export_dir)``
+loads it like any other open_clip model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+from open_clip.loss import ClipLoss
+
+from unclip.datasets import readers
+from unclip.datasets.clip import bootstrap_preprocess_config, build_bootstrap_clip, save_clip
+from unclip.datasets.config import ClipConfig
+from unclip.datasets.storage import StorageLayout
+
+from .config import BootstrapClipConfig
+from .trainer import FitResult, TrainTask, fit, run_name_for
+
+MODEL_KIND = "clip"
+MAX_LOGIT_SCALE = 100.0  # CLIP's clamp of the learned temperature (Radford et al. 2021, sec. 2.5)
+
+
+def clip_outputs(out: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image features, text features, logit scale) from open_clip's dict or tuple output."""
+    if isinstance(out, dict):
+        return out["image_features"], out["text_features"], out["logit_scale"]
+    return out[0], out[1], out[2]
+
+
+def normalize_images(images: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, H, W, 3] → float [N, 3, H, W] normalized like open_clip's preprocessing."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+@dataclass
+class ClipTask(TrainTask):
+    """Contrastive training of the bootstrap open_clip model on images and captions of sources."""
+
+    layout: StorageLayout
+    clip_cfg: ClipConfig
+    source_ids: list[str]
+    holdout_fraction: float
+    _data: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    _loss: ClipLoss | None = field(default=None, init=False, repr=False)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": MODEL_KIND,
+            "clip": self.clip_cfg.model_dump(mode="json"),
+            "sources": sorted(self.source_ids),
+            "holdout_fraction": self.holdout_fraction,
+        }
+
+    def build_model(self) -> torch.nn.Module:
+        return build_bootstrap_clip(self.clip_cfg)
+
+    def _norm(self) -> tuple[torch.Tensor, torch.Tensor]:
+        pp = bootstrap_preprocess_config(self.clip_cfg)
+        return torch.tensor(pp["mean"]), torch.tensor(pp["std"])
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        return open_clip.tokenize(captions, context_length=self.clip_cfg.context_length)
+
+    def set_pairs(self, images: np.ndarray, captions: list[str]) -> int:
+        """Use these uint8 [N, S, S, 3] images and captions as the training data."""
+        size = self.clip_cfg.image_size
+        if len(images) and images.shape[1:] != (size, size, 3):
+            raise ValueError(f"clip images must be [N, {size}, {size}, 3], got {images.shape}")
+        mean, std = self._norm()
+        self._data = {
+            "images": images,
+            "tokens": self.tokenize(list(captions)),
+            "captions": list(captions),
+            "mean": mean,
+            "std": std,
+        }
+        return len(images)
+
+    def load_data(self, rank: int, world: int) -> int:
+        pairs = readers.load_images_captions(
+            self.layout, self.source_ids, "train", self.holdout_fraction, self.clip_cfg.image_size
+        )
+        return self.set_pairs(pairs.images, pairs.captions)
+
+    def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        d = self._data
+        return {
+            "image": normalize_images(d["images"][indices], d["mean"], d["std"]),
+            "text": d["tokens"][torch.from_numpy(indices)],
+        }
+
+    def loss(
+        self, model: Any, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        # Symmetric InfoNCE over the micro-batch (Radford et al. 2021, fig. 3).
+        if self._loss is None:
+            self._loss = ClipLoss()
+        image_f, text_f, scale = clip_outputs(model(batch["image"], batch["text"]))
+        scale = scale.clamp(max=MAX_LOGIT_SCALE)
+        loss = self._loss(image_f.float(), text_f.float(), scale.float())
+        return loss, {"logit_scale": float(scale.detach())}
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Zero-shot accuracy on held-out images: the right caption among all distinct captions."""
+        held = readers.load_images_captions(
+            self.layout, self.source_ids, "holdout", self.holdout_fraction, self.clip_cfg.image_size
+        )
+        if not held.captions:
+            return {}
+        classes = sorted(set(self._data.get("captions", [])) | set(held.captions))
+        return {
+            "zero_shot_accuracy": zero_shot_accuracy(
+                model, self, held.images, held.captions, classes
+            ),
+            "zero_shot_classes": float(len(classes)),
+            "holdout_images": float(len(held.captions)),
+        }
+
+    def export(self, model: torch.nn.Module, directory: str) -> None:
+        save_clip(model, self.clip_cfg, directory)
+
+
+@torch.no_grad()
+def zero_shot_accuracy(
+    model: torch.nn.Module,
+    task: ClipTask,
+    images: np.ndarray,
+    captions: list[str],
+    classes: list[str],
+    batch_size: int = 256,
+) -> float:
+    """Fraction of images whose nearest caption (cosine, among ``classes``) is their own."""
+    model.eval()
+    mean, std = task._norm()
+    text_f = model.encode_text(task.tokenize(classes), normalize=True)
+    index = {c: i for i, c in enumerate(classes)}
+    right = 0
+    for i in range(0, len(images), batch_size):
+        x = normalize_images(images[i : i + batch_size], mean, std)
+        pred = (model.encode_image(x, normalize=True) @ text_f.T).argmax(dim=1)
+        truth = torch.tensor([index[c] for c in captions[i : i + batch_size]])
+        right += int((pred == truth).sum())
+    return right / max(1, len(images))
+
+
+def sources_version(source_ids: list[str]) -> str:
+    """A data version for a set of sources (their ids are content hashes already)."""
+    return hashlib.sha256(json.dumps(sorted(source_ids)).encode()).hexdigest()[:16]
+
+
+def train_bootstrap_clip(
+    layout: StorageLayout,
+    clip_cfg: ClipConfig,
+    boot: BootstrapClipConfig,
+    source_ids: list[str],
+    holdout_fraction: float,
+) -> FitResult:
+    """Train (or resume, or skip when done) the bootstrap CLIP; ``export_dir`` is a ``save_clip`` checkpoint."""
+    if clip_cfg.model_name is not None:
+        raise ValueError(
+            f"clip.model_name is {clip_cfg.model_name!r}: the bootstrap CLIP is trained only "
+            "when no pretrained CLIP is configured"
+        )
+    if not source_ids:
+        raise ValueError("train_bootstrap_clip: no source ids to train on")
+    task = ClipTask(layout, clip_cfg, sorted(source_ids), holdout_fraction)
+    name = run_name_for(
+        MODEL_KIND,
+        clip_cfg,
+        boot,
+        holdout_fraction,
+        data_version=sources_version(source_ids),
+        seed=boot.trainer.seed,
+    )
+    return fit(task, boot.trainer, layout, MODEL_KIND, name)

@@ -1,0 +1,115 @@
+"""Diffusion parts the prior and the decoder share: the training pair, conditioning dropout,
+classifier-free guidance and the sampling loop.
+
+The schedules and the update rules are diffusers' ``DDPMScheduler`` / ``DDIMScheduler``; what
+is written here is only the glue diffusers leaves to each pipeline, as pure functions with the
+paper's formula next to each step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+Sampler = Literal["ddim", "ddpm"]
+# model_fn(x_t, t, cond) -> the model's prediction (x_0 for the prior, ε for the decoder)
+ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def train_scheduler(
+    timesteps: int, prediction_type: Literal["epsilon", "sample"], clip_sample: bool
+) -> DDPMScheduler:
+    """The cosine-schedule DDPM used in training (Nichol & Dhariwal 2021, eq. 17)."""
+    return DDPMScheduler(
+        num_train_timesteps=timesteps,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type=prediction_type,
+        clip_sample=clip_sample,
+        timestep_spacing="trailing",  # sampling starts at t = T-1 (Lin et al. 2024, sec. 3.3)
+    )
+
+
+def noised(
+    scheduler: DDPMScheduler, x0: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, ε, t) for a uniformly drawn t per sample.
+
+    1. t ~ U{0, …, T-1}, ε ~ N(0, I)
+    2. x_t = √ᾱ_t · x_0 + √(1-ᾱ_t) · ε          (Ho et al. 2020, eq. 4)
+    """
+    t = torch.randint(
+        0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device, dtype=torch.long
+    )
+    noise = torch.randn_like(x0)
+    return scheduler.add_noise(x0, noise, t), noise, t
+
+
+def drop_condition(cond: torch.Tensor, prob: float) -> torch.Tensor:
+    """Replace each row of ``cond`` by the null condition (zeros) with probability ``prob``.
+
+    Training with dropped conditions gives the same network an unconditional mode, which
+    classifier-free guidance needs (Ho & Salimans 2022, sec. 3.2).
+    """
+    if prob <= 0:
+        return cond
+    keep = torch.rand(cond.shape[0], device=cond.device) >= prob
+    return cond * keep.view(-1, *([1] * (cond.ndim - 1))).to(cond.dtype)
+
+
+def guided(
+    model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Classifier-free guidance: out = out(∅) + s · (out(c) − out(∅))  (Ho & Salimans 2022, eq. 6).
+
+    ``scale == 1`` is the plain conditional model and costs one forward pass, not two.
+    """
+    if scale == 1.0:
+        return model_fn(x, t, cond)
+    both = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, torch.zeros_like(cond)]))
+    out_cond, out_null = both.chunk(2)
+    return out_null + scale * (out_cond - out_null)
+
+
+def check_sampling_args(steps: int, guidance_scale: float, sampler: str) -> None:
+    """Clear errors for the sampling arguments a user types."""
+    if int(steps) < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not guidance_scale > 0:
+        raise ValueError(f"guidance scale must be > 0, got {guidance_scale}")
+    if sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+
+
+@torch.no_grad()
+def sample_loop(
+    model_fn: ModelFn,
+    shape: tuple[int, ...],
+    cond: torch.Tensor,
+    scheduler_config: dict[str, Any],
+    steps: int,
+    guidance_scale: float,
+    seed: int,
+    sampler: Sampler = "ddim",
+) -> torch.Tensor:
+    """Draw x_0 by running the reverse process from pure noise.
+
+    1. x_T ~ N(0, I), drawn from a CPU generator seeded by ``seed`` (same noise on any device)
+    2. for each t of the ``steps`` sub-sampled timesteps: out = guided(model, x_t, t, c)
+    3. x_{t-1} = DDIM (Song et al. 2021, eq. 12, η = 0) or DDPM (Ho et al. 2020, eq. 11) step
+    """
+    check_sampling_args(steps, guidance_scale, sampler)
+    cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
+    scheduler = cls.from_config(scheduler_config)
+    device = cond.device
+    scheduler.set_timesteps(int(steps), device=device)
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    x = torch.randn(shape, generator=generator).to(device=device, dtype=cond.dtype)
+    x = x * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        t_batch = t.expand(shape[0]).to(device)
+        out = guided(model_fn, x, t_batch, cond, float(guidance_scale))
+        x = scheduler.step(out, t, x, generator=generator).prev_sample
+    return x

@@ -1,0 +1,131 @@
+"""Evaluation written under ``eval/{run}/``: the prior's cosine suite on held-out pairs, sample grids."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+from unclip.datasets import readers
+from unclip.datasets.config import ClipConfig
+from unclip.datasets.storage import StorageLayout, atomic_write, write_json
+
+from .config import EvaluateConfig
+from .prior import load_prior
+from .sampling import generate
+from .trainer import FitResult
+
+PRIOR_METRICS = "prior_metrics.json"
+
+
+def unrelated_index(captions: Sequence[str]) -> np.ndarray:
+    """For each pair, the next pair (cyclically) with another caption; the next one if none has."""
+    n = len(captions)
+    out = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        out[i] = (i + 1) % n
+        for k in range(1, n):
+            j = (i + k) % n
+            if captions[j] != captions[i]:
+                out[i] = j
+                break
+    return out
+
+
+def prior_cosines(
+    pred: torch.Tensor, image: torch.Tensor, text: torch.Tensor, unrelated: np.ndarray
+) -> dict[str, float]:
+    """LAION's prior metrics: mean cosines of predictions to truth, text and an unrelated image."""
+    pred, image, text = (F.normalize(x.float(), dim=-1) for x in (pred, image, text))
+
+    def cos(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a * b).sum(-1).mean())
+
+    return {
+        "cos_pred_true": cos(pred, image),
+        "cos_pred_text": cos(pred, text),
+        "cos_pred_unrelated": cos(pred, image[torch.from_numpy(unrelated)]),
+        "cos_text_baseline": cos(text, image),
+    }
+
+
+def evaluate_prior(
+    layout: StorageLayout,
+    manifest_version: str,
+    prior_fit: FitResult,
+    cfg: EvaluateConfig,
+    holdout_fraction: float,
+) -> dict[str, Any]:
+    """Cosine suite of the exported prior on held-out pairs → ``eval/{run}/prior_metrics.json``."""
+    manifest = readers.load_manifest(layout, manifest_version)
+    held = readers.load_embeddings(layout, manifest, "holdout", holdout_fraction)
+    n = min(len(held.keys), cfg.max_pairs)
+    if n == 0:
+        raise ValueError(
+            f"dataset {manifest_version} has no held-out pairs at holdout_fraction={holdout_fraction}"
+        )
+    text = torch.from_numpy(held.text[:n])
+    image = torch.from_numpy(held.image[:n])
+    sampler = load_prior(prior_fit.export_dir)
+    pred = torch.cat([sampler.sample(text[i : i + 256], seed=i) for i in range(0, n, 256)])
+    metrics: dict[str, Any] = {
+        **prior_cosines(pred, image, text, unrelated_index(held.captions[:n])),
+        "num_pairs": n,
+        "run_name": prior_fit.run_name,
+        "data_version": manifest_version,
+        "sample_steps": sampler.info.get("sample_steps"),
+        "guidance_scale": sampler.info.get("guidance_scale"),
+    }
+    write_json(f"{layout.eval_dir(prior_fit.run_name)}/{PRIOR_METRICS}", metrics)
+    return metrics
+
+
+def caption_grid(
+    images: Sequence[Image.Image], captions: Sequence[str], per_caption: int, cell: int = 128
+) -> Image.Image:
+    """One row per caption: its ``per_caption`` images side by side, the caption under them."""
+    font = ImageFont.load_default()
+    text_h = 22
+    pad = 4
+    width = per_caption * (cell + pad) + pad
+    row_h = cell + text_h + pad
+    grid = Image.new("RGB", (width, len(captions) * row_h + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, caption in enumerate(captions):
+        y = pad + r * row_h
+        for k in range(per_caption):
+            im = images[r * per_caption + k].resize((cell, cell), Image.Resampling.NEAREST)
+            grid.paste(im, (pad + k * (cell + pad), y))
+        draw.text((pad, y + cell + 4), caption, fill="black", font=font)
+    return grid
+
+
+def write_sample_grid(
+    layout: StorageLayout,
+    clip_cfg: ClipConfig,
+    clip_checkpoint: str | None,
+    prior_export: str,
+    decoder_export: str,
+    cfg: EvaluateConfig,
+    out_path: str,
+) -> str:
+    """Sample ``cfg.captions`` through CLIP → prior → decoder and write a captioned PNG grid."""
+    images = generate(
+        cfg.captions,
+        clip_cfg,
+        clip_checkpoint,
+        prior_export,
+        decoder_export,
+        n_per_caption=cfg.samples_per_caption,
+    )
+    grid = caption_grid(images, cfg.captions, cfg.samples_per_caption)
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    with atomic_write(out_path, "wb") as f:
+        f.write(buf.getvalue())
+    return out_path

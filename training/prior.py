@@ -1,0 +1,246 @@
+"""The DALL·E 2 diffusion prior (CLIP text embedding → CLIP image embedding) on diffusers' PriorTransformer.
+
+The transformer reads the causal sequence [text embedding, timestep, noised image embedding,
+learned query] (no text-token encodings) and predicts the clean image embedding x_0, trained with
+MSE (Ramesh et al. 2022, sec. 2.2). Image embeddings are normalized by the data set's mean and
+std; the model keeps them as its ``clip_mean`` / ``clip_std`` so ``post_process_latents`` undoes
+the normalization for any diffusers user of the export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, PriorTransformer
+
+from unclip.datasets import readers
+from unclip.datasets.storage import StorageLayout
+
+from .artifacts import local_dir
+from .config import PriorConfig
+from .diffusion import Sampler, drop_condition, noised, sample_loop, train_scheduler
+from .trainer import FitResult, TrainTask, fit, run_name_for
+
+MODEL_KIND = "prior"
+INFO_FILE = "unclip_prior.json"
+STD_FLOOR = 1e-4  # a dimension that never varies must not divide by ~0
+
+
+def build_prior(
+    cfg: PriorConfig, dim: int, image_mean: np.ndarray, image_std: np.ndarray
+) -> PriorTransformer:
+    """An untrained prior for embeddings of dimension ``dim`` with the data set's image statistics."""
+    model = PriorTransformer(
+        num_attention_heads=cfg.num_attention_heads,
+        attention_head_dim=cfg.attention_head_dim,
+        num_layers=cfg.num_layers,
+        embedding_dim=dim,
+        num_embeddings=0,  # no text-token encodings: the sequence is the 4 additional tokens
+        additional_embeddings=4,  # text embedding, timestep, noised image embedding, query
+        encoder_hid_proj_type=None,
+        added_emb_type="prd",  # the learned query whose output is the prediction
+        embedding_proj_norm_type="layer",  # L2-normalized CLIP vectors are small: rescale them
+        norm_in_type="layer",
+    )
+    with torch.no_grad():
+        model.clip_mean.copy_(torch.as_tensor(image_mean, dtype=torch.float32).view(1, -1))
+        model.clip_std.copy_(torch.as_tensor(np.maximum(image_std, STD_FLOOR)).view(1, -1))
+    # Statistics of the data, not weights: keep them out of the optimizer (and its weight decay).
+    model.clip_mean.requires_grad_(False)
+    model.clip_std.requires_grad_(False)
+    return model
+
+
+def causal_mask(batch: int, device: torch.device) -> torch.Tensor:
+    """An empty text mask: with it PriorTransformer applies its causal mask (without, none)."""
+    return torch.ones(batch, 0, dtype=torch.bool, device=device)
+
+
+def predict_x0(
+    model: PriorTransformer | Any, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor
+) -> torch.Tensor:
+    """The prior's x_0 prediction (normalized space) for noised embeddings ``x_t``."""
+    out = model(x_t, t, proj_embedding=text, attention_mask=causal_mask(x_t.shape[0], x_t.device))
+    return out.predicted_image_embedding
+
+
+@dataclass
+class PriorTask(TrainTask):
+    """The prior as a :class:`~unclip.training.trainer.TrainTask` over one dataset version."""
+
+    layout: StorageLayout
+    manifest_version: str
+    cfg: PriorConfig
+    holdout_fraction: float
+    dim: int
+    clip_id: str
+    image_mean: list[float]
+    image_std: list[float]
+    _data: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False)
+    _sched: DDPMScheduler | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def from_manifest(
+        cls, layout: StorageLayout, version: str, cfg: PriorConfig, holdout_fraction: float
+    ) -> PriorTask:
+        manifest = readers.load_manifest(layout, version)
+        stats = readers.load_embedding_stats(layout, manifest)
+        return cls(
+            layout=layout,
+            manifest_version=version,
+            cfg=cfg,
+            holdout_fraction=holdout_fraction,
+            dim=int(manifest["embedding_dim"]),
+            clip_id=str(manifest["clip_id"]),
+            image_mean=stats["image_mean"].tolist(),
+            image_std=stats["image_std"].tolist(),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": MODEL_KIND,
+            "prior": self.cfg.model_dump(mode="json", exclude={"trainer"}),
+            "data_version": self.manifest_version,
+            "holdout_fraction": self.holdout_fraction,
+        }
+
+    def build_model(self) -> PriorTransformer:
+        return build_prior(self.cfg, self.dim, np.array(self.image_mean), np.array(self.image_std))
+
+    def set_arrays(self, text: np.ndarray, image: np.ndarray) -> int:
+        """Use these (un-normalized) embedding pairs as the training data; returns their count."""
+        mean = np.asarray(self.image_mean, np.float32)
+        std = np.maximum(np.asarray(self.image_std, np.float32), STD_FLOOR)
+        self._data = {
+            "text": np.ascontiguousarray(text, np.float32),
+            "image": ((image - mean) / std).astype(np.float32),
+        }
+        return len(text)
+
+    def load_data(self, rank: int, world: int) -> int:
+        manifest = readers.load_manifest(self.layout, self.manifest_version)
+        arrays = readers.load_embeddings(self.layout, manifest, "train", self.holdout_fraction)
+        return self.set_arrays(arrays.text, arrays.image)
+
+    def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(v[indices]) for k, v in self._data.items()}
+
+    def scheduler(self) -> DDPMScheduler:
+        return train_scheduler(self.cfg.timesteps, "sample", clip_sample=False)
+
+    def loss(
+        self, model: Any, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        # L = ‖f(x_t, t, y) − x_0‖²  (Ramesh et al. 2022, eq. in sec. 2.2), y dropped for CFG.
+        x0 = batch["image"]
+        if self._sched is None:
+            self._sched = self.scheduler()
+        x_t, _, t = noised(self._sched, x0)
+        text = drop_condition(batch["text"], self.cfg.cond_drop_prob)
+        pred = predict_x0(model, x_t, t, text)
+        return F.mse_loss(pred.float(), x0.float()), {}
+
+    def export(self, model: torch.nn.Module, directory: str) -> None:
+        model.save_pretrained(os.path.join(directory, "prior"))
+        self.scheduler().save_pretrained(os.path.join(directory, "scheduler"))
+        info = {
+            "embedding_dim": self.dim,
+            "clip_id": self.clip_id,
+            "data_version": self.manifest_version,
+            "prediction_type": "sample",
+            "sample_steps": self.cfg.sample_steps,
+            "guidance_scale": self.cfg.guidance_scale,
+        }
+        with open(os.path.join(directory, INFO_FILE), "w") as f:
+            json.dump(info, f, indent=2, sort_keys=True)
+
+
+def train_prior(
+    layout: StorageLayout, manifest_version: str, cfg: PriorConfig, holdout_fraction: float
+) -> FitResult:
+    """Train (or resume, or skip when done) the prior on a dataset version; export to ``run_dir/export``."""
+    task = PriorTask.from_manifest(layout, manifest_version, cfg, holdout_fraction)
+    name = run_name_for(
+        MODEL_KIND, cfg, holdout_fraction, data_version=manifest_version, seed=cfg.trainer.seed
+    )
+    return fit(task, cfg.trainer, layout, MODEL_KIND, name)
+
+
+class PriorSampler:
+    """An exported prior, ready to turn text embeddings into image embeddings."""
+
+    def __init__(
+        self,
+        model: PriorTransformer,
+        scheduler_config: dict[str, Any],
+        info: dict[str, Any],
+        device: str,
+    ) -> None:
+        self.model = model.to(device).eval()
+        self.scheduler_config = dict(scheduler_config)
+        self.info = info
+        self.device = device
+        self.dim = int(info["embedding_dim"])
+
+    @torch.no_grad()
+    def sample(
+        self,
+        text_emb: torch.Tensor,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int = 0,
+        candidates: int = 1,
+        sampler: Sampler = "ddim",
+    ) -> torch.Tensor:
+        """L2-normalized image embeddings [N, D] for text embeddings [N, D].
+
+        With ``candidates = k > 1``, k embeddings are drawn per text and the one with the highest
+        dot product with the text embedding is kept (Ramesh et al. 2022, sec. 2.2).
+        """
+        text = torch.as_tensor(text_emb, dtype=torch.float32)
+        if text.ndim != 2 or text.shape[1] != self.dim:
+            raise ValueError(f"text embeddings must be [N, {self.dim}], got {list(text.shape)}")
+        if candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {candidates}")
+        steps = int(steps if steps is not None else self.info.get("sample_steps", 50))
+        scale = float(
+            guidance_scale if guidance_scale is not None else self.info.get("guidance_scale", 1.0)
+        )
+        n = text.shape[0]
+        text = text.to(self.device)
+        cond = text.repeat_interleave(candidates, dim=0)
+        x0 = sample_loop(
+            lambda x, t, c: predict_x0(self.model, x, t, c),
+            (cond.shape[0], self.dim),
+            cond,
+            self.scheduler_config,
+            steps,
+            scale,
+            seed,
+            sampler,
+        )
+        emb = F.normalize(self.model.post_process_latents(x0).float(), dim=-1)
+        if candidates > 1:
+            emb = emb.view(n, candidates, self.dim)
+            best = (emb * text[:, None, :]).sum(-1).argmax(dim=1)
+            emb = emb[torch.arange(n, device=emb.device), best]
+        return emb.cpu()
+
+
+def load_prior(export_dir: str, device: str = "cpu") -> PriorSampler:
+    """Load an exported prior (``train_prior(...).export_dir``)."""
+    with local_dir(export_dir) as d:
+        info_path = os.path.join(d, INFO_FILE)
+        if not os.path.isfile(info_path):
+            raise FileNotFoundError(f"{export_dir} is not a prior export (no {INFO_FILE})")
+        with open(info_path) as f:
+            info = json.load(f)
+        model = PriorTransformer.from_pretrained(os.path.join(d, "prior"), low_cpu_mem_usage=False)
+        scheduler_config = dict(DDPMScheduler.load_config(os.path.join(d, "scheduler")))
+    return PriorSampler(model, scheduler_config, info, device)

@@ -1,0 +1,360 @@
+"""What every Ray Train worker runs: DeepSpeed engine, data order, checkpoints, resume, export.
+
+Exact resume rests on two rules: the batch of micro-step ``k`` is a pure function of
+``(seed, k, rank)`` (:func:`batch_indices`), and so is torch's RNG state when its loss is
+computed (:func:`seed_micro_step`). A run restored from the checkpoint of step ``s`` therefore
+sees the same batches and the same noise as the run that wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from unclip.datasets.storage import StorageLayout
+
+from .artifacts import publish_dir
+from .config import TrainerConfig
+from .runlog import RunLog
+from .trainer import EXPORT_DIRNAME, EXPORT_MARKER, TRAINER_STATE, TrainTask
+
+log = logging.getLogger(__name__)
+
+DS_TAG = "deepspeed"  # DeepSpeed's sub-folder inside each checkpoint
+EMA_FILE = "ema.pt"
+
+
+# --- pure parts: data order, seeds, schedule, DeepSpeed config --------------------------------
+def batch_indices(
+    micro_step: int, num_samples: int, batch_size: int, rank: int, world: int, seed: int
+) -> np.ndarray:
+    """Sample indices of ``rank``'s micro-batch at global micro-step ``micro_step``.
+
+    Each epoch is a permutation seeded by ``(seed, epoch)``, cut into global batches of
+    ``batch_size * world`` (the remainder is dropped, so every rank takes the same number of
+    steps); rank ``r`` takes the ``r``-th slice. A data set smaller than one global batch is
+    repeated to fill it.
+    """
+    if num_samples < 1:
+        raise ValueError("the task's data set is empty")
+    global_batch = batch_size * world
+    per_epoch = max(1, num_samples // global_batch)
+    epoch, pos = divmod(micro_step, per_epoch)
+    perm = np.random.default_rng([seed % 2**32, epoch]).permutation(num_samples)
+    if num_samples < global_batch:
+        perm = np.resize(perm, global_batch)
+    start = pos * global_batch + rank * batch_size
+    return perm[start : start + batch_size]
+
+
+def seed_micro_step(seed: int, micro_step: int, rank: int) -> None:
+    """Seed torch (CPU and CUDA) from (seed, micro-step, rank): the noise a loss draws is replayable."""
+    state = np.random.SeedSequence([seed % 2**32, micro_step, rank]).generate_state(1)[0]
+    torch.manual_seed(int(state))
+
+
+def warmup_cosine(warmup_steps: int, max_steps: int) -> Callable[[int], float]:
+    """LR factor of optimizer step ``k``: linear warm-up to 1, then cosine decay towards 0."""
+
+    def factor(k: int) -> float:
+        if k < warmup_steps:
+            return (k + 1) / warmup_steps
+        progress = (k - warmup_steps) / max(1, max_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def ds_config(cfg: TrainerConfig) -> dict[str, Any]:
+    """The DeepSpeed config of a trainer config."""
+    conf: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,  # a plain torch AdamW: no op compiles
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.grad_clip > 0:
+        conf["gradient_clipping"] = cfg.grad_clip
+    return conf
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms and embeddings vectors (ndim < 2)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def to_device(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Move a batch (tensor, dict, list, tuple) to ``device``; floating tensors to ``dtype``."""
+    if isinstance(batch, torch.Tensor):
+        if batch.is_floating_point():
+            return batch.to(device=device, dtype=dtype, non_blocking=True)
+        return batch.to(device=device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, dtype) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(to_device(v, device, dtype) for v in batch)
+    return batch
+
+
+class Ema:
+    """Exponential moving average of the trainable weights, kept in fp32 on rank 0.
+
+    ZeRO stages 0-2 keep the full weights on every rank after each step, so rank 0 alone can
+    average them; ZeRO-3 is refused by :func:`~unclip.training.trainer.validate_trainer_config`.
+    """
+
+    def __init__(self, module: torch.nn.Module, decay: float, update_after: int) -> None:
+        self.decay, self.update_after = decay, update_after
+        self.shadow = {
+            n: p.detach().float().cpu().clone()
+            for n, p in module.named_parameters()
+            if p.requires_grad
+        }
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        # ema <- decay * ema + (1 - decay) * w; before update_after it just follows w.
+        weight = 1.0 if step <= self.update_after else 1.0 - self.decay
+        for n, p in module.named_parameters():
+            if n in self.shadow:
+                self.shadow[n].lerp_(p.detach().float().cpu(), weight)
+
+
+# --- the worker ----------------------------------------------------------------------------
+def train_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's per-worker function (see :func:`unclip.training.trainer.fit`).
+
+    Returns (rank 0's reaches the driver) ``{"status": "done"}``, or the step whose loss was
+    not finite: a NaN stops every rank at the same step, before its update, with no checkpoint.
+    """
+    task: TrainTask = config["task"]
+    cfg: TrainerConfig = config["cfg"]
+    layout: StorageLayout = config["layout"]
+    model_kind: str = config["model_kind"]
+    run_name: str = config["run_name"]
+    # The accelerator must be chosen before deepspeed is first imported in this process.
+    os.environ["DS_ACCELERATOR"] = "cuda" if cfg.use_gpu else "cpu"
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    run_dir = layout.run_dir(model_kind, run_name)
+
+    torch.manual_seed(cfg.seed)
+    model = task.build_model()
+    num_samples = _same_on_all_ranks(int(task.load_data(rank, world)), device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.warmup_steps, cfg.max_steps)
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg)
+    )
+    ema = Ema(engine.module, cfg.ema_decay, cfg.ema_update_after) if cfg.ema_decay > 0 else None
+    if rank != 0:
+        ema = None
+    runlog = RunLog(run_dir) if rank == 0 else None
+
+    start = _resume(engine, ema)
+    if runlog is not None:
+        runlog.resume(start)
+    saved = start
+    ident = {
+        "run_name": run_name,
+        "model_kind": model_kind,
+        "task": task.describe(),
+        "trainer": cfg.model_dump(mode="json"),
+    }
+    global_batch = cfg.batch_size * world * cfg.grad_accum
+    window: dict[str, float] = {}
+    window_steps, window_t0, row = 0, time.perf_counter(), {}
+    last_report = time.monotonic()
+    for step in range(start, cfg.max_steps):
+        for micro in range(cfg.grad_accum):
+            k = step * cfg.grad_accum + micro
+            seed_micro_step(cfg.seed, k, rank)
+            idx = batch_indices(k, num_samples, cfg.batch_size, rank, world, cfg.seed)
+            batch = to_device(task.batch(idx), device, dtype)
+            loss, metrics = task.loss(engine, batch)
+            # One small all-reduce per micro-step: the mean metrics, and whether any rank's
+            # loss is not finite, so every rank stops at the same step and nothing hangs.
+            names = sorted(metrics)
+            value = float(loss.detach())
+            finite = math.isfinite(value)
+            # Rank 0 alone decides when to report to Ray Train; the sum carries its decision.
+            due = rank == 0 and time.monotonic() - last_report >= cfg.report_every_s
+            stats = torch.tensor(
+                [
+                    value if finite else 0.0,
+                    *(float(metrics[n]) for n in names),
+                    float(not finite),
+                    float(due),
+                ],
+                device=device,
+            )
+            dist.all_reduce(stats)
+            if stats[-2] > 0:
+                if runlog is not None:
+                    runlog.flush()
+                shown = str(value) if not finite else "non-finite (on another worker)"
+                return {"nonfinite_step": step + 1, "nonfinite_loss": shown}
+            report_due = bool(stats[-1] > 0)
+            for n, v in zip(["loss", *names], stats[:-2].tolist(), strict=True):
+                window[n] = window.get(n, 0.0) + v / world / cfg.grad_accum
+            engine.backward(loss)
+            engine.step()
+        s = step + 1
+        if ema is not None:
+            ema.update(engine.module, s)
+        window_steps += 1
+        log_now = s % cfg.log_every == 0 or s == cfg.max_steps
+        ckpt_now = s % cfg.checkpoint_every == 0 or s == cfg.max_steps
+        if log_now:
+            elapsed = time.perf_counter() - window_t0
+            row = {
+                "step": s,
+                **{n: v / window_steps for n, v in window.items()},
+                "lr": float(engine.get_lr()[0]),
+                "epoch": s * global_batch / num_samples,
+                "samples_per_s": window_steps * global_batch / max(elapsed, 1e-9),
+            }
+            if runlog is not None:
+                runlog.append(row)
+            window, window_steps, window_t0 = {}, 0, time.perf_counter()
+        if ckpt_now:
+            _save_and_report(engine, ema, s, rank, ident, row if log_now else {"step": s})
+            saved, last_report = s, time.monotonic()
+        elif log_now and report_due:
+            # Ray Train takes one report per controller poll (~2 s): reporting every logged
+            # step would stall fast steps, so metrics.jsonl has every row, Ray Train some.
+            ray.train.report(row)
+            last_report = time.monotonic()
+    if saved != cfg.max_steps:  # resumed from a checkpoint of a longer schedule
+        raise ValueError(
+            f"run {run_name}: its checkpoint is at step {saved}, beyond max_steps={cfg.max_steps}"
+        )
+    final = {**(runlog.rows[-1] if runlog is not None and runlog.rows else {}), "step": saved}
+    _export(engine, task, cfg, ema, rank, f"{run_dir}/{EXPORT_DIRNAME}", final, ident)
+    if runlog is not None:
+        runlog.plot(f"{model_kind} · {run_name}")
+    dist.barrier()
+    return {"status": "done", "step": saved}
+
+
+def _same_on_all_ranks(n: int, device: torch.device) -> int:
+    import torch.distributed as dist
+
+    t = torch.tensor([n, -n], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if int(t[0]) != n or int(-t[1]) != n:
+        raise ValueError(
+            f"workers loaded different data set sizes (between {int(-t[1])} and {int(t[0])})"
+        )
+    if n < 1:
+        raise ValueError("the task's data set is empty: nothing to train on")
+    return n
+
+
+def _resume(engine: Any, ema: Ema | None) -> int:
+    """Load Ray Train's latest checkpoint into the engine (and EMA); the step to continue at."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as d:
+        with open(os.path.join(d, TRAINER_STATE)) as f:
+            state = json.load(f)
+        load_path, _ = engine.load_checkpoint(d, tag=DS_TAG)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {checkpoint.path}")
+        if ema is not None:
+            ema_path = os.path.join(d, EMA_FILE)
+            if os.path.exists(ema_path):
+                ema.shadow = torch.load(ema_path, weights_only=True)
+    log.info("resumed at step %d from %s", state["step"], checkpoint.path)
+    return int(state["step"])
+
+
+def _save_and_report(
+    engine: Any, ema: Ema | None, step: int, rank: int, ident: dict, metrics: dict
+) -> None:
+    """Every rank saves its DeepSpeed shard; rank 0 adds the trainer state; all report it."""
+    import ray.train
+
+    tmp = tempfile.mkdtemp(prefix=f"unclip-ckpt-{step}-")
+    try:
+        engine.save_checkpoint(tmp, tag=DS_TAG)
+        if rank == 0:
+            with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
+                json.dump({**ident, "step": step, "ema": ema is not None}, f, indent=2)
+            if ema is not None:
+                torch.save(ema.shadow, os.path.join(tmp, EMA_FILE))
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"checkpoint_{step:09d}",
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _export(
+    engine: Any,
+    task: TrainTask,
+    cfg: TrainerConfig,
+    ema: Ema | None,
+    rank: int,
+    export_dir: str,
+    final: dict[str, Any],
+    ident: dict[str, Any],
+) -> None:
+    """Gather the weights (ZeRO-3 shards them), rank 0 evaluates and publishes the export."""
+    import deepspeed
+    import torch.distributed as dist
+
+    state: dict[str, torch.Tensor] = {}
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=cfg.zero_stage == 3):
+        if rank == 0:
+            for k, v in engine.module.state_dict().items():
+                v = v.detach().cpu()
+                state[k] = (v.float() if v.is_floating_point() else v).clone()
+    if rank == 0:
+        if ema is not None:
+            state.update(ema.shadow)
+        model = task.build_model()
+        model.load_state_dict(state)
+        model.eval()
+        metrics = {**final, **task.evaluate(model)}
+        with tempfile.TemporaryDirectory(prefix="unclip-export-") as tmp:
+            task.export(model, tmp)
+            marker = {**ident, "metrics": metrics, "ema": ema is not None}
+            publish_dir(tmp, export_dir, EXPORT_MARKER, marker)
+    dist.barrier()

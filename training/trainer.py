@@ -1,0 +1,213 @@
+"""The one trainer every model uses: a model plugs in as a :class:`TrainTask`, never by a copy of the loop.
+
+:func:`fit` runs Ray Train's ``TorchTrainer``; each worker runs
+:func:`unclip.training.train_loop.train_loop` (DeepSpeed ZeRO, LR schedule, checkpoints reported
+to Ray Train, exact resume, export). This module is the driver side: run names, the skip of a
+finished run, the Ray Train configuration and the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from fsspec.core import url_to_fs
+from pydantic import BaseModel
+
+from unclip.datasets.storage import StorageLayout, exists, read_json
+
+from .config import TrainerConfig
+
+log = logging.getLogger(__name__)
+
+EXPORT_DIRNAME = "export"
+EXPORT_MARKER = "fit.json"  # written last into the export: its presence means the run is finished
+TRAINER_STATE = "trainer_state.json"  # rank 0's file in every checkpoint
+
+
+class TrainTask(ABC):
+    """What a model supplies to the trainer; the trainer owns everything else.
+
+    A task is pickled to every Ray Train worker, so it holds configs and paths, and loads its
+    data only in :meth:`load_data` (on the worker).
+    """
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """JSON-able identity of model and data; a checkpoint of another identity is refused."""
+
+    @abstractmethod
+    def build_model(self) -> torch.nn.Module:
+        """A fresh single-device model in fp32 (the trainer seeds torch before calling it)."""
+
+    @abstractmethod
+    def load_data(self, rank: int, world: int) -> int:
+        """Load the training data on this worker and return the number of samples.
+
+        Every rank must return the same number: the trainer draws the batch indices.
+        """
+
+    @abstractmethod
+    def batch(self, indices: np.ndarray) -> Any:
+        """The micro-batch of these sample indices: tensors, or a dict / tuple of tensors."""
+
+    @abstractmethod
+    def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scalar loss of one micro-batch and extra metrics (the same keys at every step)."""
+
+    @abstractmethod
+    def export(self, model: torch.nn.Module, directory: str) -> None:
+        """Write inference weights of ``model`` (fp32, on CPU) into the local ``directory``."""
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Metrics of the exported model, computed once on rank 0 after training."""
+        return {}
+
+
+@dataclass
+class FitResult:
+    """What a training run produced; ``skipped`` when it had finished before."""
+
+    run_name: str
+    run_dir: str
+    export_dir: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    skipped: bool = False
+
+
+def run_name_for(kind: str, *configs: Any, data_version: str, seed: int) -> str:
+    """``kind`` plus a short content hash of configs, data version and seed: same inputs, same run."""
+    parts = [c.model_dump(mode="json") if isinstance(c, BaseModel) else c for c in configs]
+    blob = json.dumps(
+        {"configs": parts, "data_version": data_version, "seed": seed},
+        sort_keys=True,
+        default=str,
+    )
+    return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def fit(
+    task: TrainTask, cfg: TrainerConfig, layout: StorageLayout, model_kind: str, run_name: str
+) -> FitResult:
+    """Train ``task`` under Ray Train + DeepSpeed; resume the run's last checkpoint; export once."""
+    validate_trainer_config(cfg)
+    run_dir = layout.run_dir(model_kind, run_name)
+    export_dir = f"{run_dir}/{EXPORT_DIRNAME}"
+    done = completed_fit(export_dir)
+    if done is not None:
+        log.info("run %s finished before; nothing to train", run_name)
+        return FitResult(run_name, run_dir, export_dir, done.get("metrics", {}), skipped=True)
+    check_resumable(run_dir, task)
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .train_loop import train_loop
+
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS, when set, picks the cluster
+    storage_path, storage_fs = ray_storage(layout.runs_dir(model_kind))
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "task": task,
+            "cfg": cfg,
+            "layout": layout,
+            "model_kind": model_kind,
+            "run_name": run_name,
+        },
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={
+                "CPU": cfg.cpus_per_worker,
+                **({"GPU": 1} if cfg.use_gpu else {}),
+            },
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_last),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    outcome = result.return_value or {}
+    if "nonfinite_step" in outcome:
+        raise FloatingPointError(
+            f"run {run_name}: the loss became {outcome['nonfinite_loss']} at step "
+            f"{outcome['nonfinite_step']}; training stopped before that step's update, "
+            f"the last good checkpoint is kept in {run_dir}"
+        )
+    done = completed_fit(export_dir)
+    if done is None:
+        raise RuntimeError(f"run {run_name} ended without an export in {export_dir}")
+    return FitResult(run_name, run_dir, export_dir, done.get("metrics", {}), skipped=False)
+
+
+def validate_trainer_config(cfg: TrainerConfig) -> None:
+    """Errors a run would otherwise hit minutes later, on a worker."""
+    if cfg.precision == "bf16" and not cfg.use_gpu:
+        raise ValueError(
+            "trainer.precision: 'bf16' needs CUDA; set trainer.use_gpu: true or use 'fp32'"
+        )
+    if cfg.ema_decay > 0 and cfg.zero_stage == 3:
+        raise ValueError(
+            "trainer.ema_decay: EMA weights need zero_stage <= 2 (ZeRO-3 shards the weights)"
+        )
+
+
+def completed_fit(export_dir: str) -> dict[str, Any] | None:
+    """The export marker of a finished run, or None."""
+    marker = f"{export_dir}/{EXPORT_MARKER}"
+    return read_json(marker) if exists(marker) else None
+
+
+def latest_checkpoint_state(run_dir: str) -> tuple[str, dict[str, Any]] | None:
+    """(path, trainer state) of the newest checkpoint under ``run_dir``, or None."""
+    fs, root = url_to_fs(run_dir)
+    if not fs.exists(root):
+        return None
+    found = []
+    for path in fs.ls(root, detail=False):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("checkpoint_") and fs.exists(f"{path}/{TRAINER_STATE}"):
+            found.append(path)
+    if not found:
+        return None
+    path = max(found)  # checkpoint_{step:09d}: the name orders them
+    with fs.open(f"{path}/{TRAINER_STATE}", "r") as f:
+        return path, json.load(f)
+
+
+def check_resumable(run_dir: str, task: TrainTask) -> None:
+    """Refuse to resume a checkpoint written for another model or data identity."""
+    latest = latest_checkpoint_state(run_dir)
+    if latest is None:
+        return
+    path, state = latest
+    want = json.loads(json.dumps(task.describe(), sort_keys=True, default=str))
+    if state.get("task") != want:
+        raise ValueError(
+            f"checkpoint {path} was written for another model config or data set "
+            f"({state.get('task')!r}, now {want!r}); use another run name or delete {run_dir}"
+        )
+
+
+def ray_storage(runs_dir: str) -> tuple[str, Any]:
+    """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig."""
+    if "://" not in runs_dir or runs_dir.startswith("file://"):
+        return url_to_fs(runs_dir)[1], None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = url_to_fs(runs_dir)
+    return path, PyFileSystem(FSSpecHandler(fs))
