@@ -25,14 +25,18 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-train_app = typer.Typer(help="Train one model (and whatever it needs that is missing).", no_args_is_help=True)
+train_app = typer.Typer(
+    help="Train one model (and whatever it needs that is missing).", no_args_is_help=True
+)
 app.add_typer(train_app, name="train")
 console = Console()
 
 ConfigArg = Annotated[Path, typer.Argument(help="Pipeline config YAML, e.g. configs/demo.yaml.")]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a config key: --set prior.trainer.max_steps=100 (repeatable)."),
+    typer.Option(
+        "--set", help="Override a config key: --set prior.trainer.max_steps=100 (repeatable)."
+    ),
 ]
 
 
@@ -102,14 +106,19 @@ def _materialize(config: Path, sets: list[str] | None, targets: list[str] | None
     except PipelineFailed as e:
         console.print(f"[red]stage {e.stage} failed[/red] (Dagster run {e.run.run_id})\n{e}")
         raise typer.Exit(1) from None
-    console.print(f"finished in {time.monotonic() - t0:,.1f} s; Dagster run {run.run_id} ({run.dagster_home})")
+    console.print(
+        f"finished in {time.monotonic() - t0:,.1f} s; Dagster run {run.run_id} ({run.dagster_home})"
+    )
     return {"cfg": cfg, "run": run}
 
 
 def _upstream_closure(targets: list[str]) -> list[str]:
     from unclip.pipelines.assets import ALL_ASSETS
 
-    deps = {a.key.to_user_string(): {k.to_user_string() for k in a.asset_deps[a.key]} for a in ALL_ASSETS}
+    deps = {
+        a.key.to_user_string(): {k.to_user_string() for k in a.asset_deps[a.key]}
+        for a in ALL_ASSETS
+    }
     seen: list[str] = []
 
     def visit(n: str) -> None:
@@ -129,9 +138,14 @@ def _print_outputs(cfg: PipelineConfig, outputs: dict[str, Any]) -> None:
     t.add_column("what")
     t.add_column("where / value")
     t.add_row("storage root", cfg.storage)
+    if "image_shards" in outputs:
+        _print_ingest_summaries(outputs["image_shards"])
     if "dataset_manifest" in outputs:
         m = outputs["dataset_manifest"]
-        t.add_row("dataset version", f"{m['version']} ({m['num_samples']} pairs, {m['num_shards']} shards)")
+        t.add_row(
+            "dataset version",
+            f"{m['version']} ({m['num_samples']} pairs, {m['num_shards']} shards)",
+        )
     for model in ("clip_model", "prior", "decoder"):
         if model in outputs and outputs[model].get("run"):
             o = outputs[model]
@@ -154,10 +168,33 @@ def run(config: ConfigArg, set_: SetOpt = None) -> None:
 
 
 @app.command()
-def ingest(config: ConfigArg, set_: SetOpt = None) -> None:
+def ingest(
+    config: ConfigArg,
+    retry_failed: Annotated[
+        bool,
+        typer.Option(
+            "--retry-failed",
+            help="Also re-download failed samples of finished shards (into new shards).",
+        ),
+    ] = False,
+    set_: SetOpt = None,
+) -> None:
     """Download every source's missing shards with img2dataset on Ray."""
     out = _materialize(config, set_, ["image_shards"])
     _print_outputs(out["cfg"], out["run"].outputs)
+    if retry_failed:
+        from unclip.pipelines import stages
+
+        result = stages.ingest(out["cfg"], retry_failed=True)
+        _print_ingest_summaries(result)
+
+
+def _print_ingest_summaries(result: dict[str, Any]) -> None:
+    for r in result.get("sources", []):
+        if r.get("summary"):
+            console.print(r["summary"])
+        for w in r.get("warnings") or []:
+            console.print(f"[yellow]warning:[/yellow] {w}")
 
 
 @app.command()
@@ -191,11 +228,15 @@ def evaluate(config: ConfigArg, set_: SetOpt = None) -> None:
 @app.command()
 def sample(
     caption: Annotated[list[str], typer.Argument(help="One or more captions.")],
-    config: Annotated[Path, typer.Option("--config", "-c", help="Pipeline config YAML.")] = Path("configs/demo.yaml"),
+    config: Annotated[Path, typer.Option("--config", "-c", help="Pipeline config YAML.")] = Path(
+        "configs/demo.yaml"
+    ),
     n: Annotated[int, typer.Option("--n", help="Images per caption.", min=1)] = 4,
     out: Annotated[Path, typer.Option("--out", help="Folder for the PNGs.")] = Path("samples"),
     steps: Annotated[int | None, typer.Option(help="DDIM steps (default: from config).")] = None,
-    guidance: Annotated[float | None, typer.Option(help="Decoder guidance scale (default: from config).")] = None,
+    guidance: Annotated[
+        float | None, typer.Option(help="Decoder guidance scale (default: from config).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     set_: SetOpt = None,
 ) -> None:
@@ -260,7 +301,10 @@ def status(config: ConfigArg, set_: SetOpt = None) -> None:
             t.add_row(f"latest {model}", "[dim]none[/dim]")
     instance = instance_for(cfg)
     for r in instance.get_run_records(limit=5):
-        t.add_row("run", f"{r.dagster_run.run_id[:8]} {r.dagster_run.status.value} {r.create_timestamp:%Y-%m-%d %H:%M}")
+        t.add_row(
+            "run",
+            f"{r.dagster_run.run_id[:8]} {r.dagster_run.status.value} {r.create_timestamp:%Y-%m-%d %H:%M}",
+        )
     console.print(t)
 
 

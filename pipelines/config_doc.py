@@ -14,7 +14,11 @@ from unclip.pipelines.config import PipelineConfig
 
 def _type_name(annotation: Any) -> str:
     text = getattr(annotation, "__name__", None) or str(annotation)
-    return text.replace("typing.", "").replace("unclip.datasets.config.", "").replace("unclip.training.config.", "")
+    return (
+        text.replace("typing.", "")
+        .replace("unclip.datasets.config.", "")
+        .replace("unclip.training.config.", "")
+    )
 
 
 def _rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
@@ -28,7 +32,11 @@ def _rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str,
             rows.append((key, sub.__name__, "", summary))
             rows.extend(_rows(sub, key + "."))
             continue
-        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        default = (
+            "required"
+            if field.is_required()
+            else repr(field.get_default(call_default_factory=True))
+        )
         rows.append((key, _type_name(ann), default, field.description or ""))
     return rows
 

@@ -21,7 +21,9 @@ def build_definitions(config_path: str, overrides_yaml: str = "") -> dg.Definiti
     return dg.Definitions(
         assets=ALL_ASSETS,
         jobs=[pipeline],
-        resources={"unclip": UnclipConfigResource(config_path=config_path, overrides_yaml=overrides_yaml)},
+        resources={
+            "unclip": UnclipConfigResource(config_path=config_path, overrides_yaml=overrides_yaml)
+        },
     )
 
 

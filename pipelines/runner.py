@@ -102,7 +102,9 @@ def run_pipeline(
     if not result.success:
         failure = next((e for e in result.all_events if e.is_step_failure), None)
         err = failure.step_failure_data.error if failure else None
-        raise PipelineFailed(run, failure.step_key if failure else "?", err.to_string() if err else "")
+        raise PipelineFailed(
+            run, failure.step_key if failure else "?", err.to_string() if err else ""
+        )
     return run
 
 

@@ -16,6 +16,7 @@ from unclip.datasets import embed as embed_mod
 from unclip.datasets import ingest as ingest_mod
 from unclip.datasets import manifest as manifest_mod
 from unclip.datasets import synthetic, url_lists
+from unclip.datasets.ingest_stats import format_summary
 from unclip.datasets.storage import StorageLayout, exists, read_json, write_json
 from unclip.pipelines.config import PipelineConfig
 
@@ -89,33 +90,57 @@ def _synthetic_server_if_needed(cfg: PipelineConfig, url_list: str) -> Iterator[
         yield
 
 
-def ingest(cfg: PipelineConfig, progress: Progress | None = None) -> dict[str, Any]:
-    """Download every source's missing shards (img2dataset in Ray tasks)."""
+def ingest(
+    cfg: PipelineConfig, progress: Progress | None = None, retry_failed: bool = False
+) -> dict[str, Any]:
+    """Download every source's missing shards (img2dataset in Ray tasks).
+
+    With ``retry_failed``, also re-download the failed samples of finished shards into new
+    shards, leaving the successful ones untouched.
+    """
     ensure_ray(cfg)
     layout = layout_of(cfg)
     results = []
     for path in url_list_paths(cfg):
-        sid = url_lists.source_id(path)
-        if not _missing_shards(layout, cfg, path, sid):
-            results.append({"source": sid, "shards_written": 0, "skipped": True})
-            continue
-        with _synthetic_server_if_needed(cfg, path):
-            r = ingest_mod.ingest_source(layout, path, cfg.ingest, progress=progress)
-        results.append(
-            {
-                "source": r.source_id,
-                "shards_written": r.shards_written,
-                "shards_skipped": r.shards_skipped,
-                "successes": r.successes,
-                "failures": r.failures,
-                "failed_shards": r.failed_shards,
-            }
-        )
+        runs = []
+        if not ingest_mod.source_complete(layout, path, cfg.ingest):
+            with _synthetic_server_if_needed(cfg, path):
+                runs.append(ingest_mod.ingest_source(layout, path, cfg.ingest, progress=progress))
+        if retry_failed:
+            with _synthetic_server_if_needed(cfg, path):
+                runs.append(
+                    ingest_mod.retry_failed(
+                        layout, url_lists.source_id(path), cfg.ingest, progress=progress
+                    )
+                )
+        if not runs:
+            results.append(
+                {"source": url_lists.source_id(path), "shards_written": 0, "skipped": True}
+            )
+        for r in runs:
+            results.append(
+                {
+                    "source": r.source_id,
+                    "shards_written": r.shards_written,
+                    "shards_skipped": r.shards_skipped,
+                    "successes": r.successes,
+                    "failures": r.failures,
+                    "failed_shards": r.failed_shards,
+                    "warnings": r.warnings,
+                    "summary": format_summary(r.stats),
+                }
+            )
     failed = {r["source"]: r["failed_shards"] for r in results if r.get("failed_shards")}
     if failed:
         # Finished shards are kept; the next run retries only these.
-        lines = [f"  source {s} shard {n:05d}: {err}" for s, shards in failed.items() for n, err in shards.items()]
-        raise IngestFailed("shards failed after Ray retries (re-run to retry them):\n" + "\n".join(lines))
+        lines = [
+            f"  source {s} shard {n:05d}: {err}"
+            for s, shards in failed.items()
+            for n, err in shards.items()
+        ]
+        raise IngestFailed(
+            "shards failed after Ray retries (re-run to retry them):\n" + "\n".join(lines)
+        )
     return {
         "sources": results,
         "shards_written": sum(r["shards_written"] for r in results),
@@ -124,13 +149,6 @@ def ingest(cfg: PipelineConfig, progress: Progress | None = None) -> dict[str, A
 
 class IngestFailed(RuntimeError):
     """Some shards could not be downloaded; the ones that were are committed and kept."""
-
-
-def _missing_shards(layout: StorageLayout, cfg: PipelineConfig, path: str, sid: str) -> bool:
-    done = ingest_mod.completed_shards(layout, sid)
-    rows = url_lists.read_url_list(path, cfg.ingest).num_rows
-    expected = -(-rows // cfg.ingest.samples_per_shard)
-    return len(done) < expected
 
 
 # --- CLIP and embeddings --------------------------------------------------------------------
@@ -258,6 +276,12 @@ def evaluate(cfg: PipelineConfig, version: str, clip_ckpt: str | None) -> dict[s
     grid = layout.join("eval", decoder_fit.run_name, "samples.png")
     if not exists(grid):
         write_sample_grid(
-            layout, cfg.clip, clip_ckpt, prior_fit.export_dir, decoder_fit.export_dir, cfg.evaluate, grid
+            layout,
+            cfg.clip,
+            clip_ckpt,
+            prior_fit.export_dir,
+            decoder_fit.export_dir,
+            cfg.evaluate,
+            grid,
         )
     return {"prior_metrics": metrics_path, "sample_grid": grid, **_scalars(prior_metrics)}

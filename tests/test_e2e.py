@@ -15,19 +15,46 @@ from unclip.pipelines.config import load_config
 from unclip.pipelines.runner import STAGES, run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_TRAINER = {"num_workers": 2, "zero_stage": 1, "batch_size": 16, "warmup_steps": 2, "checkpoint_every": 10, "log_every": 2}
+TINY_TRAINER = {
+    "num_workers": 2,
+    "zero_stage": 1,
+    "batch_size": 16,
+    "warmup_steps": 2,
+    "checkpoint_every": 10,
+    "log_every": 2,
+}
 
 SHRINK = {
     "synthetic": {"num_pairs": 240},
     "ingest": {"samples_per_shard": 100, "thread_count": 8},
-    "clip": {"embed_dim": 32, "vision_width": 64, "vision_layers": 1, "text_width": 64, "text_layers": 1, "heads": 2},
+    "clip": {
+        "embed_dim": 32,
+        "vision_width": 64,
+        "vision_layers": 1,
+        "text_width": 64,
+        "text_layers": 1,
+        "heads": 2,
+    },
     "bootstrap": {"trainer": {**TINY_TRAINER, "max_steps": 12}},
     "embed": {"batch_size": 64},
-    "prior": {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 16, "sample_steps": 5,
-              "trainer": {**TINY_TRAINER, "max_steps": 12}},
-    "decoder": {"image_size": 16, "block_out_channels": [16, 32], "sample_steps": 5,
-                "trainer": {**TINY_TRAINER, "max_steps": 12, "zero_stage": 2}},
-    "evaluate": {"holdout_fraction": 0.1, "captions": ["a red circle", "a blue square"], "samples_per_caption": 1},
+    "prior": {
+        "num_layers": 1,
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "sample_steps": 5,
+        "trainer": {**TINY_TRAINER, "max_steps": 12},
+    },
+    "decoder": {
+        "image_size": 16,
+        "block_out_channels": [16, 32],
+        "sample_steps": 5,
+        "trainer": {**TINY_TRAINER, "max_steps": 12, "zero_stage": 2},
+    },
+    "evaluate": {
+        "holdout_fraction": 0.1,
+        "captions": ["a red circle", "a blue square"],
+        "samples_per_caption": 1,
+    },
 }
 
 
@@ -59,7 +86,9 @@ def test_demo_pipeline_end_to_end_then_rerun_does_no_work(tmp_path, ray_local, m
     parquets = sorted(store.glob("embeddings/*/*/*.parquet"))
     assert len(parquets) == 3
     t = pq.read_table(parquets[0])
-    assert {"key", "caption", "url", "image_embedding", "text_embedding", "clip_score"} <= set(t.column_names)
+    assert {"key", "caption", "url", "image_embedding", "text_embedding", "clip_score"} <= set(
+        t.column_names
+    )
     emb = np.stack(t.column("image_embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
     assert emb.shape[1] == 32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-2)
@@ -87,11 +116,19 @@ def test_demo_pipeline_end_to_end_then_rerun_does_no_work(tmp_path, ray_local, m
     assert grid.width >= 2 * 16 and grid.height >= 16
 
     # Re-run: every stage sees its outputs; no download, embedding or training happens.
-    before = {**_files(store, "images/*/*"), **_files(store, "embeddings/**/*.parquet"),
-              **_files(store, "runs/*/*/checkpoint_*"), **_files(store, "manifests/*")}
+    before = {
+        **_files(store, "images/*/*"),
+        **_files(store, "embeddings/**/*.parquet"),
+        **_files(store, "runs/*/*/checkpoint_*"),
+        **_files(store, "manifests/*"),
+    }
     again = run_pipeline(str(config_path), cfg, SHRINK).outputs
-    after = {**_files(store, "images/*/*"), **_files(store, "embeddings/**/*.parquet"),
-             **_files(store, "runs/*/*/checkpoint_*"), **_files(store, "manifests/*")}
+    after = {
+        **_files(store, "images/*/*"),
+        **_files(store, "embeddings/**/*.parquet"),
+        **_files(store, "runs/*/*/checkpoint_*"),
+        **_files(store, "manifests/*"),
+    }
     assert after == before
     assert again["image_shards"]["shards_written"] == 0
     assert again["embeddings"]["shards_written"] == 0

@@ -18,7 +18,9 @@ def test_help_lists_every_command():
 
 
 def test_console_script_is_installed():
-    out = subprocess.run([sys.executable, "-m", "unclip.pipelines.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "unclip.pipelines.cli", "--help"], capture_output=True, text=True
+    )
     assert out.returncode == 0 and "unclip" in out.stdout
 
 

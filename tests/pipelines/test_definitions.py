@@ -9,8 +9,14 @@ def test_definitions_load_with_the_stage_graph(tmp_path):
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert keys == {
-        "url_lists", "image_shards", "clip_model", "embeddings",
-        "dataset_manifest", "prior", "decoder", "evaluation",
+        "url_lists",
+        "image_shards",
+        "clip_model",
+        "embeddings",
+        "dataset_manifest",
+        "prior",
+        "decoder",
+        "evaluation",
     }
     parents = {k.to_user_string() for k in graph.get(dg.AssetKey("evaluation")).parent_keys}
     assert parents == {"dataset_manifest", "clip_model", "prior", "decoder"}
