@@ -85,7 +85,7 @@ def run_pipeline(
         loggers={"stage_events": _event_logger(on_event)},
     )
     instance = instance_for(cfg)
-    result = defs.get_job_def("pipeline").execute_in_process(
+    result = defs.resolve_job_def("pipeline").execute_in_process(
         instance=instance,
         run_config={"loggers": {"stage_events": {}}},
         raise_on_error=False,

@@ -79,6 +79,12 @@ class DecoderConfig(Section):
     block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = Field(1, ge=1)
     attention_head_dim: int = Field(8, ge=1)
+    attention_levels: int = Field(
+        2,
+        ge=0,
+        description="How many of the lowest-resolution levels use attention (guided diffusion's "
+        "attention_resolutions); attention at high resolution dominates the cost.",
+    )
     timesteps: int = Field(1000, ge=1)
     cond_drop_prob: float = Field(0.1, ge=0, le=1)
     sample_steps: int = Field(50, ge=1)

@@ -47,12 +47,19 @@ def build_decoder(cfg: DecoderConfig, dim: int) -> UNet2DConditionModel:
             f"({len(channels)} resolution levels)"
         )
     n = len(channels)
+    if cfg.attention_levels > n:
+        raise ValueError(
+            f"decoder.attention_levels {cfg.attention_levels} exceeds the {n} resolution levels "
+            f"of block_out_channels {channels}"
+        )
+    plain = n - cfg.attention_levels
+    down = ("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * cfg.attention_levels
     return UNet2DConditionModel(
         sample_size=cfg.image_size,
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        down_block_types=down,
+        up_block_types=tuple(b.replace("Down", "Up") for b in reversed(down)),
         block_out_channels=tuple(channels),
         layers_per_block=cfg.layers_per_block,
         # diffusers reads `attention_head_dim` as the number of heads per block (a known

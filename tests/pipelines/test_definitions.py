@@ -5,7 +5,7 @@ from unclip.pipelines.definitions import build_definitions
 
 def test_definitions_load_with_the_stage_graph(tmp_path):
     defs = build_definitions(str(tmp_path / "c.yaml"))
-    job = defs.get_job_def("pipeline")
+    job = defs.resolve_job_def("pipeline")
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert keys == {
