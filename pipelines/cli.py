@@ -106,6 +106,7 @@ def _materialize(config: Path, sets: list[str] | None, targets: list[str] | None
     except PipelineFailed as e:
         console.print(f"[red]stage {e.stage} failed[/red] (Dagster run {e.run.run_id})\n{e}")
         raise typer.Exit(1) from None
+    console.print()
     console.print(
         f"finished in {time.monotonic() - t0:,.1f} s; Dagster run {run.run_id} ({run.dagster_home})"
     )
@@ -135,8 +136,8 @@ def _upstream_closure(targets: list[str]) -> list[str]:
 
 def _print_outputs(cfg: PipelineConfig, outputs: dict[str, Any]) -> None:
     t = Table(title="outputs")
-    t.add_column("what")
-    t.add_column("where / value")
+    t.add_column("what", no_wrap=True)
+    t.add_column("where / value", overflow="fold")
     t.add_row("storage root", cfg.storage)
     if "image_shards" in outputs:
         _print_ingest_summaries(outputs["image_shards"])
