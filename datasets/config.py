@@ -109,6 +109,12 @@ class IngestConfig(Section):
     timeout_s: float = Field(10.0, gt=0, description="Per-request timeout.")
     retries: int = Field(0, ge=0, description="img2dataset's per-URL retries.")
     shard_retries: int = Field(2, ge=0, description="Ray-level retries of a failed shard task.")
+    shard_deadline_s: float | None = Field(
+        None,
+        gt=0,
+        description="Wall-clock limit of one try of a shard task; a try past it fails and Ray "
+        "retries the shard (nothing partial is committed). None: no limit.",
+    )
     allow_private_networks: bool = Field(
         False, description="Permit URLs on loopback/private addresses (the demo and tests set it)."
     )
@@ -165,8 +171,48 @@ class ClipConfig(Section):
 
 
 class EmbedConfig(Section):
-    """The embedding stage: CLIP over every image shard, into Parquet."""
+    """The embedding stage: CLIP over every image shard, into Parquet (decode tasks, encoder actors)."""
 
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(
+        256, ge=1, description="Samples per encoder call (and per decoded chunk)."
+    )
     device: Literal["cpu", "cuda"] = "cpu"
-    num_actors: int = Field(1, ge=1, description="Encoder actors in the Ray Data pool.")
+    num_actors: int = Field(
+        1,
+        ge=1,
+        description="Encoder actors in the Ray Data pool (1 CPU or 1 GPU each); leave CPUs for "
+        "the decode tasks, or the pipeline waits for them.",
+    )
+    decode_cpus: float = Field(
+        1.0, gt=0, description="CPUs per decode task (read tar, decode, preprocess, tokenize)."
+    )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Torch intra-op threads in each encoder actor (None: Ray's default, the "
+        "actor's CPUs).",
+    )
+
+
+class ManifestConfig(Section):
+    """Assembling the dataset manifest: which embedded samples it serves (all by default).
+
+    The CLIP-score filter of LAION (a threshold) and DataComp (a top fraction) shapes the
+    manifest only: shards are never rewritten or deleted, and changing the filter back gives
+    back the earlier version.
+    """
+
+    clip_score_min: float | None = Field(
+        None,
+        ge=-1,
+        le=1,
+        description="Keep samples whose clip_score (cosine of image and caption) is >= this "
+        "(LAION-400M used 0.3 with ViT-B/32).",
+    )
+    clip_score_top_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Keep the highest-scoring fraction of all samples of the manifest (DataComp's "
+        "CLIP-score baseline keeps 0.3); ties at the cutoff are kept.",
+    )

@@ -1,17 +1,27 @@
 """Embed: CLIP over image shards into one Parquet file per shard, only where none exists yet.
 
-Runs as Ray Data over the list of pending shards with an actor pool: each actor loads the CLIP
-once and, per call, reads one tar, encodes its images and captions in batches under
-``torch.no_grad`` and writes ``embeddings/{clip_id}/{source}/{shard}.parquet`` atomically.
-Schema (architecture.md): key, caption, url, image_embedding / text_embedding as
-``fixed_size_list<float16>[D]`` (L2-normalised), clip_score float32, then the shard's metadata
-columns; file metadata ``unclip.clip_id`` / ``unclip.embedding_dim`` / ``unclip.identity``.
+Three stages, streaming on Ray Data (:func:`embed_source`):
+
+1. **decode** — CPU tasks, one per pending shard (:func:`decode_shard`): read the tar, drop keys
+   missing from the shard's metadata, decode, preprocess and tokenize; yield chunks of samples,
+   then one end-of-shard row carrying the shard's counts (samples, corrupt, truncated, ...);
+2. **encode** — an actor pool, CPU or GPU (:class:`ClipEncoder`): each actor loads the CLIP
+   once and encodes batches of ``batch_size`` samples, whichever shards they come from;
+3. **write** — the driver gathers rows per shard and, once a shard's end row and all its
+   samples are in, writes ``embeddings/{clip_id}/{source}/{shard}.parquet`` atomically
+   (:func:`write_shard`), so a killed run keeps every shard it finished.
+
+:func:`embed_shard` runs the same three functions in one process. The file format is
+:mod:`.embedding_file`'s; an existing file is trusted only if its footer reads back with this
+CLIP's id, so a file truncated by a killed writer elsewhere is embedded again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,19 +30,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from fsspec.core import url_to_fs
+from PIL import Image
 
-from .clip import ClipBundle, encode_images, encode_texts, load_clip
+from .clip import ClipBundle, load_clip
 from .config import ClipConfig, EmbedConfig
+from .embedding_file import (
+    PIPELINE_VERSION,
+    check_embedding_metadata,
+    file_metadata,
+    fixed_list,
+    write_embedding_table,
+)
 from .ingest import shard_parquet_path
 from .shards import ShardReadStats, completed_shards, iter_shard
 from .storage import StorageLayout, atomic_write, exists, write_json
 
+__all__ = ["PIPELINE_VERSION", "EmbedResult", "embed_shard", "embed_source", "pending_shards"]
+
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = "1"
 # img2dataset's per-row bookkeeping: not carried into the embedding file.
 _DROP_META = {"key", "caption", "url", "status", "error_message"}
 _OURS = {"key", "caption", "url", "image_embedding", "text_embedding", "clip_score"}
+COUNT_KEYS = ("samples", "corrupt", "truncated_tar", "not_in_metadata")
 
 
 @dataclass
@@ -42,19 +62,36 @@ class EmbedResult:
     clip_id: str
     samples: int = 0
     skipped_samples: dict[str, int] = field(default_factory=dict)
+    redone: list[str] = field(default_factory=list)  # unreadable files embedded again
+
+
+def existing_embeddings_ok(path: str, clip_id: str) -> bool:
+    """Whether ``path`` holds a complete embedding file of ``clip_id``.
+
+    Missing or unreadable (a truncated file has no footer): False, and it is embedded again.
+    Readable but written by another CLIP: an error naming the file, since it is not ours to
+    overwrite.
+    """
+    fs, p = url_to_fs(path)
+    if not fs.exists(p):
+        return False
+    try:
+        with fs.open(p, "rb") as f:
+            schema = pq.read_schema(f)
+    except (pa.ArrowInvalid, OSError) as e:
+        log.warning("%s: unreadable embedding Parquet (%s); embedding the shard again", path, e)
+        return False
+    check_embedding_metadata(path, schema, clip_id, None)
+    return True
 
 
 def pending_shards(layout: StorageLayout, clip_id: str, source_id: str) -> list[int]:
-    """Committed image shards of ``source_id`` with no embedding file for ``clip_id``."""
+    """Committed image shards of ``source_id`` with no complete embedding file for ``clip_id``."""
     return [
         s
         for s in completed_shards(layout, source_id)
-        if not exists(layout.embedding_shard(clip_id, source_id, s))
+        if not existing_embeddings_ok(layout.embedding_shard(clip_id, source_id, s), clip_id)
     ]
-
-
-def _fixed_list(x: np.ndarray) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float16).reshape(-1)), x.shape[1])
 
 
 def _shard_metadata(layout: StorageLayout, source: str, shard: int) -> pa.Table | None:
@@ -67,134 +104,299 @@ def _shard_metadata(layout: StorageLayout, source: str, shard: int) -> pa.Table 
         return pq.read_table(f)
 
 
-def embed_shard(
-    layout: StorageLayout, bundle: ClipBundle, source: str, shard: int, batch_size: int
-) -> dict[str, int]:
-    """Embed one image shard and write its Parquet; returns counts (written, skipped...)."""
-    out = layout.embedding_shard(bundle.clip_id, source, shard)
-    if exists(out):
-        return {"written": 0, "samples": 0}
-    meta_table = _shard_metadata(layout, source, shard)
-    row_of = (
-        {k: i for i, k in enumerate(meta_table.column("key").to_pylist()) if k is not None}
-        if meta_table is not None
-        else None
-    )
-    stats = ShardReadStats()
-    keys: list[str] = []
-    captions: list[str] = []
-    rows: list[int] = []  # row of each kept sample in meta_table
-    metas: list[dict[str, Any]] = []  # the tar's JSON, used when the Parquet is missing
-    img_emb: list[np.ndarray] = []
-    txt_emb: list[np.ndarray] = []
-    not_in_meta = 0
-    images: list[Any] = []
+# --- stage 1: decode ---------------------------------------------------------------------------
 
-    def flush() -> None:
-        if images:
-            img_emb.append(encode_images(bundle, images))
-            images.clear()
+
+def _rows(
+    shard: int,
+    items: list[tuple[int, str, str, str, Any, Any]],
+    counts: dict[str, int] | None = None,
+    errors: list[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """A column batch of samples, or (``counts`` given) the shard's one end row."""
+    n = len(items)
+    out = {
+        "shard": np.full(n, shard, np.int64),
+        "index": np.array([it[0] for it in items], np.int64),
+        "key": np.array([it[1] for it in items], dtype=object),
+        "caption": np.array([it[2] for it in items], dtype=object),
+        "meta_json": np.array([it[3] for it in items], dtype=object),
+        "pixels": np.stack([it[4] for it in items]).astype(np.float32, copy=False),
+        "tokens": np.stack([it[5] for it in items]),
+        "end": np.full(n, counts is not None),
+        "errors": np.array([json.dumps(errors or [])] * n, dtype=object),
+    }
+    for k in COUNT_KEYS:
+        out[k] = np.full(n, (counts or {}).get(k, 0), np.int64)
+    return out
+
+
+def decode_shard(
+    layout: StorageLayout,
+    source: str,
+    shard: int,
+    preprocess: Callable[[Image.Image], Any],
+    tokenizer: Callable[[list[str]], Any],
+    chunk_size: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Decoded, preprocessed, tokenized samples of one tar in chunks, then its end row.
+
+    Corrupt members and a truncated tar are counted (:class:`ShardReadStats`), as are keys in the
+    tar but not in the shard's metadata Parquet (they are skipped: their URL and metadata are
+    unknown). ``meta_json`` carries the tar's JSON only when the shard has no metadata Parquet.
+    """
+    meta_table = _shard_metadata(layout, source, shard)
+    meta_keys = set(meta_table.column("key").to_pylist()) if meta_table is not None else None
+    stats = ShardReadStats()
+    not_in_meta = samples = 0
+    items: list[tuple[int, str, str, str, Any, Any]] = []
+    last_shapes: tuple[Any, Any] | None = None
+
+    def flush() -> dict[str, np.ndarray]:
+        tokens = tokenizer([it[2] for it in items])
+        rows = _rows(shard, [(*it[:5], t) for it, t in zip(items, np.asarray(tokens), strict=True)])
+        items.clear()
+        return rows
 
     for s in iter_shard(layout.image_shard(source, shard), stats):
-        if row_of is not None:
-            row = row_of.get(s.key)
-            if row is None:  # a key in the tar but not in the shard's metadata
-                not_in_meta += 1
-                continue
-            rows.append(row)
-        keys.append(s.key)
-        captions.append(s.caption)
-        metas.append(s.meta)
-        images.append(s.image)
-        if len(images) >= batch_size:
-            flush()
-    flush()
-    for i in range(0, len(captions), batch_size):
-        txt_emb.append(encode_texts(bundle, captions[i : i + batch_size]))
-
-    d = bundle.embed_dim
-    ie = np.concatenate(img_emb) if img_emb else np.zeros((0, d), np.float32)
-    te = np.concatenate(txt_emb) if txt_emb else np.zeros((0, d), np.float32)
-    if meta_table is not None:
-        meta = meta_table.take(pa.array(rows, pa.int64()))
-    else:
-        meta = (
-            pa.Table.from_pylist(metas) if metas else pa.table({"url": pa.array([], pa.string())})
+        if meta_keys is not None and s.key not in meta_keys:
+            not_in_meta += 1
+            continue
+        try:
+            pixels = np.asarray(preprocess(s.image))
+        except Exception as e:  # a bad sample is data, not a crash
+            stats.add_error(f"{layout.image_shard(source, shard)}: {s.key}: preprocess: {e}")
+            continue
+        meta_json = "" if meta_table is not None else json.dumps(s.meta, default=str)
+        items.append((samples, s.key, s.caption, meta_json, pixels, None))
+        samples += 1
+        if len(items) >= chunk_size:
+            batch = flush()
+            last_shapes = (batch["pixels"][0], batch["tokens"][0])
+            yield batch
+    if items:
+        batch = flush()
+        last_shapes = (batch["pixels"][0], batch["tokens"][0])
+        yield batch
+    if last_shapes is None:  # no sample: the end row still needs pixels / tokens of the right shape
+        last_shapes = (
+            np.asarray(preprocess(Image.new("RGB", (8, 8)))),
+            np.asarray(tokenizer([""]))[0],
         )
-    cols: dict[str, pa.Array] = {
-        "key": pa.array(keys, pa.string()),
-        "caption": pa.array(captions, pa.string()),
-        "url": meta.column("url").cast(pa.string()),
-        "image_embedding": _fixed_list(ie),
-        "text_embedding": _fixed_list(te),
-        "clip_score": pa.array((ie * te).sum(axis=1).astype(np.float32), pa.float32()),
-    }
-    table = pa.table(cols)
-    for name in meta.column_names:
-        if name not in _DROP_META and name not in _OURS:
-            table = table.append_column(name, meta.column(name))
-    table = table.replace_schema_metadata(
-        {
-            "unclip.clip_id": bundle.clip_id,
-            "unclip.embedding_dim": str(d),
-            # without "source": where the checkpoint lives must not change the file's bytes
-            "unclip.identity": json.dumps(
-                {k: v for k, v in bundle.identity.items() if k != "source"},
-                sort_keys=True,
-                default=str,
-            ),
-            "unclip.pipeline_version": PIPELINE_VERSION,
-            "unclip.source": source,
-            "unclip.shard": str(shard),
-        }
-    )
-    with atomic_write(out) as f:
-        pq.write_table(table, f)
-    if stats.corrupt or stats.truncated or not_in_meta:
-        log.warning(
-            "embed %s/%05d: skipped %d corrupt, %d truncated tar, %d not in metadata (%s)",
-            source,
-            shard,
-            stats.corrupt,
-            stats.truncated,
-            not_in_meta,
-            stats.errors[:3],
-        )
-    return {
-        "written": 1,
-        "samples": len(keys),
+    counts = {
+        "samples": samples,
         "corrupt": stats.corrupt,
         "truncated_tar": stats.truncated,
         "not_in_metadata": not_in_meta,
     }
+    pixels, tokens = last_shapes
+    yield _rows(
+        shard,
+        [(-1, "", "", "", np.zeros_like(pixels), np.zeros_like(tokens))],
+        counts,
+        stats.errors[:5],
+    )
 
 
-class EmbedShardActor:
-    """Ray Data actor: loads the CLIP once, embeds one shard per row of its batch."""
+# --- stage 2: encode ---------------------------------------------------------------------------
 
-    def __init__(
-        self, root: str, clip_cfg: ClipConfig, checkpoint: str | None, cfg: EmbedConfig
-    ) -> None:
+
+def encode_batch(bundle: ClipBundle, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Image and text embeddings (float16, L2-normalised) and clip_score of a decoded batch."""
+    import torch
+
+    sample = ~batch["end"].astype(bool)
+    n, d = len(sample), bundle.embed_dim
+    ie = np.zeros((n, d), np.float32)
+    te = np.zeros((n, d), np.float32)
+    if sample.any():
+        with torch.no_grad():
+            x = torch.from_numpy(batch["pixels"][sample]).to(bundle.device)  # a copy: writable
+            ie[sample] = bundle.model.encode_image(x, normalize=True).float().cpu().numpy()
+            t = torch.from_numpy(batch["tokens"][sample]).to(bundle.device)
+            te[sample] = bundle.model.encode_text(t, normalize=True).float().cpu().numpy()
+    out = {k: v for k, v in batch.items() if k not in ("pixels", "tokens")}
+    out["image_embedding"] = ie.astype(np.float16)
+    out["text_embedding"] = te.astype(np.float16)
+    out["clip_score"] = (ie * te).sum(axis=1).astype(np.float32)  # before rounding to float16
+    return out
+
+
+class ClipEncoder:
+    """Ray Data actor: loads the CLIP once, encodes batches of decoded samples."""
+
+    def __init__(self, clip_cfg: ClipConfig, checkpoint: str | None, cfg: EmbedConfig) -> None:
         import torch
 
-        self.layout = StorageLayout(root)
+        if cfg.torch_threads is not None:
+            torch.set_num_threads(cfg.torch_threads)
         self.bundle = load_clip(clip_cfg, checkpoint, device=cfg.device)
-        self.batch_size = cfg.batch_size
-        torch.set_grad_enabled(False)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        counts: list[dict[str, int]] = []
-        for source, shard in zip(batch["source"], batch["shard"], strict=True):
-            counts.append(
-                embed_shard(self.layout, self.bundle, str(source), int(shard), self.batch_size)
-            )
-        out = {k: np.array([c.get(k, 0) for c in counts]) for k in _COUNT_KEYS}
-        out["source"] = np.array(batch["source"])
-        out["shard"] = np.array(batch["shard"])
-        return out
+        return encode_batch(self.bundle, batch)
 
 
-_COUNT_KEYS = ("written", "samples", "corrupt", "truncated_tar", "not_in_metadata")
+# --- stage 3: write ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What the writer needs to know of the CLIP (not the model itself)."""
+
+    clip_id: str
+    embed_dim: int
+    identity: dict[str, Any]
+
+    @classmethod
+    def of(cls, bundle: ClipBundle) -> FileInfo:
+        return cls(bundle.clip_id, bundle.embed_dim, bundle.identity)
+
+
+def write_shard(
+    layout: StorageLayout,
+    info: FileInfo,
+    source: str,
+    shard: int,
+    parts: list[dict[str, np.ndarray]],
+) -> dict[str, int]:
+    """Write one shard's embedding file from its encoded rows (any order); returns its counts."""
+    end = [p for p in parts if p["end"].any()]
+    if len(end) != 1:
+        raise RuntimeError(f"embed {source}/{shard:05d}: {len(end)} end rows (expected 1)")
+    e = end[0]["end"].argmax()
+    counts = {k: int(end[0][k][e]) for k in COUNT_KEYS}
+    errors = json.loads(end[0]["errors"][e])
+    rows = {
+        k: np.concatenate([p[k][~p["end"]] for p in parts])
+        for k in (
+            "index",
+            "key",
+            "caption",
+            "meta_json",
+            "image_embedding",
+            "text_embedding",
+            "clip_score",
+        )
+    }
+    if len(rows["index"]) != counts["samples"]:
+        raise RuntimeError(
+            f"embed {source}/{shard:05d}: {len(rows['index'])} samples encoded, "
+            f"{counts['samples']} decoded"
+        )
+    order = np.argsort(rows["index"], kind="stable")
+    rows = {k: v[order] for k, v in rows.items()}
+    keys = [str(k) for k in rows["key"]]
+    d = info.embed_dim
+
+    meta_table = _shard_metadata(layout, source, shard)
+    if meta_table is not None:
+        row_of = {k: i for i, k in enumerate(meta_table.column("key").to_pylist()) if k is not None}
+        meta = meta_table.take(pa.array([row_of[k] for k in keys], pa.int64()))
+    elif keys:
+        meta = pa.Table.from_pylist([json.loads(m) for m in rows["meta_json"]])
+    else:
+        meta = pa.table({"url": pa.array([], pa.string())})
+    if "url" not in meta.column_names:
+        meta = meta.append_column("url", pa.nulls(len(keys), pa.string()))
+    table = pa.table(
+        {
+            "key": pa.array(keys, pa.string()),
+            "caption": pa.array([str(c) for c in rows["caption"]], pa.string()),
+            "url": meta.column("url").cast(pa.string()),
+            "image_embedding": fixed_list(rows["image_embedding"].reshape(-1, d)),
+            "text_embedding": fixed_list(rows["text_embedding"].reshape(-1, d)),
+            "clip_score": pa.array(rows["clip_score"], pa.float32()),
+        }
+    )
+    for name in meta.column_names:
+        if name not in _DROP_META and name not in _OURS:
+            table = table.append_column(name, meta.column(name))
+    table = table.replace_schema_metadata(
+        file_metadata(info.clip_id, d, info.identity, source, shard)
+    )
+    with atomic_write(layout.embedding_shard(info.clip_id, source, shard)) as f:
+        write_embedding_table(table, f)
+    if counts["corrupt"] or counts["truncated_tar"] or counts["not_in_metadata"]:
+        log.warning(
+            "embed %s/%05d: skipped %d corrupt, %d truncated tar, %d not in metadata (%s)",
+            source,
+            shard,
+            counts["corrupt"],
+            counts["truncated_tar"],
+            counts["not_in_metadata"],
+            errors[:3],
+        )
+    return {"written": 1, **counts}
+
+
+def embed_shard(
+    layout: StorageLayout, bundle: ClipBundle, source: str, shard: int, batch_size: int
+) -> dict[str, int]:
+    """Embed one image shard in this process (decode, encode, write); returns its counts."""
+    if existing_embeddings_ok(
+        layout.embedding_shard(bundle.clip_id, source, shard), bundle.clip_id
+    ):
+        return {"written": 0, "samples": 0}
+    parts = [
+        encode_batch(bundle, b)
+        for b in decode_shard(
+            layout, source, shard, bundle.preprocess, bundle.tokenizer, batch_size
+        )
+    ]
+    return write_shard(layout, FileInfo.of(bundle), source, shard, parts)
+
+
+# --- the Ray Data pipeline ---------------------------------------------------------------------
+
+
+def _decode_udf(
+    batch: dict[str, np.ndarray],
+    root: str,
+    source: str,
+    preprocess: Callable[[Image.Image], Any],
+    tokenizer: Callable[[list[str]], Any],
+    chunk_size: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    layout = StorageLayout(root)
+    for shard in batch["shard"]:
+        yield from decode_shard(layout, source, int(shard), preprocess, tokenizer, chunk_size)
+
+
+class _Gather:
+    """Driver side of stage 3: rows per shard until the shard is complete, then its file."""
+
+    def __init__(self, layout: StorageLayout, info: FileInfo, source: str) -> None:
+        self.layout, self.info, self.source = layout, info, source
+        self.parts: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
+        self.have: dict[int, int] = defaultdict(int)
+        self.expected: dict[int, int] = {}
+        self.results: list[dict[str, int]] = []
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        shards = batch["shard"]
+        for shard in np.unique(shards):
+            sel = shards == shard
+            part = {k: v[sel] for k, v in batch.items()}
+            s = int(shard)
+            self.parts[s].append(part)
+            ends = part["end"]
+            self.have[s] += int((~ends).sum())
+            if ends.any():
+                self.expected[s] = int(part["samples"][ends.argmax()])
+            if self.expected.get(s) == self.have[s]:
+                self.results.append(
+                    write_shard(self.layout, self.info, self.source, s, self.parts.pop(s))
+                )
+
+    def unfinished(self) -> list[int]:
+        return sorted(self.parts)
+
+
+def _pixel_bytes(info: FileInfo) -> int:
+    """float32 bytes of one preprocessed image."""
+    size = info.identity.get("preprocess_cfg", {}).get("size", 224)
+    h, w = (size, size) if isinstance(size, int) else size
+    return 3 * int(h) * int(w) * 4
 
 
 def embed_source(
@@ -210,25 +412,55 @@ def embed_source(
     identity_path = f"{layout.clip_dir(clip_id)}/identity.json"
     if not exists(identity_path):
         write_json(identity_path, {"clip_id": clip_id, **bundle.identity})
-    del bundle
     all_shards = completed_shards(layout, source_id)
     pending = pending_shards(layout, clip_id, source_id)
-    result = EmbedResult(0, len(all_shards) - len(pending), clip_id)
+    redone = [
+        layout.embedding_shard(clip_id, source_id, s)
+        for s in pending
+        if exists(layout.embedding_shard(clip_id, source_id, s))
+    ]
+    result = EmbedResult(0, len(all_shards) - len(pending), clip_id, redone=redone)
     if not pending:
         return result
+    info, preprocess, tokenizer = FileInfo.of(bundle), bundle.preprocess, bundle.tokenizer
+    del bundle
 
-    remote_args: dict[str, Any] = {"num_gpus": 1} if cfg.device == "cuda" else {"num_cpus": 1}
-    ds = ray.data.from_items([{"source": source_id, "shard": s} for s in pending]).map_batches(
-        EmbedShardActor,
-        fn_constructor_args=(layout.root, clip_cfg, clip_checkpoint, cfg),
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.num_actors, len(pending)))),
-        **remote_args,
+    encoder_resources: dict[str, Any] = {"num_gpus": 1} if cfg.device == "cuda" else {"num_cpus": 1}
+    ds = (
+        ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
+        .map_batches(
+            _decode_udf,
+            batch_size=1,
+            fn_kwargs={
+                "root": layout.root,
+                "source": source_id,
+                "preprocess": preprocess,
+                "tokenizer": tokenizer,
+                "chunk_size": cfg.batch_size,
+            },
+            num_cpus=cfg.decode_cpus,
+            # What a task holds: two chunks of pixels over a worker with torch and open_clip
+            # imported (~650 MiB resident on CPU). Declaring it also keeps
+            # decode in its own tasks: Ray Data fuses a task map into the actor map after it
+            # when their remote args are equal, which would decode inside the encoder.
+            memory=2 * cfg.batch_size * _pixel_bytes(info) + 2**30,
+        )
+        .map_batches(
+            ClipEncoder,
+            fn_constructor_args=(clip_cfg, clip_checkpoint, cfg),
+            batch_size=cfg.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.num_actors, len(pending)))),
+            **encoder_resources,
+        )
     )
-    rows = ds.take_all()
-    result.shards_written = int(sum(r["written"] for r in rows))
-    result.samples = int(sum(r["samples"] for r in rows))
+    gather = _Gather(layout, info, source_id)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        gather.add(batch)
+    if gather.unfinished():
+        raise RuntimeError(f"embed {source_id}: shards {gather.unfinished()} never completed")
+    result.shards_written = sum(r["written"] for r in gather.results)
+    result.samples = sum(r["samples"] for r in gather.results)
     result.skipped_samples = {
-        k: int(sum(r[k] for r in rows)) for k in ("corrupt", "truncated_tar", "not_in_metadata")
+        k: sum(r[k] for r in gather.results) for k in COUNT_KEYS if k != "samples"
     }
     return result

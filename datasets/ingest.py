@@ -19,14 +19,17 @@ new shards numbered after the planned ones, never rewriting a committed shard.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,9 +171,16 @@ def download_shard(root: str, source: str, shard: int, cfg: IngestConfig) -> dic
         os.makedirs(out)
         tally = ShardTally()
         downloader = _make_downloader(cfg, out, column_list, tally)
-        with guarded_urlopen(cfg.allow_private_networks, request_limits(cfg)):
-            ok, _ = downloader((shard, local_input))  # img2dataset removes local_input when done
         name = f"{shard:0{OOM_SHARD_COUNT}d}"
+        with (
+            shard_deadline(cfg.shard_deadline_s, f"{source}/{name}") as deadline,
+            guarded_urlopen(cfg.allow_private_networks, request_limits(cfg)),
+        ):
+            ok, _ = downloader((shard, local_input))  # img2dataset removes local_input when done
+        if deadline.expired:
+            raise ShardDeadlineExceeded(
+                f"{source}/{name}: shard try ran past its {cfg.shard_deadline_s:g} s deadline"
+            )
         stats_file = os.path.join(out, f"{name}_stats.json")
         if not ok or not os.path.exists(stats_file):
             raise ShardError(f"{source}/{name}: img2dataset's downloader failed (see worker log)")
@@ -183,6 +193,41 @@ def download_shard(root: str, source: str, shard: int, cfg: IngestConfig) -> dic
         _put(os.path.join(out, f"{name}.tar"), tar_path)  # last: the shard now exists
     in_fs.rm(in_path)
     return stats
+
+
+class ShardDeadlineExceeded(ShardError):
+    """One try of a shard ran past ``ingest.shard_deadline_s``."""
+
+
+@dataclass
+class Deadline:
+    expired: bool = False
+
+
+@contextlib.contextmanager
+def shard_deadline(seconds: float | None, label: str) -> Iterator[Deadline]:
+    """Raise :class:`ShardDeadlineExceeded` in this (main) thread once ``seconds`` have passed.
+
+    A Ray task runs in its worker's main thread, where SIGALRM can interrupt even a download
+    blocked in img2dataset's thread pool; elsewhere (or with no limit) this does nothing. The
+    yielded ``Deadline`` records expiry, for callers (img2dataset) that swallow the exception.
+    """
+    state = Deadline()
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def expire(_signum: int, _frame: Any) -> None:
+        state.expired = True
+        raise ShardDeadlineExceeded(f"{label}: shard try ran past its {seconds:g} s deadline")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield state
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 _download_shard_task = ray.remote(num_cpus=1, retry_exceptions=True)(download_shard)

@@ -4,6 +4,11 @@
 the same content always gives the same version (and the same manifest bytes), and adding or
 changing a shard gives a new one. The embedding mean / std the prior normalises with are written
 next to it (``{version}.stats.npz``) before the manifest, so a manifest implies its stats.
+
+The optional CLIP-score filter (:class:`ManifestConfig`: a threshold as in LAION, a top fraction
+as in DataComp) resolves to one threshold, ``clip_score_min``; the manifest then lists each
+shard's kept ``count`` beside its ``rows``, and readers serve only rows at or above it. Files
+are never rewritten. A filter that keeps everything gives the unfiltered version.
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,9 +26,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from .readers import check_embedding_metadata, fixed_list_to_numpy
+from .config import ManifestConfig
+from .embedding_file import check_embedding_schema, fixed_list_to_numpy
+from .readers import kept_mask, read_embedding_table
 from .shards import completed_shards
 from .storage import StorageLayout, atomic_write, exists, read_json, write_json
+
+log = logging.getLogger(__name__)
 
 
 def _rel(layout: StorageLayout, path: str) -> str:
@@ -48,73 +60,151 @@ class _Moments:
         return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
 
 
-def assemble_manifest(layout: StorageLayout, clip_id: str, source_ids: list[str]) -> dict[str, Any]:
-    """Write (if new) and return the manifest over every shard of ``source_ids`` with embeddings."""
-    shards: list[dict[str, Any]] = []
-    image_m, text_m = _Moments(), _Moments()
-    dim: int | None = None
+@dataclass
+class _Entry:
+    source: str
+    shard: int
+    path: str
+    sha256: str
+    dim: int
+    scores: np.ndarray  # clip_score, float32 [rows]
+
+
+def _read_entry(layout: StorageLayout, clip_id: str, source: str, shard: int) -> _Entry | None:
+    """The shard's embedding file checked (identity, dimension, schema), or None if not embedded."""
+    emb_path = layout.embedding_shard(clip_id, source, shard)
+    fs, p = url_to_fs(emb_path)
+    if not fs.exists(p):
+        return None
+    with fs.open(p, "rb") as f:
+        data = f.read()
+    try:
+        pf = pq.ParquetFile(pa.BufferReader(data))
+        dim = check_embedding_schema(emb_path, pf.schema_arrow, clip_id, None)
+        scores = pf.read(columns=["clip_score"]).column("clip_score").to_numpy()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(
+            f"{emb_path}: unreadable embedding Parquet ({e}); delete it to re-embed the shard"
+        ) from e
+    return _Entry(source, shard, emb_path, hashlib.sha256(data).hexdigest(), dim, scores)
+
+
+def _threshold(entries: list[_Entry], cfg: ManifestConfig) -> float | None:
+    """The resolved CLIP-score threshold, or None when the filter keeps every sample."""
+    if cfg.clip_score_min is None and cfg.clip_score_top_fraction is None:
+        return None
+    scores = np.concatenate([e.scores for e in entries]).astype(np.float64)
+    if not len(scores):
+        return None
+    threshold = -np.inf if cfg.clip_score_min is None else float(cfg.clip_score_min)
+    if cfg.clip_score_top_fraction is not None:
+        k = max(1, math.ceil(cfg.clip_score_top_fraction * len(scores)))
+        threshold = max(threshold, float(np.partition(scores, len(scores) - k)[len(scores) - k]))
+    if (scores >= threshold).all():
+        return None  # same content as no filter: same version
+    return threshold
+
+
+def assemble_manifest(
+    layout: StorageLayout,
+    clip_id: str,
+    source_ids: list[str],
+    cfg: ManifestConfig | None = None,
+) -> dict[str, Any]:
+    """Write (if new) and return the manifest over every shard of ``source_ids`` with embeddings.
+
+    ``cfg`` sets the optional CLIP-score filter; it decides which rows the manifest serves
+    (``clip_score_min`` and per-shard ``count``), never which files exist.
+    """
+    cfg = cfg or ManifestConfig()
+    entries: list[_Entry] = []
+    not_embedded: list[str] = []
     for source in sorted(set(source_ids)):
         for shard in completed_shards(layout, source):
-            emb_path = layout.embedding_shard(clip_id, source, shard)
-            fs, p = url_to_fs(emb_path)
-            if not fs.exists(p):
-                continue  # not embedded yet: the next assemble picks it up
-            with fs.open(p, "rb") as f:
-                data = f.read()
-            try:
-                table = pq.read_table(
-                    pa.BufferReader(data), columns=["image_embedding", "text_embedding"]
-                )
-            except (pa.ArrowInvalid, OSError) as e:
-                raise ValueError(
-                    f"{emb_path}: unreadable embedding Parquet ({e}); delete it to re-embed the shard"
-                ) from e
-            meta = table.schema.metadata or {}
-            file_dim = int(meta.get(b"unclip.embedding_dim", b"0"))
-            check_embedding_metadata(emb_path, table.schema, clip_id, dim or file_dim)
-            dim = dim or file_dim
-            if table.num_rows:
-                image_m.add(fixed_list_to_numpy(table.column("image_embedding")))
-                text_m.add(fixed_list_to_numpy(table.column("text_embedding")))
-            shards.append(
-                {
-                    "source": source,
-                    "shard": shard,
-                    "images": _rel(layout, layout.image_shard(source, shard)),
-                    "embeddings": _rel(layout, emb_path),
-                    "count": table.num_rows,
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                }
-            )
-    if not shards:
+            entry = _read_entry(layout, clip_id, source, shard)
+            if entry is None:  # not embedded yet: the next assemble picks it up
+                not_embedded.append(f"{source}/{shard:05d}")
+            else:
+                entries.append(entry)
+    if not entries:
         raise ValueError(
             f"no shards with embeddings for CLIP {clip_id} in sources {sorted(set(source_ids))}"
         )
-    content = json.dumps({"clip_id": clip_id, "shards": shards}, sort_keys=True).encode()
-    version = hashlib.sha256(content).hexdigest()[:16]
+    if not_embedded:
+        log.warning(
+            "manifest: %d image shards have no embeddings for CLIP %s yet and are left out: %s",
+            len(not_embedded),
+            clip_id,
+            not_embedded[:5],
+        )
+    dims = {e.dim for e in entries}
+    if len(dims) > 1:
+        raise ValueError(f"CLIP {clip_id}: embedding files of dimensions {sorted(dims)}")
+    threshold = _threshold(entries, cfg)
+    shards: list[dict[str, Any]] = []
+    for e in entries:
+        item = {
+            "source": e.source,
+            "shard": e.shard,
+            "images": _rel(layout, layout.image_shard(e.source, e.shard)),
+            "embeddings": _rel(layout, e.path),
+            "count": len(e.scores),
+            "sha256": e.sha256,
+        }
+        if threshold is not None:
+            item["rows"] = len(e.scores)
+            item["count"] = int((e.scores.astype(np.float64) >= threshold).sum())
+        shards.append(item)
+    content: dict[str, Any] = {"clip_id": clip_id, "shards": shards}
+    if threshold is not None:
+        content["clip_score_min"] = threshold
+    version = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
     manifest = {
         "version": version,
         "clip_id": clip_id,
-        "embedding_dim": dim,
+        "embedding_dim": entries[0].dim,
         "num_samples": sum(s["count"] for s in shards),
         "shards": shards,
         "stats": _rel(layout, layout.embedding_stats(version)),
     }
-    if not exists(layout.embedding_stats(version)):
-        image_mean, image_std = image_m.mean_std()
-        text_mean, text_std = text_m.mean_std()
-        buf = io.BytesIO()
-        np.savez(
-            buf, image_mean=image_mean, image_std=image_std, text_mean=text_mean, text_std=text_std
-        )
-        with atomic_write(layout.embedding_stats(version)) as f:
-            f.write(buf.getvalue())
+    if threshold is not None:
+        manifest["clip_score_min"] = threshold
+    _write_stats(layout, manifest)
     if not exists(layout.manifest(version)):
         write_json(layout.manifest(version), manifest)
     pointer = layout.latest_manifest_pointer()
     if not exists(pointer) or read_json(pointer).get("version") != version:
         write_json(pointer, {"version": version})
     return manifest
+
+
+def _write_stats(layout: StorageLayout, manifest: dict[str, Any]) -> None:
+    """Write the served rows' embedding mean / std, unless this version's stats exist."""
+    path = layout.embedding_stats(manifest["version"])
+    if exists(path):
+        return
+    d = manifest["embedding_dim"]
+    image_m, text_m = _Moments(), _Moments()
+    for entry in manifest["shards"]:
+        table = read_embedding_table(
+            layout,
+            entry,
+            manifest["clip_id"],
+            d,
+            columns=["image_embedding", "text_embedding", "clip_score"],
+        )
+        keep = kept_mask(layout.join(entry["embeddings"]), table, manifest, entry)
+        if keep.any():
+            image_m.add(fixed_list_to_numpy(table.column("image_embedding"))[keep])
+            text_m.add(fixed_list_to_numpy(table.column("text_embedding"))[keep])
+    image_mean, image_std = image_m.mean_std()
+    text_mean, text_std = text_m.mean_std()
+    buf = io.BytesIO()
+    np.savez(
+        buf, image_mean=image_mean, image_std=image_std, text_mean=text_mean, text_std=text_std
+    )
+    with atomic_write(path) as f:
+        f.write(buf.getvalue())
 
 
 def latest_manifest(layout: StorageLayout) -> dict[str, Any] | None:

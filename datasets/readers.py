@@ -2,8 +2,10 @@
 
 Keys returned here are ``"{source}/{key}"``: img2dataset keys are unique within a source only.
 The hold-out split hashes that global key, so it is the same on every machine and every run.
-Every embedding file is checked against the manifest (sha256, CLIP identity, dimension) before
-it is used: a file from another CLIP or a changed file is an error, never silently mixed in.
+Every embedding file is checked against the manifest (sha256, CLIP identity, dimension, schema)
+before it is used: a file from another CLIP or a changed file is an error, never silently mixed
+in. A manifest assembled with a CLIP-score filter (``clip_score_min``) serves only the rows
+passing it; readers apply it per row and check the count against the manifest.
 """
 
 from __future__ import annotations
@@ -21,14 +23,36 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from PIL import Image
 
+from .embedding_file import (
+    CLIP_ID_KEY,
+    DIM_KEY,
+    check_embedding_metadata,
+    check_embedding_schema,
+    fixed_list_to_numpy,
+)
 from .shards import ShardReadStats, completed_shards, iter_shard
 from .storage import StorageLayout, read_json
+
+__all__ = [
+    "CLIP_ID_KEY",
+    "DIM_KEY",
+    "EmbeddingArrays",
+    "ImagePairs",
+    "check_embedding_metadata",
+    "fixed_list_to_numpy",
+    "in_holdout",
+    "kept_mask",
+    "load_embedding_stats",
+    "load_embeddings",
+    "load_image_pairs",
+    "load_images_captions",
+    "load_manifest",
+    "read_embedding_table",
+]
 
 log = logging.getLogger(__name__)
 
 Split = Literal["train", "holdout", "all"]
-CLIP_ID_KEY = b"unclip.clip_id"
-DIM_KEY = b"unclip.embedding_dim"
 
 
 @dataclass
@@ -104,38 +128,33 @@ def read_embedding_table(
     if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise ValueError(f"{path}: sha256 differs from the manifest (file changed or truncated)")
     try:
-        table = pq.read_table(pa.BufferReader(data), columns=columns)
+        pf = pq.ParquetFile(pa.BufferReader(data))
+        check_embedding_schema(path, pf.schema_arrow, clip_id, embedding_dim)
+        table = pf.read(columns=columns)
     except (pa.ArrowInvalid, OSError) as e:
         raise ValueError(f"{path}: unreadable Parquet ({e})") from e
-    check_embedding_metadata(path, table.schema, clip_id, embedding_dim)
     return table
 
 
-def check_embedding_metadata(
-    path: str, schema: pa.Schema, clip_id: str | None, embedding_dim: int | None
-) -> None:
-    """Raise if an embedding file was written by another CLIP or has another dimension."""
-    meta = schema.metadata or {}
-    if clip_id is not None:
-        found = meta.get(CLIP_ID_KEY, b"").decode() or None
-        if found != clip_id:
-            raise ValueError(
-                f"{path}: embeddings were written by CLIP {found!r}, the manifest expects {clip_id!r}"
-            )
-    if embedding_dim is not None:
-        found_dim = meta.get(DIM_KEY)
-        if found_dim is None or int(found_dim) != int(embedding_dim):
-            raise ValueError(
-                f"{path}: embedding_dim {found_dim!r} in file, the manifest expects {embedding_dim}"
-            )
+def kept_mask(
+    path: str, table: pa.Table, manifest: dict[str, Any], entry: dict[str, Any]
+) -> np.ndarray:
+    """Rows of an entry's table the manifest serves: all, or those passing its CLIP-score filter.
 
-
-def fixed_list_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A fixed_size_list<float16|float32>[D] column as float32 [N, D]."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    d = arr.type.list_size
-    values = arr.flatten().to_numpy(zero_copy_only=False)
-    return values.reshape(len(arr), d).astype(np.float32)
+    The kept count must equal the manifest's ``count``: anything else means the file is not
+    the one the manifest was assembled from.
+    """
+    threshold = manifest.get("clip_score_min")
+    if threshold is None:
+        keep = np.ones(table.num_rows, dtype=bool)
+    else:
+        keep = table.column("clip_score").to_numpy().astype(np.float64) >= float(threshold)
+    if "count" in entry and int(keep.sum()) != int(entry["count"]):
+        raise ValueError(
+            f"{path}: {int(keep.sum())} samples pass the manifest's filter, the manifest lists "
+            f"{entry['count']}"
+        )
+    return keep
 
 
 def load_embeddings(
@@ -153,10 +172,11 @@ def load_embeddings(
             entry,
             manifest["clip_id"],
             d,
-            columns=["key", "caption", "image_embedding", "text_embedding"],
+            columns=["key", "caption", "image_embedding", "text_embedding", "clip_score"],
         )
         gkeys = [f"{entry['source']}/{k}" for k in t.column("key").to_pylist()]
         mask = np.array([_keep(k, split, holdout_fraction) for k in gkeys], dtype=bool)
+        mask &= kept_mask(layout.join(entry["embeddings"]), t, manifest, entry)
         if not mask.any():
             continue
         caps = t.column("caption").to_pylist()
@@ -220,6 +240,7 @@ def load_image_pairs(
     img_emb: list[np.ndarray] = []
     txt_emb: list[np.ndarray] = []
     skipped = {"not_in_embeddings": 0, "corrupt": 0, "truncated_tar": 0}
+    filtered = 0  # left out by the manifest's CLIP-score filter: expected, not a skip
     stats = ShardReadStats()
     for entry in manifest["shards"]:
         t = read_embedding_table(
@@ -227,9 +248,12 @@ def load_image_pairs(
             entry,
             manifest["clip_id"],
             d,
-            columns=["key", "image_embedding", "text_embedding"],
+            columns=["key", "image_embedding", "text_embedding", "clip_score"],
         )
-        index = {k: i for i, k in enumerate(t.column("key").to_pylist())}
+        keep = kept_mask(layout.join(entry["embeddings"]), t, manifest, entry)
+        all_keys = t.column("key").to_pylist()
+        index = {k: i for i, k in enumerate(all_keys) if keep[i]}
+        left_out = {k for i, k in enumerate(all_keys) if not keep[i]}
         ie = fixed_list_to_numpy(t.column("image_embedding"))
         te = fixed_list_to_numpy(t.column("text_embedding"))
         source = entry["source"]
@@ -239,7 +263,10 @@ def load_image_pairs(
                 continue
             i = index.get(s.key)
             if i is None:
-                skipped["not_in_embeddings"] += 1
+                if s.key in left_out:
+                    filtered += 1
+                else:
+                    skipped["not_in_embeddings"] += 1
                 continue
             keys.append(gkey)
             captions.append(s.caption)
@@ -249,6 +276,8 @@ def load_image_pairs(
     skipped["corrupt"], skipped["truncated_tar"] = stats.corrupt, stats.truncated
     if any(skipped.values()):
         log.warning("load_image_pairs skipped %s (first errors: %s)", skipped, stats.errors[:3])
+    if filtered:
+        skipped["clip_score_filtered"] = filtered
     return ImagePairs(
         keys=keys,
         captions=captions,

@@ -15,6 +15,7 @@ from unclip.datasets.config import (
     ClipConfig,
     EmbedConfig,
     IngestConfig,
+    ManifestConfig,
     SyntheticConfig,
 )
 from unclip.training.config import (
@@ -52,6 +53,7 @@ class PipelineConfig(BaseModel):
     clip: ClipConfig = ClipConfig()
     bootstrap: BootstrapClipConfig = BootstrapClipConfig()
     embed: EmbedConfig = EmbedConfig()
+    manifest: ManifestConfig = ManifestConfig()
     prior: PriorConfig = PriorConfig()
     decoder: DecoderConfig = DecoderConfig()
     evaluate: EvaluateConfig = EvaluateConfig()

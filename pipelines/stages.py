@@ -192,7 +192,7 @@ def embed(cfg: PipelineConfig, clip_ckpt: str | None) -> dict[str, Any]:
 
 
 def assemble(cfg: PipelineConfig, clip_id: str) -> dict[str, Any]:
-    m = manifest_mod.assemble_manifest(layout_of(cfg), clip_id, source_ids(cfg))
+    m = manifest_mod.assemble_manifest(layout_of(cfg), clip_id, source_ids(cfg), cfg=cfg.manifest)
     return {
         "version": m["version"],
         "num_samples": m["num_samples"],

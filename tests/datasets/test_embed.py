@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from unclip.datasets.clip import encode_texts, load_clip
 from unclip.datasets.config import EmbedConfig
@@ -19,9 +22,12 @@ from unclip.datasets.readers import fixed_list_to_numpy
 
 def test_embed_source_schema_norms_and_skip(ray_local, shapes_store, tiny_clip_cfg):
     layout, src = shapes_store.layout, shapes_store.source
+    in_process = [
+        pq.read_table(layout.embedding_shard(shapes_store.clip_id, src, s)) for s in (0, 1)
+    ]
     shutil.rmtree(Path(layout.root) / "embeddings")
     assert pending_shards(layout, shapes_store.clip_id, src) == [0, 1]
-    cfg = EmbedConfig(batch_size=8, num_actors=2)
+    cfg = EmbedConfig(batch_size=8, num_actors=1, torch_threads=1)
     result = embed_source(layout, src, tiny_clip_cfg, shapes_store.clip_checkpoint, cfg)
     assert (result.shards_written, result.shards_skipped, result.samples) == (2, 0, 40)
     assert result.clip_id == shapes_store.clip_id
@@ -55,6 +61,18 @@ def test_embed_source_schema_norms_and_skip(ray_local, shapes_store, tiny_clip_c
         for c, co, sh in zip(captions, t["color"].to_pylist(), t["shape"].to_pylist(), strict=True)
     )
 
+    # Decode tasks, encoder actors and the driver's writer give what one process gives.
+    for shard, expected in zip((0, 1), in_process, strict=True):
+        got = pq.read_table(layout.embedding_shard(result.clip_id, src, shard))
+        assert got.column_names == expected.column_names
+        assert got.drop(["image_embedding", "text_embedding", "clip_score"]).equals(
+            expected.drop(["image_embedding", "text_embedding", "clip_score"])
+        )
+        for col in ("image_embedding", "text_embedding"):
+            np.testing.assert_allclose(
+                fixed_list_to_numpy(got[col]), fixed_list_to_numpy(expected[col]), atol=1e-3
+            )
+
     mtime = Path(path).stat().st_mtime_ns
     again = embed_source(layout, src, tiny_clip_cfg, shapes_store.clip_checkpoint, cfg)
     assert (again.shards_written, again.shards_skipped) == (0, 2)
@@ -78,3 +96,93 @@ def test_key_in_tar_but_not_in_metadata_is_counted_and_skipped(shapes_store, tin
     assert counts["written"] == 1 and counts["samples"] == 19 and counts["not_in_metadata"] == 1
     keys = pq.read_table(layout.embedding_shard(bundle.clip_id, src, 1)).column("key").to_pylist()
     assert dropped not in keys and len(keys) == 19
+
+
+def _rewrite_tar(path: Path, change) -> None:
+    """Rewrite a tar member by member; ``change(name, data)`` returns new bytes or None to drop."""
+    members = []
+    with tarfile.open(path) as tar:
+        for info in tar:
+            members.append((info.name, tar.extractfile(info).read()))
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            data = change(name, data)
+            if data is not None:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_corrupt_tar_members_are_counted_and_skipped(shapes_store, tiny_clip_cfg):
+    layout, src = shapes_store.layout, shapes_store.source
+    tar = Path(layout.image_shard(src, 1))
+    names = sorted(n for n in tarfile.open(tar).getnames() if n.endswith(".jpg"))
+    bad_key = names[3].split(".")[0]
+    _rewrite_tar(tar, lambda n, d: b"not a jpeg" if n == names[3] else d)
+    Path(layout.embedding_shard(shapes_store.clip_id, src, 1)).unlink()
+    bundle = load_clip(tiny_clip_cfg, shapes_store.clip_checkpoint)
+    counts = embed_shard(layout, bundle, src, 1, batch_size=8)
+    assert counts == {
+        "written": 1,
+        "samples": 19,
+        "corrupt": 1,
+        "truncated_tar": 0,
+        "not_in_metadata": 0,
+    }
+    keys = pq.read_table(layout.embedding_shard(bundle.clip_id, src, 1)).column("key").to_pylist()
+    assert bad_key not in keys and len(keys) == 19
+
+
+def test_shard_with_no_readable_sample_gets_an_empty_file(shapes_store, tiny_clip_cfg):
+    layout, src = shapes_store.layout, shapes_store.source
+    _rewrite_tar(
+        Path(layout.image_shard(src, 1)), lambda n, d: b"broken" if n.endswith(".jpg") else d
+    )
+    Path(layout.embedding_shard(shapes_store.clip_id, src, 1)).unlink()
+    bundle = load_clip(tiny_clip_cfg, shapes_store.clip_checkpoint)
+    counts = embed_shard(layout, bundle, src, 1, batch_size=8)
+    assert (counts["samples"], counts["corrupt"]) == (0, 20)
+    t = pq.read_table(layout.embedding_shard(bundle.clip_id, src, 1))
+    assert t.num_rows == 0 and t.schema.field("image_embedding").type == pa.list_(pa.float16(), 32)
+    assert pending_shards(layout, bundle.clip_id, src) == []  # done: not retried every run
+
+
+def test_truncated_embedding_file_is_embedded_again(shapes_store, tiny_clip_cfg):
+    layout, src, clip_id = shapes_store.layout, shapes_store.source, shapes_store.clip_id
+    path = Path(layout.embedding_shard(clip_id, src, 1))
+    good = pq.read_table(path)
+    path.write_bytes(path.read_bytes()[:-50])  # a writer killed elsewhere (no atomic rename)
+    assert pending_shards(layout, clip_id, src) == [1]
+    bundle = load_clip(tiny_clip_cfg, shapes_store.clip_checkpoint)
+    assert embed_shard(layout, bundle, src, 1, batch_size=16)["written"] == 1
+    assert pq.read_table(path).equals(good)
+    assert pending_shards(layout, clip_id, src) == []
+
+
+def test_file_of_another_clip_in_the_folder_is_an_error(shapes_store, tiny_clip_cfg):
+    layout, src, clip_id = shapes_store.layout, shapes_store.source, shapes_store.clip_id
+    path = Path(layout.embedding_shard(clip_id, src, 0))
+    t = pq.read_table(path)
+    meta = {**t.schema.metadata, b"unclip.clip_id": b"another-clip"}
+    pq.write_table(t.replace_schema_metadata(meta), path)
+    with pytest.raises(ValueError, match="written by CLIP 'another-clip'") as e:
+        pending_shards(layout, clip_id, src)
+    assert str(path) in str(e.value)
+    bundle = load_clip(tiny_clip_cfg, shapes_store.clip_checkpoint)
+    with pytest.raises(ValueError, match="another-clip"):
+        embed_shard(layout, bundle, src, 0, batch_size=16)
+    assert pq.read_table(path).schema.metadata[b"unclip.clip_id"] == b"another-clip"  # untouched
+
+
+def test_file_size_is_near_two_bytes_per_dimension(shapes_store):
+    """float16 vectors, byte-stream-split and zstd: the embedding columns stay under 2.1 B / dim."""
+    path = shapes_store.layout.embedding_shard(shapes_store.clip_id, shapes_store.source, 0)
+    md = pq.ParquetFile(path).metadata
+    rg = md.row_group(0)
+    sizes = {
+        rg.column(i).path_in_schema: rg.column(i).total_compressed_size
+        for i in range(rg.num_columns)
+    }
+    emb = sizes["image_embedding.list.element"] + sizes["text_embedding.list.element"]
+    assert md.num_row_groups == 1
+    assert emb / (2 * md.num_rows * 32) < 2.1

@@ -140,3 +140,20 @@ def test_server_down_fails_the_shard_without_committing(ray_local, tmp_path):
     assert completed_shards(layout, result.source_id) == []
     with pytest.raises(ValueError, match="samples_per_shard cannot change"):
         ingest_source(layout, url_list, ingest_cfg(samples_per_shard=2))
+
+
+def test_shard_deadline_interrupts_a_stalled_try():
+    import time
+
+    import pytest
+
+    from unclip.datasets.ingest import ShardDeadlineExceeded, shard_deadline
+
+    t0 = time.monotonic()
+    with pytest.raises(ShardDeadlineExceeded, match="src/00001.*0.2 s deadline"):
+        with shard_deadline(0.2, "src/00001") as deadline:
+            time.sleep(5)  # a download that never returns
+    assert deadline.expired
+    assert time.monotonic() - t0 < 2
+    with shard_deadline(None, "x"):  # no limit: nothing armed
+        time.sleep(0.01)

@@ -1,16 +1,19 @@
-"""The dataset manifest: stable versions, new versions on new content, stats."""
+"""The dataset manifest: stable versions, new versions on new content, stats, CLIP-score filter."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from unclip.datasets.clip import load_clip
+from unclip.datasets.config import ManifestConfig
 from unclip.datasets.embed import embed_shard
 from unclip.datasets.manifest import assemble_manifest, latest_manifest
-from unclip.datasets.readers import load_embedding_stats, load_embeddings
+from unclip.datasets.readers import load_embedding_stats, load_embeddings, load_image_pairs
 
 
 def test_version_is_stable_and_files_written_once(shapes_store):
@@ -89,3 +92,90 @@ def test_any_fsspec_root(shapes_store, tiny_clip_cfg):
     assert m["version"] == local["version"]
     assert load_image_pairs(layout, m, "all", 0.1).images.shape == (40, 32, 32, 3)
     mem.rm("/unclip-test", recursive=True)
+
+
+def test_clip_score_filter_shapes_the_manifest_not_the_files(shapes_store):
+    layout, src, clip_id = shapes_store.layout, shapes_store.source, shapes_store.clip_id
+    files = {p: p.read_bytes() for p in Path(layout.root, "embeddings").rglob("*.parquet")}
+    plain = assemble_manifest(layout, clip_id, [src])
+    scores = np.sort(load_embeddings_scores(layout, plain))
+    threshold = float(scores[25])  # keeps the 15 highest (scores are distinct here)
+
+    by_min = assemble_manifest(layout, clip_id, [src], ManifestConfig(clip_score_min=threshold))
+    assert by_min["version"] != plain["version"] and by_min["num_samples"] == 15
+    assert by_min["clip_score_min"] == threshold
+    assert [s["rows"] for s in by_min["shards"]] == [20, 20]
+    assert sum(s["count"] for s in by_min["shards"]) == 15
+    emb = load_embeddings(layout, by_min, "all", 0.0)
+    assert len(emb.keys) == 15
+    kept = set(emb.keys)
+    every = load_embeddings(layout, plain, "all", 0.0)
+    assert kept < set(every.keys)
+    stats = load_embedding_stats(layout, by_min)
+    np.testing.assert_allclose(stats["image_mean"], emb.image.mean(0), atol=1e-4)
+    pairs = load_image_pairs(layout, by_min, "all", 0.0)
+    assert set(pairs.keys) == kept
+    assert pairs.skipped["clip_score_filtered"] == 25 and pairs.skipped["not_in_embeddings"] == 0
+
+    # DataComp-style: the top fraction; resolving to the same threshold is the same version.
+    top = assemble_manifest(layout, clip_id, [src], ManifestConfig(clip_score_top_fraction=15 / 40))
+    assert top["version"] == by_min["version"] and top["clip_score_min"] == threshold
+    both = ManifestConfig(clip_score_min=float(scores[30]), clip_score_top_fraction=0.5)
+    assert assemble_manifest(layout, clip_id, [src], both)["num_samples"] == 10
+
+    # A filter that keeps everything, or none, gives back the unfiltered version and bytes.
+    everything = ManifestConfig(clip_score_min=-1.0, clip_score_top_fraction=1.0)
+    assert assemble_manifest(layout, clip_id, [src], everything) == plain
+    assert assemble_manifest(layout, clip_id, [src]) == plain
+    assert latest_manifest(layout) == plain
+    assert {p: p.read_bytes() for p in files} == files  # no file rewritten or deleted
+
+
+def load_embeddings_scores(layout, manifest) -> np.ndarray:
+    from unclip.datasets.readers import read_embedding_table
+
+    return np.concatenate(
+        [
+            read_embedding_table(layout, e, columns=["clip_score"])["clip_score"].to_numpy()
+            for e in manifest["shards"]
+        ]
+    )
+
+
+def test_filtered_manifest_detects_a_changed_count(shapes_store):
+    layout, src, clip_id = shapes_store.layout, shapes_store.source, shapes_store.clip_id
+    m = assemble_manifest(layout, clip_id, [src], ManifestConfig(clip_score_top_fraction=0.5))
+    m["shards"][0]["count"] += 1
+    with pytest.raises(ValueError, match="pass the manifest's filter"):
+        load_embeddings(layout, m, "all", 0.0)
+
+
+def test_file_of_another_clip_or_schema_is_an_error(shapes_store):
+    layout, src, clip_id = shapes_store.layout, shapes_store.source, shapes_store.clip_id
+    path = Path(layout.embedding_shard(clip_id, src, 1))
+    t = pq.read_table(path)
+    pq.write_table(
+        t.replace_schema_metadata({**t.schema.metadata, b"unclip.clip_id": b"other"}), path
+    )
+    with pytest.raises(ValueError, match="written by CLIP 'other'") as e:
+        assemble_manifest(layout, clip_id, [src])
+    assert str(path) in str(e.value)
+
+    wide = t.set_column(
+        t.schema.get_field_index("image_embedding"),
+        "image_embedding",
+        t["image_embedding"].cast(pa.list_(pa.float32(), 32)),
+    )
+    pq.write_table(wide, path)
+    with pytest.raises(ValueError, match="column 'image_embedding' is fixed_size_list<") as e:
+        assemble_manifest(layout, clip_id, [src])
+    assert str(path) in str(e.value)
+
+    pq.write_table(
+        t.replace_schema_metadata({**t.schema.metadata, b"unclip.embedding_dim": b"64"}), path
+    )
+    with pytest.raises(
+        ValueError,
+        match="column 'image_embedding' is fixed_size_list<element: halffloat>\\[32\\], expected",
+    ):
+        assemble_manifest(layout, clip_id, [src])

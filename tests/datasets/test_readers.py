@@ -88,3 +88,15 @@ def test_clip_id_mismatch_and_changed_files_raise(shapes_store):
     emb.write_bytes(emb.read_bytes()[:-100])  # truncated by a writer elsewhere
     with pytest.raises(ValueError, match="sha256"):
         load_image_pairs(layout, m, "all", 0.1)
+
+
+def test_shard_without_embeddings_left_out_of_manifest_and_missing_file_named(shapes_store):
+    layout, src = shapes_store.layout, shapes_store.source
+    m = assemble_manifest(layout, shapes_store.clip_id, [src])
+    emb1 = Path(layout.join(m["shards"][1]["embeddings"]))
+    emb1.unlink()  # image shard 1 now has no embeddings
+    partial = assemble_manifest(layout, shapes_store.clip_id, [src])
+    assert [s["shard"] for s in partial["shards"]] == [0] and partial["num_samples"] == 20
+    with pytest.raises(FileNotFoundError) as e:  # an older manifest that lists it
+        load_image_pairs(layout, m, "all", 0.1)
+    assert str(emb1) in str(e.value)

@@ -1,0 +1,128 @@
+"""The embedding Parquet file: its schema, how it is written, and the checks made on every read.
+
+One file per image shard (docs/embeddings.md): ``key``, ``caption``, ``url`` strings,
+``image_embedding`` / ``text_embedding`` as ``fixed_size_list<float16>[D]`` (L2-normalised),
+``clip_score`` float32, then the shard's metadata columns; file metadata ``unclip.clip_id``,
+``unclip.embedding_dim``, ``unclip.identity`` and ``unclip.pipeline_version``. Readers call
+:func:`check_embedding_schema` on every file, so a file of another CLIP, another dimension or
+another layout is an error naming the file, never mixed in.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import IO, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PIPELINE_VERSION = "1"
+KNOWN_PIPELINE_VERSIONS = {"1"}
+CLIP_ID_KEY = b"unclip.clip_id"
+DIM_KEY = b"unclip.embedding_dim"
+VERSION_KEY = b"unclip.pipeline_version"
+EMBEDDING_COLUMNS = ("image_embedding", "text_embedding")
+# The fixed columns and their types; D is filled in per file.
+FIXED_COLUMNS: dict[str, pa.DataType | None] = {
+    "key": pa.string(),
+    "caption": pa.string(),
+    "url": pa.string(),
+    "image_embedding": None,  # fixed_size_list<float16>[D]
+    "text_embedding": None,
+    "clip_score": pa.float32(),
+}
+
+
+def fixed_list(x: np.ndarray) -> pa.FixedSizeListArray:
+    """float [N, D] as a ``fixed_size_list<float16>[D]`` array."""
+    return pa.FixedSizeListArray.from_arrays(
+        pa.array(np.ascontiguousarray(x, dtype=np.float16).reshape(-1)), x.shape[1]
+    )
+
+
+def fixed_list_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed_size_list<float16|float32>[D] column as float32 [N, D]."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    d = arr.type.list_size
+    values = arr.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(len(arr), d).astype(np.float32)
+
+
+def write_embedding_table(table: pa.Table, f: IO[bytes]) -> None:
+    """Write one embedding file: zstd, one row group, embeddings byte-stream-split, no dictionary.
+
+    Dictionary encoding of float16 vectors only adds bytes; splitting their bytes into streams
+    lets zstd compress the sign / exponent bytes, which is what keeps a file near 2 bytes per
+    dimension (docs/embeddings.md).
+    """
+    floats = [f"{c}.list.element" for c in EMBEDDING_COLUMNS]
+    pq.write_table(
+        table,
+        f,
+        compression="zstd",
+        row_group_size=max(1, table.num_rows),
+        use_dictionary=[
+            c for c in table.column_names if c not in (*EMBEDDING_COLUMNS, "clip_score")
+        ],
+        column_encoding={**dict.fromkeys(floats, "BYTE_STREAM_SPLIT"), "clip_score": "PLAIN"},
+        write_statistics=["key", "clip_score"],
+    )
+
+
+def check_embedding_metadata(
+    path: str, schema: pa.Schema, clip_id: str | None, embedding_dim: int | None
+) -> None:
+    """Raise if an embedding file was written by another CLIP or has another dimension."""
+    meta = schema.metadata or {}
+    if clip_id is not None:
+        found = meta.get(CLIP_ID_KEY, b"").decode() or None
+        if found != clip_id:
+            raise ValueError(
+                f"{path}: embeddings were written by CLIP {found!r}, the manifest expects {clip_id!r}"
+            )
+    if embedding_dim is not None:
+        found_dim = meta.get(DIM_KEY)
+        if found_dim is None or int(found_dim) != int(embedding_dim):
+            raise ValueError(
+                f"{path}: embedding_dim {found_dim!r} in file, the manifest expects {embedding_dim}"
+            )
+    version = meta.get(VERSION_KEY, b"").decode()
+    if version not in KNOWN_PIPELINE_VERSIONS:
+        raise ValueError(
+            f"{path}: pipeline_version {version or None!r}, this unclip reads "
+            f"{sorted(KNOWN_PIPELINE_VERSIONS)} (written by another unclip?)"
+        )
+
+
+def check_embedding_schema(
+    path: str, schema: pa.Schema, clip_id: str | None, embedding_dim: int | None
+) -> int:
+    """Check a whole file's schema (metadata, fixed columns and their types); returns D."""
+    check_embedding_metadata(path, schema, clip_id, embedding_dim)
+    d = int((schema.metadata or {})[DIM_KEY])
+    for name, expected in FIXED_COLUMNS.items():
+        if name not in schema.names:
+            raise ValueError(f"{path}: no column {name!r} (not an unclip embedding file?)")
+        found = schema.field(name).type
+        expected = expected or pa.list_(pa.float16(), d)
+        if found != expected:
+            raise ValueError(f"{path}: column {name!r} is {found}, expected {expected}")
+    return d
+
+
+def file_metadata(
+    clip_id: str, dim: int, identity: dict[str, Any], source: str, shard: int
+) -> dict[str, str]:
+    """The key-value metadata every embedding file carries."""
+    return {
+        "unclip.clip_id": clip_id,
+        "unclip.embedding_dim": str(dim),
+        # without "source": where the checkpoint lives must not change the file's bytes
+        "unclip.identity": json.dumps(
+            {k: v for k, v in identity.items() if k != "source"}, sort_keys=True, default=str
+        ),
+        "unclip.pipeline_version": PIPELINE_VERSION,
+        "unclip.source": source,
+        "unclip.shard": str(shard),
+    }
