@@ -6,9 +6,26 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# Marks a field that does not change what a run trains (sampling, bookkeeping): it is left
+# out of the run name's hash, so changing it reuses the trained run instead of retraining.
+NOT_IDENTITY = {"identity": False}
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def identity(self) -> dict:
+        """The fields that shape a trained model, as JSON: what run names and checkpoints hash."""
+        out = {}
+        for name, field in type(self).model_fields.items():
+            if (field.json_schema_extra or {}).get("identity") is False:
+                continue
+            value = getattr(self, name)
+            out[name] = value.identity() if isinstance(value, Section) else self._json(name)
+        return out
+
+    def _json(self, name: str):
+        return self.model_dump(mode="json", include={name})[name]
 
 
 class TrainerConfig(Section):
@@ -26,19 +43,23 @@ class TrainerConfig(Section):
     warmup_steps: int = Field(50, ge=0)
     max_steps: int = Field(1000, ge=1, description="Optimizer steps.")
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping.")
-    checkpoint_every: int = Field(250, ge=1)
-    keep_last: int = Field(2, ge=1)
-    log_every: int = Field(10, ge=1, description="Steps per row of metrics.jsonl.")
+    checkpoint_every: int = Field(250, ge=1, json_schema_extra=NOT_IDENTITY)
+    keep_last: int = Field(2, ge=1, json_schema_extra=NOT_IDENTITY)
+    log_every: int = Field(
+        10, ge=1, description="Steps per row of metrics.jsonl.", json_schema_extra=NOT_IDENTITY
+    )
     report_every_s: float = Field(
         10.0,
         ge=0,
         description="Least seconds between metric reports to Ray Train (a report can wait for its controller).",
+        json_schema_extra=NOT_IDENTITY,
     )
     seed: int = 0
     max_failures: int = Field(
         0,
         ge=0,
         description="Ray Train restarts of a run whose worker died, from its last checkpoint.",
+        json_schema_extra=NOT_IDENTITY,
     )
     ema_decay: float = Field(
         0.0,
@@ -67,8 +88,10 @@ class PriorConfig(Section):
     attention_head_dim: int = Field(32, ge=1)
     timesteps: int = Field(1000, ge=1)
     cond_drop_prob: float = Field(0.1, ge=0, le=1)
-    sample_steps: int = Field(50, ge=1, description="DDIM steps when sampling.")
-    guidance_scale: float = Field(1.0, gt=0)
+    sample_steps: int = Field(
+        50, ge=1, description="DDIM steps when sampling.", json_schema_extra=NOT_IDENTITY
+    )
+    guidance_scale: float = Field(1.0, gt=0, json_schema_extra=NOT_IDENTITY)
     trainer: TrainerConfig = TrainerConfig()
 
 
@@ -87,8 +110,8 @@ class DecoderConfig(Section):
     )
     timesteps: int = Field(1000, ge=1)
     cond_drop_prob: float = Field(0.1, ge=0, le=1)
-    sample_steps: int = Field(50, ge=1)
-    guidance_scale: float = Field(3.0, gt=0)
+    sample_steps: int = Field(50, ge=1, json_schema_extra=NOT_IDENTITY)
+    guidance_scale: float = Field(3.0, gt=0, json_schema_extra=NOT_IDENTITY)
     trainer: TrainerConfig = TrainerConfig()
 
 

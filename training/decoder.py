@@ -9,24 +9,22 @@ embedding is dropped (zeroed) with ``cond_drop_prob`` for classifier-free guidan
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 
 from unclip.datasets import readers
 from unclip.datasets.storage import StorageLayout
 
-from .artifacts import local_dir
 from .config import DecoderConfig
-from .diffusion import Sampler, drop_condition, noised, sample_loop, train_scheduler
-from .trainer import FitResult, TrainTask, fit, run_name_for
+from .diffusion import Sampler, drop_condition, noised, sample_loop
+from .diffusion_task import ExportedDiffusion, ManifestDiffusionTask
+from .trainer import FitResult
 
 MODEL_KIND = "decoder"
 INFO_FILE = "unclip_decoder.json"
@@ -93,40 +91,18 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-@dataclass
-class DecoderTask(TrainTask):
+@dataclass(kw_only=True)
+class DecoderTask(ManifestDiffusionTask):
     """The decoder as a :class:`~unclip.training.trainer.TrainTask` over one dataset version."""
 
-    layout: StorageLayout
-    manifest_version: str
+    MODEL_KIND: ClassVar[str] = MODEL_KIND
+    SUBFOLDER: ClassVar[str] = "unet"
+    INFO_FILE: ClassVar[str] = INFO_FILE
+    PREDICTION: ClassVar[Literal["epsilon", "sample"]] = "epsilon"
+    CLIP_SAMPLE: ClassVar[bool] = True
+
     cfg: DecoderConfig
-    holdout_fraction: float
-    dim: int
-    clip_id: str
     _data: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False)
-    _sched: DDPMScheduler | None = field(default=None, init=False, repr=False)
-
-    @classmethod
-    def from_manifest(
-        cls, layout: StorageLayout, version: str, cfg: DecoderConfig, holdout_fraction: float
-    ) -> DecoderTask:
-        manifest = readers.load_manifest(layout, version)
-        return cls(
-            layout=layout,
-            manifest_version=version,
-            cfg=cfg,
-            holdout_fraction=holdout_fraction,
-            dim=int(manifest["embedding_dim"]),
-            clip_id=str(manifest["clip_id"]),
-        )
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "model": MODEL_KIND,
-            "decoder": self.cfg.model_dump(mode="json", exclude={"trainer"}),
-            "data_version": self.manifest_version,
-            "holdout_fraction": self.holdout_fraction,
-        }
 
     def build_model(self) -> UNet2DConditionModel:
         return build_decoder(self.cfg, self.dim)
@@ -156,63 +132,35 @@ class DecoderTask(TrainTask):
             "image_emb": torch.from_numpy(self._data["image_emb"][indices]),
         }
 
-    def scheduler(self) -> DDPMScheduler:
-        return train_scheduler(self.cfg.timesteps, "epsilon", clip_sample=True)
-
     def loss(
         self, model: Any, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
         # L_simple = ‖ε − ε_θ(x_t, t, z_i)‖²  (Ho et al. 2020, eq. 14), z_i dropped for CFG.
-        if self._sched is None:
-            self._sched = self.scheduler()
-        x_t, noise, t = noised(self._sched, batch["images"])
+        x_t, noise, t = noised(self.train_scheduler(), batch["images"])
         cond = drop_condition(batch["image_emb"], self.cfg.cond_drop_prob)
         pred = predict_eps(model, x_t, t, cond)
         return F.mse_loss(pred.float(), noise.float()), {}
 
-    def export(self, model: torch.nn.Module, directory: str) -> None:
-        model.save_pretrained(os.path.join(directory, "unet"))
-        self.scheduler().save_pretrained(os.path.join(directory, "scheduler"))
-        info = {
-            "embedding_dim": self.dim,
-            "image_size": self.cfg.image_size,
-            "clip_id": self.clip_id,
-            "data_version": self.manifest_version,
-            "prediction_type": "epsilon",
-            "sample_steps": self.cfg.sample_steps,
-            "guidance_scale": self.cfg.guidance_scale,
-        }
-        with open(os.path.join(directory, INFO_FILE), "w") as f:
-            json.dump(info, f, indent=2, sort_keys=True)
+    def export_info(self) -> dict[str, Any]:
+        return {"image_size": self.cfg.image_size}
 
 
 def train_decoder(
     layout: StorageLayout, manifest_version: str, cfg: DecoderConfig, holdout_fraction: float
 ) -> FitResult:
     """Train (or resume, or skip when done) the decoder on a dataset version; export to ``run_dir/export``."""
-    task = DecoderTask.from_manifest(layout, manifest_version, cfg, holdout_fraction)
-    name = run_name_for(
-        MODEL_KIND, cfg, holdout_fraction, data_version=manifest_version, seed=cfg.trainer.seed
-    )
-    return fit(task, cfg.trainer, layout, MODEL_KIND, name)
+    return DecoderTask.train(layout, manifest_version, cfg, holdout_fraction)
 
 
-class DecoderSampler:
+class DecoderSampler(ExportedDiffusion):
     """An exported decoder, ready to turn image embeddings into pixels."""
 
-    def __init__(
-        self,
-        model: UNet2DConditionModel,
-        scheduler_config: dict[str, Any],
-        info: dict[str, Any],
-        device: str,
-    ) -> None:
-        self.model = model.to(device).eval()
-        self.scheduler_config = dict(scheduler_config)
-        self.info = info
-        self.device = device
-        self.dim = int(info["embedding_dim"])
-        self.image_size = int(info["image_size"])
+    TASK = DecoderTask
+    MODEL_CLASS = UNet2DConditionModel
+
+    @property
+    def image_size(self) -> int:
+        return int(self.info["image_size"])
 
     @torch.no_grad()
     def sample(
@@ -247,14 +195,4 @@ class DecoderSampler:
 
 def load_decoder(export_dir: str, device: str = "cpu") -> DecoderSampler:
     """Load an exported decoder (``train_decoder(...).export_dir``)."""
-    with local_dir(export_dir) as d:
-        info_path = os.path.join(d, INFO_FILE)
-        if not os.path.isfile(info_path):
-            raise FileNotFoundError(f"{export_dir} is not a decoder export (no {INFO_FILE})")
-        with open(info_path) as f:
-            info = json.load(f)
-        model = UNet2DConditionModel.from_pretrained(
-            os.path.join(d, "unet"), low_cpu_mem_usage=False
-        )
-        scheduler_config = dict(DDPMScheduler.load_config(os.path.join(d, "scheduler")))
-    return DecoderSampler(model, scheduler_config, info, device)
+    return DecoderSampler.load(export_dir, device)

@@ -9,23 +9,21 @@ the normalization for any diffusers user of the export.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, PriorTransformer
+from diffusers import PriorTransformer
 
 from unclip.datasets import readers
 from unclip.datasets.storage import StorageLayout
 
-from .artifacts import local_dir
 from .config import PriorConfig
-from .diffusion import Sampler, drop_condition, noised, sample_loop, train_scheduler
-from .trainer import FitResult, TrainTask, fit, run_name_for
+from .diffusion import Sampler, drop_condition, noised, sample_loop
+from .diffusion_task import ExportedDiffusion, ManifestDiffusionTask
+from .trainer import FitResult
 
 MODEL_KIND = "prior"
 INFO_FILE = "unclip_prior.json"
@@ -70,44 +68,27 @@ def predict_x0(
     return out.predicted_image_embedding
 
 
-@dataclass
-class PriorTask(TrainTask):
+@dataclass(kw_only=True)
+class PriorTask(ManifestDiffusionTask):
     """The prior as a :class:`~unclip.training.trainer.TrainTask` over one dataset version."""
 
-    layout: StorageLayout
-    manifest_version: str
+    MODEL_KIND: ClassVar[str] = MODEL_KIND
+    SUBFOLDER: ClassVar[str] = "prior"
+    INFO_FILE: ClassVar[str] = INFO_FILE
+    PREDICTION: ClassVar[Literal["epsilon", "sample"]] = "sample"
+    CLIP_SAMPLE: ClassVar[bool] = False
+
     cfg: PriorConfig
-    holdout_fraction: float
-    dim: int
-    clip_id: str
     image_mean: list[float]
     image_std: list[float]
     _data: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False)
-    _sched: DDPMScheduler | None = field(default=None, init=False, repr=False)
 
     @classmethod
-    def from_manifest(
-        cls, layout: StorageLayout, version: str, cfg: PriorConfig, holdout_fraction: float
-    ) -> PriorTask:
-        manifest = readers.load_manifest(layout, version)
+    def manifest_fields(cls, layout: StorageLayout, manifest: dict[str, Any]) -> dict[str, Any]:
         stats = readers.load_embedding_stats(layout, manifest)
-        return cls(
-            layout=layout,
-            manifest_version=version,
-            cfg=cfg,
-            holdout_fraction=holdout_fraction,
-            dim=int(manifest["embedding_dim"]),
-            clip_id=str(manifest["clip_id"]),
-            image_mean=stats["image_mean"].tolist(),
-            image_std=stats["image_std"].tolist(),
-        )
-
-    def describe(self) -> dict[str, Any]:
         return {
-            "model": MODEL_KIND,
-            "prior": self.cfg.model_dump(mode="json", exclude={"trainer"}),
-            "data_version": self.manifest_version,
-            "holdout_fraction": self.holdout_fraction,
+            "image_mean": stats["image_mean"].tolist(),
+            "image_std": stats["image_std"].tolist(),
         }
 
     def build_model(self) -> PriorTransformer:
@@ -131,62 +112,29 @@ class PriorTask(TrainTask):
     def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v[indices]) for k, v in self._data.items()}
 
-    def scheduler(self) -> DDPMScheduler:
-        return train_scheduler(self.cfg.timesteps, "sample", clip_sample=False)
-
     def loss(
         self, model: Any, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
         # L = ‖f(x_t, t, y) − x_0‖²  (Ramesh et al. 2022, eq. in sec. 2.2), y dropped for CFG.
         x0 = batch["image"]
-        if self._sched is None:
-            self._sched = self.scheduler()
-        x_t, _, t = noised(self._sched, x0)
+        x_t, _, t = noised(self.train_scheduler(), x0)
         text = drop_condition(batch["text"], self.cfg.cond_drop_prob)
         pred = predict_x0(model, x_t, t, text)
         return F.mse_loss(pred.float(), x0.float()), {}
-
-    def export(self, model: torch.nn.Module, directory: str) -> None:
-        model.save_pretrained(os.path.join(directory, "prior"))
-        self.scheduler().save_pretrained(os.path.join(directory, "scheduler"))
-        info = {
-            "embedding_dim": self.dim,
-            "clip_id": self.clip_id,
-            "data_version": self.manifest_version,
-            "prediction_type": "sample",
-            "sample_steps": self.cfg.sample_steps,
-            "guidance_scale": self.cfg.guidance_scale,
-        }
-        with open(os.path.join(directory, INFO_FILE), "w") as f:
-            json.dump(info, f, indent=2, sort_keys=True)
 
 
 def train_prior(
     layout: StorageLayout, manifest_version: str, cfg: PriorConfig, holdout_fraction: float
 ) -> FitResult:
     """Train (or resume, or skip when done) the prior on a dataset version; export to ``run_dir/export``."""
-    task = PriorTask.from_manifest(layout, manifest_version, cfg, holdout_fraction)
-    name = run_name_for(
-        MODEL_KIND, cfg, holdout_fraction, data_version=manifest_version, seed=cfg.trainer.seed
-    )
-    return fit(task, cfg.trainer, layout, MODEL_KIND, name)
+    return PriorTask.train(layout, manifest_version, cfg, holdout_fraction)
 
 
-class PriorSampler:
+class PriorSampler(ExportedDiffusion):
     """An exported prior, ready to turn text embeddings into image embeddings."""
 
-    def __init__(
-        self,
-        model: PriorTransformer,
-        scheduler_config: dict[str, Any],
-        info: dict[str, Any],
-        device: str,
-    ) -> None:
-        self.model = model.to(device).eval()
-        self.scheduler_config = dict(scheduler_config)
-        self.info = info
-        self.device = device
-        self.dim = int(info["embedding_dim"])
+    TASK = PriorTask
+    MODEL_CLASS = PriorTransformer
 
     @torch.no_grad()
     def sample(
@@ -235,12 +183,4 @@ class PriorSampler:
 
 def load_prior(export_dir: str, device: str = "cpu") -> PriorSampler:
     """Load an exported prior (``train_prior(...).export_dir``)."""
-    with local_dir(export_dir) as d:
-        info_path = os.path.join(d, INFO_FILE)
-        if not os.path.isfile(info_path):
-            raise FileNotFoundError(f"{export_dir} is not a prior export (no {INFO_FILE})")
-        with open(info_path) as f:
-            info = json.load(f)
-        model = PriorTransformer.from_pretrained(os.path.join(d, "prior"), low_cpu_mem_usage=False)
-        scheduler_config = dict(DDPMScheduler.load_config(os.path.join(d, "scheduler")))
-    return PriorSampler(model, scheduler_config, info, device)
+    return PriorSampler.load(export_dir, device)

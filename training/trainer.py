@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from unclip.datasets.storage import StorageLayout, exists, read_json
 
-from .config import TrainerConfig
+from .config import Section, TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,14 @@ class FitResult:
 
 def run_name_for(kind: str, *configs: Any, data_version: str, seed: int) -> str:
     """``kind`` plus a short content hash of configs, data version and seed: same inputs, same run."""
-    parts = [c.model_dump(mode="json") if isinstance(c, BaseModel) else c for c in configs]
+    parts = [
+        c.identity()
+        if isinstance(c, Section)
+        else c.model_dump(mode="json")
+        if isinstance(c, BaseModel)
+        else c
+        for c in configs
+    ]
     blob = json.dumps(
         {"configs": parts, "data_version": data_version, "seed": seed},
         sort_keys=True,

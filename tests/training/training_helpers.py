@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray.cloudpickle
 import torch
 
 from unclip.datasets.config import ClipConfig, SyntheticConfig
+from unclip.datasets.embedding_file import file_metadata, write_embedding_table
 from unclip.datasets.manifest import assemble_manifest
 from unclip.datasets.storage import StorageLayout, atomic_write
 from unclip.datasets.synthetic import render_image, sample_spec
@@ -211,9 +211,9 @@ def build_embedded_store(root: str, num_pairs: int = NUM_PAIRS) -> EmbeddedStore
             "text_embedding": _fixed_list(text),
             "clip_score": pa.array((image * text).sum(1).astype(np.float32), pa.float32()),
         }
-    ).replace_schema_metadata({"unclip.clip_id": CLIP_ID, "unclip.embedding_dim": str(DIM)})
+    ).replace_schema_metadata(file_metadata(CLIP_ID, DIM, {"fixture": True}, SOURCE, 0))
     with atomic_write(layout.embedding_shard(CLIP_ID, SOURCE, 0)) as f:
-        pq.write_table(table, f)
+        write_embedding_table(table, f)  # the embed stage's own writer and file format
     manifest = assemble_manifest(layout, CLIP_ID, [SOURCE])
     return EmbeddedStore(layout, manifest, manifest["version"], captions)
 

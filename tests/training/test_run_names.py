@@ -1,0 +1,25 @@
+from unclip.training.config import DecoderConfig, PriorConfig, TrainerConfig
+from unclip.training.trainer import run_name_for
+
+
+def _name(cfg):
+    return run_name_for("prior", cfg, 0.05, data_version="v1", seed=0)
+
+
+def test_sampling_and_bookkeeping_keep_the_run():
+    base = PriorConfig()
+    same = PriorConfig(
+        guidance_scale=4.0,
+        sample_steps=10,
+        trainer=TrainerConfig(checkpoint_every=7, keep_last=5, log_every=3, max_failures=2),
+    )
+    assert _name(base) == _name(same)
+    assert DecoderConfig(guidance_scale=1.5).identity() == DecoderConfig().identity()
+
+
+def test_what_shapes_the_model_changes_the_run():
+    base = _name(PriorConfig())
+    assert _name(PriorConfig(trainer=TrainerConfig(max_steps=7))) != base
+    assert _name(PriorConfig(num_layers=2)) != base
+    assert run_name_for("prior", PriorConfig(), 0.05, data_version="v2", seed=0) != base
+    assert run_name_for("prior", PriorConfig(), 0.05, data_version="v1", seed=1) != base

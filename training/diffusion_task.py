@@ -1,0 +1,144 @@
+"""What the prior and the decoder share: a diffusion model trained on one dataset version.
+
+:class:`ManifestDiffusionTask` owns the manifest look-up, the task identity, the training
+scheduler, the diffusers export and the run name; :class:`ExportedDiffusion` loads an export
+back. A model supplies its class attributes, its data and its loss — nothing is copied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from diffusers import DDPMScheduler
+
+from unclip.datasets import readers
+from unclip.datasets.storage import StorageLayout
+
+from .artifacts import local_dir
+from .config import Section
+from .diffusion import train_scheduler
+from .trainer import FitResult, TrainTask, fit, run_name_for
+
+
+@dataclass(kw_only=True)
+class ManifestDiffusionTask(TrainTask):
+    """A diffusion model over one dataset version; subclasses set the class attributes."""
+
+    MODEL_KIND: ClassVar[str]  # runs/{MODEL_KIND}/…
+    SUBFOLDER: ClassVar[str]  # the model's folder inside the export (diffusers layout)
+    INFO_FILE: ClassVar[str]  # unclip's json beside it: dimension, CLIP id, sampling defaults
+    PREDICTION: ClassVar[Literal["epsilon", "sample"]]
+    CLIP_SAMPLE: ClassVar[bool]
+
+    layout: StorageLayout
+    manifest_version: str
+    cfg: Any  # the model's config section (with .trainer, .timesteps, .sample_steps, …)
+    holdout_fraction: float
+    dim: int
+    clip_id: str
+    _sched: DDPMScheduler | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def from_manifest(
+        cls, layout: StorageLayout, version: str, cfg: Section, holdout_fraction: float
+    ) -> ManifestDiffusionTask:
+        manifest = readers.load_manifest(layout, version)
+        return cls(
+            layout=layout,
+            manifest_version=version,
+            cfg=cfg,
+            holdout_fraction=holdout_fraction,
+            dim=int(manifest["embedding_dim"]),
+            clip_id=str(manifest["clip_id"]),
+            **cls.manifest_fields(layout, manifest),
+        )
+
+    @classmethod
+    def manifest_fields(cls, layout: StorageLayout, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Extra constructor fields a model reads from the manifest (none by default)."""
+        return {}
+
+    @classmethod
+    def train(
+        cls, layout: StorageLayout, version: str, cfg: Section, holdout_fraction: float
+    ) -> FitResult:
+        """Train (or resume, or skip when done) on a dataset version; export to ``run_dir/export``."""
+        task = cls.from_manifest(layout, version, cfg, holdout_fraction)
+        name = run_name_for(
+            cls.MODEL_KIND, cfg, holdout_fraction, data_version=version, seed=cfg.trainer.seed
+        )
+        return fit(task, cfg.trainer, layout, cls.MODEL_KIND, name)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.MODEL_KIND,
+            self.MODEL_KIND: {k: v for k, v in self.cfg.identity().items() if k != "trainer"},
+            "data_version": self.manifest_version,
+            "holdout_fraction": self.holdout_fraction,
+        }
+
+    def scheduler(self) -> DDPMScheduler:
+        return train_scheduler(self.cfg.timesteps, self.PREDICTION, clip_sample=self.CLIP_SAMPLE)
+
+    def train_scheduler(self) -> DDPMScheduler:
+        """The training scheduler, built once per worker."""
+        if self._sched is None:
+            self._sched = self.scheduler()
+        return self._sched
+
+    def export_info(self) -> dict[str, Any]:
+        """Model-specific entries of the export's json (beyond the shared ones)."""
+        return {}
+
+    def export(self, model: torch.nn.Module, directory: str) -> None:
+        model.save_pretrained(os.path.join(directory, self.SUBFOLDER))
+        self.scheduler().save_pretrained(os.path.join(directory, "scheduler"))
+        info = {
+            "embedding_dim": self.dim,
+            "clip_id": self.clip_id,
+            "data_version": self.manifest_version,
+            "prediction_type": self.PREDICTION,
+            "sample_steps": self.cfg.sample_steps,
+            "guidance_scale": self.cfg.guidance_scale,
+            **self.export_info(),
+        }
+        with open(os.path.join(directory, self.INFO_FILE), "w") as f:
+            json.dump(info, f, indent=2, sort_keys=True)
+
+
+class ExportedDiffusion:
+    """An exported model with its sampling scheduler config and info, ready to sample."""
+
+    TASK: ClassVar[type[ManifestDiffusionTask]]
+    MODEL_CLASS: ClassVar[Any]  # the diffusers model class
+
+    def __init__(
+        self, model: Any, scheduler_config: dict[str, Any], info: dict[str, Any], device: str
+    ) -> None:
+        self.model = model.to(device).eval()
+        self.scheduler_config = dict(scheduler_config)
+        self.info = info
+        self.device = device
+        self.dim = int(info["embedding_dim"])
+
+    @classmethod
+    def load(cls, export_dir: str, device: str = "cpu") -> ExportedDiffusion:
+        """Load an export written by the task's ``train(...)``."""
+        task = cls.TASK
+        with local_dir(export_dir) as d:
+            info_path = os.path.join(d, task.INFO_FILE)
+            if not os.path.isfile(info_path):
+                raise FileNotFoundError(
+                    f"{export_dir} is not a {task.MODEL_KIND} export (no {task.INFO_FILE})"
+                )
+            with open(info_path) as f:
+                info = json.load(f)
+            model = cls.MODEL_CLASS.from_pretrained(
+                os.path.join(d, task.SUBFOLDER), low_cpu_mem_usage=False
+            )
+            scheduler_config = dict(DDPMScheduler.load_config(os.path.join(d, "scheduler")))
+        return cls(model, scheduler_config, info, device)
