@@ -85,6 +85,10 @@ class PriorTask(ManifestDiffusionTask):
 
     @classmethod
     def manifest_fields(cls, layout: StorageLayout, manifest: dict[str, Any]) -> dict[str, Any]:
+        if int(manifest.get("num_samples", 0)) < 1:
+            raise ValueError(
+                f"dataset version {manifest['version']!r} has no samples: nothing to train on"
+            )
         stats = readers.load_embedding_stats(layout, manifest)
         return {
             "image_mean": stats["image_mean"].tolist(),
@@ -107,6 +111,11 @@ class PriorTask(ManifestDiffusionTask):
     def load_data(self, rank: int, world: int) -> int:
         manifest = readers.load_manifest(self.layout, self.manifest_version)
         arrays = readers.load_embeddings(self.layout, manifest, "train", self.holdout_fraction)
+        if len(arrays.keys) == 0:
+            raise ValueError(
+                f"dataset version {self.manifest_version!r} has no training pairs at "
+                f"holdout_fraction={self.holdout_fraction}"
+            )
         return self.set_arrays(arrays.text, arrays.image)
 
     def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:

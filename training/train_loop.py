@@ -8,6 +8,7 @@ sees the same batches and the same noise as the run that wrote it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -50,11 +51,19 @@ def batch_indices(
     global_batch = batch_size * world
     per_epoch = max(1, num_samples // global_batch)
     epoch, pos = divmod(micro_step, per_epoch)
-    perm = np.random.default_rng([seed % 2**32, epoch]).permutation(num_samples)
+    perm = epoch_order(num_samples, seed, epoch)
     if num_samples < global_batch:
         perm = np.resize(perm, global_batch)
     start = pos * global_batch + rank * batch_size
-    return perm[start : start + batch_size]
+    return perm[start : start + batch_size].copy()  # the epoch's order is shared: read-only
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """The permutation of epoch ``epoch``, computed once per epoch, not once per step (O(N))."""
+    perm = np.random.default_rng([seed % 2**32, epoch]).permutation(num_samples)
+    perm.flags.writeable = False  # shared by every step of the epoch
+    return perm
 
 
 def seed_micro_step(seed: int, micro_step: int, rank: int) -> None:

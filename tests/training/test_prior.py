@@ -9,12 +9,20 @@ import numpy as np
 import pytest
 import torch
 from diffusers import PriorTransformer
-from training_helpers import DIM, HOLDOUT, TINY_PRIOR, tiny_trainer
+from training_helpers import (
+    DIM,
+    HOLDOUT,
+    TINY_PRIOR,
+    add_empty_shard,
+    build_embedded_store,
+    tiny_trainer,
+)
 from training_helpers import make_prior_task as make_task
 
+from unclip.datasets.storage import StorageLayout
 from unclip.training.config import EvaluateConfig
 from unclip.training.evaluation import PRIOR_METRICS, evaluate_prior
-from unclip.training.prior import load_prior, predict_x0, train_prior
+from unclip.training.prior import PriorTask, load_prior, predict_x0, train_prior
 
 TINY = TINY_PRIOR
 
@@ -96,3 +104,27 @@ def test_train_prior_under_zero3_then_evaluate(ray_local, embedded_store):
     assert keys <= set(written)
 
     assert train_prior(layout, version, cfg, HOLDOUT).skipped
+
+
+# --- bad input ------------------------------------------------------------------------------
+def test_a_missing_dataset_version_is_a_clear_error_before_any_training(tmp_path):
+    layout = StorageLayout(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="dataset version 'feedfacefeedface'"):
+        train_prior(layout, "feedfacefeedface", TINY, HOLDOUT)
+    assert not os.path.exists(layout.runs_dir("prior"))
+
+
+def test_an_empty_shard_is_skipped_and_an_empty_data_set_refused(tmp_path):
+    store = add_empty_shard(build_embedded_store(str(tmp_path), num_pairs=40))
+    assert [s["count"] for s in store.manifest["shards"]] == [40, 0]
+    task = PriorTask.from_manifest(store.layout, store.version, TINY, HOLDOUT)
+    n = task.load_data(0, 1)
+    assert 0 < n < 40 and task.batch(np.arange(n))["image"].shape == (n, DIM)
+    with pytest.raises(ValueError, match="dataset version 'v0' has no samples"):
+        PriorTask.manifest_fields(
+            store.layout, {**store.manifest, "version": "v0", "num_samples": 0}
+        )
+    nothing = PriorTask.from_manifest(store.layout, store.version, TINY, HOLDOUT)
+    nothing.holdout_fraction = 0.999999  # every key hashes into the held-out split
+    with pytest.raises(ValueError, match="no training pairs"):
+        nothing.load_data(0, 1)

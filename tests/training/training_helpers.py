@@ -179,6 +179,27 @@ def _fixed_list(x: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float16).reshape(-1)), x.shape[1])
 
 
+def add_empty_shard(store: EmbeddedStore, shard: int = 1) -> EmbeddedStore:
+    """The store with one more shard of ``SOURCE`` holding no samples, and its new manifest."""
+    layout = store.layout
+    _write_tar(layout.image_shard(SOURCE, shard), [])
+    text = np.zeros((0, DIM), np.float32)
+    table = pa.table(
+        {
+            "key": pa.array([], pa.string()),
+            "caption": pa.array([], pa.string()),
+            "url": pa.array([], pa.string()),
+            "image_embedding": _fixed_list(text),
+            "text_embedding": _fixed_list(text),
+            "clip_score": pa.array([], pa.float32()),
+        }
+    ).replace_schema_metadata(file_metadata(CLIP_ID, DIM, {"fixture": True}, SOURCE, shard))
+    with atomic_write(layout.embedding_shard(CLIP_ID, SOURCE, shard)) as f:
+        write_embedding_table(table, f)
+    manifest = assemble_manifest(layout, CLIP_ID, [SOURCE])
+    return EmbeddedStore(layout, manifest, manifest["version"], store.captions)
+
+
 def build_embedded_store(root: str, num_pairs: int = NUM_PAIRS) -> EmbeddedStore:
     layout = StorageLayout(root)
     syn = SyntheticConfig(num_pairs=num_pairs, image_size=64, seed=0)
