@@ -25,7 +25,7 @@ import ray.cloudpickle
 import torch
 
 from unclip.datasets.config import ClipConfig, SyntheticConfig
-from unclip.datasets.embedding_file import file_metadata, write_embedding_table
+from unclip.datasets.embedding_file import file_metadata, fixed_list, write_embedding_table
 from unclip.datasets.manifest import assemble_manifest
 from unclip.datasets.storage import StorageLayout, atomic_write
 from unclip.datasets.synthetic import render_image, sample_spec
@@ -175,10 +175,6 @@ def _write_tar(path: str, items: list[tuple[str, bytes, str]]) -> None:
         f.write(buf.getvalue())
 
 
-def _fixed_list(x: np.ndarray) -> pa.Array:
-    return pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float16).reshape(-1)), x.shape[1])
-
-
 def add_empty_shard(store: EmbeddedStore, shard: int = 1) -> EmbeddedStore:
     """The store with one more shard of ``SOURCE`` holding no samples, and its new manifest."""
     layout = store.layout
@@ -189,8 +185,8 @@ def add_empty_shard(store: EmbeddedStore, shard: int = 1) -> EmbeddedStore:
             "key": pa.array([], pa.string()),
             "caption": pa.array([], pa.string()),
             "url": pa.array([], pa.string()),
-            "image_embedding": _fixed_list(text),
-            "text_embedding": _fixed_list(text),
+            "image_embedding": fixed_list(text),
+            "text_embedding": fixed_list(text),
             "clip_score": pa.array([], pa.float32()),
         }
     ).replace_schema_metadata(file_metadata(CLIP_ID, DIM, {"fixture": True}, SOURCE, shard))
@@ -228,8 +224,8 @@ def build_embedded_store(root: str, num_pairs: int = NUM_PAIRS) -> EmbeddedStore
             "key": pa.array([k for k, _, _ in items], pa.string()),
             "caption": pa.array(captions, pa.string()),
             "url": pa.array([f"http://127.0.0.1/{i}.png" for i in range(num_pairs)], pa.string()),
-            "image_embedding": _fixed_list(image),
-            "text_embedding": _fixed_list(text),
+            "image_embedding": fixed_list(image),
+            "text_embedding": fixed_list(text),
             "clip_score": pa.array((image * text).sum(1).astype(np.float32), pa.float32()),
         }
     ).replace_schema_metadata(file_metadata(CLIP_ID, DIM, {"fixture": True}, SOURCE, 0))
