@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Marks a field that does not change what a run trains (sampling, bookkeeping): it is left
 # out of the run name's hash, so changing it reuses the trained run instead of retraining.
@@ -92,6 +93,20 @@ class PriorConfig(Section):
         50, ge=1, description="DDIM steps when sampling.", json_schema_extra=NOT_IDENTITY
     )
     guidance_scale: float = Field(1.0, gt=0, json_schema_extra=NOT_IDENTITY)
+    candidates: int = Field(
+        1,
+        ge=1,
+        description="Sampling: draw k image embeddings per text and keep the one with the "
+        "highest dot product with the text embedding (DALL·E 2, sec. 2.2).",
+        json_schema_extra=NOT_IDENTITY,
+    )
+    init_from: str | None = Field(
+        None,
+        description="Fine-tune from these weights: a PriorTransformer.save_pretrained folder or "
+        "an unclip prior export, with this section's architecture and the data set's embedding "
+        "dimension; its clip_mean/clip_std are kept. The run name hashes its content, not its path.",
+        json_schema_extra=NOT_IDENTITY,
+    )
     trainer: TrainerConfig = TrainerConfig()
 
 
@@ -109,10 +124,75 @@ class DecoderConfig(Section):
         "attention_resolutions); attention at high resolution dominates the cost.",
     )
     timesteps: int = Field(1000, ge=1)
-    cond_drop_prob: float = Field(0.1, ge=0, le=1)
+    cond_drop_prob: float = Field(
+        0.1, ge=0, le=1, description="Probability of dropping the image embedding (for guidance)."
+    )
+    text_conditioning: bool = Field(
+        False,
+        description="Also condition on the caption's CLIP text embedding (Kandinsky 2.1's "
+        "text_image embeddings; cross-attention width becomes the embedding dimension).",
+    )
+    text_drop_prob: float = Field(
+        0.5, ge=0, le=1, description="Probability of dropping the caption embedding (unCLIP: 50%)."
+    )
     sample_steps: int = Field(50, ge=1, json_schema_extra=NOT_IDENTITY)
     guidance_scale: float = Field(3.0, gt=0, json_schema_extra=NOT_IDENTITY)
     trainer: TrainerConfig = TrainerConfig()
+
+
+class UpsamplerConfig(Section):
+    """A super-resolution stage (diffusers UNet2DModel): low-res image → high-res image."""
+
+    input_size: int = Field(32, ge=4, description="Resolution of the image it is conditioned on.")
+    output_size: int = Field(64, ge=8, description="Resolution it produces.")
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = Field(1, ge=1)
+    timesteps: int = Field(1000, ge=1)
+    blur_sigma_min: float = Field(
+        0.4,
+        ge=0,
+        description="Gaussian blur of the low-res conditioning in training, σ in "
+        "low-res pixels drawn from [min, max] (unCLIP sec. 2.1); 0 and 0 disable it.",
+    )
+    blur_sigma_max: float = Field(0.6, ge=0)
+    noise_aug_max: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="Noise augmentation of the conditioning in training: diffusion level "
+        "s ~ U[0, max·T) applied to it and given to the model (Imagen's conditioning augmentation).",
+    )
+    crop_size: int | None = Field(
+        None, description="Train on random crops of this many high-res pixels (None: whole images)."
+    )
+    sample_noise_aug: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="Noise augmentation level (fraction of T) of the conditioning when sampling.",
+        json_schema_extra=NOT_IDENTITY,
+    )
+    sample_steps: int = Field(50, ge=1, json_schema_extra=NOT_IDENTITY)
+    trainer: TrainerConfig = TrainerConfig()
+
+    @model_validator(mode="after")
+    def _sizes(self) -> UpsamplerConfig:
+        if self.output_size <= self.input_size:
+            raise ValueError(
+                f"output_size {self.output_size} must be larger than input_size {self.input_size}"
+            )
+        if self.blur_sigma_max < self.blur_sigma_min:
+            raise ValueError(
+                f"blur_sigma_max {self.blur_sigma_max} < blur_sigma_min {self.blur_sigma_min}"
+            )
+        if self.crop_size is not None:
+            scale = self.output_size // math.gcd(self.output_size, self.input_size)
+            if not 0 < self.crop_size <= self.output_size or self.crop_size % scale:
+                raise ValueError(
+                    f"crop_size {self.crop_size} must be in (0, output_size {self.output_size}] "
+                    f"and a multiple of {scale} (so a crop covers whole low-res pixels)"
+                )
+        return self
 
 
 class EvaluateConfig(Section):
@@ -129,4 +209,43 @@ class EvaluateConfig(Section):
     samples_per_caption: int = Field(2, ge=1)
     max_pairs: int = Field(
         1000, ge=1, description="Held-out pairs the prior's cosine suite uses at most."
+    )
+    # The decoder / cascade evaluation (training/cascade_eval.py). None of these change a
+    # trained run: they are left out of run names.
+    num_eval_samples: int = Field(
+        200,
+        ge=2,
+        description="Images generated for FD-CLIP / CLIP score / attribute accuracy, captions "
+        "cycled from the held-out split (single-object captions on the synthetic shapes).",
+        json_schema_extra=NOT_IDENTITY,
+    )
+    eval_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Decoder DDIM steps when evaluating (None: the decoder's sample_steps).",
+        json_schema_extra=NOT_IDENTITY,
+    )
+    eval_guidance: float | None = Field(
+        None,
+        gt=0,
+        description="Decoder guidance scale when evaluating (None: the decoder's guidance_scale).",
+        json_schema_extra=NOT_IDENTITY,
+    )
+    eval_workers: int = Field(
+        2,
+        ge=1,
+        description="Ray tasks the evaluation's generation is split over; their features are "
+        "pooled before any Fréchet distance is computed.",
+        json_schema_extra=NOT_IDENTITY,
+    )
+    eval_seed: int = Field(
+        0,
+        description="Seed of evaluation sampling and of the untrained baseline decoder.",
+        json_schema_extra=NOT_IDENTITY,
+    )
+    inception_checkpoint: str | None = Field(
+        None,
+        description="torchvision Inception-v3 state dict (local path or URI) for FID with "
+        "torchmetrics (the `eval` extra); None: `fid` is null.",
+        json_schema_extra=NOT_IDENTITY,
     )

@@ -3,8 +3,15 @@
 Conditioning as in Kandinsky 2.2, which is DALL·E 2's decoder conditioning: the image embedding
 is projected and added to the timestep embedding (``addition_embed_type="image"``) and projected
 to extra context tokens the cross-attention layers read (``encoder_hid_dim_type="image_proj"``).
-Trained with the ε-prediction MSE (Ho et al. 2020, eq. 14) on the cosine schedule; the image
-embedding is dropped (zeroed) with ``cond_drop_prob`` for classifier-free guidance.
+Optionally (``text_conditioning``) the caption's CLIP text embedding joins it as in Kandinsky 2.1
+(``addition_embed_type="text_image"``, ``encoder_hid_dim_type="text_image_proj"``): added to the
+timestep embedding too, and one more context token. Trained with the ε-prediction MSE (Ho et al.
+2020, eq. 14) on the cosine schedule; the image embedding is dropped (zeroed) with
+``cond_drop_prob`` and the caption embedding, independently, with ``text_drop_prob`` (unCLIP
+sec. 2.1: 10% and 50%) for classifier-free guidance.
+
+The condition a model function receives is one tensor: the image embedding [N, D], or with text
+conditioning [image ‖ text] [N, 2D], so the shared guidance's null condition (zeros) drops both.
 """
 
 from __future__ import annotations
@@ -52,6 +59,20 @@ def build_decoder(cfg: DecoderConfig, dim: int) -> UNet2DConditionModel:
         )
     plain = n - cfg.attention_levels
     down = ("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * cfg.attention_levels
+    if cfg.text_conditioning:
+        # diffusers sizes Kandinsky 2.1's TextImageProjection / TextImageTimeEmbedding by
+        # cross_attention_dim for the image and pooled-text inputs: both are CLIP embeddings here.
+        conditioning = {
+            "cross_attention_dim": dim,
+            "encoder_hid_dim_type": "text_image_proj",
+            "addition_embed_type": "text_image",
+        }
+    else:
+        conditioning = {
+            "cross_attention_dim": channels[-1],
+            "encoder_hid_dim_type": "image_proj",
+            "addition_embed_type": "image",
+        }
     return UNet2DConditionModel(
         sample_size=cfg.image_size,
         in_channels=3,
@@ -63,19 +84,29 @@ def build_decoder(cfg: DecoderConfig, dim: int) -> UNet2DConditionModel:
         # diffusers reads `attention_head_dim` as the number of heads per block (a known
         # misnomer): pass heads so each head really has cfg.attention_head_dim channels.
         attention_head_dim=tuple(c // cfg.attention_head_dim for c in channels),
-        cross_attention_dim=channels[-1],
         norm_num_groups=min(32, math.gcd(*channels)),
         encoder_hid_dim=dim,
-        encoder_hid_dim_type="image_proj",
-        addition_embed_type="image",
+        **conditioning,
     )
 
 
-def predict_eps(
-    model: Any, x_t: torch.Tensor, t: torch.Tensor, image_emb: torch.Tensor
-) -> torch.Tensor:
-    """The UNet's ε prediction for noised images ``x_t`` given image embeddings."""
-    out = model(x_t, t, encoder_hidden_states=None, added_cond_kwargs={"image_embeds": image_emb})
+def has_text_conditioning(model: Any) -> bool:
+    """Whether the UNet also reads the caption's text embedding."""
+    return model.config.addition_embed_type == "text_image"
+
+
+def predict_eps(model: Any, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """The UNet's ε prediction for noised images ``x_t`` given the condition (see module doc)."""
+    if not has_text_conditioning(model):
+        out = model(x_t, t, encoder_hidden_states=None, added_cond_kwargs={"image_embeds": cond})
+        return out.sample
+    image_emb, text_emb = cond.chunk(2, dim=1)
+    out = model(
+        x_t,
+        t,
+        encoder_hidden_states=text_emb[:, None, :],  # one context token (the pooled caption)
+        added_cond_kwargs={"image_embeds": image_emb, "text_embeds": text_emb},
+    )
     return out.sample
 
 
@@ -107,7 +138,9 @@ class DecoderTask(ManifestDiffusionTask):
     def build_model(self) -> UNet2DConditionModel:
         return build_decoder(self.cfg, self.dim)
 
-    def set_arrays(self, images: np.ndarray, image_emb: np.ndarray) -> int:
+    def set_arrays(
+        self, images: np.ndarray, image_emb: np.ndarray, text_emb: np.ndarray | None = None
+    ) -> int:
         """Use these uint8 [N, S, S, 3] images and their embeddings as training data."""
         size = self.cfg.image_size
         if images.ndim != 4 or images.shape[1:] != (size, size, 3):
@@ -117,6 +150,14 @@ class DecoderTask(ManifestDiffusionTask):
                 f"image embeddings must be [{len(images)}, {self.dim}], got {image_emb.shape}"
             )
         self._data = {"images": images, "image_emb": np.ascontiguousarray(image_emb, np.float32)}
+        if self.cfg.text_conditioning:
+            if text_emb is None or text_emb.shape != image_emb.shape:
+                got = None if text_emb is None else text_emb.shape
+                raise ValueError(
+                    f"decoder.text_conditioning needs caption embeddings [{len(images)}, "
+                    f"{self.dim}], got {got}"
+                )
+            self._data["text_emb"] = np.ascontiguousarray(text_emb, np.float32)
         return len(images)
 
     def load_data(self, rank: int, world: int) -> int:
@@ -124,25 +165,32 @@ class DecoderTask(ManifestDiffusionTask):
         pairs = readers.load_image_pairs(
             self.layout, manifest, "train", self.holdout_fraction, image_size=self.cfg.image_size
         )
-        return self.set_arrays(pairs.images, pairs.image_emb)
+        return self.set_arrays(pairs.images, pairs.image_emb, pairs.text_emb)
 
     def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        return {
+        out = {
             "images": to_unit_range(self._data["images"][indices]),
             "image_emb": torch.from_numpy(self._data["image_emb"][indices]),
         }
+        if "text_emb" in self._data:
+            out["text_emb"] = torch.from_numpy(self._data["text_emb"][indices])
+        return out
 
     def loss(
         self, model: Any, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        # L_simple = ‖ε − ε_θ(x_t, t, z_i)‖²  (Ho et al. 2020, eq. 14), z_i dropped for CFG.
+        # L_simple = ‖ε − ε_θ(x_t, t, z_i, y)‖²  (Ho et al. 2020, eq. 14); z_i and the caption
+        # embedding y dropped independently for classifier-free guidance.
         x_t, noise, t = noised(self.train_scheduler(), batch["images"])
         cond = drop_condition(batch["image_emb"], self.cfg.cond_drop_prob)
+        if self.cfg.text_conditioning:
+            text = drop_condition(batch["text_emb"], self.cfg.text_drop_prob)
+            cond = torch.cat([cond, text], dim=1)
         pred = predict_eps(model, x_t, t, cond)
         return F.mse_loss(pred.float(), noise.float()), {}
 
     def export_info(self) -> dict[str, Any]:
-        return {"image_size": self.cfg.image_size}
+        return {"image_size": self.cfg.image_size, "text_conditioning": self.cfg.text_conditioning}
 
 
 def train_decoder(
@@ -162,6 +210,10 @@ class DecoderSampler(ExportedDiffusion):
     def image_size(self) -> int:
         return int(self.info["image_size"])
 
+    @property
+    def text_conditioning(self) -> bool:
+        return bool(self.info.get("text_conditioning", False))
+
     @torch.no_grad()
     def sample(
         self,
@@ -170,11 +222,22 @@ class DecoderSampler(ExportedDiffusion):
         guidance_scale: float | None = None,
         seed: int = 0,
         sampler: Sampler = "ddim",
+        text_emb: torch.Tensor | None = None,
     ) -> np.ndarray:
-        """uint8 images [N, H, W, 3] for image embeddings [N, D]."""
+        """uint8 images [N, H, W, 3] for image embeddings [N, D] (and caption embeddings [N, D]).
+
+        A text-conditioned decoder given no caption embeddings decodes with the null caption.
+        """
         emb = torch.as_tensor(image_emb, dtype=torch.float32)
         if emb.ndim != 2 or emb.shape[1] != self.dim:
             raise ValueError(f"image embeddings must be [N, {self.dim}], got {list(emb.shape)}")
+        if self.text_conditioning:
+            text = torch.zeros_like(emb) if text_emb is None else torch.as_tensor(text_emb)
+            if text.shape != emb.shape:
+                raise ValueError(
+                    f"caption embeddings must be {list(emb.shape)}, got {list(text.shape)}"
+                )
+            emb = torch.cat([emb, text.float()], dim=1)
         steps = int(steps if steps is not None else self.info.get("sample_steps", 50))
         scale = float(
             guidance_scale if guidance_scale is not None else self.info.get("guidance_scale", 1.0)

@@ -103,7 +103,8 @@ class ManifestDiffusionTask(TrainTask):
             "data_version": self.manifest_version,
             "prediction_type": self.PREDICTION,
             "sample_steps": self.cfg.sample_steps,
-            "guidance_scale": self.cfg.guidance_scale,
+            # a stage never trained with dropped conditions (an upsampler) has no guidance
+            "guidance_scale": getattr(self.cfg, "guidance_scale", 1.0),
             **self.export_info(),
         }
         with open(os.path.join(directory, self.INFO_FILE), "w") as f:
