@@ -228,53 +228,158 @@ def evaluate(config: ConfigArg, set_: SetOpt = None) -> None:
 
 @app.command()
 def sample(
-    caption: Annotated[list[str], typer.Argument(help="One or more captions.")],
+    caption: Annotated[
+        list[str] | None, typer.Argument(help="One or more captions (none with --variation etc.).")
+    ] = None,
     config: Annotated[Path, typer.Option("--config", "-c", help="Pipeline config YAML.")] = Path(
         "configs/demo.yaml"
     ),
-    n: Annotated[int, typer.Option("--n", help="Images per caption.", min=1)] = 4,
+    n: Annotated[int, typer.Option("--n", help="Images per caption / input.", min=1)] = 4,
     out: Annotated[Path, typer.Option("--out", help="Folder for the PNGs.")] = Path("samples"),
     steps: Annotated[int | None, typer.Option(help="DDIM steps (default: from config).")] = None,
     guidance: Annotated[
         float | None, typer.Option(help="Decoder guidance scale (default: from config).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    variation: Annotated[
+        Path | None,
+        typer.Option(help="Variations of this image: its CLIP image embedding, decoded."),
+    ] = None,
+    interpolate: Annotated[
+        tuple[str, str] | None,
+        typer.Option(help='Interpolate between two captions: --interpolate "A" "B".'),
+    ] = None,
+    frames: Annotated[int, typer.Option(help="Frames of --interpolate.", min=2)] = 5,
+    embedding: Annotated[
+        Path | None,
+        typer.Option(help="Decode image embeddings from a .npy file ([N, D] or [D])."),
+    ] = None,
+    upsampler: Annotated[
+        Path | None,
+        typer.Option(help="Upsampler export to use (default: the latest trained, if configured)."),
+    ] = None,
+    no_upsampler: Annotated[
+        bool, typer.Option("--no-upsampler", help="Stop at the decoder's resolution.")
+    ] = False,
+    upsampler_steps: Annotated[
+        int | None, typer.Option(help="Upsampler DDIM steps (default: from config).")
+    ] = None,
     set_: SetOpt = None,
 ) -> None:
-    """Generate images for captions: CLIP text → prior → decoder, from the latest trained runs."""
+    """Generate images: CLIP text → prior → decoder → upsampler, from the latest trained runs.
+
+    Or variations of an image (--variation), an interpolation between two captions
+    (--interpolate A B --frames N), or the decoding of saved image embeddings (--embedding).
+    """
     from unclip.pipelines import stages
 
     cfg, _ = _load(config, set_)
-    for c in caption:
+    captions = list(caption or [])
+    modes = [
+        m
+        for m, on in (
+            ("captions", captions),
+            ("--variation", variation),
+            ("--interpolate", interpolate),
+            ("--embedding", embedding),
+        )
+        if on
+    ]
+    if len(modes) != 1:
+        what = " and ".join(modes) if modes else "nothing"
+        _usage_error(f"give captions, --variation, --interpolate or --embedding (got {what})")
+    for c in [*captions, *(interpolate or ())]:
         if not c.strip():
-            console.print("[red]error:[/red] empty caption")
-            raise typer.Exit(2)
+            _usage_error("empty caption")
+    if guidance is not None and not guidance > 0:
+        _usage_error(f"guidance scale must be > 0, got {guidance}")
+    for name, path in (("--variation", variation), ("--embedding", embedding)):
+        if path is not None and not path.is_file():
+            _usage_error(f"{name} {path}: no such file")
     try:
-        clip_ckpt = stages.latest_export(cfg, "clip") if cfg.uses_bootstrap_clip else None
-        prior_export = stages.latest_export(cfg, "prior")
+        needs_prior = bool(captions or interpolate)
+        needs_clip = needs_prior or variation is not None
+        bootstrap = needs_clip and cfg.uses_bootstrap_clip
+        clip_ckpt = stages.latest_export(cfg, "clip") if bootstrap else None
+        prior_export = stages.latest_export(cfg, "prior") if needs_prior else ""
         decoder_export = stages.latest_export(cfg, "decoder")
+        if no_upsampler:
+            ups: list[str] = []
+        elif upsampler is not None:
+            ups = [str(upsampler)]
+        else:
+            ups = [stages.latest_export(cfg, "upsampler")] if cfg.upsampler is not None else []
     except FileNotFoundError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from None
-    from unclip.training.sampling import generate
+    from unclip.training import sampling
 
-    images = generate(
-        caption,
-        cfg.clip,
-        clip_ckpt,
-        prior_export,
-        decoder_export,
-        n_per_caption=n,
-        steps=steps or cfg.decoder.sample_steps,
-        guidance=guidance if guidance is not None else cfg.decoder.guidance_scale,
-        seed=seed,
-    )
+    common = {
+        "steps": steps or cfg.decoder.sample_steps,
+        "guidance": guidance if guidance is not None else cfg.decoder.guidance_scale,
+        "seed": seed,
+        "upsampler_exports": ups,
+        "upsampler_steps": upsampler_steps
+        or (cfg.upsampler.sample_steps if cfg.upsampler is not None else None),
+    }
+    try:
+        if captions:
+            images = sampling.generate(
+                captions,
+                cfg.clip,
+                clip_ckpt,
+                prior_export,
+                decoder_export,
+                n_per_caption=n,
+                **common,
+            )
+            names = [f"{_slug(captions[i // n])}-{i % n}" for i in range(len(images))]
+        elif interpolate:
+            images = sampling.interpolate(
+                interpolate[0],
+                interpolate[1],
+                frames,
+                cfg.clip,
+                clip_ckpt,
+                prior_export,
+                decoder_export,
+                **common,
+            )
+            stem = f"{_slug(interpolate[0])}-to-{_slug(interpolate[1])}"
+            names = [f"{stem}-{i:02d}" for i in range(len(images))]
+        elif variation is not None:
+            from PIL import Image, UnidentifiedImageError
+
+            try:
+                with Image.open(variation) as im:
+                    source = im.convert("RGB")
+            except (UnidentifiedImageError, OSError) as e:
+                _usage_error(f"--variation {variation}: not an image ({e})")
+            images = sampling.variations(
+                [source], cfg.clip, clip_ckpt, decoder_export, n_per_image=n, **common
+            )
+            names = [f"variation-{_slug(variation.stem)}-{i}" for i in range(len(images))]
+        else:
+            import numpy as np
+
+            try:
+                emb = np.load(embedding, allow_pickle=False)
+            except (ValueError, OSError) as e:
+                _usage_error(f"--embedding {embedding}: not a .npy array ({e})")
+            images = sampling.decode_embeddings(emb, decoder_export, **common)
+            names = [f"embedding-{i}" for i in range(len(images))]
+    except ValueError as e:
+        _usage_error(str(e))
     out.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(images):
-        c = caption[i // n]
-        path = out / f"{_slug(c)}-{i % n}.png"
+    for name, img in zip(names, images, strict=True):
+        path = out / f"{name}.png"
         img.save(path)
         console.print(str(path))
+
+
+def _usage_error(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
 
 
 def _slug(text: str) -> str:

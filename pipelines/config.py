@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from unclip.datasets.config import (
     ClipConfig,
@@ -23,6 +23,7 @@ from unclip.training.config import (
     DecoderConfig,
     EvaluateConfig,
     PriorConfig,
+    UpsamplerConfig,
 )
 
 
@@ -56,7 +57,22 @@ class PipelineConfig(BaseModel):
     manifest: ManifestConfig = ManifestConfig()
     prior: PriorConfig = PriorConfig()
     decoder: DecoderConfig = DecoderConfig()
+    upsampler: UpsamplerConfig | None = Field(
+        None,
+        description="A super-resolution stage after the decoder (its input_size must be the "
+        "decoder's image_size); None: no upsampler.",
+    )
     evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _cascade_fits(self) -> PipelineConfig:
+        if self.upsampler is not None and self.upsampler.input_size != self.decoder.image_size:
+            raise ValueError(
+                f"upsampler.input_size {self.upsampler.input_size} must equal "
+                f"decoder.image_size {self.decoder.image_size} (the upsampler enlarges the "
+                "decoder's images)"
+            )
+        return self
 
     @property
     def uses_bootstrap_clip(self) -> bool:

@@ -222,6 +222,23 @@ def train_decoder(cfg: PipelineConfig, version: str) -> dict[str, Any]:
     return _fit_summary(fit)
 
 
+def train_upsampler(cfg: PipelineConfig, version: str) -> dict[str, Any]:
+    """Train the super-resolution stage, when the config has an ``upsampler`` section."""
+    if cfg.upsampler is None:
+        return {"run": None, "skipped": True, "reason": "no upsampler section in the config"}
+    if cfg.upsampler.input_size != cfg.decoder.image_size:
+        raise ValueError(
+            f"upsampler.input_size {cfg.upsampler.input_size} must equal decoder.image_size "
+            f"{cfg.decoder.image_size}: the upsampler enlarges the decoder's images"
+        )
+    from unclip.training.upsampler import train_upsampler as fit_upsampler
+
+    ensure_ray(cfg)
+    fit = fit_upsampler(layout_of(cfg), version, cfg.upsampler, cfg.evaluate.holdout_fraction)
+    _record_latest(cfg, "upsampler", fit, version)
+    return _fit_summary(fit)
+
+
 def _record_latest(cfg: PipelineConfig, model: str, fit: Any, version: str | None) -> None:
     """Point ``runs/{model}/latest.json`` at this run, for ``unclip sample`` and ``status``."""
     write_json(

@@ -1,4 +1,9 @@
-"""Captions to images from exported checkpoints: CLIP text embedding → prior → decoder."""
+"""Images from exported checkpoints: captions → CLIP text embedding → prior → decoder → upsamplers.
+
+Also unCLIP's two other uses of the image embedding (Ramesh et al. 2022, sec. 3): variations of
+an input image (embed it with CLIP, decode) and interpolation between two captions' image
+embeddings (slerp).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from unclip.datasets.clip import ClipBundle, encode_texts, load_clip
+from unclip.datasets.clip import ClipBundle, encode_images, encode_texts, load_clip
 from unclip.datasets.config import ClipConfig
 
-from .decoder import load_decoder
+from .decoder import DecoderSampler, load_decoder
 from .prior import load_prior
+from .upsampler import UpsamplerSampler, load_upsampler
 
 
 def check_captions(captions: Sequence[str], bundle: ClipBundle) -> None:
@@ -34,6 +40,69 @@ def check_captions(captions: Sequence[str], bundle: ClipBundle) -> None:
                 )
 
 
+def check_guidance(**scales: float | None) -> None:
+    """Refuse a guidance scale of 0 or less before any model runs."""
+    for name, value in scales.items():
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} guidance scale must be > 0, got {value}")
+
+
+def check_clip(bundle: ClipBundle, **infos: dict) -> None:
+    """Refuse models trained on another CLIP's embeddings than the one loaded."""
+    for name, info in infos.items():
+        trained_on = info.get("clip_id")
+        if trained_on and trained_on != bundle.clip_id:
+            raise ValueError(
+                f"the {name} was trained on embeddings of CLIP {trained_on}, "
+                f"but the CLIP loaded here is {bundle.clip_id}"
+            )
+
+
+def check_cascade(decoder: DecoderSampler, upsamplers: Sequence[UpsamplerSampler]) -> None:
+    """Each stage must take the size of image that the stage before it makes."""
+    size, made_by = decoder.image_size, "the decoder"
+    for i, up in enumerate(upsamplers):
+        if up.input_size != size:
+            raise ValueError(
+                f"upsampler {i + 1} takes {up.input_size} px images but {made_by} makes "
+                f"{size} px images (upsampler input size {up.input_size} != {size})"
+            )
+        size, made_by = up.output_size, f"upsampler {i + 1}"
+
+
+def load_cascade(
+    decoder_export: str, upsampler_exports: Sequence[str] = ()
+) -> tuple[DecoderSampler, list[UpsamplerSampler]]:
+    """The decoder and its upsamplers, checked to fit together."""
+    decoder = load_decoder(decoder_export)
+    upsamplers = [load_upsampler(e) for e in upsampler_exports]
+    check_cascade(decoder, upsamplers)
+    return decoder, upsamplers
+
+
+def decode(
+    decoder: DecoderSampler,
+    upsamplers: Sequence[UpsamplerSampler],
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    upsampler_steps: int | None = None,
+) -> np.ndarray:
+    """Image embeddings [N, D] → uint8 images, stage after stage (decoder, then each upsampler)."""
+    pixels = decoder.sample(
+        image_emb, steps=steps, guidance_scale=guidance, seed=seed, text_emb=text_emb
+    )
+    for up in upsamplers:
+        pixels = up.sample(pixels, steps=upsampler_steps, seed=seed)
+    return pixels
+
+
+def to_pil(pixels: np.ndarray) -> list[Image.Image]:
+    return [Image.fromarray(np.asarray(p)) for p in pixels]
+
+
 def generate(
     captions: Sequence[str],
     clip_cfg: ClipConfig,
@@ -46,23 +115,120 @@ def generate(
     seed: int = 0,
     prior_steps: int | None = None,
     prior_guidance: float | None = None,
+    upsampler_exports: Sequence[str] = (),
+    upsampler_steps: int | None = None,
 ) -> list[Image.Image]:
     """``n_per_caption`` images per caption, caption-major; decoder steps / guidance default to the export's."""
     if n_per_caption < 1:
         raise ValueError(f"n_per_caption must be >= 1, got {n_per_caption}")
+    check_guidance(decoder=guidance, prior=prior_guidance)
     bundle = load_clip(clip_cfg, clip_checkpoint)
     check_captions(captions, bundle)
     prior = load_prior(prior_export)
-    decoder = load_decoder(decoder_export)
-    for name, info in (("prior", prior.info), ("decoder", decoder.info)):
-        trained_on = info.get("clip_id")
-        if trained_on and trained_on != bundle.clip_id:
-            raise ValueError(
-                f"the {name} was trained on embeddings of CLIP {trained_on}, "
-                f"but the CLIP loaded here is {bundle.clip_id}"
-            )
+    decoder, upsamplers = load_cascade(decoder_export, upsampler_exports)
+    check_clip(bundle, prior=prior.info, decoder=decoder.info)
     text = torch.from_numpy(encode_texts(bundle, list(captions)))
     text = text.repeat_interleave(n_per_caption, dim=0)
     image_emb = prior.sample(text, steps=prior_steps, guidance_scale=prior_guidance, seed=seed)
-    pixels = decoder.sample(image_emb, steps=steps, guidance_scale=guidance, seed=seed)
-    return [Image.fromarray(np.asarray(p)) for p in pixels]
+    pixels = decode(decoder, upsamplers, image_emb, text, steps, guidance, seed, upsampler_steps)
+    return to_pil(pixels)
+
+
+def variations(
+    images: Sequence[Image.Image],
+    clip_cfg: ClipConfig,
+    clip_checkpoint: str | None,
+    decoder_export: str,
+    n_per_image: int = 1,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    upsampler_exports: Sequence[str] = (),
+    upsampler_steps: int | None = None,
+) -> list[Image.Image]:
+    """Variations of input images: their CLIP image embedding decoded ``n_per_image`` times each."""
+    if not images:
+        raise ValueError("no images given")
+    if n_per_image < 1:
+        raise ValueError(f"n_per_image must be >= 1, got {n_per_image}")
+    check_guidance(decoder=guidance)
+    bundle = load_clip(clip_cfg, clip_checkpoint)
+    decoder, upsamplers = load_cascade(decoder_export, upsampler_exports)
+    check_clip(bundle, decoder=decoder.info)
+    emb = torch.from_numpy(encode_images(bundle, [im.convert("RGB") for im in images]))
+    emb = emb.repeat_interleave(n_per_image, dim=0)
+    # no caption: a text-conditioned decoder gets the null caption
+    return to_pil(decode(decoder, upsamplers, emb, None, steps, guidance, seed, upsampler_steps))
+
+
+def decode_embeddings(
+    image_emb: np.ndarray,
+    decoder_export: str,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    upsampler_exports: Sequence[str] = (),
+    upsampler_steps: int | None = None,
+) -> list[Image.Image]:
+    """Images for given image embeddings [N, D] (or one [D]), through the decoder and upsamplers."""
+    check_guidance(decoder=guidance)
+    emb = torch.as_tensor(np.asarray(image_emb, dtype=np.float32))
+    if emb.ndim == 1:
+        emb = emb[None]
+    decoder, upsamplers = load_cascade(decoder_export, upsampler_exports)
+    return to_pil(decode(decoder, upsamplers, emb, None, steps, guidance, seed, upsampler_steps))
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation of directions, linear of norms (unCLIP sec. 3.2).
+
+    1. â = a/‖a‖, b̂ = b/‖b‖, θ = arccos(â·b̂)
+    2. v = sin((1−t)θ)/sin θ · â + sin(tθ)/sin θ · b̂   (Shoemake 1985); v = â + t(b̂ − â) as θ → 0
+    3. out = ((1−t)‖a‖ + t‖b‖) · v
+    """
+    na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
+    ua, ub = a / na.clamp_min(1e-12), b / nb.clamp_min(1e-12)
+    cos = (ua * ub).sum(-1, keepdim=True).clamp(-1.0, 1.0)
+    theta = torch.arccos(cos)
+    sin = torch.sin(theta)
+    small = sin.abs() < 1e-6
+    wa = torch.where(small, torch.full_like(sin, 1.0 - t), torch.sin((1 - t) * theta) / sin)
+    wb = torch.where(small, torch.full_like(sin, t), torch.sin(t * theta) / sin)
+    return ((1 - t) * na + t * nb) * (wa * ua + wb * ub)
+
+
+def interpolate(
+    caption_a: str,
+    caption_b: str,
+    frames: int,
+    clip_cfg: ClipConfig,
+    clip_checkpoint: str | None,
+    prior_export: str,
+    decoder_export: str,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    prior_steps: int | None = None,
+    prior_guidance: float | None = None,
+    upsampler_exports: Sequence[str] = (),
+    upsampler_steps: int | None = None,
+) -> list[Image.Image]:
+    """``frames`` images from caption A's image embedding to caption B's (slerp of the prior's
+    samples); every frame decodes from the same noise, so only the embedding changes."""
+    if frames < 2:
+        raise ValueError(f"frames must be >= 2, got {frames}")
+    check_guidance(decoder=guidance, prior=prior_guidance)
+    bundle = load_clip(clip_cfg, clip_checkpoint)
+    check_captions([caption_a, caption_b], bundle)
+    prior = load_prior(prior_export)
+    decoder, upsamplers = load_cascade(decoder_export, upsampler_exports)
+    check_clip(bundle, prior=prior.info, decoder=decoder.info)
+    text = torch.from_numpy(encode_texts(bundle, [caption_a, caption_b]))
+    ends = prior.sample(text, steps=prior_steps, guidance_scale=prior_guidance, seed=seed)
+    out: list[Image.Image] = []
+    for t in np.linspace(0.0, 1.0, frames):
+        emb = slerp(ends[0:1], ends[1:2], float(t))
+        txt = slerp(text[0:1], text[1:2], float(t))
+        pixels = decode(decoder, upsamplers, emb, txt, steps, guidance, seed, upsampler_steps)
+        out.extend(to_pil(pixels))
+    return out
