@@ -10,52 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
+from shrunk_config import REPO, SHRINK
 
 from unclip.pipelines.config import load_config
 from unclip.pipelines.runner import STAGES, run_pipeline
-
-REPO = Path(__file__).resolve().parents[1]
-TINY_TRAINER = {
-    "num_workers": 2,
-    "zero_stage": 1,
-    "batch_size": 16,
-    "warmup_steps": 2,
-    "checkpoint_every": 10,
-    "log_every": 2,
-}
-
-SHRINK = {
-    "synthetic": {"num_pairs": 240},
-    "ingest": {"samples_per_shard": 100, "thread_count": 8},
-    "clip": {
-        "embed_dim": 32,
-        "vision_width": 64,
-        "vision_layers": 1,
-        "text_width": 64,
-        "text_layers": 1,
-        "heads": 2,
-    },
-    "bootstrap": {"trainer": {**TINY_TRAINER, "max_steps": 12}},
-    "embed": {"batch_size": 64},
-    "prior": {
-        "num_layers": 1,
-        "num_attention_heads": 2,
-        "attention_head_dim": 16,
-        "sample_steps": 5,
-        "trainer": {**TINY_TRAINER, "max_steps": 12},
-    },
-    "decoder": {
-        "image_size": 16,
-        "block_out_channels": [16, 32],
-        "sample_steps": 5,
-        "trainer": {**TINY_TRAINER, "max_steps": 12, "zero_stage": 2},
-    },
-    "evaluate": {
-        "holdout_fraction": 0.1,
-        "captions": ["a red circle", "a blue square"],
-        "samples_per_caption": 1,
-    },
-}
 
 
 def _files(root: Path, pattern: str) -> dict[str, float]:

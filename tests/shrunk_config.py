@@ -1,0 +1,76 @@
+"""The demo config shrunk to seconds: shared by the end-to-end and the cluster tests."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+
+TINY_TRAINER = {
+    "num_workers": 2,
+    "zero_stage": 1,
+    "batch_size": 16,
+    "warmup_steps": 2,
+    "checkpoint_every": 10,
+    "log_every": 2,
+}
+
+SHRINK = {
+    "synthetic": {"num_pairs": 240},
+    "ingest": {"samples_per_shard": 100, "thread_count": 8},
+    "clip": {
+        "embed_dim": 32,
+        "vision_width": 64,
+        "vision_layers": 1,
+        "text_width": 64,
+        "text_layers": 1,
+        "heads": 2,
+    },
+    "bootstrap": {"trainer": {**TINY_TRAINER, "max_steps": 12}},
+    "embed": {"batch_size": 64},
+    "prior": {
+        "num_layers": 1,
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "sample_steps": 5,
+        "trainer": {**TINY_TRAINER, "max_steps": 12},
+    },
+    "decoder": {
+        "image_size": 16,
+        "block_out_channels": [16, 32],
+        "sample_steps": 5,
+        "trainer": {**TINY_TRAINER, "max_steps": 12, "zero_stage": 2},
+    },
+    "evaluate": {
+        "holdout_fraction": 0.1,
+        "captions": ["a red circle", "a blue square"],
+        "samples_per_caption": 1,
+    },
+}
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` merged in, key by key (neither is modified)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def write_shrunk_config(
+    path: Path, storage: str | Path, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write demo.yaml + SHRINK (+ ``extra``) with ``storage`` as one self-contained config."""
+    raw = yaml.safe_load(DEMO_CONFIG.read_text())
+    raw = merge(merge(raw, SHRINK), extra or {})
+    raw["storage"] = str(storage)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
