@@ -1,0 +1,180 @@
+"""Image metrics as pure functions: Fréchet distance, CLIP score, the synthetic shapes' attribute check.
+
+Nothing here loads a model or touches storage; ``cascade_eval.py`` feeds these the features
+and images it pooled from its Ray workers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+RGB = tuple[int, int, int]
+
+# The synthetic background: each channel drawn from [232, 255] (datasets/synthetic.py).
+BACKGROUND: RGB = (244, 244, 244)
+SHAPES = ("circle", "square", "triangle")
+
+
+# --- Fréchet distance -------------------------------------------------------------------------
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [D] and (unbiased) covariance [D, D] of features [N, D], in float64."""
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or len(x) < 2:
+        raise ValueError(f"need features [N >= 2, D], got shape {list(x.shape)}")
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+def _sqrt_psd(s: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric positive semi-definite matrix (negative eigenvalues → 0)."""
+    w, v = np.linalg.eigh((s + s.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
+    """Fréchet distance between the Gaussians N(mu1, s1) and N(mu2, s2) (Heusel et al. 2017).
+
+    d² = ‖μ₁ − μ₂‖² + Tr(Σ₁) + Tr(Σ₂) − 2·Tr((Σ₁Σ₂)^½)
+
+    Tr((Σ₁Σ₂)^½) is computed without a non-symmetric ``sqrtm``: Σ₁Σ₂ is similar to
+    A = Σ₁^½ Σ₂ Σ₁^½ (symmetric PSD), so the trace is Σᵢ √λᵢ(A). This is stable where Σ₁ is
+    singular (fewer samples than dimensions), where ``scipy.linalg.sqrtm`` returns complex noise.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(s1, np.float64), np.asarray(s2, np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
+        raise ValueError(
+            f"mismatched Gaussians: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}"
+        )
+    r1 = _sqrt_psd(s1)
+    lam = np.linalg.eigvalsh(r1 @ s2 @ r1)
+    tr_covmean = float(np.sqrt(np.clip(lam, 0, None)).sum())
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+
+
+def fd_of_features(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between two feature sets [N, D] and [M, D]."""
+    return frechet_distance(*feature_stats(a), *feature_stats(b))
+
+
+def pooled_fd(chunks: Sequence[np.ndarray], reference: np.ndarray) -> float:
+    """FD of the workers' feature chunks pooled into one set, against ``reference``.
+
+    Pooling is what makes the score a property of the whole sample: the mean of per-chunk FDs
+    is biased upwards (each chunk's covariance is estimated from fewer samples) and depends on
+    how the work was split.
+    """
+    chunks = [c for c in chunks if len(c)]
+    if not chunks:
+        raise ValueError("no generated features to pool")
+    return fd_of_features(np.concatenate(chunks), reference)
+
+
+# --- CLIP score -------------------------------------------------------------------------------
+
+
+def clip_scores(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
+    """Per-pair CLIP score 100·max(cos(image, text), 0).
+
+    Hessel et al. 2021's CLIPScore is w·max(cos, 0) with w = 2.5; w = 100 is torchmetrics'
+    ``CLIPScore`` scaling, the one text-to-image papers report. Only ratios are compared here.
+    """
+    a = np.asarray(image_emb, np.float64)
+    b = np.asarray(text_emb, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"image and text embeddings differ in shape: {a.shape} vs {b.shape}")
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return 100.0 * np.clip((a * b).sum(axis=1), 0, None)
+
+
+# --- attribute check for the synthetic shapes -------------------------------------------------
+
+
+def parse_caption(caption: str, colors: Sequence[str]) -> tuple[str, str] | None:
+    """``(colour, shape)`` of a single-object caption such as "a red circle"; None otherwise."""
+    words = re.findall(r"[a-z]+", caption.lower())
+    found_colors = [w for w in words if w in colors]
+    found_shapes = [w for w in words if w in SHAPES]
+    if len(found_colors) != 1 or len(found_shapes) != 1:
+        return None
+    return found_colors[0], found_shapes[0]
+
+
+def _template(
+    shape: str, size: tuple[int, int], box: tuple[float, float, float, float]
+) -> np.ndarray:
+    """Boolean mask of ``shape`` drawn in ``box`` the way the synthetic generator draws it."""
+    im = Image.new("L", size, 0)
+    draw = ImageDraw.Draw(im)
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=255)
+    elif shape == "square":
+        draw.rectangle(box, fill=255)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=255)
+    return np.asarray(im) > 127
+
+
+def classify_shape_image(
+    image: np.ndarray, palette: Mapping[str, RGB], min_area: float = 0.02
+) -> tuple[str | None, str | None]:
+    """Exact pixel rules: the colour and shape of the one object in a synthetic-style image.
+
+    1. Each pixel goes to its nearest reference colour (the palette and the near-white
+       background); the object's colour is the palette colour most pixels went to.
+    2. Its largest 4-connected blob of that colour is the object (stray pixels are ignored).
+    3. The shape is the template (circle, square, upright triangle, drawn in the blob's
+       bounding box as the generator draws them) with the highest IoU with the blob.
+    Returns ``(None, None)`` when fewer than ``min_area`` of the pixels are the object.
+    """
+    x = np.asarray(image, dtype=np.float32)
+    if x.ndim != 3 or x.shape[2] != 3:
+        raise ValueError(f"expected an RGB image [H, W, 3], got {list(x.shape)}")
+    h, w = x.shape[:2]
+    names = list(palette)
+    refs = np.array([palette[n] for n in names] + [BACKGROUND], dtype=np.float32)
+    dist = np.linalg.norm(x[:, :, None, :] - refs[None, None], axis=-1)
+    nearest = dist.argmin(axis=-1)
+    counts = np.bincount(nearest.ravel(), minlength=len(refs))[: len(names)]
+    if counts.max() < min_area * h * w:
+        return None, None
+    c = int(counts.argmax())
+    labels, n = ndimage.label(nearest == c)
+    sizes = np.bincount(labels.ravel())[1:]
+    blob = labels == (int(sizes.argmax()) + 1)
+    if blob.sum() < min_area * h * w:
+        return names[c], None
+    ys, xs = np.nonzero(blob)
+    box = (float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max()))
+
+    def iou(shape: str) -> float:
+        t = _template(shape, (w, h), box)
+        return float((t & blob).sum() / max((t | blob).sum(), 1))
+
+    return names[c], max(SHAPES, key=iou)
+
+
+def attribute_matches(
+    images: Sequence[np.ndarray], captions: Sequence[str], palette: Mapping[str, RGB]
+) -> list[bool | None]:
+    """Per image: whether it shows its caption's colour and shape (None: caption not single-object)."""
+    out: list[bool | None] = []
+    for image, caption in zip(images, captions, strict=True):
+        want = parse_caption(caption, list(palette))
+        out.append(None if want is None else classify_shape_image(image, palette) == want)
+    return out
+
+
+def attribute_accuracy(matches: Sequence[bool | None]) -> float | None:
+    """Fraction correct among the images an attribute check applies to (None if none)."""
+    judged = [m for m in matches if m is not None]
+    return sum(judged) / len(judged) if judged else None
