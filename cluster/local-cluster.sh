@@ -134,7 +134,8 @@ case "$cmd" in
     start_head
     start_worker
     status --wait
-    echo "export RAY_ADDRESS=$ADDRESS"
+    # Drivers given an explicit address never turn token auth on by themselves (Ray 2.60).
+    echo "export RAY_ADDRESS=$ADDRESS RAY_AUTH_MODE=$RAY_AUTH_MODE"
     ;;
   start-worker)
     ensure_token

@@ -73,7 +73,9 @@ def test_every_yaml_parses_and_says_storage_is_shared():
             assert "/tmp" not in s, f"{path}: {s!r} points at /tmp"
         # ... and each file says so to the person editing it.
         text = path.read_text()
-        assert re.search(r"never .*/tmp", text, re.IGNORECASE), f"{path} lacks the shared-storage warning"
+        assert re.search(r"never .*/tmp", text, re.IGNORECASE), (
+            f"{path} lacks the shared-storage warning"
+        )
 
 
 def test_kuberay_manifests_kinds_api_and_entrypoints():
