@@ -161,11 +161,27 @@ class DecoderTask(ManifestDiffusionTask):
         return len(images)
 
     def load_data(self, rank: int, world: int) -> int:
+        # Only this rank's equal share is held; the trainer draws global indices in its block.
         manifest = readers.load_manifest(self.layout, self.manifest_version)
-        pairs = readers.load_image_pairs(
-            self.layout, manifest, "train", self.holdout_fraction, image_size=self.cfg.image_size
+        pairs = readers.worker_image_pairs(
+            self.layout,
+            manifest,
+            "train",
+            self.holdout_fraction,
+            rank,
+            world,
+            self.cfg.trainer.seed,
+            image_size=self.cfg.image_size,
         )
-        return self.set_arrays(pairs.images, pairs.image_emb, pairs.text_emb)
+        if len(pairs.keys) == 0:
+            raise ValueError(
+                f"dataset version {self.manifest_version!r} has fewer training images than "
+                f"{world} workers at holdout_fraction={self.holdout_fraction}"
+            )
+        assert pairs.image_emb is not None
+        n = self.set_arrays(pairs.images, pairs.image_emb, pairs.text_emb)
+        self._data = {k: readers.RowBlock(v, rank * n) for k, v in self._data.items()}
+        return n * world
 
     def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         out = {

@@ -39,29 +39,33 @@ EMA_FILE = "ema.pt"
 def batch_indices(
     micro_step: int, num_samples: int, batch_size: int, rank: int, world: int, seed: int
 ) -> np.ndarray:
-    """Sample indices of ``rank``'s micro-batch at global micro-step ``micro_step``.
+    """Global sample indices of ``rank``'s micro-batch at global micro-step ``micro_step``.
 
-    Each epoch is a permutation seeded by ``(seed, epoch)``, cut into global batches of
-    ``batch_size * world`` (the remainder is dropped, so every rank takes the same number of
-    steps); rank ``r`` takes the ``r``-th slice. A data set smaller than one global batch is
-    repeated to fill it.
+    Rank ``r`` owns the block ``[r*n, (r+1)*n)``, ``n = num_samples // world`` (a task may
+    hold only that block: :class:`~unclip.datasets.readers.RowBlock`; the ``num_samples % world``
+    rows past the last block are never drawn). Each rank's epoch is a permutation of its block
+    seeded by ``(seed, epoch, rank)``, cut into micro-batches of ``batch_size`` (the remainder
+    is dropped); so every rank takes the same number of steps, and a batch is a pure function
+    of ``(seed, micro_step, rank)``. A block smaller than one micro-batch is repeated to fill it.
     """
     if num_samples < 1:
         raise ValueError("the task's data set is empty")
-    global_batch = batch_size * world
-    per_epoch = max(1, num_samples // global_batch)
+    n = num_samples // world
+    if n < 1:
+        raise ValueError(f"{num_samples} samples cannot be split among {world} workers")
+    per_epoch = max(1, n // batch_size)
     epoch, pos = divmod(micro_step, per_epoch)
-    perm = epoch_order(num_samples, seed, epoch)
-    if num_samples < global_batch:
-        perm = np.resize(perm, global_batch)
-    start = pos * global_batch + rank * batch_size
-    return perm[start : start + batch_size].copy()  # the epoch's order is shared: read-only
+    perm = epoch_order(n, seed, epoch, rank)
+    if n < batch_size:
+        perm = np.resize(perm, batch_size)
+    start = pos * batch_size
+    return rank * n + perm[start : start + batch_size]  # a new array: the shared order stays
 
 
 @functools.lru_cache(maxsize=2)
-def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
-    """The permutation of epoch ``epoch``, computed once per epoch, not once per step (O(N))."""
-    perm = np.random.default_rng([seed % 2**32, epoch]).permutation(num_samples)
+def epoch_order(num_samples: int, seed: int, epoch: int, rank: int = 0) -> np.ndarray:
+    """The permutation of ``rank``'s block in epoch ``epoch``, computed once per epoch (O(n))."""
+    perm = np.random.default_rng([seed % 2**32, epoch, rank]).permutation(num_samples)
     perm.flags.writeable = False  # shared by every step of the epoch
     return perm
 

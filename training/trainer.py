@@ -48,9 +48,14 @@ class TrainTask(ABC):
 
     @abstractmethod
     def load_data(self, rank: int, world: int) -> int:
-        """Load the training data on this worker and return the number of samples.
+        """Load this worker's data and return the number of samples across all ranks.
 
-        Every rank must return the same number: the trainer draws the batch indices.
+        Every rank must return the same number ``N``: the trainer draws rank r's batches from
+        the global indices ``[r*n, (r+1)*n)``, ``n = N // world``
+        (:func:`~unclip.training.train_loop.batch_indices`). A task may hold all ``N`` rows, or
+        only its block (``readers.worker_embeddings`` + ``readers.RowBlock``) and return
+        ``n * world``; its share must be fixed by the data, the seed and ``world`` alone, so a
+        resumed run sees the same rows.
         """
 
     @abstractmethod

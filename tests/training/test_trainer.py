@@ -45,9 +45,21 @@ def test_batch_indices_split_an_epoch_into_equal_disjoint_rank_slices():
 def test_batch_indices_repeat_a_data_set_smaller_than_one_global_batch():
     parts = [batch_indices(0, 5, 4, r, 2, seed=0) for r in range(2)]
     assert all(len(p) == 4 for p in parts)
-    assert set(np.concatenate(parts)) == set(range(5))
+    # each rank draws only from its block of 5 // 2 rows; the 5th row is left out
+    assert set(parts[0]) == {0, 1} and set(parts[1]) == {2, 3}
     with pytest.raises(ValueError, match="empty"):
         batch_indices(0, 0, 4, 0, 1, seed=0)
+    with pytest.raises(ValueError, match="among 3 workers"):
+        batch_indices(0, 2, 4, 0, 3, seed=0)
+
+
+def test_batch_indices_stay_in_the_rank_block_a_worker_holds():
+    n, b, world = 40, 3, 4  # 10 rows a rank: 3 steps an epoch
+    for r in range(world):
+        drawn = np.concatenate([batch_indices(k, n, b, r, world, seed=1) for k in range(6)])
+        assert drawn.min() >= r * 10 and drawn.max() < (r + 1) * 10
+        epoch0, epoch1 = drawn[:9], drawn[9:]
+        assert len(set(epoch0)) == 9 and not np.array_equal(epoch0, epoch1)
 
 
 def test_warmup_then_cosine_decay():
