@@ -109,14 +109,25 @@ class PriorTask(ManifestDiffusionTask):
         return len(text)
 
     def load_data(self, rank: int, world: int) -> int:
+        # Only this rank's equal share is held; the trainer draws global indices in its block.
         manifest = readers.load_manifest(self.layout, self.manifest_version)
-        arrays = readers.load_embeddings(self.layout, manifest, "train", self.holdout_fraction)
+        arrays = readers.worker_embeddings(
+            self.layout,
+            manifest,
+            "train",
+            self.holdout_fraction,
+            rank,
+            world,
+            self.cfg.trainer.seed,
+        )
         if len(arrays.keys) == 0:
             raise ValueError(
-                f"dataset version {self.manifest_version!r} has no training pairs at "
-                f"holdout_fraction={self.holdout_fraction}"
+                f"dataset version {self.manifest_version!r} has fewer training pairs than "
+                f"{world} workers at holdout_fraction={self.holdout_fraction}"
             )
-        return self.set_arrays(arrays.text, arrays.image)
+        n = self.set_arrays(arrays.text, arrays.image)
+        self._data = {k: readers.RowBlock(v, rank * n) for k, v in self._data.items()}
+        return n * world
 
     def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v[indices]) for k, v in self._data.items()}
