@@ -15,7 +15,7 @@ from unclip.datasets import readers
 from unclip.datasets.config import ClipConfig
 from unclip.datasets.storage import StorageLayout, atomic_write, write_json
 
-from .config import EvaluateConfig
+from .config import EvaluateConfig, PriorConfig
 from .prior import load_prior
 from .sampling import generate
 from .trainer import FitResult
@@ -60,8 +60,13 @@ def evaluate_prior(
     prior_fit: FitResult,
     cfg: EvaluateConfig,
     holdout_fraction: float,
+    prior_cfg: PriorConfig | None = None,
 ) -> dict[str, Any]:
-    """Cosine suite of the exported prior on held-out pairs → ``eval/{run}/prior_metrics.json``."""
+    """Cosine suite of the exported prior on held-out pairs → ``eval/{run}/prior_metrics.json``.
+
+    Sampling (steps, guidance, k candidates) follows ``prior_cfg`` when given, else the export's
+    info: those keys do not name the run, so the export may hold the values it was trained with.
+    """
     manifest = readers.load_manifest(layout, manifest_version)
     held = readers.load_embeddings(layout, manifest, "holdout", holdout_fraction)
     n = min(len(held.keys), cfg.max_pairs)
@@ -72,14 +77,24 @@ def evaluate_prior(
     text = torch.from_numpy(held.text[:n])
     image = torch.from_numpy(held.image[:n])
     sampler = load_prior(prior_fit.export_dir)
-    pred = torch.cat([sampler.sample(text[i : i + 256], seed=i) for i in range(0, n, 256)])
+    info = sampler.info
+    steps = prior_cfg.sample_steps if prior_cfg else info.get("sample_steps", 50)
+    scale = prior_cfg.guidance_scale if prior_cfg else info.get("guidance_scale", 1.0)
+    k = prior_cfg.candidates if prior_cfg else info.get("candidates", 1)
+    pred = torch.cat(
+        [
+            sampler.sample(text[i : i + 256], steps, scale, seed=i, candidates=k)
+            for i in range(0, n, 256)
+        ]
+    )
     metrics: dict[str, Any] = {
         **prior_cosines(pred, image, text, unrelated_index(held.captions[:n])),
         "num_pairs": n,
         "run_name": prior_fit.run_name,
         "data_version": manifest_version,
-        "sample_steps": sampler.info.get("sample_steps"),
-        "guidance_scale": sampler.info.get("guidance_scale"),
+        "sample_steps": steps,
+        "guidance_scale": scale,
+        "candidates": k,
     }
     write_json(f"{layout.eval_dir(prior_fit.run_name)}/{PRIOR_METRICS}", metrics)
     return metrics

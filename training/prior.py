@@ -4,11 +4,15 @@ The transformer reads the causal sequence [text embedding, timestep, noised imag
 learned query] (no text-token encodings) and predicts the clean image embedding x_0, trained with
 MSE (Ramesh et al. 2022, sec. 2.2). Image embeddings are normalized by the data set's mean and
 std; the model keeps them as its ``clip_mean`` / ``clip_std`` so ``post_process_latents`` undoes
-the normalization for any diffusers user of the export.
+the normalization for any diffusers user of the export. ``prior.init_from`` starts a run from a
+diffusers-format prior (checked against the config; its weights' hash joins the run name).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -20,10 +24,11 @@ from diffusers import PriorTransformer
 from unclip.datasets import readers
 from unclip.datasets.storage import StorageLayout
 
+from .artifacts import is_local, local_dir
 from .config import PriorConfig
 from .diffusion import Sampler, drop_condition, noised, sample_loop
 from .diffusion_task import ExportedDiffusion, ManifestDiffusionTask
-from .trainer import FitResult
+from .trainer import FitResult, fit, run_name_for
 
 MODEL_KIND = "prior"
 INFO_FILE = "unclip_prior.json"
@@ -55,6 +60,82 @@ def build_prior(
     return model
 
 
+# --- fine-tuning from a diffusers-format prior -----------------------------------------------
+INIT_KEY = "prior.init_from"
+# Where each PriorTransformer argument comes from, to name it in a mismatch (the rest are fixed
+# by build_prior: the 4-token sequence without text-token encodings).
+_ARG_SOURCE = {
+    "num_layers": "prior.num_layers",
+    "num_attention_heads": "prior.num_attention_heads",
+    "attention_head_dim": "prior.attention_head_dim",
+    "embedding_dim": "the data set's embedding_dim",
+}
+_CONFIG_META = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
+
+
+def init_model_dir(folder: str) -> str:
+    """The PriorTransformer folder of a local ``folder``: itself, or an unclip export's ``prior/``."""
+    for candidate in (folder, os.path.join(folder, PriorTask.SUBFOLDER)):
+        if os.path.isfile(os.path.join(candidate, "config.json")):
+            return candidate
+    raise FileNotFoundError(
+        f"{INIT_KEY}: {folder} holds no PriorTransformer (neither config.json nor "
+        f"{PriorTask.SUBFOLDER}/config.json, as save_pretrained or an unclip export writes)"
+    )
+
+
+def weights_digest(model_dir: str) -> str:
+    """sha256 over the names and bytes of a saved model's files: its identity, wherever it lies."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(model_dir)):
+        path = os.path.join(model_dir, name)
+        if name.startswith(".") or not os.path.isfile(path):
+            continue
+        h.update(name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def load_init_prior(
+    path: str, cfg: PriorConfig, dim: int, clip_id: str
+) -> tuple[PriorTransformer, str]:
+    """(the prior at ``path``, its weights digest), checked against the config and the data set.
+
+    A clear error names ``prior.init_from``, the path and each mismatched key.
+    """
+    fs_path = path if not is_local(path) else os.path.abspath(path.removeprefix("file://"))
+    if is_local(path) and not os.path.isdir(fs_path):
+        raise FileNotFoundError(f"{INIT_KEY}: no such folder: {fs_path}")
+    with local_dir(path) as d:
+        model_dir = init_model_dir(d)
+        info_path = os.path.join(d, INFO_FILE)
+        if os.path.isfile(info_path):  # an unclip export says which CLIP it was trained on
+            with open(info_path) as f:
+                trained_on = json.load(f).get("clip_id")
+            if trained_on and trained_on != clip_id:
+                raise ValueError(
+                    f"{INIT_KEY}: {path} was trained on embeddings of CLIP {trained_on}, "
+                    f"but this data set's are of CLIP {clip_id}"
+                )
+        with open(os.path.join(model_dir, "config.json")) as f:
+            theirs = json.load(f)
+        with torch.device("meta"):  # only its config: allocate no weights
+            ours = dict(build_prior(cfg, dim, np.zeros(dim), np.ones(dim)).config)
+        wrong = [
+            f"{k} is {theirs.get(k)!r} there, {ours[k]!r} in {_ARG_SOURCE.get(k, 'unclip prior')}"
+            for k in sorted(ours)
+            if k not in _CONFIG_META and theirs.get(k, ours[k]) != ours[k]
+        ]
+        if wrong:
+            raise ValueError(
+                f"{INIT_KEY}: the prior at {path} does not match this run: " + "; ".join(wrong)
+            )
+        model = PriorTransformer.from_pretrained(model_dir, low_cpu_mem_usage=False)
+        return model, weights_digest(model_dir)
+
+
 def causal_mask(batch: int, device: torch.device) -> torch.Tensor:
     """An empty text mask: with it PriorTransformer applies its causal mask (without, none)."""
     return torch.ones(batch, 0, dtype=torch.bool, device=device)
@@ -81,7 +162,51 @@ class PriorTask(ManifestDiffusionTask):
     cfg: PriorConfig
     image_mean: list[float]
     image_std: list[float]
+    init_path: str | None = None  # cfg.init_from, absolute (workers run elsewhere)
+    init_digest: str | None = None  # its weights' sha256: part of the run's identity
     _data: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False)
+
+    @classmethod
+    def from_manifest(
+        cls, layout: StorageLayout, version: str, cfg: PriorConfig, holdout_fraction: float
+    ) -> PriorTask:
+        task = super().from_manifest(layout, version, cfg, holdout_fraction)
+        if cfg.init_from is not None:
+            model, digest = load_init_prior(cfg.init_from, cfg, task.dim, task.clip_id)
+            local = is_local(cfg.init_from)
+            task.init_path = (
+                os.path.abspath(cfg.init_from.removeprefix("file://")) if local else cfg.init_from
+            )
+            task.init_digest = digest
+            # Keep the starting prior's normalization: its weights were trained in that space.
+            task.image_mean = model.clip_mean.detach().view(-1).tolist()
+            task.image_std = model.clip_std.detach().view(-1).tolist()
+        return task
+
+    @classmethod
+    def train(
+        cls, layout: StorageLayout, version: str, cfg: PriorConfig, holdout_fraction: float
+    ) -> FitResult:
+        task = cls.from_manifest(layout, version, cfg, holdout_fraction)
+        return fit(task, cfg.trainer, layout, cls.MODEL_KIND, task.run_name())
+
+    def run_name(self) -> str:
+        """Hash of config, data version, seed and, when fine-tuning, the starting weights."""
+        start = [{"init_weights": self.init_digest}] if self.init_digest else []
+        return run_name_for(
+            self.MODEL_KIND,
+            self.cfg,
+            self.holdout_fraction,
+            *start,
+            data_version=self.manifest_version,
+            seed=self.cfg.trainer.seed,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        if self.init_digest:
+            out["init_weights"] = self.init_digest
+        return out
 
     @classmethod
     def manifest_fields(cls, layout: StorageLayout, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -96,7 +221,15 @@ class PriorTask(ManifestDiffusionTask):
         }
 
     def build_model(self) -> PriorTransformer:
-        return build_prior(self.cfg, self.dim, np.array(self.image_mean), np.array(self.image_std))
+        model = build_prior(self.cfg, self.dim, np.array(self.image_mean), np.array(self.image_std))
+        if self.init_path is not None:
+            start, digest = load_init_prior(self.init_path, self.cfg, self.dim, self.clip_id)
+            if digest != self.init_digest:
+                raise RuntimeError(
+                    f"{INIT_KEY}: the weights at {self.init_path} changed after the run was named"
+                )
+            model.load_state_dict(start.state_dict())
+        return model
 
     def set_arrays(self, text: np.ndarray, image: np.ndarray) -> int:
         """Use these (un-normalized) embedding pairs as the training data; returns their count."""
@@ -132,6 +265,9 @@ class PriorTask(ManifestDiffusionTask):
     def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v[indices]) for k, v in self._data.items()}
 
+    def export_info(self) -> dict[str, Any]:
+        return {"candidates": self.cfg.candidates}
+
     def loss(
         self, model: Any, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -163,17 +299,20 @@ class PriorSampler(ExportedDiffusion):
         steps: int | None = None,
         guidance_scale: float | None = None,
         seed: int = 0,
-        candidates: int = 1,
+        candidates: int | None = None,
         sampler: Sampler = "ddim",
     ) -> torch.Tensor:
         """L2-normalized image embeddings [N, D] for text embeddings [N, D].
 
         With ``candidates = k > 1``, k embeddings are drawn per text and the one with the highest
-        dot product with the text embedding is kept (Ramesh et al. 2022, sec. 2.2).
+        dot product with the text embedding is kept (Ramesh et al. 2022, sec. 2.2). Steps,
+        guidance scale and k default to the export's (the config's ``prior`` section).
         """
         text = torch.as_tensor(text_emb, dtype=torch.float32)
         if text.ndim != 2 or text.shape[1] != self.dim:
             raise ValueError(f"text embeddings must be [N, {self.dim}], got {list(text.shape)}")
+        if candidates is None:
+            candidates = int(self.info.get("candidates", 1))
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates}")
         steps = int(steps if steps is not None else self.info.get("sample_steps", 50))

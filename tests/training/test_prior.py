@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
+import ray.cloudpickle
 import torch
 from diffusers import PriorTransformer
 from training_helpers import (
@@ -20,9 +22,9 @@ from training_helpers import (
 from training_helpers import make_prior_task as make_task
 
 from unclip.datasets.storage import StorageLayout
-from unclip.training.config import EvaluateConfig
+from unclip.training.config import EvaluateConfig, PriorConfig
 from unclip.training.evaluation import PRIOR_METRICS, evaluate_prior
-from unclip.training.prior import PriorTask, load_prior, predict_x0, train_prior
+from unclip.training.prior import PriorTask, build_prior, load_prior, predict_x0, train_prior
 
 TINY = TINY_PRIOR
 
@@ -128,3 +130,106 @@ def test_an_empty_shard_is_skipped_and_an_empty_data_set_refused(tmp_path):
     nothing.holdout_fraction = 0.999999  # every key hashes into the held-out split
     with pytest.raises(ValueError, match="no training pairs"):
         nothing.load_data(0, 1)
+
+
+# --- sampling: k candidates -------------------------------------------------------------------
+def test_candidates_default_to_the_config_and_keep_the_best_dot_product(tmp_path):
+    task = make_task()
+    task.cfg = TINY.model_copy(update={"candidates": 4, "guidance_scale": 2.0, "sample_steps": 3})
+    torch.manual_seed(0)
+    task.export(task.build_model().eval(), str(tmp_path))
+    sampler = load_prior(str(tmp_path))
+    assert sampler.info["candidates"] == 4
+    text = torch.nn.functional.normalize(torch.randn(5, DIM), dim=-1)
+    best = sampler.sample(text, seed=3)  # k, steps and guidance from the export
+    drawn = sampler.sample(text.repeat_interleave(4, 0), seed=3, candidates=1).view(5, 4, DIM)
+    dots = (drawn * text[:, None]).sum(-1)
+    assert torch.equal(best, drawn[torch.arange(5), dots.argmax(dim=1)])
+    assert not torch.equal(best, drawn[:, 0])  # not merely the first draw
+    one = sampler.sample(text, seed=3, candidates=1)
+    assert not torch.equal(one, best)
+    with pytest.raises(ValueError, match="candidates must be >= 1"):
+        sampler.sample(text, candidates=0)
+
+
+# --- fine-tuning from a diffusers-format prior ----------------------------------------------
+def saved_prior(path, cfg=TINY, dim=DIM, seed=1) -> PriorTransformer:
+    """A prior with random weights and statistics, written by ``save_pretrained`` to ``path``."""
+    torch.manual_seed(seed)
+    model = build_prior(cfg, dim, np.full(dim, 0.05), np.full(dim, 0.3))
+    model.save_pretrained(str(path))
+    return model
+
+
+def with_init(path) -> PriorConfig:
+    return TINY.model_copy(update={"init_from": str(path)})
+
+
+def test_init_from_starts_from_the_weights_and_names_the_run_by_their_content(
+    embedded_store, tmp_path
+):
+    layout, version = embedded_store.layout, embedded_store.version
+    start = saved_prior(tmp_path / "diffusers")
+    task = PriorTask.from_manifest(layout, version, with_init(tmp_path / "diffusers"), HOLDOUT)
+    # What a Ray worker does: unpickle the task, build the model.
+    model = ray.cloudpickle.loads(ray.cloudpickle.dumps(task)).build_model()
+    for k, v in start.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert not model.clip_std.requires_grad
+    assert task.image_std == pytest.approx([0.3] * DIM)  # the start's normalization is kept
+    assert task.describe()["init_weights"] == task.init_digest
+
+    scratch = PriorTask.from_manifest(layout, version, TINY, HOLDOUT).run_name()
+    assert task.run_name() != scratch
+    # The content names the run, not the path; other weights are another run.
+    shutil.copytree(tmp_path / "diffusers", tmp_path / "elsewhere")
+    moved = PriorTask.from_manifest(layout, version, with_init(tmp_path / "elsewhere"), HOLDOUT)
+    assert moved.run_name() == task.run_name()
+    saved_prior(tmp_path / "other", seed=2)
+    other = PriorTask.from_manifest(layout, version, with_init(tmp_path / "other"), HOLDOUT)
+    assert other.run_name() not in (task.run_name(), scratch)
+
+    # An unclip export (weights under prior/, its info beside them) is a starting point too.
+    exporter = make_task(clip_id=embedded_store.manifest["clip_id"])
+    exporter.export(start, str(tmp_path / "export"))
+    again = PriorTask.from_manifest(layout, version, with_init(tmp_path / "export"), HOLDOUT)
+    assert torch.equal(again.build_model().proj_in.weight, start.proj_in.weight)
+
+
+def test_bad_init_from_is_a_clear_error_naming_the_key_and_the_path(embedded_store, tmp_path):
+    layout, version = embedded_store.layout, embedded_store.version
+
+    def start(path):
+        return PriorTask.from_manifest(layout, version, with_init(path), HOLDOUT)
+
+    with pytest.raises(FileNotFoundError, match=r"prior\.init_from: no such folder: .*missing"):
+        start(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"prior\.init_from: .*empty holds no Prior"):
+        start(tmp_path / "empty")
+    saved_prior(tmp_path / "deeper", cfg=TINY.model_copy(update={"num_layers": 2}))
+    with pytest.raises(ValueError, match=r"prior\.init_from: .*deeper.*num_layers is 2 there, 1"):
+        start(tmp_path / "deeper")
+    saved_prior(tmp_path / "narrow", dim=DIM // 2)
+    with pytest.raises(ValueError, match=f"embedding_dim is {DIM // 2} there, {DIM} in the data"):
+        start(tmp_path / "narrow")
+    foreign = make_task(clip_id="anotherclip")
+    foreign.export(foreign.build_model(), str(tmp_path / "foreign"))
+    with pytest.raises(ValueError, match=r"prior\.init_from: .*foreign.*CLIP anotherclip"):
+        start(tmp_path / "foreign")
+
+
+def test_a_fit_from_init_from_exports_the_starting_weights_after_a_tiny_step(
+    ray_local, embedded_store, tmp_path
+):
+    start = saved_prior(tmp_path / "start")
+    trainer = tiny_trainer(
+        zero_stage=0, max_steps=1, checkpoint_every=1, lr=1e-9, warmup_steps=0, weight_decay=0
+    )
+    cfg = with_init(tmp_path / "start").model_copy(update={"trainer": trainer})
+    layout, version = embedded_store.layout, embedded_store.version
+    fit = train_prior(layout, version, cfg, HOLDOUT)
+    assert fit.run_name == PriorTask.from_manifest(layout, version, cfg, HOLDOUT).run_name()
+    tuned = PriorTransformer.from_pretrained(fit.export_dir, subfolder="prior")
+    for k, v in start.state_dict().items():
+        assert torch.allclose(tuned.state_dict()[k], v, atol=1e-6), k
