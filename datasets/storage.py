@@ -43,6 +43,10 @@ class StorageLayout:
         """The copy of a URL list as ingested (Parquet), named by its content hash."""
         return self.join("sources", f"{source_id}.parquet")
 
+    def source_origin(self, source_id: str) -> str:
+        """Where a registered source's URL list lives (``{"url_list": ...}``), for its partition."""
+        return self.join("sources", f"{source_id}.origin.json")
+
     def images_dir(self, source_id: str) -> str:
         return self.join("images", source_id)
 

@@ -67,6 +67,7 @@ class StageBoard:
         self.state = {s: "pending" for s in stages}
         self.started: dict[str, float] = {}
         self.seconds: dict[str, float] = {}
+        self.runs: dict[str, int] = {}
 
     def __call__(self, event: str, stage: str) -> None:
         if stage not in self.state:
@@ -74,29 +75,44 @@ class StageBoard:
         if event == "start":
             self.started[stage] = time.monotonic()
             self.state[stage] = "running"
+            self.runs[stage] = self.runs.get(stage, 0) + 1
         else:
-            self.seconds[stage] = time.monotonic() - self.started.get(stage, time.monotonic())
-            self.state[stage] = "done" if event == "success" else "failed"
+            # Partitioned stages run once per source: their time is the sum.
+            spent = time.monotonic() - self.started.get(stage, time.monotonic())
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + spent
+            failed = event != "success" or self.state[stage] == "failed"
+            self.state[stage] = "failed" if failed else "done"
 
     def __rich__(self) -> Table:
         t = Table(title="unclip pipeline", show_lines=False)
         t.add_column("stage")
         t.add_column("status")
+        t.add_column("runs", justify="right")
         t.add_column("time", justify="right")
         style = {"pending": "dim", "running": "yellow", "done": "green", "failed": "red"}
         for s, st in self.state.items():
             secs = self.seconds.get(s)
             if st == "running":
-                secs = time.monotonic() - self.started[s]
-            t.add_row(s, f"[{style[st]}]{st}[/]", f"{secs:,.1f} s" if secs is not None else "")
+                secs = (secs or 0.0) + time.monotonic() - self.started[s]
+            t.add_row(
+                s,
+                f"[{style[st]}]{st}[/]",
+                str(self.runs.get(s, "")),
+                f"{secs:,.1f} s" if secs is not None else "",
+            )
         return t
 
 
-def _materialize(config: Path, sets: list[str] | None, targets: list[str] | None) -> dict[str, Any]:
+def _materialize(
+    config: Path, sets: list[str] | None, targets: list[str] | None, retrain_clip: bool = False
+) -> dict[str, Any]:
     """Run the selected assets and everything upstream of them (no-ops where already done)."""
+    from unclip.pipelines import stages as stages_mod
     from unclip.pipelines.runner import STAGES, PipelineFailed, run_pipeline
 
     cfg, overrides = _load(config, sets)
+    if retrain_clip and stages_mod.unpin_clip(cfg):
+        console.print("unpinned the bootstrap CLIP: it retrains on every source, then re-embeds")
     stages = STAGES if targets is None else _upstream_closure(targets)
     board = StageBoard(stages)
     t0 = time.monotonic()
@@ -108,17 +124,18 @@ def _materialize(config: Path, sets: list[str] | None, targets: list[str] | None
         raise typer.Exit(1) from None
     console.print()
     console.print(
-        f"finished in {time.monotonic() - t0:,.1f} s; Dagster run {run.run_id} ({run.dagster_home})"
+        f"finished in {time.monotonic() - t0:,.1f} s: {len(run.run_ids)} Dagster runs over "
+        f"{len(run.partitions)} source partitions ({run.dagster_home})"
     )
     return {"cfg": cfg, "run": run}
 
 
 def _upstream_closure(targets: list[str]) -> list[str]:
-    from unclip.pipelines.assets import ALL_ASSETS
+    from unclip.pipelines import assets
 
+    every = [*assets.ALL_ASSETS, *getattr(assets, "OPTIONAL_ASSETS", [])]
     deps = {
-        a.key.to_user_string(): {k.to_user_string() for k in a.asset_deps[a.key]}
-        for a in ALL_ASSETS
+        a.key.to_user_string(): {k.to_user_string() for k in a.asset_deps[a.key]} for a in every
     }
     seen: list[str] = []
 
@@ -153,18 +170,33 @@ def _print_outputs(cfg: PipelineConfig, outputs: dict[str, Any]) -> None:
             t.add_row(f"{model} export", o.get("export") or o.get("checkpoint"))
     if "evaluation" in outputs:
         e = outputs["evaluation"]
-        t.add_row("prior metrics", e["prior_metrics"])
+        if "prior_metrics" in e:
+            t.add_row("prior metrics", e["prior_metrics"])
         for k in ("cos_pred_true", "cos_text_baseline"):
-            if k in e:
+            if isinstance(e.get(k), (int, float)):
                 t.add_row(f"  {k}", f"{e[k]:.3f}")
-        t.add_row("sample grid", e["sample_grid"])
+        if "sample_grid" in e:
+            t.add_row("sample grid", e["sample_grid"])
+    for model, d in (outputs.get("promotion") or {}).items():
+        if isinstance(d, dict) and "status" in d:
+            t.add_row(f"promotion {model}", f"{d['status']}: {'; '.join(d['reasons'])[:200]}")
     console.print(t)
 
 
 @app.command()
-def run(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Run the whole pipeline: sources → ingest → CLIP → embed → manifest → prior, decoder → evaluate."""
-    out = _materialize(config, set_, None)
+def run(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    retrain_clip: Annotated[
+        bool,
+        typer.Option(
+            "--retrain-clip",
+            help="Train a new bootstrap CLIP on every source (re-embeds everything).",
+        ),
+    ] = False,
+) -> None:
+    """Run the whole pipeline: sources → ingest → CLIP → embed → manifest → prior, decoder → evaluate → promote."""
+    out = _materialize(config, set_, None, retrain_clip=retrain_clip)
     _print_outputs(out["cfg"], out["run"].outputs)
 
 
@@ -378,7 +410,9 @@ def sample(
 
 
 def _usage_error(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}")
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(2)
 
 
@@ -388,30 +422,104 @@ def _slug(text: str) -> str:
 
 @app.command()
 def status(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Print the latest dataset version, trained runs and recent pipeline runs."""
+    """Print the latest dataset version, sources, trained runs, promoted checkpoints and recent runs."""
+    from unclip.datasets.manifest import latest_manifest
     from unclip.datasets.storage import exists, read_json
+    from unclip.pipelines import promotion
     from unclip.pipelines.runner import instance_for
-    from unclip.pipelines.stages import layout_of
+    from unclip.pipelines.stages import layout_of, source_lists
 
     cfg, _ = _load(config, set_)
     layout = layout_of(cfg)
     t = Table(title=f"unclip status — {cfg.storage}")
     t.add_column("what")
-    t.add_column("value")
-    for model in ("clip", "prior", "decoder"):
+    t.add_column("value", overflow="fold")
+    m = latest_manifest(layout)
+    t.add_row(
+        "dataset version",
+        f"{m['version']} ({m['num_samples']} pairs, {len(m['shards'])} shards)"
+        if m
+        else "[dim]none[/dim]",
+    )
+    known = source_lists(cfg) if exists(layout.root) else {}
+    ingested = sum(exists(layout.ingest_plan(s)) for s in known)
+    t.add_row("sources", f"{len(known)} registered, {ingested} ingested")
+    for model in ("clip", "prior", "decoder", "upsampler"):
         p = layout.latest_run(model)
         if exists(p):
             info = read_json(p)
             t.add_row(f"latest {model}", f"{info['run']} (dataset {info.get('dataset_version')})")
-        else:
+        elif model != "upsampler":
             t.add_row(f"latest {model}", "[dim]none[/dim]")
+    for model in cfg.promotion.models:
+        rec = promotion.promoted(cfg, model)
+        if rec is None:
+            t.add_row(f"promoted {model}", "[dim]none[/dim]")
+            continue
+        shown = ", ".join(
+            f"{g.metric}={rec['metrics'].get(g.metric)!s:.6}" for g in cfg.promotion.models[model]
+        )
+        t.add_row(
+            f"promoted {model}", f"{rec['run']} (dataset {rec.get('dataset_version')}) {shown}"
+        )
     instance = instance_for(cfg)
     for r in instance.get_run_records(limit=5):
+        dr = r.dagster_run
+        part = dr.tags.get("dagster/partition")
         t.add_row(
             "run",
-            f"{r.dagster_run.run_id[:8]} {r.dagster_run.status.value} {r.create_timestamp:%Y-%m-%d %H:%M}",
+            f"{dr.run_id[:8]} {dr.job_name}{f'[{part}]' if part else ''} {dr.status.value} "
+            f"{r.create_timestamp:%Y-%m-%d %H:%M}",
         )
     console.print(t)
+
+
+@app.command()
+def ui(
+    config: ConfigArg,
+    port: Annotated[int, typer.Option(help="Port of the web UI.")] = 3000,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    set_: SetOpt = None,
+) -> None:
+    """Start the Dagster UI and daemon (sensor, schedule) on this config's definitions and instance."""
+    import shutil
+    import subprocess
+
+    from unclip.pipelines.runner import dagster_home
+
+    cfg, overrides = _load(config, set_)
+    if overrides:
+        console.print("[red]error:[/red] `ui` takes no --set: put the values in the config file")
+        raise typer.Exit(2)
+    cmd, env = ui_command(config, cfg, port, host)
+    if shutil.which(cmd[0]) is None or not _has_webserver():
+        console.print(
+            "[red]error:[/red] the Dagster UI needs dagster-webserver: pip install 'unclip[ui]'"
+        )
+        raise typer.Exit(1)
+    console.print(f"Dagster UI on http://{host}:{port} (DAGSTER_HOME={dagster_home(cfg)})")
+    raise typer.Exit(subprocess.call(cmd, env=env))
+
+
+def ui_command(
+    config: Path, cfg: PipelineConfig, port: int = 3000, host: str = "127.0.0.1"
+) -> tuple[list[str], dict[str, str]]:
+    """``dagster dev`` on ``unclip.pipelines.definitions`` with this config and instance."""
+    from unclip.pipelines.runner import dagster_home
+
+    env = {
+        **os.environ,
+        "UNCLIP_CONFIG": str(config.resolve()),
+        "DAGSTER_HOME": dagster_home(cfg),
+    }
+    cmd = ["dagster", "dev", "-m", "unclip.pipelines.definitions", "-p", str(port), "-h", host]
+    return cmd, env
+
+
+def _has_webserver() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("dagster_webserver") is not None
 
 
 @app.command("config-schema")

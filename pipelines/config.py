@@ -6,7 +6,7 @@ Unknown keys and wrong types fail before any work, with the key path and the fil
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -33,6 +33,98 @@ class RayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray (None: all).")
+
+
+class SensorConfig(BaseModel):
+    """The sensor that turns new URL lists dropped into an inbox into source partitions."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    incoming: str | None = Field(
+        None, description="Inbox URI watched for new URL lists (None: <storage>/incoming)."
+    )
+    interval_seconds: int = Field(60, ge=1, description="Seconds between two looks at the inbox.")
+    min_age_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="Ignore files modified less than this long ago (still being uploaded).",
+    )
+    running: bool = Field(
+        True, description="Start the sensor as soon as the Dagster daemon runs (else off)."
+    )
+
+
+class ScheduleConfig(BaseModel):
+    """The retraining schedule: manifest, prior and decoder, evaluation, promotion."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cron: str = Field("0 3 * * 0", description="Cron expression of the retraining runs.")
+    timezone: str = Field("UTC", description="Time zone the cron expression is read in.")
+    running: bool = Field(
+        False, description="Start the schedule as soon as the Dagster daemon runs (else off)."
+    )
+
+
+class PromotionMetric(BaseModel):
+    """One metric a candidate must not lose on (beyond its tolerance)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric: str = Field(..., description="Key in the model's eval metrics JSON.")
+    mode: Literal["max", "min"] = Field("max", description="max: higher is better; min: lower.")
+    tolerance: float = Field(
+        0.0, ge=0, description="How much worse than the promoted value still counts as a tie."
+    )
+
+
+def _default_gates() -> dict[str, list[PromotionMetric]]:
+    return {
+        "prior": [PromotionMetric(metric="cos_pred_true", mode="max", tolerance=0.005)],
+        "decoder": [
+            PromotionMetric(metric="fd_clip", mode="min", tolerance=0.0),
+            PromotionMetric(metric="clip_score", mode="max", tolerance=0.005),
+            PromotionMetric(metric="attribute_accuracy", mode="max", tolerance=0.02),
+        ],
+    }
+
+
+class PromotionConfig(BaseModel):
+    """Which metrics gate promotion into ``registry/{model}.json``, per model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: dict[Literal["prior", "decoder", "upsampler"], list[PromotionMetric]] = Field(
+        default_factory=_default_gates,
+        description="Per model, the metrics a candidate must beat the promoted checkpoint on.",
+    )
+
+
+class PostgresConfig(BaseModel):
+    """A Postgres database for the Dagster instance (runs, events, schedules)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hostname: str = Field(..., description="Database host.")
+    port: int = Field(5432, description="Database port.")
+    db_name: str = Field("dagster", description="Database name.")
+    username: str = Field("dagster", description="Database user.")
+    password_env: str = Field(
+        "DAGSTER_PG_PASSWORD", description="Environment variable holding the password."
+    )
+
+
+class InstanceConfig(BaseModel):
+    """The Dagster instance behind `unclip run` and `unclip ui`: SQLite, or Postgres."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    home: str | None = Field(
+        None, description="DAGSTER_HOME (None: $DAGSTER_HOME, else <storage>/dagster)."
+    )
+    postgres: PostgresConfig | None = Field(
+        None, description="Keep runs and events in Postgres (needs dagster-postgres)."
+    )
 
 
 class PipelineConfig(BaseModel):
@@ -63,6 +155,10 @@ class PipelineConfig(BaseModel):
         "decoder's image_size); None: no upsampler.",
     )
     evaluate: EvaluateConfig = EvaluateConfig()
+    promotion: PromotionConfig = PromotionConfig()
+    sensor: SensorConfig = SensorConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    instance: InstanceConfig = InstanceConfig()
 
     @model_validator(mode="after")
     def _cascade_fits(self) -> PipelineConfig:

@@ -1,4 +1,10 @@
-"""Materialize the pipeline in-process against a persistent Dagster instance."""
+"""Materialize the pipeline in-process against a persistent Dagster instance.
+
+One ``unclip run`` is a few Dagster runs, in order: for each source partition, its URL list
+and image shards; the CLIP (unpartitioned: trained once, then pinned); for each partition, its
+embeddings; then manifest → prior, decoder → evaluation → promotion. Every stage skips what is
+already on storage, so a re-run does no work and a new source costs only its own shards.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,8 @@ from typing import Any
 import dagster as dg
 import yaml
 
-from unclip.pipelines.assets import ALL_ASSETS
+from unclip.pipelines import stages as stages_mod
+from unclip.pipelines.assets import ALL_ASSETS, SOURCES
 from unclip.pipelines.config import PipelineConfig
 from unclip.pipelines.definitions import build_definitions
 
@@ -20,6 +27,14 @@ StageEvent = Callable[[str, str], None]  # (event, stage): event in {"start", "s
 
 _EVENTS = {"STEP_START": "start", "STEP_SUCCESS": "success", "STEP_FAILURE": "failure"}
 STAGES = [a.key.to_user_string() for a in ALL_ASSETS]
+# (assets, one run per source partition?) in the order they run.
+PHASES: list[tuple[list[str], bool]] = [
+    (["url_lists", "image_shards"], True),
+    (["clip_model"], False),
+    (["embeddings"], True),
+    (["dataset_manifest", "prior", "decoder", "upsampler", "evaluation", "promotion"], False),
+]
+MARKER = "# written by unclip from the config's `instance` section; edit that, not this file\n"
 
 
 @dataclass
@@ -29,11 +44,13 @@ class PipelineRun:
     dagster_home: str
     stage_seconds: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, Any] = field(default_factory=dict)
+    run_ids: list[str] = field(default_factory=list)
+    partitions: list[str] = field(default_factory=list)
 
 
 def dagster_home(cfg: PipelineConfig) -> str:
-    """``DAGSTER_HOME`` when set; else ``<storage>/dagster`` for a local root (SQLite)."""
-    home = os.environ.get("DAGSTER_HOME")
+    """``DAGSTER_HOME``, else ``instance.home``, else ``<storage>/dagster`` (local roots)."""
+    home = os.environ.get("DAGSTER_HOME") or cfg.instance.home
     if not home:
         if "://" in cfg.storage:
             home = str(Path.home() / ".unclip" / "dagster")
@@ -41,9 +58,36 @@ def dagster_home(cfg: PipelineConfig) -> str:
             home = os.path.join(cfg.storage, "dagster")
     os.makedirs(home, exist_ok=True)
     settings = Path(home, "dagster.yaml")
-    if not settings.exists():
-        settings.write_text("telemetry:\n  enabled: false\n")
+    text = dagster_yaml(cfg)
+    # A dagster.yaml someone wrote by hand is theirs: only ours is regenerated.
+    if not settings.exists() or (
+        settings.read_text().startswith(MARKER) and settings.read_text() != text
+    ):
+        settings.write_text(text)
     return home
+
+
+def dagster_yaml(cfg: PipelineConfig) -> str:
+    """The instance settings: SQLite under DAGSTER_HOME, or Postgres when configured."""
+    doc: dict[str, Any] = {
+        "telemetry": {"enabled": False},
+        # Source runs share one Ray: the daemon starts them one at a time.
+        "run_queue": {"tag_concurrency_limits": [{"key": "unclip/source", "limit": 1}]},
+    }
+    pg = cfg.instance.postgres
+    if pg is not None:
+        doc["storage"] = {
+            "postgres": {
+                "postgres_db": {
+                    "hostname": pg.hostname,
+                    "port": pg.port,
+                    "db_name": pg.db_name,
+                    "username": pg.username,
+                    "password": {"env": pg.password_env},
+                }
+            }
+        }
+    return MARKER + yaml.safe_dump(doc, sort_keys=False)
 
 
 def instance_for(cfg: PipelineConfig) -> dg.DagsterInstance:
@@ -67,44 +111,88 @@ def _event_logger(on_event: StageEvent | None) -> dg.LoggerDefinition:
     return stage_events
 
 
+def _merge_partition_output(acc: dict[str, Any] | None, value: dict[str, Any]) -> dict[str, Any]:
+    """Sum counts and concatenate lists over partitions; keep the last of anything else."""
+    if acc is None:
+        return dict(value)
+    out = dict(acc)
+    for k, v in value.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float, list)) or k not in out:
+            out[k] = v
+        elif isinstance(v, list):
+            out[k] = [*out[k], *v]
+        else:
+            out[k] = out[k] + v
+    return out
+
+
 def run_pipeline(
     config_path: str,
     cfg: PipelineConfig,
     overrides: dict[str, Any] | None = None,
     on_event: StageEvent | None = None,
     stages: list[str] | None = None,
+    partitions: list[str] | None = None,
 ) -> PipelineRun:
-    """Materialize all assets (or ``stages`` and what they need already on storage)."""
-    defs = build_definitions(os.path.abspath(config_path), yaml.safe_dump(overrides or {}))
-    selection = dg.AssetSelection.assets(*stages) if stages else dg.AssetSelection.all()
-    job = dg.define_asset_job("pipeline", selection=selection)
+    """Materialize all assets (or ``stages``), each source partition (or ``partitions``)."""
+    base = build_definitions(os.path.abspath(config_path), yaml.safe_dump(overrides or {}))
+    known = {a.key.to_user_string() for a in base.assets}  # type: ignore[union-attr]
+    selected = [s for s in (stages or STAGES) if s in known]
+    jobs = []
+    for i, (names, _) in enumerate(PHASES):
+        names = [n for n in names if n in selected]
+        if names:
+            jobs.append(
+                dg.define_asset_job(f"phase_{i}", selection=dg.AssetSelection.assets(*names))
+            )
     defs = dg.Definitions(
-        assets=defs.assets,
-        jobs=[job],
-        resources=defs.resources,
+        assets=base.assets,
+        jobs=jobs,
+        resources=base.resources,
+        executor=dg.in_process_executor,
         loggers={"stage_events": _event_logger(on_event)},
     )
     instance = instance_for(cfg)
-    result = defs.resolve_job_def("pipeline").execute_in_process(
-        instance=instance,
-        run_config={"loggers": {"stage_events": {}}},
-        raise_on_error=False,
-    )
-    stats = instance.get_run_step_stats(result.run_id)
-    seconds = {s.step_key: (s.end_time or 0) - (s.start_time or 0) for s in stats if s.start_time}
-    outputs = {}
-    for key in stages or STAGES:
-        try:
-            outputs[key] = result.output_for_node(key)
-        except Exception:  # the stage failed or did not run
-            pass
-    run = PipelineRun(result.success, result.run_id, instance.root_directory, seconds, outputs)
-    if not result.success:
-        failure = next((e for e in result.all_events if e.is_step_failure), None)
-        err = failure.step_failure_data.error if failure else None
-        raise PipelineFailed(
-            run, failure.step_key if failure else "?", err.to_string() if err else ""
-        )
+    keys = partitions
+    if keys is None:
+        stages_mod.register_sources(cfg)
+        keys = stages_mod.source_ids(cfg)
+    missing = [k for k in keys if not instance.has_dynamic_partition(SOURCES.name, k)]
+    if missing:
+        instance.add_dynamic_partitions(SOURCES.name, missing)
+
+    run = PipelineRun(True, "", instance.root_directory, partitions=list(keys))
+    for i, (_, partitioned) in enumerate(PHASES):
+        if f"phase_{i}" not in {j.name for j in jobs}:
+            continue
+        job = defs.resolve_job_def(f"phase_{i}")
+        for key in keys if partitioned else [None]:
+            result = job.execute_in_process(
+                instance=instance,
+                partition_key=key,
+                run_config={"loggers": {"stage_events": {}}},
+                raise_on_error=False,
+            )
+            run.run_id = result.run_id
+            run.run_ids.append(result.run_id)
+            for s in instance.get_run_step_stats(result.run_id):
+                if s.start_time:
+                    secs = (s.end_time or 0) - s.start_time
+                    run.stage_seconds[s.step_key] = run.stage_seconds.get(s.step_key, 0.0) + secs
+            for node in job.graph.node_dict:
+                try:
+                    value = result.output_for_node(node)
+                except Exception:  # the stage failed or did not run
+                    continue
+                run.outputs[node] = (
+                    _merge_partition_output(run.outputs.get(node), value) if key else value
+                )
+            if not result.success:
+                run.success = False
+                failure = next((e for e in result.all_events if e.is_step_failure), None)
+                err = failure.step_failure_data.error if failure else None
+                where = f"{failure.step_key if failure else '?'}" + (f"[{key}]" if key else "")
+                raise PipelineFailed(run, where, err.to_string() if err else "")
     return run
 
 

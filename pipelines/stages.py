@@ -12,17 +12,20 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from fsspec.core import url_to_fs
+
 from unclip.datasets import embed as embed_mod
 from unclip.datasets import ingest as ingest_mod
 from unclip.datasets import manifest as manifest_mod
 from unclip.datasets import synthetic, url_lists
 from unclip.datasets.ingest_stats import format_summary
 from unclip.datasets.storage import StorageLayout, exists, read_json, write_json
+from unclip.pipelines import sources as sources_mod
 from unclip.pipelines.config import PipelineConfig
 
 Progress = Callable[[int, int], None]
 
-SYNTHETIC_LIST = "synthetic.parquet"
+SYNTHETIC_LIST = "urls.parquet"
 
 
 def layout_of(cfg: PipelineConfig) -> StorageLayout:
@@ -47,7 +50,8 @@ def ensure_ray(cfg: PipelineConfig) -> None:
 
 
 def synthetic_list_path(cfg: PipelineConfig) -> str:
-    return layout_of(cfg).join("incoming", SYNTHETIC_LIST)
+    # Not under incoming/: that is the sensor's inbox.
+    return layout_of(cfg).join("synthetic", SYNTHETIC_LIST)
 
 
 def url_list_paths(cfg: PipelineConfig) -> list[str]:
@@ -76,8 +80,34 @@ def prepare_sources(cfg: PipelineConfig) -> dict[str, Any]:
     return out
 
 
+def register_sources(cfg: PipelineConfig) -> list[str]:
+    """Write the synthetic list if needed and register every configured list; their ids."""
+    prepare_sources(cfg)
+    return [sources_mod.register(cfg, p) for p in url_list_paths(cfg)]
+
+
+def source_lists(cfg: PipelineConfig, only: list[str] | None = None) -> dict[str, str]:
+    """Source id → URL list: configured lists plus those the inbox sensor registered.
+
+    ``only`` restricts to those ids (one partition's run); an unknown id is an error.
+    """
+    if only is not None:
+        return {sid: sources_mod.url_list_of(cfg, sid) for sid in only}
+    known = sources_mod.registered(cfg)
+    for p in url_list_paths(cfg):
+        if exists(p):
+            known.setdefault(url_lists.source_id(p), p)
+    return dict(sorted(known.items()))
+
+
 def source_ids(cfg: PipelineConfig) -> list[str]:
-    return [url_lists.source_id(p) for p in url_list_paths(cfg)]
+    return list(source_lists(cfg))
+
+
+def describe_source(cfg: PipelineConfig, sid: str) -> dict[str, Any]:
+    """Check one source's list (columns, rows) before anything is downloaded."""
+    path = sources_mod.url_list_of(cfg, sid)
+    return {"source": sid, "url_list": path, "rows": sources_mod.validate(path, cfg)}
 
 
 @contextlib.contextmanager
@@ -91,9 +121,12 @@ def _synthetic_server_if_needed(cfg: PipelineConfig, url_list: str) -> Iterator[
 
 
 def ingest(
-    cfg: PipelineConfig, progress: Progress | None = None, retry_failed: bool = False
+    cfg: PipelineConfig,
+    progress: Progress | None = None,
+    retry_failed: bool = False,
+    only: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Download every source's missing shards (img2dataset in Ray tasks).
+    """Download the missing shards of every source, or of the ``only`` ones (img2dataset on Ray).
 
     With ``retry_failed``, also re-download the failed samples of finished shards into new
     shards, leaving the successful ones untouched.
@@ -101,7 +134,7 @@ def ingest(
     ensure_ray(cfg)
     layout = layout_of(cfg)
     results = []
-    for path in url_list_paths(cfg):
+    for path in source_lists(cfg, only).values():
         runs = []
         if not ingest_mod.source_complete(layout, path, cfg.ingest):
             with _synthetic_server_if_needed(cfg, path):
@@ -155,40 +188,106 @@ class IngestFailed(RuntimeError):
 
 
 def clip_checkpoint(cfg: PipelineConfig, progress: Progress | None = None) -> dict[str, Any]:
-    """The CLIP that embeds this run's data: pretrained as configured, else the bootstrap one."""
+    """The CLIP that embeds this run's data: pretrained as configured, else the bootstrap one.
+
+    The bootstrap CLIP is pinned: it is trained on the sources ingested when it is first
+    needed, and ``runs/clip/latest.json`` records them. Later sources are embedded with it
+    rather than retraining it (which would change ``clip_id`` and re-embed every source);
+    ``unclip run --retrain-clip`` (or deleting that file) trains a new one on all sources.
+    """
     if not cfg.uses_bootstrap_clip:
-        return {"checkpoint": None, "bootstrap": False}
+        return {"checkpoint": None, "bootstrap": False, "clip_id": clip_id_for(cfg, None)}
     from unclip.training.clip_task import train_bootstrap_clip
 
     ensure_ray(cfg)
+    layout = layout_of(cfg)
+    pin = read_json(layout.latest_run("clip")) if exists(layout.latest_run("clip")) else {}
+    trained_on = pin.get("sources") or ingested_sources(cfg)
+    if not trained_on:
+        raise ValueError(
+            "the bootstrap CLIP trains on ingested pairs, and no source is ingested yet: "
+            "materialize image_shards first (unclip ingest)"
+        )
     fit = train_bootstrap_clip(
-        layout_of(cfg),
-        cfg.clip,
-        cfg.bootstrap,
-        source_ids(cfg),
-        cfg.evaluate.holdout_fraction,
+        layout, cfg.clip, cfg.bootstrap, trained_on, cfg.evaluate.holdout_fraction
     )
-    _record_latest(cfg, "clip", fit, None)
+    if pin.get("run") != fit.run_name or not pin.get("clip_id"):
+        clip_id = clip_id_for(cfg, fit.export_dir)
+        write_json(
+            layout.latest_run("clip"),
+            {
+                "run": fit.run_name,
+                "export": fit.export_dir,
+                "dataset_version": None,
+                "sources": sorted(trained_on),
+                "clip_id": clip_id,
+            },
+        )
+    else:
+        clip_id = pin["clip_id"]
     return {
         "checkpoint": fit.export_dir,
         "bootstrap": True,
         "run": fit.run_name,
         "skipped": fit.skipped,
+        "clip_id": clip_id,
+        "trained_on_sources": len(trained_on),
         **_scalars(fit.metrics),
     }
 
 
-def embed(cfg: PipelineConfig, clip_ckpt: str | None) -> dict[str, Any]:
+def unpin_clip(cfg: PipelineConfig) -> bool:
+    """Forget the pinned bootstrap CLIP, so the next run trains one on every source."""
+    path = layout_of(cfg).latest_run("clip")
+    if not exists(path):
+        return False
+    fs, p = url_to_fs(path)
+    fs.rm(p)
+    return True
+
+
+def ingested_sources(cfg: PipelineConfig) -> list[str]:
+    """Sources whose every planned shard is committed."""
+    layout = layout_of(cfg)
+    return [
+        sid
+        for sid, path in source_lists(cfg).items()
+        if exists(layout.ingest_plan(sid)) and ingest_mod.source_complete(layout, path, cfg.ingest)
+    ]
+
+
+def clip_id_for(cfg: PipelineConfig, checkpoint: str | None) -> str:
+    """The id the embeddings of this CLIP are filed under (loads the model once)."""
+    from unclip.datasets.clip import load_clip
+
+    return load_clip(cfg.clip, checkpoint).clip_id
+
+
+def embed(
+    cfg: PipelineConfig, clip_ckpt: str | None, only: list[str] | None = None
+) -> dict[str, Any]:
+    """Embed the image shards of every source (or the ``only`` ones) that have no embeddings."""
     ensure_ray(cfg)
     layout = layout_of(cfg)
     written = skipped = 0
     clip_id = None
-    for sid in source_ids(cfg):
+    for sid in source_lists(cfg, only):
         r = embed_mod.embed_source(layout, sid, cfg.clip, clip_ckpt, cfg.embed)
         written += r.shards_written
         skipped += r.shards_skipped
         clip_id = r.clip_id
     return {"clip_id": clip_id, "shards_written": written, "shards_skipped": skipped}
+
+
+def current_version(cfg: PipelineConfig) -> str:
+    """The dataset version assembled last (what training and evaluation use)."""
+    m = manifest_mod.latest_manifest(layout_of(cfg))
+    if m is None:
+        raise FileNotFoundError(
+            f"no dataset manifest under {cfg.storage}: materialize dataset_manifest first "
+            "(unclip embed)"
+        )
+    return m["version"]
 
 
 def assemble(cfg: PipelineConfig, clip_id: str) -> dict[str, Any]:
@@ -272,7 +371,15 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate(cfg: PipelineConfig, version: str, clip_ckpt: str | None) -> dict[str, Any]:
-    """Prior cosine suite on held-out pairs and a decoder sample grid, under ``eval/``."""
+    """Prior cosine suite, then the whole cascade's metrics, sample grids and HTML report under ``eval/``.
+
+    The cascade (prior → decoder → upsampler when configured) is judged on held-out captions:
+    FD-CLIP against an untrained decoder's, CLIP score against real images', the synthetic
+    shapes' attribute accuracy and, with an Inception checkpoint, FID
+    (``eval/{decoder_run}/decoder_metrics.json`` and ``report.html``). Each output is skipped
+    when it is already there.
+    """
+    from unclip.training.cascade_eval import METRICS_FILE, REPORT_FILE, evaluate_cascade
     from unclip.training.decoder import train_decoder as fit_decoder
     from unclip.training.evaluation import evaluate_prior, write_sample_grid
     from unclip.training.prior import train_prior as fit_prior
@@ -280,9 +387,14 @@ def evaluate(cfg: PipelineConfig, version: str, clip_ckpt: str | None) -> dict[s
     ensure_ray(cfg)
     layout = layout_of(cfg)
     holdout = cfg.evaluate.holdout_fraction
-    # Both fits are finished by now: these calls only look their exports up.
+    # Every fit is finished by now: these calls only look their exports up.
     prior_fit = fit_prior(layout, version, cfg.prior, holdout)
     decoder_fit = fit_decoder(layout, version, cfg.decoder, holdout)
+    upsampler_fit = None
+    if cfg.upsampler is not None:
+        from unclip.training.upsampler import train_upsampler as fit_upsampler
+
+        upsampler_fit = fit_upsampler(layout, version, cfg.upsampler, holdout)
 
     metrics_path = layout.join("eval", prior_fit.run_name, "prior_metrics.json")
     if exists(metrics_path):
@@ -301,4 +413,59 @@ def evaluate(cfg: PipelineConfig, version: str, clip_ckpt: str | None) -> dict[s
             cfg.evaluate,
             grid,
         )
-    return {"prior_metrics": metrics_path, "sample_grid": grid, **_scalars(prior_metrics)}
+    cascade: dict[str, Any] = {}
+    loss_curves = {
+        f"prior {prior_fit.run_name}": f"{prior_fit.run_dir}/loss.png",
+        f"decoder {decoder_fit.run_name}": f"{decoder_fit.run_dir}/loss.png",
+    }
+    if upsampler_fit is not None:
+        cascade["upsampler_exports"] = [upsampler_fit.export_dir]
+        loss_curves[f"upsampler {upsampler_fit.run_name}"] = f"{upsampler_fit.run_dir}/loss.png"
+    decoder_metrics = evaluate_cascade(
+        layout,
+        version,
+        cfg.clip,
+        clip_ckpt,
+        prior_fit,
+        decoder_fit,
+        cfg.decoder,
+        cfg.evaluate,
+        palette=_synthetic_palette(cfg),
+        cascade=cascade,
+        prior_metrics=prior_metrics,
+        loss_curves=loss_curves,
+        extra_images={"Sample grid (evaluate.captions, prior → decoder)": grid},
+    )
+    eval_dir = layout.eval_dir(decoder_fit.run_name)
+    if upsampler_fit is not None:
+        # The upsampler is judged by the same cascade metrics (the promotion gate reads them here).
+        up_path = layout.join("eval", upsampler_fit.run_name, "upsampler_metrics.json")
+        if not exists(up_path) or read_json(up_path) != decoder_metrics:
+            write_json(up_path, decoder_metrics)
+    return {
+        "prior_metrics": metrics_path,
+        "sample_grid": grid,
+        "decoder_metrics": f"{eval_dir}/{METRICS_FILE}",
+        "report": f"{eval_dir}/{REPORT_FILE}",
+        **_scalars(prior_metrics),
+        **{k: v for k, v in _scalars(decoder_metrics).items() if k in DECODER_SUMMARY},
+    }
+
+
+DECODER_SUMMARY = (
+    "attribute_accuracy",
+    "fd_clip",
+    "fd_clip_untrained",
+    "clip_score",
+    "clip_score_real",
+    "fid",
+)
+
+
+def _synthetic_palette(cfg: PipelineConfig) -> dict[str, tuple[int, int, int]] | None:
+    """Colour name → RGB of the synthetic shapes, for the attribute check (None: no synthetic data)."""
+    if cfg.synthetic is None:
+        return None
+    from PIL import ImageColor
+
+    return {c: synthetic.PALETTE.get(c) or ImageColor.getrgb(c)[:3] for c in cfg.synthetic.colors}

@@ -11,7 +11,7 @@ runner = CliRunner()
 def test_help_lists_every_command():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for cmd in ["run", "ingest", "embed", "train", "evaluate", "sample", "status"]:
+    for cmd in ["run", "ingest", "embed", "train", "evaluate", "sample", "status", "ui"]:
         assert cmd in result.output
     train = runner.invoke(app, ["train", "--help"])
     assert "prior" in train.output and "decoder" in train.output
@@ -41,6 +41,32 @@ def test_sample_without_trained_models_says_what_to_run(tmp_path):
     assert "unclip run" in result.output
 
 
+def test_ui_runs_dagster_dev_on_the_same_definitions_and_instance(tmp_path, monkeypatch):
+    from unclip.pipelines.cli import ui_command
+    from unclip.pipelines.config import load_config
+
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    f = tmp_path / "c.yaml"
+    f.write_text(f"storage: {tmp_path / 'store'}\n")
+    help_ = runner.invoke(app, ["ui", "--help"])
+    assert help_.exit_code == 0 and "--port" in help_.output
+    cmd, env = ui_command(f, load_config(f), port=3111)
+    assert cmd[:4] == ["dagster", "dev", "-m", "unclip.pipelines.definitions"]
+    assert "3111" in cmd
+    assert env["UNCLIP_CONFIG"] == str(f.resolve())
+    assert env["DAGSTER_HOME"] == str(tmp_path / "store" / "dagster")
+    assert (tmp_path / "store" / "dagster" / "dagster.yaml").exists()
+
+
+def test_status_on_an_empty_store(tmp_path, monkeypatch):
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    f = tmp_path / "c.yaml"
+    f.write_text(f"storage: {tmp_path / 'store'}\n")
+    result = runner.invoke(app, ["status", str(f)])
+    assert result.exit_code == 0, result.output
+    assert "dataset version" in result.output and "promoted prior" in result.output
+
+
 def test_single_stage_commands_select_their_upstream():
     assert _upstream_closure(["image_shards"]) == ["url_lists", "image_shards"]
     assert _upstream_closure(["prior"]) == [
@@ -51,3 +77,131 @@ def test_single_stage_commands_select_their_upstream():
         "dataset_manifest",
         "prior",
     ]
+
+
+# --- unclip sample ---------------------------------------------------------------------------
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+CLIP_YAML = """
+clip: {embed_dim: 32, image_size: 32, patch_size: 8, vision_width: 64, vision_layers: 1,
+       text_width: 64, text_layers: 1, heads: 2, context_length: 16}
+prior: {num_layers: 1, num_attention_heads: 2, attention_head_dim: 16, timesteps: 100,
+        sample_steps: 2}
+decoder: {image_size: 16, block_out_channels: [16, 32], attention_head_dim: 8, timesteps: 100,
+          sample_steps: 2}
+upsampler: {input_size: 16, output_size: 32, block_out_channels: [16, 32], timesteps: 100,
+            sample_steps: 2}
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A storage root whose latest CLIP, prior, decoder and upsampler are untrained tiny exports,
+    plus an upsampler export that takes 8 px images (not the decoder's 16)."""
+    from unclip.datasets.clip import build_bootstrap_clip, load_clip, save_clip
+    from unclip.datasets.storage import StorageLayout, write_json
+    from unclip.pipelines.config import load_config
+    from unclip.training.decoder import DecoderTask
+    from unclip.training.prior import PriorTask
+    from unclip.training.upsampler import UpsamplerTask
+
+    root = tmp_path_factory.mktemp("sample")
+    config = root / "c.yaml"
+    config.write_text(f"storage: {root / 'store'}\n{CLIP_YAML}")
+    cfg = load_config(config)
+    layout = StorageLayout(cfg.storage)
+    torch.manual_seed(0)
+    clip_dir = save_clip(build_bootstrap_clip(cfg.clip), cfg.clip, str(root / "clip"))
+    clip_id, dim = load_clip(cfg.clip, clip_dir).clip_id, cfg.clip.embed_dim
+    common = {"layout": layout, "manifest_version": "v0", "holdout_fraction": 0.1, "dim": dim}
+    tasks = {
+        "prior": PriorTask(
+            cfg=cfg.prior, clip_id=clip_id, image_mean=[0.0] * dim, image_std=[0.2] * dim, **common
+        ),
+        "decoder": DecoderTask(cfg=cfg.decoder, clip_id=clip_id, **common),
+        "upsampler": UpsamplerTask(cfg=cfg.upsampler, clip_id=clip_id, **common),
+        "up8": UpsamplerTask(
+            cfg=cfg.upsampler.model_copy(update={"input_size": 8, "output_size": 16}),
+            clip_id=clip_id,
+            **common,
+        ),
+    }
+    exports = {"clip": clip_dir}
+    for name, task in tasks.items():
+        exports[name] = str(root / name)
+        task.export(task.build_model(), exports[name])
+    for model in ("clip", "prior", "decoder", "upsampler"):
+        write_json(layout.latest_run(model), {"run": model, "export": exports[model]})
+    return config, exports, dim
+
+
+def _sample(config, tmp_path, *args):
+    out = tmp_path / "png"
+    result = runner.invoke(app, ["sample", *args, "--config", str(config), "--out", str(out)])
+    return result, sorted(out.glob("*.png")) if out.exists() else []
+
+
+def test_sample_runs_prior_decoder_upsampler_and_writes_pngs(trained, tmp_path):
+    config, _, _ = trained
+    result, pngs = _sample(config, tmp_path, "a red circle", "a blue square", "--n", "1")
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in pngs] == ["a-blue-square-0.png", "a-red-circle-0.png"]
+    with Image.open(pngs[0]) as im:
+        assert im.size == (32, 32)  # the upsampler's output size
+    result, pngs = _sample(config, tmp_path / "lo", "a red circle", "--n", "1", "--no-upsampler")
+    with Image.open(pngs[0]) as im:
+        assert result.exit_code == 0 and im.size == (16, 16)
+
+
+def test_sample_variation_and_interpolation(trained, tmp_path):
+    config, _, _ = trained
+    src = tmp_path / "in.png"
+    Image.new("RGB", (40, 40), "red").save(src)
+    result, pngs = _sample(config, tmp_path / "v", "--variation", str(src), "--n", "2")
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in pngs] == ["variation-in-0.png", "variation-in-1.png"]
+    args = ["--interpolate", "a red circle", "a blue square", "--frames", "3"]
+    result, pngs = _sample(config, tmp_path / "i", *args)
+    assert result.exit_code == 0, result.output
+    assert len(pngs) == 3 and pngs[0].name == "a-red-circle-to-a-blue-square-00.png"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["a red circle " * 10], "longer than the CLIP context"),
+        (["a red circle", "  "], "empty caption"),
+        (["--interpolate", "a red circle", ""], "empty caption"),
+        (["a red circle", "--guidance", "0"], "guidance scale must be > 0"),
+        (["a red circle", "--guidance", "-2"], "guidance scale must be > 0"),
+        ([], "give captions, --variation, --interpolate or --embedding"),
+    ],
+)
+def test_sample_bad_input_is_exit_code_2(trained, tmp_path, args, message):
+    config, _, _ = trained
+    result, pngs = _sample(config, tmp_path, *args)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and not pngs
+
+
+def test_sample_refuses_an_upsampler_of_another_input_size(trained, tmp_path):
+    config, exports, _ = trained
+    result, pngs = _sample(config, tmp_path, "a red circle", "--upsampler", exports["up8"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "takes 8 px images but the decoder makes 16 px" in text and not pngs
+
+
+def test_sample_decodes_embeddings_and_refuses_the_wrong_dimension(trained, tmp_path):
+    config, _, dim = trained
+    good, bad = tmp_path / "good.npy", tmp_path / "bad.npy"
+    np.save(good, np.random.default_rng(0).normal(size=(2, dim)).astype(np.float32))
+    np.save(bad, np.zeros((2, dim + 3), np.float32))
+    result, pngs = _sample(config, tmp_path / "g", "--embedding", str(good), "--no-upsampler")
+    assert result.exit_code == 0, result.output
+    assert len(pngs) == 2
+    result, pngs = _sample(config, tmp_path / "b", "--embedding", str(bad))
+    assert result.exit_code == 2 and f"[N, {dim}]" in result.output and not pngs

@@ -1,23 +1,115 @@
 import dagster as dg
+import yaml
+from dagster._config import validate_config
+from dagster._core.instance.config import dagster_instance_config_schema
 
+from unclip.pipelines.config import load_config
 from unclip.pipelines.definitions import build_definitions
+from unclip.pipelines.runner import dagster_home, dagster_yaml
+
+ASSETS = {
+    "url_lists",
+    "image_shards",
+    "clip_model",
+    "embeddings",
+    "dataset_manifest",
+    "prior",
+    "decoder",
+    "evaluation",
+    "promotion",
+}
 
 
-def test_definitions_load_with_the_stage_graph(tmp_path):
-    defs = build_definitions(str(tmp_path / "c.yaml"))
-    job = defs.resolve_job_def("pipeline")
+def _config(tmp_path, **extra):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"storage": str(tmp_path / "store"), **extra}))
+    return f
+
+
+def test_definitions_load_with_partitions_jobs_sensor_and_schedule(tmp_path):
+    f = _config(tmp_path, schedule={"cron": "0 4 * * 1", "timezone": "Europe/Paris"})
+    defs = build_definitions(str(f))
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == {
-        "url_lists",
-        "image_shards",
-        "clip_model",
-        "embeddings",
-        "dataset_manifest",
-        "prior",
-        "decoder",
-        "evaluation",
+    assert ASSETS <= keys
+    for name in ("url_lists", "image_shards", "embeddings"):
+        pd = graph.get(dg.AssetKey(name)).partitions_def
+        assert isinstance(pd, dg.DynamicPartitionsDefinition) and pd.name == "sources"
+    for name in ("clip_model", "dataset_manifest", "prior", "decoder", "evaluation", "promotion"):
+        assert graph.get(dg.AssetKey(name)).partitions_def is None, name
+    parents = {k.to_user_string() for k in graph.get(dg.AssetKey("dataset_manifest")).parent_keys}
+    assert parents == {"embeddings", "clip_model"}
+    assert {k.to_user_string() for k in graph.get(dg.AssetKey("promotion")).parent_keys} == {
+        "evaluation"
     }
-    parents = {k.to_user_string() for k in graph.get(dg.AssetKey("evaluation")).parent_keys}
-    assert parents == {"dataset_manifest", "clip_model", "prior", "decoder"}
-    assert job is not None
+
+    ingest = defs.resolve_job_def("ingest_source")
+    assert ingest.partitions_def.name == "sources"
+    retrain = defs.resolve_job_def("retrain")
+    assert {"dataset_manifest", "prior", "decoder", "evaluation", "promotion"} <= set(
+        retrain.graph.node_dict
+    )
+    assert "image_shards" not in retrain.graph.node_dict
+    schedule = defs.resolve_schedule_def("retrain_schedule")
+    assert schedule.cron_schedule == "0 4 * * 1"
+    assert schedule.execution_timezone == "Europe/Paris"
+    assert schedule.job_name == "retrain"
+    assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
+    sensor = defs.resolve_sensor_def("inbox")
+    assert sensor.job_name == "ingest_source"
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+
+
+def test_code_versions_are_set_on_every_asset(tmp_path):
+    defs = build_definitions(str(_config(tmp_path)))
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        assert graph.get(key).code_version, key
+
+
+def test_module_definitions_load_from_unclip_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNCLIP_CONFIG", str(_config(tmp_path)))
+    from unclip.pipelines import definitions
+
+    defs = definitions.defs()
+    assert defs.resolve_sensor_def("inbox") and defs.resolve_schedule_def("retrain_schedule")
+
+
+def test_sqlite_instance_by_default(tmp_path, monkeypatch):
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    cfg = load_config(_config(tmp_path))
+    home = dagster_home(cfg)
+    assert home == str(tmp_path / "store" / "dagster")
+    text = (tmp_path / "store" / "dagster" / "dagster.yaml").read_text()
+    assert "postgres" not in text
+    instance = dg.DagsterInstance.from_config(home)
+    assert type(instance.run_storage).__name__ == "SqliteRunStorage"
+
+
+def test_postgres_block_written_from_config(tmp_path, monkeypatch):
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    cfg = load_config(
+        _config(
+            tmp_path,
+            instance={"postgres": {"hostname": "db.internal", "db_name": "unclip"}},
+        )
+    )
+    doc = yaml.safe_load(dagster_yaml(cfg))
+    assert doc["storage"]["postgres"]["postgres_db"] == {
+        "hostname": "db.internal",
+        "port": 5432,
+        "db_name": "unclip",
+        "username": "dagster",
+        "password": {"env": "DAGSTER_PG_PASSWORD"},
+    }
+    # valid against Dagster's own instance schema (no server needed to check that)
+    assert validate_config(dagster_instance_config_schema(), doc).success
+    # a file unclip wrote is regenerated when the config changes; a hand-written one is kept
+    home = tmp_path / "store" / "dagster"
+    home.mkdir(parents=True)
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: true\n")
+    dagster_home(cfg)
+    assert "postgres" not in (home / "dagster.yaml").read_text()
+    (home / "dagster.yaml").unlink()
+    dagster_home(cfg)
+    assert "db.internal" in (home / "dagster.yaml").read_text()

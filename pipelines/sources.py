@@ -1,0 +1,134 @@
+"""Sources of a run: configured URL lists, the synthetic one, and lists accepted from the inbox.
+
+A source is one URL list, named by the hash of its bytes (``url_lists.source_id``); that id is
+the key of its Dagster partition. ``sources/{id}.origin.json`` records where the list lives, so
+a partition's run finds its list from the key alone, whichever way the source arrived.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fsspec.core import url_to_fs
+
+from unclip.datasets import url_lists
+from unclip.datasets.storage import StorageLayout, exists, read_json, write_json
+from unclip.pipelines.config import PipelineConfig
+
+ACCEPTED = "_accepted"
+REJECTED = "_rejected"
+
+
+def incoming_uri(cfg: PipelineConfig) -> str:
+    """The inbox the sensor watches: ``sensor.incoming``, else ``<storage>/incoming``."""
+    return (cfg.sensor.incoming or StorageLayout(cfg.storage).join("incoming")).rstrip("/")
+
+
+def register(cfg: PipelineConfig, url_list: str) -> str:
+    """Record ``url_list`` as a source of this storage root; returns its id (idempotent)."""
+    layout = StorageLayout(cfg.storage)
+    sid = url_lists.source_id(url_list)
+    path = layout.source_origin(sid)
+    if not exists(path) or read_json(path).get("url_list") != url_list:
+        write_json(path, {"source": sid, "url_list": url_list, "registered": time.time()})
+    return sid
+
+
+def registered(cfg: PipelineConfig) -> dict[str, str]:
+    """Every registered source: id → URL list."""
+    layout = StorageLayout(cfg.storage)
+    fs, root = url_to_fs(layout.sources_dir())
+    if not fs.exists(root):
+        return {}
+    out = {}
+    for p in sorted(fs.glob(f"{root}/*.origin.json")):
+        record = read_json(layout.join("sources", p.rsplit("/", 1)[-1]))
+        out[record["source"]] = record["url_list"]
+    return out
+
+
+def url_list_of(cfg: PipelineConfig, sid: str) -> str:
+    """The URL list of source ``sid``; a clear error when no such source was registered."""
+    path = StorageLayout(cfg.storage).source_origin(sid)
+    if not exists(path):
+        raise KeyError(
+            f"source {sid} is not registered under {cfg.storage} ({path} is missing): add its "
+            f"URL list to `sources` in the config or drop it into {incoming_uri(cfg)}"
+        )
+    return read_json(path)["url_list"]
+
+
+def validate(url_list: str, cfg: PipelineConfig) -> int:
+    """Read a list as ingest will and return its row count; ValueError names the problem."""
+    try:
+        table = url_lists.read_url_list(url_list, cfg.ingest)
+    except (ValueError, OSError) as e:
+        raise ValueError(str(e)) from e
+    if table.num_rows == 0:
+        raise ValueError(f"{url_list}: the list has no rows")
+    return table.num_rows
+
+
+@dataclass
+class InboxFile:
+    """One candidate list in the inbox and its fingerprint (name, size, mtime)."""
+
+    name: str
+    path: str
+    fingerprint: str
+
+
+def inbox_files(cfg: PipelineConfig, now: float | None = None) -> list[InboxFile]:
+    """Lists waiting in the inbox: plain files, not hidden, old enough to be complete."""
+    uri = incoming_uri(cfg)
+    fs, root = url_to_fs(uri)
+    if not fs.exists(root):
+        return []
+    now = time.time() if now is None else now
+    out = []
+    for info in fs.ls(root, detail=True):
+        name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+        if info.get("type") != "file" or name.startswith((".", "_")) or ".tmp" in name:
+            continue
+        mtime = _mtime(info)
+        if mtime is not None and now - mtime < cfg.sensor.min_age_seconds:
+            continue
+        out.append(InboxFile(name, f"{uri}/{name}", f"{info.get('size')}:{mtime}"))
+    return sorted(out, key=lambda f: f.name)
+
+
+def _mtime(info: dict[str, Any]) -> float | None:
+    for key in ("mtime", "LastModified", "updated", "created"):
+        v = info.get(key)
+        if isinstance(v, (int, float)):
+            return float(v)
+        if hasattr(v, "timestamp"):
+            return float(v.timestamp())
+    return None
+
+
+def accept(cfg: PipelineConfig, f: InboxFile) -> str:
+    """Move a valid list to ``_accepted/{id}/`` and register it there; returns the source id."""
+    sid = url_lists.source_id(f.path)
+    dest = f"{incoming_uri(cfg)}/{ACCEPTED}/{sid}/{f.name}"
+    _move(f.path, dest)
+    return register(cfg, dest)
+
+
+def reject(cfg: PipelineConfig, f: InboxFile, error: str) -> str:
+    """Move a bad list to ``_rejected/`` with ``{name}.error.txt`` saying why; returns its path."""
+    dest = f"{incoming_uri(cfg)}/{REJECTED}/{f.name}"
+    _move(f.path, dest)
+    fs, p = url_to_fs(dest + ".error.txt")
+    with fs.open(p, "w") as out:
+        out.write(f"{f.name}: rejected by the unclip inbox sensor\n{error}\n")
+    return dest
+
+
+def _move(src: str, dest: str) -> None:
+    fs, s = url_to_fs(src)
+    d = url_to_fs(dest)[1]
+    fs.makedirs(d.rsplit("/", 1)[0], exist_ok=True)
+    fs.mv(s, d)
