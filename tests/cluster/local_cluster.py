@@ -47,12 +47,10 @@ class LocalCluster:
         """Run a local-cluster.sh subcommand for this cluster; its output, or raise."""
         args = [str(SCRIPT), command, "--port", str(self.port), "--dir", str(self.dir)]
         args += ["--object-store-mb", str(self.object_store_mb)]
+        env = self.env()
+        del env["RAY_ADDRESS"]  # the nodes' own processes inherit this environment
         done = subprocess.run(
-            ["nice", "-n", "5", *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=self.env(),
+            ["nice", "-n", "5", *args], capture_output=True, text=True, timeout=timeout, env=env
         )
         if done.returncode != 0:
             raise RuntimeError(f"{command} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
