@@ -64,3 +64,69 @@ def test_sampling_export_and_load_round_trip(tmp_path):
         sampler.sample(torch.randn(2, DIM + 2))
     with pytest.raises(ValueError, match="guidance"):
         sampler.sample(emb, guidance_scale=-1.0)
+
+
+TEXT = DecoderConfig(
+    image_size=16,
+    block_out_channels=[16, 32],
+    attention_head_dim=8,
+    timesteps=100,
+    sample_steps=2,
+    text_conditioning=True,
+)
+
+
+def test_caption_conditioning_kandinsky_21_style_and_its_separate_dropout(monkeypatch):
+    model = build_decoder(TEXT, DIM)
+    assert model.config.addition_embed_type == "text_image"
+    assert model.config.encoder_hid_dim_type == "text_image_proj"
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 50])
+    image, text = torch.randn(2, DIM), torch.randn(2, DIM)
+    out = predict_eps(model, x, t, torch.cat([image, text], 1))
+    assert out.shape == x.shape
+    no_text = predict_eps(model, x, t, torch.cat([image, torch.zeros_like(text)], 1))
+    assert not torch.allclose(out, no_text)  # the caption changes the prediction
+
+    task = make_task()
+    task.cfg = TEXT.model_copy(update={"cond_drop_prob": 0.1, "text_drop_prob": 0.5})
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    emb = rng.normal(size=(8, DIM)).astype(np.float32)
+    with pytest.raises(ValueError, match="caption embeddings"):
+        task.set_arrays(images, emb)
+    task.set_arrays(images, emb, emb * 2)
+    batch = task.batch(np.arange(8))
+    assert torch.equal(batch["text_emb"], batch["image_emb"] * 2)
+
+    seen = []
+    monkeypatch.setattr(
+        "unclip.training.decoder.predict_eps", lambda m, x, t, c: seen.append(c) or x * 0
+    )
+    torch.manual_seed(0)
+    for _ in range(200):
+        task.loss(None, batch)
+    cond = torch.cat(seen)  # [N, 2D]: image ‖ text
+    image_dropped = (cond[:, :DIM] == 0).all(1).float().mean().item()
+    text_dropped = (cond[:, DIM:] == 0).all(1).float().mean().item()
+    assert 0.07 < image_dropped < 0.13 and 0.45 < text_dropped < 0.55
+
+
+def test_text_conditioned_sampler_takes_captions_or_the_null_caption(tmp_path):
+    task = make_task()
+    task.cfg = TEXT
+    torch.manual_seed(0)
+    task.export(task.build_model(), str(tmp_path))
+    sampler = load_decoder(str(tmp_path))
+    assert sampler.text_conditioning
+    emb, text = torch.randn(2, DIM), torch.randn(2, DIM)
+    with_text = sampler.sample(emb, text_emb=text, seed=0, guidance_scale=2.0)
+    without = sampler.sample(emb, seed=0, guidance_scale=2.0)
+    assert with_text.shape == without.shape == (2, 16, 16, 3)
+    assert not np.array_equal(with_text, without)
+    with pytest.raises(ValueError, match="caption embeddings must be"):
+        sampler.sample(emb, text_emb=torch.randn(2, DIM + 1))
+
+
+def test_default_decoder_stays_image_only():
+    assert not DecoderConfig().text_conditioning
+    assert build_decoder(TINY, DIM).config.addition_embed_type == "image"
