@@ -143,9 +143,10 @@ def fid_state(images: np.ndarray, checkpoint: str, real: bool) -> dict[str, torc
     return {k: v.clone() for k, v in metric.metric_state.items()}
 
 
-def pooled_fid(states: list[dict[str, torch.Tensor]], checkpoint: str) -> float:
-    """FID of the sums of all workers' statistics: the FID of all features at once."""
+def pooled_fid(real: np.ndarray, states: list[dict[str, torch.Tensor]], checkpoint: str) -> float:
+    """FID of the real images against the sums of all workers' statistics (= all features at once)."""
     metric = fid_metric(checkpoint)
+    metric.update(torch.from_numpy(real).permute(0, 3, 1, 2).contiguous(), real=True)
     for s in states:
         metric.merge_state(s)
     return float(metric.compute())
@@ -328,11 +329,8 @@ def evaluate_cascade(
 
     fid = fid_untrained = None
     if cfg.inception_checkpoint:
-        real_state = fid_state(real, cfg.inception_checkpoint, real=True)
-        fid = pooled_fid([real_state] + [r["fid"] for r in trained], cfg.inception_checkpoint)
-        fid_untrained = pooled_fid(
-            [real_state] + [r["fid"] for r in baseline], cfg.inception_checkpoint
-        )
+        fid = pooled_fid(real, [r["fid"] for r in trained], cfg.inception_checkpoint)
+        fid_untrained = pooled_fid(real, [r["fid"] for r in baseline], cfg.inception_checkpoint)
     matches = im.attribute_matches(images, held.captions, palette) if palette else None
     metrics: dict[str, Any] = {
         "attribute_accuracy": im.attribute_accuracy(matches) if matches else None,

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from training_helpers import TINY_CLIP, make_decoder_task, make_prior_task
+from training_helpers import HOLDOUT, TINY_CLIP, TINY_DECODER, make_decoder_task, make_prior_task
 
 from unclip.datasets.clip import build_bootstrap_clip, load_clip, save_clip
+from unclip.datasets.storage import exists, read_json
+from unclip.datasets.synthetic import PALETTE
+from unclip.training import cascade_eval
+from unclip.training.cascade_eval import (
+    METRICS_FILE,
+    REPORT_FILE,
+    evaluate_cascade,
+    fid_state,
+    pooled_fid,
+    split,
+)
 from unclip.training.config import EvaluateConfig
 from unclip.training.evaluation import (
     caption_grid,
@@ -17,6 +30,7 @@ from unclip.training.evaluation import (
     write_sample_grid,
 )
 from unclip.training.sampling import generate
+from unclip.training.trainer import FitResult
 
 
 def test_unrelated_index_picks_another_caption():
@@ -83,3 +97,107 @@ def test_bad_captions_are_clear_errors(exports):
         generate(["a red circle " * 10], TINY_CLIP, clip_dir, prior_dir, decoder_dir)
     with pytest.raises(ValueError, match="guidance"):
         generate(["a red circle"], TINY_CLIP, clip_dir, prior_dir, decoder_dir, guidance=0.0)
+
+
+# --- the cascade evaluation (decoder_metrics.json + report.html) --------------------------------
+
+
+def _fits(exports, tmp_path, name: str) -> tuple[FitResult, FitResult]:
+    _, prior_dir, decoder_dir = exports
+    run_dir = tmp_path / "runs" / name
+    run_dir.mkdir(parents=True)
+    Image.new("RGB", (40, 30), "navy").save(run_dir / "loss.png")  # a stand-in loss curve
+    prior = FitResult(run_name="prior-t", run_dir=str(tmp_path), export_dir=prior_dir)
+    return prior, FitResult(run_name=name, run_dir=str(run_dir), export_dir=decoder_dir)
+
+
+def test_evaluate_cascade_pools_workers_and_writes_metrics_and_report(
+    ray_local, exports, embedded_store, tmp_path, monkeypatch
+):
+    clip_dir = exports[0]
+    prior_fit, decoder_fit = _fits(exports, tmp_path, "decoder-eval-test")
+    cfg = EvaluateConfig(
+        holdout_fraction=HOLDOUT, num_eval_samples=6, eval_steps=2, eval_workers=2, eval_seed=1
+    )
+    layout = embedded_store.layout
+    kwargs = {
+        "palette": {c: PALETTE[c] for c in ("red", "green", "blue", "yellow", "purple", "orange")},
+        "prior_metrics": {"cos_pred_true": 0.5},
+        "loss_curves": {"decoder": f"{decoder_fit.run_dir}/loss.png", "prior": "/nonexistent.png"},
+    }
+    args = (layout, embedded_store.version, TINY_CLIP, clip_dir, prior_fit, decoder_fit)
+    m = evaluate_cascade(*args, TINY_DECODER, cfg, **kwargs)
+
+    out = f"{layout.eval_dir(decoder_fit.run_name)}"
+    saved = read_json(f"{out}/{METRICS_FILE}")
+    assert saved == json.loads(json.dumps(m))
+    for key in ("attribute_accuracy", "fd_clip", "fd_clip_untrained", "clip_score"):
+        assert isinstance(saved[key], float) and np.isfinite(saved[key]), key
+    assert 0.0 <= saved["attribute_accuracy"] <= 1.0
+    assert saved["clip_score_real"] >= 0 and saved["fid"] is None
+    assert saved["num_samples"] == 6 and saved["num_workers"] == 2 and saved["image_size"] == 16
+    assert saved["data_version"] == embedded_store.version
+    assert saved["goals"]["fd_clip_ratio"]["value"] == pytest.approx(
+        saved["fd_clip"] / saved["fd_clip_untrained"]
+    )
+    assert exists(f"{out}/untrained_decoder/untrained.json")
+    report = open(f"{out}/{REPORT_FILE}").read()
+    assert report.count("data:image/png;base64,") >= 4  # 3 grids + the decoder's loss curve
+    assert "fd_clip_untrained" in report and "cos_pred_true" in report
+    assert "no loss curve at /nonexistent.png" in report
+
+    # Idempotent: the same runs and settings do no work.
+    def no_work(jobs):
+        raise AssertionError("re-ran generation although the metrics are there")
+
+    monkeypatch.setattr(cascade_eval, "run_chunks", no_work)
+    assert evaluate_cascade(*args, TINY_DECODER, cfg, **kwargs) == saved
+    # Other settings are a different evaluation.
+    with pytest.raises(AssertionError, match="re-ran"):
+        evaluate_cascade(*args, TINY_DECODER, cfg.model_copy(update={"eval_seed": 2}), **kwargs)
+
+
+def test_evaluate_cascade_without_synthetic_palette_has_no_attribute_accuracy(
+    ray_local, exports, embedded_store, tmp_path
+):
+    prior_fit, decoder_fit = _fits(exports, tmp_path, "decoder-eval-nopalette")
+    cfg = EvaluateConfig(holdout_fraction=HOLDOUT, num_eval_samples=4, eval_steps=1, eval_workers=1)
+    m = evaluate_cascade(
+        embedded_store.layout,
+        embedded_store.version,
+        TINY_CLIP,
+        exports[0],
+        prior_fit,
+        decoder_fit,
+        TINY_DECODER,
+        cfg,
+        palette=None,
+    )
+    assert m["attribute_accuracy"] is None and m["goals"]["attribute_accuracy"]["met"] is None
+    assert m["num_workers"] == 1 and m["num_samples"] == 4
+
+
+def test_split_covers_every_caption_in_order():
+    items = [str(i) for i in range(7)]
+    chunks = split(items, 3)
+    assert [off for off, _ in chunks] == [0, 2, 5]
+    assert sum((c for _, c in chunks), []) == items
+    assert len(split(items[:2], 5)) == 2
+
+
+def test_fid_from_pooled_worker_statistics_equals_fid_of_all_images(tmp_path):
+    pytest.importorskip("torchmetrics")
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(0)
+    ckpt = str(tmp_path / "inception.pt")
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), ckpt)
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    fake = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8) // 2
+    workers = [fid_state(fake[:2], ckpt, real=False), fid_state(fake[2:], ckpt, real=False)]
+    pooled = pooled_fid(real, workers, ckpt)
+    whole = pooled_fid(real, [fid_state(fake, ckpt, real=False)], ckpt)
+    assert pooled == pytest.approx(whole, rel=1e-4) and pooled > 0
+    with pytest.raises(FileNotFoundError, match="inception_checkpoint"):
+        fid_state(real, str(tmp_path / "missing.pt"), real=True)
