@@ -11,10 +11,13 @@ def test_sampling_and_bookkeeping_keep_the_run():
     same = PriorConfig(
         guidance_scale=4.0,
         sample_steps=10,
+        candidates=4,
         trainer=TrainerConfig(checkpoint_every=7, keep_last=5, log_every=3, max_failures=2),
     )
     assert _name(base) == _name(same)
     assert DecoderConfig(guidance_scale=1.5).identity() == DecoderConfig().identity()
+    # The starting weights name the run by their content (PriorTask.run_name), not their path.
+    assert "init_from" not in PriorConfig(init_from="/a/prior").identity()
 
 
 def test_what_shapes_the_model_changes_the_run():
