@@ -121,7 +121,20 @@ def decoder(unclip: UnclipConfigResource) -> dg.Output:
 
 @dg.asset(
     group_name=GROUP,
-    deps=[dataset_manifest, clip_model, prior, decoder],
+    deps=[dataset_manifest, decoder],
+    code_version="1",
+    description="Super-resolution upsampler after the decoder (a no-op without an `upsampler` "
+    "section in the config).",
+)
+def upsampler(unclip: UnclipConfigResource) -> dg.Output:
+    cfg = unclip.load()
+    out = stages.train_upsampler(cfg, stages.current_version(cfg))
+    return _output(out, out.get("run") or "none")
+
+
+@dg.asset(
+    group_name=GROUP,
+    deps=[dataset_manifest, clip_model, prior, decoder, upsampler],
     code_version="2",
     description="Prior metrics, decoder metrics and samples under eval/{run}/.",
 )
@@ -141,7 +154,7 @@ def promotion(context: AssetExecutionContext, unclip: UnclipConfigResource) -> d
     cfg = unclip.load()
     out: dict[str, Any] = {}
     for model in cfg.promotion.models:
-        if model == "upsampler" and getattr(cfg, "upsampler", None) is None:
+        if model == "upsampler" and cfg.upsampler is None:
             continue
         d = promotion_mod.promote(cfg, model)
         out[model] = d
@@ -154,7 +167,7 @@ def promotion(context: AssetExecutionContext, unclip: UnclipConfigResource) -> d
 
 SOURCE_ASSETS = [url_lists, image_shards, embeddings]
 INGEST_ASSETS = [url_lists, image_shards]
-TRAIN_ASSETS = [dataset_manifest, prior, decoder, evaluation, promotion]
+TRAIN_ASSETS = [dataset_manifest, prior, decoder, upsampler, evaluation, promotion]
 ALL_ASSETS = [
     url_lists,
     image_shards,
@@ -163,6 +176,7 @@ ALL_ASSETS = [
     dataset_manifest,
     prior,
     decoder,
+    upsampler,
     evaluation,
     promotion,
 ]

@@ -131,11 +131,11 @@ def _materialize(
 
 
 def _upstream_closure(targets: list[str]) -> list[str]:
-    from unclip.pipelines import assets
+    from unclip.pipelines.assets import ALL_ASSETS
 
-    every = [*assets.ALL_ASSETS, *getattr(assets, "OPTIONAL_ASSETS", [])]
     deps = {
-        a.key.to_user_string(): {k.to_user_string() for k in a.asset_deps[a.key]} for a in every
+        a.key.to_user_string(): {k.to_user_string() for k in a.asset_deps[a.key]}
+        for a in ALL_ASSETS
     }
     seen: list[str] = []
 

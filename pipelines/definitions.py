@@ -6,7 +6,8 @@ the same definitions for the file it is given. Jobs:
 - ``ingest_source`` (partitioned by source): URL list → image shards → embeddings of one source;
   the inbox sensor starts one per new list.
 - ``bootstrap_clip``: the CLIP (trained once on the sources present, then pinned).
-- ``retrain``: manifest → prior, decoder → evaluation → promotion; the schedule starts it.
+- ``retrain``: manifest → prior, decoder (→ upsampler) → evaluation → promotion; the schedule
+  starts it.
 """
 
 from __future__ import annotations
@@ -37,12 +38,12 @@ def build_definitions(config_path: str, overrides_yaml: str = "") -> dg.Definiti
         dg.define_asset_job("bootstrap_clip", selection=dg.AssetSelection.assets(clip_model)),
         dg.define_asset_job(
             RETRAIN_JOB,
-            selection=dg.AssetSelection.assets(*TRAIN_ASSETS, *_optional_assets()),
+            selection=dg.AssetSelection.assets(*TRAIN_ASSETS),
             description="Manifest → prior, decoder → evaluation → promotion.",
         ),
     ]
     return dg.Definitions(
-        assets=[*ALL_ASSETS, *_optional_assets()],
+        assets=ALL_ASSETS,
         jobs=jobs,
         sensors=[build_inbox_sensor(cfg)],
         schedules=[build_retrain_schedule(cfg)],
@@ -52,12 +53,6 @@ def build_definitions(config_path: str, overrides_yaml: str = "") -> dg.Definiti
             "unclip": UnclipConfigResource(config_path=config_path, overrides_yaml=overrides_yaml)
         },
     )
-
-
-def _optional_assets() -> list[dg.AssetsDefinition]:
-    from unclip.pipelines import assets
-
-    return list(getattr(assets, "OPTIONAL_ASSETS", []))
 
 
 @dg.definitions

@@ -73,6 +73,12 @@ def test_demo_pipeline_end_to_end_then_rerun_does_no_work(tmp_path, ray_local, m
     grid = Image.open(out["evaluation"]["sample_grid"])
     assert grid.width >= 2 * 16 and grid.height >= 16
 
+    # promotion: the first evaluated prior is promoted into the registry
+    assert out["promotion"]["prior"]["status"] == "first"
+    registry = json.loads((store / "registry" / "prior.json").read_text())
+    assert registry["dataset_version"] == version
+    assert registry["run"] == out["prior"]["run"]
+
     # Re-run: every stage sees its outputs; no download, embedding or training happens.
     before = {
         **_files(store, "images/*/*"),
@@ -93,3 +99,4 @@ def test_demo_pipeline_end_to_end_then_rerun_does_no_work(tmp_path, ray_local, m
     assert again["dataset_manifest"]["version"] == version
     for model in ("clip_model", "prior", "decoder"):
         assert again[model]["skipped"] is True, model
+    assert again["promotion"]["prior"]["status"] == "current"

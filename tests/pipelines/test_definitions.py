@@ -15,6 +15,7 @@ ASSETS = {
     "dataset_manifest",
     "prior",
     "decoder",
+    "upsampler",
     "evaluation",
     "promotion",
 }
@@ -35,18 +36,21 @@ def test_definitions_load_with_partitions_jobs_sensor_and_schedule(tmp_path):
     for name in ("url_lists", "image_shards", "embeddings"):
         pd = graph.get(dg.AssetKey(name)).partitions_def
         assert isinstance(pd, dg.DynamicPartitionsDefinition) and pd.name == "sources"
-    for name in ("clip_model", "dataset_manifest", "prior", "decoder", "evaluation", "promotion"):
+    for name in ASSETS - {"url_lists", "image_shards", "embeddings"}:
         assert graph.get(dg.AssetKey(name)).partitions_def is None, name
     parents = {k.to_user_string() for k in graph.get(dg.AssetKey("dataset_manifest")).parent_keys}
     assert parents == {"embeddings", "clip_model"}
     assert {k.to_user_string() for k in graph.get(dg.AssetKey("promotion")).parent_keys} == {
         "evaluation"
     }
+    evaluation_parents = graph.get(dg.AssetKey("evaluation")).parent_keys
+    assert dg.AssetKey("upsampler") in evaluation_parents
+    assert dg.AssetKey("decoder") in graph.get(dg.AssetKey("upsampler")).parent_keys
 
     ingest = defs.resolve_job_def("ingest_source")
     assert ingest.partitions_def.name == "sources"
     retrain = defs.resolve_job_def("retrain")
-    assert {"dataset_manifest", "prior", "decoder", "evaluation", "promotion"} <= set(
+    assert {"dataset_manifest", "prior", "decoder", "upsampler", "evaluation", "promotion"} <= set(
         retrain.graph.node_dict
     )
     assert "image_shards" not in retrain.graph.node_dict
