@@ -107,6 +107,63 @@ def _shard_metadata(layout: StorageLayout, source: str, shard: int) -> pa.Table 
 # --- stage 1: decode ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class FastPreprocess:
+    """open_clip's eval transform, batched, for images already at its size (the usual case:
+    ingest resizes to the CLIP's size).
+
+    Resize and CenterCrop are the identity on an ``S x S`` RGB image, so what is left —
+    ToTensor and Normalize — runs once per chunk in numpy, with the same float32 operations
+    in the same order, so the pixels are bit-identical to ``preprocess(image)``.
+    """
+
+    size: int
+    mean: np.ndarray  # float32 [3]
+    std: np.ndarray  # float32 [3]
+
+    @classmethod
+    def of(cls, preprocess: Any) -> FastPreprocess | None:
+        """The fast path for ``preprocess``, or None when it is not the standard transform."""
+        steps = getattr(preprocess, "transforms", None)
+        names = [type(t).__name__ for t in steps or []]
+        if names not in (
+            ["Resize", "CenterCrop", "MaybeConvertMode", "MaybeToTensor", "Normalize"],
+            ["Resize", "CenterCrop", "ToTensor", "Normalize"],
+        ):
+            return None
+        resize, crop, norm = steps[0], steps[1], steps[-1]
+        size = resize.size if isinstance(resize.size, int) else None
+        if isinstance(resize.size, list | tuple) and len(set(resize.size)) == 1:
+            size = int(resize.size[0])
+        crop_size = tuple(crop.size) if isinstance(crop.size, list | tuple) else (crop.size,) * 2
+        mode = getattr(steps[2], "mode", "RGB")
+        if size is None or crop_size != (size, size) or mode not in ("RGB", None):
+            return None
+        return cls(size, np.asarray(norm.mean, np.float32), np.asarray(norm.std, np.float32))
+
+    def applies(self, image: Image.Image) -> bool:
+        """Whether ``image`` may skip the per-image transform (RGB, already ``S x S``)."""
+        return image.mode == "RGB" and image.size == (self.size, self.size)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N, S, S, 3] → normalized float32 [N, 3, S, S], as ToTensor + Normalize."""
+        x = images.astype(np.float32) / np.float32(255)
+        return np.ascontiguousarray(((x - self.mean) / self.std).transpose(0, 3, 1, 2))
+
+
+def _pixels(items: list[np.ndarray], fast: FastPreprocess | None) -> list[np.ndarray]:
+    """Float32 CHW pixels of a chunk: uint8 HWC items (fast path) normalized in one batch."""
+    raw = [i for i, p in enumerate(items) if p.dtype == np.uint8]
+    if not raw:
+        return items
+    assert fast is not None
+    done = fast(np.stack([items[i] for i in raw]))
+    out = list(items)
+    for j, i in enumerate(raw):
+        out[i] = done[j]
+    return out
+
+
 def _rows(
     shard: int,
     items: list[tuple[int, str, str, str, Any, Any]],
@@ -147,6 +204,7 @@ def decode_shard(
     """
     meta_table = _shard_metadata(layout, source, shard)
     meta_keys = set(meta_table.column("key").to_pylist()) if meta_table is not None else None
+    fast = FastPreprocess.of(preprocess)
     stats = ShardReadStats()
     not_in_meta = samples = 0
     items: list[tuple[int, str, str, str, Any, Any]] = []
@@ -154,7 +212,11 @@ def decode_shard(
 
     def flush() -> dict[str, np.ndarray]:
         tokens = tokenizer([it[2] for it in items])
-        rows = _rows(shard, [(*it[:5], t) for it, t in zip(items, np.asarray(tokens), strict=True)])
+        pixels = _pixels([it[4] for it in items], fast)
+        rows = _rows(
+            shard,
+            [(*it[:4], px, t) for it, px, t in zip(items, pixels, np.asarray(tokens), strict=True)],
+        )
         items.clear()
         return rows
 
@@ -163,7 +225,10 @@ def decode_shard(
             not_in_meta += 1
             continue
         try:
-            pixels = np.asarray(preprocess(s.image))
+            if fast is not None and fast.applies(s.image):
+                pixels = np.asarray(s.image, dtype=np.uint8)  # normalized per chunk in flush
+            else:
+                pixels = np.asarray(preprocess(s.image))
         except Exception as e:  # a bad sample is data, not a crash
             stats.add_error(f"{layout.image_shard(source, shard)}: {s.key}: preprocess: {e}")
             continue
@@ -210,7 +275,7 @@ def encode_batch(bundle: ClipBundle, batch: dict[str, np.ndarray]) -> dict[str, 
     ie = np.zeros((n, d), np.float32)
     te = np.zeros((n, d), np.float32)
     if sample.any():
-        with torch.no_grad():
+        with torch.inference_mode():
             x = torch.from_numpy(batch["pixels"][sample]).to(bundle.device)  # a copy: writable
             ie[sample] = bundle.model.encode_image(x, normalize=True).float().cpu().numpy()
             t = torch.from_numpy(batch["tokens"][sample]).to(bundle.device)
