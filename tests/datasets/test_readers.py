@@ -219,3 +219,38 @@ def test_ray_readers_name_the_bad_file(ray_local, shapes_store):
     with pytest.raises(Exception, match="sha256") as e:
         image_pair_dataset(layout, m, "all", 0.0, image_size=16).materialize()
     assert str(emb) in str(e.value)
+
+
+def test_corrupt_member_and_key_without_embedding_are_counted_skips_for_every_reader(
+    ray_local, shapes_store
+):
+    """After embedding, a tar member got corrupted and a sample with no embedding appeared."""
+    import io
+    import tarfile
+
+    layout, src = shapes_store.layout, shapes_store.source
+    m = assemble_manifest(layout, shapes_store.clip_id, [src])
+    tar = Path(layout.image_shard(src, 1))
+    with tarfile.open(tar) as t:
+        members = [(i.name, t.extractfile(i).read()) for i in t]
+    jpgs = sorted(n for n, _ in members if n.endswith(".jpg"))
+    bad_key = f"{src}/{jpgs[2].split('.')[0]}"
+    extra = [
+        (f"zz_extra.{n.split('.', 1)[1]}", d) for n, d in members if n.startswith(jpgs[0][:-4])
+    ]
+    with tarfile.open(tar, "w") as t:
+        for name, data in members + extra:
+            data = b"not a jpeg" if name == jpgs[2] else data
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+
+    pairs = load_image_pairs(layout, m, "all", 0.0)
+    assert pairs.skipped["corrupt"] == 1 and pairs.skipped["not_in_embeddings"] == 1
+    assert len(pairs.keys) == 39 and bad_key not in pairs.keys
+    assert f"{src}/zz_extra" not in pairs.keys
+    shares = [worker_image_pairs(layout, m, "all", 0.0, r, 2, seed=0) for r in range(2)]
+    assert [len(s.keys) for s in shares] == [19, 19]  # 39 joinable rows, equal shares
+    assert bad_key not in shares[0].keys + shares[1].keys
+    rows = image_pair_dataset(layout, m, "all", 0.0, image_size=32).take_all()
+    assert sorted(r["key"] for r in rows) == sorted(pairs.keys)
