@@ -78,7 +78,8 @@ class StageBoard:
             self.runs[stage] = self.runs.get(stage, 0) + 1
         else:
             # Partitioned stages run once per source: their time is the sum.
-            spent = time.monotonic() - self.started.get(stage, time.monotonic())
+            now = time.monotonic()
+            spent = now - self.started.get(stage, now)
             self.seconds[stage] = self.seconds.get(stage, 0.0) + spent
             failed = event != "success" or self.state[stage] == "failed"
             self.state[stage] = "failed" if failed else "done"

@@ -8,6 +8,7 @@ commands both call these, so a stage behaves the same whichever way it is launch
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,6 +20,7 @@ from unclip.datasets import ingest as ingest_mod
 from unclip.datasets import manifest as manifest_mod
 from unclip.datasets import synthetic, url_lists
 from unclip.datasets.ingest_stats import format_summary
+from unclip.datasets.shards import completed_shards
 from unclip.datasets.storage import StorageLayout, exists, read_json, write_json
 from unclip.pipelines import sources as sources_mod
 from unclip.pipelines.config import PipelineConfig
@@ -94,8 +96,11 @@ def source_lists(cfg: PipelineConfig, only: list[str] | None = None) -> dict[str
     if only is not None:
         return {sid: sources_mod.url_list_of(cfg, sid) for sid in only}
     known = sources_mod.registered(cfg)
+    # A registered list is not hashed again (lists can be large, on S3); `unclip run`
+    # re-registers the configured ones, so one edited in place gets its new id there.
+    seen = set(known.values())
     for p in url_list_paths(cfg):
-        if exists(p):
+        if p not in seen and exists(p):
             known.setdefault(url_lists.source_id(p), p)
     return dict(sorted(known.items()))
 
@@ -249,11 +254,14 @@ def unpin_clip(cfg: PipelineConfig) -> bool:
 def ingested_sources(cfg: PipelineConfig) -> list[str]:
     """Sources whose every planned shard is committed."""
     layout = layout_of(cfg)
-    return [
-        sid
-        for sid, path in source_lists(cfg).items()
-        if exists(layout.ingest_plan(sid)) and ingest_mod.source_complete(layout, path, cfg.ingest)
-    ]
+    out = []
+    for sid in source_lists(cfg):
+        if exists(layout.ingest_plan(sid)):
+            plan = read_json(layout.ingest_plan(sid))
+            total = math.ceil(plan["num_rows"] / plan["samples_per_shard"])
+            if set(range(total)) <= set(completed_shards(layout, sid)):
+                out.append(sid)
+    return out
 
 
 def clip_id_for(cfg: PipelineConfig, checkpoint: str | None) -> str:

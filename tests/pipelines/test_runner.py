@@ -1,0 +1,29 @@
+from unclip.pipelines.cli import StageBoard
+from unclip.pipelines.runner import PHASES, STAGES, _merge_partition_output
+
+
+def test_partition_outputs_sum_counts_and_concatenate_sources():
+    a = {"sources": [{"source": "a"}], "shards_written": 2, "clip_id": "c1", "skipped": False}
+    b = {"sources": [{"source": "b"}], "shards_written": 1, "clip_id": "c1", "skipped": True}
+    out = _merge_partition_output(_merge_partition_output(None, a), b)
+    assert out["shards_written"] == 3
+    assert [s["source"] for s in out["sources"]] == ["a", "b"]
+    assert out["clip_id"] == "c1" and out["skipped"] is True
+
+
+def test_phases_cover_every_stage_once_in_dependency_order():
+    ordered = [s for names, _ in PHASES for s in names]
+    assert sorted(ordered) == sorted(STAGES)
+    assert ordered.index("image_shards") < ordered.index("clip_model") < ordered.index("embeddings")
+    assert [p for names, p in PHASES if "embeddings" in names] == [True]
+
+
+def test_stage_board_sums_the_runs_of_a_partitioned_stage(monkeypatch):
+    clock = iter([0.0, 2.0, 10.0, 13.0])
+    monkeypatch.setattr("unclip.pipelines.cli.time.monotonic", lambda: next(clock))
+    board = StageBoard(["image_shards"])
+    for event in ("start", "success", "start", "success"):
+        board(event, "image_shards")
+    assert board.runs["image_shards"] == 2
+    assert board.seconds["image_shards"] == 5.0
+    assert board.state["image_shards"] == "done"
