@@ -27,3 +27,21 @@ def test_stage_board_sums_the_runs_of_a_partitioned_stage(monkeypatch):
     assert board.runs["image_shards"] == 2
     assert board.seconds["image_shards"] == 5.0
     assert board.state["image_shards"] == "done"
+
+
+def test_retrain_clip_unpins_the_bootstrap_clip(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from unclip.pipelines.cli import app
+    from unclip.pipelines.config import parse_config
+    from unclip.pipelines.stages import unpin_clip
+
+    cfg = parse_config({"storage": str(tmp_path / "store")})
+    pin = tmp_path / "store" / "runs" / "clip" / "latest.json"
+    assert unpin_clip(cfg) is False
+    pin.parent.mkdir(parents=True)
+    pin.write_text(json.dumps({"run": "clip-x", "sources": ["a"], "clip_id": "c"}))
+    assert unpin_clip(cfg) is True and not pin.exists()
+    assert "--retrain-clip" in CliRunner().invoke(app, ["run", "--help"]).output
