@@ -135,6 +135,12 @@ class DecoderConfig(Section):
     text_drop_prob: float = Field(
         0.5, ge=0, le=1, description="Probability of dropping the caption embedding (unCLIP: 50%)."
     )
+    learned_variance: bool = Field(
+        False,
+        description="Learn Σ_θ (variance_type learned_range, 6 output channels) with the hybrid "
+        "loss L_simple + vlb_weight·L_vlb (Nichol & Dhariwal 2021); DDPM sampling uses it.",
+    )
+    vlb_weight: float = Field(0.001, ge=0, description="λ of the hybrid loss.")
     sample_steps: int = Field(50, ge=1, json_schema_extra=NOT_IDENTITY)
     guidance_scale: float = Field(3.0, gt=0, json_schema_extra=NOT_IDENTITY)
     trainer: TrainerConfig = TrainerConfig()

@@ -8,7 +8,10 @@ Optionally (``text_conditioning``) the caption's CLIP text embedding joins it as
 timestep embedding too, and one more context token. Trained with the ε-prediction MSE (Ho et al.
 2020, eq. 14) on the cosine schedule; the image embedding is dropped (zeroed) with
 ``cond_drop_prob`` and the caption embedding, independently, with ``text_drop_prob`` (unCLIP
-sec. 2.1: 10% and 50%) for classifier-free guidance.
+sec. 2.1: 10% and 50%) for classifier-free guidance. With ``learned_variance`` the UNet also
+outputs the interpolation v of its log-variance between β̃_t and β_t (diffusers'
+``variance_type="learned_range"``), trained by the hybrid loss L_simple + λ·L_vlb (Nichol &
+Dhariwal 2021, sec. 3.1).
 
 The condition a model function receives is one tensor: the image embedding [N, D], or with text
 conditioning [image ‖ text] [N, 2D], so the shared guidance's null condition (zeros) drops both.
@@ -23,7 +26,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from unclip.datasets import readers
 from unclip.datasets.storage import StorageLayout
@@ -76,7 +79,7 @@ def build_decoder(cfg: DecoderConfig, dim: int) -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=cfg.image_size,
         in_channels=3,
-        out_channels=3,
+        out_channels=6 if cfg.learned_variance else 3,  # ε ‖ v
         down_block_types=down,
         up_block_types=tuple(b.replace("Down", "Up") for b in reversed(down)),
         block_out_channels=tuple(channels),
@@ -108,6 +111,68 @@ def predict_eps(model: Any, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tens
         added_cond_kwargs={"image_embeds": image_emb, "text_embeds": text_emb},
     )
     return out.sample
+
+
+def normal_kl(
+    mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor
+) -> torch.Tensor:
+    """KL(N(μ₁, σ₁²) ‖ N(μ₂, σ₂²)) per element, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)) + 0.5 * (
+        (mean1 - mean2) ** 2
+    ) * torch.exp(-logvar2)
+
+
+def discretized_gaussian_nll(
+    x0: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor
+) -> torch.Tensor:
+    """−log p(x_0 | x_1) per element for 8-bit data in [-1, 1] (Ho et al. 2020, eq. 13), nats."""
+
+    def cdf(v: torch.Tensor) -> torch.Tensor:  # standard normal CDF
+        return 0.5 * (1.0 + torch.erf(v / math.sqrt(2.0)))
+
+    inv_std = torch.exp(-0.5 * logvar)
+    centered = x0 - mean
+    upper = cdf(inv_std * (centered + 1.0 / 255))
+    lower = cdf(inv_std * (centered - 1.0 / 255))
+    prob = torch.where(x0 < -0.999, upper, torch.where(x0 > 0.999, 1.0 - lower, upper - lower))
+    return -torch.log(prob.clamp_min(1e-12))
+
+
+def vlb_term(
+    scheduler: Any,
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    v: torch.Tensor,
+) -> torch.Tensor:
+    """L_t of the variational bound per sample, in bits per dimension (Nichol & Dhariwal 2021).
+
+    1. x̂_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t                       (ε from the model, gradient stopped)
+    2. μ(x_t, x) = √ᾱ_{t−1} β_t/(1−ᾱ_t) · x + √α_t (1−ᾱ_{t−1})/(1−ᾱ_t) · x_t   (Ho et al., eq. 7)
+    3. log Σ_θ = (v+1)/2 · log β_t + (1 − (v+1)/2) · log β̃_t,  β̃_t = (1−ᾱ_{t−1})/(1−ᾱ_t) β_t
+       (eq. 15; log β̃_0 clipped to log β̃_1, as the paper's code)
+    4. L_t = KL(q(x_{t−1}|x_t, x_0) ‖ p_θ(x_{t−1}|x_t)) for t > 0, −log p_θ(x_0|x_1) at t = 0
+    """
+    ab = scheduler.alphas_cumprod.to(x0.device, torch.float32)
+    ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
+    betas = 1.0 - ab / ab_prev
+    post_var = betas * (1.0 - ab_prev) / (1.0 - ab)
+    post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+
+    def at(a: torch.Tensor) -> torch.Tensor:
+        return a[t].view(-1, 1, 1, 1)
+
+    coef_x0 = at(ab_prev.sqrt() * betas / (1.0 - ab))
+    coef_xt = at((1.0 - betas).sqrt() * (1.0 - ab_prev) / (1.0 - ab))
+    true_mean = coef_x0 * x0 + coef_xt * x_t
+    x0_hat = (x_t - at((1.0 - ab).sqrt()) * eps.detach()) / at(ab.sqrt())
+    model_mean = coef_x0 * x0_hat + coef_xt * x_t
+    frac = (v + 1.0) / 2.0
+    model_logvar = frac * at(torch.log(betas)) + (1.0 - frac) * at(post_logvar)
+    kl = normal_kl(true_mean, at(post_logvar), model_mean, model_logvar).mean(dim=(1, 2, 3))
+    nll = discretized_gaussian_nll(x0, model_mean, model_logvar).mean(dim=(1, 2, 3))
+    return torch.where(t == 0, nll, kl) / math.log(2.0)
 
 
 def to_unit_range(images: np.ndarray) -> torch.Tensor:
@@ -202,11 +267,29 @@ class DecoderTask(ManifestDiffusionTask):
         if self.cfg.text_conditioning:
             text = drop_condition(batch["text_emb"], self.cfg.text_drop_prob)
             cond = torch.cat([cond, text], dim=1)
-        pred = predict_eps(model, x_t, t, cond)
-        return F.mse_loss(pred.float(), noise.float()), {}
+        pred = predict_eps(model, x_t, t, cond).float()
+        if not self.cfg.learned_variance:
+            return F.mse_loss(pred, noise.float()), {}
+        # L_hybrid = L_simple + λ · L_vlb  (Nichol & Dhariwal 2021, eq. 16); L_vlb only trains Σ_θ
+        eps, v = pred.chunk(2, dim=1)
+        simple = F.mse_loss(eps, noise.float())
+        vlb = vlb_term(self.train_scheduler(), batch["images"].float(), x_t.float(), t, eps, v)
+        vlb = vlb.mean() * self.train_scheduler().config.num_train_timesteps
+        loss = simple + self.cfg.vlb_weight * vlb
+        return loss, {"loss_simple": float(simple.detach()), "loss_vlb": float(vlb.detach())}
+
+    def scheduler(self) -> DDPMScheduler:
+        sched = super().scheduler()
+        if self.cfg.learned_variance:  # the export's DDPM sampler then uses Σ_θ
+            sched = DDPMScheduler.from_config(sched.config, variance_type="learned_range")
+        return sched
 
     def export_info(self) -> dict[str, Any]:
-        return {"image_size": self.cfg.image_size, "text_conditioning": self.cfg.text_conditioning}
+        return {
+            "image_size": self.cfg.image_size,
+            "text_conditioning": self.cfg.text_conditioning,
+            "learned_variance": self.cfg.learned_variance,
+        }
 
 
 def train_decoder(
@@ -259,8 +342,10 @@ class DecoderSampler(ExportedDiffusion):
             guidance_scale if guidance_scale is not None else self.info.get("guidance_scale", 1.0)
         )
         emb = emb.to(self.device)
+        learned = bool(self.info.get("learned_variance", False))
+        keep = 6 if learned and sampler == "ddpm" else 3  # DDIM (η = 0) has no use for Σ_θ
         x = sample_loop(
-            lambda x, t, c: predict_eps(self.model, x, t, c),
+            lambda x, t, c: predict_eps(self.model, x, t, c)[:, :keep],
             (emb.shape[0], 3, self.image_size, self.image_size),
             emb,
             self.scheduler_config,
@@ -268,6 +353,7 @@ class DecoderSampler(ExportedDiffusion):
             scale,
             seed,
             sampler,
+            guided_channels=3 if keep == 6 else None,
         )
         return to_uint8(x)
 

@@ -60,17 +60,27 @@ def drop_condition(cond: torch.Tensor, prob: float) -> torch.Tensor:
 
 
 def guided(
-    model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, scale: float
+    model_fn: ModelFn,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    scale: float,
+    guided_channels: int | None = None,
 ) -> torch.Tensor:
     """Classifier-free guidance: out = out(∅) + s · (out(c) − out(∅))  (Ho & Salimans 2022, eq. 6).
 
-    ``scale == 1`` is the plain conditional model and costs one forward pass, not two.
+    ``scale == 1`` is the plain conditional model and costs one forward pass, not two. With
+    ``guided_channels`` only the first channels (ε) are guided and the rest (a learned variance)
+    come from the conditional output, as GLIDE does.
     """
     if scale == 1.0:
         return model_fn(x, t, cond)
     both = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, torch.zeros_like(cond)]))
     out_cond, out_null = both.chunk(2)
-    return out_null + scale * (out_cond - out_null)
+    out = out_null + scale * (out_cond - out_null)
+    if guided_channels is not None:
+        out = torch.cat([out[:, :guided_channels], out_cond[:, guided_channels:]], dim=1)
+    return out
 
 
 def check_sampling_args(steps: int, guidance_scale: float, sampler: str) -> None:
@@ -93,6 +103,7 @@ def sample_loop(
     guidance_scale: float,
     seed: int,
     sampler: Sampler = "ddim",
+    guided_channels: int | None = None,
 ) -> torch.Tensor:
     """Draw x_0 by running the reverse process from pure noise.
 
@@ -110,6 +121,6 @@ def sample_loop(
     x = x * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         t_batch = t.expand(shape[0]).to(device)
-        out = guided(model_fn, x, t_batch, cond, float(guidance_scale))
+        out = guided(model_fn, x, t_batch, cond, float(guidance_scale), guided_channels)
         x = scheduler.step(out, t, x, generator=generator).prev_sample
     return x

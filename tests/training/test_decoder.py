@@ -130,3 +130,47 @@ def test_text_conditioned_sampler_takes_captions_or_the_null_caption(tmp_path):
 def test_default_decoder_stays_image_only():
     assert not DecoderConfig().text_conditioning
     assert build_decoder(TINY, DIM).config.addition_embed_type == "image"
+
+
+def test_vlb_term_is_zero_for_the_true_posterior_and_grows_with_a_wrong_variance():
+    from unclip.training.decoder import vlb_term
+    from unclip.training.diffusion import train_scheduler
+
+    sched = train_scheduler(100, "epsilon", clip_sample=True)
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    noise = torch.randn_like(x0)
+    t = torch.tensor([1, 10, 50, 99])
+    x_t = sched.add_noise(x0, noise, t)
+    exact = vlb_term(sched, x0, x_t, t, noise, -torch.ones_like(x0))  # v = −1: Σ = β̃_t
+    assert torch.allclose(exact, torch.zeros(4), atol=1e-4)
+    wrong = vlb_term(sched, x0, x_t, t, noise + 0.5, torch.ones_like(x0))
+    assert (wrong > exact + 1e-3).all()
+    at_zero = vlb_term(
+        sched, x0, sched.add_noise(x0, noise, t * 0), t * 0, noise, -torch.ones_like(x0)
+    )
+    assert torch.isfinite(at_zero).all() and (at_zero > 0).all()  # −log p(x_0|x_1), bits/dim
+
+
+def test_learned_variance_hybrid_loss_export_and_ddpm_sampling(tmp_path):
+    task = make_task()
+    task.cfg = TINY.model_copy(update={"learned_variance": True})
+    model = task.build_model()
+    assert model.config.out_channels == 6
+    rng = np.random.default_rng(0)
+    task.set_arrays(
+        rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8),
+        rng.normal(size=(4, DIM)).astype(np.float32),
+    )
+    loss, metrics = task.loss(model, task.batch(np.arange(4)))
+    assert torch.isfinite(loss) and metrics["loss_vlb"] > 0
+    assert float(loss) == pytest.approx(
+        metrics["loss_simple"] + 0.001 * metrics["loss_vlb"], rel=1e-4
+    )
+    loss.backward()
+    task.export(model, str(tmp_path))
+    sampler = load_decoder(str(tmp_path))
+    assert sampler.scheduler_config["variance_type"] == "learned_range"
+    emb = torch.randn(2, DIM)
+    for kind in ("ddpm", "ddim"):
+        images = sampler.sample(emb, steps=3, seed=0, guidance_scale=2.0, sampler=kind)
+        assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
