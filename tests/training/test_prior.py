@@ -25,6 +25,7 @@ from unclip.datasets.storage import StorageLayout
 from unclip.training.config import EvaluateConfig, PriorConfig
 from unclip.training.evaluation import PRIOR_METRICS, evaluate_prior
 from unclip.training.prior import PriorTask, build_prior, load_prior, predict_x0, train_prior
+from unclip.training.trainer import TRAINER_STATE, check_resumable
 
 TINY = TINY_PRIOR
 
@@ -128,7 +129,7 @@ def test_an_empty_shard_is_skipped_and_an_empty_data_set_refused(tmp_path):
         )
     nothing = PriorTask.from_manifest(store.layout, store.version, TINY, HOLDOUT)
     nothing.holdout_fraction = 0.999999  # every key hashes into the held-out split
-    with pytest.raises(ValueError, match="no training pairs"):
+    with pytest.raises(ValueError, match=r"dataset version '\w+' has .*training pairs"):
         nothing.load_data(0, 1)
 
 
@@ -217,6 +218,20 @@ def test_bad_init_from_is_a_clear_error_naming_the_key_and_the_path(embedded_sto
     foreign.export(foreign.build_model(), str(tmp_path / "foreign"))
     with pytest.raises(ValueError, match=r"prior\.init_from: .*foreign.*CLIP anotherclip"):
         start(tmp_path / "foreign")
+
+
+def test_a_checkpoint_from_another_starting_point_is_refused(embedded_store, tmp_path):
+    layout, version = embedded_store.layout, embedded_store.version
+    saved_prior(tmp_path / "start")
+    scratch = PriorTask.from_manifest(layout, version, TINY, HOLDOUT)
+    tuned = PriorTask.from_manifest(layout, version, with_init(tmp_path / "start"), HOLDOUT)
+    ckpt = tmp_path / "run" / "checkpoint_000000004"
+    ckpt.mkdir(parents=True)
+    state = {"step": 4, "task": json.loads(json.dumps(scratch.describe()))}
+    (ckpt / TRAINER_STATE).write_text(json.dumps(state))
+    check_resumable(str(tmp_path / "run"), scratch)
+    with pytest.raises(ValueError, match="another model config"):
+        check_resumable(str(tmp_path / "run"), tuned)
 
 
 def test_a_fit_from_init_from_exports_the_starting_weights_after_a_tiny_step(
