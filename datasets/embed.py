@@ -5,8 +5,10 @@ Three stages, streaming on Ray Data (:func:`embed_source`):
 1. **decode** — CPU tasks, one per pending shard (:func:`decode_shard`): read the tar, drop keys
    missing from the shard's metadata, decode, preprocess and tokenize; yield chunks of samples,
    then one end-of-shard row carrying the shard's counts (samples, corrupt, truncated, ...);
-2. **encode** — an actor pool, CPU or GPU (:class:`ClipEncoder`): each actor loads the CLIP
-   once and encodes batches of ``batch_size`` samples, whichever shards they come from;
+2. **encode** — batches of ``batch_size`` samples, whichever shards they come from: on CPU,
+   tasks in Ray's reused workers (:func:`cached_clip` keeps the CLIP loaded per process, so
+   no encoder process is started and no second import of torch + open_clip paid); on GPU, an
+   actor pool (:class:`ClipEncoder`), one model resident per GPU;
 3. **write** — the driver gathers rows per shard and, once a shard's end row and all its
    samples are in, writes ``embeddings/{clip_id}/{source}/{shard}.parquet`` atomically
    (:func:`write_shard`), so a killed run keeps every shard it finished.
@@ -287,8 +289,43 @@ def encode_batch(bundle: ClipBundle, batch: dict[str, np.ndarray]) -> dict[str, 
     return out
 
 
+# One CLIP per worker process, kept between encode tasks: Ray reuses its task workers, and the
+# decode tasks have already imported torch and open_clip there (to unpickle the transform), so
+# a CPU encoder needs neither a process of its own nor a second import of them.
+_CACHED: dict[tuple[str, str | None, str, str], ClipBundle] = {}
+
+
+def cached_clip(
+    clip_cfg: ClipConfig, checkpoint: str | None, device: str, clip_id: str
+) -> ClipBundle:
+    """This process's CLIP for ``clip_id``, loaded on first use; a different id is an error."""
+    key = (clip_cfg.model_dump_json(), checkpoint, device, clip_id)
+    if key not in _CACHED:
+        _CACHED.clear()  # one CLIP per process at a time
+        bundle = load_clip(clip_cfg, checkpoint, device=device)
+        if bundle.clip_id != clip_id:  # the checkpoint changed since the driver loaded it
+            raise RuntimeError(
+                f"CLIP {checkpoint}: loaded {bundle.clip_id}, the embed run started with {clip_id}"
+            )
+        _CACHED[key] = bundle
+    return _CACHED[key]
+
+
+def _encode_udf(
+    batch: dict[str, np.ndarray],
+    clip_cfg: ClipConfig,
+    checkpoint: str | None,
+    cfg: EmbedConfig,
+    clip_id: str,
+) -> dict[str, np.ndarray]:
+    import torch
+
+    torch.set_num_threads(cfg.torch_threads or 1)
+    return encode_batch(cached_clip(clip_cfg, checkpoint, cfg.device, clip_id), batch)
+
+
 class ClipEncoder:
-    """Ray Data actor: loads the CLIP once, encodes batches of decoded samples."""
+    """Ray Data actor (GPU encoders): loads the CLIP once, encodes batches of decoded samples."""
 
     def __init__(self, clip_cfg: ClipConfig, checkpoint: str | None, cfg: EmbedConfig) -> None:
         import torch
@@ -491,33 +528,47 @@ def embed_source(
     del bundle
 
     encoder_resources: dict[str, Any] = {"num_gpus": 1} if cfg.device == "cuda" else {"num_cpus": 1}
-    ds = (
-        ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
-        .map_batches(
-            _decode_udf,
-            batch_size=1,
-            fn_kwargs={
-                "root": layout.root,
-                "source": source_id,
-                "preprocess": preprocess,
-                "tokenizer": tokenizer,
-                "chunk_size": cfg.batch_size,
-            },
-            num_cpus=cfg.decode_cpus,
-            # What a task holds: two chunks of pixels over a worker with torch and open_clip
-            # imported (~650 MiB resident on CPU). Declaring it also keeps
-            # decode in its own tasks: Ray Data fuses a task map into the actor map after it
-            # when their remote args are equal, which would decode inside the encoder.
-            memory=2 * cfg.batch_size * _pixel_bytes(info) + 2**30,
-        )
-        .map_batches(
+    ds = ray.data.from_items(
+        [{"shard": s} for s in pending], override_num_blocks=len(pending)
+    ).map_batches(
+        _decode_udf,
+        batch_size=1,
+        fn_kwargs={
+            "root": layout.root,
+            "source": source_id,
+            "preprocess": preprocess,
+            "tokenizer": tokenizer,
+            "chunk_size": cfg.batch_size,
+        },
+        num_cpus=cfg.decode_cpus,
+        # What a task holds: two chunks of pixels over a worker with torch and open_clip
+        # imported (~650 MiB resident on CPU). Declaring it also keeps
+        # decode in its own tasks: Ray Data fuses a task map into the actor map after it
+        # when their remote args are equal, which would decode inside the encoder.
+        memory=2 * cfg.batch_size * _pixel_bytes(info) + 2**30,
+    )
+    encoders = max(1, min(cfg.num_actors, len(pending)))
+    if cfg.device == "cuda":  # a GPU keeps its model resident: one actor per GPU
+        ds = ds.map_batches(
             ClipEncoder,
             fn_constructor_args=(clip_cfg, clip_checkpoint, cfg),
             batch_size=cfg.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.num_actors, len(pending)))),
+            compute=ray.data.ActorPoolStrategy(size=encoders),
             **encoder_resources,
         )
-    )
+    else:  # CPU: tasks in Ray's reused workers, at most ``num_actors`` at a time
+        ds = ds.map_batches(
+            _encode_udf,
+            fn_kwargs={
+                "clip_cfg": clip_cfg,
+                "checkpoint": clip_checkpoint,
+                "cfg": cfg,
+                "clip_id": clip_id,
+            },
+            batch_size=cfg.batch_size,
+            concurrency=encoders,
+            **encoder_resources,
+        )
     gather = _Gather(layout, info, source_id)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         gather.add(batch)

@@ -18,6 +18,7 @@ from unclip.datasets.config import EmbedConfig
 from unclip.datasets.embed import (
     FastPreprocess,
     _pixels,
+    cached_clip,
     embed_shard,
     embed_source,
     pending_shards,
@@ -215,3 +216,11 @@ def test_fast_preprocess_is_bit_identical_to_open_clips_transform(shapes_store, 
     np.testing.assert_array_equal(mixed[1], bundle.preprocess(other).numpy())
     augmenting = transforms.Compose([transforms.RandomResizedCrop(32), transforms.ToTensor()])
     assert FastPreprocess.of(augmenting) is None
+
+
+def test_cached_clip_loads_once_per_process_and_refuses_another_clip(shapes_store, tiny_clip_cfg):
+    ckpt, clip_id = shapes_store.clip_checkpoint, shapes_store.clip_id
+    first = cached_clip(tiny_clip_cfg, ckpt, "cpu", clip_id)
+    assert cached_clip(tiny_clip_cfg, ckpt, "cpu", clip_id) is first  # kept, not reloaded
+    with pytest.raises(RuntimeError, match="the embed run started with"):
+        cached_clip(tiny_clip_cfg, ckpt, "cpu", "another-clip-id")  # checkpoint changed under us
