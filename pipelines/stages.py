@@ -348,10 +348,11 @@ def train_upsampler(cfg: PipelineConfig, version: str) -> dict[str, Any]:
 
 def _record_latest(cfg: PipelineConfig, model: str, fit: Any, version: str | None) -> None:
     """Point ``runs/{model}/latest.json`` at this run, for ``unclip sample`` and ``status``."""
-    write_json(
-        layout_of(cfg).latest_run(model),
-        {"run": fit.run_name, "export": fit.export_dir, "dataset_version": version},
-    )
+    path = layout_of(cfg).latest_run(model)
+    record = {"run": fit.run_name, "export": fit.export_dir, "dataset_version": version}
+    # Unchanged on a skipped run: a re-run writes nothing.
+    if not exists(path) or read_json(path) != record:
+        write_json(path, record)
 
 
 def latest_export(cfg: PipelineConfig, model: str) -> str:
