@@ -134,23 +134,34 @@ class Ema:
 
     ZeRO stages 0-2 keep the full weights on every rank after each step, so rank 0 alone can
     average them; ZeRO-3 is refused by :func:`~unclip.training.trainer.validate_trainer_config`.
+    The average lives beside the weights (on their device): a per-step copy to the host would
+    sync the GPU once per parameter. :meth:`state_dict` is the host copy that checkpoints hold.
     """
 
     def __init__(self, module: torch.nn.Module, decay: float, update_after: int) -> None:
         self.decay, self.update_after = decay, update_after
         self.shadow = {
-            n: p.detach().float().cpu().clone()
-            for n, p in module.named_parameters()
-            if p.requires_grad
+            n: p.detach().float().clone() for n, p in module.named_parameters() if p.requires_grad
         }
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module, step: int) -> None:
         # ema <- decay * ema + (1 - decay) * w; before update_after it just follows w.
         weight = 1.0 if step <= self.update_after else 1.0 - self.decay
-        for n, p in module.named_parameters():
-            if n in self.shadow:
-                self.shadow[n].lerp_(p.detach().float().cpu(), weight)
+        params = dict(module.named_parameters())
+        names = list(self.shadow)
+        current = [params[n].detach() for n in names]
+        if any(w.dtype != torch.float32 for w in current):
+            current = [w.float() for w in current]
+        torch._foreach_lerp_([self.shadow[n] for n in names], current, weight)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The averaged weights, fp32 on the host."""
+        return {n: v.detach().to("cpu", copy=True) for n, v in self.shadow.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for n, v in state.items():
+            self.shadow[n].copy_(v)
 
 
 # --- the worker ----------------------------------------------------------------------------
@@ -215,32 +226,31 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             idx = batch_indices(k, num_samples, cfg.batch_size, rank, world, cfg.seed)
             batch = to_device(task.batch(idx), device, dtype)
             loss, metrics = task.loss(engine, batch)
-            # One small all-reduce per micro-step: the mean metrics, and whether any rank's
-            # loss is not finite, so every rank stops at the same step and nothing hangs.
+            # One small all-reduce per micro-step: the loss and metrics summed over ranks, and
+            # whether any rank's loss is not finite, so every rank stops at the same step, before
+            # its update, and nothing hangs. Rank 0 alone decides when to report to Ray Train;
+            # the sum carries its decision. It runs while backward does (async), and the loss
+            # stays a tensor: the one host read of the micro-step is after backward.
             names = sorted(metrics)
-            value = float(loss.detach())
-            finite = math.isfinite(value)
-            # Rank 0 alone decides when to report to Ray Train; the sum carries its decision.
             due = rank == 0 and time.monotonic() - last_report >= cfg.report_every_s
-            stats = torch.tensor(
-                [
-                    value if finite else 0.0,
-                    *(float(metrics[n]) for n in names),
-                    float(not finite),
-                    float(due),
-                ],
-                device=device,
-            )
-            dist.all_reduce(stats)
-            if stats[-2] > 0:
+            head = loss.detach().float().reshape(1)
+            bad = (~torch.isfinite(head)).float()
+            tail = [*(float(metrics[n]) for n in names), 0.0, float(due)]
+            stats = torch.cat([head.nan_to_num(0.0, 0.0, 0.0), torch.tensor(tail, device=device)])
+            stats[-2] = bad[0]
+            pending = dist.all_reduce(stats, async_op=True)
+            engine.backward(loss)
+            pending.wait()
+            summed = stats.tolist()
+            if summed[-2] > 0:
                 if runlog is not None:
                     runlog.flush()
-                shown = str(value) if not finite else "non-finite (on another worker)"
+                value = float(head[0])
+                shown = str(value) if not math.isfinite(value) else "non-finite (on another worker)"
                 return {"nonfinite_step": step + 1, "nonfinite_loss": shown}
-            report_due = bool(stats[-1] > 0)
-            for n, v in zip(["loss", *names], stats[:-2].tolist(), strict=True):
+            report_due = summed[-1] > 0
+            for n, v in zip(["loss", *names], summed[:-2], strict=True):
                 window[n] = window.get(n, 0.0) + v / world / cfg.grad_accum
-            engine.backward(loss)
             engine.step()
         s = step + 1
         if ema is not None:
@@ -310,7 +320,7 @@ def _resume(engine: Any, ema: Ema | None) -> int:
         if ema is not None:
             ema_path = os.path.join(d, EMA_FILE)
             if os.path.exists(ema_path):
-                ema.shadow = torch.load(ema_path, weights_only=True)
+                ema.load_state_dict(torch.load(ema_path, weights_only=True))
     log.info("resumed at step %d from %s", state["step"], checkpoint.path)
     return int(state["step"])
 
@@ -328,7 +338,7 @@ def _save_and_report(
             with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
                 json.dump({**ident, "step": step, "ema": ema is not None}, f, indent=2)
             if ema is not None:
-                torch.save(ema.shadow, os.path.join(tmp, EMA_FILE))
+                torch.save(ema.state_dict(), os.path.join(tmp, EMA_FILE))
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -361,7 +371,7 @@ def _export(
                 state[k] = (v.float() if v.is_floating_point() else v).clone()
     if rank == 0:
         if ema is not None:
-            state.update(ema.shadow)
+            state.update(ema.state_dict())
         model = task.build_model()
         model.load_state_dict(state)
         model.eval()
