@@ -15,8 +15,6 @@ from scipy import ndimage
 
 RGB = tuple[int, int, int]
 
-# The synthetic background: each channel drawn from [232, 255] (datasets/synthetic.py).
-BACKGROUND: RGB = (244, 244, 244)
 SHAPES = ("circle", "square", "triangle")
 
 
@@ -125,34 +123,38 @@ def _template(
 
 
 def classify_shape_image(
-    image: np.ndarray, palette: Mapping[str, RGB], min_area: float = 0.02
+    image: np.ndarray,
+    palette: Mapping[str, RGB],
+    min_area: float = 0.02,
+    threshold: float = 60.0,
 ) -> tuple[str | None, str | None]:
     """Exact pixel rules: the colour and shape of the one object in a synthetic-style image.
 
-    1. Each pixel goes to its nearest reference colour (the palette and the near-white
-       background); the object's colour is the palette colour most pixels went to.
-    2. Its largest 4-connected blob of that colour is the object (stray pixels are ignored).
-    3. The shape is the template (circle, square, upright triangle, drawn in the blob's
-       bounding box as the generator draws them) with the highest IoU with the blob.
+    1. The background colour is the median of the border pixels (the generator keeps every
+       shape off the border); object pixels differ from it by more than ``threshold`` (RGB
+       distance). A tinted or noisy background is thus still background.
+    2. The object is the largest 4-connected group of object pixels (stray pixels are ignored);
+       its colour is the palette colour nearest to its median RGB.
+    3. Its shape is the template (circle, square, upright triangle, drawn in the group's
+       bounding box as the generator draws them) with the highest IoU with the group.
     Returns ``(None, None)`` when fewer than ``min_area`` of the pixels are the object.
     """
     x = np.asarray(image, dtype=np.float32)
     if x.ndim != 3 or x.shape[2] != 3:
         raise ValueError(f"expected an RGB image [H, W, 3], got {list(x.shape)}")
     h, w = x.shape[:2]
-    names = list(palette)
-    refs = np.array([palette[n] for n in names] + [BACKGROUND], dtype=np.float32)
-    dist = np.linalg.norm(x[:, :, None, :] - refs[None, None], axis=-1)
-    nearest = dist.argmin(axis=-1)
-    counts = np.bincount(nearest.ravel(), minlength=len(refs))[: len(names)]
-    if counts.max() < min_area * h * w:
+    border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])
+    background = np.median(border, axis=0)
+    labels, n = ndimage.label(np.linalg.norm(x - background, axis=-1) > threshold)
+    if n == 0:
         return None, None
-    c = int(counts.argmax())
-    labels, n = ndimage.label(nearest == c)
     sizes = np.bincount(labels.ravel())[1:]
     blob = labels == (int(sizes.argmax()) + 1)
     if blob.sum() < min_area * h * w:
-        return names[c], None
+        return None, None
+    names = list(palette)
+    refs = np.array([palette[c] for c in names], dtype=np.float32)
+    color = names[int(np.linalg.norm(refs - np.median(x[blob], axis=0), axis=1).argmin())]
     ys, xs = np.nonzero(blob)
     box = (float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max()))
 
@@ -160,7 +162,7 @@ def classify_shape_image(
         t = _template(shape, (w, h), box)
         return float((t & blob).sum() / max((t | blob).sum(), 1))
 
-    return names[c], max(SHAPES, key=iou)
+    return color, max(SHAPES, key=iou)
 
 
 def attribute_matches(
