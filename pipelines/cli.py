@@ -495,7 +495,7 @@ def ui(
     cmd, env = ui_command(config, cfg, port, host)
     if shutil.which(cmd[0]) is None or not _has_webserver():
         console.print(
-            "[red]error:[/red] the Dagster UI needs dagster-webserver: pip install 'unclip[ui]'"
+            "[red]error:[/red] the Dagster UI needs dagster-webserver: pip install 'unclip\\[ui]'"
         )
         raise typer.Exit(1)
     console.print(f"Dagster UI on http://{host}:{port} (DAGSTER_HOME={dagster_home(cfg)})")

@@ -117,3 +117,26 @@ def test_postgres_block_written_from_config(tmp_path, monkeypatch):
     (home / "dagster.yaml").unlink()
     dagster_home(cfg)
     assert "db.internal" in (home / "dagster.yaml").read_text()
+
+
+def test_dagster_itself_loads_the_module_unclip_ui_points_at(tmp_path):
+    """What `unclip ui` runs (`dagster dev -m unclip.pipelines.definitions`) loads the code."""
+    import os
+    import subprocess
+
+    env = {
+        **os.environ,
+        "UNCLIP_CONFIG": str(_config(tmp_path)),
+        "DAGSTER_HOME": str(tmp_path / "home"),
+    }
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    out = subprocess.run(
+        ["dagster", "definitions", "validate", "-m", "unclip.pipelines.definitions"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Validation successful" in out.stdout + out.stderr
