@@ -159,17 +159,24 @@ def test_pipeline_spreads_training_and_a_killed_driver_redoes_nothing(cluster, t
     shards = _mtimes(store, "images/*/0*")
     assert len([s for s in shards if s.endswith(".tar")]) == 3
 
-    proc = unclip(cluster, tmp_path, "run", str(config), log=tmp_path / "rerun.log")
-    finish(proc, tmp_path / "rerun.log", timeout=600)
+    rerun_log = tmp_path / "rerun.log"
+    proc = unclip(cluster, tmp_path, "run", str(config), log=rerun_log)
+    try:
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # Checked before the run's own outcome: what the killed driver finished stays done.
     assert _mtimes(store, "images/*/0*") == shards, "ingest redid committed shards"
+    # Ray Train's workers ran on both nodes (each node's own worker logs name the actor).
+    assert TRAIN_WORKER in cluster.worker_logs("head")
+    assert TRAIN_WORKER in cluster.worker_logs("worker")
+    finish(proc, rerun_log, timeout=1)
     for model in ("clip", "prior", "decoder"):
         runs = [p for p in (store / "runs" / model).iterdir() if p.is_dir()]
         assert len(runs) == 1, runs
         assert (runs[0] / "export").is_dir(), model
     assert list(store.glob("eval/**/*.json")), "no evaluation written"
-    # Ray Train's workers ran on both nodes (each node's own worker logs name the actor).
-    assert TRAIN_WORKER in cluster.worker_logs("head")
-    assert TRAIN_WORKER in cluster.worker_logs("worker")
 
 
 def test_training_resumes_after_a_killed_worker_node(cluster, shared):
