@@ -50,6 +50,8 @@ SHRINK = {
         "holdout_fraction": 0.1,
         "captions": ["a red circle", "a blue square"],
         "samples_per_caption": 1,
+        "num_eval_samples": 8,
+        "eval_steps": 3,
     },
 }
 
