@@ -266,8 +266,9 @@ def under_trainer(args: argparse.Namespace) -> dict[str, Any]:
     )
     task = make_task(args, cfg)
     # Ray starts its workers at nice 15; on a shared machine that alone would slow them against
-    # the plain loops (nice 0). Same priority for all three.
-    os.environ.setdefault("RAY_worker_niceness", "0")
+    # the plain loops. Same priority for all three: this process's own (under `nice -n 5`,
+    # workers at 0 would outrank the plain loops, run here at 5).
+    os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
     with tempfile.TemporaryDirectory(prefix="unclip-bench-prior-") as root:
         t0 = time.perf_counter()
         ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
@@ -305,7 +306,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5, help="plain loops: untimed first steps")
     p.add_argument("--steps", type=int, default=20, help="plain loops: steps per timed block")
     p.add_argument("--repeats", type=int, default=6, help="plain loops: timed blocks")
-    p.add_argument("--zero-stage", type=int, default=0, help="trainer: DeepSpeed ZeRO stage")
+    p.add_argument(
+        "--zero-stage", type=int, default=0, choices=range(4), help="trainer: DeepSpeed ZeRO stage"
+    )
     p.add_argument("--log-every", type=int, default=10, help="trainer: steps per window")
     p.add_argument("--trainer-windows", type=int, default=15, help="trainer: timed windows")
     p.add_argument(
