@@ -93,14 +93,15 @@ def build_decoder(cfg: DecoderConfig, dim: int) -> UNet2DConditionModel:
     )
 
 
-def has_text_conditioning(model: Any) -> bool:
-    """Whether the UNet also reads the caption's text embedding."""
-    return model.config.addition_embed_type == "text_image"
+def predict_eps(
+    model: Any, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, with_text: bool = False
+) -> torch.Tensor:
+    """The UNet's ε prediction for noised images ``x_t`` given the condition (see module doc).
 
-
-def predict_eps(model: Any, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-    """The UNet's ε prediction for noised images ``x_t`` given the condition (see module doc)."""
-    if not has_text_conditioning(model):
+    ``with_text``: the model is text-conditioned and ``cond`` is [image ‖ text] (passed in, not
+    read from ``model.config``: under the trainer ``model`` is a DeepSpeed engine).
+    """
+    if not with_text:
         out = model(x_t, t, encoder_hidden_states=None, added_cond_kwargs={"image_embeds": cond})
         return out.sample
     image_emb, text_emb = cond.chunk(2, dim=1)
@@ -267,7 +268,7 @@ class DecoderTask(ManifestDiffusionTask):
         if self.cfg.text_conditioning:
             text = drop_condition(batch["text_emb"], self.cfg.text_drop_prob)
             cond = torch.cat([cond, text], dim=1)
-        pred = predict_eps(model, x_t, t, cond).float()
+        pred = predict_eps(model, x_t, t, cond, self.cfg.text_conditioning).float()
         if not self.cfg.learned_variance:
             return F.mse_loss(pred, noise.float()), {}
         # L_hybrid = L_simple + λ · L_vlb  (Nichol & Dhariwal 2021, eq. 16); L_vlb only trains Σ_θ
@@ -345,7 +346,7 @@ class DecoderSampler(ExportedDiffusion):
         learned = bool(self.info.get("learned_variance", False))
         keep = 6 if learned and sampler == "ddpm" else 3  # DDIM (η = 0) has no use for Σ_θ
         x = sample_loop(
-            lambda x, t, c: predict_eps(self.model, x, t, c)[:, :keep],
+            lambda x, t, c: predict_eps(self.model, x, t, c, self.text_conditioning)[:, :keep],
             (emb.shape[0], 3, self.image_size, self.image_size),
             emb,
             self.scheduler_config,

@@ -82,9 +82,9 @@ def test_caption_conditioning_kandinsky_21_style_and_its_separate_dropout(monkey
     assert model.config.encoder_hid_dim_type == "text_image_proj"
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 50])
     image, text = torch.randn(2, DIM), torch.randn(2, DIM)
-    out = predict_eps(model, x, t, torch.cat([image, text], 1))
+    out = predict_eps(model, x, t, torch.cat([image, text], 1), with_text=True)
     assert out.shape == x.shape
-    no_text = predict_eps(model, x, t, torch.cat([image, torch.zeros_like(text)], 1))
+    no_text = predict_eps(model, x, t, torch.cat([image, torch.zeros_like(text)], 1), True)
     assert not torch.allclose(out, no_text)  # the caption changes the prediction
 
     task = make_task()
@@ -100,7 +100,7 @@ def test_caption_conditioning_kandinsky_21_style_and_its_separate_dropout(monkey
 
     seen = []
     monkeypatch.setattr(
-        "unclip.training.decoder.predict_eps", lambda m, x, t, c: seen.append(c) or x * 0
+        "unclip.training.decoder.predict_eps", lambda m, x, t, c, *_: seen.append(c) or x * 0
     )
     torch.manual_seed(0)
     for _ in range(200):
@@ -174,3 +174,25 @@ def test_learned_variance_hybrid_loss_export_and_ddpm_sampling(tmp_path):
     for kind in ("ddpm", "ddim"):
         images = sampler.sample(emb, steps=3, seed=0, guidance_scale=2.0, sampler=kind)
         assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+
+
+class EngineLike(torch.nn.Module):
+    """What the trainer hands to ``loss``: a wrapper whose ``config`` is not diffusers' (DeepSpeed)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.module, self.config = model, {"train_batch_size": 8}
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+@pytest.mark.parametrize("update", [{}, {"text_conditioning": True}, {"learned_variance": True}])
+def test_loss_works_on_a_wrapped_model_as_under_the_trainer(update):
+    task = make_task()
+    task.cfg = TINY.model_copy(update=update)
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(4, DIM)).astype(np.float32)
+    task.set_arrays(rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8), emb, emb)
+    loss, _ = task.loss(EngineLike(task.build_model()), task.batch(np.arange(4)))
+    assert torch.isfinite(loss)
