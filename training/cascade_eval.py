@@ -297,7 +297,7 @@ def evaluate_cascade(
         decoder_cfg,
         cfg.holdout_fraction,
         decoder_fit.export_dir,
-        f"{out_dir}/{UNTRAINED_DIR}",
+        f"{out_dir}/{UNTRAINED_DIR}_seed{cfg.eval_seed}",
         cfg.eval_seed,
     )
     common = {

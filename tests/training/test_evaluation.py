@@ -140,7 +140,7 @@ def test_evaluate_cascade_pools_workers_and_writes_metrics_and_report(
     assert saved["goals"]["fd_clip_ratio"]["value"] == pytest.approx(
         saved["fd_clip"] / saved["fd_clip_untrained"]
     )
-    assert exists(f"{out}/untrained_decoder/untrained.json")
+    assert exists(f"{out}/untrained_decoder_seed1/untrained.json")
     report = open(f"{out}/{REPORT_FILE}").read()
     assert report.count("data:image/png;base64,") >= 4  # 3 grids + the decoder's loss curve
     assert "fd_clip_untrained" in report and "cos_pred_true" in report
