@@ -148,7 +148,7 @@ def write_report(
     n = min(max_images, len(samples["images"]))
     matches = samples.get("matches")
     labels = [
-        c if matches is None or matches[i] is None else f"{'✓' if matches[i] else '✗'} {c}"
+        c if matches is None or matches[i] is None else f"{'ok' if matches[i] else 'x'} {c}"
         for i, c in enumerate(samples["captions"][:n])
     ]
     colors = None
@@ -156,7 +156,7 @@ def write_report(
         colors = ["darkgreen" if matches[i] else "firebrick" for i in range(n)]
     grids = [
         (
-            "Generated (held-out captions; ✓/✗: attribute check)",
+            "Generated (held-out captions; ok/x and green/red: attribute check)",
             samples["images"][:n],
             labels,
             colors,
