@@ -28,7 +28,10 @@ untimed steps, then ``--repeats`` blocks of ``--steps`` steps, interleaved, half
 after the trainer (a shared machine is noisy); the trainer's rate comes from its own
 ``metrics.jsonl`` windows of ``log_every`` steps, the first window skipped. Rates are medians
 over blocks or windows, shown with min and max. Start-up (Ray, worker processes, DeepSpeed, the
-first window) and teardown (checkpoint, export) are printed apart.
+first window) and teardown (checkpoint, export) are printed apart. Run it on an otherwise idle
+machine: on an oversubscribed one the plain loops' ``W`` OpenMP threads stall at every parallel
+barrier while the trainer's one-thread workers do not (seen: plain loop 50 samples/s, trainer
+1,700, at load average 30 on 2 cores), and the comparison says nothing.
 
 DALLE2-pytorch is never a dependency of unclip: on first use this script installs
 ``dalle2-pytorch==1.15.6`` and the small packages it imports with ``pip install --no-deps
