@@ -268,10 +268,10 @@ def under_trainer(args: argparse.Namespace) -> dict[str, Any]:
         },
     )
     task = make_task(args, cfg)
-    # Ray starts its workers at nice 15; on a shared machine that alone would slow them against
-    # the plain loops. Same priority for all three: this process's own (under `nice -n 5`,
-    # workers at 0 would outrank the plain loops, run here at 5).
-    os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
+    # Ray adds 15 to its workers' niceness over the raylet's (this process's); on a shared
+    # machine that alone would slow them against the plain loops. The setting is an increment:
+    # "0" keeps the workers at this process's own priority, the plain loops' priority.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     with tempfile.TemporaryDirectory(prefix="unclip-bench-prior-") as root:
         t0 = time.perf_counter()
         ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
