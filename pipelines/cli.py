@@ -252,6 +252,13 @@ def train_decoder(config: ConfigArg, set_: SetOpt = None) -> None:
     _print_outputs(out["cfg"], out["run"].outputs)
 
 
+@train_app.command("upsampler")
+def train_upsampler(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Train the super-resolution stage (the config's `upsampler` section) after the decoder."""
+    out = _materialize(config, set_, ["upsampler"])
+    _print_outputs(out["cfg"], out["run"].outputs)
+
+
 @app.command()
 def evaluate(config: ConfigArg, set_: SetOpt = None) -> None:
     """Evaluate the trained prior and decoder: metrics JSON and a sample grid under eval/."""
