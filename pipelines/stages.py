@@ -406,10 +406,17 @@ def evaluate(cfg: PipelineConfig, version: str, clip_ckpt: str | None) -> dict[s
         upsampler_fit = fit_upsampler(layout, version, cfg.upsampler, holdout)
 
     metrics_path = layout.join("eval", prior_fit.run_name, "prior_metrics.json")
-    if exists(metrics_path):
-        prior_metrics = read_json(metrics_path)
-    else:
-        prior_metrics = evaluate_prior(layout, version, prior_fit, cfg.evaluate, holdout)
+    prior_metrics = read_json(metrics_path) if exists(metrics_path) else {}
+    # Sampling keys are not part of the run name: metrics drawn with other settings are stale.
+    sampling = {
+        "sample_steps": cfg.prior.sample_steps,
+        "guidance_scale": cfg.prior.guidance_scale,
+        "candidates": cfg.prior.candidates,
+    }
+    if any(prior_metrics.get(k) != v for k, v in sampling.items()):
+        prior_metrics = evaluate_prior(
+            layout, version, prior_fit, cfg.evaluate, holdout, prior_cfg=cfg.prior
+        )
 
     grid = layout.join("eval", decoder_fit.run_name, "samples.png")
     if not exists(grid):

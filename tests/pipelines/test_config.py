@@ -23,6 +23,14 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path):
     assert cfg.sources == [str(tmp_path / "sub" / "lists" / "a.parquet"), "s3://b/c.parquet"]
 
 
+def test_prior_init_from_resolves_against_the_config_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("storage: out\nprior:\n  init_from: weights/karlo-prior\n")
+    assert load_config(f).prior.init_from == str(tmp_path / "weights" / "karlo-prior")
+    f.write_text("storage: out\nprior:\n  init_from: s3://bucket/prior\n")
+    assert load_config(f).prior.init_from == "s3://bucket/prior"
+
+
 def test_misspelled_key_names_key_and_file(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("storage: x\nprior:\n  trainer:\n    max_stpes: 10\n")
