@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from unclip.datasets import readers
 from unclip.datasets.storage import StorageLayout
 
 from .config import DecoderConfig
@@ -228,6 +227,8 @@ class DecoderTask(ManifestDiffusionTask):
 
     def load_data(self, rank: int, world: int) -> int:
         # Only this rank's equal share is held; the trainer draws global indices in its block.
+        from unclip.datasets import readers  # pyarrow: loaded only to read data
+
         manifest = readers.load_manifest(self.layout, self.manifest_version)
         pairs = readers.worker_image_pairs(
             self.layout,

@@ -15,7 +15,6 @@ from typing import Any, ClassVar, Literal
 import torch
 from diffusers import DDPMScheduler
 
-from unclip.datasets import readers
 from unclip.datasets.storage import StorageLayout
 
 from .artifacts import local_dir
@@ -46,6 +45,8 @@ class ManifestDiffusionTask(TrainTask):
     def from_manifest(
         cls, layout: StorageLayout, version: str, cfg: Section, holdout_fraction: float
     ) -> ManifestDiffusionTask:
+        from unclip.datasets import readers  # pyarrow: loaded only to read data
+
         manifest = readers.load_manifest(layout, version)
         return cls(
             layout=layout,

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from diffusers import PriorTransformer
 
-from unclip.datasets import readers
 from unclip.datasets.storage import StorageLayout
 
 from .artifacts import is_local, local_dir
@@ -214,6 +213,8 @@ class PriorTask(ManifestDiffusionTask):
             raise ValueError(
                 f"dataset version {manifest['version']!r} has no samples: nothing to train on"
             )
+        from unclip.datasets import readers  # pyarrow: loaded only to read data
+
         stats = readers.load_embedding_stats(layout, manifest)
         return {
             "image_mean": stats["image_mean"].tolist(),
@@ -243,6 +244,8 @@ class PriorTask(ManifestDiffusionTask):
 
     def load_data(self, rank: int, world: int) -> int:
         # Only this rank's equal share is held; the trainer draws global indices in its block.
+        from unclip.datasets import readers  # pyarrow: loaded only to read data
+
         manifest = readers.load_manifest(self.layout, self.manifest_version)
         arrays = readers.worker_embeddings(
             self.layout,
