@@ -12,6 +12,7 @@ those. Stages name their outputs by content hashes, so a re-materialized asset w
 not change still skips its work.
 """
 
+import warnings
 from typing import Any
 
 import dagster as dg
@@ -28,11 +29,13 @@ SOURCES = dg.DynamicPartitionsDefinition(name="sources")
 def _output(value: dict[str, Any], data_version: str | None = None) -> dg.Output:
     """Pass the stage's summary on and show its scalars in the UI."""
     meta = {k: v for k, v in value.items() if isinstance(v, (int, float, str, bool))}
-    return dg.Output(
-        value,
-        metadata=meta,
-        data_version=dg.DataVersion(data_version) if data_version else None,
-    )
+    with warnings.catch_warnings():  # `data_version` is beta in Dagster 1.13: one warning per stage
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        return dg.Output(
+            value,
+            metadata=meta,
+            data_version=dg.DataVersion(data_version) if data_version else None,
+        )
 
 
 @dg.asset(

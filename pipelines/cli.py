@@ -178,6 +178,18 @@ def _print_outputs(cfg: PipelineConfig, outputs: dict[str, Any]) -> None:
                 t.add_row(f"  {k}", f"{e[k]:.3f}")
         if "sample_grid" in e:
             t.add_row("sample grid", e["sample_grid"])
+        for k in ("decoder_metrics", "report"):
+            if k in e:
+                t.add_row(k.replace("_", " "), e[k])
+        for k in (
+            "attribute_accuracy",
+            "fd_clip",
+            "fd_clip_untrained",
+            "clip_score",
+            "clip_score_real",
+        ):
+            if isinstance(e.get(k), (int, float)):
+                t.add_row(f"  {k}", f"{e[k]:.3f}")
     for model, d in (outputs.get("promotion") or {}).items():
         if isinstance(d, dict) and "status" in d:
             t.add_row(f"promotion {model}", f"{d['status']}: {'; '.join(d['reasons'])[:200]}")
