@@ -39,13 +39,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from prior import PlainLoop, adamw_step, count, rate  # noqa: E402  (the shared timing helpers)
+from prior import PlainLoop, adamw_step, count, rate, timed_fit  # noqa: E402  (the shared timing helpers)
 
 from unclip.datasets.storage import StorageLayout  # noqa: E402
 from unclip.training.config import DecoderConfig, TrainerConfig  # noqa: E402
 from unclip.training.decoder import DecoderTask, load_decoder  # noqa: E402
-from unclip.training.runlog import read_rows  # noqa: E402
-from unclip.training.trainer import fit  # noqa: E402
 
 
 @dataclass(kw_only=True)
@@ -97,7 +95,6 @@ def plain_loop(args: argparse.Namespace) -> tuple[PlainLoop, InMemoryDecoderTask
 
 def under_trainer(args: argparse.Namespace) -> dict[str, Any]:
     """The decoder under ``fit`` on a fresh local Ray; rates from its metrics.jsonl."""
-    import ray
 
     if args.batch % args.workers:
         sys.exit(f"--batch {args.batch} must divide among --workers {args.workers}")
@@ -116,23 +113,7 @@ def under_trainer(args: argparse.Namespace) -> dict[str, Any]:
             "report_every_s": 10.0,
         },
     )
-    task = make_task(args, cfg)
-    os.environ.setdefault("RAY_worker_niceness", "0")  # same priority as the plain loop
-    with tempfile.TemporaryDirectory(prefix="unclip-bench-decoder-") as root:
-        t0 = time.perf_counter()
-        ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
-        try:
-            result = fit(task, cfg.trainer, StorageLayout(root), "decoder", "benchmark")
-        finally:
-            ray.shutdown()
-        wall = time.perf_counter() - t0
-        rows = read_rows(os.path.join(result.run_dir, "metrics.jsonl"))
-    window_s = [args.log_every * args.batch / r["samples_per_s"] for r in rows]
-    return {
-        "per_window": [args.log_every * args.batch / s for s in window_s[1:]],
-        "outside_loop_s": wall - sum(window_s),
-        "first_window_s": window_s[0],
-    }
+    return timed_fit(args, make_task(args, cfg), cfg.trainer, "decoder")
 
 
 def sampling_rate(args: argparse.Namespace, task: InMemoryDecoderTask, model: Any) -> list[float]:

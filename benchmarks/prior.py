@@ -247,7 +247,6 @@ def count(model: torch.nn.Module) -> int:
 # --- the trainer ---------------------------------------------------------------------------------
 def under_trainer(args: argparse.Namespace) -> dict[str, Any]:
     """unclip's prior under ``fit`` on a fresh local Ray; rates from its metrics.jsonl."""
-    import ray
 
     if args.batch % args.workers:
         sys.exit(f"--batch {args.batch} must divide among --workers {args.workers}")
@@ -267,16 +266,24 @@ def under_trainer(args: argparse.Namespace) -> dict[str, Any]:
             "ema_update_after": 10,
         },
     )
-    task = make_task(args, cfg)
+    return {**timed_fit(args, make_task(args, cfg), cfg.trainer, "prior"), "steps": steps}
+
+
+def timed_fit(
+    args: argparse.Namespace, task: Any, trainer_cfg: TrainerConfig, model_kind: str
+) -> dict[str, Any]:
+    """Run ``task`` under ``fit`` on a fresh local Ray; per-window rates from its metrics.jsonl."""
+    import ray
+
     # Ray adds 15 to its workers' niceness over the raylet's (this process's); on a shared
     # machine that alone would slow them against the plain loops. The setting is an increment:
     # "0" keeps the workers at this process's own priority, the plain loops' priority.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    with tempfile.TemporaryDirectory(prefix="unclip-bench-prior-") as root:
+    with tempfile.TemporaryDirectory(prefix=f"unclip-bench-{model_kind}-") as root:
         t0 = time.perf_counter()
         ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
         try:
-            result = fit(task, cfg.trainer, StorageLayout(root), "prior", "benchmark")
+            result = fit(task, trainer_cfg, StorageLayout(root), model_kind, "benchmark")
         finally:
             ray.shutdown()
         wall = time.perf_counter() - t0
@@ -287,7 +294,6 @@ def under_trainer(args: argparse.Namespace) -> dict[str, Any]:
         "per_window": [args.log_every * args.batch / s for s in steady],
         "outside_loop_s": wall - sum(window_s),
         "first_window_s": window_s[0],
-        "steps": steps,
     }
 
 
