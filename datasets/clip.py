@@ -28,7 +28,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
 from .config import ClipConfig
-from .storage import atomic_write
+from .storage import StorageLayout, atomic_write, exists, read_json
 
 CONFIG_NAME = "open_clip_config.json"  # open_clip.constants.HF_CONFIG_NAME
 WEIGHTS_NAME = "open_clip_model.safetensors"  # open_clip.constants.HF_SAFE_WEIGHTS_NAME
@@ -285,3 +285,147 @@ def encode_texts(bundle: ClipBundle, texts: Sequence[str]) -> np.ndarray:
         return np.zeros((0, bundle.embed_dim), np.float32)
     tokens = bundle.tokenizer(list(texts)).to(bundle.device)
     return bundle.model.encode_text(tokens, normalize=True).float().cpu().numpy()
+
+
+# --- per-token text encodings (the prior's optional text tokens) ------------------------------
+# What a token encoding is: the text transformer's last hidden state after ln_final, before
+# pooling (Karlo, DALLE2-pytorch). diffusers' PriorTransformer projects encoder states of the
+# image-embedding width only, so when the text width differs (the bootstrap CLIP) each token
+# goes through CLIP's own frozen text_projection — the map that turns the pooled token into the
+# text embedding.
+TOKENS_RAW = "ln_final"
+TOKENS_PROJECTED = "ln_final+text_projection"
+
+
+def _text_tower(model: torch.nn.Module) -> torch.nn.Module:
+    """The module holding ln_final and text_projection: the CLIP itself, or its ``.text``."""
+    return model if hasattr(model, "ln_final") else getattr(model, "text", model)
+
+
+def text_context_length(bundle: ClipBundle) -> int:
+    """Tokens per caption of this CLIP's tokenizer (its text context length)."""
+    n = getattr(bundle.tokenizer, "context_length", None) or getattr(
+        bundle.model, "context_length", None
+    )
+    if not n:
+        raise ValueError(f"CLIP {bundle.clip_id}: cannot tell its text context length")
+    return int(n)
+
+
+def _project(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    proj = getattr(_text_tower(model), "text_projection", None)
+    if proj is None:
+        raise ValueError(
+            "this CLIP has no text_projection to map its tokens to the embedding width"
+        )
+    return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+
+
+def _pad_id(tokenizer: Any) -> int:
+    inner = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps one
+    pad = getattr(inner, "pad_token_id", None)
+    return int(pad) if pad is not None else 0  # SimpleTokenizer pads with 0
+
+
+@torch.no_grad()
+def encode_text_tokens(
+    bundle: ClipBundle, texts: Sequence[str], batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Per-token encodings float32 [N, L, D], padding mask bool [N, L] and their kind.
+
+    L is the CLIP's text context length and D its embedding width. The mask is true for the
+    caption's tokens (start and end tokens included) and false for padding. The kind is
+    ``TOKENS_RAW`` when the text width is the embedding width (as for the public CLIPs Karlo
+    and DALLE2-pytorch use), else ``TOKENS_PROJECTED``.
+    """
+    texts = list(texts)
+    length, dim = text_context_length(bundle), bundle.embed_dim
+    enc = np.zeros((len(texts), length, dim), np.float32)
+    mask = np.zeros((len(texts), length), bool)
+    kind = TOKENS_RAW
+    pad = _pad_id(bundle.tokenizer)
+    for start in range(0, len(texts), batch_size):
+        tokens = bundle.tokenizer(texts[start : start + batch_size]).to(bundle.device)
+        out = bundle.model.forward_intermediates(
+            text=tokens, text_indices=1, normalize_intermediates=True, intermediates_only=True
+        )
+        x = out["text_intermediates"][-1]  # ln_final(last block): [B, L, text width]
+        if x.shape[-1] != dim:
+            x, kind = _project(bundle.model, x), TOKENS_PROJECTED
+        stop = start + tokens.shape[0]
+        enc[start:stop] = x.float().cpu().numpy()
+        mask[start:stop] = (tokens != pad).cpu().numpy()
+    return enc, mask, kind
+
+
+# --- finding the CLIP of a clip_id ------------------------------------------------------------
+def clip_record_path(layout: StorageLayout, clip_id: str) -> str:
+    """``clip/{clip_id}/identity.json``: the embed stage's record of the CLIP and its source."""
+    return f"{layout.clip_dir(clip_id)}/identity.json"
+
+
+def clip_record(layout: StorageLayout, clip_id: str) -> dict[str, Any]:
+    """The record the embed stage wrote for ``clip_id`` (architecture, weights hash, source)."""
+    path = clip_record_path(layout, clip_id)
+    if not exists(path):
+        raise FileNotFoundError(
+            f"no record of CLIP {clip_id} under the storage root ({path} is missing; the embed "
+            "stage writes it): cannot tell which CLIP made these embeddings"
+        )
+    record = read_json(path)
+    if not record.get("source"):
+        raise ValueError(f"{path} does not say where CLIP {clip_id} came from (no 'source')")
+    return record
+
+
+def record_context_length(record: dict[str, Any]) -> int:
+    """The text context length a record's model config gives (open_clip's default is 77)."""
+    return int((record.get("model_cfg") or {}).get("text_cfg", {}).get("context_length", 77))
+
+
+def _source_config(source: str, model_cfg: dict[str, Any]) -> tuple[ClipConfig, str | None]:
+    """(config, checkpoint) that make ``load_clip`` load the CLIP a record's ``source`` names."""
+    if source.startswith("hf-hub:"):
+        return ClipConfig(pretrained=source.removesuffix(":None")), None
+    fs, path = url_to_fs(source)
+    if fs.exists(f"{path.rstrip('/')}/{CONFIG_NAME}"):  # a save_clip folder (the bootstrap's)
+        return ClipConfig(), source
+    if os.path.isdir(source):
+        return ClipConfig(pretrained=source), None
+    if os.path.isfile(source):  # a weights file in the bootstrap architecture
+        v, t = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+        arch = ClipConfig(
+            pretrained=source,
+            embed_dim=model_cfg["embed_dim"],
+            image_size=v["image_size"],
+            patch_size=v["patch_size"],
+            vision_width=v["width"],
+            vision_layers=v["layers"],
+            text_width=t["width"],
+            text_layers=t["layers"],
+            heads=t["heads"],
+            context_length=t["context_length"],
+        )
+        return arch, None
+    name, _, pretrained = source.partition(":")  # load_clip writes "{model_name}:{pretrained}"
+    return ClipConfig(
+        model_name=name, pretrained=None if pretrained in ("", "None") else pretrained
+    ), None
+
+
+def load_clip_from_record(record: dict[str, Any], device: str = "cpu") -> ClipBundle:
+    """Load the CLIP a record names, checked to be the same CLIP (its ``clip_id``)."""
+    source = str(record["source"])
+    cfg, checkpoint = _source_config(source, record.get("model_cfg") or {})
+    bundle = load_clip(cfg, checkpoint, device=device)
+    if record.get("clip_id") and bundle.clip_id != record["clip_id"]:
+        raise ValueError(
+            f"the CLIP at {source} is now {bundle.clip_id}, not CLIP {record['clip_id']} "
+            "the embeddings were made with"
+        )
+    return bundle
+
+
+def load_clip_of(layout: StorageLayout, clip_id: str, device: str = "cpu") -> ClipBundle:
+    """The CLIP that made the embeddings filed under ``clip_id`` on this storage root."""
+    return load_clip_from_record({**clip_record(layout, clip_id), "clip_id": clip_id}, device)

@@ -10,6 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # Marks a field that does not change what a run trains (sampling, bookkeeping): it is left
 # out of the run name's hash, so changing it reuses the trained run instead of retraining.
 NOT_IDENTITY = {"identity": False}
+# Marks a field added after runs were named: it joins the hash only when set to something other
+# than its default, so every run named before it existed keeps its name.
+IDENTITY_UNLESS_DEFAULT = {"identity": "unless_default"}
 
 
 class Section(BaseModel):
@@ -19,9 +22,12 @@ class Section(BaseModel):
         """The fields that shape a trained model, as JSON: what run names and checkpoints hash."""
         out = {}
         for name, field in type(self).model_fields.items():
-            if (field.json_schema_extra or {}).get("identity") is False:
+            kind = (field.json_schema_extra or {}).get("identity")
+            if kind is False:
                 continue
             value = getattr(self, name)
+            if kind == "unless_default" and value == field.get_default(call_default_factory=True):
+                continue
             out[name] = value.identity() if isinstance(value, Section) else self._json(name)
         return out
 
@@ -88,7 +94,23 @@ class PriorConfig(Section):
     num_attention_heads: int = Field(4, ge=1)
     attention_head_dim: int = Field(32, ge=1)
     timesteps: int = Field(1000, ge=1)
-    cond_drop_prob: float = Field(0.1, ge=0, le=1)
+    cond_drop_prob: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Probability of dropping a row's condition (text embedding, and its token "
+        "encodings with text_tokens) for classifier-free guidance.",
+    )
+    text_tokens: bool = Field(
+        False,
+        description="Also condition on the caption's per-token encodings, as Karlo: the sequence "
+        "becomes [text tokens, text embedding, timestep, noised image embedding, query]. The "
+        "encodings are the frozen CLIP text transformer's last hidden states (after ln_final; "
+        "through its text_projection when the text width is not the embedding width), computed "
+        "from the captions with the CLIP the embeddings were made with. Sampling then needs "
+        "captions. Changes the run name when on.",
+        json_schema_extra=IDENTITY_UNLESS_DEFAULT,
+    )
     sample_steps: int = Field(
         50, ge=1, description="DDIM steps when sampling.", json_schema_extra=NOT_IDENTITY
     )

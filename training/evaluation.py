@@ -77,13 +77,25 @@ def evaluate_prior(
     text = torch.from_numpy(held.text[:n])
     image = torch.from_numpy(held.image[:n])
     sampler = load_prior(prior_fit.export_dir)
+    if sampler.text_tokens:  # token encodings of the held-out captions, with the data's CLIP
+        from unclip.datasets.clip import load_clip_of
+
+        sampler.use_clip(load_clip_of(layout, str(manifest["clip_id"])))
+    captions = held.captions[:n]
     info = sampler.info
     steps = prior_cfg.sample_steps if prior_cfg else info.get("sample_steps", 50)
     scale = prior_cfg.guidance_scale if prior_cfg else info.get("guidance_scale", 1.0)
     k = prior_cfg.candidates if prior_cfg else info.get("candidates", 1)
     pred = torch.cat(
         [
-            sampler.sample(text[i : i + 256], steps, scale, seed=i, candidates=k)
+            sampler.sample(
+                text[i : i + 256],
+                steps,
+                scale,
+                seed=i,
+                candidates=k,
+                captions=captions[i : i + 256],
+            )
             for i in range(0, n, 256)
         ]
     )

@@ -1,11 +1,23 @@
 """The DALL·E 2 diffusion prior (CLIP text embedding → CLIP image embedding) on diffusers' PriorTransformer.
 
 The transformer reads the causal sequence [text embedding, timestep, noised image embedding,
-learned query] (no text-token encodings) and predicts the clean image embedding x_0, trained with
-MSE (Ramesh et al. 2022, sec. 2.2). Image embeddings are normalized by the data set's mean and
-std; the model keeps them as its ``clip_mean`` / ``clip_std`` so ``post_process_latents`` undoes
-the normalization for any diffusers user of the export. ``prior.init_from`` starts a run from a
-diffusers-format prior (checked against the config; its weights' hash joins the run name).
+learned query] and predicts the clean image embedding x_0, trained with MSE (Ramesh et al. 2022,
+sec. 2.2). With ``prior.text_tokens`` the caption's per-token encodings come first, [text tokens,
+text embedding, timestep, noised image embedding, learned query], as in Karlo: the frozen CLIP
+text transformer's last hidden states (after ln_final, before pooling; through CLIP's
+text_projection when the text width is not the embedding width), computed on the training
+workers from the captions with the CLIP the embeddings were made with, and passed to
+``PriorTransformer`` as ``encoder_hidden_states`` with the padding ``attention_mask``.
+
+The condition is one tensor per row, so conditioning dropout and classifier-free guidance treat
+it whole: the text embedding alone, or with tokens ``[text embedding | token encodings | token
+mask]`` (:func:`pack_condition`). A dropped row (or guidance's unconditional half) is all zeros:
+a zero text embedding and no tokens at all.
+
+Image embeddings are normalized by the data set's mean and std; the model keeps them as its
+``clip_mean`` / ``clip_std`` so ``post_process_latents`` undoes the normalization for any
+diffusers user of the export. ``prior.init_from`` starts a run from a diffusers-format prior
+(checked against the config; its weights' hash joins the run name).
 """
 
 from __future__ import annotations
@@ -13,8 +25,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -29,23 +42,40 @@ from .diffusion import Sampler, drop_condition, noised, sample_loop
 from .diffusion_task import ExportedDiffusion, ManifestDiffusionTask
 from .trainer import FitResult, fit, run_name_for
 
+if TYPE_CHECKING:
+    from unclip.datasets.clip import ClipBundle
+
 MODEL_KIND = "prior"
 INFO_FILE = "unclip_prior.json"
 STD_FLOOR = 1e-4  # a dimension that never varies must not divide by ~0
+TOKENS_KEY = "prior.text_tokens"
+# Token encodings held per worker for its whole share at most (else encoded per batch).
+TOKEN_TABLE_BYTES = 1 << 30
 
 
 def build_prior(
-    cfg: PriorConfig, dim: int, image_mean: np.ndarray, image_std: np.ndarray
+    cfg: PriorConfig,
+    dim: int,
+    image_mean: np.ndarray,
+    image_std: np.ndarray,
+    text_context: int = 0,
 ) -> PriorTransformer:
-    """An untrained prior for embeddings of dimension ``dim`` with the data set's image statistics."""
+    """An untrained prior for embeddings of dimension ``dim`` with the data set's image statistics.
+
+    With ``cfg.text_tokens``, ``text_context`` is the CLIP's text context length: that many
+    token encodings (of width ``dim``) precede the 4 additional tokens.
+    """
+    if cfg.text_tokens and text_context < 1:
+        raise ValueError(f"{TOKENS_KEY} needs the CLIP's text context length, got {text_context}")
+    tokens = int(text_context) if cfg.text_tokens else 0
     model = PriorTransformer(
         num_attention_heads=cfg.num_attention_heads,
         attention_head_dim=cfg.attention_head_dim,
         num_layers=cfg.num_layers,
         embedding_dim=dim,
-        num_embeddings=0,  # no text-token encodings: the sequence is the 4 additional tokens
+        num_embeddings=tokens,  # text-token encodings, before the 4 additional tokens
         additional_embeddings=4,  # text embedding, timestep, noised image embedding, query
-        encoder_hid_proj_type=None,
+        encoder_hid_proj_type="linear" if tokens else None,
         added_emb_type="prd",  # the learned query whose output is the prediction
         embedding_proj_norm_type="layer",  # L2-normalized CLIP vectors are small: rescale them
         norm_in_type="layer",
@@ -62,12 +92,14 @@ def build_prior(
 # --- fine-tuning from a diffusers-format prior -----------------------------------------------
 INIT_KEY = "prior.init_from"
 # Where each PriorTransformer argument comes from, to name it in a mismatch (the rest are fixed
-# by build_prior: the 4-token sequence without text-token encodings).
+# by build_prior: the 4 additional tokens, the layer norms, the learned query).
 _ARG_SOURCE = {
     "num_layers": "prior.num_layers",
     "num_attention_heads": "prior.num_attention_heads",
     "attention_head_dim": "prior.attention_head_dim",
     "embedding_dim": "the data set's embedding_dim",
+    "num_embeddings": f"{TOKENS_KEY} (the CLIP's text context length, or 0)",
+    "encoder_hid_proj_type": TOKENS_KEY,
 }
 _CONFIG_META = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
 
@@ -98,7 +130,7 @@ def weights_digest(model_dir: str) -> str:
 
 
 def load_init_prior(
-    path: str, cfg: PriorConfig, dim: int, clip_id: str
+    path: str, cfg: PriorConfig, dim: int, clip_id: str, text_context: int = 0
 ) -> tuple[PriorTransformer, str]:
     """(the prior at ``path``, its weights digest), checked against the config and the data set.
 
@@ -121,7 +153,7 @@ def load_init_prior(
         with open(os.path.join(model_dir, "config.json")) as f:
             theirs = json.load(f)
         with torch.device("meta"):  # only its config: allocate no weights
-            ours = dict(build_prior(cfg, dim, np.zeros(dim), np.ones(dim)).config)
+            ours = dict(build_prior(cfg, dim, np.zeros(dim), np.ones(dim), text_context).config)
         wrong = [
             f"{k} is {theirs.get(k)!r} there, {ours[k]!r} in {_ARG_SOURCE.get(k, 'unclip prior')}"
             for k in sorted(ours)
@@ -140,12 +172,82 @@ def causal_mask(batch: int, device: torch.device) -> torch.Tensor:
     return torch.ones(batch, 0, dtype=torch.bool, device=device)
 
 
-def predict_x0(
-    model: PriorTransformer | Any, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor
+def pack_condition(
+    text: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor
 ) -> torch.Tensor:
-    """The prior's x_0 prediction (normalized space) for noised embeddings ``x_t``."""
-    out = model(x_t, t, proj_embedding=text, attention_mask=causal_mask(x_t.shape[0], x_t.device))
+    """One row per sample: [text embedding (D) | token encodings (L·D) | token mask (L)].
+
+    Zeroing a row (conditioning dropout, guidance's null half) zeroes all three: no tokens.
+    """
+    n = text.shape[0]
+    return torch.cat(
+        [text, tokens.reshape(n, -1).to(text.dtype), token_mask.reshape(n, -1).to(text.dtype)],
+        dim=1,
+    )
+
+
+def unpack_condition(
+    cond: torch.Tensor, text_context: int, dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(text [N, D], tokens [N, L, D], token mask bool [N, L]) of a :func:`pack_condition` row."""
+    length = text_context
+    if cond.ndim != 2 or cond.shape[1] != dim + length * dim + length:
+        raise ValueError(
+            f"a condition with {length} text tokens of width {dim} has "
+            f"{dim + length * dim + length} columns, got {list(cond.shape)}"
+        )
+    text = cond[:, :dim]
+    tokens = cond[:, dim : dim + length * dim].reshape(-1, length, dim)
+    return text, tokens, cond[:, dim + length * dim :] > 0.5
+
+
+def predict_x0(
+    model: PriorTransformer | Any, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor
+) -> torch.Tensor:
+    """The prior's x_0 prediction (normalized space) for noised embeddings ``x_t``.
+
+    ``cond`` is the text embedding [N, D], or for a prior with text tokens the
+    :func:`pack_condition` rows.
+    """
+    # ``model`` may be the DeepSpeed engine around the prior (whose own .config is DeepSpeed's)
+    text_context = int(getattr(model, "module", model).config.num_embeddings)
+    if text_context == 0:
+        mask = causal_mask(x_t.shape[0], x_t.device)
+        out = model(x_t, t, proj_embedding=cond, attention_mask=mask)
+        return out.predicted_image_embedding
+    text, tokens, token_mask = unpack_condition(cond, text_context, x_t.shape[-1])
+    # The padding mask also turns on the causal mask; masked tokens get -10000 as keys.
+    out = model(
+        x_t, t, proj_embedding=text, encoder_hidden_states=tokens, attention_mask=token_mask
+    )
     return out.predicted_image_embedding
+
+
+def token_condition(
+    text: torch.Tensor,
+    text_context: int,
+    captions: Sequence[str] | None,
+    token_encodings: tuple[torch.Tensor, torch.Tensor] | None,
+    clip: ClipBundle | None,
+) -> torch.Tensor:
+    """The packed condition of ``text`` with its captions' token encodings (given or computed)."""
+    n, dim = text.shape
+    if token_encodings is not None:
+        tokens = torch.as_tensor(token_encodings[0], dtype=torch.float32)
+        mask = torch.as_tensor(token_encodings[1]).bool()
+    else:
+        from unclip.datasets.clip import encode_text_tokens
+
+        if isinstance(captions, str) or len(captions) != n:
+            raise ValueError(f"give one caption per text embedding: {n} embeddings")
+        enc, m, _ = encode_text_tokens(clip, list(captions))
+        tokens, mask = torch.from_numpy(enc), torch.from_numpy(m)
+    if tuple(tokens.shape) != (n, text_context, dim) or tuple(mask.shape) != (n, text_context):
+        raise ValueError(
+            f"token encodings must be [N, {text_context}, {dim}] with a mask "
+            f"[N, {text_context}] for N = {n}, got {list(tokens.shape)} and {list(mask.shape)}"
+        )
+    return pack_condition(text, tokens.to(text.device), mask.to(text.device))
 
 
 @dataclass(kw_only=True)
@@ -163,15 +265,40 @@ class PriorTask(ManifestDiffusionTask):
     image_std: list[float]
     init_path: str | None = None  # cfg.init_from, absolute (workers run elsewhere)
     init_digest: str | None = None  # its weights' sha256: part of the run's identity
+    # With cfg.text_tokens: the CLIP that made the embeddings (its record on the storage root,
+    # from ``clip/{clip_id}/identity.json``) and its text context length.
+    clip_record: dict[str, Any] | None = None
+    text_context: int = 0
     _data: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False)
+    # token encodings: a table [U, L, D] + mask [U, L] and each row's entry in it; or, for a
+    # share too large to hold, the CLIP and the captions, encoded per batch
+    _tokens: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False)
+    _token_row: Any = field(default=None, init=False, repr=False)
+    _token_kind: str | None = field(default=None, init=False, repr=False)
+    _clip: Any = field(default=None, init=False, repr=False)
+    _captions: Any = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_manifest(
         cls, layout: StorageLayout, version: str, cfg: PriorConfig, holdout_fraction: float
     ) -> PriorTask:
         task = super().from_manifest(layout, version, cfg, holdout_fraction)
+        if cfg.text_tokens:
+            from unclip.datasets.clip import clip_record, record_context_length
+
+            try:
+                record = clip_record(layout, task.clip_id)
+            except (FileNotFoundError, ValueError) as e:
+                raise type(e)(
+                    f"{TOKENS_KEY}: the token encodings come from the CLIP the embeddings were "
+                    f"made with, and {e}"
+                ) from e
+            task.clip_record = {**record, "clip_id": task.clip_id}
+            task.text_context = record_context_length(record)
         if cfg.init_from is not None:
-            model, digest = load_init_prior(cfg.init_from, cfg, task.dim, task.clip_id)
+            model, digest = load_init_prior(
+                cfg.init_from, cfg, task.dim, task.clip_id, task.text_context
+            )
             local = is_local(cfg.init_from)
             task.init_path = (
                 os.path.abspath(cfg.init_from.removeprefix("file://")) if local else cfg.init_from
@@ -222,9 +349,17 @@ class PriorTask(ManifestDiffusionTask):
         }
 
     def build_model(self) -> PriorTransformer:
-        model = build_prior(self.cfg, self.dim, np.array(self.image_mean), np.array(self.image_std))
+        model = build_prior(
+            self.cfg,
+            self.dim,
+            np.array(self.image_mean),
+            np.array(self.image_std),
+            self.text_context,
+        )
         if self.init_path is not None:
-            start, digest = load_init_prior(self.init_path, self.cfg, self.dim, self.clip_id)
+            start, digest = load_init_prior(
+                self.init_path, self.cfg, self.dim, self.clip_id, self.text_context
+            )
             if digest != self.init_digest:
                 raise RuntimeError(
                     f"{INIT_KEY}: the weights at {self.init_path} changed after the run was named"
@@ -241,6 +376,35 @@ class PriorTask(ManifestDiffusionTask):
             "image": ((image - mean) / std).astype(np.float32),
         }
         return len(text)
+
+    def load_clip(self) -> ClipBundle:
+        """The CLIP the embeddings were made with (on this worker's GPU when it has one)."""
+        from unclip.datasets.clip import load_clip_from_record
+
+        if self.clip_record is None:
+            raise ValueError(f"{TOKENS_KEY}: this task has no CLIP record (use from_manifest)")
+        use_gpu = self.cfg.trainer.use_gpu and torch.cuda.is_available()
+        return load_clip_from_record(self.clip_record, device="cuda" if use_gpu else "cpu")
+
+    def set_token_source(self, captions: Sequence[str], clip: ClipBundle, start: int = 0) -> None:
+        """Token encodings of each row's caption: all distinct captions encoded once (batched,
+        no_grad) when they fit in ``TOKEN_TABLE_BYTES``, else each batch's on demand."""
+        from unclip.datasets.clip import encode_text_tokens, text_context_length
+        from unclip.datasets.readers import RowBlock
+
+        if text_context_length(clip) != self.text_context:
+            raise ValueError(
+                f"{TOKENS_KEY}: CLIP {clip.clip_id} tokenizes to {text_context_length(clip)} "
+                f"tokens, its record says {self.text_context}"
+            )
+        distinct, row = np.unique(np.asarray(captions, dtype=object), return_inverse=True)
+        if len(distinct) * self.text_context * self.dim * 4 <= TOKEN_TABLE_BYTES:
+            enc, mask, self._token_kind = encode_text_tokens(clip, list(distinct))
+            self._tokens = (enc, mask)
+            self._token_row = RowBlock(row.astype(np.int64), start)
+        else:
+            self._clip, self._captions = clip, RowBlock(np.asarray(captions, dtype=object), start)
+            self._token_kind = encode_text_tokens(clip, list(distinct[:1]))[2]
 
     def load_data(self, rank: int, world: int) -> int:
         # Only this rank's equal share is held; the trainer draws global indices in its block.
@@ -263,22 +427,53 @@ class PriorTask(ManifestDiffusionTask):
             )
         n = self.set_arrays(arrays.text, arrays.image)
         self._data = {k: readers.RowBlock(v, rank * n) for k, v in self._data.items()}
+        if self.cfg.text_tokens:
+            self.set_token_source(arrays.captions, self.load_clip(), start=rank * n)
         return n * world
 
     def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(v[indices]) for k, v in self._data.items()}
+        out = {k: torch.from_numpy(v[indices]) for k, v in self._data.items()}
+        if self._tokens is not None:
+            row = self._token_row[indices]
+            out["tokens"] = torch.from_numpy(self._tokens[0][row])
+            out["token_mask"] = torch.from_numpy(self._tokens[1][row])
+        elif self._clip is not None:
+            from unclip.datasets.clip import encode_text_tokens
+
+            enc, mask, _ = encode_text_tokens(self._clip, list(self._captions[indices]))
+            out["tokens"], out["token_mask"] = torch.from_numpy(enc), torch.from_numpy(mask)
+        return out
+
+    def condition(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's condition rows: the text embedding, packed with its tokens when it has them."""
+        if not self.cfg.text_tokens:
+            return batch["text"]
+        if "tokens" not in batch:
+            raise ValueError(f"{TOKENS_KEY} is on but the batch has no token encodings")
+        return pack_condition(batch["text"], batch["tokens"], batch["token_mask"])
 
     def export_info(self) -> dict[str, Any]:
-        return {"candidates": self.cfg.candidates}
+        info: dict[str, Any] = {"candidates": self.cfg.candidates}
+        if self.cfg.text_tokens:  # what a sampler needs to make the same token encodings
+            record = self.clip_record or {}
+            info.update(
+                text_tokens=True,
+                text_context_length=self.text_context,
+                text_token_features=self._token_kind,
+                clip_source=record.get("source"),
+                clip_model_cfg=record.get("model_cfg"),
+            )
+        return info
 
     def loss(
         self, model: Any, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
         # L = ‖f(x_t, t, y) − x_0‖²  (Ramesh et al. 2022, eq. in sec. 2.2), y dropped for CFG.
+        # With text tokens the dropped rows lose their tokens too: the null condition is null.
         x0 = batch["image"]
         x_t, _, t = noised(self.train_scheduler(), x0)
-        text = drop_condition(batch["text"], self.cfg.cond_drop_prob)
-        pred = predict_x0(model, x_t, t, text)
+        cond = drop_condition(self.condition(batch), self.cfg.cond_drop_prob)
+        pred = predict_x0(model, x_t, t, cond)
         return F.mse_loss(pred.float(), x0.float()), {}
 
 
@@ -290,30 +485,85 @@ def train_prior(
 
 
 class PriorSampler(ExportedDiffusion):
-    """An exported prior, ready to turn text embeddings into image embeddings."""
+    """An exported prior, ready to turn text embeddings (or captions) into image embeddings."""
 
     TASK = PriorTask
     MODEL_CLASS = PriorTransformer
 
+    clip: ClipBundle | None = None  # set by use_clip, or loaded from the export's record
+
+    @property
+    def text_tokens(self) -> bool:
+        """Whether this prior was trained with text-token encodings (``prior.text_tokens``)."""
+        return bool(self.info.get("text_tokens", False))
+
+    def use_clip(self, clip: ClipBundle) -> None:
+        """Encode captions with this (already loaded) CLIP; it must be the export's."""
+        trained_on = self.info.get("clip_id")
+        if trained_on and clip.clip_id != trained_on:
+            raise ValueError(
+                f"the prior was trained on embeddings of CLIP {trained_on}, "
+                f"but the CLIP given is {clip.clip_id}"
+            )
+        self.clip = clip
+
+    def caption_clip(self) -> ClipBundle:
+        """The CLIP for captions: the one given to :meth:`use_clip`, else the export's record."""
+        if self.clip is None:
+            from unclip.datasets.clip import load_clip_from_record
+
+            source = self.info.get("clip_source")
+            if not source:
+                raise ValueError(
+                    f"the prior's export does not say where CLIP {self.info.get('clip_id')} is: "
+                    "give the CLIP (use_clip) to encode captions"
+                )
+            record = {
+                "clip_id": self.info.get("clip_id"),
+                "source": source,
+                "model_cfg": self.info.get("clip_model_cfg") or {},
+            }
+            self.clip = load_clip_from_record(record, device=self.device)
+        return self.clip
+
     @torch.no_grad()
     def sample(
         self,
-        text_emb: torch.Tensor,
+        text_emb: torch.Tensor | None = None,
         steps: int | None = None,
         guidance_scale: float | None = None,
         seed: int = 0,
         candidates: int | None = None,
         sampler: Sampler = "ddim",
+        *,
+        captions: Sequence[str] | None = None,
+        token_encodings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """L2-normalized image embeddings [N, D] for text embeddings [N, D].
+        """L2-normalized image embeddings [N, D] for text embeddings [N, D] and/or N captions.
 
-        With ``candidates = k > 1``, k embeddings are drawn per text and the one with the highest
-        dot product with the text embedding is kept (Ramesh et al. 2022, sec. 2.2). Steps,
-        guidance scale and k default to the export's (the config's ``prior`` section).
+        With only ``captions``, their text embeddings come from the CLIP (:meth:`caption_clip`).
+        A prior trained with text tokens also needs each row's token encodings: computed from
+        ``captions`` with that CLIP, or given as ``token_encodings`` = (encodings [N, L, D],
+        mask [N, L]); a prior without them ignores both. With ``candidates = k > 1``, k
+        embeddings are drawn per text and the one with the highest dot product with the text
+        embedding is kept (Ramesh et al. 2022, sec. 2.2). Steps, guidance scale and k default to
+        the export's (the config's ``prior`` section).
         """
+        if text_emb is None:
+            if captions is None:
+                raise ValueError("give text embeddings or captions")
+            from unclip.datasets.clip import encode_texts
+
+            text_emb = torch.from_numpy(encode_texts(self.caption_clip(), list(captions)))
         text = torch.as_tensor(text_emb, dtype=torch.float32)
         if text.ndim != 2 or text.shape[1] != self.dim:
             raise ValueError(f"text embeddings must be [N, {self.dim}], got {list(text.shape)}")
+        if self.text_tokens and captions is None and token_encodings is None:
+            raise ValueError(
+                f"this prior was trained with text-token encodings ({TOKENS_KEY}) of CLIP "
+                f"{self.info.get('clip_id')}: text embeddings alone are not enough; pass "
+                "captions= (encoded here with that CLIP) or token_encodings="
+            )
         if candidates is None:
             candidates = int(self.info.get("candidates", 1))
         if candidates < 1:
@@ -324,7 +574,14 @@ class PriorSampler(ExportedDiffusion):
         )
         n = text.shape[0]
         text = text.to(self.device)
-        cond = text.repeat_interleave(candidates, dim=0)
+        if self.text_tokens:
+            clip = self.caption_clip() if token_encodings is None else None
+            cond = token_condition(
+                text, int(self.model.config.num_embeddings), captions, token_encodings, clip
+            )
+        else:
+            cond = text
+        cond = cond.repeat_interleave(candidates, dim=0)
         x0 = sample_loop(
             lambda x, t, c: predict_x0(self.model, x, t, c),
             (cond.shape[0], self.dim),

@@ -127,9 +127,13 @@ def generate(
     prior = load_prior(prior_export)
     decoder, upsamplers = load_cascade(decoder_export, upsampler_exports)
     check_clip(bundle, prior=prior.info, decoder=decoder.info)
+    prior.use_clip(bundle)  # a prior with text tokens encodes the captions with it
     text = torch.from_numpy(encode_texts(bundle, list(captions)))
     text = text.repeat_interleave(n_per_caption, dim=0)
-    image_emb = prior.sample(text, steps=prior_steps, guidance_scale=prior_guidance, seed=seed)
+    repeated = [c for c in captions for _ in range(n_per_caption)]
+    image_emb = prior.sample(
+        text, steps=prior_steps, guidance_scale=prior_guidance, seed=seed, captions=repeated
+    )
     pixels = decode(decoder, upsamplers, image_emb, text, steps, guidance, seed, upsampler_steps)
     return to_pil(pixels)
 
@@ -223,8 +227,15 @@ def interpolate(
     prior = load_prior(prior_export)
     decoder, upsamplers = load_cascade(decoder_export, upsampler_exports)
     check_clip(bundle, prior=prior.info, decoder=decoder.info)
+    prior.use_clip(bundle)
     text = torch.from_numpy(encode_texts(bundle, [caption_a, caption_b]))
-    ends = prior.sample(text, steps=prior_steps, guidance_scale=prior_guidance, seed=seed)
+    ends = prior.sample(
+        text,
+        steps=prior_steps,
+        guidance_scale=prior_guidance,
+        seed=seed,
+        captions=[caption_a, caption_b],
+    )
     out: list[Image.Image] = []
     for t in np.linspace(0.0, 1.0, frames):
         emb = slerp(ends[0:1], ends[1:2], float(t))

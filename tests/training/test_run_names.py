@@ -26,3 +26,12 @@ def test_what_shapes_the_model_changes_the_run():
     assert _name(PriorConfig(num_layers=2)) != base
     assert run_name_for("prior", PriorConfig(), 0.05, data_version="v2", seed=0) != base
     assert run_name_for("prior", PriorConfig(), 0.05, data_version="v1", seed=1) != base
+
+
+def test_text_tokens_names_a_new_run_only_when_on():
+    # Added after runs were named: off (the default) it is not hashed, so names stay the same.
+    assert _name(PriorConfig()) == "prior-b5506f8d7a3e"  # the name before the key existed
+    assert "text_tokens" not in PriorConfig().identity()
+    assert _name(PriorConfig(text_tokens=False)) == _name(PriorConfig())
+    assert PriorConfig(text_tokens=True).identity()["text_tokens"] is True
+    assert _name(PriorConfig(text_tokens=True)) != _name(PriorConfig())

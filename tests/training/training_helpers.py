@@ -24,10 +24,17 @@ import pyarrow as pa
 import ray.cloudpickle
 import torch
 
+from unclip.datasets.clip import (
+    build_bootstrap_clip,
+    clip_record_path,
+    encode_texts,
+    load_clip,
+    save_clip,
+)
 from unclip.datasets.config import ClipConfig, SyntheticConfig
 from unclip.datasets.embedding_file import file_metadata, fixed_list, write_embedding_table
 from unclip.datasets.manifest import assemble_manifest
-from unclip.datasets.storage import StorageLayout, atomic_write
+from unclip.datasets.storage import StorageLayout, atomic_write, write_json
 from unclip.datasets.synthetic import render_image, sample_spec
 from unclip.training.config import DecoderConfig, PriorConfig, TrainerConfig
 from unclip.training.decoder import DecoderTask
@@ -196,8 +203,10 @@ def add_empty_shard(store: EmbeddedStore, shard: int = 1) -> EmbeddedStore:
     return EmbeddedStore(layout, manifest, manifest["version"], store.captions)
 
 
-def build_embedded_store(root: str, num_pairs: int = NUM_PAIRS) -> EmbeddedStore:
-    layout = StorageLayout(root)
+def _synthetic_items(
+    layout: StorageLayout, num_pairs: int
+) -> tuple[list[tuple[str, bytes, str]], list[str]]:
+    """``num_pairs`` synthetic shapes written as shard 0 of ``SOURCE``: (items, captions)."""
     syn = SyntheticConfig(num_pairs=num_pairs, image_size=64, seed=0)
     items, captions = [], []
     for i in range(num_pairs):
@@ -208,6 +217,20 @@ def build_embedded_store(root: str, num_pairs: int = NUM_PAIRS) -> EmbeddedStore
         items.append((f"{i:09d}", png.getvalue(), caption))
         captions.append(caption)
     _write_tar(layout.image_shard(SOURCE, 0), items)
+    return items, captions
+
+
+def _image_near(text: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Unit image embeddings 0.8 · text + 0.6 · (unit noise), renormalized."""
+    noise = rng.normal(size=text.shape)
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    image = 0.8 * text + 0.6 * noise
+    return image / np.linalg.norm(image, axis=1, keepdims=True)
+
+
+def build_embedded_store(root: str, num_pairs: int = NUM_PAIRS) -> EmbeddedStore:
+    layout = StorageLayout(root)
+    items, captions = _synthetic_items(layout, num_pairs)
 
     classes = sorted(set(captions))
     rng = np.random.default_rng(0)
@@ -215,10 +238,21 @@ def build_embedded_store(root: str, num_pairs: int = NUM_PAIRS) -> EmbeddedStore
     directions /= np.linalg.norm(directions, axis=1, keepdims=True)
     cls = np.array([classes.index(c) for c in captions])
     text = directions[cls]
-    noise = rng.normal(size=(num_pairs, DIM))
-    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
-    image = 0.8 * text + 0.6 * noise
-    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    image = _image_near(text, rng)
+    return _write_embeddings(layout, items, captions, text, image, CLIP_ID, {"fixture": True})
+
+
+def _write_embeddings(
+    layout: StorageLayout,
+    items: list[tuple[str, bytes, str]],
+    captions: list[str],
+    text: np.ndarray,
+    image: np.ndarray,
+    clip_id: str,
+    identity: dict[str, Any],
+) -> EmbeddedStore:
+    """The embedding Parquet of shard 0 (the embed stage's writer) and the manifest over it."""
+    num_pairs, dim = text.shape
     table = pa.table(
         {
             "key": pa.array([k for k, _, _ in items], pa.string()),
@@ -228,11 +262,42 @@ def build_embedded_store(root: str, num_pairs: int = NUM_PAIRS) -> EmbeddedStore
             "text_embedding": fixed_list(text),
             "clip_score": pa.array((image * text).sum(1).astype(np.float32), pa.float32()),
         }
-    ).replace_schema_metadata(file_metadata(CLIP_ID, DIM, {"fixture": True}, SOURCE, 0))
-    with atomic_write(layout.embedding_shard(CLIP_ID, SOURCE, 0)) as f:
+    ).replace_schema_metadata(file_metadata(clip_id, dim, identity, SOURCE, 0))
+    with atomic_write(layout.embedding_shard(clip_id, SOURCE, 0)) as f:
         write_embedding_table(table, f)  # the embed stage's own writer and file format
-    manifest = assemble_manifest(layout, CLIP_ID, [SOURCE])
+    manifest = assemble_manifest(layout, clip_id, [SOURCE])
     return EmbeddedStore(layout, manifest, manifest["version"], captions)
+
+
+@dataclass
+class ClipStore(EmbeddedStore):
+    clip_dir: str  # the tiny CLIP's save_clip folder (under runs/clip/, as the bootstrap's)
+    clip_id: str
+
+
+def build_clip_store(root: str, num_pairs: int = NUM_PAIRS, seed: int = 0) -> ClipStore:
+    """A storage root whose embeddings a real (untrained, tiny) open_clip CLIP made.
+
+    Text embeddings are the CLIP's own of the captions; image embeddings lie near them. The
+    CLIP is saved where the bootstrap's export lies and recorded in ``clip/{clip_id}/`` as the
+    embed stage records it, so training can find it from the manifest's ``clip_id``.
+    """
+    layout = StorageLayout(root)
+    torch.manual_seed(seed)
+    clip_dir = save_clip(
+        build_bootstrap_clip(TINY_CLIP), TINY_CLIP, layout.join("runs", "clip", "tiny", "export")
+    )
+    bundle = load_clip(TINY_CLIP, clip_dir)
+    write_json(
+        clip_record_path(layout, bundle.clip_id), {"clip_id": bundle.clip_id, **bundle.identity}
+    )
+    items, captions = _synthetic_items(layout, num_pairs)
+    text = encode_texts(bundle, captions).astype(np.float64)
+    image = _image_near(text, np.random.default_rng(seed))
+    store = _write_embeddings(layout, items, captions, text, image, bundle.clip_id, bundle.identity)
+    return ClipStore(
+        store.layout, store.manifest, store.version, store.captions, clip_dir, bundle.clip_id
+    )
 
 
 # --- in-process prior and decoder tasks -------------------------------------------------------
