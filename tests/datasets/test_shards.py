@@ -6,9 +6,15 @@ import io
 import json
 import tarfile
 
+import pytest
 from PIL import Image
 
-from unclip.datasets.shards import ShardReadStats, completed_shards, iter_shard
+from unclip.datasets.shards import (
+    ShardReadStats,
+    _plain_tar_members,
+    completed_shards,
+    iter_shard,
+)
 from unclip.datasets.storage import StorageLayout
 
 
@@ -71,3 +77,54 @@ def test_completed_shards_ignores_temporaries(tmp_path):
         (d / name).write_bytes(b"")
     assert completed_shards(layout, "src") == [0, 2]
     assert completed_shards(layout, "missing") == []
+
+
+def _tar_bytes(fmt: int, members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1795489337.4662523  # a float mtime: a pax record
+            tar.addfile(info, io.BytesIO(data))
+        folder = tarfile.TarInfo("folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+    return buf.getvalue()
+
+
+def _tarfile_members(data: bytes) -> list[tuple[str, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+        return [(i.name, tar.extractfile(i).read()) for i in tar if i.isfile()]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_plain_tars_are_split_as_tarfile_splits_them_and_others_go_to_tarfile(tmp_path, fmt):
+    members = [
+        ("001.jpg", _png((255, 0, 0))),
+        ("001.txt", b"a red square"),
+        ("dir/" + "d" * 120 + "/002.png", _png((0, 0, 255))),  # ustar: a prefix; GNU: a long name
+        ("002.txt", "ünï".encode()),  # pax: a utf-8 path
+        ("003.txt", b""),
+    ]
+    data = _tar_bytes(fmt, members)
+    fast = _plain_tar_members(data)
+    if fmt == tarfile.GNU_FORMAT:  # GNU long names: tarfile reads it
+        assert fast is None
+    else:
+        assert fast == _tarfile_members(data)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        inside = [i.offset_data + 1 for i in tar.getmembers() if i.size]
+    for cut in (100, 512, *inside):  # truncated in a header or a member: tarfile reads it
+        assert _plain_tar_members(data[:cut]) is None
+    assert _plain_tar_members(b"") is None
+    path = tmp_path / "00000.tar"
+    path.write_bytes(data)
+    samples = list(iter_shard(str(path)))
+    assert [(s.key, s.caption) for s in samples] == [("001", "a red square"), ("002", "ünï")]
+
+
+def test_plain_tar_with_a_bad_checksum_goes_to_tarfile(tmp_path):
+    data = bytearray(_tar_bytes(tarfile.USTAR_FORMAT, [("001.txt", b"x"), ("002.txt", b"y")]))
+    data[1024 + 10] ^= 0xFF  # the second header's name
+    assert _plain_tar_members(bytes(data)) is None
+    assert _tarfile_members(bytes(data)) == [("001.txt", b"x")]  # tarfile stops there
