@@ -5,35 +5,49 @@ own ingest (img2dataset on Ray, 64 px JPEG, 500 per shard), and a CLIP of the bo
 architecture (``ClipConfig()`` defaults: ViT 64 px / patch 8, width 128, 3 layers; D = 64) with
 **random weights** — throughput does not depend on what the weights are. Then, on the same shards:
 
-1. **unclip**: ``embed_source`` on ``ray.init(num_cpus=P)``: decode tasks (1 CPU each: read
-   tar, decode, preprocess — batched for images already at the CLIP's size, bit-identical to
-   open_clip's transform — tokenize) and one encoder actor (1 CPU, ``torch_threads=P``:
-   ``encode_image`` + ``encode_text``, float16, clip_score), the driver writing one Parquet
-   file per shard with the shard's metadata columns. Timed end to end (driver CLIP load
-   included) after one warm-up run, which is shown too ("cold": fresh Ray workers importing
-   torch + open_clip and loading the CLIP, 5-30 s on a 2-core machine). CPU encoders are Ray
-   tasks in reused workers that keep the CLIP loaded, so a later run in the same Ray pays
-   neither; a large N amortises the cold cost, as at any real scale;
-2. **loop**: clip-retrieval's ``clip inference`` in one process, with its defaults
+1. **unclip**: ``embed_source`` with the default ``EmbedConfig`` (only ``batch_size`` set) on
+   ``ray.init(num_cpus=P)``. On CPU that is the *fused* pipeline: one Ray Data task per shard,
+   P at a time (1 CPU each), each reading the tar, decoding, preprocessing (batched,
+   bit-identical to open_clip's transform), tokenizing and encoding (``encode_image`` +
+   ``encode_text``, torch 1 thread, float16, clip_score) with its worker's cached CLIP; the
+   driver writes one Parquet file per shard with the shard's metadata columns. Timed end to end
+   (driver CLIP load included) after one warm-up run, which is shown too ("cold": fresh Ray
+   workers importing torch + open_clip and loading the CLIP, 5-30 s on a 2-core machine).
+   **Caption de-duplication is on by default** (``dedup_captions``: each distinct caption of a
+   batch is tokenized and encoded once). This data set has only 18 distinct captions (colour x
+   shape), so that removes nearly all text-encoder work — far more than on real data, where
+   repeats are common but most captions are distinct. The table therefore also shows:
+2. **unclip, dedup off** (``dedup_captions=False``): every caption tokenized and encoded, as
+   the loop does — the fair figure for data without repeated captions; it is in the JSON too
+   (``*_no_dedup``);
+3. **unclip, split** (``pipeline="split"``, ``num_actors=1``, ``torch_threads=P``, dedup on):
+   decode tasks feeding one encoder task through Ray's object store — the layout a GPU run
+   uses, shown on CPU for context (its torch threads and the decode tasks share the P cores);
+4. **loop**: clip-retrieval's ``clip inference`` in one process, with its defaults
    (``enable_image=True, enable_text=True``): per shard decode, open_clip's preprocess per
    image, tokenize, ``encode_image`` + ``encode_text`` in batches, L2-normalize, write
    ``.npy`` (float16) per shard; its CLIP load is timed too;
-3. **forward**: ``model.encode_image`` alone on pre-decoded, pre-processed tensors (the
-   issue's "model's limit": no text encoder, no decode, no I/O);
-4. **forward img+text** (shown for context, not in the JSON): ``encode_image`` +
-   ``encode_text`` on pre-decoded tensors and pre-tokenized captions — the model's limit for
-   the work sides 1 and 2 actually do.
+5. **forward**: ``model.encode_image`` alone on pre-decoded, pre-processed tensors, in this
+   process with torch on P threads (the issue's "model's limit": no text encoder, no decode, no
+   I/O);
+6. **forward, P x 1 thread** (context, not in the JSON): the same forward split over P Ray
+   tasks of one torch thread each, started together — the limit of the fused layout, which
+   runs P single-threaded encoders rather than one P-threaded one;
+7. **forward img+text** (context, not in the JSON): ``encode_image`` + ``encode_text`` on
+   pre-decoded tensors and pre-tokenized captions, P threads — the model's limit for the work
+   sides 2 and 4 do.
 
-All sides run the model under ``torch.inference_mode()``.
+All sides run the model under ``torch.inference_mode()``, with the same ``--batch-size``.
 
 Thread budget: every side gets the same P cores (default 2, the machine's): the loop and the
 forward run in this process with ``torch.set_num_threads(P)``; unclip runs on a Ray limited to
-P CPUs (P - 1 decode tasks at a time, and the encoder's torch on P threads; the two share the
-cores). Ray stays up, idle, while the others run. The sides run interleaved ``--repeats``
+P CPUs. Ray stays up, idle, while the others run. The sides run interleaved ``--repeats``
 times; the best of each is reported (other work on a shared machine only slows a run down).
 
 Usage: ``python benchmarks/embed.py [--n 8000] [--cpus 2] [--batch-size 256] [--repeats 2]``.
-The last line printed is one JSON object with the headline numbers.
+The last line printed is one JSON object with the headline numbers: the issue's keys
+(``unclip_images_per_s``, ``ratio_vs_loop``, ``ratio_vs_forward`` are the default config, dedup
+on) plus the same with dedup off.
 """
 
 from __future__ import annotations
@@ -76,11 +90,11 @@ def build_shards(root: Path, n: int) -> tuple[object, str]:
     return layout, result.source_id
 
 
-def run_unclip(layout, source, clip_cfg, ckpt, args) -> tuple[float, int]:
+def run_unclip(layout, source, clip_cfg, ckpt, args, **embed) -> tuple[float, int]:
     from unclip.datasets.config import EmbedConfig
     from unclip.datasets.embed import embed_source
 
-    cfg = EmbedConfig(batch_size=args.batch_size, num_actors=1, torch_threads=args.cpus)
+    cfg = EmbedConfig(batch_size=args.batch_size, **embed)
     shutil.rmtree(Path(layout.root) / "embeddings", ignore_errors=True)
     start = time.perf_counter()
     result = embed_source(layout, source, clip_cfg, ckpt, cfg)
@@ -160,6 +174,39 @@ def run_forward(bundle, x, args, tokens=None) -> tuple[float, int]:
     return time.perf_counter() - start, len(x)
 
 
+def _forward_task(clip_cfg, ckpt, clip_id, x, batch_size, start_at):
+    """One of P single-threaded forwards (a Ray task): waits for ``start_at``, times itself."""
+    import torch
+
+    from unclip.datasets.embed import cached_clip
+
+    torch.set_num_threads(1)
+    bundle = cached_clip(clip_cfg, ckpt, "cpu", clip_id)
+    with torch.inference_mode():
+        bundle.model.encode_image(x[:batch_size], normalize=True)  # warm-up
+        time.sleep(max(0.0, start_at - time.time()))
+        t0 = time.time()
+        for i in range(0, len(x), batch_size):
+            bundle.model.encode_image(x[i : i + batch_size], normalize=True)
+        return t0, time.time(), len(x)
+
+
+def run_forward_tasks(clip_cfg, ckpt, clip_id, x, args) -> tuple[float, int]:
+    """``encode_image`` over P Ray tasks of 1 torch thread each: first start to last end."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(_forward_task)
+    per = -(-len(x) // args.cpus)
+    start_at = time.time() + 5  # after every task has loaded its CLIP and warmed up
+    parts = ray.get(
+        [
+            task.remote(clip_cfg, ckpt, clip_id, x[i : i + per], args.batch_size, start_at)
+            for i in range(0, len(x), per)
+        ]
+    )
+    return max(p[1] for p in parts) - min(p[0] for p in parts), sum(p[2] for p in parts)
+
+
 def parquet_bytes(layout, clip_id: str, source: str, d: int) -> dict[str, float]:
     import pyarrow.parquet as pq
 
@@ -214,35 +261,56 @@ def main() -> None:
         torch.set_num_threads(args.cpus)  # this process's torch: the loop and the forward
         run_forward(bundle, x[: args.batch_size], args)  # warm-up
         # Interleaved, so every side sees the same background load; best of the repeats.
-        sides = ("unclip", "loop", "forward", "forward_text")
+        sides = ("unclip", "unclip_no_dedup", "unclip_split", "loop", "forward", "forward_tasks")
+        sides += ("forward_text",)
         times: dict[str, list[tuple[float, int]]] = {k: [] for k in sides}
         for _ in range(args.repeats):
             times["unclip"].append(run_unclip(layout, source, clip_cfg, ckpt, args))
+            times["unclip_no_dedup"].append(
+                run_unclip(layout, source, clip_cfg, ckpt, args, dedup_captions=False)
+            )
+            times["unclip_split"].append(
+                run_unclip(
+                    layout,
+                    source,
+                    clip_cfg,
+                    ckpt,
+                    args,
+                    pipeline="split",
+                    num_actors=1,
+                    torch_threads=args.cpus,
+                )
+            )
             times["loop"].append(run_loop(layout, source, clip_cfg, ckpt, args, tmp / "npy"))
             times["forward"].append(run_forward(bundle, x, args))
+            times["forward_tasks"].append(run_forward_tasks(clip_cfg, ckpt, clip_id, x, args))
             times["forward_text"].append(run_forward(bundle, x, args, tokens))
-        unclip, loop, forward, forward_text = (min(times[k]) for k in sides)
+        measured = {k: min(times[k]) for k in sides}
     finally:
         if ray.is_initialized():
             ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    measured = {"unclip": unclip, "loop": loop, "forward": forward, "forward_text": forward_text}
     rate = {k: n / s for k, (s, n) in measured.items()}
     print(
         f"\n{args.n} images (64 px JPEG, {size['files']} shards), bootstrap CLIP (random "
-        f"weights, D={clip_cfg.embed_dim}), batch {args.batch_size}, {args.cpus} CPUs each side\n"
+        f"weights, D={clip_cfg.embed_dim}), batch {args.batch_size}, {args.cpus} CPUs each side"
+        f" (best of {args.repeats})\n"
     )
-    print(f"{'side':<50}{'images':>8}{'seconds':>9}{'images/s':>10}{'unclip ×':>10}")
+    print(f"{'side':<58}{'images':>8}{'seconds':>9}{'images/s':>10}{'unclip ×':>10}")
     rows = [
-        ("unclip embed_source: Ray Data, img+text, Parquet", unclip, rate["unclip"]),
-        ("  the same, first run on a fresh Ray (cold workers)", cold, cold[1] / cold[0]),
-        ("loop: decode, preprocess, img+text, npy", loop, rate["loop"]),
-        ("bare encode_image, pre-decoded (issue's limit)", forward, rate["forward"]),
-        ("bare encode_image+encode_text, pre-decoded", forward_text, rate["forward_text"]),
+        ("unclip embed_source, default (fused, caption dedup)", measured["unclip"]),
+        ("  the same, first run on a fresh Ray (cold workers)", cold),
+        ("unclip, dedup_captions=False (every caption encoded)", measured["unclip_no_dedup"]),
+        ("unclip, pipeline=split (decode tasks → 1 encoder)", measured["unclip_split"]),
+        ("loop: decode, preprocess, img+text, npy", measured["loop"]),
+        ("bare encode_image, pre-decoded (issue's limit)", measured["forward"]),
+        (f"bare encode_image, {args.cpus} tasks × 1 thread", measured["forward_tasks"]),
+        ("bare encode_image+encode_text, pre-decoded", measured["forward_text"]),
     ]
-    for name, (s, n), r in rows:
-        print(f"{name:<50.50}{n:>8}{s:>9.2f}{r:>10.1f}{rate['unclip'] / r:>10.2f}")
+    for name, (s, n) in rows:
+        r = n / s
+        print(f"{name:<58.58}{n:>8}{s:>9.2f}{r:>10.1f}{rate['unclip'] / r:>10.2f}")
     print(
         f"\nParquet: {size['bytes']} bytes for {size['rows']} rows × 2 embeddings: "
         f"{size['over_d']:.2f} × D bytes per embedding in all "
@@ -257,6 +325,9 @@ def main() -> None:
                 "ratio_vs_loop": round(rate["unclip"] / rate["loop"], 3),
                 "ratio_vs_forward": round(rate["unclip"] / rate["forward"], 3),
                 "bytes_per_embedding_over_d": round(size["over_d"], 3),
+                "unclip_no_dedup_images_per_s": round(rate["unclip_no_dedup"], 2),
+                "ratio_vs_loop_no_dedup": round(rate["unclip_no_dedup"] / rate["loop"], 3),
+                "ratio_vs_forward_no_dedup": round(rate["unclip_no_dedup"] / rate["forward"], 3),
             }
         )
     )

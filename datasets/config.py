@@ -171,27 +171,56 @@ class ClipConfig(Section):
 
 
 class EmbedConfig(Section):
-    """The embedding stage: CLIP over every image shard, into Parquet (decode tasks, encoder actors)."""
+    """The embedding stage: CLIP over every image shard, into Parquet (Ray Data decode tasks, encoders)."""
 
     batch_size: int = Field(
         256, ge=1, description="Samples per encoder call (and per decoded chunk)."
     )
     device: Literal["cpu", "cuda"] = "cpu"
+    pipeline: Literal["auto", "split", "fused"] = Field(
+        "auto",
+        description="split: decode tasks feed a pool of `num_actors` encoders (GPU: actors). "
+        "fused (CPU only): each task decodes one shard and encodes it with its worker's cached "
+        "CLIP, so no pixels cross the object store and every CPU both decodes and encodes. "
+        "auto: fused on CPU, split on GPU.",
+    )
     num_actors: int = Field(
         1,
         ge=1,
-        description="Encoder actors in the Ray Data pool (1 CPU or 1 GPU each); leave CPUs for "
+        description="Encoders in the split pipeline's pool (1 CPU or 1 GPU each); leave CPUs for "
         "the decode tasks, or the pipeline waits for them.",
     )
     decode_cpus: float = Field(
-        1.0, gt=0, description="CPUs per decode task (read tar, decode, preprocess, tokenize)."
+        1.0,
+        gt=0,
+        description="CPUs per decode task (read tar, decode, preprocess, tokenize; fused: and "
+        "encode).",
     )
     torch_threads: int | None = Field(
         None,
         ge=1,
-        description="Torch intra-op threads in each encoder actor (None: Ray's default, the "
-        "actor's CPUs).",
+        description="Torch intra-op threads per encoder (None: its CPUs — 1 per split encoder, "
+        "`decode_cpus` rounded per fused task).",
     )
+    dedup_captions: bool = Field(
+        True,
+        description="Tokenize and encode each distinct caption of a batch once and give every "
+        "sample with that caption its embedding (web data repeats captions); False encodes "
+        "every caption.",
+    )
+
+    @model_validator(mode="after")
+    def _fused_is_cpu_only(self) -> EmbedConfig:
+        if self.pipeline == "fused" and self.device != "cpu":
+            raise ValueError(
+                "embed.pipeline 'fused' runs on CPU only; use 'split' (or 'auto') on GPU"
+            )
+        return self
+
+    @property
+    def fused(self) -> bool:
+        """Whether decode and encode run in the same tasks."""
+        return self.pipeline == "fused" or (self.pipeline == "auto" and self.device == "cpu")
 
 
 class ManifestConfig(Section):

@@ -18,23 +18,26 @@ from unclip.datasets.config import EmbedConfig
 from unclip.datasets.embed import (
     FastPreprocess,
     _pixels,
+    _tokens,
     cached_clip,
     embed_shard,
     embed_source,
+    encode_arrays,
     pending_shards,
 )
 from unclip.datasets.ingest import shard_parquet_path
 from unclip.datasets.readers import fixed_list_to_numpy
 
 
-def test_embed_source_schema_norms_and_skip(ray_local, shapes_store, tiny_clip_cfg):
+@pytest.mark.parametrize("pipeline", ["fused", "split"])
+def test_embed_source_schema_norms_and_skip(ray_local, shapes_store, tiny_clip_cfg, pipeline):
     layout, src = shapes_store.layout, shapes_store.source
     in_process = [
         pq.read_table(layout.embedding_shard(shapes_store.clip_id, src, s)) for s in (0, 1)
     ]
     shutil.rmtree(Path(layout.root) / "embeddings")
     assert pending_shards(layout, shapes_store.clip_id, src) == [0, 1]
-    cfg = EmbedConfig(batch_size=8, num_actors=1, torch_threads=1)
+    cfg = EmbedConfig(batch_size=8, num_actors=1, torch_threads=1, pipeline=pipeline)
     result = embed_source(layout, src, tiny_clip_cfg, shapes_store.clip_checkpoint, cfg)
     assert (result.shards_written, result.shards_skipped, result.samples) == (2, 0, 40)
     assert result.clip_id == shapes_store.clip_id
@@ -68,7 +71,8 @@ def test_embed_source_schema_norms_and_skip(ray_local, shapes_store, tiny_clip_c
         for c, co, sh in zip(captions, t["color"].to_pylist(), t["shape"].to_pylist(), strict=True)
     )
 
-    # Decode tasks, encoder actors and the driver's writer give what one process gives.
+    # Ray Data tasks (fused, or decode tasks feeding encoders) and the driver's writer give
+    # what one process gives.
     for shard, expected in zip((0, 1), in_process, strict=True):
         got = pq.read_table(layout.embedding_shard(result.clip_id, src, shard))
         assert got.column_names == expected.column_names
@@ -224,3 +228,41 @@ def test_cached_clip_loads_once_per_process_and_refuses_another_clip(shapes_stor
     assert cached_clip(tiny_clip_cfg, ckpt, "cpu", clip_id) is first  # kept, not reloaded
     with pytest.raises(RuntimeError, match="the embed run started with"):
         cached_clip(tiny_clip_cfg, ckpt, "cpu", "another-clip-id")  # checkpoint changed under us
+
+
+def test_caption_dedup_gives_what_encoding_every_caption_gives(shapes_store, tiny_clip_cfg):
+    bundle = load_clip(tiny_clip_cfg, shapes_store.clip_checkpoint)
+    captions = ["a red circle", "a blue square", "a red circle", "a green triangle", "a red circle"]
+    tokens = _tokens(bundle.tokenizer, captions, dedup=True)
+    np.testing.assert_array_equal(tokens, np.asarray(bundle.tokenizer(captions)))
+    rng = np.random.default_rng(0)
+    pixels = rng.standard_normal((5, 3, 32, 32)).astype(np.float32)
+    for rows in ([0, 1, 2, 3, 4], [1, 3, 0], [4]):  # repeats; all distinct (unique() sorts); one
+        ie, te = encode_arrays(bundle, pixels[rows], tokens[rows], dedup_captions=True)
+        ie0, te0 = encode_arrays(bundle, pixels[rows], tokens[rows], dedup_captions=False)
+        np.testing.assert_array_equal(ie, ie0)
+        np.testing.assert_allclose(te, te0, atol=1e-6)
+        np.testing.assert_allclose(te, encode_texts(bundle, [captions[i] for i in rows]), atol=1e-5)
+
+    layout, src, clip_id = shapes_store.layout, shapes_store.source, shapes_store.clip_id
+    path = Path(layout.embedding_shard(clip_id, src, 0))
+    deduped = pq.read_table(path)  # the fixture's, dedup on (20 samples, 18 distinct captions)
+    assert len(set(deduped["caption"].to_pylist())) < deduped.num_rows
+    path.unlink()
+    assert embed_shard(layout, bundle, src, 0, batch_size=16, dedup_captions=False)["written"]
+    every = pq.read_table(path)
+    assert every.drop(["text_embedding", "clip_score"]).equals(
+        deduped.drop(["text_embedding", "clip_score"])
+    )
+    np.testing.assert_allclose(
+        fixed_list_to_numpy(every["text_embedding"]),
+        fixed_list_to_numpy(deduped["text_embedding"]),
+        atol=1e-3,
+    )
+
+
+def test_pipeline_choice():
+    assert EmbedConfig().fused and not EmbedConfig(device="cuda").fused
+    assert not EmbedConfig(pipeline="split").fused
+    with pytest.raises(ValueError, match="CPU only"):
+        EmbedConfig(device="cuda", pipeline="fused")
