@@ -132,7 +132,25 @@ class PriorConfig(Section):
     trainer: TrainerConfig = TrainerConfig()
 
 
-class DecoderConfig(Section):
+class PixelDiffusionObjective(Section):
+    """The training objective of the pixel-space stages (decoder, upsampler)."""
+
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = Field(
+        "epsilon",
+        description="What the UNet predicts: the noise ε (DDPM, unCLIP's decoder), the clean image "
+        "x_0 ('sample'), or v (Salimans & Ho 2022). Sampling reads it from the export.",
+        json_schema_extra=IDENTITY_UNLESS_DEFAULT,
+    )
+    snr_gamma: float | None = Field(
+        None,
+        gt=0,
+        description="Min-SNR-γ loss weighting (Hang et al. 2023; 5 in the paper): weights each "
+        "timestep's loss by min(SNR, γ) in x_0 terms. None: the unweighted loss.",
+        json_schema_extra=IDENTITY_UNLESS_DEFAULT,
+    )
+
+
+class DecoderConfig(PixelDiffusionObjective):
     """The diffusion decoder (diffusers UNet2DConditionModel): image embedding → pixels."""
 
     image_size: int = Field(32, ge=8)
@@ -167,8 +185,17 @@ class DecoderConfig(Section):
     guidance_scale: float = Field(3.0, gt=0, json_schema_extra=NOT_IDENTITY)
     trainer: TrainerConfig = TrainerConfig()
 
+    @model_validator(mode="after")
+    def _variance_needs_eps(self) -> DecoderConfig:
+        if self.learned_variance and self.prediction_type != "epsilon":
+            raise ValueError(
+                "decoder.learned_variance trains Σ_θ with the ε-parameterised bound: it needs "
+                f"prediction_type 'epsilon', got {self.prediction_type!r}"
+            )
+        return self
 
-class UpsamplerConfig(Section):
+
+class UpsamplerConfig(PixelDiffusionObjective):
     """A super-resolution stage (diffusers UNet2DModel): low-res image → high-res image."""
 
     input_size: int = Field(32, ge=4, description="Resolution of the image it is conditioned on.")

@@ -5,8 +5,9 @@ is projected and added to the timestep embedding (``addition_embed_type="image"`
 to extra context tokens the cross-attention layers read (``encoder_hid_dim_type="image_proj"``).
 Optionally (``text_conditioning``) the caption's CLIP text embedding joins it as in Kandinsky 2.1
 (``addition_embed_type="text_image"``, ``encoder_hid_dim_type="text_image_proj"``): added to the
-timestep embedding too, and one more context token. Trained with the ε-prediction MSE (Ho et al.
-2020, eq. 14) on the cosine schedule; the image embedding is dropped (zeroed) with
+timestep embedding too, and one more context token. Trained with the MSE of the UNet's output
+against ε (Ho et al. 2020, eq. 14; the default), x_0 or v (``prediction_type``), optionally
+Min-SNR-γ weighted (``snr_gamma``), on the cosine schedule; the image embedding is dropped (zeroed) with
 ``cond_drop_prob`` and the caption embedding, independently, with ``text_drop_prob`` (unCLIP
 sec. 2.1: 10% and 50%) for classifier-free guidance. With ``learned_variance`` the UNet also
 outputs the interpolation v of its log-variance between β̃_t and β_t (diffusers'
@@ -25,13 +26,12 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from unclip.datasets.storage import StorageLayout
 
 from .config import DecoderConfig
-from .diffusion import Sampler, drop_condition, noised, sample_loop
+from .diffusion import Sampler, diffusion_mse, drop_condition, noised, sample_loop
 from .diffusion_task import ExportedDiffusion, ManifestDiffusionTask
 from .trainer import FitResult
 
@@ -92,10 +92,10 @@ def build_decoder(cfg: DecoderConfig, dim: int) -> UNet2DConditionModel:
     )
 
 
-def predict_eps(
+def unet_output(
     model: Any, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, with_text: bool = False
 ) -> torch.Tensor:
-    """The UNet's ε prediction for noised images ``x_t`` given the condition (see module doc).
+    """The UNet's prediction (ε, x_0 or v) for noised images ``x_t`` given the condition.
 
     ``with_text``: the model is text-conditioned and ``cond`` is [image ‖ text] (passed in, not
     read from ``model.config``: under the trainer ``model`` is a DeepSpeed engine).
@@ -194,7 +194,7 @@ class DecoderTask(ManifestDiffusionTask):
     MODEL_KIND: ClassVar[str] = MODEL_KIND
     SUBFOLDER: ClassVar[str] = "unet"
     INFO_FILE: ClassVar[str] = INFO_FILE
-    PREDICTION: ClassVar[Literal["epsilon", "sample"]] = "epsilon"
+    PREDICTION: ClassVar[Literal["epsilon"]] = "epsilon"  # the default of cfg.prediction_type
     CLIP_SAMPLE: ClassVar[bool] = True
 
     cfg: DecoderConfig
@@ -262,21 +262,22 @@ class DecoderTask(ManifestDiffusionTask):
     def loss(
         self, model: Any, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        # L_simple = ‖ε − ε_θ(x_t, t, z_i, y)‖²  (Ho et al. 2020, eq. 14); z_i and the caption
-        # embedding y dropped independently for classifier-free guidance.
-        x_t, noise, t = noised(self.train_scheduler(), batch["images"])
+        # L_simple = ‖ε − ε_θ(x_t, t, z_i, y)‖²  (Ho et al. 2020, eq. 14), or the same against
+        # x_0 or v; z_i and the caption embedding y dropped independently for guidance.
+        sched, x0 = self.train_scheduler(), batch["images"]
+        x_t, noise, t = noised(sched, x0)
         cond = drop_condition(batch["image_emb"], self.cfg.cond_drop_prob)
         if self.cfg.text_conditioning:
             text = drop_condition(batch["text_emb"], self.cfg.text_drop_prob)
             cond = torch.cat([cond, text], dim=1)
-        pred = predict_eps(model, x_t, t, cond, self.cfg.text_conditioning).float()
+        pred = unet_output(model, x_t, t, cond, self.cfg.text_conditioning).float()
         if not self.cfg.learned_variance:
-            return F.mse_loss(pred, noise.float()), {}
+            return diffusion_mse(sched, pred, x0, noise, t, self.cfg.snr_gamma), {}
         # L_hybrid = L_simple + λ · L_vlb  (Nichol & Dhariwal 2021, eq. 16); L_vlb only trains Σ_θ
-        eps, v = pred.chunk(2, dim=1)
-        simple = F.mse_loss(eps, noise.float())
-        vlb = vlb_term(self.train_scheduler(), batch["images"].float(), x_t.float(), t, eps, v)
-        vlb = vlb.mean() * self.train_scheduler().config.num_train_timesteps
+        eps, v = pred.chunk(2, dim=1)  # the config allows learned variance with ε only
+        simple = diffusion_mse(sched, eps, x0, noise, t, self.cfg.snr_gamma)
+        vlb = vlb_term(sched, x0.float(), x_t.float(), t, eps, v)
+        vlb = vlb.mean() * sched.config.num_train_timesteps
         loss = simple + self.cfg.vlb_weight * vlb
         return loss, {"loss_simple": float(simple.detach()), "loss_vlb": float(vlb.detach())}
 
@@ -347,7 +348,7 @@ class DecoderSampler(ExportedDiffusion):
         learned = bool(self.info.get("learned_variance", False))
         keep = 6 if learned and sampler == "ddpm" else 3  # DDIM (η = 0) has no use for Σ_θ
         x = sample_loop(
-            lambda x, t, c: predict_eps(self.model, x, t, c, self.text_conditioning)[:, :keep],
+            lambda x, t, c: unet_output(self.model, x, t, c, self.text_conditioning)[:, :keep],
             (emb.shape[0], 3, self.image_size, self.image_size),
             emb,
             self.scheduler_config,

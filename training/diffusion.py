@@ -15,12 +15,13 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 Sampler = Literal["ddim", "ddpm"]
-# model_fn(x_t, t, cond) -> the model's prediction (x_0 for the prior, ε for the decoder)
+Prediction = Literal["epsilon", "sample", "v_prediction"]
+# model_fn(x_t, t, cond) -> the model's prediction (ε, x_0 or v: the scheduler's prediction_type)
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def train_scheduler(
-    timesteps: int, prediction_type: Literal["epsilon", "sample"], clip_sample: bool
+    timesteps: int, prediction_type: Prediction, clip_sample: bool
 ) -> DDPMScheduler:
     """The cosine-schedule DDPM used in training (Nichol & Dhariwal 2021, eq. 17)."""
     return DDPMScheduler(
@@ -45,6 +46,58 @@ def noised(
     )
     noise = torch.randn_like(x0)
     return scheduler.add_noise(x0, noise, t), noise, t
+
+
+def regression_target(
+    scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """What the model learns to output for x_t, by the scheduler's ``prediction_type``.
+
+    ε (Ho et al. 2020), x_0, or v = √ᾱ_t · ε − √(1-ᾱ_t) · x_0 (Salimans & Ho 2022, sec. 4).
+    """
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return x0
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    raise ValueError(f"unknown prediction_type {kind!r}")
+
+
+def snr_weights(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float | None) -> torch.Tensor:
+    """Per-sample loss weights of Min-SNR-γ (Hang et al. 2023, eq. 9 and table 1); ones if no γ.
+
+    With SNR_t = ᾱ_t / (1-ᾱ_t), the x_0 loss is weighted by min(SNR_t, γ); the same weight on ε
+    and v losses is min(SNR_t, γ) / SNR_t and min(SNR_t, γ) / (SNR_t + 1). The clamp stops the
+    nearly noise-free steps (huge SNR) from dominating the gradient, so training spends its
+    updates on the noise levels that decide an image's layout and colours.
+    """
+    if gamma is None:
+        return torch.ones(t.shape[0], device=t.device)
+    ab = scheduler.alphas_cumprod.to(t.device, torch.float32)[t]
+    snr = ab / (1.0 - ab)
+    w = snr.clamp(max=float(gamma))
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return w / snr
+    if kind == "v_prediction":
+        return w / (snr + 1.0)
+    return w
+
+
+def diffusion_mse(
+    scheduler: DDPMScheduler,
+    pred: torch.Tensor,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """The mean over the batch of ‖target − pred‖² per sample, Min-SNR-γ weighted if ``snr_gamma``."""
+    target = regression_target(scheduler, x0, noise, t).float()
+    per_sample = (pred.float() - target).pow(2).flatten(1).mean(dim=1)
+    return (per_sample * snr_weights(scheduler, t, snr_gamma)).mean()
 
 
 def drop_condition(cond: torch.Tensor, prob: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from diffusers import DDPMScheduler
@@ -19,7 +19,7 @@ from unclip.datasets.storage import StorageLayout
 
 from .artifacts import local_dir
 from .config import Section
-from .diffusion import train_scheduler
+from .diffusion import Prediction, train_scheduler
 from .trainer import FitResult, TrainTask, fit, run_name_for
 
 
@@ -30,7 +30,7 @@ class ManifestDiffusionTask(TrainTask):
     MODEL_KIND: ClassVar[str]  # runs/{MODEL_KIND}/…
     SUBFOLDER: ClassVar[str]  # the model's folder inside the export (diffusers layout)
     INFO_FILE: ClassVar[str]  # unclip's json beside it: dimension, CLIP id, sampling defaults
-    PREDICTION: ClassVar[Literal["epsilon", "sample"]]
+    PREDICTION: ClassVar[Prediction]  # unless the config section sets prediction_type
     CLIP_SAMPLE: ClassVar[bool]
 
     layout: StorageLayout
@@ -82,8 +82,13 @@ class ManifestDiffusionTask(TrainTask):
             "holdout_fraction": self.holdout_fraction,
         }
 
+    @property
+    def prediction(self) -> Prediction:
+        """What the model outputs: the section's ``prediction_type``, else the model's fixed one."""
+        return getattr(self.cfg, "prediction_type", self.PREDICTION)
+
     def scheduler(self) -> DDPMScheduler:
-        return train_scheduler(self.cfg.timesteps, self.PREDICTION, clip_sample=self.CLIP_SAMPLE)
+        return train_scheduler(self.cfg.timesteps, self.prediction, clip_sample=self.CLIP_SAMPLE)
 
     def train_scheduler(self) -> DDPMScheduler:
         """The training scheduler, built once per worker."""
@@ -102,7 +107,7 @@ class ManifestDiffusionTask(TrainTask):
             "embedding_dim": self.dim,
             "clip_id": self.clip_id,
             "data_version": self.manifest_version,
-            "prediction_type": self.PREDICTION,
+            "prediction_type": self.prediction,
             "sample_steps": self.cfg.sample_steps,
             # a stage never trained with dropped conditions (an upsampler) has no guidance
             "guidance_scale": getattr(self.cfg, "guidance_scale", 1.0),

@@ -33,7 +33,7 @@ from unclip.datasets.storage import StorageLayout
 
 from .config import UpsamplerConfig
 from .decoder import to_uint8, to_unit_range
-from .diffusion import Sampler, noised, sample_loop
+from .diffusion import Sampler, diffusion_mse, noised, sample_loop
 from .diffusion_task import ExportedDiffusion, ManifestDiffusionTask
 from .trainer import FitResult
 
@@ -67,10 +67,10 @@ def build_upsampler(cfg: UpsamplerConfig) -> UNet2DModel:
     )
 
 
-def predict_eps(
+def unet_output(
     model: Any, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, aug_level: torch.Tensor
 ) -> torch.Tensor:
-    """ε prediction for noised high-res ``x_t`` given the (augmented) upsampled conditioning."""
+    """The prediction (ε, x_0 or v) for noised high-res ``x_t`` given the upsampled conditioning."""
     return model(torch.cat([x_t, cond], dim=1), t, class_labels=aug_level).sample
 
 
@@ -143,7 +143,7 @@ class UpsamplerTask(ManifestDiffusionTask):
     MODEL_KIND: ClassVar[str] = MODEL_KIND
     SUBFOLDER: ClassVar[str] = "unet"
     INFO_FILE: ClassVar[str] = INFO_FILE
-    PREDICTION: ClassVar[Literal["epsilon", "sample"]] = "epsilon"
+    PREDICTION: ClassVar[Literal["epsilon"]] = "epsilon"  # the default of cfg.prediction_type
     CLIP_SAMPLE: ClassVar[bool] = True
 
     cfg: UpsamplerConfig
@@ -192,10 +192,10 @@ class UpsamplerTask(ManifestDiffusionTask):
         top = aug_timestep(cfg.noise_aug_max, cfg.timesteps)
         level = torch.randint(0, top + 1, (hi.shape[0],), dtype=torch.long)
         cond = augment(sched, cond, level)
-        # L_simple = ‖ε − ε_θ(x_t, t, c_s, s)‖²  (Ho et al. 2020, eq. 14)
+        # L_simple = ‖ε − ε_θ(x_t, t, c_s, s)‖²  (Ho et al. 2020, eq. 14), or against x_0 or v
         x_t, noise, t = noised(sched, hi)
-        pred = predict_eps(model, x_t, t, cond, level)
-        return F.mse_loss(pred.float(), noise.float()), {}
+        pred = unet_output(model, x_t, t, cond, level)
+        return diffusion_mse(sched, pred, hi, noise, t, cfg.snr_gamma), {}
 
     def export_info(self) -> dict[str, Any]:
         return {
@@ -254,7 +254,7 @@ class UpsamplerSampler(ExportedDiffusion):
         cond = DDPMScheduler.from_config(self.scheduler_config).add_noise(cond, eps, level)
         cond, level = cond.to(self.device), level.to(self.device)
         x = sample_loop(
-            lambda x, t, c: predict_eps(self.model, x, t, c, level),
+            lambda x, t, c: unet_output(self.model, x, t, c, level),
             (len(low_res), 3, self.output_size, self.output_size),
             cond,
             self.scheduler_config,

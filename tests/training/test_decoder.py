@@ -12,7 +12,7 @@ from training_helpers import DIM, TINY_DECODER
 from training_helpers import make_decoder_task as make_task
 
 from unclip.training.config import DecoderConfig
-from unclip.training.decoder import build_decoder, load_decoder, predict_eps
+from unclip.training.decoder import build_decoder, load_decoder, unet_output
 
 TINY = TINY_DECODER
 
@@ -24,9 +24,9 @@ def test_unet_is_conditioned_on_the_image_embedding_kandinsky_style():
     x = torch.randn(2, 3, 16, 16)
     t = torch.tensor([3, 50])
     emb = torch.randn(2, DIM)
-    out = predict_eps(model, x, t, emb)
+    out = unet_output(model, x, t, emb)
     assert out.shape == x.shape
-    assert not torch.allclose(out, predict_eps(model, x, t, torch.zeros_like(emb)))
+    assert not torch.allclose(out, unet_output(model, x, t, torch.zeros_like(emb)))
 
 
 def test_bad_decoder_configs_are_clear_errors():
@@ -82,9 +82,9 @@ def test_caption_conditioning_kandinsky_21_style_and_its_separate_dropout(monkey
     assert model.config.encoder_hid_dim_type == "text_image_proj"
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 50])
     image, text = torch.randn(2, DIM), torch.randn(2, DIM)
-    out = predict_eps(model, x, t, torch.cat([image, text], 1), with_text=True)
+    out = unet_output(model, x, t, torch.cat([image, text], 1), with_text=True)
     assert out.shape == x.shape
-    no_text = predict_eps(model, x, t, torch.cat([image, torch.zeros_like(text)], 1), True)
+    no_text = unet_output(model, x, t, torch.cat([image, torch.zeros_like(text)], 1), True)
     assert not torch.allclose(out, no_text)  # the caption changes the prediction
 
     task = make_task()
@@ -100,7 +100,7 @@ def test_caption_conditioning_kandinsky_21_style_and_its_separate_dropout(monkey
 
     seen = []
     monkeypatch.setattr(
-        "unclip.training.decoder.predict_eps", lambda m, x, t, c, *_: seen.append(c) or x * 0
+        "unclip.training.decoder.unet_output", lambda m, x, t, c, *_: seen.append(c) or x * 0
     )
     torch.manual_seed(0)
     for _ in range(200):
@@ -187,7 +187,16 @@ class EngineLike(torch.nn.Module):
         return self.module(*args, **kwargs)
 
 
-@pytest.mark.parametrize("update", [{}, {"text_conditioning": True}, {"learned_variance": True}])
+@pytest.mark.parametrize(
+    "update",
+    [
+        {},
+        {"text_conditioning": True},
+        {"learned_variance": True},
+        {"prediction_type": "sample", "snr_gamma": 5.0},
+        {"prediction_type": "v_prediction"},
+    ],
+)
 def test_loss_works_on_a_wrapped_model_as_under_the_trainer(update):
     task = make_task()
     task.cfg = TINY.model_copy(update=update)
@@ -196,3 +205,43 @@ def test_loss_works_on_a_wrapped_model_as_under_the_trainer(update):
     task.set_arrays(rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8), emb, emb)
     loss, _ = task.loss(EngineLike(task.build_model()), task.batch(np.arange(4)))
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("prediction", ["sample", "v_prediction"])
+def test_prediction_type_reaches_the_loss_the_export_and_the_sampler(prediction, tmp_path):
+    """An x_0- or v-predicting decoder trains against that target and samples with it."""
+    task = make_task()
+    task.cfg = TINY.model_copy(update={"prediction_type": prediction, "snr_gamma": 5.0})
+    assert task.train_scheduler().config.prediction_type == prediction
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(8, DIM)).astype(np.float32)
+    task.set_arrays(rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), emb)
+    torch.manual_seed(0)
+    model = task.build_model()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(30):
+        loss, _ = task.loss(model, task.batch(np.arange(8)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3])
+    task.export(model, str(tmp_path))
+    info = json.loads((tmp_path / "unclip_decoder.json").read_text())
+    assert info["prediction_type"] == prediction
+    sampler = load_decoder(str(tmp_path))
+    assert sampler.scheduler_config["prediction_type"] == prediction
+    assert sampler.sample(torch.from_numpy(emb[:2]), steps=3).shape == (2, 16, 16, 3)
+
+
+def test_learned_variance_needs_the_epsilon_parameterisation():
+    with pytest.raises(ValueError, match="prediction_type 'epsilon'"):
+        DecoderConfig(learned_variance=True, prediction_type="sample")
+
+
+def test_objective_keys_keep_existing_run_names_at_their_defaults():
+    base = DecoderConfig()
+    assert "prediction_type" not in base.identity() and "snr_gamma" not in base.identity()
+    changed = DecoderConfig(prediction_type="sample", snr_gamma=5.0).identity()
+    assert changed["prediction_type"] == "sample" and changed["snr_gamma"] == 5.0

@@ -7,10 +7,13 @@ import torch
 
 from unclip.training.diffusion import (
     check_sampling_args,
+    diffusion_mse,
     drop_condition,
     guided,
     noised,
+    regression_target,
     sample_loop,
+    snr_weights,
     train_scheduler,
 )
 
@@ -75,7 +78,7 @@ def test_sample_loop_is_seeded_and_checks_its_arguments():
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
-@pytest.mark.parametrize("prediction", ["epsilon", "sample"])
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
 def test_an_exact_model_samples_its_data_point(sampler, prediction):
     """With the exact ε (or x_0) of a one-point data set, the loop must land on that point."""
     sched = train_scheduler(1000, prediction, clip_sample=False)
@@ -86,7 +89,37 @@ def test_an_exact_model_samples_its_data_point(sampler, prediction):
         if prediction == "sample":
             return x0
         a = alphas[t].view(-1, 1, 1, 1)
-        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return eps if prediction == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
 
     out = sample_loop(model_fn, x0.shape, torch.zeros(2, 8), dict(sched.config), 8, 1.0, 0, sampler)
     assert torch.allclose(out, x0, atol=1e-4)
+
+
+def test_regression_targets_and_min_snr_weights_follow_the_papers():
+    torch.manual_seed(0)
+    x0, noise = torch.randn(5, 3, 2, 2), torch.randn(5, 3, 2, 2)
+    t = torch.tensor([0, 10, 50, 90, 99])
+    a = train_scheduler(100, "epsilon", clip_sample=False).alphas_cumprod[t]
+    snr = a / (1 - a)
+    want = {
+        "epsilon": (noise, torch.minimum(snr, torch.tensor(5.0)) / snr),
+        "sample": (x0, torch.minimum(snr, torch.tensor(5.0))),
+        "v_prediction": (
+            a.sqrt().view(-1, 1, 1, 1) * noise - (1 - a).sqrt().view(-1, 1, 1, 1) * x0,
+            torch.minimum(snr, torch.tensor(5.0)) / (snr + 1),
+        ),
+    }
+    for kind, (target, weight) in want.items():
+        sched = train_scheduler(100, kind, clip_sample=False)
+        assert torch.allclose(regression_target(sched, x0, noise, t), target, atol=1e-6)
+        assert torch.allclose(snr_weights(sched, t, 5.0), weight, rtol=1e-5)
+        assert torch.equal(snr_weights(sched, t, None), torch.ones(5))
+        # the weighted loss is the weighted mean of the per-sample MSEs; exact targets cost 0
+        pred = torch.zeros_like(x0)
+        per = target.pow(2).flatten(1).mean(1)
+        assert torch.isclose(diffusion_mse(sched, pred, x0, noise, t, 5.0), (per * weight).mean())
+        assert diffusion_mse(sched, target, x0, noise, t, 5.0) == 0
+    # the clamp: nearly clean steps (huge SNR) weigh γ in x_0 terms, noisy ones their SNR
+    w = snr_weights(train_scheduler(100, "sample", clip_sample=False), t, 5.0)
+    assert w[0] == 5.0 and w[-1] < 1e-2

@@ -22,9 +22,9 @@ from unclip.training.upsampler import (
     downsample,
     gaussian_blur,
     load_upsampler,
-    predict_eps,
     random_crop,
     train_upsampler,
+    unet_output,
 )
 
 TINY = UpsamplerConfig(
@@ -53,12 +53,12 @@ def test_unet_takes_the_upsampled_low_res_image_and_the_noise_aug_level():
     assert model.config.in_channels == 6 and model.config.class_embed_type == "timestep"
     x, cond = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
     t = torch.tensor([3, 50])
-    out = predict_eps(model, x, t, cond, torch.tensor([0, 0]))
+    out = unet_output(model, x, t, cond, torch.tensor([0, 0]))
     assert out.shape == x.shape
-    assert not torch.allclose(out, predict_eps(model, x, t, cond, torch.tensor([20, 20])))
-    assert not torch.allclose(out, predict_eps(model, x, t, torch.zeros_like(cond), t * 0))
+    assert not torch.allclose(out, unet_output(model, x, t, cond, torch.tensor([20, 20])))
+    assert not torch.allclose(out, unet_output(model, x, t, torch.zeros_like(cond), t * 0))
     # fully convolutional: samples whole images of a size it was never cropped to
-    assert predict_eps(
+    assert unet_output(
         model, torch.randn(1, 3, 32, 32), t[:1], torch.randn(1, 3, 32, 32), t[:1] * 0
     ).shape == (1, 3, 32, 32)
 
