@@ -710,22 +710,21 @@ def embed_source(
     # What a task holds beside its worker (torch and open_clip imported, ~650 MiB resident on
     # CPU): two chunks of pixels.
     task_memory = 2 * cfg.batch_size * _pixel_bytes(info) + 2**30
+    per_shard_task = {"batch_size": 1, "num_cpus": cfg.decode_cpus, "memory": task_memory}
+    shard_args = {"root": layout.root, "source": source_id}
     if cfg.fused:
         # One operator: a task per shard (decode_cpus each, as many at a time as Ray has CPUs
         # for), each decoding its shard and encoding it with the worker's cached CLIP.
         ds = shards.map_batches(
             _fused_udf,
-            batch_size=1,
             fn_kwargs={
-                "root": layout.root,
-                "source": source_id,
+                **shard_args,
                 "clip_cfg": clip_cfg,
                 "checkpoint": clip_checkpoint,
                 "cfg": cfg,
                 "clip_id": clip_id,
             },
-            num_cpus=cfg.decode_cpus,
-            memory=task_memory,
+            **per_shard_task,
         )
         # Ray Data's per-operator reservations exist to keep one operator from starving the
         # next; with a single operator they only hold CPUs back (on 2 CPUs: one task at a time
@@ -733,22 +732,19 @@ def embed_source(
         # dataset's own context copy is changed, not the process-wide DataContext.
         ds.context.op_resource_reservation_enabled = False
     else:
+        # Declaring memory (per_shard_task) also keeps decode in its own tasks: Ray Data fuses
+        # a task map into the actor map after it when their remote args are equal, which would
+        # decode inside the encoder.
         ds = shards.map_batches(
             _decode_udf,
-            batch_size=1,
             fn_kwargs={
-                "root": layout.root,
-                "source": source_id,
+                **shard_args,
                 "preprocess": preprocess,
                 "tokenizer": tokenizer,
                 "chunk_size": cfg.batch_size,
                 "dedup_captions": cfg.dedup_captions,
             },
-            num_cpus=cfg.decode_cpus,
-            # Declaring memory also keeps decode in its own tasks: Ray Data fuses a task map
-            # into the actor map after it when their remote args are equal, which would
-            # decode inside the encoder.
-            memory=task_memory,
+            **per_shard_task,
         )
         encoders = max(1, min(cfg.num_actors, len(pending)))
         if cfg.device == "cuda":  # a GPU keeps its model resident: one actor per GPU
