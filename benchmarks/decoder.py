@@ -11,9 +11,10 @@
 3. **sampling**: images/s of the exported decoder at ``--sample-steps`` DDIM steps with
    classifier-free guidance (two UNet passes a step), ``--sample-batch`` images at a time.
 
-The model has the demo config's dimensions (``configs/demo.yaml``: 32 px, channels 32-64-64,
-attention at the lowest level) unless overridden; images and embeddings are random, drawn in
-memory (throughput does not depend on the pixels). The timing method is benchmarks/prior.py's,
+The model has the demo config's dimensions and objective (``configs/demo.yaml``: 32 px,
+channels 32-64-64, attention at the lowest level, v-prediction with Min-SNR-5) unless
+overridden; images and embeddings are random, drawn in memory (throughput does not depend on
+the pixels). The timing method is benchmarks/prior.py's,
 whose helpers this script imports: steady state only (plain loop: untimed warm-up steps, then
 blocks interleaved half before and half after the trainer; trainer: its own ``metrics.jsonl``
 windows, the first skipped), medians with min and max, start-up printed apart.
@@ -68,6 +69,8 @@ def decoder_config(
         image_size=args.image_size,
         block_out_channels=args.channels,
         attention_levels=args.attention_levels,
+        prediction_type=args.prediction_type,
+        snr_gamma=args.snr_gamma,
         trainer=TrainerConfig(**(trainer or {})),
     )
 
@@ -137,6 +140,8 @@ def main() -> None:
     p.add_argument("--channels", type=int, nargs="+", default=[32, 64, 64])
     p.add_argument("--attention-levels", type=int, default=1)
     p.add_argument("--dim", type=int, default=64, help="CLIP embedding dimension")
+    p.add_argument("--prediction-type", default="v_prediction", help="the demo's objective")
+    p.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR-γ (the demo's)")
     p.add_argument("--batch", type=int, default=32, help="global batch (all workers)")
     p.add_argument("--workers", type=int, default=2, help="trainer workers = CPU budget")
     p.add_argument("--pairs", type=int, default=512)

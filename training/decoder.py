@@ -7,9 +7,9 @@ Optionally (``text_conditioning``) the caption's CLIP text embedding joins it as
 (``addition_embed_type="text_image"``, ``encoder_hid_dim_type="text_image_proj"``): added to the
 timestep embedding too, and one more context token. Trained with the MSE of the UNet's output
 against ε (Ho et al. 2020, eq. 14; the default), x_0 or v (``prediction_type``), optionally
-Min-SNR-γ weighted (``snr_gamma``), on the cosine schedule; the image embedding is dropped (zeroed) with
-``cond_drop_prob`` and the caption embedding, independently, with ``text_drop_prob`` (unCLIP
-sec. 2.1: 10% and 50%) for classifier-free guidance. With ``learned_variance`` the UNet also
+Min-SNR-γ weighted (``snr_gamma``), on the cosine schedule; the image embedding is dropped
+(zeroed) with ``cond_drop_prob`` and the caption embedding, independently, with
+``text_drop_prob`` (unCLIP sec. 2.1: 10% and 50%) for classifier-free guidance. With ``learned_variance`` the UNet also
 outputs the interpolation v of its log-variance between β̃_t and β_t (diffusers'
 ``variance_type="learned_range"``), trained by the hybrid loss L_simple + λ·L_vlb (Nichol &
 Dhariwal 2021, sec. 3.1).
