@@ -20,7 +20,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda")  # before deepspeed is first imported
 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -44,20 +44,25 @@ from unclip.training.train_loop import (  # noqa: E402
 )
 
 D = 768  # CLIP ViT-L/14 embedding width (Karlo's prior)
+T = TypeVar("T")
 
 
-def prior_task(batch: int) -> PriorTask:
-    cfg = PriorConfig(num_layers=12, num_attention_heads=12, attention_head_dim=64)
-    task = PriorTask(
+def in_memory(cls: type[T], cfg: Any, **fields: Any) -> T:
+    """A task of ``cls`` on no storage: its data comes from ``set_arrays``."""
+    return cls(
         layout=StorageLayout("/nonexistent"),
         manifest_version="cuda-check",
         cfg=cfg,
         holdout_fraction=0.0,
         dim=D,
         clip_id="random",
-        image_mean=[0.0] * D,
-        image_std=[0.03] * D,
+        **fields,
     )
+
+
+def prior_task(batch: int) -> PriorTask:
+    cfg = PriorConfig(num_layers=12, num_attention_heads=12, attention_head_dim=64)
+    task = in_memory(PriorTask, cfg, image_mean=[0.0] * D, image_std=[0.03] * D)
     rng = np.random.default_rng(0)
     text = rng.normal(size=(batch, D)).astype(np.float32) / np.sqrt(D)
     image = rng.normal(size=(batch, D)).astype(np.float32) * 0.03
@@ -73,14 +78,7 @@ def decoder_task(batch: int) -> DecoderTask:
         attention_head_dim=64,
         attention_levels=2,
     )
-    task = DecoderTask(
-        layout=StorageLayout("/nonexistent"),
-        manifest_version="cuda-check",
-        cfg=cfg,
-        holdout_fraction=0.0,
-        dim=D,
-        clip_id="random",
-    )
+    task = in_memory(DecoderTask, cfg)
     rng = np.random.default_rng(0)
     # smooth random images (an overfittable target): low-res noise upsampled by repetition
     low = rng.integers(0, 256, (batch, 8, 8, 3), dtype=np.uint8)

@@ -10,6 +10,7 @@ import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from shrunk_config import TINY_TRAINER as SHRUNK_TRAINER
 
 from unclip.datasets import synthetic, url_lists
 from unclip.datasets.config import SyntheticConfig
@@ -19,15 +20,8 @@ from unclip.pipelines.resources import UnclipConfigResource
 from unclip.pipelines.runner import instance_for, run_pipeline
 
 ROWS = 24  # per list: one shard each
-TINY_TRAINER = {
-    "num_workers": 2,
-    "zero_stage": 1,
-    "batch_size": 16,
-    "warmup_steps": 1,
-    "checkpoint_every": 4,
-    "log_every": 2,
-    "max_steps": 4,
-}
+# the shared tiny trainer (tests/shrunk_config.py), 4 steps with a checkpoint at the end
+TINY_TRAINER = {**SHRUNK_TRAINER, "warmup_steps": 1, "checkpoint_every": 4, "max_steps": 4}
 CONFIG = {
     "ray": {"num_cpus": 2},
     "sensor": {"min_age_seconds": 0},
