@@ -1,4 +1,7 @@
-"""What training reads: embeddings, image tars joined with embeddings by key, hold-out split, shares.
+"""Whole-split readers for evaluation: embeddings, image tars joined with embeddings by key.
+
+Training never loads a split whole: it streams (:mod:`unclip.datasets.stream`). These readers
+serve the hold-out evaluations and tools, where the split is small.
 
 Keys returned here are ``"{source}/{key}"``: img2dataset keys are unique within a source only.
 The hold-out split hashes that global key, so it is the same on every machine and every run.
@@ -47,14 +50,7 @@ __all__ = [
     "load_image_pairs",
     "load_images_captions",
     "load_manifest",
-    "order_key",
     "read_embedding_table",
-    "RowBlock",
-    "share_keys",
-    "share_size",
-    "shuffled",
-    "worker_embeddings",
-    "worker_image_pairs",
 ]
 
 log = logging.getLogger(__name__)
@@ -353,156 +349,4 @@ def load_images_captions(
         image_emb=None,
         text_emb=None,
         skipped=skipped,
-    )
-
-
-# --- a worker's share: seeded shuffle, equal split --------------------------------------------
-# One definition serves both executions: ``ray_readers.worker_split`` over a Ray Dataset and
-# the in-process ``worker_embeddings`` / ``worker_image_pairs`` a Ray Train worker calls. Rows
-# are ordered by (order_key(seed, key), key) — a seeded shuffle that depends on neither block
-# layout nor file order — and rank r takes positions [r*n, (r+1)*n), n = N // world; the
-# N % world rows left over (a seeded choice) are served to no rank this run.
-
-
-def order_key(seed: int, key: str) -> int:
-    """The seeded shuffle position of a global key: 63 bits of blake2b(seed, key)."""
-    h = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "big") >> 1  # fits int64, so Arrow and Ray Data sort it natively
-
-
-def shuffled(keys: Iterable[str], seed: int) -> list[str]:
-    """``keys`` in the seeded shuffle order (the same order ``worker_split`` sorts rows into)."""
-    return sorted(keys, key=lambda k: (order_key(seed, k), k))
-
-
-def share_size(num_rows: int, world: int) -> int:
-    """Rows per worker: every worker gets the same count, so none waits on another."""
-    if world < 1:
-        raise ValueError(f"world must be >= 1, not {world}")
-    return num_rows // world
-
-
-def share_keys(keys: Iterable[str], rank: int, world: int, seed: int) -> list[str]:
-    """Rank ``rank``'s equal share of ``keys`` in shuffle order (a pure function of its inputs)."""
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is outside a world of {world}")
-    order = shuffled(keys, seed)
-    n = share_size(len(order), world)
-    return order[rank * n : (rank + 1) * n]
-
-
-class RowBlock:
-    """A worker's rows addressed by global row index: ``block[i]`` is ``rows[i - start]``.
-
-    The trainer draws global indices inside rank r's block ``[r*n, (r+1)*n)``; an index
-    outside the block is a bug in the caller, reported rather than wrapped around.
-    """
-
-    def __init__(self, rows: np.ndarray, start: int) -> None:
-        self.rows, self.start = rows, int(start)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.rows.shape
-
-    def __getitem__(self, indices: Any) -> np.ndarray:
-        local = np.asarray(indices) - self.start
-        if local.size and (local.min() < 0 or local.max() >= len(self.rows)):
-            raise IndexError(
-                f"rows {np.asarray(indices).min()}..{np.asarray(indices).max()} are outside "
-                f"this worker's block [{self.start}, {self.start + len(self.rows)})"
-            )
-        return self.rows[local]
-
-
-def _embedding_keys(
-    layout: StorageLayout, manifest: dict[str, Any], split: Split, holdout_fraction: float
-) -> list[str]:
-    keys: list[str] = []
-    for entry in manifest["shards"]:
-        t = read_embedding_table(
-            layout,
-            entry,
-            manifest["clip_id"],
-            int(manifest["embedding_dim"]),
-            columns=["key", "clip_score"],
-        )
-        keep = kept_mask(layout.join(entry["embeddings"]), t, manifest, entry)
-        for k, m in zip(t.column("key").to_pylist(), keep, strict=True):
-            gkey = f"{entry['source']}/{k}"
-            if m and _keep(gkey, split, holdout_fraction):
-                keys.append(gkey)
-    return keys
-
-
-def _reorder(keys: list[str], wanted: list[str]) -> np.ndarray:
-    pos = {k: i for i, k in enumerate(keys)}
-    missing = [k for k in wanted if k not in pos]
-    if missing:  # a file changed between the two passes
-        raise ValueError(f"{len(missing)} keys of this worker's share vanished, e.g. {missing[0]}")
-    return np.array([pos[k] for k in wanted], dtype=np.int64)
-
-
-def worker_embeddings(
-    layout: StorageLayout,
-    manifest: dict[str, Any],
-    split: Split,
-    holdout_fraction: float,
-    rank: int,
-    world: int,
-    seed: int,
-) -> EmbeddingArrays:
-    """Rank ``rank``'s equal share of :func:`load_embeddings`, in shuffle order; only it is held.
-
-    Two passes over the (checked) files: the keys, to fix the share; then the embeddings of
-    the share's rows. Every rank gets ``N // world`` rows.
-    """
-    wanted = share_keys(
-        _embedding_keys(layout, manifest, split, holdout_fraction), rank, world, seed
-    )
-    arrays = load_embeddings(layout, manifest, split, holdout_fraction, only=set(wanted))
-    order = _reorder(arrays.keys, wanted)
-    return EmbeddingArrays(
-        keys=wanted,
-        captions=[arrays.captions[i] for i in order],
-        image=arrays.image[order],
-        text=arrays.text[order],
-    )
-
-
-def worker_image_pairs(
-    layout: StorageLayout,
-    manifest: dict[str, Any],
-    split: Split,
-    holdout_fraction: float,
-    rank: int,
-    world: int,
-    seed: int,
-    image_size: int | None = None,
-) -> ImagePairs:
-    """Rank ``rank``'s equal share of :func:`load_image_pairs`, in shuffle order; only it is held.
-
-    The first pass decodes every joinable sample but keeps only its key, so a corrupt member
-    is left out of every rank's share alike and the shares stay equal.
-    """
-    stats, skipped = ShardReadStats(), {}
-    joinable = [
-        g for g, *_ in _iter_pairs(layout, manifest, split, holdout_fraction, stats, skipped)
-    ]
-    wanted = share_keys(joinable, rank, world, seed)
-    pairs = load_image_pairs(
-        layout, manifest, split, holdout_fraction, image_size=image_size, only=set(wanted)
-    )
-    order = _reorder(pairs.keys, wanted)
-    assert pairs.image_emb is not None and pairs.text_emb is not None
-    return ImagePairs(
-        keys=wanted,
-        captions=[pairs.captions[i] for i in order],
-        images=pairs.images[order],
-        image_emb=pairs.image_emb[order],
-        text_emb=pairs.text_emb[order],
-        skipped=pairs.skipped,
     )

@@ -207,24 +207,18 @@ def _tar_members(f: IO[bytes], size: int | None) -> Iterator[tuple[str, bytes] |
         yield _TarBroke(e, name)
 
 
-def iter_shard(path: str, stats: ShardReadStats | None = None) -> Iterator[ShardSample]:
-    """Samples of one tar in file order; corrupt members are skipped and counted in ``stats``."""
+def iter_shard_members(
+    path: str, stats: ShardReadStats | None = None
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {extension: bytes})`` of each sample of one tar in file order, undecoded.
+
+    A truncated or corrupt tar ends the shard early: counted in ``stats``, never raised; the
+    sample being read when it broke is left out. A missing tar is a ``FileNotFoundError``.
+    """
     stats = stats if stats is not None else ShardReadStats()
     fs, p = url_to_fs(path)
     current: str | None = None
     members: dict[str, bytes] = {}
-
-    def flush() -> Iterator[ShardSample]:
-        if current is None:
-            return
-        try:
-            sample = _decode(current, members, path)
-        except Exception as e:  # a bad sample is data, not a crash
-            stats.add_error(f"{path}: {current}: {type(e).__name__}: {e}")
-            return
-        stats.samples += 1
-        yield sample
-
     with fs.open(p, "rb") as f:
         size = getattr(f, "size", None)
         if not isinstance(size, int):
@@ -237,7 +231,8 @@ def iter_shard(path: str, stats: ShardReadStats | None = None) -> Iterator[Shard
             name = name.rsplit("/", 1)[-1]
             key, ext = name.split(".", 1) if "." in name else (None, "")
             if key is not None and key != current:
-                yield from flush()  # the previous sample is complete
+                if current is not None:
+                    yield current, members  # the previous sample is complete
                 current, members = key, {}
             if isinstance(member, _TarBroke):
                 stats.truncated += 1
@@ -246,4 +241,23 @@ def iter_shard(path: str, stats: ShardReadStats | None = None) -> Iterator[Shard
                 break
             if key is not None:
                 members[ext.lower()] = member[1]
-    yield from flush()
+    if current is not None:
+        yield current, members
+
+
+def decode_sample(key: str, members: dict[str, bytes], path: str) -> ShardSample:
+    """One sample's members decoded: the image as RGB, the caption, the metadata."""
+    return _decode(key, members, path)
+
+
+def iter_shard(path: str, stats: ShardReadStats | None = None) -> Iterator[ShardSample]:
+    """Samples of one tar in file order; corrupt members are skipped and counted in ``stats``."""
+    stats = stats if stats is not None else ShardReadStats()
+    for key, members in iter_shard_members(path, stats):
+        try:
+            sample = _decode(key, members, path)
+        except Exception as e:  # a bad sample is data, not a crash
+            stats.add_error(f"{path}: {key}: {type(e).__name__}: {e}")
+            continue
+        stats.samples += 1
+        yield sample

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import open_clip
@@ -21,9 +21,13 @@ from unclip.datasets import readers
 from unclip.datasets.clip import bootstrap_preprocess_config, build_bootstrap_clip, save_clip
 from unclip.datasets.config import ClipConfig
 from unclip.datasets.storage import StorageLayout
+from unclip.datasets.stream import Columns
 
 from .config import BootstrapClipConfig
 from .trainer import FitResult, TrainTask, fit, run_name_for
+
+if TYPE_CHECKING:
+    from unclip.datasets.stream_sources import IngestedImageSource
 
 MODEL_KIND = "clip"
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp of the learned temperature (Radford et al. 2021, sec. 2.5)
@@ -50,7 +54,9 @@ class ClipTask(TrainTask):
     clip_cfg: ClipConfig
     source_ids: list[str]
     holdout_fraction: float
-    _data: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    _mean_std: tuple[torch.Tensor, torch.Tensor] | None = field(
+        default=None, init=False, repr=False
+    )
     _loss: ClipLoss | None = field(default=None, init=False, repr=False)
 
     def describe(self) -> dict[str, Any]:
@@ -71,32 +77,24 @@ class ClipTask(TrainTask):
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         return open_clip.tokenize(captions, context_length=self.clip_cfg.context_length)
 
-    def set_pairs(self, images: np.ndarray, captions: list[str]) -> int:
-        """Use these uint8 [N, S, S, 3] images and captions as the training data."""
-        size = self.clip_cfg.image_size
-        if len(images) and images.shape[1:] != (size, size, 3):
-            raise ValueError(f"clip images must be [N, {size}, {size}, 3], got {images.shape}")
-        mean, std = self._norm()
-        self._data = {
-            "images": images,
-            "tokens": self.tokenize(list(captions)),
-            "captions": list(captions),
-            "mean": mean,
-            "std": std,
-        }
-        return len(images)
+    def data(self) -> IngestedImageSource:
+        from unclip.datasets.stream_sources import IngestedImageSource
 
-    def load_data(self, rank: int, world: int) -> int:
-        pairs = readers.load_images_captions(
+        return IngestedImageSource(
             self.layout, self.source_ids, "train", self.holdout_fraction, self.clip_cfg.image_size
         )
-        return self.set_pairs(pairs.images, pairs.captions)
 
-    def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        d = self._data
+    def batch(self, columns: Columns) -> dict[str, torch.Tensor]:
+        images = columns["image"]
+        size = self.clip_cfg.image_size
+        if images.shape[1:] != (size, size, 3):
+            raise ValueError(f"clip images must be [N, {size}, {size}, 3], got {images.shape}")
+        if self._mean_std is None:
+            self._mean_std = self._norm()
+        mean, std = self._mean_std
         return {
-            "image": normalize_images(d["images"][indices], d["mean"], d["std"]),
-            "text": d["tokens"][torch.from_numpy(indices)],
+            "image": normalize_images(images, mean, std),
+            "text": self.tokenize(list(columns["caption"])),
         }
 
     def loss(
@@ -112,13 +110,13 @@ class ClipTask(TrainTask):
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        """Zero-shot accuracy on held-out images: the right caption among all distinct captions."""
+        """Zero-shot accuracy on held-out images: the right caption among the distinct held-out ones."""
         held = readers.load_images_captions(
             self.layout, self.source_ids, "holdout", self.holdout_fraction, self.clip_cfg.image_size
         )
         if not held.captions:
             return {}
-        classes = sorted(set(self._data.get("captions", [])) | set(held.captions))
+        classes = sorted(set(held.captions))
         return {
             "zero_shot_accuracy": zero_shot_accuracy(
                 model, self, held.images, held.captions, classes

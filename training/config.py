@@ -75,6 +75,26 @@ class TrainerConfig(Section):
         description="EMA of the weights (0 disables); the export uses the EMA weights.",
     )
     ema_update_after: int = Field(0, ge=0, description="Steps before the EMA starts averaging.")
+    shuffle_block: int = Field(
+        4096,
+        ge=1,
+        description="Samples a worker reads, decodes and shuffles at a time (rounded down to a "
+        "multiple of batch_size): the bound on its data memory. Shards are shuffled every "
+        "epoch besides; a larger block mixes more, at more memory and a slower first step.",
+        json_schema_extra=IDENTITY_UNLESS_DEFAULT,
+    )
+    prefetch_batches: int = Field(
+        4,
+        ge=1,
+        description="Micro-batches a worker's stream prepares ahead of the step, on a thread.",
+        json_schema_extra=NOT_IDENTITY,
+    )
+    decode_threads: int = Field(
+        1,
+        ge=1,
+        description="Threads decoding images for a worker's stream (beside the prefetch thread).",
+        json_schema_extra=NOT_IDENTITY,
+    )
 
 
 class BootstrapClipConfig(Section):

@@ -21,7 +21,7 @@ conditioning [image ‖ text] [N, 2D], so the shared guidance's null condition (
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -29,6 +29,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from unclip.datasets.storage import StorageLayout
+from unclip.datasets.stream import Columns, ShardSource
 
 from .config import DecoderConfig
 from .diffusion import Sampler, diffusion_mse, drop_condition, noised, sample_loop
@@ -198,15 +199,19 @@ class DecoderTask(ManifestDiffusionTask):
     CLIP_SAMPLE: ClassVar[bool] = True
 
     cfg: DecoderConfig
-    _data: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False)
 
     def build_model(self) -> UNet2DConditionModel:
         return build_decoder(self.cfg, self.dim)
 
-    def set_arrays(
-        self, images: np.ndarray, image_emb: np.ndarray, text_emb: np.ndarray | None = None
-    ) -> int:
-        """Use these uint8 [N, S, S, 3] images and their embeddings as training data."""
+    def stream_source(self, manifest: dict[str, Any]) -> ShardSource:
+        from unclip.datasets.stream_sources import ImagePairSource
+
+        return ImagePairSource(
+            self.layout, manifest, "train", self.holdout_fraction, image_size=self.cfg.image_size
+        )
+
+    def batch(self, columns: Columns) -> dict[str, torch.Tensor]:
+        images, image_emb = columns["image"], columns["image_embedding"]
         size = self.cfg.image_size
         if images.ndim != 4 or images.shape[1:] != (size, size, 3):
             raise ValueError(f"decoder images must be [N, {size}, {size}, 3], got {images.shape}")
@@ -214,49 +219,19 @@ class DecoderTask(ManifestDiffusionTask):
             raise ValueError(
                 f"image embeddings must be [{len(images)}, {self.dim}], got {image_emb.shape}"
             )
-        self._data = {"images": images, "image_emb": np.ascontiguousarray(image_emb, np.float32)}
+        out = {
+            "images": to_unit_range(images),
+            "image_emb": torch.from_numpy(np.ascontiguousarray(image_emb, np.float32)),
+        }
         if self.cfg.text_conditioning:
+            text_emb = columns.get("text_embedding")
             if text_emb is None or text_emb.shape != image_emb.shape:
                 got = None if text_emb is None else text_emb.shape
                 raise ValueError(
                     f"decoder.text_conditioning needs caption embeddings [{len(images)}, "
                     f"{self.dim}], got {got}"
                 )
-            self._data["text_emb"] = np.ascontiguousarray(text_emb, np.float32)
-        return len(images)
-
-    def load_data(self, rank: int, world: int) -> int:
-        # Only this rank's equal share is held; the trainer draws global indices in its block.
-        from unclip.datasets import readers  # pyarrow: loaded only to read data
-
-        manifest = readers.load_manifest(self.layout, self.manifest_version)
-        pairs = readers.worker_image_pairs(
-            self.layout,
-            manifest,
-            "train",
-            self.holdout_fraction,
-            rank,
-            world,
-            self.cfg.trainer.seed,
-            image_size=self.cfg.image_size,
-        )
-        if len(pairs.keys) == 0:
-            raise ValueError(
-                f"dataset version {self.manifest_version!r} has fewer training images than "
-                f"{world} workers at holdout_fraction={self.holdout_fraction}"
-            )
-        assert pairs.image_emb is not None
-        n = self.set_arrays(pairs.images, pairs.image_emb, pairs.text_emb)
-        self._data = {k: readers.RowBlock(v, rank * n) for k, v in self._data.items()}
-        return n * world
-
-    def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        out = {
-            "images": to_unit_range(self._data["images"][indices]),
-            "image_emb": torch.from_numpy(self._data["image_emb"][indices]),
-        }
-        if "text_emb" in self._data:
-            out["text_emb"] = torch.from_numpy(self._data["text_emb"][indices])
+            out["text_emb"] = torch.from_numpy(np.ascontiguousarray(text_emb, np.float32))
         return out
 
     def loss(

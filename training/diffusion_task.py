@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from abc import abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -16,6 +17,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from unclip.datasets.storage import StorageLayout
+from unclip.datasets.stream import ShardSource
 
 from .artifacts import local_dir
 from .config import Section
@@ -73,6 +75,17 @@ class ManifestDiffusionTask(TrainTask):
             cls.MODEL_KIND, cfg, holdout_fraction, data_version=version, seed=cfg.trainer.seed
         )
         return fit(task, cfg.trainer, layout, cls.MODEL_KIND, name)
+
+    def data(self) -> ShardSource:
+        """The training split of the dataset version, as the model's stream source."""
+        from unclip.datasets import readers  # pyarrow: loaded only to read data
+
+        manifest = readers.load_manifest(self.layout, self.manifest_version)
+        return self.stream_source(manifest)
+
+    @abstractmethod
+    def stream_source(self, manifest: dict[str, Any]) -> ShardSource:
+        """The source the model streams from (embeddings, or images joined with them)."""
 
     def describe(self) -> dict[str, Any]:
         return {

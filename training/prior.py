@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from diffusers import PriorTransformer
 
 from unclip.datasets.storage import StorageLayout
+from unclip.datasets.stream import Columns, ShardSource
 
 from .artifacts import is_local, local_dir
 from .config import PriorConfig
@@ -49,7 +50,7 @@ MODEL_KIND = "prior"
 INFO_FILE = "unclip_prior.json"
 STD_FLOOR = 1e-4  # a dimension that never varies must not divide by ~0
 TOKENS_KEY = "prior.text_tokens"
-# Token encodings held per worker for its whole share at most (else encoded per batch).
+# Token encodings a worker keeps of the captions it has seen (then the cache starts over).
 TOKEN_TABLE_BYTES = 1 << 30
 
 
@@ -269,14 +270,12 @@ class PriorTask(ManifestDiffusionTask):
     # from ``clip/{clip_id}/identity.json``) and its text context length.
     clip_record: dict[str, Any] | None = None
     text_context: int = 0
-    _data: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False)
-    # token encodings: a table [U, L, D] + mask [U, L] and each row's entry in it; or, for a
-    # share too large to hold, the CLIP and the captions, encoded per batch
-    _tokens: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False)
-    _token_row: Any = field(default=None, init=False, repr=False)
-    _token_kind: str | None = field(default=None, init=False, repr=False)
+    # with text tokens, on a worker: the CLIP, and the encodings of captions seen lately
     _clip: Any = field(default=None, init=False, repr=False)
-    _captions: Any = field(default=None, init=False, repr=False)
+    _token_cache: dict[str, tuple[np.ndarray, np.ndarray]] = field(
+        default_factory=dict, init=False, repr=False
+    )
+    _token_kind: str | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_manifest(
@@ -367,15 +366,10 @@ class PriorTask(ManifestDiffusionTask):
             model.load_state_dict(start.state_dict())
         return model
 
-    def set_arrays(self, text: np.ndarray, image: np.ndarray) -> int:
-        """Use these (un-normalized) embedding pairs as the training data; returns their count."""
-        mean = np.asarray(self.image_mean, np.float32)
-        std = np.maximum(np.asarray(self.image_std, np.float32), STD_FLOOR)
-        self._data = {
-            "text": np.ascontiguousarray(text, np.float32),
-            "image": ((image - mean) / std).astype(np.float32),
-        }
-        return len(text)
+    def stream_source(self, manifest: dict[str, Any]) -> ShardSource:
+        from unclip.datasets.stream_sources import EmbeddingSource
+
+        return EmbeddingSource(self.layout, manifest, "train", self.holdout_fraction)
 
     def load_clip(self) -> ClipBundle:
         """The CLIP the embeddings were made with (on this worker's GPU when it has one)."""
@@ -386,61 +380,48 @@ class PriorTask(ManifestDiffusionTask):
         use_gpu = self.cfg.trainer.use_gpu and torch.cuda.is_available()
         return load_clip_from_record(self.clip_record, device="cuda" if use_gpu else "cpu")
 
-    def set_token_source(self, captions: Sequence[str], clip: ClipBundle, start: int = 0) -> None:
-        """Token encodings of each row's caption: all distinct captions encoded once (batched,
-        no_grad) when they fit in ``TOKEN_TABLE_BYTES``, else each batch's on demand."""
-        from unclip.datasets.clip import encode_text_tokens, text_context_length
-        from unclip.datasets.readers import RowBlock
+    def use_clip(self, clip: ClipBundle) -> None:
+        """Encode captions' tokens with this CLIP (it must tokenize to the recorded length)."""
+        from unclip.datasets.clip import text_context_length
 
         if text_context_length(clip) != self.text_context:
             raise ValueError(
                 f"{TOKENS_KEY}: CLIP {clip.clip_id} tokenizes to {text_context_length(clip)} "
                 f"tokens, its record says {self.text_context}"
             )
-        distinct, row = np.unique(np.asarray(captions, dtype=object), return_inverse=True)
-        if len(distinct) * self.text_context * self.dim * 4 <= TOKEN_TABLE_BYTES:
-            enc, mask, self._token_kind = encode_text_tokens(clip, list(distinct))
-            self._tokens = (enc, mask)
-            self._token_row = RowBlock(row.astype(np.int64), start)
-        else:
-            self._clip, self._captions = clip, RowBlock(np.asarray(captions, dtype=object), start)
-            self._token_kind = encode_text_tokens(clip, list(distinct[:1]))[2]
+        self._clip, self._token_cache = clip, {}
 
-    def load_data(self, rank: int, world: int) -> int:
-        # Only this rank's equal share is held; the trainer draws global indices in its block.
-        from unclip.datasets import readers  # pyarrow: loaded only to read data
+    def setup(self, rank: int, world: int) -> None:
+        if self.cfg.text_tokens and self._clip is None:
+            self.use_clip(self.load_clip())
 
-        manifest = readers.load_manifest(self.layout, self.manifest_version)
-        arrays = readers.worker_embeddings(
-            self.layout,
-            manifest,
-            "train",
-            self.holdout_fraction,
-            rank,
-            world,
-            self.cfg.trainer.seed,
-        )
-        if len(arrays.keys) == 0:
-            raise ValueError(
-                f"dataset version {self.manifest_version!r} has fewer training pairs than "
-                f"{world} workers at holdout_fraction={self.holdout_fraction}"
-            )
-        n = self.set_arrays(arrays.text, arrays.image)
-        self._data = {k: readers.RowBlock(v, rank * n) for k, v in self._data.items()}
+    def token_encodings(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token encodings [N, L, D] and mask [N, L] of captions; each distinct caption is
+        encoded once while the cache holds it (``TOKEN_TABLE_BYTES`` at most)."""
+        from unclip.datasets.clip import encode_text_tokens
+
+        if self._clip is None:
+            raise ValueError(f"{TOKENS_KEY} is on but no CLIP is loaded (setup or use_clip)")
+        new = sorted({c for c in captions if c not in self._token_cache})
+        if new:
+            enc, mask, self._token_kind = encode_text_tokens(self._clip, new)
+            row_bytes = enc[0].nbytes + mask[0].nbytes
+            if (len(self._token_cache) + len(new)) * row_bytes > TOKEN_TABLE_BYTES:
+                self._token_cache = {}  # bounded: start over rather than grow with the data
+            self._token_cache.update({c: (enc[i], mask[i]) for i, c in enumerate(new)})
+        rows = [self._token_cache[c] for c in captions]
+        return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+
+    def batch(self, columns: Columns) -> dict[str, torch.Tensor]:
+        mean = np.asarray(self.image_mean, np.float32)
+        std = np.maximum(np.asarray(self.image_std, np.float32), STD_FLOOR)
+        image = (np.asarray(columns["image_embedding"], np.float32) - mean) / std
+        out = {
+            "text": torch.from_numpy(np.ascontiguousarray(columns["text_embedding"], np.float32)),
+            "image": torch.from_numpy(image.astype(np.float32)),
+        }
         if self.cfg.text_tokens:
-            self.set_token_source(arrays.captions, self.load_clip(), start=rank * n)
-        return n * world
-
-    def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        out = {k: torch.from_numpy(v[indices]) for k, v in self._data.items()}
-        if self._tokens is not None:
-            row = self._token_row[indices]
-            out["tokens"] = torch.from_numpy(self._tokens[0][row])
-            out["token_mask"] = torch.from_numpy(self._tokens[1][row])
-        elif self._clip is not None:
-            from unclip.datasets.clip import encode_text_tokens
-
-            enc, mask, _ = encode_text_tokens(self._clip, list(self._captions[indices]))
+            enc, mask = self.token_encodings(list(columns["caption"]))
             out["tokens"], out["token_mask"] = torch.from_numpy(enc), torch.from_numpy(mask)
         return out
 

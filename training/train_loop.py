@@ -1,14 +1,14 @@
-"""What every Ray Train worker runs: DeepSpeed engine, data order, checkpoints, resume, export.
+"""What every Ray Train worker runs: DeepSpeed engine, the data stream, checkpoints, resume, export.
 
-Exact resume rests on two rules: the batch of micro-step ``k`` is a pure function of
-``(seed, k, rank)`` (:func:`batch_indices`), and so is torch's RNG state when its loss is
-computed (:func:`seed_micro_step`). A run restored from the checkpoint of step ``s`` therefore
-sees the same batches and the same noise as the run that wrote it.
+Exact resume rests on two rules: the micro-batch of micro-step ``k`` is a pure function of
+``(seed, k, rank)`` and the shard counts (:class:`~unclip.datasets.stream.StreamPlan`), and so
+is torch's RNG state when its loss is computed (:func:`seed_micro_step`). A run restored from
+the checkpoint of step ``s`` therefore sees the same batches and the same noise as the run that
+wrote it; its stream starts at the block holding ``s`` and never re-reads earlier ones.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from unclip.datasets.storage import StorageLayout
+from unclip.datasets.stream import RankStream, ShardSource, StreamPlan, check_world_change
 
 from .artifacts import publish_dir
 from .config import TrainerConfig
@@ -35,41 +36,7 @@ DS_TAG = "deepspeed"  # DeepSpeed's sub-folder inside each checkpoint
 EMA_FILE = "ema.pt"
 
 
-# --- pure parts: data order, seeds, schedule, DeepSpeed config --------------------------------
-def batch_indices(
-    micro_step: int, num_samples: int, batch_size: int, rank: int, world: int, seed: int
-) -> np.ndarray:
-    """Global sample indices of ``rank``'s micro-batch at global micro-step ``micro_step``.
-
-    Rank ``r`` owns the block ``[r*n, (r+1)*n)``, ``n = num_samples // world`` (a task may
-    hold only that block: :class:`~unclip.datasets.readers.RowBlock`; the ``num_samples % world``
-    rows past the last block are never drawn). Each rank's epoch is a permutation of its block
-    seeded by ``(seed, epoch, rank)``, cut into micro-batches of ``batch_size`` (the remainder
-    is dropped); so every rank takes the same number of steps, and a batch is a pure function
-    of ``(seed, micro_step, rank)``. A block smaller than one micro-batch is repeated to fill it.
-    """
-    if num_samples < 1:
-        raise ValueError("the task's data set is empty")
-    n = num_samples // world
-    if n < 1:
-        raise ValueError(f"{num_samples} samples cannot be split among {world} workers")
-    per_epoch = max(1, n // batch_size)
-    epoch, pos = divmod(micro_step, per_epoch)
-    perm = epoch_order(n, seed, epoch, rank)
-    if n < batch_size:
-        perm = np.resize(perm, batch_size)
-    start = pos * batch_size
-    return rank * n + perm[start : start + batch_size]  # a new array: the shared order stays
-
-
-@functools.lru_cache(maxsize=2)
-def epoch_order(num_samples: int, seed: int, epoch: int, rank: int = 0) -> np.ndarray:
-    """The permutation of ``rank``'s block in epoch ``epoch``, computed once per epoch (O(n))."""
-    perm = np.random.default_rng([seed % 2**32, epoch, rank]).permutation(num_samples)
-    perm.flags.writeable = False  # shared by every step of the epoch
-    return perm
-
-
+# --- pure parts: seeds, schedule, DeepSpeed config ---------------------------------------------
 def seed_micro_step(seed: int, micro_step: int, rank: int) -> None:
     """Seed torch (CPU and CUDA) from (seed, micro-step, rank): the noise a loss draws is replayable."""
     state = np.random.SeedSequence([seed % 2**32, micro_step, rank]).generate_state(1)[0]
@@ -172,6 +139,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     not finite: a NaN stops every rank at the same step, before its update, with no checkpoint.
     """
     task: TrainTask = config["task"]
+    source: ShardSource = config["source"]
     cfg: TrainerConfig = config["cfg"]
     layout: StorageLayout = config["layout"]
     model_kind: str = config["model_kind"]
@@ -192,7 +160,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     torch.manual_seed(cfg.seed)
     model = task.build_model()
-    num_samples = _same_on_all_ranks(int(task.load_data(rank, world)), device)
+    plan = StreamPlan.make(source.shards, rank, world, cfg.batch_size, cfg.shuffle_block, cfg.seed)
+    num_samples = plan.num_samples
+    task.setup(rank, world)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.warmup_steps, cfg.max_steps)
@@ -205,7 +175,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         ema = None
     runlog = RunLog(run_dir) if rank == 0 else None
 
-    start = _resume(engine, ema)
+    start, state = _resume(engine, ema)
     if runlog is not None:
         runlog.resume(start)
     saved = start
@@ -215,6 +185,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         "task": task.describe(),
         "trainer": cfg.model_dump(mode="json"),
     }
+    position = StreamPosition.resumed(state.get("stream"), plan, start * cfg.grad_accum, world)
+    stream = RankStream(source, plan, cfg.prefetch_batches, cfg.decode_threads)
+    batches = stream.batches(position.stream_step(start * cfg.grad_accum))
+    data_wait = 0.0
     global_batch = cfg.batch_size * world * cfg.grad_accum
     window: dict[str, float] = {}
     window_steps, window_t0, row = 0, time.perf_counter(), {}
@@ -222,9 +196,11 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     for step in range(start, cfg.max_steps):
         for micro in range(cfg.grad_accum):
             k = step * cfg.grad_accum + micro
+            t0 = time.perf_counter()
+            columns = next(batches)
+            data_wait += time.perf_counter() - t0
             seed_micro_step(cfg.seed, k, rank)
-            idx = batch_indices(k, num_samples, cfg.batch_size, rank, world, cfg.seed)
-            batch = to_device(task.batch(idx), device, dtype)
+            batch = to_device(task.batch(columns), device, dtype)
             loss, metrics = task.loss(engine, batch)
             # One small all-reduce per micro-step: the loss and metrics summed over ranks, and
             # whether any rank's loss is not finite, so every rank stops at the same step, before
@@ -266,12 +242,21 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 "lr": float(engine.get_lr()[0]),
                 "epoch": s * global_batch / num_samples,
                 "samples_per_s": window_steps * global_batch / max(elapsed, 1e-9),
+                "data_wait_frac": data_wait / max(elapsed, 1e-9),  # rank 0 waiting on its stream
             }
             if runlog is not None:
                 runlog.append(row)
-            window, window_steps, window_t0 = {}, 0, time.perf_counter()
+            window, window_steps, window_t0, data_wait = {}, 0, time.perf_counter(), 0.0
         if ckpt_now:
-            _save_and_report(engine, ema, s, rank, ident, row if log_now else {"step": s})
+            stream_state = position.state(s * cfg.grad_accum, source)
+            _save_and_report(
+                engine,
+                ema,
+                s,
+                rank,
+                {**ident, "stream": stream_state},
+                row if log_now else {"step": s},
+            )
             saved, last_report = s, time.monotonic()
         elif log_now and report_due:
             # Ray Train takes one report per controller poll (~2 s): reporting every logged
@@ -282,7 +267,12 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(
             f"run {run_name}: its checkpoint is at step {saved}, beyond max_steps={cfg.max_steps}"
         )
-    final = {**(runlog.rows[-1] if runlog is not None and runlog.rows else {}), "step": saved}
+    batches.close()
+    final = {
+        **(runlog.rows[-1] if runlog is not None and runlog.rows else {}),
+        **_stream_totals(stream, device),
+        "step": saved,
+    }
     _export(engine, task, cfg, ema, rank, f"{run_dir}/{EXPORT_DIRNAME}", final, ident)
     if runlog is not None:
         runlog.plot(f"{model_kind} · {run_name}")
@@ -290,27 +280,70 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     return {"status": "done", "step": saved}
 
 
-def _same_on_all_ranks(n: int, device: torch.device) -> int:
+class StreamPosition:
+    """Where the run's stream stands: the epoch and micro-step its current world started at.
+
+    Micro-step ``k`` reads stream step ``origin_epoch * steps_per_epoch + (k - origin_step)``
+    of the plan; a resume with the same world keeps the origin, one with another world (allowed
+    only at an epoch boundary) starts a new origin there.
+    """
+
+    def __init__(self, plan: StreamPlan, origin_step: int, origin_epoch: int) -> None:
+        self.plan, self.origin_step, self.origin_epoch = plan, origin_step, origin_epoch
+
+    @classmethod
+    def resumed(
+        cls, saved: dict[str, Any] | None, plan: StreamPlan, micro_step: int, world: int
+    ) -> StreamPosition:
+        if not saved:  # a fresh run, or a checkpoint that predates stream positions
+            return cls(plan, 0, 0)
+        check_world_change(int(saved["world"]), world, int(saved["micro_in_epoch"]))
+        if int(saved["world"]) == world:
+            return cls(plan, int(saved["origin_step"]), int(saved["origin_epoch"]))
+        return cls(plan, micro_step, int(saved["epoch"]))
+
+    def stream_step(self, micro_step: int) -> int:
+        return self.origin_epoch * self.plan.steps_per_epoch + micro_step - self.origin_step
+
+    def state(self, micro_step: int, source: ShardSource) -> dict[str, Any]:
+        """What a checkpoint records of the stream (every rank's position follows from it)."""
+        epoch, i = divmod(self.stream_step(micro_step), self.plan.steps_per_epoch)
+        return {
+            "world": self.plan.world,
+            "epoch": epoch,
+            "micro_in_epoch": i,
+            "steps_per_epoch": self.plan.steps_per_epoch,
+            "origin_step": self.origin_step,
+            "origin_epoch": self.origin_epoch,
+            "source": source.identity(),
+        }
+
+
+def _stream_totals(stream: RankStream, device: torch.device) -> dict[str, float]:
+    """Stream counters summed over ranks (bytes read: the largest rank's)."""
     import torch.distributed as dist
 
-    t = torch.tensor([n, -n], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    if int(t[0]) != n or int(-t[1]) != n:
-        raise ValueError(
-            f"workers loaded different data set sizes (between {int(-t[1])} and {int(t[0])})"
-        )
-    if n < 1:
-        raise ValueError("the task's data set is empty: nothing to train on")
-    return n
+    s = stream.stats
+    total = torch.tensor([s.samples, s.replaced], dtype=torch.float64, device=device)
+    most = torch.tensor([s.bytes_read], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    if s.errors:
+        log.warning("stream: %d samples replaced, e.g. %s", s.replaced, s.errors[:3])
+    return {
+        "stream_samples": float(total[0]),
+        "stream_replaced": float(total[1]),
+        "stream_bytes_read_max_rank": float(most[0]),
+    }
 
 
-def _resume(engine: Any, ema: Ema | None) -> int:
-    """Load Ray Train's latest checkpoint into the engine (and EMA); the step to continue at."""
+def _resume(engine: Any, ema: Ema | None) -> tuple[int, dict[str, Any]]:
+    """Load Ray Train's latest checkpoint into the engine (and EMA): (step, trainer state)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0
+        return 0, {}
     with checkpoint.as_directory() as d:
         with open(os.path.join(d, TRAINER_STATE)) as f:
             state = json.load(f)
@@ -322,7 +355,7 @@ def _resume(engine: Any, ema: Ema | None) -> int:
             if os.path.exists(ema_path):
                 ema.load_state_dict(torch.load(ema_path, weights_only=True))
     log.info("resumed at step %d from %s", state["step"], checkpoint.path)
-    return int(state["step"])
+    return int(state["step"]), state
 
 
 def _save_and_report(

@@ -15,12 +15,12 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from fsspec.core import url_to_fs
 from pydantic import BaseModel
 
 from unclip.datasets.storage import StorageLayout, exists, read_json
+from unclip.datasets.stream import Columns, ShardSource, check_world_change
 
 from .config import Section, TrainerConfig
 
@@ -34,8 +34,9 @@ TRAINER_STATE = "trainer_state.json"  # rank 0's file in every checkpoint
 class TrainTask(ABC):
     """What a model supplies to the trainer; the trainer owns everything else.
 
-    A task is pickled to every Ray Train worker, so it holds configs and paths, and loads its
-    data only in :meth:`load_data` (on the worker).
+    A task is pickled to every Ray Train worker, so it holds configs and paths, never data:
+    the trainer streams micro-batches from the task's :meth:`data` source, each rank reading
+    only its own part (:mod:`unclip.datasets.stream`), and hands each to :meth:`batch`.
     """
 
     @abstractmethod
@@ -47,20 +48,20 @@ class TrainTask(ABC):
         """A fresh single-device model in fp32 (the trainer seeds torch before calling it)."""
 
     @abstractmethod
-    def load_data(self, rank: int, world: int) -> int:
-        """Load this worker's data and return the number of samples across all ranks.
+    def data(self) -> ShardSource:
+        """The training data as a shard source; called once, on the driver.
 
-        Every rank must return the same number ``N``: the trainer draws rank r's batches from
-        the global indices ``[r*n, (r+1)*n)``, ``n = N // world``
-        (:func:`~unclip.training.train_loop.batch_indices`). A task may hold all ``N`` rows, or
-        only its block (``readers.worker_embeddings`` + ``readers.RowBlock``) and return
-        ``n * world``; its share must be fixed by the data, the seed and ``world`` alone, so a
-        resumed run sees the same rows.
+        Its per-shard counts fix every rank's share and steps per epoch, so they must come
+        from the manifest or shard metadata, never from reading samples.
         """
 
+    def setup(self, rank: int, world: int) -> None:
+        """Per-worker preparation before the first batch (load a frozen encoder, say)."""
+        return None
+
     @abstractmethod
-    def batch(self, indices: np.ndarray) -> Any:
-        """The micro-batch of these sample indices: tensors, or a dict / tuple of tensors."""
+    def batch(self, columns: Columns) -> Any:
+        """Tensors of one micro-batch from the source's columns (a dict / tuple of tensors)."""
 
     @abstractmethod
     def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
@@ -115,7 +116,8 @@ def fit(
     if done is not None:
         log.info("run %s finished before; nothing to train", run_name)
         return FitResult(run_name, run_dir, export_dir, done.get("metrics", {}), skipped=True)
-    check_resumable(run_dir, task)
+    source = task.data()
+    check_resumable(run_dir, task, source, cfg)
 
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -130,6 +132,7 @@ def fit(
         train_loop,
         train_loop_config={
             "task": task,
+            "source": source,
             "cfg": cfg,
             "layout": layout,
             "model_kind": model_kind,
@@ -201,8 +204,13 @@ def latest_checkpoint_state(run_dir: str) -> tuple[str, dict[str, Any]] | None:
         return path, json.load(f)
 
 
-def check_resumable(run_dir: str, task: TrainTask) -> None:
-    """Refuse to resume a checkpoint written for another model or data identity."""
+def check_resumable(
+    run_dir: str,
+    task: TrainTask,
+    source: ShardSource | None = None,
+    cfg: TrainerConfig | None = None,
+) -> None:
+    """Refuse to resume a checkpoint of another model, other data, or a half-read epoch's world."""
     latest = latest_checkpoint_state(run_dir)
     if latest is None:
         return
@@ -213,6 +221,20 @@ def check_resumable(run_dir: str, task: TrainTask) -> None:
             f"checkpoint {path} was written for another model config or data set "
             f"({state.get('task')!r}, now {want!r}); use another run name or delete {run_dir}"
         )
+    stream = state.get("stream")
+    if stream is None or source is None:
+        return
+    now = json.loads(json.dumps(source.identity(), sort_keys=True, default=str))
+    if stream.get("source") != now:
+        raise ValueError(
+            f"checkpoint {path} streamed other data ({stream.get('source')!r}, now {now!r}); "
+            f"use another run name or delete {run_dir}"
+        )
+    if cfg is not None:
+        try:
+            check_world_change(int(stream["world"]), cfg.num_workers, int(stream["micro_in_epoch"]))
+        except ValueError as e:
+            raise ValueError(f"checkpoint {path}: {e}") from None
 
 
 def ray_storage(runs_dir: str) -> tuple[str, Any]:

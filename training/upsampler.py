@@ -20,7 +20,7 @@ The model is fully convolutional (no attention), so it trains on crops and sampl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
-from unclip.datasets import readers
 from unclip.datasets.storage import StorageLayout
+from unclip.datasets.stream import Columns, ShardSource
+from unclip.datasets.stream_sources import ImagePairSource
 
 from .config import UpsamplerConfig
 from .decoder import to_uint8, to_unit_range
@@ -147,29 +148,25 @@ class UpsamplerTask(ManifestDiffusionTask):
     CLIP_SAMPLE: ClassVar[bool] = True
 
     cfg: UpsamplerConfig
-    _images: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def build_model(self) -> UNet2DModel:
         return build_upsampler(self.cfg)
 
-    def set_images(self, images: np.ndarray) -> int:
-        """Use these uint8 [N, output_size, output_size, 3] images as training data."""
-        size = self.cfg.output_size
+    def stream_source(self, manifest: dict[str, Any]) -> ShardSource:
+        return ImagePairSource(
+            self.layout,
+            manifest,
+            "train",
+            self.holdout_fraction,
+            image_size=self.cfg.output_size,
+            with_embeddings=False,
+        )
+
+    def batch(self, columns: Columns) -> torch.Tensor:
+        images, size = columns["image"], self.cfg.output_size
         if images.ndim != 4 or images.shape[1:] != (size, size, 3):
             raise ValueError(f"upsampler images must be [N, {size}, {size}, 3], got {images.shape}")
-        self._images = images
-        return len(images)
-
-    def load_data(self, rank: int, world: int) -> int:
-        manifest = readers.load_manifest(self.layout, self.manifest_version)
-        pairs = readers.load_image_pairs(
-            self.layout, manifest, "train", self.holdout_fraction, image_size=self.cfg.output_size
-        )
-        return self.set_images(pairs.images)
-
-    def batch(self, indices: np.ndarray) -> torch.Tensor:
-        assert self._images is not None, "load_data first"
-        return to_unit_range(self._images[indices])
+        return to_unit_range(images)
 
     def conditioning(self, hi: torch.Tensor) -> torch.Tensor:
         """Steps 1–3: the degraded low-res view of ``hi``, upsampled back to the output size."""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from training_helpers import DIM, TINY_DECODER
+from training_helpers import DIM, TINY_DECODER, first_columns
 from training_helpers import make_decoder_task as make_task
 
 from unclip.training.config import DecoderConfig
@@ -38,9 +38,10 @@ def test_bad_decoder_configs_are_clear_errors():
 
 def test_task_reads_images_joined_with_embeddings_and_computes_its_loss(embedded_store):
     task = make_task(layout=embedded_store.layout, version=embedded_store.version)
-    n = task.load_data(0, 1)
+    source = task.data()
+    n = sum(s.count for s in source.shards)
     assert 60 < n < embedded_store.manifest["num_samples"]  # the hold-out is left out
-    batch = task.batch(np.arange(4))
+    batch = task.batch(first_columns(task, 4))
     assert batch["images"].shape == (4, 3, 16, 16) and batch["image_emb"].shape == (4, DIM)
     assert -1.0 <= float(batch["images"].min()) and float(batch["images"].max()) <= 1.0
     model = task.build_model()
@@ -93,9 +94,8 @@ def test_caption_conditioning_kandinsky_21_style_and_its_separate_dropout(monkey
     images = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
     emb = rng.normal(size=(8, DIM)).astype(np.float32)
     with pytest.raises(ValueError, match="caption embeddings"):
-        task.set_arrays(images, emb)
-    task.set_arrays(images, emb, emb * 2)
-    batch = task.batch(np.arange(8))
+        task.batch({"image": images, "image_embedding": emb})
+    batch = task.batch({"image": images, "image_embedding": emb, "text_embedding": emb * 2})
     assert torch.equal(batch["text_emb"], batch["image_emb"] * 2)
 
     seen = []
@@ -157,11 +157,11 @@ def test_learned_variance_hybrid_loss_export_and_ddpm_sampling(tmp_path):
     model = task.build_model()
     assert model.config.out_channels == 6
     rng = np.random.default_rng(0)
-    task.set_arrays(
-        rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8),
-        rng.normal(size=(4, DIM)).astype(np.float32),
-    )
-    loss, metrics = task.loss(model, task.batch(np.arange(4)))
+    columns = {
+        "image": rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8),
+        "image_embedding": rng.normal(size=(4, DIM)).astype(np.float32),
+    }
+    loss, metrics = task.loss(model, task.batch(columns))
     assert torch.isfinite(loss) and metrics["loss_vlb"] > 0
     assert float(loss.detach()) == pytest.approx(
         metrics["loss_simple"] + 0.001 * metrics["loss_vlb"], rel=1e-4
@@ -202,8 +202,9 @@ def test_loss_works_on_a_wrapped_model_as_under_the_trainer(update):
     task.cfg = TINY.model_copy(update=update)
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(4, DIM)).astype(np.float32)
-    task.set_arrays(rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8), emb, emb)
-    loss, _ = task.loss(EngineLike(task.build_model()), task.batch(np.arange(4)))
+    images = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    batch = task.batch({"image": images, "image_embedding": emb, "text_embedding": emb})
+    loss, _ = task.loss(EngineLike(task.build_model()), batch)
     assert torch.isfinite(loss)
 
 
@@ -215,13 +216,15 @@ def test_prediction_type_reaches_the_loss_the_export_and_the_sampler(prediction,
     assert task.train_scheduler().config.prediction_type == prediction
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(8, DIM)).astype(np.float32)
-    task.set_arrays(rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), emb)
+    batch = task.batch(
+        {"image": rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), "image_embedding": emb}
+    )
     torch.manual_seed(0)
     model = task.build_model()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     losses = []
     for _ in range(30):
-        loss, _ = task.loss(model, task.batch(np.arange(8)))
+        loss, _ = task.loss(model, batch)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -17,6 +17,8 @@ from training_helpers import (
     TINY_PRIOR,
     add_empty_shard,
     build_embedded_store,
+    embedding_columns,
+    first_columns,
     tiny_trainer,
 )
 from training_helpers import make_prior_task as make_task
@@ -34,7 +36,7 @@ def test_forward_and_loss_shapes():
     task = make_task()
     model = task.build_model()
     assert model.clip_std.requires_grad is False and model.clip_mean.requires_grad is False
-    batch = task.batch(np.arange(6))
+    batch = task.batch(embedding_columns(6))
     assert batch["text"].shape == (6, DIM) and batch["image"].shape == (6, DIM)
     pred = predict_x0(model, batch["image"], torch.full((6,), 10), batch["text"])
     assert pred.shape == (6, DIM)
@@ -121,16 +123,18 @@ def test_an_empty_shard_is_skipped_and_an_empty_data_set_refused(tmp_path):
     store = add_empty_shard(build_embedded_store(str(tmp_path), num_pairs=40))
     assert [s["count"] for s in store.manifest["shards"]] == [40, 0]
     task = PriorTask.from_manifest(store.layout, store.version, TINY, HOLDOUT)
-    n = task.load_data(0, 1)
-    assert 0 < n < 40 and task.batch(np.arange(n))["image"].shape == (n, DIM)
+    source = task.data()
+    assert [s.count for s in source.shards][1] == 0
+    n = source.shards[0].count
+    assert 0 < n < 40 and task.batch(first_columns(task, n))["image"].shape == (n, DIM)
     with pytest.raises(ValueError, match="dataset version 'v0' has no samples"):
         PriorTask.manifest_fields(
             store.layout, {**store.manifest, "version": "v0", "num_samples": 0}
         )
     nothing = PriorTask.from_manifest(store.layout, store.version, TINY, HOLDOUT)
     nothing.holdout_fraction = 0.999999  # every key hashes into the held-out split
-    with pytest.raises(ValueError, match=r"dataset version '\w+' has .*training pairs"):
-        nothing.load_data(0, 1)
+    with pytest.raises(ValueError, match="hold no samples"):
+        first_columns(nothing, 1)
 
 
 # --- sampling: k candidates -------------------------------------------------------------------

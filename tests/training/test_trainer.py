@@ -7,7 +7,6 @@ import os
 import re
 import time
 
-import numpy as np
 import pytest
 import torch
 from training_helpers import KilledOnce, NanAt, Regression, tiny_trainer
@@ -15,7 +14,7 @@ from training_helpers import KilledOnce, NanAt, Regression, tiny_trainer
 from unclip.datasets.storage import StorageLayout
 from unclip.training.config import PriorConfig, TrainerConfig
 from unclip.training.runlog import read_rows
-from unclip.training.train_loop import Ema, batch_indices, ds_config, warmup_cosine
+from unclip.training.train_loop import Ema, ds_config, warmup_cosine
 from unclip.training.trainer import (
     TRAINER_STATE,
     FitResult,
@@ -27,41 +26,6 @@ from unclip.training.trainer import (
 
 
 # --- pure parts ---------------------------------------------------------------------------
-def test_batch_indices_split_an_epoch_into_equal_disjoint_rank_slices():
-    n, b, world = 50, 4, 3  # 12 per global batch: 4 steps per epoch, 2 samples dropped
-    seen = []
-    for k in range(4):
-        parts = [batch_indices(k, n, b, r, world, seed=7) for r in range(world)]
-        assert all(len(p) == b for p in parts)
-        seen += [int(i) for p in parts for i in p]
-    assert len(seen) == len(set(seen)) == 48
-    again = batch_indices(2, n, b, 1, world, seed=7)
-    assert np.array_equal(again, batch_indices(2, n, b, 1, world, seed=7))
-    assert not np.array_equal(
-        batch_indices(4, n, b, 0, world, seed=7), batch_indices(0, n, b, 0, world, seed=7)
-    )
-
-
-def test_batch_indices_repeat_a_data_set_smaller_than_one_global_batch():
-    parts = [batch_indices(0, 5, 4, r, 2, seed=0) for r in range(2)]
-    assert all(len(p) == 4 for p in parts)
-    # each rank draws only from its block of 5 // 2 rows; the 5th row is left out
-    assert set(parts[0]) == {0, 1} and set(parts[1]) == {2, 3}
-    with pytest.raises(ValueError, match="empty"):
-        batch_indices(0, 0, 4, 0, 1, seed=0)
-    with pytest.raises(ValueError, match="among 3 workers"):
-        batch_indices(0, 2, 4, 0, 3, seed=0)
-
-
-def test_batch_indices_stay_in_the_rank_block_a_worker_holds():
-    n, b, world = 40, 3, 4  # 10 rows a rank: 3 steps an epoch
-    for r in range(world):
-        drawn = np.concatenate([batch_indices(k, n, b, r, world, seed=1) for k in range(6)])
-        assert drawn.min() >= r * 10 and drawn.max() < (r + 1) * 10
-        epoch0, epoch1 = drawn[:9], drawn[9:]
-        assert len(set(epoch0)) == 9 and not np.array_equal(epoch0, epoch1)
-
-
 def test_warmup_then_cosine_decay():
     f = warmup_cosine(4, 20)
     assert [f(k) for k in range(4)] == [0.25, 0.5, 0.75, 1.0]
@@ -177,13 +141,17 @@ def test_fit_again_after_completion_does_no_training(zero1_run, layout):
     assert time.perf_counter() - t0 < 2.0
 
 
-def test_a_killed_worker_resumes_from_the_checkpoint_with_the_same_steps(
+def test_a_killed_worker_resumes_mid_epoch_with_the_batch_that_came_next(
     zero1_run, layout, tmp_path
 ):
-    """Rank 1 dies at step 9 (after the step-6 checkpoint); Ray restarts the group from it."""
+    """Rank 1 dies at micro-batch 11, after the step-8 checkpoint, in the middle of the second
+    epoch; Ray restarts the group from that checkpoint and the run goes on with step 9's batch."""
     first, _ = zero1_run
-    task = KilledOnce(die_at=9, marker=str(tmp_path / "died"))
-    result = fit(task, tiny_trainer(max_failures=1), layout, "regression", "killed")
+    logs = tmp_path / "batches"
+    logs.mkdir()
+    task = KilledOnce(die_at=11, marker=str(tmp_path / "died"), log_dir=str(logs))
+    cfg = tiny_trainer(max_failures=1, checkpoint_every=4)
+    result = fit(task, cfg, layout, "regression", "killed")
     assert os.path.exists(tmp_path / "died")
     rows = read_rows(os.path.join(result.run_dir, "metrics.jsonl"))
     assert [r["step"] for r in rows] == list(range(2, 13, 2))
@@ -191,6 +159,33 @@ def test_a_killed_worker_resumes_from_the_checkpoint_with_the_same_steps(
     reference = read_rows(os.path.join(first.run_dir, "metrics.jsonl"))
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in reference], rel=1e-5)
     assert result.metrics["eval_mse"] == pytest.approx(first.metrics["eval_mse"], rel=1e-5)
+    # A resume, not a restart: each rank's second life computed steps 9-12 only, and their
+    # batches are the ones an uninterrupted run draws (same rows, same order).
+    for rank in (0, 1):
+        lives = batch_logs(logs, rank)
+        want = reference_batches(rank)
+        assert len(lives) == 2 and lives[1] == want[8:12]
+        assert lives[0] == want[: len(lives[0])] and len(lives[0]) >= 9
+    assert result.metrics["stream_replaced"] == 0
+
+
+def batch_logs(directory, rank: int) -> list[list[tuple[int, ...]]]:
+    """The rows of each batch ``rank`` drew, one list per life of the worker (in time order)."""
+    lives = []
+    for path in directory.glob(f"rank{rank}-*.txt"):
+        lines = path.read_text().splitlines()
+        lives.append((float(lines[0]), [tuple(int(x) for x in b.split()) for b in lines[1:]]))
+    return [batches for _, batches in sorted(lives)]
+
+
+def reference_batches(rank: int) -> list[tuple[int, ...]]:
+    """The batches rank ``rank`` of an uninterrupted 2-worker run draws, from the stream itself."""
+    from unclip.datasets.stream import RankStream, StreamPlan
+
+    source = Regression().data()
+    plan = StreamPlan.make(source.shards, rank, 2, 8, 16, seed=0)
+    stream = RankStream(source, plan).batches(0)
+    return [tuple(int(x) for x in next(stream)["row"]) for _ in range(12)]
 
 
 def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(ray_local, layout):

@@ -96,8 +96,7 @@ def test_config_rejects_sizes_that_cannot_work():
 def test_loss_on_degraded_crops_and_its_gradient():
     task = make_task()
     rng = np.random.default_rng(0)
-    task.set_images(rng.integers(0, 256, (10, 16, 16, 3), dtype=np.uint8))
-    batch = task.batch(np.arange(4))
+    batch = task.batch({"image": rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)})
     assert batch.shape == (4, 3, 16, 16)
     cond = task.conditioning(batch)
     assert cond.shape == batch.shape
@@ -110,7 +109,7 @@ def test_loss_on_degraded_crops_and_its_gradient():
     loss.backward()
     assert model.conv_in.weight.grad[:, 3:].abs().sum() > 0  # the conditioning channels learn
     with pytest.raises(ValueError, match="\\[N, 16, 16, 3\\]"):
-        task.set_images(np.zeros((2, 8, 8, 3), np.uint8))
+        task.batch({"image": np.zeros((2, 8, 8, 3), np.uint8)})
     assert aug_timestep(0.2, 100) == 20 and aug_timestep(0.999, 100) == 99
 
 

@@ -16,11 +16,12 @@ import json
 import os
 import sys
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray.cloudpickle
 import torch
 
@@ -35,6 +36,7 @@ from unclip.datasets.config import ClipConfig, SyntheticConfig
 from unclip.datasets.embedding_file import file_metadata, fixed_list, write_embedding_table
 from unclip.datasets.manifest import assemble_manifest
 from unclip.datasets.storage import StorageLayout, atomic_write, write_json
+from unclip.datasets.stream import RankStream, ShardSource, StreamPlan, StreamShard, StreamStats
 from unclip.datasets.synthetic import render_image, sample_spec
 from unclip.training.config import DecoderConfig, PriorConfig, TrainerConfig
 from unclip.training.decoder import DecoderTask
@@ -74,17 +76,47 @@ def tiny_trainer(**kw: Any) -> TrainerConfig:
         "checkpoint_every": 6,
         "log_every": 2,
         "report_every_s": 0.0,
+        "shuffle_block": 16,  # two micro-batches: several blocks an epoch
     }
     return TrainerConfig(**{**base, **kw})
 
 
 # --- a tiny task for the trainer ----------------------------------------------------------------
+def regression_rows(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The regression data set: x [n, 8] and y = x · w* [n, 1], fixed by a seed."""
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(n, 8, generator=g)
+    return x, x @ torch.linspace(-1, 1, 8).view(8, 1)
+
+
+@dataclass
+class RowSource(ShardSource):
+    """``n`` rows of :func:`regression_rows` cut into shards of ``shard_size`` (the last shorter)."""
+
+    n: int
+    shard_size: int
+    shards: list[StreamShard] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        sizes = [min(self.shard_size, self.n - i) for i in range(0, self.n, self.shard_size)]
+        self.shards = [StreamShard(f"rows/{i:05d}", c) for i, c in enumerate(sizes)]
+
+    def read(self, shard: int, start: int, stop: int, stats: StreamStats) -> list[Any]:
+        base = shard * self.shard_size
+        stats.bytes_read += (stop - start) * 36
+        return list(range(base + start, base + stop))
+
+    def collate(self, samples: list[Any]) -> dict[str, Any]:
+        return {"row": np.asarray(samples, dtype=np.int64)}
+
+
 @dataclass
 class Regression(TrainTask):
     """y = x · w* with a small MLP: its loss falls within a few steps."""
 
-    n: int = 256
+    n: int = 96  # 2 workers x 8: 6 steps an epoch
     export_name: str = "weights.pt"
+    shard_size: int = 20
 
     def describe(self) -> dict[str, Any]:
         return {"model": "regression", "n": self.n}
@@ -92,14 +124,13 @@ class Regression(TrainTask):
     def build_model(self) -> torch.nn.Module:
         return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
 
-    def load_data(self, rank: int, world: int) -> int:
-        g = torch.Generator().manual_seed(123)
-        self.x = torch.randn(self.n, 8, generator=g)
-        self.y = self.x @ torch.linspace(-1, 1, 8).view(8, 1)
-        return self.n
+    def data(self) -> RowSource:
+        return RowSource(self.n, self.shard_size)
 
-    def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        return {"x": self.x[indices], "y": self.y[indices]}
+    def batch(self, columns: dict[str, Any]) -> dict[str, torch.Tensor]:
+        x, y = regression_rows(self.n)
+        idx = torch.from_numpy(columns["row"])
+        return {"x": x[idx], "y": y[idx]}
 
     def loss(
         self, model: Any, batch: dict[str, torch.Tensor]
@@ -115,7 +146,8 @@ class Regression(TrainTask):
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        return {"eval_mse": float(torch.nn.functional.mse_loss(model(self.x), self.y))}
+        x, y = regression_rows(self.n)
+        return {"eval_mse": float(torch.nn.functional.mse_loss(model(x), y))}
 
 
 @dataclass
@@ -124,11 +156,14 @@ class KilledOnce(Regression):
 
     die_at: int = 9
     marker: str = ""
+    log_dir: str = ""  # each process logs the rows of every batch: log_dir/rank{r}-{pid}.txt
 
     def describe(self) -> dict[str, Any]:
         return Regression.describe(self)  # the same model as Regression: same identity
 
-    def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+    def batch(self, columns: dict[str, Any]) -> dict[str, torch.Tensor]:
+        import time
+
         import ray.train
 
         self.calls = getattr(self, "calls", 0) + 1
@@ -136,7 +171,13 @@ class KilledOnce(Regression):
         if rank == 1 and self.calls == self.die_at and not os.path.exists(self.marker):
             open(self.marker, "w").close()
             os._exit(1)
-        return super().batch(indices)
+        if self.log_dir:
+            path = os.path.join(self.log_dir, f"rank{rank}-{os.getpid()}.txt")
+            with open(path, "a") as f:
+                if self.calls == 1:
+                    f.write(f"{time.time()}\n")
+                f.write(" ".join(str(int(r)) for r in columns["row"]) + "\n")
+        return super().batch(columns)
 
 
 @dataclass
@@ -180,6 +221,16 @@ def _write_tar(path: str, items: list[tuple[str, bytes, str]]) -> None:
                 tar.addfile(info, io.BytesIO(data))
     with atomic_write(path) as f:
         f.write(buf.getvalue())
+    # img2dataset's per-shard Parquet beside the tar: one row per sample, its status
+    rows = pa.table(
+        {
+            "key": pa.array([k for k, _, _ in items], pa.string()),
+            "caption": pa.array([c for _, _, c in items], pa.string()),
+            "status": pa.array(["success"] * len(items), pa.string()),
+        }
+    )
+    with atomic_write(path[: -len(".tar")] + ".parquet") as f:
+        pq.write_table(rows, f)
 
 
 def add_empty_shard(store: EmbeddedStore, shard: int = 1) -> EmbeddedStore:
@@ -310,8 +361,7 @@ TINY_DECODER = DecoderConfig(
 
 
 def make_prior_task(dim: int = DIM, n: int = 32, clip_id: str = "clip0") -> PriorTask:
-    """A prior task on random in-memory embeddings (no storage)."""
-    rng = np.random.default_rng(0)
+    """A prior task on no storage: its batches come from :func:`embedding_columns`."""
     task = PriorTask(
         layout=StorageLayout("/nonexistent"),
         manifest_version="v0",
@@ -322,9 +372,25 @@ def make_prior_task(dim: int = DIM, n: int = 32, clip_id: str = "clip0") -> Prio
         image_mean=[0.01] * dim,
         image_std=[0.2] * dim,
     )
-    text = rng.normal(size=(n, dim)).astype(np.float32)
-    task.set_arrays(text, rng.normal(size=(n, dim)).astype(np.float32))
     return task
+
+
+def embedding_columns(n: int, dim: int = DIM, seed: int = 0) -> dict[str, Any]:
+    """Columns of ``n`` random embedding pairs, as an embedding stream yields them."""
+    rng = np.random.default_rng(seed)
+    return {
+        "key": [f"k{i}" for i in range(n)],
+        "caption": [f"caption {i % 5}" for i in range(n)],
+        "image_embedding": rng.normal(size=(n, dim)).astype(np.float32),
+        "text_embedding": rng.normal(size=(n, dim)).astype(np.float32),
+    }
+
+
+def first_columns(task: TrainTask, n: int, rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """The first micro-batch of ``n`` that rank ``rank`` of ``world`` streams for ``task``."""
+    source = task.data()
+    plan = StreamPlan.make(source.shards, rank, world, n, 4096, seed=0)
+    return next(RankStream(source, plan).batches(0))
 
 
 def make_decoder_task(
