@@ -225,7 +225,7 @@ class RankStream:
         decode_threads: int = 1,
     ) -> None:
         self.source, self.plan = source, plan
-        self.prefetch, self.decode_threads = max(1, prefetch), max(1, decode_threads)
+        self.prefetch, self.decode_threads = prefetch, max(1, decode_threads)
         self.stats = StreamStats()
 
     def read_block(self, epoch: int, block: int, pool: ThreadPoolExecutor | None) -> Columns:
@@ -280,7 +280,16 @@ class RankStream:
             epoch, block = epoch + 1, 0
 
     def batches(self, micro_step: int) -> Iterator[Columns]:
-        """Micro-batches from global micro-step ``micro_step`` on, prefetched on a thread."""
+        """Micro-batches from global micro-step ``micro_step`` on, prefetched on a thread
+        (``prefetch`` batches ahead; 0 reads each batch in the caller's thread when asked)."""
+        if self.prefetch < 1:
+            pool = ThreadPoolExecutor(self.decode_threads) if self.decode_threads > 1 else None
+            try:
+                yield from self._blocks_from(micro_step, pool)
+            finally:
+                if pool is not None:
+                    pool.shutdown(wait=False, cancel_futures=True)
+            return
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         done = object()

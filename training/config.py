@@ -85,8 +85,9 @@ class TrainerConfig(Section):
     )
     prefetch_batches: int = Field(
         4,
-        ge=1,
-        description="Micro-batches a worker's stream prepares ahead of the step, on a thread.",
+        ge=0,
+        description="Micro-batches a worker's stream prepares ahead of the step, on a thread "
+        "(0: read in the step's own thread).",
         json_schema_extra=NOT_IDENTITY,
     )
     decode_threads: int = Field(

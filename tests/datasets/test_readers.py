@@ -1,31 +1,19 @@
-"""What training reads: hold-out split, embeddings, image pairs, and the checks on the way."""
+"""The whole-split readers: hold-out split, embeddings, image pairs, and the checks on the way."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from unclip.datasets.manifest import assemble_manifest
-from unclip.datasets.ray_readers import (
-    embedding_dataset,
-    image_pair_dataset,
-    seeded_shuffle,
-    worker_split,
-)
 from unclip.datasets.readers import (
-    RowBlock,
     in_holdout,
     load_embeddings,
     load_image_pairs,
     load_images_captions,
     load_manifest,
-    share_keys,
-    shuffled,
-    worker_embeddings,
-    worker_image_pairs,
 )
 
 
@@ -114,116 +102,7 @@ def test_shard_without_embeddings_left_out_of_manifest_and_missing_file_named(sh
     assert str(emb1) in str(e.value)
 
 
-# --- worker shares and the Ray Dataset readers ------------------------------------------------
-def uneven_manifest(store) -> dict:
-    """A CLIP-score-filtered manifest whose two shards serve uneven counts (shard 1: 7 rows)."""
-    layout = store.layout
-    m = assemble_manifest(layout, store.clip_id, [store.source])
-    scores = [
-        pq.read_table(layout.join(s["embeddings"]), columns=["clip_score"])
-        .column("clip_score")
-        .to_numpy()
-        for s in m["shards"]
-    ]
-    threshold = float(np.sort(scores[1])[-7])
-    counts = [int((s >= threshold).sum()) for s in scores]
-    assert counts[1] == 7 and counts[0] != 7
-    shards = [{**s, "count": c} for s, c in zip(m["shards"], counts, strict=True)]
-    return {**m, "clip_score_min": threshold, "shards": shards}
-
-
-def test_worker_shares_are_equal_disjoint_and_fixed_by_seed(shapes_store):
-    layout = shapes_store.layout
-    m = uneven_manifest(shapes_store)
-    every = load_embeddings(layout, m, "all", 0.0)
-    total = len(every.keys)
-    world = 3
-    shares = [worker_embeddings(layout, m, "all", 0.0, r, world, seed=5) for r in range(world)]
-    n = total // world
-    assert [len(s.keys) for s in shares] == [n] * world and n > 0
-    assert all(s.image.shape == (n, 32) and s.text.shape == (n, 32) for s in shares)
-    union = [k for s in shares for k in s.keys]
-    assert len(set(union)) == n * world and set(union) <= set(every.keys)
-    by_key = dict(zip(every.keys, every.image, strict=True))
-    for s in shares:  # rows travel with their keys
-        for k, e in zip(s.keys, s.image, strict=True):
-            np.testing.assert_array_equal(e, by_key[k])
-    again = worker_embeddings(layout, m, "all", 0.0, 1, world, seed=5)
-    assert again.keys == shares[1].keys  # a pure function of (manifest, seed, world, rank)
-    other = worker_embeddings(layout, m, "all", 0.0, 1, world, seed=6)
-    assert other.keys != shares[1].keys
-    assert shuffled(every.keys, 5) == shuffled(list(reversed(every.keys)), 5)
-    with pytest.raises(ValueError, match="outside a world"):
-        share_keys(every.keys, 3, 3, seed=0)
-
-
-def test_row_block_serves_global_indices_of_its_block_only():
-    block = RowBlock(np.arange(10, 20), start=10)
-    np.testing.assert_array_equal(block[np.array([10, 19, 12])], [10, 19, 12])
-    with pytest.raises(IndexError, match=r"outside this worker's block \[10, 20\)"):
-        block[np.array([9])]
-
-
-def test_worker_image_pairs_hold_the_share_joined_by_key(shapes_store):
-    layout = shapes_store.layout
-    m = assemble_manifest(layout, shapes_store.clip_id, [shapes_store.source])
-    emb = worker_embeddings(layout, m, "train", 0.3, 1, 2, seed=9)
-    pairs = worker_image_pairs(layout, m, "train", 0.3, 1, 2, seed=9, image_size=16)
-    assert pairs.keys == emb.keys and pairs.images.shape == (len(emb.keys), 16, 16, 3)
-    np.testing.assert_array_equal(pairs.image_emb, emb.image)
-    assert pairs.captions == emb.captions
-
-
-def test_ray_embedding_dataset_splits_like_the_worker_readers(ray_local, shapes_store):
-    layout = shapes_store.layout
-    m = uneven_manifest(shapes_store)
-    ds = embedding_dataset(layout, m, "all", 0.0)
-    rows = ds.take_all()
-    every = load_embeddings(layout, m, "all", 0.0)
-    assert sorted(r["key"] for r in rows) == sorted(every.keys)
-    assert rows[0]["image_embedding"].dtype == np.float32 and rows[0]["text_embedding"].shape == (
-        32,
-    )
-    parts = worker_split(ds, 3, seed=5)
-    n = len(every.keys) // 3
-    assert [p.count() for p in parts] == [n, n, n]
-    for r, p in enumerate(parts):
-        mine = worker_embeddings(layout, m, "all", 0.0, r, 3, seed=5)
-        got = p.take_all()
-        assert [x["key"] for x in got] == mine.keys  # same rows, same seeded order
-        np.testing.assert_array_equal(np.stack([x["text_embedding"] for x in got]), mine.text)
-    shuffled_twice = [r["key"] for r in seeded_shuffle(ds.repartition(5), 5).take_all()]
-    assert shuffled_twice == shuffled(every.keys, 5)  # block layout does not change the order
-
-
-def test_ray_image_pair_dataset_keys_match_embeddings(ray_local, shapes_store):
-    layout = shapes_store.layout
-    m = assemble_manifest(layout, shapes_store.clip_id, [shapes_store.source])
-    rows = image_pair_dataset(layout, m, "holdout", 0.3, image_size=16).take_all()
-    emb = load_embeddings(layout, m, "holdout", 0.3)
-    assert sorted(r["key"] for r in rows) == sorted(emb.keys)
-    by_key = dict(zip(emb.keys, emb.image, strict=True))
-    for r in rows:
-        assert r["image"].shape == (16, 16, 3) and r["image"].dtype == np.uint8
-        np.testing.assert_array_equal(r["image_embedding"], by_key[r["key"]])
-
-
-def test_ray_readers_name_the_bad_file(ray_local, shapes_store):
-    layout = shapes_store.layout
-    m = assemble_manifest(layout, shapes_store.clip_id, [shapes_store.source])
-    with pytest.raises(Exception, match="written by CLIP") as e:
-        embedding_dataset(layout, {**m, "clip_id": "another-clip"}, "all", 0.0).materialize()
-    assert m["shards"][0]["embeddings"].split("/")[-1] in str(e.value)
-    emb = Path(layout.join(m["shards"][1]["embeddings"]))
-    emb.write_bytes(emb.read_bytes()[:-100])  # truncated by a writer elsewhere
-    with pytest.raises(Exception, match="sha256") as e:
-        image_pair_dataset(layout, m, "all", 0.0, image_size=16).materialize()
-    assert str(emb) in str(e.value)
-
-
-def test_corrupt_member_and_key_without_embedding_are_counted_skips_for_every_reader(
-    ray_local, shapes_store
-):
+def test_corrupt_member_and_key_without_embedding_are_counted_skips(shapes_store):
     """After embedding, a tar member got corrupted and a sample with no embedding appeared."""
     import io
     import tarfile
@@ -249,8 +128,3 @@ def test_corrupt_member_and_key_without_embedding_are_counted_skips_for_every_re
     assert pairs.skipped["corrupt"] == 1 and pairs.skipped["not_in_embeddings"] == 1
     assert len(pairs.keys) == 39 and bad_key not in pairs.keys
     assert f"{src}/zz_extra" not in pairs.keys
-    shares = [worker_image_pairs(layout, m, "all", 0.0, r, 2, seed=0) for r in range(2)]
-    assert [len(s.keys) for s in shares] == [19, 19]  # 39 joinable rows, equal shares
-    assert bad_key not in shares[0].keys + shares[1].keys
-    rows = image_pair_dataset(layout, m, "all", 0.0, image_size=32).take_all()
-    assert sorted(r["key"] for r in rows) == sorted(pairs.keys)
