@@ -138,6 +138,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     Returns (rank 0's reaches the driver) ``{"status": "done"}``, or the step whose loss was
     not finite: a NaN stops every rank at the same step, before its update, with no checkpoint.
     """
+    entered = time.perf_counter()
     task: TrainTask = config["task"]
     source: ShardSource = config["source"]
     cfg: TrainerConfig = config["cfg"]
@@ -188,7 +189,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     position = StreamPosition.resumed(state.get("stream"), plan, start * cfg.grad_accum, world)
     stream = RankStream(source, plan, cfg.prefetch_batches, cfg.decode_threads)
     batches = stream.batches(position.stream_step(start * cfg.grad_accum))
-    data_wait = 0.0
+    data_wait, first_step_s = 0.0, None
     global_batch = cfg.batch_size * world * cfg.grad_accum
     window: dict[str, float] = {}
     window_steps, window_t0, row = 0, time.perf_counter(), {}
@@ -229,6 +230,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 window[n] = window.get(n, 0.0) + v / world / cfg.grad_accum
             engine.step()
         s = step + 1
+        if first_step_s is None:
+            first_step_s = time.perf_counter() - entered
         if ema is not None:
             ema.update(engine.module, s)
         window_steps += 1
@@ -270,7 +273,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     batches.close()
     final = {
         **(runlog.rows[-1] if runlog is not None and runlog.rows else {}),
-        **_stream_totals(stream, device),
+        **_stream_totals(stream, device, first_step_s or 0.0),
         "step": saved,
     }
     _export(engine, task, cfg, ema, rank, f"{run_dir}/{EXPORT_DIRNAME}", final, ident)
@@ -319,13 +322,18 @@ class StreamPosition:
         }
 
 
-def _stream_totals(stream: RankStream, device: torch.device) -> dict[str, float]:
-    """Stream counters summed over ranks (bytes read: the largest rank's)."""
+def _stream_totals(
+    stream: RankStream, device: torch.device, first_step_s: float
+) -> dict[str, float]:
+    """Stream counters summed over ranks; bytes read, time to first step and memory: worst rank."""
+    import resource
+
     import torch.distributed as dist
 
     s = stream.stats
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     total = torch.tensor([s.samples, s.replaced], dtype=torch.float64, device=device)
-    most = torch.tensor([s.bytes_read], dtype=torch.float64, device=device)
+    most = torch.tensor([s.bytes_read, first_step_s, rss_mb], dtype=torch.float64, device=device)
     dist.all_reduce(total)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
     if s.errors:
@@ -334,6 +342,8 @@ def _stream_totals(stream: RankStream, device: torch.device) -> dict[str, float]
         "stream_samples": float(total[0]),
         "stream_replaced": float(total[1]),
         "stream_bytes_read_max_rank": float(most[0]),
+        "first_step_s_max_rank": float(most[1]),
+        "peak_rss_mb_max_rank": float(most[2]),
     }
 
 

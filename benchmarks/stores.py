@@ -1,0 +1,104 @@
+"""Storage roots in the project's own formats, written directly (no HTTP, no CLIP) for benchmarks.
+
+Each shard is what ingest and embed leave behind: a webdataset tar of JPEGs with captions, the
+img2dataset Parquet beside it (key, caption, status), and the embedding Parquet written by the
+embed stage's writer; :func:`assemble_manifest` then names the dataset version and writes the
+per-shard counts and embedding statistics. Embeddings are random unit vectors (a benchmark of
+data movement needs their size, not their meaning). With ``image_size=0`` the tars are empty:
+a store for the prior, which never reads images.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from unclip.datasets.embedding_file import file_metadata, fixed_list, write_embedding_table
+from unclip.datasets.manifest import assemble_manifest
+from unclip.datasets.storage import StorageLayout, atomic_write
+
+SOURCE = "bench00000000000"
+CLIP_ID = "benchclip0000000"
+COLOURS = np.array([[220, 40, 40], [40, 90, 220], [40, 170, 60], [230, 200, 40], [150, 60, 170]])
+
+
+def _jpeg(rng: np.random.Generator, size: int) -> bytes:
+    """A white image with one coloured rectangle, as JPEG (a few hundred bytes at 64 px)."""
+    pixels = np.full((size, size, 3), 255, np.uint8)
+    x0, y0 = rng.integers(0, size // 2, 2)
+    w, h = rng.integers(size // 4, size // 2, 2)
+    pixels[y0 : y0 + h, x0 : x0 + w] = COLOURS[rng.integers(len(COLOURS))]
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _write_shard(
+    layout: StorageLayout, shard: int, keys: list[str], dim: int, image_size: int, seed: int
+) -> None:
+    rng = np.random.default_rng([seed, shard])
+    captions = [f"shape {k}" for k in keys]
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w", format=tarfile.USTAR_FORMAT) as t:
+        for key, caption in zip(keys, captions, strict=True) if image_size else ():
+            for ext, data in (
+                ("jpg", _jpeg(rng, image_size)),
+                ("txt", caption.encode()),
+                ("json", json.dumps({"key": key, "caption": caption}).encode()),
+            ):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    rows = pa.table({"key": keys, "caption": captions, "status": ["success"] * len(keys)})
+    emb = rng.normal(size=(2, len(keys), dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=2, keepdims=True)
+    table = pa.table(
+        {
+            "key": pa.array(keys, pa.string()),
+            "caption": pa.array(captions, pa.string()),
+            "url": pa.array([f"http://127.0.0.1/{k}.jpg" for k in keys], pa.string()),
+            "image_embedding": fixed_list(emb[0]),
+            "text_embedding": fixed_list(emb[1]),
+            "clip_score": pa.array((emb[0] * emb[1]).sum(1), pa.float32()),
+        }
+    ).replace_schema_metadata(file_metadata(CLIP_ID, dim, {"benchmark": True}, SOURCE, shard))
+    tar_path = layout.image_shard(SOURCE, shard)
+    with atomic_write(tar_path[: -len(".tar")] + ".parquet") as f:
+        pq.write_table(rows, f)
+    with atomic_write(layout.embedding_shard(CLIP_ID, SOURCE, shard)) as f:
+        write_embedding_table(table, f)
+    with atomic_write(tar_path) as f:  # the tar last: it marks the shard complete
+        f.write(tar.getvalue())
+
+
+def write_store(
+    root: str, n: int, dim: int, image_size: int, shard_size: int, seed: int = 0
+) -> dict:
+    """A store of ``n`` samples in shards of ``shard_size``; returns its manifest (reused if made)."""
+    layout = StorageLayout(root)
+    done = Path(root) / "bench-store.json"
+    want = {"n": n, "dim": dim, "image_size": image_size, "shard_size": shard_size, "seed": seed}
+    if not (done.exists() and json.loads(done.read_text()).get("params") == want):
+        for shard, lo in enumerate(range(0, n, shard_size)):
+            keys = [f"{i:09d}" for i in range(lo, min(n, lo + shard_size))]
+            _write_shard(layout, shard, keys, dim, image_size, seed)
+        manifest = assemble_manifest(layout, CLIP_ID, [SOURCE])
+        done.write_text(json.dumps({"params": want, "version": manifest["version"]}))
+    return assemble_manifest(layout, CLIP_ID, [SOURCE])
+
+
+def store_bytes(layout: StorageLayout, manifest: dict, images: bool) -> int:
+    """Bytes of the files a stream of this manifest reads (embeddings, and tars with images)."""
+    total = 0
+    for entry in manifest["shards"]:
+        total += Path(layout.join(entry["embeddings"])).stat().st_size
+        if images:
+            total += Path(layout.join(entry["images"])).stat().st_size
+    return total
