@@ -48,7 +48,7 @@ T = TypeVar("T")
 
 
 def in_memory(cls: type[T], cfg: Any, **fields: Any) -> T:
-    """A task of ``cls`` on no storage: its data comes from ``set_arrays``."""
+    """A task of ``cls`` on no storage: its batches are built from in-memory columns."""
     return cls(
         layout=StorageLayout("/nonexistent"),
         manifest_version="cuda-check",
@@ -60,17 +60,16 @@ def in_memory(cls: type[T], cfg: Any, **fields: Any) -> T:
     )
 
 
-def prior_task(batch: int) -> PriorTask:
+def prior_task(batch: int) -> tuple[PriorTask, dict[str, np.ndarray]]:
     cfg = PriorConfig(num_layers=12, num_attention_heads=12, attention_head_dim=64)
     task = in_memory(PriorTask, cfg, image_mean=[0.0] * D, image_std=[0.03] * D)
     rng = np.random.default_rng(0)
     text = rng.normal(size=(batch, D)).astype(np.float32) / np.sqrt(D)
     image = rng.normal(size=(batch, D)).astype(np.float32) * 0.03
-    task.set_arrays(text, image)
-    return task
+    return task, {"text_embedding": text, "image_embedding": image}
 
 
-def decoder_task(batch: int) -> DecoderTask:
+def decoder_task(batch: int) -> tuple[DecoderTask, dict[str, np.ndarray]]:
     cfg = DecoderConfig(
         image_size=64,
         block_out_channels=[128, 256, 384, 512],
@@ -83,11 +82,13 @@ def decoder_task(batch: int) -> DecoderTask:
     # smooth random images (an overfittable target): low-res noise upsampled by repetition
     low = rng.integers(0, 256, (batch, 8, 8, 3), dtype=np.uint8)
     images = np.ascontiguousarray(low.repeat(8, axis=1).repeat(8, axis=2))
-    task.set_arrays(images, rng.normal(size=(batch, D)).astype(np.float32) / np.sqrt(D))
-    return task
+    emb = rng.normal(size=(batch, D)).astype(np.float32) / np.sqrt(D)
+    return task, {"image": images, "image_embedding": emb}
 
 
-def run_stage(name: str, task: Any, stage: int, batch: int, steps: int, lr: float) -> dict:
+def run_stage(
+    name: str, task: Any, columns: dict, stage: int, batch: int, steps: int, lr: float
+) -> dict:
     import deepspeed
 
     cfg = TrainerConfig(
@@ -101,7 +102,6 @@ def run_stage(name: str, task: Any, stage: int, batch: int, steps: int, lr: floa
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg))
-    idx = np.arange(batch)
     losses: list[float] = []
     timed_from = min(5, steps - 1)  # the first steps (allocator, cuDNN/cuBLAS autotune) untimed
     t0 = time.perf_counter()
@@ -110,7 +110,7 @@ def run_stage(name: str, task: Any, stage: int, batch: int, steps: int, lr: floa
             torch.cuda.synchronize()
             t0 = time.perf_counter()
         seed_micro_step(cfg.seed, 0, 0)  # the same t and noise every step: an overfit target
-        b = to_device(task.batch(idx), device, torch.bfloat16)
+        b = to_device(task.batch(columns), device, torch.bfloat16)
         loss, _ = task.loss(engine, b)
         engine.backward(loss)
         engine.step()
@@ -166,7 +166,7 @@ def main() -> int:
         task = build(batch)
         for stage in (int(s) for s in args.stages.split(",")):
             try:
-                row = run_stage(name, task, stage, batch, args.steps, lr)
+                row = run_stage(name, *task, stage, batch, args.steps, lr)
             except Exception as e:  # report every stage, then fail
                 failures.append(f"{name} ZeRO-{stage}: {type(e).__name__}: {e}")
                 print(failures[-1], file=sys.stderr, flush=True)

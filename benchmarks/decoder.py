@@ -26,6 +26,7 @@ printed is one JSON object with the headline numbers.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -41,25 +42,32 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from prior import PlainLoop, adamw_step, count, rate, timed_fit  # noqa: E402  (the shared timing helpers)
+from stores import ArraySource  # noqa: E402
 
 from unclip.datasets.storage import StorageLayout  # noqa: E402
 from unclip.training.config import DecoderConfig, TrainerConfig  # noqa: E402
 from unclip.training.decoder import DecoderTask, load_decoder  # noqa: E402
 
 
+def image_columns(n: int, size: int, dim: int) -> dict[str, Any]:
+    """Random images and unit embeddings, as the columns an image-pair stream yields."""
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(n, dim)).astype(np.float32)
+    return {
+        "image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+        "image_embedding": emb / np.linalg.norm(emb, axis=1, keepdims=True),
+    }
+
+
 @dataclass(kw_only=True)
 class InMemoryDecoderTask(DecoderTask):
-    """The decoder task on random in-memory images and embeddings instead of a manifest."""
+    """The decoder task streaming random in-memory images and embeddings, not a manifest's files."""
 
     pairs: int = 512
 
-    def load_data(self, rank: int, world: int) -> int:
-        rng = np.random.default_rng(0)
-        size = self.cfg.image_size
-        images = rng.integers(0, 256, (self.pairs, size, size, 3), dtype=np.uint8)
-        emb = rng.normal(size=(self.pairs, self.dim)).astype(np.float32)
-        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-        return self.set_arrays(images, emb)
+    def data(self) -> ArraySource:
+        make = functools.partial(image_columns, self.pairs, self.cfg.image_size, self.dim)
+        return ArraySource(make, self.pairs, shard_size=128)
 
 
 def decoder_config(
@@ -89,10 +97,10 @@ def make_task(args: argparse.Namespace, cfg: DecoderConfig) -> InMemoryDecoderTa
 
 def plain_loop(args: argparse.Namespace) -> tuple[PlainLoop, InMemoryDecoderTask, Any]:
     task = make_task(args, decoder_config(args))
-    task.load_data(0, 1)
+    source = task.data()
     torch.manual_seed(0)
     model = task.build_model().train()
-    step = adamw_step(model, lambda idx: task.loss(model, task.batch(idx))[0], args)
+    step = adamw_step(model, lambda idx: task.loss(model, task.batch(source.columns(idx)))[0], args)
     return PlainLoop("decoder, plain torch loop", step, count(model)), task, model
 
 

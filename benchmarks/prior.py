@@ -45,6 +45,7 @@ The last line printed is one JSON object with the headline numbers.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -58,13 +59,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray.cloudpickle
 import torch
 
-from unclip.datasets.storage import StorageLayout
-from unclip.training.config import PriorConfig, TrainerConfig
-from unclip.training.prior import PriorTask
-from unclip.training.runlog import read_rows
-from unclip.training.trainer import fit
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import stores  # noqa: E402
+from stores import ArraySource  # noqa: E402
+
+from unclip.datasets.storage import StorageLayout  # noqa: E402
+from unclip.training.config import PriorConfig, TrainerConfig  # noqa: E402
+from unclip.training.prior import PriorTask  # noqa: E402
+from unclip.training.runlog import read_rows  # noqa: E402
+from unclip.training.trainer import fit  # noqa: E402
+
+ray.cloudpickle.register_pickle_by_value(stores)  # Ray workers cannot import it by name
 
 # DALLE2-pytorch 1.15.6 and what its modules import that an unclip environment lacks (its
 # __init__ pulls in the trainer, VQGAN-VAE, x-clip and CoCa); versions that import together.
@@ -147,15 +155,20 @@ def make_task(args: argparse.Namespace, cfg: PriorConfig) -> InMemoryPriorTask:
     )
 
 
+def embedding_columns(n: int, dim: int) -> dict[str, Any]:
+    """The synthetic pairs as the columns an embedding stream yields."""
+    text, image = synthetic_embeddings(n, dim)
+    return {"text_embedding": text, "image_embedding": image}
+
+
 @dataclass
 class InMemoryPriorTask(PriorTask):
-    """The prior task with its pairs drawn in memory instead of read from a manifest."""
+    """The prior task streaming in-memory pairs instead of a manifest's files."""
 
     pairs: int = 20000
 
-    def load_data(self, rank: int, world: int) -> int:
-        text, image = synthetic_embeddings(self.pairs, self.dim)
-        return self.set_arrays(text, image)
+    def data(self) -> ArraySource:
+        return ArraySource(functools.partial(embedding_columns, self.pairs, self.dim), self.pairs)
 
 
 # --- the plain loops -------------------------------------------------------------------------
@@ -201,10 +214,10 @@ def adamw_step(
 def plain_unclip(args: argparse.Namespace) -> PlainLoop:
     """unclip's prior and its task's loss (the trainer's) in a plain torch loop."""
     task = make_task(args, prior_config(args))
-    task.load_data(0, 1)
+    source = task.data()
     torch.manual_seed(0)
     model = task.build_model().train()
-    step = adamw_step(model, lambda idx: task.loss(model, task.batch(idx))[0], args)
+    step = adamw_step(model, lambda idx: task.loss(model, task.batch(source.columns(idx)))[0], args)
     return PlainLoop("unclip prior, plain torch loop", step, count(model))
 
 

@@ -5,7 +5,8 @@ img2dataset Parquet beside it (key, caption, status), and the embedding Parquet 
 embed stage's writer; :func:`assemble_manifest` then names the dataset version and writes the
 per-shard counts and embedding statistics. Embeddings are random unit vectors (a benchmark of
 data movement needs their size, not their meaning). With ``image_size=0`` the tars are empty:
-a store for the prior, which never reads images.
+a store for the prior, which never reads images. :class:`ArraySource` serves in-memory columns
+through the same stream, for benchmarks of the harness alone.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,7 @@ from PIL import Image
 from unclip.datasets.embedding_file import file_metadata, fixed_list, write_embedding_table
 from unclip.datasets.manifest import assemble_manifest
 from unclip.datasets.storage import StorageLayout, atomic_write
+from unclip.datasets.stream import Columns, ShardSource, StreamShard, StreamStats
 
 SOURCE = "bench00000000000"
 CLIP_ID = "benchclip0000000"
@@ -102,3 +106,38 @@ def store_bytes(layout: StorageLayout, manifest: dict, images: bool) -> int:
         if images:
             total += Path(layout.join(entry["images"])).stat().st_size
     return total
+
+
+@dataclass
+class ArraySource(ShardSource):
+    """Columns held in memory (made once per process by ``make``), served as a stream.
+
+    For benchmarks of the training harness itself: the trainer's stream (blocks, shuffle,
+    prefetch thread) runs as in a real run, with no file read in the way.
+    """
+
+    make: Callable[[], Columns]
+    n: int
+    shard_size: int = 1000
+    shards: list[StreamShard] = field(default_factory=list)
+    _columns: Columns | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        sizes = [min(self.shard_size, self.n - i) for i in range(0, self.n, self.shard_size)]
+        self.shards = [StreamShard(f"memory/{i:05d}", c) for i, c in enumerate(sizes)]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_columns": None}
+
+    def columns(self, rows: np.ndarray) -> Columns:
+        """The columns of these rows."""
+        if self._columns is None:
+            self._columns = self.make()
+        return {k: v[rows] for k, v in self._columns.items()}
+
+    def read(self, shard: int, start: int, stop: int, stats: StreamStats) -> list:
+        base = shard * self.shard_size
+        return list(range(base + start, base + stop))
+
+    def collate(self, samples: list) -> Columns:
+        return self.columns(np.asarray(samples, dtype=np.int64))

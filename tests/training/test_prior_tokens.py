@@ -14,11 +14,11 @@ from training_helpers import (
     TINY_CLIP,
     TINY_PRIOR,
     build_clip_store,
+    first_columns,
     make_decoder_task,
     tiny_trainer,
 )
 
-from unclip.datasets import readers
 from unclip.datasets.clip import (
     TOKENS_PROJECTED,
     build_bootstrap_clip,
@@ -55,8 +55,9 @@ def clip_store(tmp_path_factory):
 
 
 def tokens_task(store, cfg=TOKENS) -> PriorTask:
+    """A tokens prior task set up as on a worker (its CLIP loaded from the record)."""
     task = PriorTask.from_manifest(store.layout, store.version, cfg, HOLDOUT)
-    task.load_data(0, 1)
+    task.setup(0, 1)
     return task
 
 
@@ -86,52 +87,47 @@ def test_token_encodings_are_the_clip_text_transformers_last_hidden_states(clip_
     np.testing.assert_allclose(enc[np.arange(3), end], pooled, atol=1e-5)
 
 
-def test_worker_data_holds_each_rows_token_encodings(clip_store, monkeypatch):
+def test_each_batch_gets_its_own_captions_token_encodings(clip_store, monkeypatch):
     task = tokens_task(clip_store)
     assert task.text_context == CONTEXT
     model = task.build_model()
     assert model.config.num_embeddings == CONTEXT
     assert model.config.encoder_hid_proj_type == "linear"
-    batch = task.batch(np.arange(6))
+    columns = first_columns(task, 6)
+    batch = task.batch(columns)
     assert batch["tokens"].shape == (6, CONTEXT, DIM) and batch["token_mask"].dtype == torch.bool
-    # the encodings of the rows' own captions (held once per distinct caption)
-    rows = readers.worker_embeddings(
-        clip_store.layout, clip_store.manifest, "train", HOLDOUT, 0, 1, TOKENS.trainer.seed
-    )
+    # the encodings of the rows' own captions (each distinct caption encoded once, then cached)
     bundle = load_clip_of(clip_store.layout, clip_store.clip_id)
-    enc, mask, _ = encode_text_tokens(bundle, rows.captions[:6])
+    enc, mask, _ = encode_text_tokens(bundle, columns["caption"])
     torch.testing.assert_close(batch["tokens"], torch.from_numpy(enc), atol=1e-5, rtol=0)
     assert torch.equal(batch["token_mask"], torch.from_numpy(mask))
-    assert len(task._tokens[0]) == len(set(rows.captions)) < len(rows.captions)
+    assert set(task._token_cache) == set(columns["caption"])
 
-    # A share too large to hold is encoded per batch, to the same encodings.
+    # With no room to cache, each batch is encoded afresh, to the same encodings.
     monkeypatch.setattr(prior_mod, "TOKEN_TABLE_BYTES", 0)
-    per_batch = tokens_task(clip_store)
-    assert per_batch._tokens is None and per_batch._clip is not None
-    again = per_batch.batch(np.arange(6))
+    again = tokens_task(clip_store).batch(columns)
     torch.testing.assert_close(again["tokens"], batch["tokens"], atol=1e-5, rtol=0)
     assert torch.equal(again["token_mask"], batch["token_mask"])
 
 
-def test_each_rank_serves_the_tokens_of_its_own_share(clip_store):
+def test_each_rank_serves_the_tokens_of_its_own_rows(clip_store):
     bundle = load_clip_of(clip_store.layout, clip_store.clip_id)
     for rank in (0, 1):
-        task = PriorTask.from_manifest(clip_store.layout, clip_store.version, TOKENS, HOLDOUT)
-        n = task.load_data(rank, 2) // 2
-        share = readers.worker_embeddings(
-            clip_store.layout, clip_store.manifest, "train", HOLDOUT, rank, 2, TOKENS.trainer.seed
-        )
-        batch = task.batch(rank * n + np.arange(4))  # global indices of this rank's block
-        enc, mask, _ = encode_text_tokens(bundle, share.captions[:4])
+        task = tokens_task(clip_store)
+        columns = first_columns(task, 4, rank=rank, world=2)
+        batch = task.batch(columns)
+        enc, mask, _ = encode_text_tokens(bundle, columns["caption"])
         torch.testing.assert_close(batch["tokens"], torch.from_numpy(enc), atol=1e-5, rtol=0)
         assert torch.equal(batch["token_mask"], torch.from_numpy(mask))
-        with pytest.raises(IndexError, match="outside this worker's block"):
-            task.batch(np.array([(1 - rank) * n]))
+    with pytest.raises(ValueError, match="no CLIP is loaded"):
+        PriorTask.from_manifest(clip_store.layout, clip_store.version, TOKENS, HOLDOUT).batch(
+            columns
+        )
 
 
 def test_dropped_rows_lose_their_tokens_too(clip_store):
     task = tokens_task(clip_store, TOKENS.model_copy(update={"cond_drop_prob": 0.5}))
-    batch = task.batch(np.arange(16))
+    batch = task.batch(first_columns(task, 16))
     cond = task.condition(batch)
     torch.manual_seed(0)
     dropped = drop_condition(cond, 0.5)
