@@ -26,6 +26,7 @@ from unclip.datasets.storage import StorageLayout
 from unclip.datasets.stream import RankStream, ShardSource, StreamPlan, check_world_change
 
 from .artifacts import publish_dir
+from .checkpoint_hashes import record_hashes, verify_hashes
 from .config import TrainerConfig
 from .runlog import RunLog
 from .trainer import EXPORT_DIRNAME, EXPORT_MARKER, TRAINER_STATE, TrainTask
@@ -355,6 +356,7 @@ def _resume(engine: Any, ema: Ema | None) -> tuple[int, dict[str, Any]]:
     if checkpoint is None:
         return 0, {}
     with checkpoint.as_directory() as d:
+        verify_hashes(d)  # before DeepSpeed unpickles anything
         with open(os.path.join(d, TRAINER_STATE)) as f:
             state = json.load(f)
         load_path, _ = engine.load_checkpoint(d, tag=DS_TAG)
@@ -382,6 +384,7 @@ def _save_and_report(
                 json.dump({**ident, "step": step, "ema": ema is not None}, f, indent=2)
             if ema is not None:
                 torch.save(ema.state_dict(), os.path.join(tmp, EMA_FILE))
+        record_hashes(tmp, rank)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),

@@ -197,3 +197,30 @@ def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(ray
     assert os.path.isfile(os.path.join(run_dir, "checkpoint_000000005", "ema.pt"))
     assert not os.path.exists(os.path.join(run_dir, "export"))
     assert [r["step"] for r in read_rows(os.path.join(run_dir, "metrics.jsonl"))] == [2, 4, 6]
+
+
+def test_a_checkpoint_file_changed_or_planted_after_saving_is_refused(tmp_path):
+    from unclip.training.checkpoint_hashes import record_hashes, verify_hashes
+
+    ckpt = tmp_path / "checkpoint_000000004"
+    (ckpt / "deepspeed").mkdir(parents=True)
+    (ckpt / "deepspeed" / "mp_rank_00_model_states.pt").write_bytes(b"weights of rank 0")
+    (ckpt / TRAINER_STATE).write_text("{}")
+    record_hashes(str(ckpt), rank=0)
+    (ckpt / "deepspeed" / "zero_pp_rank_1_optim_states.pt").write_bytes(b"state of rank 1")
+    with pytest.raises(ValueError, match="zero_pp_rank_1_optim_states.pt .* not written"):
+        verify_hashes(str(ckpt))  # rank 1's record is not there yet: its file is unlisted
+    other = tmp_path / "rank1"
+    (other / "deepspeed").mkdir(parents=True)
+    (other / "deepspeed" / "zero_pp_rank_1_optim_states.pt").write_bytes(b"state of rank 1")
+    record_hashes(str(other), rank=1)
+    (ckpt / "hashes" / "rank1.json").write_text((other / "hashes" / "rank1.json").read_text())
+    verify_hashes(str(ckpt))  # every rank's files, as Ray Train merges them
+    (ckpt / "deepspeed" / "mp_rank_00_model_states.pt").write_bytes(b"a pickle that runs code")
+    with pytest.raises(ValueError, match="mp_rank_00_model_states.pt .* changed"):
+        verify_hashes(str(ckpt))
+    (ckpt / "deepspeed" / "mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(ValueError, match="missing"):
+        verify_hashes(str(ckpt))
+    with pytest.raises(ValueError, match="no hashes/ records"):
+        verify_hashes(str(other / "deepspeed"))
