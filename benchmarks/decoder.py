@@ -1,23 +1,32 @@
-"""Decoder throughput: training under unclip's trainer vs a plain torch loop, and sampling speed.
+"""Decoder throughput: training under unclip's trainer vs plain torch loops, and sampling speed.
 
 1. **trainer**: ``unclip.training.trainer.fit`` on the decoder task (diffusers
    ``UNet2DConditionModel``, Kandinsky-2.2 image conditioning) with Ray Train ``TorchTrainer``,
-   DeepSpeed over gloo (ZeRO stage ``--zero-stage``, the demo's 2 by default), metrics rows, Ray
-   Train reports and one checkpoint and export at the end. ``W`` workers of one CPU each on
-   ``ray.init(num_cpus=W)``, micro-batch ``B / W`` per worker;
-2. **plain loop**: the same model and the same ``DecoderTask.loss`` in a plain torch loop (AdamW,
-   clipping at 1.0), one process with ``W`` torch threads, batch ``B``.
-   ``harness_overhead = 1 − trainer / plain loop``.
-3. **sampling**: images/s of the exported decoder at ``--sample-steps`` DDIM steps with
-   classifier-free guidance (two UNet passes a step), ``--sample-batch`` images at a time.
+   DeepSpeed over gloo (ZeRO stage ``--zero-stage``, by default 0 as in the demo's decoder:
+   ``configs/demo.yaml``), metrics rows, Ray Train reports and one checkpoint and export at the
+   end. ``W`` workers of one CPU (one torch thread) each on ``ray.init(num_cpus=W)``,
+   micro-batch ``B / W`` per worker; no EMA (the demo's decoder has one; this run leaves it off);
+2. **plain loop, the trainer's layout**: the same model and the same ``DecoderTask.loss`` in a
+   plain torch loop (AdamW, clipping at 1.0, fp32) in ``W`` processes of one torch thread each,
+   side by side, each on its own batches of ``B / W``, with no gradient exchange; the rate is the
+   processes' rates summed. ``harness_overhead = 1 − trainer / this loop``: what Ray Train,
+   DeepSpeed (its gradient all-reduce included), the stream, metrics and reports cost;
+3. **plain loop, one process**: the same step in one process of ``W`` torch threads, batch ``B``,
+   shown beside 2 so the reader sees what the layout alone changes;
+4. **sampling**: images/s of an exported decoder at ``--sample-steps`` DDIM steps with
+   classifier-free guidance (two UNet passes a step), ``--sample-batch`` images at a time, in
+   this process on ``W`` torch threads.
 
 The model has the demo config's dimensions and objective (``configs/demo.yaml``: 32 px,
 channels 32-64-64, attention at the lowest level, v-prediction with Min-SNR-5) unless
 overridden; images and embeddings are random, drawn in memory (throughput does not depend on
-the pixels). The timing method is benchmarks/prior.py's,
-whose helpers this script imports: steady state only (plain loop: untimed warm-up steps, then
-blocks interleaved half before and half after the trainer; trainer: its own ``metrics.jsonl``
-windows, the first skipped), medians with min and max, start-up printed apart.
+the pixels). The timing method is benchmarks/prior.py's: steady state only (plain loops:
+``--warmup`` untimed steps, then ``--repeats`` blocks of ``--steps`` steps interleaved, half
+before and half after the trainer; trainer: its own ``metrics.jsonl`` windows of
+``--log-every`` steps, the first skipped, ``--trainer-windows`` timed), medians with min and max,
+start-up printed apart. The defaults (12 timed trainer windows of 10 steps, 6 blocks of 10
+steps per loop) should take 3 to 4 minutes on 2 idle cores, going by the demo's ~0.55 s a
+training step.
 
 Usage: ``nice -n 5 python benchmarks/decoder.py [--batch 32] [--workers 2]``. The last line
 printed is one JSON object with the headline numbers.
@@ -41,7 +50,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from prior import PlainLoop, adamw_step, count, rate, timed_fit  # noqa: E402  (the shared timing helpers)
+from plain_loops import (  # noqa: E402
+    Loop,
+    Step,
+    adamw_step,
+    both_layouts,
+    count,
+    interleaved,
+    print_rates,
+)
+from prior import timed_fit  # noqa: E402  (the trainer's timing, shared with the prior's)
 from stores import ArraySource  # noqa: E402
 
 from unclip.datasets.storage import StorageLayout  # noqa: E402
@@ -95,13 +113,19 @@ def make_task(args: argparse.Namespace, cfg: DecoderConfig) -> InMemoryDecoderTa
     )
 
 
-def plain_loop(args: argparse.Namespace) -> tuple[PlainLoop, InMemoryDecoderTask, Any]:
+def decoder_step(args: argparse.Namespace, batch: int, seed: int) -> tuple[Step, int]:
+    """The decoder and its task's loss (the trainer's) as a plain training step on ``batch``."""
     task = make_task(args, decoder_config(args))
     source = task.data()
     torch.manual_seed(0)
     model = task.build_model().train()
-    step = adamw_step(model, lambda idx: task.loss(model, task.batch(source.columns(idx)))[0], args)
-    return PlainLoop("decoder, plain torch loop", step, count(model)), task, model
+    rng = np.random.default_rng(seed)
+
+    def next_loss() -> torch.Tensor:
+        idx = rng.integers(0, args.pairs, batch)
+        return task.loss(model, task.batch(source.columns(idx)))[0]
+
+    return adamw_step(model, next_loss), count(model)
 
 
 def under_trainer(args: argparse.Namespace) -> dict[str, Any]:
@@ -127,10 +151,14 @@ def under_trainer(args: argparse.Namespace) -> dict[str, Any]:
     return timed_fit(args, make_task(args, cfg), cfg.trainer, "decoder")
 
 
-def sampling_rate(args: argparse.Namespace, task: InMemoryDecoderTask, model: Any) -> list[float]:
-    """Images/s of the exported decoder at ``--sample-steps`` DDIM steps (guided)."""
+def sampling_rate(args: argparse.Namespace) -> list[float]:
+    """Images/s of an exported decoder at ``--sample-steps`` DDIM steps (guided).
+
+    The weights are the untrained ones: a sampling step costs the same whatever they are.
+    """
+    task = make_task(args, decoder_config(args))
     with tempfile.TemporaryDirectory(prefix="unclip-bench-decoder-export-") as d:
-        task.export(model, d)
+        task.export(task.build_model(), d)
         sampler = load_decoder(d)
     emb = torch.nn.functional.normalize(torch.randn(args.sample_batch, args.dim), dim=-1)
     sampler.sample(emb, steps=2, seed=0)  # warm-up
@@ -153,66 +181,71 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32, help="global batch (all workers)")
     p.add_argument("--workers", type=int, default=2, help="trainer workers = CPU budget")
     p.add_argument("--pairs", type=int, default=512)
-    p.add_argument("--warmup", type=int, default=3, help="plain loop: untimed first steps")
-    p.add_argument("--steps", type=int, default=10, help="plain loop: steps per timed block")
-    p.add_argument("--repeats", type=int, default=4, help="plain loop: timed blocks")
-    p.add_argument("--zero-stage", type=int, default=2, help="trainer: DeepSpeed ZeRO stage")
+    p.add_argument("--warmup", type=int, default=3, help="plain loops: untimed first steps")
+    p.add_argument("--steps", type=int, default=10, help="plain loops: steps per timed block")
+    p.add_argument("--repeats", type=int, default=6, help="plain loops: timed blocks")
+    p.add_argument(
+        "--zero-stage",
+        type=int,
+        default=0,
+        choices=range(4),
+        help="trainer: DeepSpeed ZeRO stage (the demo's decoder: 0)",
+    )
     p.add_argument("--log-every", type=int, default=10, help="trainer: steps per window")
-    p.add_argument("--trainer-windows", type=int, default=4, help="trainer: timed windows")
+    p.add_argument("--trainer-windows", type=int, default=12, help="trainer: timed windows")
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--sample-batch", type=int, default=8)
     p.add_argument("--sample-repeats", type=int, default=2)
     args = p.parse_args()
 
+    if args.batch % args.workers:
+        sys.exit(f"--batch {args.batch} must divide among --workers {args.workers}")
     torch.set_num_threads(args.workers)
+    w = args.workers
     print(
         f"decoder: {args.image_size} px, channels {args.channels}, attention at the lowest "
         f"{args.attention_levels} level(s), embedding dim {args.dim}; global batch {args.batch}; "
-        f"CPU budget {args.workers} cores (trainer: {args.workers} workers × 1 CPU; plain loop: "
-        f"1 process × {torch.get_num_threads()} torch threads); torch {torch.__version__}",
+        f"CPU budget {w} cores (trainer: {w} workers × 1 CPU, batch {args.batch // w} each; "
+        f"plain loops: {w} processes × 1 torch thread, batch {args.batch // w} each, and 1 "
+        f"process × {torch.get_num_threads()} torch threads, batch {args.batch}); "
+        f"torch {torch.__version__}",
         flush=True,
     )
-    plain, task, model = plain_loop(args)
-    plain.warm_up(args.warmup)
-    before = (args.repeats + 1) // 2
-    for _ in range(before):
-        plain.time_block(args.steps)
-    tr = under_trainer(args)
-    for _ in range(args.repeats - before):
-        plain.time_block(args.steps)
-    samples = sampling_rate(args, task, model)
+    threads, procs = both_layouts(
+        "decoder, plain loop", functools.partial(decoder_step, args), w, args.batch
+    )
+    loops: list[Loop] = [procs, threads]
+    tr = interleaved(loops, args.warmup, args.steps, args.repeats, lambda: under_trainer(args))
+    samples = sampling_rate(args)
 
     trainer_rate = statistics.median(tr["per_window"])
-    plain_rate, plain_lo, plain_hi = rate(args.batch, plain.per_step)
-    sample_rate = statistics.median(samples)
-    rows = [
-        (
-            f"decoder under the trainer (Ray Train + DeepSpeed ZeRO-{args.zero_stage})",
-            trainer_rate,
-            min(tr["per_window"]),
-            max(tr["per_window"]),
-            tr["outside_loop_s"] + tr["first_window_s"],
-            plain.params,
-        ),
-        (plain.name, plain_rate, plain_lo, plain_hi, plain.startup_s, plain.params),
-    ]
-    print()
-    print(f"{'loop':<60} {'samples/s':>10} {'min':>8} {'max':>8} {'start-up s':>11} {'params':>9}")
-    for name, med, lo, hi, start, params in rows:
-        print(f"{name:<60} {med:>10.1f} {lo:>8.1f} {hi:>8.1f} {start:>11.1f} {params:>9}")
-    print(
-        f"{f'sampling, {args.sample_steps} DDIM steps, guided (images/s)':<60} "
-        f"{sample_rate:>10.2f} {min(samples):>8.2f} {max(samples):>8.2f}"
+    print_rates(
+        f"decoder under the trainer, {w} workers × 1 thread "
+        f"(Ray Train + DeepSpeed ZeRO-{args.zero_stage})",
+        tr,
+        loops,
+        digits=1,
     )
+    sample_rate = statistics.median(samples)
+    print(
+        f"sampling, {args.sample_steps} DDIM steps, guided: {sample_rate:.2f} images/s "
+        f"(min {min(samples):.2f}, max {max(samples):.2f})"
+    )
+    plain_rate, plain_threads_rate = (statistics.median(lp.rates) for lp in loops)
     overhead = 1 - trainer_rate / plain_rate
     print(
         f"\nsamples/s: median (min, max) over the trainer's windows 2..{args.trainer_windows + 1} "
-        f"of {args.log_every} steps and over the plain loop's {args.repeats} blocks of "
-        f"{args.steps} steps (half before, half after the trainer, after {args.warmup} untimed "
-        f"steps). The trainer's start-up column is the fit's wall time outside the timed windows "
-        f"(Ray start, workers, DeepSpeed, first window, checkpoint, export, shutdown). Sampling: "
-        f"{args.sample_batch} images a batch, median of {args.sample_repeats} batches.\n"
-        f"harness overhead {overhead:+.1%} (trainer vs plain loop; goal ≤ 15%)"
+        f"of {args.log_every} steps and over the plain loops' {args.repeats} blocks of "
+        f"{args.steps} steps (interleaved, half before and half after the trainer, after "
+        f"{args.warmup} untimed steps). The {w}-process loop exchanges no gradients; its rate is "
+        f"the processes' rates summed. The trainer's start-up column is the fit's wall time "
+        f"outside the timed windows (Ray start, workers, DeepSpeed, first window, checkpoint, "
+        f"export, shutdown); the plain loops' is their warm-up steps. Sampling: "
+        f"{args.sample_batch} images a batch, median of {args.sample_repeats} batches, one "
+        f"process × {w} threads.\n"
+        f"harness overhead {overhead:+.1%} (trainer vs the plain loop in the trainer's layout, "
+        f"{w} processes × 1 thread; goal ≤ 15%); against the 1 process × {w} threads loop, "
+        f"harness and layout together: {1 - trainer_rate / plain_threads_rate:+.1%}"
     )
     print(
         json.dumps(
@@ -221,6 +254,10 @@ def main() -> None:
                 "plain_loop_samples_per_s": round(plain_rate, 2),
                 "harness_overhead": round(overhead, 3),
                 "sample_images_per_s": round(sample_rate, 3),
+                "workers": w,
+                "zero_stage": args.zero_stage,
+                "plain_loop_layout": f"{w} processes x 1 thread",
+                "plain_loop_threads_samples_per_s": round(plain_threads_rate, 2),
             }
         )
     )

@@ -1,36 +1,42 @@
-"""Prior training throughput: unclip under its trainer vs LAION's DALLE2-pytorch vs a plain loop.
+"""Prior training throughput: unclip under its trainer vs LAION's DALLE2-pytorch vs plain loops.
 
-Times training samples/s, on this machine, of three loops with the same model dimensions (width
+Times training samples/s, on this machine, of loops with the same model dimensions (width
 ``dim = heads × dim_head``, ``depth`` layers, ``heads`` heads, embedding dimension = width, because
-DALLE2-pytorch's prior runs at the embedding's width), the same global batch and the same
-optimizer work (AdamW, gradient clipping at 1.0, fp32):
+DALLE2-pytorch's prior runs at the embedding's width), the same global batch ``B`` a step and the
+same optimizer work (AdamW, gradient clipping at 1.0, fp32), on the same CPU budget of ``W``
+cores:
 
 1. **unclip**: ``unclip.training.trainer.fit`` on the prior task (diffusers ``PriorTransformer``)
    with everything the demo config turns on: Ray Train ``TorchTrainer``, DeepSpeed over gloo
-   (ZeRO stage ``--zero-stage``, 0 by default: for a prior of ~1M weights, ZeRO-1's sharded
-   optimizer step and all-gather cost ~10% here and save nothing), EMA, metrics rows, Ray Train
-   reports and one checkpoint and export at the end. ``W`` workers of one CPU each on
-   ``ray.init(num_cpus=W)``, micro-batch ``B / W`` per worker;
-2. **DALLE2-pytorch**: ``dalle2_pytorch.DiffusionPrior`` (``DiffusionPriorNetwork``, cosine
-   schedule, x_0 prediction, 10% condition dropout, no text encodings) in a plain torch loop,
-   one process with ``W`` torch threads, batch ``B``. Its network pads the text encodings to
-   ``max_text_len`` learned null tokens (256 by default) even when the prior is not conditioned on
-   them; the headline uses ``max_text_len=0``, the same 4-token sequence as unclip's prior
-   (``--with-default-text-len`` adds the default to the table: ~100× slower here);
-3. **plain loop**: unclip's own prior (the same ``PriorTask.loss``) in the same plain loop as 2.
-   ``harness_overhead = 1 − unclip / plain loop``: what Ray Train, DeepSpeed, data parallelism
-   over ``W`` one-thread workers instead of ``W`` threads, EMA, metrics and reports cost.
+   (ZeRO stage ``--zero-stage``, 0 by default as in the demo: for a prior of ~1M weights, ZeRO-1's
+   sharded optimizer step and all-gather cost ~10% here and save nothing), EMA, metrics rows, Ray
+   Train reports and one checkpoint and export at the end. ``W`` workers of one CPU each on
+   ``ray.init(num_cpus=W)`` (Ray gives a 1-CPU worker one torch thread), micro-batch ``B / W``
+   per worker;
+2. **plain loop, the trainer's layout**: unclip's own prior (the same ``PriorTask.loss``) in a
+   plain torch loop, in ``W`` processes of one torch thread each, side by side, each on its own
+   in-memory batches of ``B / W``, with no gradient exchange; the rate is the processes' rates
+   summed. ``harness_overhead = 1 − unclip / this loop``: what Ray Train, DeepSpeed (its
+   gradient all-reduce included), the stream, EMA, metrics and reports cost;
+3. **plain loop, one process**: the same step in one process of ``W`` torch threads, batch ``B``,
+   shown beside 2 so the reader sees what the layout alone changes;
+4. **DALLE2-pytorch**: ``dalle2_pytorch.DiffusionPrior`` (``DiffusionPriorNetwork``, cosine
+   schedule, x_0 prediction, 10% condition dropout, no text encodings) in the same plain step,
+   in both layouts of 2 and 3; the headline ``ratio_vs_dalle2_pytorch`` (goal ≥ 1.0) takes the
+   faster of the two. Its network pads the text encodings to ``max_text_len`` learned null
+   tokens (256 by default) even when the prior is not conditioned on them; these rows use
+   ``max_text_len=0``, the same 4-token sequence as unclip's prior (``--with-default-text-len``
+   adds the default to the table, one process × ``W`` threads only: ~100× slower here).
 
-All three use the same CPU budget, ``W`` cores: W processes × 1 thread (Ray gives a 1-CPU worker
-one torch thread), or 1 process × W threads; all at the same process priority (Ray's workers
-otherwise run at nice 15). Only the steady state counts: the plain loops run ``--warmup``
-untimed steps, then ``--repeats`` blocks of ``--steps`` steps, interleaved, half before and half
-after the trainer (a shared machine is noisy); the trainer's rate comes from its own
+All run at the same process priority (Ray's workers otherwise run at nice 15). Only the steady
+state counts: the plain loops run ``--warmup`` untimed steps, then ``--repeats`` blocks of
+``--steps`` steps, interleaved, half before and half after the trainer (a shared machine is
+noisy; the loops not running meanwhile sit idle); the trainer's rate comes from its own
 ``metrics.jsonl`` windows of ``log_every`` steps, the first window skipped. Rates are medians
 over blocks or windows, shown with min and max. Start-up (Ray, worker processes, DeepSpeed, the
 first window) and teardown (checkpoint, export) are printed apart. Run it on an otherwise idle
-machine: on an oversubscribed one the plain loops' ``W`` OpenMP threads stall at every parallel
-barrier while the trainer's one-thread workers do not (seen: plain loop 50 samples/s, trainer
+machine: on an oversubscribed one the one-process loops' ``W`` OpenMP threads stall at every
+parallel barrier while one-thread processes do not (seen: plain loop 50 samples/s, trainer
 1,700, at load average 30 on 2 cores), and the comparison says nothing.
 
 DALLE2-pytorch is never a dependency of unclip: on first use this script installs
@@ -39,7 +45,9 @@ DALLE2-pytorch is never a dependency of unclip: on first use this script install
 rest come from the current environment, untouched. ``--no-install`` prints the command instead.
 
 Usage: ``python benchmarks/prior.py [--batch 256] [--workers 2] [--repeats 6] [--trainer-windows 15]``.
-The last line printed is one JSON object with the headline numbers.
+The last line printed is one JSON object with the headline numbers: ``plain_loop_samples_per_s``
+is the loop of 2 and ``dalle2_pytorch_samples_per_s`` DALLE2-pytorch's faster layout (the
+``*_threads_*`` and ``*_processes_*`` keys give each layout).
 """
 
 from __future__ import annotations
@@ -53,7 +61,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +71,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import stores  # noqa: E402
+from plain_loops import (  # noqa: E402
+    Loop,
+    PlainLoop,
+    Step,
+    adamw_step,
+    both_layouts,
+    count,
+    interleaved,
+    print_rates,
+)
 from stores import ArraySource  # noqa: E402
 
 from unclip.datasets.storage import StorageLayout  # noqa: E402
@@ -111,7 +128,8 @@ def import_dalle2(deps_dir: Path, install: bool) -> Any:
         print(f"installing DALLE2-pytorch 1.15.6 into {deps_dir} (--no-deps) ...", flush=True)
         subprocess.run(command, check=True)
     # Appended, not prepended: nothing in the folder may shadow the environment's packages.
-    sys.path.append(str(deps_dir))
+    if str(deps_dir) not in sys.path:
+        sys.path.append(str(deps_dir))
     torch_before = torch.__version__
     import dalle2_pytorch
 
@@ -172,57 +190,26 @@ class InMemoryPriorTask(PriorTask):
 
 
 # --- the plain loops -------------------------------------------------------------------------
-class PlainLoop:
-    """One model's training step in a plain torch loop, timed in blocks of steps."""
-
-    def __init__(self, name: str, step: Callable[[], None], params: int) -> None:
-        self.name, self.step, self.params = name, step, params
-        self.startup_s = 0.0
-        self.per_step: list[float] = []
-
-    def warm_up(self, steps: int) -> None:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        self.startup_s = time.perf_counter() - t0
-
-    def time_block(self, steps: int) -> None:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        self.per_step.append((time.perf_counter() - t0) / steps)
-
-
-def adamw_step(
-    model: torch.nn.Module, loss_of: Callable[[np.ndarray], torch.Tensor], args: argparse.Namespace
-) -> Callable[[], None]:
-    """A training step: a random batch, the loss, backward, clipping at 1.0, AdamW."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
-    rng = np.random.default_rng(0)
-
-    def step() -> None:
-        loss = loss_of(rng.integers(0, args.pairs, args.batch))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-
-    return step
-
-
-def plain_unclip(args: argparse.Namespace) -> PlainLoop:
-    """unclip's prior and its task's loss (the trainer's) in a plain torch loop."""
+def unclip_step(args: argparse.Namespace, batch: int, seed: int) -> tuple[Step, int]:
+    """unclip's prior and its task's loss (the trainer's) as a plain training step on ``batch``."""
     task = make_task(args, prior_config(args))
     source = task.data()
     torch.manual_seed(0)
     model = task.build_model().train()
-    step = adamw_step(model, lambda idx: task.loss(model, task.batch(source.columns(idx)))[0], args)
-    return PlainLoop("unclip prior, plain torch loop", step, count(model))
+    rng = np.random.default_rng(seed)
+
+    def next_loss() -> torch.Tensor:
+        idx = rng.integers(0, args.pairs, batch)
+        return task.loss(model, task.batch(source.columns(idx)))[0]
+
+    return adamw_step(model, next_loss), count(model)
 
 
-def plain_dalle2(args: argparse.Namespace, dalle2: Any, max_text_len: int) -> PlainLoop:
-    """LAION's DiffusionPrior (x_0 prediction, cosine schedule) in the same plain loop."""
+def dalle2_step(
+    args: argparse.Namespace, max_text_len: int, batch: int, seed: int
+) -> tuple[Step, int]:
+    """LAION's DiffusionPrior (x_0 prediction, cosine schedule) as the same plain step."""
+    dalle2 = import_dalle2(args.deps_dir, install=False)
     dim = args.heads * args.dim_head
     torch.manual_seed(0)
     net = dalle2.DiffusionPriorNetwork(
@@ -243,18 +230,13 @@ def plain_dalle2(args: argparse.Namespace, dalle2: Any, max_text_len: int) -> Pl
         beta_schedule="cosine",
     ).train()
     text, image = (torch.from_numpy(a) for a in synthetic_embeddings(args.pairs, dim))
+    rng = np.random.default_rng(seed)
 
-    def loss_of(idx: np.ndarray) -> torch.Tensor:
-        i = torch.from_numpy(idx)
+    def next_loss() -> torch.Tensor:
+        i = torch.from_numpy(rng.integers(0, args.pairs, batch))
         return prior(text_embed=text[i], image_embed=image[i])
 
-    tokens = "same 4 tokens" if max_text_len == 0 else f"default {max_text_len} null text tokens"
-    name = f"DALLE2-pytorch prior, {tokens}"
-    return PlainLoop(name, adamw_step(prior, loss_of, args), count(prior))
-
-
-def count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return adamw_step(prior, next_loss), count(prior)
 
 
 # --- the trainer ---------------------------------------------------------------------------------
@@ -311,12 +293,6 @@ def timed_fit(
 
 
 # --- report --------------------------------------------------------------------------------------
-def rate(batch: int, per_step: list[float]) -> tuple[float, float, float]:
-    """(median, min, max) samples/s over timed blocks."""
-    rates = [batch / s for s in per_step]
-    return statistics.median(rates), min(rates), max(rates)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dim-head", type=int, default=32)
@@ -341,71 +317,81 @@ def main() -> None:
     p.add_argument("--deps-dir", type=Path, default=DEFAULT_DEPS_DIR)
     p.add_argument("--no-install", action="store_true")
     args = p.parse_args()
+    if args.batch % args.workers:
+        sys.exit(f"--batch {args.batch} must divide among --workers {args.workers}")
 
-    dalle2 = import_dalle2(args.deps_dir, install=not args.no_install)
+    import_dalle2(args.deps_dir, install=not args.no_install)
     torch.set_num_threads(args.workers)
-    dim = args.heads * args.dim_head
+    w, dim = args.workers, args.heads * args.dim_head
     print(
         f"model: width {dim} (= embedding dim), depth {args.depth}, heads {args.heads} × "
-        f"{args.dim_head}; global batch {args.batch}; CPU budget {args.workers} cores "
-        f"(trainer: {args.workers} workers × 1 CPU; plain loops: 1 process × "
-        f"{torch.get_num_threads()} torch threads); torch {torch.__version__}",
+        f"{args.dim_head}; global batch {args.batch}; CPU budget {w} cores (trainer: {w} "
+        f"workers × 1 CPU, batch {args.batch // w} each; plain loops: {w} processes × 1 torch "
+        f"thread, batch {args.batch // w} each, and 1 process × {torch.get_num_threads()} torch "
+        f"threads, batch {args.batch}); torch {torch.__version__}",
         flush=True,
     )
-    plain, d2 = plain_unclip(args), plain_dalle2(args, dalle2, max_text_len=0)
-    loops = [plain, d2]
-    for loop in loops:
-        loop.warm_up(args.warmup)
-    # A shared machine is noisy: interleave the loops' blocks, half before the trainer, half after.
-    before = (args.repeats + 1) // 2
-    for _ in range(before):
-        for loop in loops:
-            loop.time_block(args.steps)
-    tr = under_trainer(args)
-    for _ in range(args.repeats - before):
-        for loop in loops:
-            loop.time_block(args.steps)
+    unclip_threads, unclip_procs = both_layouts(
+        "unclip prior, plain loop", functools.partial(unclip_step, args), w, args.batch
+    )
+    d2_threads, d2_procs = both_layouts(
+        "DALLE2-pytorch prior (same 4 tokens)",
+        functools.partial(dalle2_step, args, 0),
+        w,
+        args.batch,
+    )
+    loops: list[Loop] = [unclip_procs, unclip_threads, d2_procs, d2_threads]
+    tr = interleaved(loops, args.warmup, args.steps, args.repeats, lambda: under_trainer(args))
     if args.with_default_text_len:
-        slow = plain_dalle2(args, dalle2, max_text_len=256)
+        slow = PlainLoop(
+            f"DALLE2-pytorch prior (default 256 null text tokens), 1 process × {w} threads",
+            *dalle2_step(args, 256, args.batch, 0),
+            batch=args.batch,
+        )
         slow.warm_up(1)
         slow.time_block(3)
         loops.append(slow)
 
     unclip_rate = statistics.median(tr["per_window"])
-    rows = [
-        (
-            f"unclip prior under the trainer (Ray Train + DeepSpeed ZeRO-{args.zero_stage}, EMA)",
-            unclip_rate,
-            min(tr["per_window"]),
-            max(tr["per_window"]),
-            tr["outside_loop_s"] + tr["first_window_s"],
-            plain.params,
-        )
-    ]
-    rows += [(lp.name, *rate(args.batch, lp.per_step), lp.startup_s, lp.params) for lp in loops]
-    print()
-    print(f"{'loop':<68} {'samples/s':>10} {'min':>8} {'max':>8} {'start-up s':>11} {'params':>9}")
-    for name, med, lo, hi, start, params in rows:
-        print(f"{name:<68} {med:>10.0f} {lo:>8.0f} {hi:>8.0f} {start:>11.1f} {params:>9}")
-    plain_rate, d2_rate = rate(args.batch, plain.per_step)[0], rate(args.batch, d2.per_step)[0]
+    print_rates(
+        f"unclip prior under the trainer, {w} workers × 1 thread "
+        f"(Ray Train + DeepSpeed ZeRO-{args.zero_stage}, EMA)",
+        tr,
+        loops,
+        digits=0,
+    )
+    plain_rate, plain_threads_rate = (statistics.median(lp.rates) for lp in loops[:2])
+    d2 = {"processes": statistics.median(d2_procs.rates)}
+    d2["threads"] = statistics.median(d2_threads.rates)
+    best = max(d2, key=d2.__getitem__)
     print(
         f"\nsamples/s: median (min, max) over the trainer's windows 2..{args.trainer_windows + 1} "
         f"of {args.log_every} steps, and over the plain loops' {args.repeats} blocks of "
         f"{args.steps} steps (interleaved, half before and half after the trainer, after "
-        f"{args.warmup} untimed steps). Start-up is excluded from the rates: the trainer's column "
+        f"{args.warmup} untimed steps). The {w}-process loops exchange no gradients; their rate is "
+        f"the processes' rates summed. Start-up is excluded from the rates: the trainer's column "
         f"is the fit's wall time outside the timed windows (Ray start, workers, DeepSpeed, first "
         f"window, checkpoint, export, shutdown); the plain loops' is their warm-up steps.\n"
-        f"ratio vs DALLE2-pytorch {unclip_rate / d2_rate:.2f}×; harness overhead "
-        f"{1 - unclip_rate / plain_rate:+.1%} (trainer vs plain loop)"
+        f"ratio vs DALLE2-pytorch {unclip_rate / d2[best]:.2f}× (its better layout: {best}; "
+        f"goal ≥ 1.0×)\n"
+        f"harness overhead {1 - unclip_rate / plain_rate:+.1%} (trainer vs the plain loop in the "
+        f"trainer's layout, {w} processes × 1 thread); against the 1 process × {w} threads loop, "
+        f"harness and layout together: {1 - unclip_rate / plain_threads_rate:+.1%}"
     )
     print(
         json.dumps(
             {
                 "unclip_samples_per_s": round(unclip_rate, 1),
-                "dalle2_pytorch_samples_per_s": round(d2_rate, 1),
+                "dalle2_pytorch_samples_per_s": round(d2[best], 1),
                 "plain_loop_samples_per_s": round(plain_rate, 1),
-                "ratio_vs_dalle2_pytorch": round(unclip_rate / d2_rate, 3),
+                "ratio_vs_dalle2_pytorch": round(unclip_rate / d2[best], 3),
                 "harness_overhead": round(1 - unclip_rate / plain_rate, 3),
+                "workers": w,
+                "plain_loop_layout": f"{w} processes x 1 thread",
+                "plain_loop_threads_samples_per_s": round(plain_threads_rate, 1),
+                "dalle2_pytorch_layout": best,
+                "dalle2_pytorch_processes_samples_per_s": round(d2["processes"], 1),
+                "dalle2_pytorch_threads_samples_per_s": round(d2["threads"], 1),
             }
         )
     )

@@ -27,8 +27,9 @@ Usage: ``python benchmarks/scale.py [--root /tmp/unclip-scale] [--workers 2] [--
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -39,6 +40,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plain_loops import ProcessLoop, Step, adamw_step, count  # noqa: E402
 from stores import store_bytes, write_store  # noqa: E402
 
 from unclip.datasets.storage import StorageLayout  # noqa: E402
@@ -126,46 +128,29 @@ def train_once(args: argparse.Namespace, model: str, n: int) -> dict[str, Any]:
 
 
 # --- the plain loop: the same batches as in-memory tensors, the trainer's process layout ---------
-def _plain_worker(task: Any, cfg: TrainerConfig, rank: int, steps: int, out: Any) -> None:
-    torch.set_num_threads(1)
+def plain_step(task: Any, cfg: TrainerConfig, rank: int) -> tuple[Step, int]:
+    """Rank ``rank``'s trainer batches, taken from the stream into memory, and the loss's step."""
     source = task.data()
     plan = StreamPlan.make(source.shards, rank, cfg.num_workers, cfg.batch_size, 4096, cfg.seed)
     stream = RankStream(source, plan, prefetch=0).batches(0)
-    batches = [task.batch(next(stream)) for _ in range(8)]  # in memory before the clock starts
+    batches = itertools.cycle([task.batch(next(stream)) for _ in range(8)])
     torch.manual_seed(0)
     model = task.build_model().train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    def step(i: int) -> None:
-        loss, _ = task.loss(model, batches[i % len(batches)])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+    def next_loss() -> torch.Tensor:
+        return task.loss(model, next(batches))[0]
 
-    for i in range(5):
-        step(i)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        step(i)
-    out.put(steps * cfg.batch_size / (time.perf_counter() - t0))
+    return adamw_step(model, next_loss, cfg.lr, cfg.weight_decay, cfg.grad_clip), count(model)
 
 
 def plain_loop(task: Any, cfg: TrainerConfig, steps: int) -> float:
     """Samples/s of ``cfg.num_workers`` one-thread processes running the loss side by side."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [
-        ctx.Process(target=_plain_worker, args=(task, cfg, r, steps, out))
-        for r in range(cfg.num_workers)
-    ]
-    for p in procs:
-        p.start()
-    rates = [out.get() for _ in procs]
-    for p in procs:
-        p.join()
-    return sum(rates)
+    build = functools.partial(plain_step, task, cfg)
+    name = f"{type(task).__name__} plain loop"
+    with ProcessLoop(name, build, cfg.num_workers, cfg.batch_size) as loop:
+        loop.warm_up(5)
+        loop.time_block(steps)
+    return loop.rates[0]
 
 
 def main() -> None:
