@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -118,12 +119,25 @@ class IngestConfig(Section):
     allow_private_networks: bool = Field(
         False, description="Permit URLs on loopback/private addresses (the demo and tests set it)."
     )
+    allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs downloads may reach although they are not public (e.g. an internal "
+        "image CDN, ['10.20.0.0/16']); every other non-public address stays refused.",
+    )
+    proxy: str | None = Field(
+        None,
+        description="HTTP proxy (http://host:port) for every download; each target host is still "
+        "checked before it is sent to the proxy. None: direct (environment proxies are never used).",
+    )
     max_redirects: int = Field(5, ge=0, description="Redirects followed per request.")
     max_image_bytes: int = Field(
         32 * 1024 * 1024, ge=1, description="Largest response body accepted per image."
     )
     max_request_time_s: float = Field(
-        60.0, gt=0, description="Wall-clock limit per request (redirects and body included)."
+        60.0,
+        gt=0,
+        description="Wall-clock limit per request, from DNS to the last byte (connect, status "
+        "line, headers, redirects and body included).",
     )
     disallowed_header_directives: list[str] = Field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
@@ -141,6 +155,13 @@ class IngestConfig(Section):
                 f"ingest.encode_quality={self.encode_quality}: for encode_format 'png' it is the "
                 "compression level, 0-9"
             )
+        for net in self.allowed_networks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as e:
+                raise ValueError(f"ingest.allowed_networks: {net!r} is not a CIDR ({e})") from None
+        if self.proxy is not None and not self.proxy.startswith(("http://", "https://")):
+            raise ValueError(f"ingest.proxy={self.proxy!r}: expected http://host:port")
         return self
 
 
