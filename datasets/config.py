@@ -99,6 +99,12 @@ class IngestConfig(Section):
 
     url_col: str = Field("url", description="Column of the URL list holding image URLs.")
     caption_col: str = Field("caption", description="Column holding captions.")
+    max_url_list_bytes: int = Field(
+        4 * 1024**3,
+        ge=1,
+        description="Largest URL list read, in bytes after decompression (a .gz is "
+        "decompressed in a stream and refused past this).",
+    )
     image_size: int = Field(64, ge=8, description="Output side in pixels.")
     resize_mode: Literal["center_crop", "border", "keep_ratio", "no"] = "center_crop"
     encode_format: Literal["jpg", "png", "webp"] = "jpg"

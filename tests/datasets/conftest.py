@@ -221,6 +221,9 @@ class BadServer:
             h.wfile.flush()
             self.stopping.wait(60)
             return None
+        if path.startswith("/slow/"):  # the image, after 1 s
+            self.stopping.wait(1.0)
+            return self._send(h, 200, png_bytes(ok_image(zlib.crc32(path.encode()))), "image/png")
         if path.startswith("/hang/"):  # accepts, reads the request, never answers
             self.stopping.wait(60)
             return None

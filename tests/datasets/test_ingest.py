@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 from PIL import Image
 
 from unclip.datasets.config import IngestConfig, SyntheticConfig
-from unclip.datasets.ingest import completed_shards, ingest_source
+from unclip.datasets.ingest import completed_shards, download_shard, ingest_source, plan_source
 from unclip.datasets.shards import iter_shard
 from unclip.datasets.storage import StorageLayout
 from unclip.datasets.synthetic import render_image, serve_synthetic, write_url_list
@@ -191,3 +192,34 @@ def test_a_zero_length_or_torn_tar_under_its_final_name_is_redone(ingested, keep
     assert (again.shards_written, again.successes) == (1, 10)
     assert completed_shards(layout, src) == [0, 1, 2]
     assert len(tarfile.open(tar2).getnames()) == 3 * 10
+
+
+def test_two_concurrent_tries_of_a_shard_commit_one_consistent_unit(bad_server, tmp_path):
+    base, state = bad_server
+    paths = [f"/slow/{i}.png" for i in range(6)]
+    url_list = _list(tmp_path / "slow.parquet", [base + p for p in paths])
+    layout = StorageLayout(str(tmp_path / "store"))
+    cfg = ingest_cfg(samples_per_shard=6, thread_count=2)
+    plan = plan_source(layout, url_list, cfg)
+    results: list[dict] = []
+
+    def one_try() -> None:
+        results.append(download_shard(layout.root, plan.source_id, 0, cfg))
+
+    tries = [threading.Thread(target=one_try) for _ in range(2)]
+    for t in tries:
+        t.start()
+        time.sleep(0.3)
+    for t in tries:
+        t.join(timeout=120)
+    assert len(results) == 2 and results[0]["commit"] == results[1]["commit"]
+    assert [state.hits[p] for p in paths] == [1] * 6  # the second try downloaded nothing
+    # the unit on storage is the one try's: sizes as recorded, tar rows = Parquet successes
+    src = plan.source_id
+    record = json.load(open(layout.image_shard_stats(src, 0)))["commit"]
+    assert record == results[0]["commit"]
+    assert os.path.getsize(layout.image_shard(src, 0)) == record["tar"]["bytes"]
+    assert os.path.getsize(layout.image_shard_parquet(src, 0)) == record["parquet"]["bytes"]
+    table = pq.read_table(layout.image_shard_parquet(src, 0))
+    in_tar = {s.key: s.meta["sha256"] for s in iter_shard(layout.image_shard(src, 0))}
+    assert in_tar == dict(zip(table.column("key").to_pylist(), table.column("sha256").to_pylist()))
