@@ -139,6 +139,12 @@ class IngestConfig(Section):
     max_image_bytes: int = Field(
         32 * 1024 * 1024, ge=1, description="Largest response body accepted per image."
     )
+    max_buffered_bytes: int = Field(
+        2 * 1024**3,
+        ge=1,
+        description="Cap on response bodies a shard task holds at once: img2dataset keeps up to "
+        "2 × thread_count bodies of up to max_image_bytes each, and a config over the cap is refused.",
+    )
     max_request_time_s: float = Field(
         60.0,
         gt=0,
@@ -160,6 +166,13 @@ class IngestConfig(Section):
             raise ValueError(
                 f"ingest.encode_quality={self.encode_quality}: for encode_format 'png' it is the "
                 "compression level, 0-9"
+            )
+        held = 2 * self.thread_count * self.max_image_bytes
+        if held > self.max_buffered_bytes:
+            raise ValueError(
+                f"ingest: 2 × thread_count ({self.thread_count}) × max_image_bytes "
+                f"({self.max_image_bytes}) = {held} bytes may be buffered per shard task, over "
+                f"ingest.max_buffered_bytes={self.max_buffered_bytes}: lower one of them"
             )
         for net in self.allowed_networks:
             try:

@@ -94,3 +94,14 @@ def test_relative_paths_resolve_where_they_were_written(tmp_path, monkeypatch):
     assert _load(config, None)[0].storage == str(work / "x")
     monkeypatch.delenv("UNCLIP_STORAGE")
     assert _load(config, ["storage=y"])[0].storage == str(work / "y")
+
+
+def test_buffered_bytes_per_task_are_capped_by_config():
+    import pytest
+
+    from unclip.pipelines.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=r"2 × thread_count \(64\) × max_image_bytes"):
+        parse_config({"storage": "/tmp/x", "ingest": {"thread_count": 64}})
+    ok = parse_config({"storage": "/tmp/x", "ingest": {"thread_count": 64, "max_image_bytes": 16 << 20}})
+    assert 2 * 64 * ok.ingest.max_image_bytes <= ok.ingest.max_buffered_bytes
