@@ -119,8 +119,9 @@ class IngestConfig(Section):
     shard_deadline_s: float | None = Field(
         None,
         gt=0,
-        description="Wall-clock limit of one try of a shard task; a try past it fails and Ray "
-        "retries the shard (nothing partial is committed). None: no limit.",
+        description="Wall-clock limit of one try of a shard, counted once its download process has "
+        "loaded; past it the process is killed, the try fails and Ray retries the shard (nothing "
+        "partial is committed); the driver's wait is bounded from it too. None: no limit.",
     )
     allow_private_networks: bool = Field(
         False, description="Permit URLs on loopback/private addresses (the demo and tests set it)."

@@ -59,6 +59,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
 class ShardStalled(ShardError):
     """The driver saw no shard finish for longer than any try may take; the rest were cancelled."""
 
@@ -250,7 +251,9 @@ def _run_shards(
                     f"ShardStalled: no shard of {source} finished within {bound:g} s "
                     "(ingest.shard_deadline_s, retries and slack); the task was cancelled"
                 )
-            log.error("ingest %s: %d shard task(s) stalled and were cancelled", source, len(remaining))
+            log.error(
+                "ingest %s: %d shard task(s) stalled and were cancelled", source, len(remaining)
+            )
             break
         shard = refs[ready[0]]
         try:

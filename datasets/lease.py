@@ -116,7 +116,9 @@ def _create_exclusive(path: str, data: bytes) -> bool:
             f.flush()
             os.fsync(f.fileno())
         try:
-            os.link(tmp, p)  # atomic, and fails when p exists: the record appears whole or not at all
+            os.link(
+                tmp, p
+            )  # atomic, and fails when p exists: the record appears whole or not at all
         except FileExistsError:
             return False
         finally:

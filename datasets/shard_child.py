@@ -51,7 +51,9 @@ def net_policy(cfg: IngestConfig) -> NetPolicy:
     return NetPolicy(cfg.allow_private_networks, tuple(cfg.allowed_networks), cfg.proxy)
 
 
-def make_downloader(cfg: IngestConfig, output_folder: str, column_list: list[str], tally: Any) -> Any:
+def make_downloader(
+    cfg: IngestConfig, output_folder: str, column_list: list[str], tally: Any
+) -> Any:
     """img2dataset's Downloader with this project's resizer guard and filtering writer."""
     # img2dataset imports albumentations, which otherwise phones home for updates on import.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -146,9 +148,7 @@ def _wait_ready(proc: subprocess.Popen, ready_r: int, label: str) -> None:
         os.close(ready_r)
 
 
-def run_try(
-    input_path: str, out: str, shard: int, cfg: IngestConfig, label: str
-) -> dict[str, Any]:
+def run_try(input_path: str, out: str, shard: int, cfg: IngestConfig, label: str) -> dict[str, Any]:
     """Run one try in a child process; kill it at the deadline. Returns the shard's stats."""
     spec_path = os.path.join(out, "spec.json")
     with open(spec_path, "w") as f:

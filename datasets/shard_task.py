@@ -50,7 +50,9 @@ _TRANSIENT = (
     "unreachable",
 )
 SHARD_LEASE_TTL_S = 60.0
-_NO_DEADLINE_WAIT_S = 3600.0  # how long a try waits for another try of its shard, without a deadline
+_NO_DEADLINE_WAIT_S = (
+    3600.0  # how long a try waits for another try of its shard, without a deadline
+)
 
 
 def shard_lease_ttl() -> float:

@@ -75,9 +75,7 @@ def completed_shards(layout: StorageLayout, source_id: str) -> list[int]:
         info["name"].rstrip("/").rsplit("/", 1)[-1]: info.get("size")
         for info in fs.ls(d, detail=True)
     }
-    tars = {
-        int(m.group(1)): size for name, size in sizes.items() if (m := _SHARD_TAR.match(name))
-    }
+    tars = {int(m.group(1)): size for name, size in sizes.items() if (m := _SHARD_TAR.match(name))}
     stats_paths = {s: f"{d}/{s:05d}_stats.json" for s in tars if f"{s:05d}_stats.json" in sizes}
     blobs = fs.cat(list(stats_paths.values()), on_error="omit") if stats_paths else {}
     by_name = {p.rstrip("/").rsplit("/", 1)[-1]: b for p, b in blobs.items()}

@@ -131,12 +131,16 @@ def _merge_partition_output(acc: dict[str, Any] | None, value: dict[str, Any]) -
 
 
 @contextlib.contextmanager
-def writer_lease(cfg: PipelineConfig, what: str | None = None, wait_s: float = 0.0) -> Iterator[Lease]:
+def writer_lease(
+    cfg: PipelineConfig, what: str | None = None, wait_s: float = 0.0
+) -> Iterator[Lease]:
     """Hold the storage root's writer lease: one run writes a root at a time.
 
     A second run waits up to ``wait_s`` seconds, then raises ``LeaseHeld`` naming the holder.
     """
-    what = what or "unclip " + " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))
+    what = what or "unclip " + " ".join(
+        os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)
+    )
     with Lease(StorageLayout(cfg.storage).lease("writer"), what=what).hold(wait_s=wait_s) as lease:
         yield lease
 

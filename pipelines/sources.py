@@ -75,7 +75,9 @@ def validate(url_list: str, cfg: PipelineConfig) -> Checked:
     except ValueError:
         raise
     except Exception as e:  # a bad file must not take the sensor down: it is a reason to reject
-        raise ValueError(f"{url_list}: cannot be read as a URL list: {type(e).__name__}: {e}") from e
+        raise ValueError(
+            f"{url_list}: cannot be read as a URL list: {type(e).__name__}: {e}"
+        ) from e
     if loaded.table.num_rows == 0:
         raise ValueError(f"{url_list}: the list has no rows")
     return Checked(loaded.source_id, loaded.table.num_rows)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import io
-import tracemalloc
 import os
+import tracemalloc
 
 import cv2
 import numpy as np
@@ -13,12 +13,12 @@ from PIL import Image
 
 from unclip.datasets.config import FilterConfig
 from unclip.datasets.image_filters import (
+    UNREADABLE,
     GuardedResizer,
     ShardTally,
     adjust_stats,
-    filtering_writer,
-    UNREADABLE,
     composite_on_white,
+    filtering_writer,
     header_check,
     truncated_jpeg,
 )

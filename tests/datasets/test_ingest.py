@@ -146,7 +146,9 @@ def test_server_down_fails_the_shard_without_committing(ray_local, tmp_path):
 
 
 def _list(path, urls: list[str]) -> str:
-    pq.write_table(pa.table({"url": urls, "caption": [f"caption {i}" for i in range(len(urls))]}), path)
+    pq.write_table(
+        pa.table({"url": urls, "caption": [f"caption {i}" for i in range(len(urls))]}), path
+    )
     return str(path)
 
 
@@ -222,4 +224,5 @@ def test_two_concurrent_tries_of_a_shard_commit_one_consistent_unit(bad_server, 
     assert os.path.getsize(layout.image_shard_parquet(src, 0)) == record["parquet"]["bytes"]
     table = pq.read_table(layout.image_shard_parquet(src, 0))
     in_tar = {s.key: s.meta["sha256"] for s in iter_shard(layout.image_shard(src, 0))}
-    assert in_tar == dict(zip(table.column("key").to_pylist(), table.column("sha256").to_pylist()))
+    keys, hashes = table.column("key").to_pylist(), table.column("sha256").to_pylist()
+    assert in_tar == dict(zip(keys, hashes, strict=True))

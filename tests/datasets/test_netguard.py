@@ -289,7 +289,9 @@ def test_environment_proxies_are_ignored_and_a_configured_one_is_checked(
         with build_opener(PUBLIC).open(f"http://public.test:{port}/direct", timeout=5) as r:
             assert r.read() == b"from 127.0.0.2"
         assert public["/direct"] == 1 and sum(proxied.values()) == 0
-        via = NetPolicy(allowed_networks=PUBLIC.allowed_networks, proxy=f"http://127.0.0.1:{proxy_port}")
+        via = NetPolicy(
+            allowed_networks=PUBLIC.allowed_networks, proxy=f"http://127.0.0.1:{proxy_port}"
+        )
         with build_opener(via).open(f"http://public.test:{port}/p", timeout=5) as r:
             assert r.read() == b"from 127.0.0.1"  # the proxy answered
         assert proxied[f"http://public.test:{port}/p"] == 1

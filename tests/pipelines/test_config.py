@@ -103,5 +103,7 @@ def test_buffered_bytes_per_task_are_capped_by_config():
 
     with pytest.raises(ConfigError, match=r"2 × thread_count \(64\) × max_image_bytes"):
         parse_config({"storage": "/tmp/x", "ingest": {"thread_count": 64}})
-    ok = parse_config({"storage": "/tmp/x", "ingest": {"thread_count": 64, "max_image_bytes": 16 << 20}})
+    ok = parse_config(
+        {"storage": "/tmp/x", "ingest": {"thread_count": 64, "max_image_bytes": 16 << 20}}
+    )
     assert 2 * 64 * ok.ingest.max_image_bytes <= ok.ingest.max_buffered_bytes

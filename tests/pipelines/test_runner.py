@@ -59,7 +59,9 @@ def test_a_second_run_on_the_same_storage_root_stops_naming_the_holder(tmp_path)
 
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"storage": str(tmp_path / "store")}))
-    holder = Lease(StorageLayout(str(tmp_path / "store")).lease("writer"), what="unclip run first.yaml")
+    holder = Lease(
+        StorageLayout(str(tmp_path / "store")).lease("writer"), what="unclip run first.yaml"
+    )
     holder.acquire()
     start = time.monotonic()
     result = CliRunner().invoke(app, ["run", str(config), "--wait", "1"])

@@ -138,7 +138,10 @@ def test_every_bad_file_is_rejected_with_its_reason_and_the_good_ones_still_run(
     cfg = load_config(config, {"ingest": {"max_url_list_bytes": 1_000_000}})
     result = evaluate_inbox(cfg, None)
     assert len(result.run_requests) == 2
-    assert {r.tags["unclip/list"] for r in result.run_requests} == {"a-good.parquet", "z-good.parquet"}
+    assert {r.tags["unclip/list"] for r in result.run_requests} == {
+        "a-good.parquet",
+        "z-good.parquet",
+    }
     for name, reason in reasons.items():
         assert reason in (inbox / "_rejected" / f"{name}.error.txt").read_text(), name
         assert not (inbox / name).exists()
@@ -167,7 +170,12 @@ def test_the_inbox_on_an_s3_api_server(s3_root, tmp_path):
 
     from unclip.pipelines.config import parse_config
 
-    cfg = parse_config({"storage": str(tmp_path / "store"), "sensor": {"min_age_seconds": 0, "incoming": f"{s3_root}/incoming"}})
+    cfg = parse_config(
+        {
+            "storage": str(tmp_path / "store"),
+            "sensor": {"min_age_seconds": 0, "incoming": f"{s3_root}/incoming"},
+        }
+    )
     fs = s3fs.S3FileSystem(skip_instance_cache=True)  # another client: the uploader's
     inbox = s3_root[len("s3://") :] + "/incoming"
     local = tmp_path / "lists"
