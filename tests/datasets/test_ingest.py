@@ -226,3 +226,31 @@ def test_two_concurrent_tries_of_a_shard_commit_one_consistent_unit(bad_server, 
     in_tar = {s.key: s.meta["sha256"] for s in iter_shard(layout.image_shard(src, 0))}
     keys, hashes = table.column("key").to_pylist(), table.column("sha256").to_pylist()
     assert in_tar == dict(zip(keys, hashes, strict=True))
+
+
+def test_two_concurrent_first_plans_of_a_source_agree(tmp_path):
+    """The plan lease: one writer fixes the rows and the split, the other reads what it fixed."""
+    urls = [f"http://127.0.0.1:9/{i}.png" for i in range(30)]
+    url_list = _list(tmp_path / "l.parquet", urls)
+    layout = StorageLayout(str(tmp_path / "store"))
+    strict = ingest_cfg(samples_per_shard=10, filters={"caption_min_words": 3})  # drops some
+    loose = ingest_cfg(samples_per_shard=10)
+    plans: dict[str, object] = {}
+    errors: list[BaseException] = []
+
+    def plan(name, cfg) -> None:
+        try:
+            plans[name] = plan_source(layout, url_list, cfg)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=plan, args=a) for a in (("s", strict), ("l", loose))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    assert plans["s"].num_rows == plans["l"].num_rows  # one plan, whoever made it
+    fixed = json.load(open(layout.ingest_plan(plans["s"].source_id)))
+    assert fixed["num_rows"] == plans["s"].num_rows
+    assert pq.read_table(layout.ingest_rows(plans["s"].source_id)).num_rows == fixed["num_rows"]
