@@ -39,7 +39,8 @@ from .filters import prefilter
 from .image_filters import FILTERED
 from .ingest_stats import failure_warning, format_summary, summarize
 from .lease import Lease, LeaseHeld
-from .shard_task import ShardDeadlineExceeded, ShardError, download_shard, shard_lease_ttl
+from .shard_child import STARTUP_S
+from .shard_task import ShardDeadlineExceeded, ShardError, download_shard, lease_wait_s
 from .shards import completed_shards
 from .storage import StorageLayout, atomic_write, exists, read_json, write_json
 from .url_lists import read_url_list, source_id
@@ -87,20 +88,20 @@ def shard_parquet_path(layout: StorageLayout, source: str, shard: int) -> str:
 
 
 PLAN_WAIT_S = 600.0  # how long a first plan waits for another writer planning the same source
-# Slack on top of the shard deadline before the driver gives up on a task: the child's start,
-# the input copy, the commit, Ray's retry scheduling.
+# Slack on top of a try's longest life before the driver gives up on a task: the input copy,
+# the commit, Ray's retry scheduling.
 _DRIVER_SLACK_S = 120.0
 
 
 def driver_bound(cfg: IngestConfig) -> float | None:
     """Longest the driver waits for the next shard to finish; None without a shard deadline.
 
-    The oldest running task ends within (deadline + lease wait + slack) per try, all tries included,
-    so no completion for that long means a task is stuck beyond what its child's kill covers.
+    The oldest running task ends within (lease wait + start-up + deadline + slack) per try, all
+    tries included, so no completion for that long means a task is stuck past its child's kill.
     """
     if cfg.shard_deadline_s is None:
         return None
-    per_try = cfg.shard_deadline_s + shard_lease_ttl() + _DRIVER_SLACK_S
+    per_try = lease_wait_s(cfg) + STARTUP_S + cfg.shard_deadline_s + _DRIVER_SLACK_S
     return per_try * (cfg.shard_retries + 1)
 
 

@@ -28,6 +28,7 @@ from .config import IngestConfig
 from .lease import Lease, LeaseHeld
 from .shard_child import (
     OOM_SHARD_COUNT,
+    STARTUP_S,
     ShardDeadlineExceeded,
     ShardError,
     run_try,
@@ -39,7 +40,6 @@ __all__ = [
     "ShardDeadlineExceeded",
     "ShardError",
     "download_shard",
-    "shard_lease_ttl",
 ]
 
 # Failure messages that mean "the host or the network was down", not "this URL is bad".
@@ -49,15 +49,17 @@ _TRANSIENT = (
     "temporary failure in name resolution",
     "unreachable",
 )
-SHARD_LEASE_TTL_S = 60.0
+SHARD_LEASE_TTL_S = 60.0  # a killed try's shard is free again this long after its last renewal
 _NO_DEADLINE_WAIT_S = (
     3600.0  # how long a try waits for another try of its shard, without a deadline
 )
 
 
-def shard_lease_ttl() -> float:
-    """TTL of a shard's lease: a killed try's shard is free again this long after its last renewal."""
-    return SHARD_LEASE_TTL_S
+def lease_wait_s(cfg: IngestConfig) -> float:
+    """How long a try waits for another try of its shard: that try's longest life, plus the TTL."""
+    if cfg.shard_deadline_s is None:
+        return _NO_DEADLINE_WAIT_S
+    return STARTUP_S + cfg.shard_deadline_s + SHARD_LEASE_TTL_S
 
 
 def _all_transient(stats: dict[str, Any]) -> bool:
@@ -106,12 +108,11 @@ def download_shard(root: str, source: str, shard: int, cfg: IngestConfig) -> dic
     if shard_committed(layout, source, shard):  # committed by an earlier try
         return read_json(layout.image_shard_stats(source, shard))
     lease = Lease(
-        layout.lease("images", source, f"{shard:05d}"), f"a try of shard {label}", shard_lease_ttl()
+        layout.lease("images", source, f"{shard:05d}"), f"a try of shard {label}", SHARD_LEASE_TTL_S
     )
-    wait = cfg.shard_deadline_s if cfg.shard_deadline_s is not None else _NO_DEADLINE_WAIT_S
     with contextlib.ExitStack() as stack:
-        try:  # a live try of this shard ends within its deadline, a dead one within the TTL
-            stack.enter_context(lease.hold(wait_s=wait + lease.ttl_s))
+        try:  # a live try ends within its start-up and deadline; a dead one's lease in a TTL
+            stack.enter_context(lease.hold(wait_s=lease_wait_s(cfg)))
         except LeaseHeld as e:
             raise ShardError(f"{label}: another try is still running: {e}") from None
         if shard_committed(layout, source, shard):  # the try we waited for committed it
