@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -98,6 +99,12 @@ class IngestConfig(Section):
 
     url_col: str = Field("url", description="Column of the URL list holding image URLs.")
     caption_col: str = Field("caption", description="Column holding captions.")
+    max_url_list_bytes: int = Field(
+        4 * 1024**3,
+        ge=1,
+        description="Largest URL list read, in bytes after decompression (a .gz is "
+        "decompressed in a stream and refused past this).",
+    )
     image_size: int = Field(64, ge=8, description="Output side in pixels.")
     resize_mode: Literal["center_crop", "border", "keep_ratio", "no"] = "center_crop"
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
@@ -112,18 +119,38 @@ class IngestConfig(Section):
     shard_deadline_s: float | None = Field(
         None,
         gt=0,
-        description="Wall-clock limit of one try of a shard task; a try past it fails and Ray "
-        "retries the shard (nothing partial is committed). None: no limit.",
+        description="Wall-clock limit of one try of a shard, counted once its download process has "
+        "loaded; past it the process is killed, the try fails and Ray retries the shard (nothing "
+        "partial is committed); the driver's wait is bounded from it too. None: no limit.",
     )
     allow_private_networks: bool = Field(
         False, description="Permit URLs on loopback/private addresses (the demo and tests set it)."
+    )
+    allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs downloads may reach although they are not public (e.g. an internal "
+        "image CDN, ['10.20.0.0/16']); every other non-public address stays refused.",
+    )
+    proxy: str | None = Field(
+        None,
+        description="HTTP proxy (http://host:port) for every download; each target host is still "
+        "checked before it is sent to the proxy. None: direct (environment proxies are never used).",
     )
     max_redirects: int = Field(5, ge=0, description="Redirects followed per request.")
     max_image_bytes: int = Field(
         32 * 1024 * 1024, ge=1, description="Largest response body accepted per image."
     )
+    max_buffered_bytes: int = Field(
+        2 * 1024**3,
+        ge=1,
+        description="Cap on response bodies a shard task holds at once: img2dataset keeps up to "
+        "2 × thread_count bodies of up to max_image_bytes each, and a config over the cap is refused.",
+    )
     max_request_time_s: float = Field(
-        60.0, gt=0, description="Wall-clock limit per request (redirects and body included)."
+        60.0,
+        gt=0,
+        description="Wall-clock limit per request, from DNS to the last byte (connect, status "
+        "line, headers, redirects and body included).",
     )
     disallowed_header_directives: list[str] = Field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
@@ -141,6 +168,20 @@ class IngestConfig(Section):
                 f"ingest.encode_quality={self.encode_quality}: for encode_format 'png' it is the "
                 "compression level, 0-9"
             )
+        held = 2 * self.thread_count * self.max_image_bytes
+        if held > self.max_buffered_bytes:
+            raise ValueError(
+                f"ingest: 2 × thread_count ({self.thread_count}) × max_image_bytes "
+                f"({self.max_image_bytes}) = {held} bytes may be buffered per shard task, over "
+                f"ingest.max_buffered_bytes={self.max_buffered_bytes}: lower one of them"
+            )
+        for net in self.allowed_networks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as e:
+                raise ValueError(f"ingest.allowed_networks: {net!r} is not a CIDR ({e})") from None
+        if self.proxy is not None and not self.proxy.startswith(("http://", "https://")):
+            raise ValueError(f"ingest.proxy={self.proxy!r}: expected http://host:port")
         return self
 
 

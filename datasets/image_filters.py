@@ -2,10 +2,13 @@
 
 :class:`GuardedResizer` reads an image's header (PIL, no pixel decode) before img2dataset's
 resizer decodes it, so a decompression bomb (a small file claiming 20000×20000 pixels) is
-refused without allocating its pixels; it also refuses truncated JPEGs (OpenCV may decode them
-with a grey tail) and brings 16-bit PNGs to 8 bits (img2dataset's alpha compositing assumes
-8). Palette and grey-alpha PNGs decode to BGRA in OpenCV and are composited on white by
-img2dataset.
+refused without allocating its pixels. Only formats in :data:`DECODABLE` whose header PIL can
+read reach a decoder: anything else (HTML, a Radiance HDR or OpenEXR header OpenCV would
+happily decode at any size) is refused unread. It also refuses truncated JPEGs (OpenCV may
+decode them with a grey tail). Images with alpha or 16-bit samples are decoded here once, brought
+to 8-bit BGR on white in uint8 row blocks (img2dataset composites in float64, ~76 bytes per pixel)
+and handed to the resizer as an uncompressed BMP: about 10 bytes per pixel at the peak, so
+``filters.max_image_area`` bounds a try's decode memory (docs/troubleshooting.md).
 
 :func:`filtering_writer` wraps the sample writer: rows that img2dataset failed for a filter's
 reason (image too small, aspect ratio, area, X-Robots-Tag opt-out) and images whose sha256
@@ -36,22 +39,53 @@ RESIZE_FILTERS = {
 }
 DOWNLOAD_FILTERS = {"Use of image disallowed by X-Robots-Tag directive": "x_robots_tag"}
 TRUNCATED_JPEG = "truncated image (JPEG without end-of-image marker)"
-_PNG_SIG = b"\x89PNG\r\n\x1a\n"
+UNREADABLE = "image format not recognised from its header (refused before decoding)"
+# PIL format names whose pixels OpenCV decodes the way PIL reads their header.
+DECODABLE = {"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"}
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_BLOCK_BYTES = 16 << 20  # uint16 temporaries per block of rows while compositing
 
 
-def header_check(data: bytes, cfg: FilterConfig) -> str | None:
-    """img2dataset's message for a size filter the header already fails, else None (no decode)."""
+@dataclass(frozen=True)
+class Header:
+    """What an image's header says, read without decoding pixels."""
+
+    format: str
+    width: int
+    height: int
+    mode: str
+    bits: int  # bits per sample (16 for 16-bit PNG / TIFF)
+    alpha: bool
+
+
+def read_header(data: bytes) -> Header | str:
+    """The header of ``data``, or the reason it is refused unread."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
+                fmt, (w, h), mode = im.format or "", im.size, im.mode
+                alpha = mode in _ALPHA_MODES or "transparency" in im.info
     except Image.DecompressionBombError:
         return "image area too large"
-    except Exception:  # not an image PIL knows: the resizer reports its own decoding error
-        return None
+    except Exception:
+        return UNREADABLE
+    if fmt not in DECODABLE:
+        return f"image format {fmt} not accepted (refused before decoding)"
     if w <= 0 or h <= 0:
-        return None
+        return UNREADABLE
+    bits = 16 if mode.startswith("I;16") or mode in ("I", "RGBA;16", "RGB;16") else 8
+    if fmt == "PNG" and len(data) > 24 and data[24] == 16:
+        bits = 16
+    return Header(fmt, w, h, mode, bits, alpha)
+
+
+def header_check(data: bytes, cfg: FilterConfig) -> str | None:
+    """img2dataset's message for a filter the header already fails (or why it is unreadable)."""
+    head = read_header(data)
+    if isinstance(head, str):
+        return head
+    w, h = head.width, head.height
     if min(w, h) < cfg.min_image_size:
         return "image too small"
     if w * h > cfg.max_image_area:
@@ -73,17 +107,39 @@ def truncated_jpeg(data: bytes) -> bool:
     return sos >= 0 and data.find(b"\xff\xd9", sos) < 0
 
 
-def _png_8bit(data: bytes) -> bytes:
-    """A 16-bit PNG as an 8-bit PNG (channels and alpha kept); other data unchanged."""
-    if not (data.startswith(_PNG_SIG) and len(data) > 24 and data[24] == 16):
-        return data
+def composite_on_white(bgra: np.ndarray) -> np.ndarray:
+    """BGRA (uint8) → BGR on white, in uint8 blocks of rows: out = (c·a + 255·(255−a)) / 255."""
+    h, w = bgra.shape[:2]
+    out = np.empty((h, w, 3), np.uint8)
+    step = max(1, _BLOCK_BYTES // max(w * 4 * 2, 1))
+    for y in range(0, h, step):
+        block = bgra[y : y + step]
+        a = block[..., 3:4].astype(np.uint16)
+        c = block[..., :3].astype(np.uint16)
+        c *= a
+        c += 255 * (255 - a)
+        c += 127  # round to nearest
+        c //= 255
+        out[y : y + step] = c
+    return out
+
+
+def _flatten(data: bytes) -> bytes | None:
+    """8-bit BGR BMP bytes of an image with alpha or 16-bit samples; None if undecodable."""
     import cv2
 
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None or img.dtype != np.uint16:
-        return data
-    ok, enc = cv2.imencode(".png", (img >> 8).astype(np.uint8))
-    return enc.tobytes() if ok else data
+    if img is None:
+        return None
+    if img.dtype == np.uint16:
+        img >>= 8
+        img = img.astype(np.uint8)
+    elif img.dtype != np.uint8:
+        return None
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = composite_on_white(img)
+    ok, enc = cv2.imencode(".bmp", img)
+    return enc.tobytes() if ok else None
 
 
 class GuardedResizer:
@@ -101,9 +157,12 @@ class GuardedResizer:
             reason = TRUNCATED_JPEG
         if reason is not None:
             return None, None, None, None, None, reason
-        fixed = _png_8bit(data)
-        if fixed is not data:
-            img_stream = io.BytesIO(fixed)
+        head = read_header(data)
+        if isinstance(head, Header) and (head.alpha or head.bits > 8):
+            flat = _flatten(data)
+            if flat is None:
+                return None, None, None, None, None, "Image decoding error"
+            img_stream = io.BytesIO(flat)
         img_stream.seek(0)
         return self.resizer(img_stream, blurring_bbox_list)
 

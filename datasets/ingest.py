@@ -2,12 +2,13 @@
 
 Plan: the list is copied to ``sources/{source}.parquet`` and split into fixed slices of
 ``samples_per_shard`` rows (the split is recorded in ``_plan.json`` and may not change later).
-Each missing shard is one Ray task: it copies its input slice from the storage root, runs
-img2dataset's ``Downloader`` (``Resizer`` + ``WebDatasetSampleWriter``) into a worker-local
-temp dir, then commits ``.parquet``, ``_stats.json`` and finally ``.tar`` to the storage root,
-each atomically. A shard exists only when its tar exists, so a killed task leaves nothing a
-reader takes, and a re-run redoes exactly the missing shards. Failed samples are rows in the
-shard's Parquet (status + error message); a failed shard task is retried by Ray.
+Each missing shard is one Ray task (``shard_task.py``): under the shard's lease it copies its
+input slice from the storage root, runs img2dataset's ``Downloader`` in a child process that is
+killed at ``shard_deadline_s`` (``shard_child.py``), then commits ``.parquet``, ``_stats.json``
+(with a commit record) and finally ``.tar``, each durably. A shard exists only when its tar
+matches its commit record, so a killed task leaves nothing a reader takes, and a re-run redoes
+exactly the missing shards. Failed samples are rows in the shard's Parquet (status + error
+message); a failed shard task is retried by Ray, and the driver's wait is bounded too.
 
 Filters: at the first plan of a source the pre-download filters (``filters.py``) and the
 (url, caption) dedup against every source already indexed (``dedup.py``) run in the driver; the
@@ -19,17 +20,10 @@ new shards numbered after the planned ones, never rewriting a committed shard.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
-import os
-import shutil
-import signal
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,15 +36,20 @@ from fsspec.core import url_to_fs
 from . import dedup
 from .config import IngestConfig
 from .filters import prefilter
-from .image_filters import FILTERED, GuardedResizer, ShardTally, adjust_stats, filtering_writer
+from .image_filters import FILTERED
 from .ingest_stats import failure_warning, format_summary, summarize
-from .netguard import RequestLimits, guarded_urlopen
+from .lease import Lease, LeaseHeld
+from .shard_child import STARTUP_S
+from .shard_task import ShardDeadlineExceeded, ShardError, download_shard, lease_wait_s
 from .shards import completed_shards
 from .storage import StorageLayout, atomic_write, exists, read_json, write_json
 from .url_lists import read_url_list, source_id
 
 __all__ = [
     "IngestResult",
+    "ShardDeadlineExceeded",
+    "ShardError",
+    "download_shard",
     "completed_shards",
     "format_summary",
     "ingest_source",
@@ -61,18 +60,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-OOM_SHARD_COUNT = 5  # shard names are {shard:05d}, as StorageLayout.image_shard
-# Failure messages that mean "the host or the network was down", not "this URL is bad".
-_TRANSIENT = (
-    "connection refused",
-    "timed out",
-    "temporary failure in name resolution",
-    "unreachable",
-)
 
-
-class ShardError(RuntimeError):
-    """A shard task failed as a whole (Ray retries it)."""
+class ShardStalled(ShardError):
+    """The driver saw no shard finish for longer than any try may take; the rest were cancelled."""
 
 
 @dataclass
@@ -90,144 +80,29 @@ class IngestResult:
 
 
 def shard_stats_path(layout: StorageLayout, source: str, shard: int) -> str:
-    return layout.image_shard(source, shard)[: -len(".tar")] + "_stats.json"
+    return layout.image_shard_stats(source, shard)
 
 
 def shard_parquet_path(layout: StorageLayout, source: str, shard: int) -> str:
-    return layout.image_shard(source, shard)[: -len(".tar")] + ".parquet"
+    return layout.image_shard_parquet(source, shard)
 
 
-def _put(local: str, remote: str) -> None:
-    with open(local, "rb") as src, atomic_write(remote) as dst:
-        shutil.copyfileobj(src, dst, length=1 << 20)
+PLAN_WAIT_S = 600.0  # how long a first plan waits for another writer planning the same source
+# Slack on top of a try's longest life before the driver gives up on a task: the input copy,
+# the commit, Ray's retry scheduling.
+_DRIVER_SLACK_S = 120.0
 
 
-def _make_downloader(
-    cfg: IngestConfig, output_folder: str, column_list: list[str], tally: ShardTally
-) -> Any:
-    # img2dataset imports albumentations, which otherwise phones home for updates on import.
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from img2dataset.downloader import Downloader
-    from img2dataset.resizer import Resizer
-    from img2dataset.writer import WebDatasetSampleWriter
+def driver_bound(cfg: IngestConfig) -> float | None:
+    """Longest the driver waits for the next shard to finish; None without a shard deadline.
 
-    f = cfg.filters
-    resizer = Resizer(
-        image_size=cfg.image_size,
-        resize_mode=cfg.resize_mode,
-        resize_only_if_bigger=False,
-        encode_quality=cfg.encode_quality,
-        encode_format=cfg.encode_format,
-        min_image_size=f.min_image_size,
-        max_image_area=f.max_image_area,
-        max_aspect_ratio=f.max_aspect_ratio or float("inf"),
-    )
-    return Downloader(
-        sample_writer_class=filtering_writer(WebDatasetSampleWriter, tally, f.dedup_image_sha256),
-        resizer=GuardedResizer(resizer, f),
-        thread_count=cfg.thread_count,
-        save_caption=True,
-        extract_exif=False,
-        output_folder=output_folder,
-        column_list=column_list,
-        timeout=cfg.timeout_s,
-        number_sample_per_shard=cfg.samples_per_shard,
-        oom_shard_count=OOM_SHARD_COUNT,
-        compute_hash="sha256",
-        verify_hash_type=None,
-        encode_format=cfg.encode_format,
-        retries=cfg.retries,
-        user_agent_token=None,
-        # X-Robots-Tag opt-outs (img2dataset's defaults unless configured); an empty list honours none.
-        disallowed_header_directives=list(cfg.disallowed_header_directives) or None,
-    )
-
-
-def request_limits(cfg: IngestConfig) -> RequestLimits:
-    return RequestLimits(cfg.max_redirects, cfg.max_image_bytes, cfg.max_request_time_s)
-
-
-def _all_transient(stats: dict[str, Any]) -> bool:
-    """Every row failed, all with network-down errors: retry the shard rather than commit it."""
-    if stats["count"] == 0 or stats["successes"] > 0:
-        return False
-    reasons = [r.lower() for r in stats.get("status_dict", {}) if r != "success"]
-    return bool(reasons) and all(any(t in r for t in _TRANSIENT) for r in reasons)
-
-
-def download_shard(root: str, source: str, shard: int, cfg: IngestConfig) -> dict[str, Any]:
-    """Download, resize and commit one shard; returns img2dataset's stats for it."""
-    layout = StorageLayout(root)
-    tar_path = layout.image_shard(source, shard)
-    if exists(tar_path):  # committed by an earlier attempt
-        return read_json(shard_stats_path(layout, source, shard))
-    in_fs, in_path = url_to_fs(layout.shard_input(source, shard))
-    with tempfile.TemporaryDirectory(prefix="unclip-ingest-") as tmp:
-        local_input = os.path.join(tmp, "input.feather")
-        in_fs.get(in_path, local_input)
-        with pa.memory_map(local_input) as f:
-            column_list = pa.ipc.open_file(f).schema.names
-        out = os.path.join(tmp, "out")
-        os.makedirs(out)
-        tally = ShardTally()
-        downloader = _make_downloader(cfg, out, column_list, tally)
-        name = f"{shard:0{OOM_SHARD_COUNT}d}"
-        with (
-            shard_deadline(cfg.shard_deadline_s, f"{source}/{name}") as deadline,
-            guarded_urlopen(cfg.allow_private_networks, request_limits(cfg)),
-        ):
-            ok, _ = downloader((shard, local_input))  # img2dataset removes local_input when done
-        if deadline.expired:
-            raise ShardDeadlineExceeded(
-                f"{source}/{name}: shard try ran past its {cfg.shard_deadline_s:g} s deadline"
-            )
-        stats_file = os.path.join(out, f"{name}_stats.json")
-        if not ok or not os.path.exists(stats_file):
-            raise ShardError(f"{source}/{name}: img2dataset's downloader failed (see worker log)")
-        with open(stats_file) as f:
-            stats = adjust_stats(json.load(f), tally)
-        if _all_transient(stats):
-            raise ShardError(f"{source}/{name}: every download failed: {stats['status_dict']}")
-        _put(os.path.join(out, f"{name}.parquet"), shard_parquet_path(layout, source, shard))
-        write_json(shard_stats_path(layout, source, shard), stats)
-        _put(os.path.join(out, f"{name}.tar"), tar_path)  # last: the shard now exists
-    in_fs.rm(in_path)
-    return stats
-
-
-class ShardDeadlineExceeded(ShardError):
-    """One try of a shard ran past ``ingest.shard_deadline_s``."""
-
-
-@dataclass
-class Deadline:
-    expired: bool = False
-
-
-@contextlib.contextmanager
-def shard_deadline(seconds: float | None, label: str) -> Iterator[Deadline]:
-    """Raise :class:`ShardDeadlineExceeded` in this (main) thread once ``seconds`` have passed.
-
-    A Ray task runs in its worker's main thread, where SIGALRM can interrupt even a download
-    blocked in img2dataset's thread pool; elsewhere (or with no limit) this does nothing. The
-    yielded ``Deadline`` records expiry, for callers (img2dataset) that swallow the exception.
+    The oldest running task ends within (lease wait + start-up + deadline + slack) per try, all
+    tries included, so no completion for that long means a task is stuck past its child's kill.
     """
-    state = Deadline()
-    if seconds is None or threading.current_thread() is not threading.main_thread():
-        yield state
-        return
-
-    def expire(_signum: int, _frame: Any) -> None:
-        state.expired = True
-        raise ShardDeadlineExceeded(f"{label}: shard try ran past its {seconds:g} s deadline")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield state
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    if cfg.shard_deadline_s is None:
+        return None
+    per_try = lease_wait_s(cfg) + STARTUP_S + cfg.shard_deadline_s + _DRIVER_SLACK_S
+    return per_try * (cfg.shard_retries + 1)
 
 
 _download_shard_task = ray.remote(num_cpus=1, retry_exceptions=True)(download_shard)
@@ -287,46 +162,56 @@ def _filter_rows(
     return kept, removed, counts, pf.notes
 
 
+def _first_plan(
+    layout: StorageLayout, source: str, table: pa.Table, cfg: IngestConfig, url_list: str
+) -> None:
+    kept, removed, counts, notes = _filter_rows(layout, source, table, cfg, url_list)
+    _write_parquet(layout.prefiltered_rows(source), removed)
+    _write_parquet(layout.ingest_rows(source), kept)
+    plan = {
+        "num_rows": kept.num_rows,
+        "samples_per_shard": cfg.samples_per_shard,
+        "list_rows": table.num_rows,
+        "filtered_before_download": counts,
+        "notes": notes,
+    }
+    write_json(layout.ingest_plan(source), plan)  # last: the commit of the plan
+
+
 def plan_source(layout: StorageLayout, url_list: str, cfg: IngestConfig) -> SourcePlan:
     """Read and check a list; at first sight filter it and fix its split; write missing inputs.
 
     The rows kept and the split are fixed the first time (``_plan.json`` is written last, as the
-    commit): later filter settings or sources never change an ingested source's shards.
+    commit), by the one writer holding the source's plan lease: later filter settings, sources or
+    concurrent runs never change an ingested source's shards.
     """
     table = read_url_list(url_list, cfg)  # bad columns fail here, before any download
     source = source_id(url_list)
     if not exists(layout.source_list(source)):
         _write_parquet(layout.source_list(source), table)
     plan_path = layout.ingest_plan(source)
-    if exists(plan_path):
-        plan = read_json(plan_path)
-        new = {"num_rows": plan["num_rows"], "samples_per_shard": cfg.samples_per_shard}
-        if plan["samples_per_shard"] != cfg.samples_per_shard:
-            old = {"num_rows": plan["num_rows"], "samples_per_shard": plan["samples_per_shard"]}
-            raise ValueError(
-                f"source {source} was split with {old}, now {new}: samples_per_shard cannot "
-                f"change for an ingested source (see {plan_path})"
-            )
-        # Plans from before filters existed sliced the whole list.
-        rows_path = layout.ingest_rows(source)
-        kept = _read_parquet(rows_path) if exists(rows_path) else table
-        if kept.num_rows != plan["num_rows"]:
-            raise ValueError(
-                f"{rows_path}: {kept.num_rows} rows, {plan_path} says {plan['num_rows']}"
-            )
-        counts = plan.get("filtered_before_download", {})
-    else:
-        kept, removed, counts, notes = _filter_rows(layout, source, table, cfg, url_list)
-        _write_parquet(layout.prefiltered_rows(source), removed)
-        _write_parquet(layout.ingest_rows(source), kept)
-        plan = {
-            "num_rows": kept.num_rows,
-            "samples_per_shard": cfg.samples_per_shard,
-            "list_rows": table.num_rows,
-            "filtered_before_download": counts,
-            "notes": notes,
-        }
-        write_json(plan_path, plan)
+    if not exists(plan_path):
+        lease = Lease(layout.lease("images", source, "plan"), f"the first plan of source {source}")
+        try:
+            with lease.hold(wait_s=PLAN_WAIT_S):
+                if not exists(plan_path):  # else another writer planned it while we waited
+                    _first_plan(layout, source, table, cfg, url_list)
+        except LeaseHeld as e:
+            raise RuntimeError(f"source {source}: cannot plan it: {e}") from None
+    plan = read_json(plan_path)
+    new = {"num_rows": plan["num_rows"], "samples_per_shard": cfg.samples_per_shard}
+    if plan["samples_per_shard"] != cfg.samples_per_shard:
+        old = {"num_rows": plan["num_rows"], "samples_per_shard": plan["samples_per_shard"]}
+        raise ValueError(
+            f"source {source} was split with {old}, now {new}: samples_per_shard cannot "
+            f"change for an ingested source (see {plan_path})"
+        )
+    # Plans from before filters existed sliced the whole list.
+    rows_path = layout.ingest_rows(source)
+    kept = _read_parquet(rows_path) if exists(rows_path) else table
+    if kept.num_rows != plan["num_rows"]:
+        raise ValueError(f"{rows_path}: {kept.num_rows} rows, {plan_path} says {plan['num_rows']}")
+    counts = plan.get("filtered_before_download", {})
     total = math.ceil(kept.num_rows / cfg.samples_per_shard)
     done = set(completed_shards(layout, source))
     pending = [s for s in range(total) if s not in done]
@@ -357,8 +242,20 @@ def _run_shards(
     refs = {task.remote(layout.root, source, s, cfg): s for s in shards}
     run_stats: dict[int, dict[str, Any]] = {}
     remaining = list(refs)
+    bound = driver_bound(cfg)
     while remaining:
-        ready, remaining = ray.wait(remaining, num_returns=1)
+        ready, remaining = ray.wait(remaining, num_returns=1, timeout=bound)
+        if not ready:  # nothing finished for longer than any try may take: end them for certain
+            for ref in remaining:
+                ray.cancel(ref, force=True)
+                result.failed_shards[refs[ref]] = (
+                    f"ShardStalled: no shard of {source} finished within {bound:g} s "
+                    "(ingest.shard_deadline_s, retries and slack); the task was cancelled"
+                )
+            log.error(
+                "ingest %s: %d shard task(s) stalled and were cancelled", source, len(remaining)
+            )
+            break
         shard = refs[ready[0]]
         try:
             run_stats[shard] = ray.get(ready[0])

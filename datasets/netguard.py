@@ -1,60 +1,100 @@
 """Network safety for downloads: refuse internal hosts; bound redirects, bytes and time per request.
 
-A downloader inside a cluster is an SSRF risk. img2dataset opens URLs with ``urllib.request.urlopen``,
-which uses the process-wide opener; :func:`guarded_urlopen` installs, for the duration of a shard,
-an opener that (1) speaks only http and https (no ``file://``, ``ftp://``, ``data:``), (2) unless
-private networks are allowed, resolves each host with ``socket.getaddrinfo``, refuses it if any
-address is not global, and connects to the checked address itself, so neither a redirect nor a
-DNS answer that changes between check and connect can reach an internal host, and (3) enforces
-:class:`RequestLimits`: at most ``max_redirects`` hops, at most ``max_bytes`` of body, and one
-wall-clock deadline for the whole request (redirects and body included). The body is read one
-``recv`` at a time with the socket timeout shrunk to what is left of the deadline, so a server
-that stalls mid-body or streams forever ends the request within the limit.
+A downloader inside a cluster is an SSRF risk. :func:`build_opener` returns a urllib opener that
+(1) speaks only http and https (no ``file://``, ``ftp://``, ``data:``), (2) unless private
+networks are allowed, resolves each host once, refuses it if any address is not public (or
+in ``allowed_networks``), and connects to the checked address itself, so neither a redirect nor
+a DNS answer that changes between check and connect reaches an internal host, (3) never reads
+proxies from the environment: a proxy is used only when configured (``NetPolicy.proxy``), and
+then each target host is checked before the request is sent to it, and (4) enforces
+:class:`RequestLimits` (``netlimits.py``): ``max_redirects`` hops, ``max_bytes`` of body and one
+wall-clock deadline from DNS to the last byte, redirects included.
+
+img2dataset opens URLs with ``urllib.request.urlopen``, the process-wide opener. The shard's
+download runs in a child process of its own (``shard_child.py``), which calls
+:func:`install_for_process` once at start: every download thread of that process, including a
+retry that outlives the shard try, goes through the guard until the process ends. Nothing ever
+puts the default opener back.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import http.client
 import ipaddress
 import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from .netlimits import (
+    LimitedHTTPConnection,
+    LimitedHTTPSConnection,
+    LimitExceeded,
+    RequestLimits,
+    getaddrinfo_within,
+)
+
+__all__ = [
+    "LimitExceeded",
+    "NetPolicy",
+    "RefusedAddress",
+    "RequestLimits",
+    "build_opener",
+    "install_for_process",
+    "refusal_reason",
+]
 
 
 class RefusedAddress(OSError):
     """A URL resolved to an address downloads may not reach."""
 
 
-class LimitExceeded(OSError):
-    """A response went over ``RequestLimits`` (too many bytes or too much time)."""
-
-
 @dataclass(frozen=True)
-class RequestLimits:
-    """Per-request bounds (see ``IngestConfig.max_redirects`` / ``max_image_bytes`` / ``max_request_time_s``)."""
+class NetPolicy:
+    """Where downloads may connect (``IngestConfig.allow_private_networks`` / ``allowed_networks`` / ``proxy``)."""
 
-    max_redirects: int = 5
-    max_bytes: int = 32 * 1024 * 1024
-    max_time_s: float = 60.0
+    allow_private_networks: bool = False
+    allowed_networks: tuple[str, ...] = ()  # CIDRs reachable even though not public
+    proxy: str | None = None  # http://host:port for http and https; None: direct
+
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """``allowed_networks`` parsed."""
+        return [ipaddress.ip_network(n, strict=False) for n in self.allowed_networks]
 
 
-_CHUNK = 1 << 16
 # The deadline of the request this thread is opening; redirects (nested opens) inherit it.
 _request = threading.local()
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
-def refusal_reason(ip: str) -> str | None:
-    """Why ``ip`` may not be downloaded from, or None if it is a public address."""
+def _embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries (mapped, 6to4, Teredo client, NAT64), if any."""
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    if addr.sixtofour is not None:
+        return addr.sixtofour
+    if addr.teredo is not None:
+        return addr.teredo[1]
+    if addr in _NAT64:
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    return None
+
+
+def refusal_reason(ip: str, allowed: tuple[str, ...] = ()) -> str | None:
+    """Why ``ip`` may not be downloaded from, or None if it is public or in ``allowed``."""
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    if any(addr in net for net in NetPolicy(allowed_networks=allowed).networks()):
+        return None
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.is_site_local:
+            return "site-local address"
+        inner = _embedded_ipv4(addr)
+        if inner is not None:
+            reason = refusal_reason(str(inner), allowed)
+            return f"{reason} inside {addr}" if reason else None
     for name in ("loopback", "link_local", "private", "multicast", "reserved", "unspecified"):
         if getattr(addr, f"is_{name}"):
             return f"{name.replace('_', '-')} address"
@@ -63,134 +103,73 @@ def refusal_reason(ip: str) -> str | None:
     return None
 
 
-def resolve_checked(host: str, port: int) -> list[tuple[Any, ...]]:
-    """getaddrinfo for ``host``; raises RefusedAddress if any answer is not a public address."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    for info in infos:
-        ip = info[4][0]
-        reason = refusal_reason(ip)
-        if reason:
-            raise RefusedAddress(
-                f"refused: {host} resolves to {ip}, a {reason} (ingest.allow_private_networks is false)"
-            )
-    return infos
+def _resolver(policy: NetPolicy, limits: RequestLimits):  # noqa: ANN202
+    """(host, port, deadline) → addrinfo, every answer checked unless private networks are allowed."""
+
+    def resolve(host: str, port: int, deadline: float) -> list[tuple[Any, ...]]:
+        infos = getaddrinfo_within(host, port, deadline, limits)
+        if not policy.allow_private_networks:
+            for info in infos:
+                ip = info[4][0]
+                reason = refusal_reason(ip, policy.allowed_networks)
+                if reason:
+                    raise RefusedAddress(
+                        f"refused: {host} resolves to {ip}, a {reason} "
+                        "(ingest.allow_private_networks is false)"
+                    )
+        return infos
+
+    return resolve
 
 
-def _create_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None):  # noqa: B008
-    host, port = address
-    last: OSError | None = None
-    for family, type_, proto, _, sockaddr in resolve_checked(host, port):
-        sock = socket.socket(family, type_, proto)
-        try:
-            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
-                sock.settimeout(timeout)
-            if source_address:
-                sock.bind(source_address)
-            sock.connect(sockaddr)
-            return sock
-        except OSError as e:
-            last = e
-            sock.close()
-    raise last or OSError(f"cannot connect to {host}:{port}")
+def _deadline(limits: RequestLimits) -> float:
+    return getattr(_request, "deadline", None) or time.monotonic() + limits.max_time_s
 
 
-class _LimitedResponse(http.client.HTTPResponse):
-    """An HTTPResponse whose ``read`` enforces a byte limit and the request's deadline."""
+class _Handlers:
+    """http and https handlers whose connections are limited and (for targets) checked."""
 
-    def __init__(
-        self, sock: socket.socket, *args: Any, limits: RequestLimits, deadline: float, **kw: Any
-    ):
-        super().__init__(sock, *args, **kw)
-        self._limit_sock = sock
-        self._limits = limits
-        self._deadline = deadline
-        self._op_timeout = sock.gettimeout()
-        self._received = 0
+    def __init__(self, policy: NetPolicy, limits: RequestLimits) -> None:
+        self.policy, self.limits = policy, limits
+        self.checked = _resolver(policy, limits)
+        self.any_address = _resolver(NetPolicy(allow_private_networks=True), limits)
 
-    def _too_slow(self) -> LimitExceeded:
-        return LimitExceeded(
-            f"request took longer than max_request_time_s={self._limits.max_time_s:g}"
-        )
+    def connection(self, cls: type, req: urllib.request.Request):  # noqa: ANN201
+        """A connection factory for ``req``: to the proxy unchecked (configured), else checked."""
+        deadline = _deadline(self.limits)
+        resolve = self.checked
+        if self.policy.proxy:
+            target = urllib.parse.urlsplit(req.full_url)
+            port = target.port or (443 if target.scheme == "https" else 80)
+            try:  # the target, before anything is sent to the proxy
+                self.checked(target.hostname or "", port, deadline)
+            except OSError as e:
+                raise urllib.error.URLError(e) from None
+            resolve = self.any_address
 
-    def _too_big(self, n: int) -> LimitExceeded:
-        return LimitExceeded(
-            f"response larger than max_image_bytes={self._limits.max_bytes} ({n} bytes or more)"
-        )
+        def make(host: str, **kw: Any) -> Any:
+            return cls(host, limits=self.limits, deadline=deadline, resolve=resolve, **kw)
 
-    def _arm(self) -> None:
-        left = self._deadline - time.monotonic()
-        if left <= 0:
-            raise self._too_slow()
-        timeout = left if self._op_timeout is None else min(self._op_timeout, left)
-        with contextlib.suppress(OSError):
-            self._limit_sock.settimeout(max(timeout, 0.001))
-
-    def read(self, amt: int | None = None) -> bytes:  # type: ignore[override]
-        if self.length is not None and self.length > self._limits.max_bytes:
-            raise self._too_big(self.length)
-        want = None if amt is None or amt < 0 else amt
-        parts: list[bytes] = []
-        while want is None or want > 0:
-            self._arm()
-            try:
-                b = super().read1(_CHUNK if want is None else min(_CHUNK, want))
-            except TimeoutError:
-                if time.monotonic() >= self._deadline:
-                    raise self._too_slow() from None
-                raise
-            if not b:
-                break
-            self._received += len(b)
-            if self._received > self._limits.max_bytes:
-                self.close()
-                raise self._too_big(self._received)
-            parts.append(b)
-            if want is not None:
-                want -= len(b)
-        return b"".join(parts)
-
-
-class _LimitedConnectionMixin:
-    """Connects through the address guard (if on) within the deadline; responses are limited."""
-
-    def _setup_limits(self, limits: RequestLimits, guard: bool) -> None:
-        deadline = getattr(_request, "deadline", None) or time.monotonic() + limits.max_time_s
-        left = max(deadline - time.monotonic(), 0.001)
-        timeout = self.timeout  # type: ignore[has-type]
-        self.timeout = left if not isinstance(timeout, (int, float)) else min(timeout, left)
-        if guard:
-            self._create_connection = _create_connection
-        self.response_class = functools.partial(_LimitedResponse, limits=limits, deadline=deadline)
-
-
-class _LimitedHTTPConnection(_LimitedConnectionMixin, http.client.HTTPConnection):
-    def __init__(self, *args: Any, limits: RequestLimits, guard: bool, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._setup_limits(limits, guard)
-
-
-class _LimitedHTTPSConnection(_LimitedConnectionMixin, http.client.HTTPSConnection):
-    def __init__(self, *args: Any, limits: RequestLimits, guard: bool, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._setup_limits(limits, guard)
+        return make
 
 
 class _HTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, limits: RequestLimits, guard: bool) -> None:
+    def __init__(self, handlers: _Handlers) -> None:
         super().__init__()
-        self._conn = functools.partial(_LimitedHTTPConnection, limits=limits, guard=guard)
+        self._h = handlers
 
-    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(self._conn, req)
+    def http_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(self._h.connection(LimitedHTTPConnection, req), req)
 
 
 class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, limits: RequestLimits, guard: bool) -> None:
+    def __init__(self, handlers: _Handlers) -> None:
         super().__init__()
-        self._conn = functools.partial(_LimitedHTTPSConnection, limits=limits, guard=guard)
+        self._h = handlers
 
-    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(self._conn, req, context=self._context)
+    def https_open(self, req: urllib.request.Request) -> Any:
+        conn = self._h.connection(LimitedHTTPSConnection, req)
+        return self.do_open(conn, req, context=self._context)
 
 
 class _RedirectHandler(urllib.request.HTTPRedirectHandler):
@@ -236,33 +215,39 @@ class _Opener(urllib.request.OpenerDirector):
 
 
 def build_opener(
-    allow_private_networks: bool, limits: RequestLimits | None = None
+    policy: NetPolicy | None = None, limits: RequestLimits | None = None
 ) -> urllib.request.OpenerDirector:
-    """An opener for http(s) only, within ``limits``; with the guard on unless private networks are allowed."""
+    """An opener for http(s) only, within ``limits``, connecting only where ``policy`` allows."""
+    policy = policy or NetPolicy()
     limits = limits or RequestLimits()
-    guard = not allow_private_networks
+    handlers = _Handlers(policy, limits)
     opener = _Opener(limits)
-    handlers: list[urllib.request.BaseHandler] = [
+    chain: list[urllib.request.BaseHandler] = [
         urllib.request.UnknownHandler(),  # any other scheme: "unknown url type"
         urllib.request.HTTPDefaultErrorHandler(),
         _RedirectHandler(limits.max_redirects),
         urllib.request.HTTPErrorProcessor(),
-        _HTTPHandler(limits, guard),
-        _HTTPSHandler(limits, guard),
+        _HTTPHandler(handlers),
+        _HTTPSHandler(handlers),
     ]
-    for h in handlers:
+    if policy.proxy:  # only the configured proxy; the environment's are never read
+        chain.append(urllib.request.ProxyHandler({"http": policy.proxy, "https": policy.proxy}))
+    for h in chain:
         opener.add_handler(h)
     return opener
 
 
-@contextlib.contextmanager
-def guarded_urlopen(
-    allow_private_networks: bool, limits: RequestLimits | None = None
-) -> Iterator[None]:
-    """Install the guarded opener process-wide for the block (one shard task per worker process)."""
-    previous = urllib.request._opener  # what urlopen uses when none is installed: None
-    urllib.request.install_opener(build_opener(allow_private_networks, limits))
-    try:
-        yield
-    finally:
-        urllib.request._opener = previous
+_installed: tuple[NetPolicy, RequestLimits] | None = None
+
+
+def install_for_process(policy: NetPolicy, limits: RequestLimits) -> None:
+    """Make the guarded opener what ``urllib.request.urlopen`` uses for the rest of this process.
+
+    Meant for a process that exists only to download (one shard try); installing a different
+    policy later in the same process is refused, so no thread ever sees a weaker opener.
+    """
+    global _installed
+    if _installed is not None and _installed != (policy, limits):
+        raise RuntimeError("a different network guard is already installed in this process")
+    urllib.request.install_opener(build_opener(policy, limits))
+    _installed = (policy, limits)

@@ -1,13 +1,16 @@
 """Reading the webdataset tars that ingest writes: ``(key, image, caption, meta)`` per sample.
 
-A shard exists only when its ``.tar`` exists (ingest renames the tar into place last), so
-:func:`completed_shards` lists tars and ignores temporaries (``*.tmp-*``) left by a killed writer.
+A shard exists only when its ``.tar`` exists (ingest renames the tar into place last) and
+matches the commit record in its ``_stats.json`` (sizes of the tar and the Parquet of one try),
+so :func:`completed_shards` ignores temporaries (``*.tmp-*``) left by a killed writer, and a
+torn, zero-length or mismatched tar counts as missing: ingest redoes it.
 A corrupt member (undecodable image, bad JSON) is counted in :class:`ShardReadStats` and skipped;
 a truncated tar ends the shard early and is counted too, never raised.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -48,17 +51,56 @@ class ShardReadStats:
             self.errors.append(msg)
 
 
+def _matches_commit(stats_bytes: bytes | None, tar_size: int, parquet_size: int | None) -> bool:
+    """True when the tar and Parquet on storage are the ones the commit record describes."""
+    if not stats_bytes:
+        return False
+    try:
+        record = json.loads(stats_bytes).get("commit")
+    except (ValueError, AttributeError):
+        return False  # a torn stats file: the unit is not committed
+    if record is None:  # written before commit records existed: a whole tar is a tar at all
+        return tar_size > 0 and tar_size % _BLOCK == 0
+    return record["tar"]["bytes"] == tar_size and record["parquet"]["bytes"] == parquet_size
+
+
 def completed_shards(layout: StorageLayout, source_id: str) -> list[int]:
-    """Shard ids of ``source_id`` whose tar is committed."""
+    """Shard ids of ``source_id`` whose tar is committed and matches its commit record."""
     fs, d = url_to_fs(layout.images_dir(source_id))
+    with contextlib.suppress(Exception):
+        fs.invalidate_cache(d)
     if not fs.exists(d):
         return []
-    out = []
-    for p in fs.ls(d, detail=False):
-        m = _SHARD_TAR.match(p.rstrip("/").rsplit("/", 1)[-1])
-        if m:
-            out.append(int(m.group(1)))
-    return sorted(out)
+    sizes = {
+        info["name"].rstrip("/").rsplit("/", 1)[-1]: info.get("size")
+        for info in fs.ls(d, detail=True)
+    }
+    tars = {int(m.group(1)): size for name, size in sizes.items() if (m := _SHARD_TAR.match(name))}
+    stats_paths = {s: f"{d}/{s:05d}_stats.json" for s in tars if f"{s:05d}_stats.json" in sizes}
+    blobs = fs.cat(list(stats_paths.values()), on_error="omit") if stats_paths else {}
+    by_name = {p.rstrip("/").rsplit("/", 1)[-1]: b for p, b in blobs.items()}
+    return sorted(
+        s
+        for s, size in tars.items()
+        if _matches_commit(by_name.get(f"{s:05d}_stats.json"), size, sizes.get(f"{s:05d}.parquet"))
+    )
+
+
+def shard_committed(layout: StorageLayout, source_id: str, shard: int) -> bool:
+    """True when ``shard`` of ``source_id`` is committed (see :func:`completed_shards`)."""
+    fs, tar = url_to_fs(layout.image_shard(source_id, shard))
+    with contextlib.suppress(Exception):
+        fs.invalidate_cache(tar.rsplit("/", 1)[0])
+    if not fs.exists(tar):
+        return False
+    stats = layout.image_shard_stats(source_id, shard)
+    parquet = url_to_fs(layout.image_shard_parquet(source_id, shard))[1]
+    try:
+        blob = fs.cat_file(url_to_fs(stats)[1])
+        parquet_size = fs.size(parquet) if fs.exists(parquet) else None
+    except FileNotFoundError:
+        return False
+    return _matches_commit(blob, fs.size(tar), parquet_size)
 
 
 def _decode(key: str, members: dict[str, bytes], path: str) -> ShardSample:

@@ -1,8 +1,10 @@
 """The storage layout: every artifact path under the storage root is built here, and only here.
 
 The root is an fsspec URI (a local folder, ``s3://bucket/prefix``, ``memory://x``). Writers go
-through :func:`atomic_write` / :func:`atomic_put_dir` so a killed step never leaves a
-half-written file under its final name.
+through :func:`atomic_write` so a killed step never leaves a half-written file under its final
+name. On a local disk the temporary is fsynced before the rename and the folder after it, so a
+file under its final name survives a power loss whole; object stores make a PUT visible only
+when complete.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import IO, Any
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,14 @@ class StorageLayout:
 
     def image_shard(self, source_id: str, shard: int) -> str:
         return self.join("images", source_id, f"{shard:05d}.tar")
+
+    def image_shard_parquet(self, source_id: str, shard: int) -> str:
+        """img2dataset's per-row table of a shard (status, error message, metadata)."""
+        return self.join("images", source_id, f"{shard:05d}.parquet")
+
+    def image_shard_stats(self, source_id: str, shard: int) -> str:
+        """A shard's stats, with the commit record that ties its tar and Parquet to one try."""
+        return self.join("images", source_id, f"{shard:05d}_stats.json")
 
     def shard_inputs_dir(self, source_id: str) -> str:
         """Input slices for shard tasks; on the storage root so workers on any node read them."""
@@ -125,6 +136,11 @@ class StorageLayout:
     def registry(self, model: str) -> str:
         return self.join("registry", f"{model}.json")
 
+    # --- writer leases (lease.py) ------------------------------------------------------------
+    def lease(self, *name: str) -> str:
+        """The folder of the writer lease named ``name`` (e.g. ``("writer",)``, a source's shard)."""
+        return self.join("_leases", *name)
+
 
 def normalize_root(root: str) -> str:
     """Make a local root absolute (Ray workers may run in another cwd); leave URIs alone."""
@@ -138,10 +154,46 @@ def exists(path: str) -> bool:
     return fs.exists(p)
 
 
+def fsync_dir(path: str) -> None:
+    """Make a rename or create in a local folder durable (no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _local_atomic_write(p: str, mode: str) -> Iterator[IO[Any]]:
+    parent = os.path.dirname(p)
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, p)
+        fsync_dir(parent)  # and the rename itself survives a power loss
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "wb") -> Iterator[IO[Any]]:
     """Write to ``path`` through a temporary sibling, renamed into place only on success."""
     fs, p = url_to_fs(path)
+    if isinstance(fs, LocalFileSystem):
+        with _local_atomic_write(p, mode) as f:
+            yield f
+        return
     parent = p.rsplit("/", 1)[0] if "/" in p else ""
     if parent:
         fs.makedirs(parent, exist_ok=True)

@@ -3,13 +3,18 @@
 A list is returned with its url and caption columns renamed to ``url`` and ``caption`` (the names
 img2dataset's downloader expects) and every other column carried through as shard metadata.
 A list's source id is the hash of its bytes, so the same list added twice is one source.
+A list is read once (:func:`load_url_list` gives its bytes, id and table together); a gzipped
+list is decompressed in a stream up to ``ingest.max_url_list_bytes``, so a small ``.gz`` cannot
+expand into the driver's memory without bound. Every way a list can be bad (truncated gzip,
+corrupt deflate data, unparsable rows, a url column of lists) is a ValueError naming the file.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
+import zlib
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -50,17 +55,56 @@ def list_format(path: str) -> tuple[str, bool]:
     return ("jsonl" if ext == "json" else ext), gz
 
 
-def _read_bytes(path: str) -> bytes:
+def _read_bytes(path: str, limit: int | None = None) -> bytes:
     fs, p = url_to_fs(path)
     if not fs.exists(p):
         raise FileNotFoundError(f"URL list not found: {path}")
     with fs.open(p, "rb") as f:
-        return f.read()
+        data = f.read() if limit is None else f.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise ValueError(f"{path}: larger than ingest.max_url_list_bytes={limit}")
+    return data
+
+
+def _gunzip(data: bytes, path: str, limit: int) -> bytes:
+    """Decompress a gzip member stream, stopping with a ValueError past ``limit`` bytes."""
+    out, size = [], 0
+    d = zlib.decompressobj(wbits=31)
+    try:
+        buf = data
+        while buf:
+            chunk = d.decompress(buf, 1 << 20)
+            size += len(chunk)
+            if size > limit:
+                raise ValueError(
+                    f"{path}: decompresses to more than ingest.max_url_list_bytes={limit} bytes"
+                )
+            out.append(chunk)
+            buf = d.unconsumed_tail
+            if not buf and d.eof and d.unused_data:  # a further gzip member
+                buf, d = d.unused_data, zlib.decompressobj(wbits=31)
+    except zlib.error as e:
+        raise ValueError(f"{path}: corrupt gzip data: {e}") from None
+    if not d.eof:
+        raise ValueError(f"{path}: truncated gzip file (ends before its last member does)")
+    return b"".join(out)
+
+
+def _hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def source_id(path: str) -> str:
     """Short hex hash of the list's bytes: the same list twice is the same source."""
-    return hashlib.sha256(_read_bytes(path)).hexdigest()[:16]
+    return _hash(_read_bytes(path))
+
+
+@dataclass
+class LoadedList:
+    """A URL list read once: its source id and its table."""
+
+    source_id: str
+    table: pa.Table
 
 
 def _column_names(data: bytes, fmt: str) -> list[str]:
@@ -74,12 +118,23 @@ def _column_names(data: bytes, fmt: str) -> list[str]:
 
 def read_url_list(path: str, cfg: IngestConfig) -> pa.Table:
     """The list as a table with ``url`` and ``caption`` string columns plus its extra columns."""
+    return load_url_list(path, cfg).table
+
+
+def load_url_list(path: str, cfg: IngestConfig) -> LoadedList:
+    """Read ``path`` once: its source id (hash of the bytes) and its checked table."""
     fmt, gz = list_format(path)
-    data = _read_bytes(path)
-    if gz:
-        data = gzip.decompress(data)
+    raw = _read_bytes(path, cfg.max_url_list_bytes)
+    data = _gunzip(raw, path, cfg.max_url_list_bytes) if gz else raw
+    return LoadedList(_hash(raw), _parse(data, fmt, path, cfg))
+
+
+def _parse(data: bytes, fmt: str, path: str, cfg: IngestConfig) -> pa.Table:
     wanted = {"url_col": cfg.url_col, "caption_col": cfg.caption_col}
-    names = _column_names(data, fmt)
+    try:
+        names = _column_names(data, fmt)
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot parse as {fmt}: {e}") from e
     for field, col in wanted.items():
         if names and col not in names:
             raise ValueError(
@@ -101,7 +156,7 @@ def read_url_list(path: str, cfg: IngestConfig) -> pa.Table:
             )
         else:
             table = pajson.read_json(io.BytesIO(data))
-    except pa.ArrowInvalid as e:
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot parse as {fmt}: {e}") from e
     for field, col in wanted.items():
         if col not in table.column_names:
@@ -113,10 +168,14 @@ def read_url_list(path: str, cfg: IngestConfig) -> pa.Table:
 
 def normalize_columns(table: pa.Table, cfg: IngestConfig, path: str = "<table>") -> pa.Table:
     """Rename url/caption columns to canonical names; make extra columns JSON-friendly."""
-    cols: dict[str, pa.ChunkedArray] = {
-        "url": table.column(cfg.url_col).cast(pa.string()),
-        "caption": table.column(cfg.caption_col).cast(pa.string()),
-    }
+    cols: dict[str, pa.ChunkedArray] = {}
+    for out, col in (("url", cfg.url_col), ("caption", cfg.caption_col)):
+        try:
+            cols[out] = table.column(col).cast(pa.string())
+        except (pa.ArrowException, ValueError) as e:
+            raise ValueError(
+                f"{path}: column {col!r} must hold strings, not {table.column(col).type} ({e})"
+            ) from None
     for name in table.column_names:
         if name in (cfg.url_col, cfg.caption_col):
             continue

@@ -46,6 +46,9 @@ def _load(config: Path, sets: list[str] | None) -> tuple[PipelineConfig, dict[st
         overrides = _merge(overrides, parse_override(item))
     if os.environ.get("UNCLIP_STORAGE"):
         overrides["storage"] = os.environ["UNCLIP_STORAGE"]
+    if isinstance(overrides.get("storage"), str) and "://" not in overrides["storage"]:
+        # typed in a shell: relative to where the command runs, not to the config's folder
+        overrides["storage"] = os.path.abspath(os.path.expanduser(overrides["storage"]))
     try:
         return load_config(config, overrides), overrides
     except ConfigError as e:
@@ -104,10 +107,25 @@ class StageBoard:
         return t
 
 
+WaitOpt = Annotated[
+    float,
+    typer.Option(
+        "--wait",
+        help="Seconds to wait while another run holds the storage root's writer lease "
+        "(0: stop at once, naming the holder).",
+    ),
+]
+
+
 def _materialize(
-    config: Path, sets: list[str] | None, targets: list[str] | None, retrain_clip: bool = False
+    config: Path,
+    sets: list[str] | None,
+    targets: list[str] | None,
+    retrain_clip: bool = False,
+    wait_s: float = 0.0,
 ) -> dict[str, Any]:
     """Run the selected assets and everything upstream of them (no-ops where already done)."""
+    from unclip.datasets.lease import LeaseHeld
     from unclip.pipelines import stages as stages_mod
     from unclip.pipelines.runner import STAGES, PipelineFailed, run_pipeline
 
@@ -119,7 +137,12 @@ def _materialize(
     t0 = time.monotonic()
     try:
         with Live(board, console=console, refresh_per_second=2, transient=False):
-            run = run_pipeline(str(config), cfg, overrides, on_event=board, stages=stages)
+            run = run_pipeline(
+                str(config), cfg, overrides, on_event=board, stages=stages, wait_s=wait_s
+            )
+    except LeaseHeld as e:
+        console.print(f"[red]error:[/red] storage root {cfg.storage}: {e}")
+        raise typer.Exit(3) from None
     except PipelineFailed as e:
         console.print(f"[red]stage {e.stage} failed[/red] (Dagster run {e.run.run_id})\n{e}")
         raise typer.Exit(1) from None
@@ -207,9 +230,10 @@ def run(
             help="Train a new bootstrap CLIP on every source (re-embeds everything).",
         ),
     ] = False,
+    wait: WaitOpt = 0.0,
 ) -> None:
     """Run the whole pipeline: sources → ingest → CLIP → embed → manifest → prior, decoder → evaluate → promote."""
-    out = _materialize(config, set_, None, retrain_clip=retrain_clip)
+    out = _materialize(config, set_, None, retrain_clip=retrain_clip, wait_s=wait)
     _print_outputs(out["cfg"], out["run"].outputs)
 
 
@@ -230,8 +254,10 @@ def ingest(
     _print_outputs(out["cfg"], out["run"].outputs)
     if retry_failed:
         from unclip.pipelines import stages
+        from unclip.pipelines.runner import writer_lease
 
-        result = stages.ingest(out["cfg"], retry_failed=True)
+        with writer_lease(out["cfg"]):
+            result = stages.ingest(out["cfg"], retry_failed=True)
         _print_ingest_summaries(result)
 
 

@@ -220,6 +220,9 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         out["storage"] = resolve(out["storage"])
     if isinstance(out.get("sources"), list):
         out["sources"] = [resolve(s) for s in out["sources"]]
+    sensor = out.get("sensor")
+    if isinstance(sensor, dict) and sensor.get("incoming"):
+        out["sensor"] = {**sensor, "incoming": resolve(sensor["incoming"])}
     prior = out.get("prior")
     if isinstance(prior, dict) and prior.get("init_from"):
         out["prior"] = {**prior, "init_from": resolve(prior["init_from"])}

@@ -8,9 +8,11 @@ already on storage, so a re-run does no work and a new source costs only its own
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,8 @@ from typing import Any
 import dagster as dg
 import yaml
 
+from unclip.datasets.lease import Lease
+from unclip.datasets.storage import StorageLayout
 from unclip.pipelines import stages as stages_mod
 from unclip.pipelines.assets import ALL_ASSETS, SOURCES
 from unclip.pipelines.config import PipelineConfig
@@ -126,6 +130,21 @@ def _merge_partition_output(acc: dict[str, Any] | None, value: dict[str, Any]) -
     return out
 
 
+@contextlib.contextmanager
+def writer_lease(
+    cfg: PipelineConfig, what: str | None = None, wait_s: float = 0.0
+) -> Iterator[Lease]:
+    """Hold the storage root's writer lease: one run writes a root at a time.
+
+    A second run waits up to ``wait_s`` seconds, then raises ``LeaseHeld`` naming the holder.
+    """
+    what = what or "unclip " + " ".join(
+        os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)
+    )
+    with Lease(StorageLayout(cfg.storage).lease("writer"), what=what).hold(wait_s=wait_s) as lease:
+        yield lease
+
+
 def run_pipeline(
     config_path: str,
     cfg: PipelineConfig,
@@ -133,8 +152,24 @@ def run_pipeline(
     on_event: StageEvent | None = None,
     stages: list[str] | None = None,
     partitions: list[str] | None = None,
+    wait_s: float = 0.0,
 ) -> PipelineRun:
-    """Materialize all assets (or ``stages``), each source partition (or ``partitions``)."""
+    """Materialize all assets (or ``stages``), each source partition (or ``partitions``).
+
+    The whole run holds the storage root's writer lease (:func:`writer_lease`).
+    """
+    with writer_lease(cfg, wait_s=wait_s):
+        return _run_pipeline(config_path, cfg, overrides, on_event, stages, partitions)
+
+
+def _run_pipeline(
+    config_path: str,
+    cfg: PipelineConfig,
+    overrides: dict[str, Any] | None,
+    on_event: StageEvent | None,
+    stages: list[str] | None,
+    partitions: list[str] | None,
+) -> PipelineRun:
     base = build_definitions(os.path.abspath(config_path), yaml.safe_dump(overrides or {}))
     known = {a.key.to_user_string() for a in base.assets}  # type: ignore[union-attr]
     selected = [s for s in (stages or STAGES) if s in known]

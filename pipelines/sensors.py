@@ -21,6 +21,8 @@ def evaluate_inbox(cfg: PipelineConfig, cursor: str | None, log: object = None) 
     The cursor maps file names to fingerprints (size, mtime) of lists already handled; it keeps
     only files still in the inbox (a move that failed), so a list is never handled twice and a
     new list under an old name is. Run keys are source ids: the same list twice is one run.
+    Any failure with one file (unreadable, corrupt, a move that fails) is that file's: it is
+    rejected with its reason or logged, and every other file of the tick still gets its run.
     """
     seen: dict[str, str] = json.loads(cursor) if cursor else {}
     files = sources.inbox_files(cfg)
@@ -31,13 +33,16 @@ def evaluate_inbox(cfg: PipelineConfig, cursor: str | None, log: object = None) 
             continue
         keep[f.name] = f.fingerprint
         try:
-            rows = sources.validate(f.path, cfg)
+            checked = sources.validate(f.path, cfg)
         except ValueError as e:
-            rejected.append(sources.reject(cfg, f, str(e)))
-            _log(log, "warning", f"inbox: rejected {f.name}: {e}")
+            _reject(cfg, f, str(e), rejected, log)
             continue
-        sid = sources.accept(cfg, f)
-        _log(log, "info", f"inbox: {f.name} ({rows} rows) is source {sid}")
+        try:
+            sid = sources.accept(cfg, f, checked.source_id)
+        except Exception as e:  # storage trouble with this file: the rest of the tick goes on
+            _log(log, "error", f"inbox: could not accept {f.name}: {type(e).__name__}: {e}")
+            continue
+        _log(log, "info", f"inbox: {f.name} ({checked.rows} rows) is source {sid}")
         new_keys.append(sid)
         requests.append(
             dg.RunRequest(
@@ -55,6 +60,15 @@ def evaluate_inbox(cfg: PipelineConfig, cursor: str | None, log: object = None) 
         cursor=json.dumps(keep, sort_keys=True),
         skip_reason=None if requests else _skip_reason(cfg, rejected),
     )
+
+
+def _reject(cfg: PipelineConfig, f: object, error: str, rejected: list[str], log: object) -> None:
+    """Move one bad list aside; a failure to move it is logged, not raised (the cursor skips it)."""
+    try:
+        rejected.append(sources.reject(cfg, f, error))  # type: ignore[arg-type]
+        _log(log, "warning", f"inbox: rejected {f.name}: {error}")  # type: ignore[attr-defined]
+    except Exception as e:
+        _log(log, "error", f"inbox: could not move {f.name} aside ({e}); it was bad: {error}")  # type: ignore[attr-defined]
 
 
 def _skip_reason(cfg: PipelineConfig, rejected: list[str]) -> str:

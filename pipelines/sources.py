@@ -60,15 +60,27 @@ def url_list_of(cfg: PipelineConfig, sid: str) -> str:
     return read_json(path)["url_list"]
 
 
-def validate(url_list: str, cfg: PipelineConfig) -> int:
-    """Read a list as ingest will and return its row count; ValueError names the problem."""
+@dataclass
+class Checked:
+    """A list that reads as ingest will read it: its source id and row count."""
+
+    source_id: str
+    rows: int
+
+
+def validate(url_list: str, cfg: PipelineConfig) -> Checked:
+    """Read a list once, as ingest will; any failure is a ValueError naming the problem."""
     try:
-        table = url_lists.read_url_list(url_list, cfg.ingest)
-    except (ValueError, OSError) as e:
-        raise ValueError(str(e)) from e
-    if table.num_rows == 0:
+        loaded = url_lists.load_url_list(url_list, cfg.ingest)
+    except ValueError:
+        raise
+    except Exception as e:  # a bad file must not take the sensor down: it is a reason to reject
+        raise ValueError(
+            f"{url_list}: cannot be read as a URL list: {type(e).__name__}: {e}"
+        ) from e
+    if loaded.table.num_rows == 0:
         raise ValueError(f"{url_list}: the list has no rows")
-    return table.num_rows
+    return Checked(loaded.source_id, loaded.table.num_rows)
 
 
 @dataclass
@@ -84,6 +96,7 @@ def inbox_files(cfg: PipelineConfig, now: float | None = None) -> list[InboxFile
     """Lists waiting in the inbox: plain files, not hidden, old enough to be complete."""
     uri = incoming_uri(cfg)
     fs, root = url_to_fs(uri)
+    fs.invalidate_cache(root)  # object-store listings are cached: moved files must not reappear
     if not fs.exists(root):
         return []
     now = time.time() if now is None else now
@@ -109,20 +122,26 @@ def _mtime(info: dict[str, Any]) -> float | None:
     return None
 
 
-def accept(cfg: PipelineConfig, f: InboxFile) -> str:
-    """Move a valid list to ``_accepted/{id}/`` and register it there; returns the source id."""
-    sid = url_lists.source_id(f.path)
+def accept(cfg: PipelineConfig, f: InboxFile, sid: str) -> str:
+    """Move a valid list (source ``sid``) to ``_accepted/{sid}/`` and register it there."""
     dest = f"{incoming_uri(cfg)}/{ACCEPTED}/{sid}/{f.name}"
     _move(f.path, dest)
     return register(cfg, dest)
 
 
 def reject(cfg: PipelineConfig, f: InboxFile, error: str) -> str:
-    """Move a bad list to ``_rejected/`` with ``{name}.error.txt`` saying why; returns its path."""
+    """Move a bad list to ``_rejected/`` with ``{name}.error.txt`` saying why; returns its path.
+
+    A name already rejected before gets a numbered sibling (``name~2``), never overwriting it.
+    """
+    fs, _ = url_to_fs(incoming_uri(cfg))
     dest = f"{incoming_uri(cfg)}/{REJECTED}/{f.name}"
+    n = 1
+    while fs.exists(url_to_fs(dest)[1]) or fs.exists(url_to_fs(dest + ".error.txt")[1]):
+        n += 1
+        dest = f"{incoming_uri(cfg)}/{REJECTED}/{f.name}~{n}"
     _move(f.path, dest)
-    fs, p = url_to_fs(dest + ".error.txt")
-    with fs.open(p, "w") as out:
+    with fs.open(url_to_fs(dest + ".error.txt")[1], "w") as out:
         out.write(f"{f.name}: rejected by the unclip inbox sensor\n{error}\n")
     return dest
 

@@ -112,7 +112,7 @@ def source_ids(cfg: PipelineConfig) -> list[str]:
 def describe_source(cfg: PipelineConfig, sid: str) -> dict[str, Any]:
     """Check one source's list (columns, rows) before anything is downloaded."""
     path = sources_mod.url_list_of(cfg, sid)
-    return {"source": sid, "url_list": path, "rows": sources_mod.validate(path, cfg)}
+    return {"source": sid, "url_list": path, "rows": sources_mod.validate(path, cfg).rows}
 
 
 @contextlib.contextmanager

@@ -43,7 +43,7 @@ def _strings(node):
 
 
 def _env(containers: list[dict]) -> dict[str, str]:
-    return {e["name"]: e["value"] for c in containers for e in c.get("env", [])}
+    return {e["name"]: e.get("value") for c in containers for e in c.get("env", [])}
 
 
 def _cluster_specs(doc: dict) -> list[dict]:
@@ -142,3 +142,24 @@ def test_dockerfile_copies_existing_paths():
     for src in sources:
         assert (REPO / src).exists(), src
     assert any(ln.startswith("RUN pip install") for ln in lines)
+
+
+def test_the_job_api_is_never_open_without_a_token():
+    """Every KubeRay pod runs with token auth from a Secret; ray up binds the dashboard to loopback."""
+    for kind in sorted(KUBERAY):
+        doc = _by_kind()[kind]
+        for spec in _cluster_specs(doc):
+            groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+            for group in groups:
+                for c in group["template"]["spec"]["containers"]:
+                    env = {e["name"]: e for e in c.get("env", [])}
+                    assert env["RAY_AUTH_MODE"]["value"] == "token", (kind, c["name"])
+                    ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+                    assert ref == {"name": "unclip-ray-auth", "key": "token"}, (kind, c["name"])
+    up = yaml.safe_load((CLUSTER / "ray-up-aws.yaml").read_text())
+    head = " ".join(up["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    for commands in (up["head_start_ray_commands"], up["worker_start_ray_commands"]):
+        start = next(c for c in commands if "ray start" in c)
+        assert start.startswith("RAY_AUTH_MODE=token ray start"), start
+        assert any("~/.ray/auth_token" in c for c in commands)

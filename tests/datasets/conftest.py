@@ -221,6 +221,14 @@ class BadServer:
             h.wfile.flush()
             self.stopping.wait(60)
             return None
+        if path.startswith("/slow/"):  # the image, after 1 s
+            self.stopping.wait(1.0)
+            return self._send(h, 200, png_bytes(ok_image(zlib.crc32(path.encode()))), "image/png")
+        if path.startswith("/hang/"):  # accepts, reads the request, never answers
+            self.stopping.wait(60)
+            return None
+        if path in ("/slow-headers.png", "/continue.png", "/slow-status.png"):
+            return self._drip_head(h, path)
         if path in ("/endless.png", "/drip.png"):  # no length; fast stream, or 16 bytes / 0.2 s
             h.send_response(200)
             h.send_header("Content-Type", "image/png")
@@ -237,6 +245,23 @@ class BadServer:
                 pass  # the client gave up: what the limits are for
             return None
         return self._send(h, 404, b"no route", "text/plain")
+
+    def _drip_head(self, h: BaseHTTPRequestHandler, path: str) -> None:
+        """Never finish the head: a header line, a ``100 Continue`` or a status byte every 0.2 s."""
+        if path == "/slow-headers.png":
+            first, unit = b"HTTP/1.1 200 OK\r\n", b"X-Slow: 1\r\n"
+        elif path == "/continue.png":
+            first, unit = b"", b"HTTP/1.1 100 Continue\r\n\r\n"
+        else:
+            first, unit = b"HTTP/1.1 ", b"2"
+        try:
+            h.wfile.write(first)
+            while not self.stopping.is_set():
+                h.wfile.write(unit)
+                h.wfile.flush()
+                self.stopping.wait(0.2)
+        except OSError:
+            pass  # the client gave up: what the deadline is for
 
     @staticmethod
     def _send(h, code: int, body: bytes, ctype: str, headers: dict[str, str] | None = None) -> None:

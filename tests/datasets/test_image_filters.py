@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import tracemalloc
 
 import cv2
 import numpy as np
@@ -12,9 +13,11 @@ from PIL import Image
 
 from unclip.datasets.config import FilterConfig
 from unclip.datasets.image_filters import (
+    UNREADABLE,
     GuardedResizer,
     ShardTally,
     adjust_stats,
+    composite_on_white,
     filtering_writer,
     header_check,
     truncated_jpeg,
@@ -23,6 +26,10 @@ from unclip.datasets.image_filters import (
 from .conftest import bomb_png, jpeg_bytes, ok_image, png_bytes
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+# A 309-byte Radiance HDR whose header claims 20000 x 20000 float pixels.
+HDR_BOMB = (b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 20000 +X 20000\n" + b"\x02\x02" * 128)[:309]
 
 
 @pytest.mark.parametrize(
@@ -38,10 +45,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
             "aspect ratio too large",
         ),
         (png_bytes(ok_image(1)), FilterConfig(min_image_size=48, max_aspect_ratio=1), None),
-        (b"<html></html>", FilterConfig(), None),  # not an image: the decoder reports it
+        (b"<html></html>", FilterConfig(), UNREADABLE),  # not an image: never decoded
+        (HDR_BOMB, FilterConfig(), UNREADABLE),  # OpenCV would allocate 4.8 GB for it
     ],
 )
 def test_header_check(data, cfg, reason):
+    """Size filters from the header; formats the header check cannot read are refused."""
     assert header_check(data, cfg) == reason
 
 
@@ -143,3 +152,49 @@ def test_png_quality_is_a_compression_level():
     with pytest.raises(ValidationError, match="ingest.encode_quality=95: for encode_format 'png'"):
         IngestConfig(encode_format="png")
     assert IngestConfig(encode_format="png", encode_quality=3).encode_quality == 3
+
+
+class _Decoder:
+    """Stands in for img2dataset's resizer to record whether any bytes reached a decoder."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, img_stream, blurring_bbox_list=None):
+        self.calls += 1
+        return None, None, None, None, None, "decoded"
+
+
+def test_formats_the_header_check_cannot_read_never_reach_a_decoder():
+    decoder = _Decoder()
+    r = GuardedResizer(decoder, FilterConfig())
+    for data in (HDR_BOMB, b"<html>not an image</html>", b"\x76\x2f\x31\x01" + b"\0" * 300):
+        assert r(io.BytesIO(data))[-1].startswith("image format")
+    assert decoder.calls == 0
+
+
+def test_alpha_compositing_stays_in_uint8_and_matches_img2datasets_formula():
+    rng = np.random.default_rng(0)
+    bgra = rng.integers(0, 256, (64, 80, 4), dtype=np.uint8)
+    a = bgra[..., 3:4] / 255
+    expected = np.rint((a * bgra[..., :3] + 255 - bgra[..., 3:4]).clip(0, 255))
+    got = composite_on_white(bgra)
+    assert got.dtype == np.uint8
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_an_rgba_png_is_resized_with_bounded_memory():
+    side = 3000  # 9 Mpx: img2dataset's float64 compositing peaks near 76 bytes per pixel
+    bgra = np.zeros((side, side, 4), np.uint8)
+    bgra[:, : side // 2] = (0, 0, 255, 255)  # opaque red left, transparent right
+    data = cv2.imencode(".png", bgra)[1].tobytes()
+    del bgra
+    r = GuardedResizer(_resizer(), FilterConfig())
+    tracemalloc.start()
+    img, w, h, *_, err = r(io.BytesIO(data))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert err is None and (w, h) == (side, side)
+    assert peak < 12 * side * side, f"{peak / side / side:.1f} bytes per pixel in numpy"
+    px = np.asarray(Image.open(io.BytesIO(img)).convert("RGB"), np.int32)
+    assert (px[:, 0] == [255, 0, 0]).all() and (px[:, -1] == [255, 255, 255]).all()

@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from unclip.datasets.config import IngestConfig, SyntheticConfig
-from unclip.datasets.ingest import completed_shards, ingest_source
+from unclip.datasets.ingest import completed_shards, download_shard, ingest_source, plan_source
 from unclip.datasets.shards import iter_shard
 from unclip.datasets.storage import StorageLayout
 from unclip.datasets.synthetic import render_image, serve_synthetic, write_url_list
@@ -142,18 +145,112 @@ def test_server_down_fails_the_shard_without_committing(ray_local, tmp_path):
         ingest_source(layout, url_list, ingest_cfg(samples_per_shard=2))
 
 
-def test_shard_deadline_interrupts_a_stalled_try():
-    import time
+def _list(path, urls: list[str]) -> str:
+    pq.write_table(
+        pa.table({"url": urls, "caption": [f"caption {i}" for i in range(len(urls))]}), path
+    )
+    return str(path)
 
-    import pytest
 
-    from unclip.datasets.ingest import ShardDeadlineExceeded, shard_deadline
+@pytest.mark.timeout(120)
+def test_shard_deadline_ends_a_try_stalled_on_a_server_that_never_answers(
+    ray_local, bad_server, tmp_path
+):
+    base, state = bad_server
+    paths = [f"/hang/{i}.png" for i in range(40)]  # more than 2 x thread_count in flight
+    url_list = _list(tmp_path / "hang.parquet", [base + p for p in paths])
+    layout = StorageLayout(str(tmp_path / "store"))
+    cfg = ingest_cfg(
+        samples_per_shard=40,
+        thread_count=2,
+        shard_deadline_s=2.0,
+        timeout_s=30.0,
+        max_request_time_s=30.0,
+    )
+    start = time.monotonic()
+    result = ingest_source(layout, url_list, cfg)
+    elapsed = time.monotonic() - start
+    assert list(result.failed_shards) == [0], result.failed_shards
+    assert "2 s deadline and was killed" in result.failed_shards[0]
+    assert elapsed < 2.0 + 20, elapsed  # the deadline, the child's imports, Ray
+    src = result.source_id
+    assert completed_shards(layout, src) == []
+    assert not list(Path(layout.images_dir(src)).glob("00000*"))  # no part of the shard
+    hits = sum(state.hits[p] for p in paths)
+    assert 1 <= hits <= 4  # two threads, each on its first URL
+    time.sleep(1.5)
+    assert sum(state.hits[p] for p in paths) == hits  # the killed try sends nothing more
 
-    t0 = time.monotonic()
-    with pytest.raises(ShardDeadlineExceeded, match="src/00001.*0.2 s deadline"):
-        with shard_deadline(0.2, "src/00001") as deadline:
-            time.sleep(5)  # a download that never returns
-    assert deadline.expired
-    assert time.monotonic() - t0 < 2
-    with shard_deadline(None, "x"):  # no limit: nothing armed
-        time.sleep(0.01)
+
+@pytest.mark.parametrize("keep", [0, 0.5])
+def test_a_zero_length_or_torn_tar_under_its_final_name_is_redone(ingested, keep):
+    layout, url_list, result, _ = ingested
+    src = result.source_id
+    tar2 = Path(layout.image_shard(src, 2))
+    whole = tar2.read_bytes()
+    tar2.write_bytes(whole[: int(len(whole) * keep)])  # what a power loss leaves without fsync
+    assert completed_shards(layout, src) == [0, 1]
+    again = ingest_source(layout, url_list, CFG)
+    assert (again.shards_written, again.successes) == (1, 10)
+    assert completed_shards(layout, src) == [0, 1, 2]
+    assert len(tarfile.open(tar2).getnames()) == 3 * 10
+
+
+def test_two_concurrent_tries_of_a_shard_commit_one_consistent_unit(bad_server, tmp_path):
+    base, state = bad_server
+    paths = [f"/slow/{i}.png" for i in range(6)]
+    url_list = _list(tmp_path / "slow.parquet", [base + p for p in paths])
+    layout = StorageLayout(str(tmp_path / "store"))
+    cfg = ingest_cfg(samples_per_shard=6, thread_count=2)
+    plan = plan_source(layout, url_list, cfg)
+    results: list[dict] = []
+
+    def one_try() -> None:
+        results.append(download_shard(layout.root, plan.source_id, 0, cfg))
+
+    tries = [threading.Thread(target=one_try) for _ in range(2)]
+    for t in tries:
+        t.start()
+        time.sleep(0.3)
+    for t in tries:
+        t.join(timeout=120)
+    assert len(results) == 2 and results[0]["commit"] == results[1]["commit"]
+    assert [state.hits[p] for p in paths] == [1] * 6  # the second try downloaded nothing
+    # the unit on storage is the one try's: sizes as recorded, tar rows = Parquet successes
+    src = plan.source_id
+    record = json.load(open(layout.image_shard_stats(src, 0)))["commit"]
+    assert record == results[0]["commit"]
+    assert os.path.getsize(layout.image_shard(src, 0)) == record["tar"]["bytes"]
+    assert os.path.getsize(layout.image_shard_parquet(src, 0)) == record["parquet"]["bytes"]
+    table = pq.read_table(layout.image_shard_parquet(src, 0))
+    in_tar = {s.key: s.meta["sha256"] for s in iter_shard(layout.image_shard(src, 0))}
+    keys, hashes = table.column("key").to_pylist(), table.column("sha256").to_pylist()
+    assert in_tar == dict(zip(keys, hashes, strict=True))
+
+
+def test_two_concurrent_first_plans_of_a_source_agree(tmp_path):
+    """The plan lease: one writer fixes the rows and the split, the other reads what it fixed."""
+    urls = [f"http://127.0.0.1:9/{i}.png" for i in range(30)]
+    url_list = _list(tmp_path / "l.parquet", urls)
+    layout = StorageLayout(str(tmp_path / "store"))
+    strict = ingest_cfg(samples_per_shard=10, filters={"caption_min_words": 3})  # drops some
+    loose = ingest_cfg(samples_per_shard=10)
+    plans: dict[str, object] = {}
+    errors: list[BaseException] = []
+
+    def plan(name, cfg) -> None:
+        try:
+            plans[name] = plan_source(layout, url_list, cfg)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=plan, args=a) for a in (("s", strict), ("l", loose))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    assert plans["s"].num_rows == plans["l"].num_rows  # one plan, whoever made it
+    fixed = json.load(open(layout.ingest_plan(plans["s"].source_id)))
+    assert fixed["num_rows"] == plans["s"].num_rows
+    assert pq.read_table(layout.ingest_rows(plans["s"].source_id)).num_rows == fixed["num_rows"]

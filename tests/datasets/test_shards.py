@@ -14,6 +14,7 @@ from unclip.datasets.shards import (
     _plain_tar_members,
     completed_shards,
     iter_shard,
+    shard_committed,
 )
 from unclip.datasets.storage import StorageLayout
 
@@ -69,13 +70,35 @@ def test_truncated_tar_is_counted_not_raised(tmp_path):
     assert stats.truncated == 1
 
 
-def test_completed_shards_ignores_temporaries(tmp_path):
+def _commit(d, shard: int, tar: bytes, parquet: bytes, record_tar: int | None = None) -> None:
+    """A shard unit as ingest commits it; ``record_tar`` fakes a record of another try's tar."""
+    (d / f"{shard:05d}.parquet").write_bytes(parquet)
+    record = {
+        "try": f"t{shard}",
+        "tar": {"bytes": len(tar) if record_tar is None else record_tar, "sha256": "-"},
+        "parquet": {"bytes": len(parquet), "sha256": "-"},
+    }
+    (d / f"{shard:05d}_stats.json").write_text(json.dumps({"count": 1, "commit": record}))
+    (d / f"{shard:05d}.tar").write_bytes(tar)
+
+
+def test_completed_shards_counts_only_tars_that_match_their_commit_record(tmp_path):
     layout = StorageLayout(str(tmp_path))
     d = tmp_path / "images" / "src"
     d.mkdir(parents=True)
-    for name in ["00000.tar", "00002.tar", "00001.tar.tmp-1234abcd", "00001.parquet", "_plan.json"]:
-        (d / name).write_bytes(b"")
+    whole = b"\0" * 10240
+    _commit(d, 0, whole, b"PAR1")
+    _commit(d, 2, whole, b"PAR1")
+    _commit(d, 3, b"", b"PAR1", record_tar=10240)  # zero-length after a power loss
+    _commit(d, 4, whole[:5000], b"PAR1", record_tar=10240)  # torn
+    _commit(d, 5, whole, b"PAR1", record_tar=20480)  # another try's tar beside this record
+    (d / "00001.tar.tmp-1234abcd").write_bytes(whole)  # a killed writer's temporary
+    (d / "00006.tar").write_bytes(whole)  # no stats: not a committed unit
+    (d / "_plan.json").write_bytes(b"{}")
     assert completed_shards(layout, "src") == [0, 2]
+    assert [shard_committed(layout, "src", s) for s in range(7)] == [
+        True, False, True, False, False, False, False,
+    ]  # fmt: skip
     assert completed_shards(layout, "missing") == []
 
 

@@ -72,3 +72,38 @@ def test_overrides_merge_into_nested_sections(tmp_path):
     assert cfg.prior.num_layers == 2
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_override("prior.trainer.max_steps")
+
+
+def test_relative_paths_resolve_where_they_were_written(tmp_path, monkeypatch):
+    """In the config: against its folder. In UNCLIP_STORAGE or --set: against the working directory."""
+    import yaml
+
+    from unclip.pipelines.cli import _load
+
+    cfg_dir, work = tmp_path / "configs", tmp_path / "work"
+    cfg_dir.mkdir()
+    work.mkdir()
+    config = cfg_dir / "c.yaml"
+    config.write_text(yaml.safe_dump({"storage": "store", "sensor": {"incoming": "inbox"}}))
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("UNCLIP_STORAGE", raising=False)
+    cfg, _ = _load(config, None)
+    assert cfg.storage == str(cfg_dir / "store")
+    assert cfg.sensor.incoming == str(cfg_dir / "inbox")
+    monkeypatch.setenv("UNCLIP_STORAGE", "./x")
+    assert _load(config, None)[0].storage == str(work / "x")
+    monkeypatch.delenv("UNCLIP_STORAGE")
+    assert _load(config, ["storage=y"])[0].storage == str(work / "y")
+
+
+def test_buffered_bytes_per_task_are_capped_by_config():
+    import pytest
+
+    from unclip.pipelines.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=r"2 × thread_count \(64\) × max_image_bytes"):
+        parse_config({"storage": "/tmp/x", "ingest": {"thread_count": 64}})
+    ok = parse_config(
+        {"storage": "/tmp/x", "ingest": {"thread_count": 64, "max_image_bytes": 16 << 20}}
+    )
+    assert 2 * 64 * ok.ingest.max_image_bytes <= ok.ingest.max_buffered_bytes

@@ -45,3 +45,29 @@ def test_retrain_clip_unpins_the_bootstrap_clip(tmp_path):
     pin.write_text(json.dumps({"run": "clip-x", "sources": ["a"], "clip_id": "c"}))
     assert unpin_clip(cfg) is True and not pin.exists()
     assert "--retrain-clip" in CliRunner().invoke(app, ["run", "--help"]).output
+
+
+def test_a_second_run_on_the_same_storage_root_stops_naming_the_holder(tmp_path):
+    import time
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from unclip.datasets.lease import Lease
+    from unclip.datasets.storage import StorageLayout
+    from unclip.pipelines.cli import app
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"storage": str(tmp_path / "store")}))
+    holder = Lease(
+        StorageLayout(str(tmp_path / "store")).lease("writer"), what="unclip run first.yaml"
+    )
+    holder.acquire()
+    start = time.monotonic()
+    result = CliRunner().invoke(app, ["run", str(config), "--wait", "1"])
+    assert result.exit_code == 3, result.output
+    said = " ".join(result.output.split())  # the console wraps long lines
+    assert "held by unclip run first.yaml" in said and "after waiting 1 s" in said
+    assert 1.0 <= time.monotonic() - start < 10
+    assert not (tmp_path / "store" / "sources").exists()  # nothing was written
+    holder.release()

@@ -1,0 +1,185 @@
+"""One try of a shard's download, in a child process that the shard task can kill.
+
+img2dataset's ``Downloader`` runs a thread pool whose threads cannot be interrupted: a server
+that never answers keeps them (and the pool's ``__exit__``) waiting. So the shard task
+(``shard_task.py``) starts this module as ``python -m unclip.datasets.shard_child SPEC`` and
+kills it when the try passes ``ingest.shard_deadline_s`` (counted from when the child has
+loaded its libraries, at most ``STARTUP_S`` later); the process and every thread in it end
+for certain, and since the child writes only into the try's local temp folder, nothing partial
+reaches the storage root. The child installs the network guard for its whole life
+(``netguard.install_for_process``) and exits by itself if its parent dies.
+
+Protocol: SPEC is a JSON file ``{"input", "out", "shard", "cfg"}``; on success the child writes
+``{out}/result.json`` = ``{"stats": ...}`` (img2dataset's stats, filters folded in) beside
+img2dataset's ``{shard}.tar`` / ``.parquet`` and exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from .config import IngestConfig
+from .netguard import NetPolicy, RequestLimits
+
+OOM_SHARD_COUNT = 5  # shard names are {shard:05d}, as StorageLayout.image_shard
+RESULT = "result.json"
+STARTUP_S = 120.0  # the child's imports (img2dataset, OpenCV) before its deadline starts
+
+
+class ShardError(RuntimeError):
+    """A shard task failed as a whole (Ray retries it)."""
+
+
+class ShardDeadlineExceeded(ShardError):
+    """One try of a shard ran past ``ingest.shard_deadline_s`` and was killed."""
+
+
+def request_limits(cfg: IngestConfig) -> RequestLimits:
+    """The per-request limits of ``cfg``."""
+    return RequestLimits(cfg.max_redirects, cfg.max_image_bytes, cfg.max_request_time_s)
+
+
+def net_policy(cfg: IngestConfig) -> NetPolicy:
+    """Where the downloads of ``cfg`` may connect."""
+    return NetPolicy(cfg.allow_private_networks, tuple(cfg.allowed_networks), cfg.proxy)
+
+
+def make_downloader(
+    cfg: IngestConfig, output_folder: str, column_list: list[str], tally: Any
+) -> Any:
+    """img2dataset's Downloader with this project's resizer guard and filtering writer."""
+    # img2dataset imports albumentations, which otherwise phones home for updates on import.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    from img2dataset.downloader import Downloader
+    from img2dataset.resizer import Resizer
+    from img2dataset.writer import WebDatasetSampleWriter
+
+    from .image_filters import GuardedResizer, filtering_writer
+
+    f = cfg.filters
+    resizer = Resizer(
+        image_size=cfg.image_size,
+        resize_mode=cfg.resize_mode,
+        resize_only_if_bigger=False,
+        encode_quality=cfg.encode_quality,
+        encode_format=cfg.encode_format,
+        min_image_size=f.min_image_size,
+        max_image_area=f.max_image_area,
+        max_aspect_ratio=f.max_aspect_ratio or float("inf"),
+    )
+    return Downloader(
+        sample_writer_class=filtering_writer(WebDatasetSampleWriter, tally, f.dedup_image_sha256),
+        resizer=GuardedResizer(resizer, f),
+        thread_count=cfg.thread_count,
+        save_caption=True,
+        extract_exif=False,
+        output_folder=output_folder,
+        column_list=column_list,
+        timeout=cfg.timeout_s,
+        number_sample_per_shard=cfg.samples_per_shard,
+        oom_shard_count=OOM_SHARD_COUNT,
+        compute_hash="sha256",
+        verify_hash_type=None,
+        encode_format=cfg.encode_format,
+        retries=cfg.retries,
+        user_agent_token=None,
+        # X-Robots-Tag opt-outs (img2dataset's defaults unless configured); an empty list honours none.
+        disallowed_header_directives=list(cfg.disallowed_header_directives) or None,
+    )
+
+
+def _exit_with_parent() -> None:
+    """End this process when the shard task that started it is gone (killed worker)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def main(spec_path: str, ready_fd: int) -> int:
+    """The child: download one shard into ``spec["out"]``; 0 when img2dataset finished it."""
+    _exit_with_parent()
+    import pyarrow as pa
+
+    from .image_filters import ShardTally, adjust_stats
+    from .netguard import install_for_process
+
+    with open(spec_path) as f:
+        spec = json.load(f)
+    cfg = IngestConfig.model_validate(spec["cfg"])
+    install_for_process(net_policy(cfg), request_limits(cfg))
+    with pa.memory_map(spec["input"]) as f:
+        column_list = pa.ipc.open_file(f).schema.names
+    tally = ShardTally()
+    downloader = make_downloader(cfg, spec["out"], column_list, tally)
+    os.write(ready_fd, b"r")  # imports done: the try's deadline starts now
+    os.close(ready_fd)
+    ok, _ = downloader((spec["shard"], spec["input"]))  # img2dataset removes the input when done
+    name = f"{spec['shard']:0{OOM_SHARD_COUNT}d}"
+    stats_file = os.path.join(spec["out"], f"{name}_stats.json")
+    if not ok or not os.path.exists(stats_file):
+        return 1
+    with open(stats_file) as f:
+        stats = adjust_stats(json.load(f), tally)
+    with open(os.path.join(spec["out"], RESULT), "w") as f:
+        json.dump({"stats": stats}, f)
+    return 0
+
+
+def _wait_ready(proc: subprocess.Popen, ready_r: int, label: str) -> None:
+    """Wait until the child has imported its libraries (or died); bounded by STARTUP_S."""
+    try:
+        readable, _, _ = select.select([ready_r], [], [], STARTUP_S)
+        if not readable:
+            raise ShardError(f"{label}: the download process did not start within {STARTUP_S:g} s")
+        os.read(ready_r, 1)  # b"" when the child died first: its exit code tells
+    finally:
+        os.close(ready_r)
+
+
+def run_try(input_path: str, out: str, shard: int, cfg: IngestConfig, label: str) -> dict[str, Any]:
+    """Run one try in a child process; kill it at the deadline. Returns the shard's stats."""
+    spec_path = os.path.join(out, "spec.json")
+    with open(spec_path, "w") as f:
+        json.dump(
+            {"input": input_path, "out": out, "shard": shard, "cfg": cfg.model_dump(mode="json")},
+            f,
+        )
+    ready_r, ready_w = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", __name__, spec_path, str(ready_w)], pass_fds=(ready_w,)
+    )
+    os.close(ready_w)
+    try:
+        _wait_ready(proc, ready_r, label)
+        rc = proc.wait(timeout=cfg.shard_deadline_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # every download thread ends with the process
+        proc.wait()
+        raise ShardDeadlineExceeded(
+            f"{label}: shard try ran past its {cfg.shard_deadline_s:g} s deadline and was killed"
+        ) from None
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    result = os.path.join(out, RESULT)
+    if rc != 0 or not os.path.exists(result):
+        raise ShardError(f"{label}: img2dataset's downloader failed (exit {rc}; see worker log)")
+    with open(result) as f:
+        return json.load(f)["stats"]
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], int(sys.argv[2])))
