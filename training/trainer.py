@@ -19,6 +19,7 @@ import torch
 from fsspec.core import url_to_fs
 from pydantic import BaseModel
 
+from unclip.datasets.lease import Lease
 from unclip.datasets.storage import StorageLayout, exists, read_json
 from unclip.datasets.stream import Columns, ShardSource, check_world_change
 
@@ -115,6 +116,24 @@ def fit(
     done = completed_fit(export_dir)
     if done is not None:
         log.info("run %s finished before; nothing to train", run_name)
+        return FitResult(run_name, run_dir, export_dir, done.get("metrics", {}), skipped=True)
+    # One process trains a run at a time: a second one (another CLI, the UI) stops naming the
+    # first instead of writing the same checkpoint names.
+    with Lease(layout.lease("runs", model_kind, run_name), what=f"training {run_name}").hold():
+        return _fit_held(task, cfg, layout, model_kind, run_name, run_dir, export_dir)
+
+
+def _fit_held(
+    task: TrainTask,
+    cfg: TrainerConfig,
+    layout: StorageLayout,
+    model_kind: str,
+    run_name: str,
+    run_dir: str,
+    export_dir: str,
+) -> FitResult:
+    done = completed_fit(export_dir)  # finished while this process waited for the lease
+    if done is not None:
         return FitResult(run_name, run_dir, export_dir, done.get("metrics", {}), skipped=True)
     source = task.data()
     check_resumable(run_dir, task, source, cfg)

@@ -228,3 +228,13 @@ def test_a_checkpoint_file_changed_or_planted_after_saving_is_refused(tmp_path):
         verify_hashes(str(ckpt))
     with pytest.raises(ValueError, match="no hashes/ records"):
         verify_hashes(str(other / "deepspeed"))
+
+
+def test_a_second_process_training_the_same_run_stops_naming_the_first(tmp_path):
+    from unclip.datasets.lease import Lease, LeaseHeld
+
+    layout = StorageLayout(str(tmp_path))
+    first = Lease(layout.lease("runs", "regression", "busy"), what="training busy elsewhere")
+    with first.hold(), pytest.raises(LeaseHeld, match="training busy elsewhere"):
+        fit(Regression(), tiny_trainer(), layout, "regression", "busy")
+    assert not os.path.exists(layout.run_dir("regression", "busy"))
