@@ -84,6 +84,8 @@ def dagster_yaml(cfg: PipelineConfig) -> str:
                     "db_name": pg.db_name,
                     "username": pg.username,
                     "password": {"env": pg.password_env},
+                    # dagster-postgres ships psycopg2; SQLAlchemy 2.1's default driver is psycopg 3.
+                    "scheme": "postgresql+psycopg2",
                 }
             }
         }

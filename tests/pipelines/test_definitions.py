@@ -105,6 +105,7 @@ def test_postgres_block_written_from_config(tmp_path, monkeypatch):
         "db_name": "unclip",
         "username": "dagster",
         "password": {"env": "DAGSTER_PG_PASSWORD"},
+        "scheme": "postgresql+psycopg2",
     }
     # valid against Dagster's own instance schema (no server needed to check that)
     assert validate_config(dagster_instance_config_schema(), doc).success
