@@ -503,7 +503,7 @@ def ui(
 ) -> None:
     """Start the Dagster UI and daemon (sensor, schedule) on this config's definitions and instance."""
     from unclip.pipelines import ui as dagster_ui
-    from unclip.pipelines.runner import dagster_home
+    from unclip.pipelines.instance import dagster_home
 
     cfg, overrides = _load(config, set_)
     if overrides:
@@ -522,7 +522,7 @@ def ui_command(
     config: Path, cfg: PipelineConfig, port: int = 3000, host: str = "127.0.0.1"
 ) -> tuple[list[str], dict[str, str]]:
     """``dagster dev`` on ``unclip.pipelines.definitions`` with this config and instance."""
-    from unclip.pipelines.runner import dagster_home
+    from unclip.pipelines.instance import dagster_home
     from unclip.pipelines.ui import dev_command
 
     env = {

@@ -19,7 +19,7 @@ import yaml
 from shrunk_config import REPO
 
 from unclip.pipelines.config import load_config
-from unclip.pipelines.runner import dagster_yaml
+from unclip.pipelines.instance import dagster_yaml
 
 DAGSTER = REPO / "cluster" / "dagster"
 KUSTOMIZATION = yaml.safe_load((DAGSTER / "kustomization.yaml").read_text())

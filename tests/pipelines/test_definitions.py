@@ -5,7 +5,7 @@ from dagster._core.instance.config import dagster_instance_config_schema
 
 from unclip.pipelines.config import load_config
 from unclip.pipelines.definitions import build_definitions
-from unclip.pipelines.runner import dagster_home, dagster_yaml
+from unclip.pipelines.instance import dagster_home, dagster_yaml
 
 ASSETS = {
     "url_lists",

@@ -59,7 +59,7 @@ def test_a_command_that_ends_by_itself_leaves_no_child_behind(tmp_path):
     start = time.monotonic()
     rc = ui.run_until_stopped([sys.executable, "-c", code], dict(os.environ), grace=1.0)
     assert rc == 3
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 30  # not the child's minute
     assert not _alive(int(pidfile.read_text()))
 
 
