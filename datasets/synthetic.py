@@ -46,6 +46,13 @@ def _rgb(color: str) -> tuple[int, int, int]:
         raise ValueError(f"synthetic.colors: unknown colour {color!r}") from e
 
 
+def shape_caption(color: str, shape: str) -> str:
+    """The caption of one coloured shape, with the article its colour takes: "an orange triangle"."""
+    # The article follows the sound of the next word; for colour names its first letter says it.
+    article = "an" if color[:1].lower() in ("a", "e", "i", "o", "u") else "a"
+    return f"{article} {color} {shape}"
+
+
 def sample_spec(cfg: SyntheticConfig, index: int) -> dict[str, Any]:
     """Colour, shape, caption and geometry of sample ``index`` (deterministic in seed and index)."""
     if not 0 <= index < cfg.num_pairs:
@@ -66,7 +73,7 @@ def sample_spec(cfg: SyntheticConfig, index: int) -> dict[str, Any]:
         "index": index,
         "color": color,
         "shape": shape,
-        "caption": f"a {color} {shape}",
+        "caption": shape_caption(color, shape),
         "geometry": {"cx": cx, "cy": cy, "size": size, "background": background},
     }
 

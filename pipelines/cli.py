@@ -528,44 +528,35 @@ def ui(
     set_: SetOpt = None,
 ) -> None:
     """Start the Dagster UI and daemon (sensor, schedule) on this config's definitions and instance."""
-    import shutil
-    import subprocess
-
-    from unclip.pipelines.runner import dagster_home
+    from unclip.pipelines import ui as dagster_ui
+    from unclip.pipelines.instance import dagster_home
 
     cfg, overrides = _load(config, set_)
     if overrides:
         console.print("[red]error:[/red] `ui` takes no --set: put the values in the config file")
         raise typer.Exit(2)
-    cmd, env = ui_command(config, cfg, port, host)
-    if shutil.which(cmd[0]) is None or not _has_webserver():
-        console.print(
-            "[red]error:[/red] the Dagster UI needs dagster-webserver: pip install 'unclip\\[ui]'"
-        )
+    missing = dagster_ui.missing_distributions()
+    if missing:
+        console.print(f"[red]error:[/red] {dagster_ui.missing_message(missing)}", soft_wrap=True)
         raise typer.Exit(1)
+    cmd, env = ui_command(config, cfg, port, host)
     console.print(f"Dagster UI on http://{host}:{port} (DAGSTER_HOME={dagster_home(cfg)})")
-    raise typer.Exit(subprocess.call(cmd, env=env))
+    raise typer.Exit(dagster_ui.run_until_stopped(cmd, env))
 
 
 def ui_command(
     config: Path, cfg: PipelineConfig, port: int = 3000, host: str = "127.0.0.1"
 ) -> tuple[list[str], dict[str, str]]:
     """``dagster dev`` on ``unclip.pipelines.definitions`` with this config and instance."""
-    from unclip.pipelines.runner import dagster_home
+    from unclip.pipelines.instance import dagster_home
+    from unclip.pipelines.ui import dev_command
 
     env = {
         **os.environ,
         "UNCLIP_CONFIG": str(config.resolve()),
         "DAGSTER_HOME": dagster_home(cfg),
     }
-    cmd = ["dagster", "dev", "-m", "unclip.pipelines.definitions", "-p", str(port), "-h", host]
-    return cmd, env
-
-
-def _has_webserver() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("dagster_webserver") is not None
+    return dev_command(port, host), env
 
 
 @app.command("config-schema")

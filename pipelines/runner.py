@@ -14,7 +14,6 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -26,6 +25,7 @@ from unclip.pipelines import stages as stages_mod
 from unclip.pipelines.assets import ALL_ASSETS, SOURCES
 from unclip.pipelines.config import PipelineConfig
 from unclip.pipelines.definitions import build_definitions
+from unclip.pipelines.instance import dagster_home
 
 StageEvent = Callable[[str, str], None]  # (event, stage): event in {"start", "success", "failure"}
 
@@ -38,7 +38,6 @@ PHASES: list[tuple[list[str], bool]] = [
     (["embeddings"], True),
     (["dataset_manifest", "prior", "decoder", "upsampler", "evaluation", "promotion"], False),
 ]
-MARKER = "# written by unclip from the config's `instance` section; edit that, not this file\n"
 
 
 @dataclass
@@ -50,48 +49,6 @@ class PipelineRun:
     outputs: dict[str, Any] = field(default_factory=dict)
     run_ids: list[str] = field(default_factory=list)
     partitions: list[str] = field(default_factory=list)
-
-
-def dagster_home(cfg: PipelineConfig) -> str:
-    """``DAGSTER_HOME``, else ``instance.home``, else ``<storage>/dagster`` (local roots)."""
-    home = os.environ.get("DAGSTER_HOME") or cfg.instance.home
-    if not home:
-        if "://" in cfg.storage:
-            home = str(Path.home() / ".unclip" / "dagster")
-        else:
-            home = os.path.join(cfg.storage, "dagster")
-    os.makedirs(home, exist_ok=True)
-    settings = Path(home, "dagster.yaml")
-    text = dagster_yaml(cfg)
-    # A dagster.yaml someone wrote by hand is theirs: only ours is regenerated.
-    if not settings.exists() or (
-        settings.read_text().startswith(MARKER) and settings.read_text() != text
-    ):
-        settings.write_text(text)
-    return home
-
-
-def dagster_yaml(cfg: PipelineConfig) -> str:
-    """The instance settings: SQLite under DAGSTER_HOME, or Postgres when configured."""
-    doc: dict[str, Any] = {
-        "telemetry": {"enabled": False},
-        # Source runs share one Ray: the daemon starts them one at a time.
-        "run_queue": {"tag_concurrency_limits": [{"key": "unclip/source", "limit": 1}]},
-    }
-    pg = cfg.instance.postgres
-    if pg is not None:
-        doc["storage"] = {
-            "postgres": {
-                "postgres_db": {
-                    "hostname": pg.hostname,
-                    "port": pg.port,
-                    "db_name": pg.db_name,
-                    "username": pg.username,
-                    "password": {"env": pg.password_env},
-                }
-            }
-        }
-    return MARKER + yaml.safe_dump(doc, sort_keys=False)
 
 
 def instance_for(cfg: PipelineConfig) -> dg.DagsterInstance:

@@ -27,6 +27,7 @@ from unclip.datasets.embed import (
 )
 from unclip.datasets.ingest import shard_parquet_path
 from unclip.datasets.readers import fixed_list_to_numpy
+from unclip.datasets.synthetic import shape_caption
 
 
 @pytest.mark.parametrize("pipeline", ["fused", "split"])
@@ -67,7 +68,7 @@ def test_embed_source_schema_norms_and_skip(ray_local, shapes_store, tiny_clip_c
     captions = t.column("caption").to_pylist()
     np.testing.assert_allclose(txt, encode_texts(bundle, captions), atol=2e-3)
     assert all(
-        c == f"a {co} {sh}"
+        c == shape_caption(co, sh)
         for c, co, sh in zip(captions, t["color"].to_pylist(), t["shape"].to_pylist(), strict=True)
     )
 

@@ -19,7 +19,12 @@ from unclip.datasets.config import IngestConfig, SyntheticConfig
 from unclip.datasets.ingest import completed_shards, download_shard, ingest_source, plan_source
 from unclip.datasets.shards import iter_shard
 from unclip.datasets.storage import StorageLayout
-from unclip.datasets.synthetic import render_image, serve_synthetic, write_url_list
+from unclip.datasets.synthetic import (
+    render_image,
+    serve_synthetic,
+    shape_caption,
+    write_url_list,
+)
 
 SYN = SyntheticConfig(num_pairs=60, image_size=96, seed=1)
 
@@ -68,7 +73,7 @@ def test_ingest_writes_complete_shards(ingested):
     for s in iter_shard(layout.image_shard(src, 1)):
         assert s.image.size == (64, 64)
         index = int(s.meta["url"].rsplit("/", 1)[1].split(".")[0])
-        assert s.caption == f"a {s.meta['color']} {s.meta['shape']}"
+        assert s.caption == shape_caption(s.meta["color"], s.meta["shape"])
         expected = render_image(SYN, index).resize((64, 64), Image.Resampling.BOX)
         diff = np.abs(np.asarray(s.image, np.float32) - np.asarray(expected, np.float32)).mean()
         assert diff < 8, (s.key, diff)

@@ -15,6 +15,7 @@ from unclip.datasets.synthetic import (
     render_png,
     sample_spec,
     serve_synthetic,
+    shape_caption,
     url_list_port,
     write_url_list,
 )
@@ -26,10 +27,21 @@ def test_same_seed_same_bytes_and_caption_matches_spec():
     for i in range(CFG.num_pairs):
         assert render_png(CFG, i) == render_png(CFG.model_copy(), i)
         spec = sample_spec(CFG, i)
-        assert spec["caption"] == f"a {spec['color']} {spec['shape']}"
+        assert spec["caption"] == shape_caption(spec["color"], spec["shape"])
         assert spec["color"] in CFG.colors and spec["shape"] in CFG.shapes
     other = CFG.model_copy(update={"seed": 8})
     assert any(render_png(CFG, i) != render_png(other, i) for i in range(CFG.num_pairs))
+
+
+def test_captions_take_the_article_their_colour_sounds_with():
+    assert shape_caption("orange", "triangle") == "an orange triangle"
+    assert shape_caption("red", "circle") == "a red circle"
+    assert shape_caption("Indigo", "square") == "an Indigo square"
+    # Every default colour, as the generator writes it, over enough samples to draw them all.
+    cfg = SyntheticConfig(num_pairs=200, seed=0)
+    captions = {sample_spec(cfg, i)["caption"] for i in range(cfg.num_pairs)}
+    assert "an orange triangle" in captions and "a red circle" in captions
+    assert not [c for c in captions if c.startswith("a orange")]
 
 
 def test_image_is_rgb_of_configured_size_with_a_shape():

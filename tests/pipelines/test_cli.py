@@ -51,7 +51,7 @@ def test_ui_runs_dagster_dev_on_the_same_definitions_and_instance(tmp_path, monk
     help_ = runner.invoke(app, ["ui", "--help"])
     assert help_.exit_code == 0 and "--port" in help_.output
     cmd, env = ui_command(f, load_config(f), port=3111)
-    assert cmd[:4] == ["dagster", "dev", "-m", "unclip.pipelines.definitions"]
+    assert cmd[1:6] == ["-m", "dagster", "dev", "-m", "unclip.pipelines.definitions"]
     assert "3111" in cmd
     assert env["UNCLIP_CONFIG"] == str(f.resolve())
     assert env["DAGSTER_HOME"] == str(tmp_path / "store" / "dagster")

@@ -5,7 +5,7 @@ from dagster._core.instance.config import dagster_instance_config_schema
 
 from unclip.pipelines.config import load_config
 from unclip.pipelines.definitions import build_definitions
-from unclip.pipelines.runner import dagster_home, dagster_yaml
+from unclip.pipelines.instance import dagster_home, dagster_yaml
 
 ASSETS = {
     "url_lists",
@@ -105,6 +105,7 @@ def test_postgres_block_written_from_config(tmp_path, monkeypatch):
         "db_name": "unclip",
         "username": "dagster",
         "password": {"env": "DAGSTER_PG_PASSWORD"},
+        "scheme": "postgresql+psycopg2",
     }
     # valid against Dagster's own instance schema (no server needed to check that)
     assert validate_config(dagster_instance_config_schema(), doc).success

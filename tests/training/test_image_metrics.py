@@ -8,7 +8,7 @@ import scipy.linalg
 from PIL import Image
 
 from unclip.datasets.config import SyntheticConfig
-from unclip.datasets.synthetic import PALETTE, render_image, sample_spec
+from unclip.datasets.synthetic import PALETTE, render_image, sample_spec, shape_caption
 from unclip.training import image_metrics as im
 
 SYN = SyntheticConfig(num_pairs=300, image_size=96, seed=0)
@@ -106,8 +106,8 @@ def test_attribute_check_rejects_wrong_images():
         color, shape = im.parse_caption(c, list(PAL))
         other_c = next(x for x in PAL if x != color)
         other_s = next(x for x in im.SHAPES if x != shape)
-        wrong_color.append(f"a {other_c} {shape}")
-        wrong_shape.append(f"a {color} {other_s}")
+        wrong_color.append(shape_caption(other_c, shape))
+        wrong_shape.append(shape_caption(color, other_s))
     assert im.attribute_accuracy(im.attribute_matches(images[:n], wrong_color, PAL)) == 0.0
     assert im.attribute_accuracy(im.attribute_matches(images[:n], wrong_shape, PAL)) <= 0.02
     rng = np.random.default_rng(0)

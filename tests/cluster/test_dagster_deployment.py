@@ -1,0 +1,234 @@
+"""cluster/dagster/: webserver, daemon and code server as separate services on the Postgres
+instance, wired to each other, to the RayCluster and to the config; the instance file is valid
+for Dagster and opens on a real Postgres."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import pytest
+import yaml
+from shrunk_config import REPO
+
+from unclip.pipelines.config import load_config
+from unclip.pipelines.instance import dagster_yaml
+
+DAGSTER = REPO / "cluster" / "dagster"
+KUSTOMIZATION = yaml.safe_load((DAGSTER / "kustomization.yaml").read_text())
+CONFIGMAP = KUSTOMIZATION["configMapGenerator"][0]["name"]
+
+
+def _objects() -> dict[tuple[str, str], dict]:
+    """(kind, name) → object, over every file the kustomization applies."""
+    out = {}
+    for name in KUSTOMIZATION["resources"]:
+        for doc in yaml.safe_load_all((DAGSTER / name).read_text()):
+            out[(doc["kind"], doc["metadata"]["name"])] = doc
+    return out
+
+
+OBJECTS = _objects()
+
+
+def _container(name: str) -> dict:
+    (container,) = OBJECTS[("Deployment", name)]["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _env(container: dict) -> dict[str, object]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def _cli(argv: list[str], home: str) -> click.Command:
+    """Parse ``argv`` with the real console script's click command (nothing runs).
+
+    Files mounted from the ConfigMap under ``home`` are read from this folder instead.
+    """
+    argv = [str(DAGSTER / a[len(home) + 1 :]) if a.startswith(home + "/") else a for a in argv]
+    from dagster._cli import cli as dagster_cli
+    from dagster._daemon.cli import cli as daemon_cli
+    from dagster_webserver.cli import dagster_webserver
+
+    commands = {"dagster": dagster_cli, "dagster-daemon": daemon_cli}
+    commands["dagster-webserver"] = dagster_webserver
+    cmd, args = commands[argv[0]], list(argv[1:])
+    while isinstance(cmd, click.Group):
+        name, args = args[0], args[1:]
+        cmd = cmd.commands[name]
+    cmd.make_context(argv[0], args)  # raises click.UsageError on an unknown option or value
+    return cmd
+
+
+def test_the_kustomization_applies_existing_files_and_every_service_is_real():
+    for name in [*KUSTOMIZATION["resources"], *KUSTOMIZATION["configMapGenerator"][0]["files"]]:
+        assert (DAGSTER / name).exists(), name
+    deployments = {n for k, n in OBJECTS if k == "Deployment"}
+    assert deployments == {
+        "unclip-dagster-webserver",
+        "unclip-dagster-daemon",
+        "unclip-dagster-code",
+    }
+    commands = {n: _container(n)["command"] for n in deployments}
+    # Long-running production services, each its own process: never `dagster dev` or `unclip ui`.
+    assert commands["unclip-dagster-webserver"][0] == "dagster-webserver"
+    assert commands["unclip-dagster-daemon"][:2] == ["dagster-daemon", "run"]
+    assert commands["unclip-dagster-code"][:3] == ["dagster", "api", "grpc"]
+    for name, command in commands.items():
+        assert "dev" not in command and "unclip" != command[0]
+        _cli(command, _env(_container(name))["DAGSTER_HOME"])
+    daemon = OBJECTS[("Deployment", "unclip-dagster-daemon")]["spec"]
+    assert daemon["replicas"] == 1 and daemon["strategy"]["type"] == "Recreate"
+    probe = _container("unclip-dagster-webserver")["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/server_info"
+
+
+def test_every_service_reads_the_postgres_instance_file():
+    instance = yaml.safe_load((DAGSTER / "dagster.yaml").read_text())
+    password_env = instance["storage"]["postgres"]["postgres_db"]["password"]["env"]
+    for kind, name in OBJECTS:
+        if kind != "Deployment":
+            continue
+        pod = OBJECTS[(kind, name)]["spec"]["template"]["spec"]
+        container = _container(name)
+        env = _env(container)
+        home = env["DAGSTER_HOME"]
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for file in ("dagster.yaml", "workspace.yaml"):
+            mount = mounts[f"{home}/{file}"]
+            assert mount["subPath"] == file
+            assert volumes[mount["name"]]["configMap"]["name"] == CONFIGMAP, name
+        assert "emptyDir" in volumes[mounts[home]["name"]], "DAGSTER_HOME is writable scratch"
+        assert env[password_env]["secretKeyRef"]["name"] == "unclip-dagster-postgres", name
+        if name != "unclip-dagster-code":  # the workspace: definitions come from the code server
+            assert f"{home}/workspace.yaml" in container["command"], name
+
+
+def test_the_workspace_reaches_the_code_server_and_runs_reach_ray():
+    (location,) = yaml.safe_load((DAGSTER / "workspace.yaml").read_text())["load_from"]
+    grpc = location["grpc_server"]
+    service = OBJECTS[("Service", grpc["host"])]["spec"]
+    (port,) = service["ports"]
+    code = _container("unclip-dagster-code")
+    ports = {p["name"]: p["containerPort"] for p in code["ports"]}
+    assert port["port"] == grpc["port"] == ports[port["targetPort"]]
+    command = code["command"]
+    assert command[command.index("--port") + 1] == str(grpc["port"])
+    assert importlib.util.find_spec(command[command.index("--module-name") + 1])
+
+    env = _env(code)
+    # Runs are processes of the code server: it is the Ray driver, on the RayCluster's head.
+    ray = yaml.safe_load((REPO / "cluster" / "kuberay" / "raycluster.yaml").read_text())
+    head = ray["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    gcs = {p["name"]: p["containerPort"] for p in head["ports"]}["gcs-server"]
+    assert env["RAY_ADDRESS"] == f"{ray['metadata']['name']}-head-svc:{gcs}"
+    assert env["RAY_AUTH_MODE"] == "token"
+    assert code["image"] == head["image"], "the driver's Ray and Python match the cluster's"
+    assert env["UNCLIP_STORAGE"].startswith("s3://")
+    config = env["UNCLIP_CONFIG"]
+    assert config.startswith(code["workingDir"] + "/")
+    assert load_config(REPO / os.path.relpath(config, code["workingDir"])).storage.startswith(
+        "s3://"
+    )
+
+
+def test_the_instance_file_is_valid_and_matches_the_config_instance_section():
+    from dagster._core.instance.config import dagster_instance_config
+
+    config, custom_class = dagster_instance_config(str(DAGSTER))
+    assert custom_class is None
+    assert "postgres" in config["storage"]
+    assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
+    laion = load_config(REPO / "configs" / "laion.yaml")
+    ours = yaml.safe_load(dagster_yaml(laion))
+    # What `unclip run` writes for the config's instance section is this instance's storage.
+    assert ours["storage"] == yaml.safe_load((DAGSTER / "dagster.yaml").read_text())["storage"]
+    limits = config["run_coordinator"]["config"]["tag_concurrency_limits"]
+    assert limits == ours["run_queue"]["tag_concurrency_limits"]
+
+
+def test_the_image_installs_the_postgres_extra():
+    dockerfile = (REPO / "cluster" / "Dockerfile").read_text()
+    assert 'pip install --no-cache-dir ".[postgres]"' in dockerfile
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert 'postgres = ["dagster-postgres' in pyproject
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres():
+    """A throwaway Postgres on 127.0.0.1 (as the `postgres` user when run as root)."""
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("no Postgres server binaries (initdb, pg_ctl) on PATH")
+    as_user: list[str] = []
+    root = Path(tempfile.mkdtemp(prefix="unclip-pg-"))
+    if os.geteuid() == 0:  # Postgres refuses to run as root
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(root, "postgres")
+    data, port = root / "data", _free_port()
+    try:
+        subprocess.run(
+            [*as_user, initdb, "-D", str(data), "-U", "dagster", "--auth=trust"],
+            check=True,
+            capture_output=True,
+        )
+        options = f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off"
+        # The server's output goes to a log file: a pipe would stay open as long as it runs.
+        subprocess.run(
+            [*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(root / "log")]
+            + ["-w", "-t", "60", "start"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=90,
+        )
+        subprocess.run(
+            [*as_user, "psql", "-h", "127.0.0.1", "-p", str(port), "-U", "dagster"]
+            + ["-d", "postgres", "-c", "CREATE DATABASE dagster"],
+            check=True,
+            capture_output=True,
+        )
+        yield port
+    finally:
+        subprocess.run(
+            [*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        )
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_instance_opens_on_a_real_postgres(postgres, tmp_path, monkeypatch):
+    pytest.importorskip("dagster_postgres")
+    import dagster as dg
+
+    doc = yaml.safe_load((DAGSTER / "dagster.yaml").read_text())
+    db = doc["storage"]["postgres"]["postgres_db"]
+    db.update(hostname="127.0.0.1", port=postgres)  # the shipped file, pointed at this server
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(doc))
+    monkeypatch.setenv(db["password"]["env"], "unused-with-trust-auth")
+    start = time.monotonic()
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
+        assert type(instance.schedule_storage).__name__ == "PostgresScheduleStorage"
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+        assert type(instance.run_launcher).__name__ == "DefaultRunLauncher"
+        assert instance.get_runs() == []
+    assert time.monotonic() - start < 120
