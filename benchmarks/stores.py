@@ -25,6 +25,7 @@ from PIL import Image
 
 from unclip.datasets.embedding_file import file_metadata, fixed_list, write_embedding_table
 from unclip.datasets.manifest import assemble_manifest
+from unclip.datasets.shards import write_shard_unit
 from unclip.datasets.storage import StorageLayout, atomic_write
 from unclip.datasets.stream import Columns, ShardSource, StreamShard, StreamStats
 
@@ -73,13 +74,12 @@ def _write_shard(
             "clip_score": pa.array((emb[0] * emb[1]).sum(1), pa.float32()),
         }
     ).replace_schema_metadata(file_metadata(CLIP_ID, dim, {"benchmark": True}, SOURCE, shard))
-    tar_path = layout.image_shard(SOURCE, shard)
-    with atomic_write(tar_path[: -len(".tar")] + ".parquet") as f:
-        pq.write_table(rows, f)
+    parquet = io.BytesIO()
+    pq.write_table(rows, parquet)
     with atomic_write(layout.embedding_shard(CLIP_ID, SOURCE, shard)) as f:
         write_embedding_table(table, f)
-    with atomic_write(tar_path) as f:  # the tar last: it marks the shard complete
-        f.write(tar.getvalue())
+    stats = {"count": len(keys), "successes": len(keys), "status_dict": {"success": len(keys)}}
+    write_shard_unit(layout, SOURCE, shard, tar.getvalue(), parquet.getvalue(), stats)
 
 
 def write_store(

@@ -11,6 +11,7 @@ a truncated tar ends the shard early and is counted too, never raised.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import re
@@ -22,7 +23,7 @@ from typing import IO, Any
 from fsspec.core import url_to_fs
 from PIL import Image
 
-from .storage import StorageLayout
+from .storage import StorageLayout, atomic_write, write_json
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _SHARD_TAR = re.compile(r"^(\d{5})\.tar$")
@@ -62,6 +63,23 @@ def _matches_commit(stats_bytes: bytes | None, tar_size: int, parquet_size: int 
     if record is None:  # written before commit records existed: a whole tar is a tar at all
         return tar_size > 0 and tar_size % _BLOCK == 0
     return record["tar"]["bytes"] == tar_size and record["parquet"]["bytes"] == parquet_size
+
+
+def write_shard_unit(
+    layout: StorageLayout, source_id: str, shard: int, tar: bytes, parquet: bytes, stats: dict
+) -> None:
+    """Commit a shard made in memory as ingest commits one: Parquet, stats with the commit
+    record, then the tar (for fixtures and benchmark stores; ingest streams its files)."""
+
+    def digest(data: bytes) -> dict[str, Any]:
+        return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    record = {"try": "in-memory", "tar": digest(tar), "parquet": digest(parquet)}
+    with atomic_write(layout.image_shard_parquet(source_id, shard)) as f:
+        f.write(parquet)
+    write_json(layout.image_shard_stats(source_id, shard), {**stats, "commit": record})
+    with atomic_write(layout.image_shard(source_id, shard)) as f:
+        f.write(tar)
 
 
 def completed_shards(layout: StorageLayout, source_id: str) -> list[int]:

@@ -35,6 +35,7 @@ from unclip.datasets.clip import (
 from unclip.datasets.config import ClipConfig, SyntheticConfig
 from unclip.datasets.embedding_file import file_metadata, fixed_list, write_embedding_table
 from unclip.datasets.manifest import assemble_manifest
+from unclip.datasets.shards import write_shard_unit
 from unclip.datasets.storage import StorageLayout, atomic_write, write_json
 from unclip.datasets.stream import RankStream, ShardSource, StreamPlan, StreamShard, StreamStats
 from unclip.datasets.synthetic import render_image, sample_spec
@@ -207,7 +208,8 @@ class EmbeddedStore:
     captions: list[str]
 
 
-def _write_tar(path: str, items: list[tuple[str, bytes, str]]) -> None:
+def _write_shard(layout: StorageLayout, shard: int, items: list[tuple[str, bytes, str]]) -> None:
+    """Shard ``shard`` of ``SOURCE`` committed as ingest commits it (tar, Parquet, stats)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for key, png, caption in items:
@@ -219,8 +221,6 @@ def _write_tar(path: str, items: list[tuple[str, bytes, str]]) -> None:
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    with atomic_write(path) as f:
-        f.write(buf.getvalue())
     # img2dataset's per-shard Parquet beside the tar: one row per sample, its status
     rows = pa.table(
         {
@@ -229,14 +229,16 @@ def _write_tar(path: str, items: list[tuple[str, bytes, str]]) -> None:
             "status": pa.array(["success"] * len(items), pa.string()),
         }
     )
-    with atomic_write(path[: -len(".tar")] + ".parquet") as f:
-        pq.write_table(rows, f)
+    parquet = io.BytesIO()
+    pq.write_table(rows, parquet)
+    stats = {"count": len(items), "successes": len(items), "status_dict": {"success": len(items)}}
+    write_shard_unit(layout, SOURCE, shard, buf.getvalue(), parquet.getvalue(), stats)
 
 
 def add_empty_shard(store: EmbeddedStore, shard: int = 1) -> EmbeddedStore:
     """The store with one more shard of ``SOURCE`` holding no samples, and its new manifest."""
     layout = store.layout
-    _write_tar(layout.image_shard(SOURCE, shard), [])
+    _write_shard(layout, shard, [])
     text = np.zeros((0, DIM), np.float32)
     table = pa.table(
         {
@@ -267,7 +269,7 @@ def _synthetic_items(
         caption = sample_spec(syn, i)["caption"]
         items.append((f"{i:09d}", png.getvalue(), caption))
         captions.append(caption)
-    _write_tar(layout.image_shard(SOURCE, 0), items)
+    _write_shard(layout, 0, items)
     return items, captions
 
 
