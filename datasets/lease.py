@@ -8,6 +8,8 @@ with an *exclusive create* (``os.link`` on a local disk, ``If-None-Match: *`` th
 ``"xb"`` mode on S3 / GCS / memory), which exactly one contender wins. The holder renews its
 record every ``ttl_s / 3`` from a heartbeat thread; a holder that stops renewing (killed,
 partitioned) loses the lease ``ttl_s`` after its last renewal, and the next writer takes over.
+A holder on the same host whose process is gone has lost it at once, so a rerun after a
+killed run starts without waiting out the TTL.
 
 API::
 
@@ -65,8 +67,11 @@ class Holder:
     released: bool = False
 
     def live(self, now: float | None = None) -> bool:
-        """Still held: not released and not expired."""
-        return not self.released and self.expires > (time.time() if now is None else now)
+        """Still held: not released, not expired, and not by a process of this host that died
+        (a killed run's lease is free at once for a rerun on the same machine)."""
+        if self.released or self.expires <= (time.time() if now is None else now):
+            return False
+        return self.host != socket.gethostname() or _pid_alive(self.pid)
 
     def describe(self) -> str:
         """One line naming the holder, for errors and logs."""
@@ -76,6 +81,16 @@ class Holder:
             f"since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.acquired))}, "
             f"expires in {left:.0f} s unless renewed)"
         )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def _generations(uri: str) -> list[int]:

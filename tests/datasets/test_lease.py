@@ -83,3 +83,20 @@ def test_the_heartbeat_keeps_a_short_lease_alive_while_it_is_held(tmp_path):
             Lease(uri).acquire(wait_s=0)
         lease.ensure()
     assert Lease.current(uri) is None
+
+
+def test_a_killed_holder_on_this_host_frees_the_lease_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    uri = str(tmp_path / "_leases" / "writer")
+    code = (
+        "from unclip.datasets.lease import Lease; import os; "
+        f"Lease({uri!r}, what='a run killed later', ttl_s=600).acquire(); os._exit(0)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)  # exits without releasing
+    assert Lease.current(uri) is None  # its process is gone, though the TTL has not run out
+    Lease(uri, what="the rerun").acquire(wait_s=0).release()
+    alive = Lease(uri, what="this process", ttl_s=600).acquire()
+    assert Lease.current(uri).holder == alive.holder  # a live process keeps it
+    alive.release()
