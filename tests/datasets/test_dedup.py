@@ -59,3 +59,24 @@ def test_sources_are_deduplicated_against_earlier_ones_and_fixed_once_planned(tm
     c = write_list(tmp_path / "c.parquet", urls, ["x"] * 6)
     assert plan_source(layout, c, cfg).filtered == {"dedup_url_caption": 6}
     assert plan_source(layout, b, cfg).num_rows == 2
+
+
+def test_a_plan_killed_after_recording_its_hashes_is_not_deduplicated_against_itself(tmp_path):
+    """The index holds the source's own record but no plan was committed: re-planning keeps every row."""
+    layout = StorageLayout(str(tmp_path / "store"))
+    cfg = ingest_cfg(samples_per_shard=2)
+    urls = [f"http://h/{i}.png" for i in range(4)]
+    a = write_list(tmp_path / "a.parquet", urls, ["x"] * 4)
+    first = plan_source(layout, a, cfg)
+    # What a process killed between dedup.record_source and the plan's commit leaves behind:
+    # the source's hashes in the index, no _plan.json (the commit) and no rows.
+    for path in (layout.ingest_plan(first.source_id), layout.ingest_rows(first.source_id)):
+        StorageLayout(layout.root).fs.rm(path)
+    assert dedup.is_recorded(layout, first.source_id)
+    again = plan_source(layout, a, cfg)
+    assert (again.num_rows, again.filtered) == (4, {})
+    kept = pq.read_table(layout.ingest_rows(again.source_id)).column("url").to_pylist()
+    assert kept == urls
+    # The index still dedups another list against it.
+    b = write_list(tmp_path / "b.parquet", urls[:2], ["x"] * 2)
+    assert plan_source(layout, b, cfg).filtered == {"dedup_url_caption": 2}

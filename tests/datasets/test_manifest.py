@@ -179,3 +179,20 @@ def test_file_of_another_clip_or_schema_is_an_error(shapes_store):
         match="column 'image_embedding' is fixed_size_list<element: halffloat>\\[32\\], expected",
     ):
         assemble_manifest(layout, clip_id, [src])
+
+
+def test_changed_embeddings_with_the_same_counts_give_a_new_version(shapes_store):
+    """Re-embedding a shard (another CLIP run of the same id, a repaired file) is new content."""
+    layout, src, clip_id = shapes_store.layout, shapes_store.source, shapes_store.clip_id
+    m1 = assemble_manifest(layout, clip_id, [src])
+    path = Path(layout.embedding_shard(clip_id, src, 1))
+    t = pq.read_table(path)
+    col = t.schema.get_field_index("clip_score")
+    changed = t.set_column(col, "clip_score", pa.array(t["clip_score"].to_numpy() * 0.5))
+    pq.write_table(changed.replace_schema_metadata(t.schema.metadata), path)
+    m2 = assemble_manifest(layout, clip_id, [src])
+    assert [s["count"] for s in m2["shards"]] == [s["count"] for s in m1["shards"]]
+    assert m2["shards"][1]["sha256"] != m1["shards"][1]["sha256"]
+    assert m2["shards"][0] == m1["shards"][0]
+    assert m2["version"] != m1["version"]
+    assert latest_manifest(layout)["version"] == m2["version"]
