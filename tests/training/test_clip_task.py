@@ -16,7 +16,7 @@ from unclip.training.config import BootstrapClipConfig
 @pytest.fixture
 def task(embedded_store) -> ClipTask:
     t = ClipTask(embedded_store.layout, TINY_CLIP, [SOURCE], HOLDOUT)
-    t.load_data(0, 1)
+    t.num_samples = t.load_data(0, 1)
     return t
 
 
@@ -65,3 +65,20 @@ def test_a_pretrained_clip_is_not_bootstrapped(embedded_store):
             [SOURCE],
             HOLDOUT,
         )
+
+
+def test_a_few_contrastive_steps_beat_the_untrained_clip_at_zero_shot(task):
+    """Quality, not range: 20 steps on the tiny shapes lift zero-shot accuracy well above the
+    untrained model's (0.12 of 18 classes; 0.36 after training)."""
+    torch.manual_seed(0)
+    model = task.build_model()
+    before = task.evaluate(model)["zero_shot_accuracy"]
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        loss, _ = task.loss(model, task.batch(rng.choice(task.num_samples, 32, replace=False)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = task.evaluate(model)["zero_shot_accuracy"]
+    assert after > before + 0.15, (before, after)
