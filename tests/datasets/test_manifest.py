@@ -196,3 +196,18 @@ def test_changed_embeddings_with_the_same_counts_give_a_new_version(shapes_store
     assert m2["shards"][0] == m1["shards"][0]
     assert m2["version"] != m1["version"]
     assert latest_manifest(layout)["version"] == m2["version"]
+
+
+def test_files_each_valid_but_of_two_dimensions_are_an_error(shapes_store):
+    from unclip.datasets.embedding_file import fixed_list, fixed_list_to_numpy
+
+    layout, src, clip_id = shapes_store.layout, shapes_store.source, shapes_store.clip_id
+    path = Path(layout.embedding_shard(clip_id, src, 1))
+    t = pq.read_table(path)
+    for name in ("image_embedding", "text_embedding"):
+        x = fixed_list_to_numpy(t[name])
+        t = t.set_column(t.schema.get_field_index(name), name, fixed_list(np.hstack([x, x])))
+    meta = {**t.schema.metadata, b"unclip.embedding_dim": b"64"}
+    pq.write_table(t.replace_schema_metadata(meta), path)
+    with pytest.raises(ValueError, match=r"embedding files of dimensions \[32, 64\]"):
+        assemble_manifest(layout, clip_id, [src])

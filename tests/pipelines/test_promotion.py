@@ -9,7 +9,6 @@ import pytest
 from unclip.datasets.storage import StorageLayout, write_json
 from unclip.pipelines import registry
 from unclip.pipelines.config import (
-    PRIOR_GATE_METRICS,
     ConfigError,
     PromotionMetric,
     load_config,
@@ -278,16 +277,6 @@ def test_a_misspelt_gate_metric_is_a_config_error_naming_the_key(tmp_path):
         load_config(path)
     assert "promotion.models.decoder[1].metric: 'clip_scor' is not a metric" in str(e.value)
     assert "clip_score" in str(e.value)
-
-
-def test_the_prior_gate_metrics_are_what_the_prior_evaluation_writes():
-    import numpy as np
-    import torch
-
-    from unclip.training.evaluation import prior_cosines
-
-    x = torch.randn(4, 8)
-    assert set(prior_cosines(x, x, x, np.roll(np.arange(4), 1))) == set(PRIOR_GATE_METRICS)
 
 
 # --- concurrent promotions --------------------------------------------------------------------

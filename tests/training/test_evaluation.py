@@ -13,7 +13,7 @@ from training_helpers import HOLDOUT, TINY_CLIP, TINY_DECODER, make_decoder_task
 from unclip.datasets.clip import build_bootstrap_clip, load_clip, save_clip
 from unclip.datasets.storage import exists, read_json
 from unclip.datasets.synthetic import PALETTE
-from unclip.pipelines.config import CASCADE_GATE_METRICS
+from unclip.pipelines.config import CASCADE_GATE_METRICS, PRIOR_GATE_METRICS
 from unclip.training import cascade_eval
 from unclip.training.cascade_eval import (
     METRICS_FILE,
@@ -39,6 +39,11 @@ def test_unrelated_index_picks_another_caption():
     idx = unrelated_index(caps)
     assert all(caps[j] != caps[i] for i, j in enumerate(idx))
     assert list(unrelated_index(["x", "x"])) == [1, 0]
+
+
+def test_the_prior_gate_metrics_are_what_the_prior_evaluation_writes():
+    x = torch.randn(4, 8)
+    assert set(prior_cosines(x, x, x, np.roll(np.arange(4), 1))) == set(PRIOR_GATE_METRICS)
 
 
 def test_prior_cosines_of_perfect_predictions():
