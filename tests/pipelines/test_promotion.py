@@ -14,7 +14,7 @@ from unclip.pipelines.config import (
     load_config,
     parse_config,
 )
-from unclip.pipelines.promotion import context_of, decide, promote, promoted
+from unclip.pipelines.promotion import context_diff, context_of, decide, promote, promoted
 
 PRIOR = [PromotionMetric(metric="cos_pred_true", mode="max", tolerance=0.01)]
 DECODER = [
@@ -125,7 +125,12 @@ def test_promote_writes_registry_and_keeps_rejections_with_their_report(tmp_path
     assert rec["config"]["num_layers"] == 1 != cfg.prior.num_layers
     assert rec["config"]["trainer"] == {"max_steps": 7}
     # the same run again: no change, no report churn
-    assert promote(cfg, "prior")["status"] == "current"
+    before = (tmp_path / "store/registry/prior.json").read_bytes()
+    out = promote(cfg, "prior")
+    assert out["status"] == "current" and not out["promote"]
+    assert (tmp_path / "store/registry/prior.json").read_bytes() == before
+    first = json.loads((tmp_path / "store/eval/prior-a/promotion.json").read_text())
+    assert first["status"] == "first"
 
     _trained(layout, "prior-b", 0.4)
     out = promote(cfg, "prior")
@@ -141,6 +146,25 @@ def test_promote_writes_registry_and_keeps_rejections_with_their_report(tmp_path
     assert promote(cfg, "prior")["status"] == "promoted"
     rec = promoted(cfg, "prior")
     assert rec["run"] == "prior-c" and rec["previous"] == "prior-a"
+
+
+def test_one_rejection_line_per_candidate_and_promoted_pair(tmp_path):
+    cfg = _cfg(tmp_path)
+    layout = StorageLayout(cfg.storage)
+    log = tmp_path / "store/registry/prior.rejected.jsonl"
+
+    def lines():
+        return [(x["run"], x["against"]) for x in map(json.loads, log.read_text().splitlines())]
+
+    promote(cfg, "prior", run=_trained(layout, "prior-a", 0.5))
+    z, y = _trained(layout, "prior-z", 0.4), _trained(layout, "prior-y", 0.45)
+    promote(cfg, "prior", run=z)
+    promote(cfg, "prior", run=y)  # another candidate against the same promoted run
+    assert lines() == [("prior-z", "prior-a"), ("prior-y", "prior-a")]
+    promote(cfg, "prior", run=_trained(layout, "prior-c", 0.6))
+    promote(cfg, "prior", run=z)  # the same candidate against another promoted run
+    promote(cfg, "prior", run=z)
+    assert lines() == [("prior-z", "prior-a"), ("prior-y", "prior-a"), ("prior-z", "prior-c")]
 
 
 def test_missing_metrics_file_is_a_clear_rejection(tmp_path):
@@ -239,6 +263,11 @@ def test_context_is_everything_but_the_model_under_test():
     ]:
         assert context_of("prior", base) != context_of("prior", {**base, key: value}), key
     assert context_of("prior", base) == context_of("prior", {**base, "cos_pred_true": 0.9})
+    # A difference is one whichever side holds the larger value.
+    newer = {**base, "data_version": "v2"}
+    assert context_diff("prior", base, newer) == ["data_version: 'v1' vs 'v2'"]
+    assert context_diff("prior", newer, base) == ["data_version: 'v2' vs 'v1'"]
+    assert context_diff("prior", base, {**base, "cos_pred_true": 0.9}) == []
     cascade = {
         "data_version": "v1",
         "holdout_fraction": 0.1,
