@@ -159,12 +159,16 @@ def test_one_rejection_line_per_candidate_and_promoted_pair(tmp_path):
     promote(cfg, "prior", run=_trained(layout, "prior-a", 0.5))
     z, y = _trained(layout, "prior-z", 0.4), _trained(layout, "prior-y", 0.45)
     promote(cfg, "prior", run=z)
-    promote(cfg, "prior", run=y)  # another candidate against the same promoted run
-    assert lines() == [("prior-z", "prior-a"), ("prior-y", "prior-a")]
+    promote(cfg, "prior", run=y)  # other candidates against the same promoted run
+    promote(cfg, "prior", run=_trained(layout, "prior-zz", 0.45))
+    seen = [("prior-z", "prior-a"), ("prior-y", "prior-a"), ("prior-zz", "prior-a")]
+    assert lines() == seen
     promote(cfg, "prior", run=_trained(layout, "prior-c", 0.6))
-    promote(cfg, "prior", run=z)  # the same candidate against another promoted run
+    promote(cfg, "prior", run=z)  # the same candidate against other promoted runs
+    promote(cfg, "prior", run=_trained(layout, "prior-b2", 0.7))
     promote(cfg, "prior", run=z)
-    assert lines() == [("prior-z", "prior-a"), ("prior-y", "prior-a"), ("prior-z", "prior-c")]
+    promote(cfg, "prior", run=z)
+    assert lines() == [*seen, ("prior-z", "prior-c"), ("prior-z", "prior-b2")]
 
 
 def test_missing_metrics_file_is_a_clear_rejection(tmp_path):
