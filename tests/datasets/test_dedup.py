@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from unclip.datasets import dedup
 from unclip.datasets.ingest import plan_source
@@ -19,9 +20,13 @@ def test_hashes_are_128_bit_and_separate_url_from_caption():
     assert h[0] == h[2] and h[0] != h[1]
     assert dedup.first_occurrence(h).tolist() == [True, True, False]
     assert dedup.url_caption_hashes([None], [None])[0] == dedup.url_caption_hashes([""], [""])[0]
+    with pytest.raises(ValueError):  # a caption column shorter than the urls is a bug upstream
+        dedup.url_caption_hashes(["http://a/b", "http://a/c"], ["c"])
 
 
 def test_index_round_trip_and_exclusion():
+    empty = dedup.load_index(StorageLayout("memory://dedup-index-none"))
+    assert empty.dtype == np.dtype("S16") and len(empty) == 0
     layout = StorageLayout("memory://dedup-index")
     a = dedup.url_caption_hashes(["u1", "u2"], ["c", "c"])
     b = dedup.url_caption_hashes(["u3"], ["c"])
@@ -80,3 +85,10 @@ def test_a_plan_killed_after_recording_its_hashes_is_not_deduplicated_against_it
     # The index still dedups another list against it.
     b = write_list(tmp_path / "b.parquet", urls[:2], ["x"] * 2)
     assert plan_source(layout, b, cfg).filtered == {"dedup_url_caption": 2}
+
+
+def test_a_row_repeated_in_a_list_is_kept_once_against_a_large_index():
+    """numpy's sort-based membership test (large indexes) must not take repeats for index hits."""
+    index = np.unique(dedup.url_caption_hashes([f"u{i}" for i in range(500)], ["c"] * 500))
+    q = dedup.url_caption_hashes(["new", "new", "u3", "u3", "other"], ["c"] * 5)
+    assert dedup.duplicates(q, index).tolist() == [False, True, True, True, False]
