@@ -45,14 +45,34 @@ def test_version_is_stable_and_files_written_once(shapes_store):
     np.testing.assert_allclose(stats["text_std"], emb.text.std(0), atol=1e-4)
 
 
-def test_new_shard_gives_new_version(shapes_store, tiny_clip_cfg):
+def test_the_version_is_the_documented_hash_of_clip_shards_and_filter(shapes_store):
+    import hashlib
+    import json
+
+    layout, src, clip_id = shapes_store.layout, shapes_store.source, shapes_store.clip_id
+    for cfg in (None, ManifestConfig(clip_score_top_fraction=0.5)):
+        m = assemble_manifest(layout, clip_id, [src], cfg)
+        content = {"clip_id": clip_id, "shards": m["shards"]}
+        if "clip_score_min" in m:
+            content["clip_score_min"] = m["clip_score_min"]
+        digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+        assert m["version"] == digest[:16]
+        assert ("clip_score_min" in m) == (cfg is not None)
+
+
+def test_new_shard_gives_new_version(shapes_store, tiny_clip_cfg, caplog):
     layout, src, clip_id = shapes_store.layout, shapes_store.source, shapes_store.clip_id
     emb1 = Path(layout.embedding_shard(clip_id, src, 1))
     emb1.unlink()
-    m1 = assemble_manifest(layout, clip_id, [src])
+    with caplog.at_level("WARNING", logger="unclip.datasets.manifest"):
+        m1 = assemble_manifest(layout, clip_id, [src])
+    assert f"{src}/00001" in caplog.text and "left out" in caplog.text
+    caplog.clear()
     assert [s["shard"] for s in m1["shards"]] == [0] and m1["num_samples"] == 20
     embed_shard(layout, load_clip(tiny_clip_cfg, shapes_store.clip_checkpoint), src, 1, 16)
-    m2 = assemble_manifest(layout, clip_id, [src])
+    with caplog.at_level("WARNING", logger="unclip.datasets.manifest"):
+        m2 = assemble_manifest(layout, clip_id, [src])
+    assert "left out" not in caplog.text  # every shard embedded: nothing to warn about
     assert m2["version"] != m1["version"] and m2["num_samples"] == 40
     assert latest_manifest(layout)["version"] == m2["version"]
     assert Path(layout.manifest(m1["version"])).is_file()  # old versions stay readable
