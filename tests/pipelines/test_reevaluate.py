@@ -92,3 +92,30 @@ def test_a_promoted_prior_is_reevaluated_on_the_candidates_holdout(tmp_path):
     out = promote(cfg, "prior", run=c, reevaluate=reevaluator(cfg))
     assert out["status"] == "refused"
     assert "CLIP otherclip0000000" in out["reasons"][0] and f"CLIP {CLIP_ID}" in out["reasons"][0]
+
+
+def test_what_cannot_be_reevaluated_is_refused_with_its_reason(tmp_path):
+    import pytest
+
+    from unclip.pipelines.promotion import NotComparable
+    from unclip.pipelines.reevaluate import promoted_on_candidate
+
+    store = build_embedded_store(str(tmp_path / "store"))
+    layout = store.layout
+    cfg = parse_config({"storage": layout.root, "evaluate": {"holdout_fraction": HOLDOUT}})
+    export = layout.join("runs", "decoder", "decoder-a", "export")
+    promoted_rec = {"run": "decoder-a", "export": export}
+    metrics = {"data_version": store.version, "holdout_fraction": HOLDOUT, "settings": {}}
+    cand = {"run": "decoder-b", "metrics": metrics}
+    with pytest.raises(NotComparable, match="upsampler is not re-evaluated"):
+        promoted_on_candidate(cfg, "upsampler", promoted_rec, cand)
+    with pytest.raises(NotComparable, match="unclip_decoder.json: it cannot be re-evaluated"):
+        promoted_on_candidate(cfg, "decoder", promoted_rec, cand)
+    write_json(f"{export}/unclip_decoder.json", {"clip_id": CLIP_ID})
+    later = {**metrics, "settings": {"cascade": {"upsampler_exports": "['…']"}}}
+    with pytest.raises(NotComparable, match="cascade has later stages"):
+        promoted_on_candidate(cfg, "decoder", promoted_rec, {**cand, "metrics": later})
+    with pytest.raises(NotComparable, match="do not say which hold-out split"):
+        promoted_on_candidate(
+            cfg, "decoder", promoted_rec, {**cand, "metrics": {**metrics, "holdout_fraction": None}}
+        )
