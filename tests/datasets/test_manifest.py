@@ -231,3 +231,23 @@ def test_files_each_valid_but_of_two_dimensions_are_an_error(shapes_store):
     pq.write_table(t.replace_schema_metadata(meta), path)
     with pytest.raises(ValueError, match=r"embedding files of dimensions \[32, 64\]"):
         assemble_manifest(layout, clip_id, [src])
+
+
+def test_the_filter_threshold_is_the_kth_largest_score_and_may_be_negative():
+    """The rule alone, on scores of any order and sign (an untrained CLIP's are often below 0)."""
+    import math
+
+    from unclip.datasets.manifest import _Entry, _threshold
+
+    # Large enough that numpy's partition does not happen to sort the whole array.
+    rng = np.random.default_rng(0)
+    scores = rng.permutation(np.linspace(-0.9, 0.9, 4000)).astype(np.float32)
+    entries = [_Entry("s", i, "p", "h", 4, part) for i, part in enumerate(np.split(scores, 4))]
+    ranked = np.sort(scores.astype(np.float64))[::-1]
+    for frac in (0.5, 0.13, 0.9):
+        k = math.ceil(frac * len(scores))
+        assert _threshold(entries, ManifestConfig(clip_score_top_fraction=frac)) == ranked[k - 1]
+    assert _threshold(entries, ManifestConfig(clip_score_top_fraction=1.0)) is None
+    assert _threshold(entries, ManifestConfig(clip_score_min=-0.5)) == pytest.approx(-0.5)
+    assert _threshold(entries, ManifestConfig(clip_score_min=-1.0)) is None
+    assert _threshold(entries, ManifestConfig()) is None
