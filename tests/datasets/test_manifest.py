@@ -31,9 +31,12 @@ def test_version_is_stable_and_files_written_once(shapes_store):
         )
         assert len(s["sha256"]) == 64
     path = Path(layout.manifest(m["version"]))
+    pointer = Path(layout.latest_manifest_pointer())
     mtime, data = path.stat().st_mtime_ns, path.read_bytes()
+    pointed = pointer.stat().st_mtime_ns
     again = assemble_manifest(layout, clip_id, [src, src])
     assert again == m and path.stat().st_mtime_ns == mtime and path.read_bytes() == data
+    assert pointer.stat().st_mtime_ns == pointed  # nothing written when nothing changed
     assert latest_manifest(layout) == m
 
     stats = load_embedding_stats(layout, m)
