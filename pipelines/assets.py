@@ -20,6 +20,7 @@ from dagster import AssetExecutionContext
 
 from unclip.pipelines import promotion as promotion_mod
 from unclip.pipelines import stages
+from unclip.pipelines.reevaluate import reevaluator
 from unclip.pipelines.resources import UnclipConfigResource
 
 GROUP = "unclip"
@@ -159,7 +160,7 @@ def promotion(context: AssetExecutionContext, unclip: UnclipConfigResource) -> d
     for model in cfg.promotion.models:
         if model == "upsampler" and cfg.upsampler is None:
             continue
-        d = promotion_mod.promote(cfg, model)
+        d = promotion_mod.promote(cfg, model, reevaluate=reevaluator(cfg))
         out[model] = d
         (context.log.info if d["promote"] else context.log.warning)(
             f"{model} {d.get('run')}: {d['status']}; " + "; ".join(d["reasons"])

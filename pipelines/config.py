@@ -89,6 +89,25 @@ def _default_gates() -> dict[str, list[PromotionMetric]]:
     }
 
 
+# The numeric metrics each model's evaluation writes: the only keys a gate can read.
+PRIOR_GATE_METRICS = ("cos_pred_true", "cos_pred_text", "cos_pred_unrelated", "cos_text_baseline")
+CASCADE_GATE_METRICS = (
+    "attribute_accuracy",
+    "attribute_accuracy_untrained",
+    "fd_clip",
+    "fd_clip_untrained",
+    "clip_score",
+    "clip_score_real",
+    "fid",
+    "fid_untrained",
+)
+GATE_METRICS = {
+    "prior": PRIOR_GATE_METRICS,
+    "decoder": CASCADE_GATE_METRICS,
+    "upsampler": CASCADE_GATE_METRICS,
+}
+
+
 class PromotionConfig(BaseModel):
     """Which metrics gate promotion into ``registry/{model}.json``, per model."""
 
@@ -98,6 +117,18 @@ class PromotionConfig(BaseModel):
         default_factory=_default_gates,
         description="Per model, the metrics a candidate must beat the promoted checkpoint on.",
     )
+
+    @model_validator(mode="after")
+    def _known_metrics(self) -> PromotionConfig:
+        # A misspelt metric would be missing from every evaluation and reject every candidate.
+        for model, gates in self.models.items():
+            for i, g in enumerate(gates):
+                if g.metric not in GATE_METRICS[model]:
+                    raise ValueError(
+                        f"promotion.models.{model}[{i}].metric: {g.metric!r} is not a metric "
+                        f"the {model} evaluation writes; one of {', '.join(GATE_METRICS[model])}"
+                    )
+        return self
 
 
 class PostgresConfig(BaseModel):

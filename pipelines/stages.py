@@ -413,7 +413,8 @@ def evaluate(cfg: PipelineConfig, version: str, clip_ckpt: str | None) -> dict[s
         "guidance_scale": cfg.prior.guidance_scale,
         "candidates": cfg.prior.candidates,
     }
-    if any(prior_metrics.get(k) != v for k, v in sampling.items()):
+    # Metrics without their context (split, CLIP) cannot be compared at promotion: redo them.
+    if any(prior_metrics.get(k) != v for k, v in sampling.items()) or "split" not in prior_metrics:
         prior_metrics = evaluate_prior(
             layout, version, prior_fit, cfg.evaluate, holdout, prior_cfg=cfg.prior
         )
@@ -446,7 +447,7 @@ def evaluate(cfg: PipelineConfig, version: str, clip_ckpt: str | None) -> dict[s
         decoder_fit,
         cfg.decoder,
         cfg.evaluate,
-        palette=_synthetic_palette(cfg),
+        palette=synthetic_palette(cfg),
         cascade=cascade,
         prior_metrics=prior_metrics,
         loss_curves=loss_curves,
@@ -478,7 +479,7 @@ DECODER_SUMMARY = (
 )
 
 
-def _synthetic_palette(cfg: PipelineConfig) -> dict[str, tuple[int, int, int]] | None:
+def synthetic_palette(cfg: PipelineConfig) -> dict[str, tuple[int, int, int]] | None:
     """Colour name → RGB of the synthetic shapes, for the attribute check (None: no synthetic data)."""
     if cfg.synthetic is None:
         return None

@@ -271,6 +271,7 @@ def evaluate_cascade(
     prior_metrics: dict[str, Any] | None = None,
     loss_curves: dict[str, str] | None = None,
     extra_images: dict[str, str] | None = None,
+    out_dir: str | None = None,
 ) -> dict[str, Any]:
     """Metrics of the whole cascade on held-out captions → ``eval/{decoder_run}/decoder_metrics.json``
     and ``report.html`` beside it.
@@ -279,16 +280,17 @@ def evaluate_cascade(
     ``cascade`` holds the extra keyword arguments of ``generate`` for later stages (upsampler).
     ``prior_metrics``, ``loss_curves`` and ``extra_images`` (label → PNG path) go into the report.
     Does nothing when the metrics of the same runs and settings are already there; the JSON is
-    written last, so a killed step leaves no metrics without their report.
+    written last, so a killed step leaves no metrics without their report. ``out_dir`` writes
+    them elsewhere (a promoted decoder judged in a newer candidate's context).
     """
     cascade = dict(cascade or {})
-    out_dir = layout.eval_dir(decoder_fit.run_name)
+    out_dir = out_dir or layout.eval_dir(decoder_fit.run_name)
     path = f"{out_dir}/{METRICS_FILE}"
     report = f"{out_dir}/{REPORT_FILE}"
     settings = settings_of(cfg, decoder_cfg, prior_fit, decoder_fit, cascade)
     if exists(path) and exists(report):
         old = read_json(path)
-        if old.get("settings") == settings:
+        if old.get("settings") == settings and "holdout_fraction" in old:
             return old
     held = held_out_set(layout, version, cfg.holdout_fraction, cfg.num_eval_samples, palette)
     untrained = export_untrained_decoder(
@@ -346,6 +348,7 @@ def evaluate_cascade(
         "image_size": size,
         "num_workers": len(chunks),
         "data_version": version,
+        "holdout_fraction": cfg.holdout_fraction,
         "prior_run": prior_fit.run_name,
         "decoder_run": decoder_fit.run_name,
         "sample_steps": settings["sample_steps"],

@@ -61,11 +61,15 @@ def evaluate_prior(
     cfg: EvaluateConfig,
     holdout_fraction: float,
     prior_cfg: PriorConfig | None = None,
+    out_path: str | None = None,
 ) -> dict[str, Any]:
     """Cosine suite of the exported prior on held-out pairs → ``eval/{run}/prior_metrics.json``.
 
     Sampling (steps, guidance, k candidates) follows ``prior_cfg`` when given, else the export's
     info: those keys do not name the run, so the export may hold the values it was trained with.
+    ``out_path`` writes the metrics elsewhere (a promoted prior judged on a newer data version).
+    The metrics record what they depend on (data version, split, CLIP, protocol), so only
+    evaluations in one context are compared.
     """
     manifest = readers.load_manifest(layout, manifest_version)
     held = readers.load_embeddings(layout, manifest, "holdout", holdout_fraction)
@@ -104,11 +108,14 @@ def evaluate_prior(
         "num_pairs": n,
         "run_name": prior_fit.run_name,
         "data_version": manifest_version,
+        "split": "holdout",
+        "holdout_fraction": holdout_fraction,
+        "clip_id": str(manifest["clip_id"]),
         "sample_steps": steps,
         "guidance_scale": scale,
         "candidates": k,
     }
-    write_json(f"{layout.eval_dir(prior_fit.run_name)}/{PRIOR_METRICS}", metrics)
+    write_json(out_path or f"{layout.eval_dir(prior_fit.run_name)}/{PRIOR_METRICS}", metrics)
     return metrics
 
 

@@ -31,9 +31,12 @@ def test_version_is_stable_and_files_written_once(shapes_store):
         )
         assert len(s["sha256"]) == 64
     path = Path(layout.manifest(m["version"]))
+    pointer = Path(layout.latest_manifest_pointer())
     mtime, data = path.stat().st_mtime_ns, path.read_bytes()
+    pointed = pointer.stat().st_mtime_ns
     again = assemble_manifest(layout, clip_id, [src, src])
     assert again == m and path.stat().st_mtime_ns == mtime and path.read_bytes() == data
+    assert pointer.stat().st_mtime_ns == pointed  # nothing written when nothing changed
     assert latest_manifest(layout) == m
 
     stats = load_embedding_stats(layout, m)
@@ -45,14 +48,34 @@ def test_version_is_stable_and_files_written_once(shapes_store):
     np.testing.assert_allclose(stats["text_std"], emb.text.std(0), atol=1e-4)
 
 
-def test_new_shard_gives_new_version(shapes_store, tiny_clip_cfg):
+def test_the_version_is_the_documented_hash_of_clip_shards_and_filter(shapes_store):
+    import hashlib
+    import json
+
+    layout, src, clip_id = shapes_store.layout, shapes_store.source, shapes_store.clip_id
+    for cfg in (None, ManifestConfig(clip_score_top_fraction=0.5)):
+        m = assemble_manifest(layout, clip_id, [src], cfg)
+        content = {"clip_id": clip_id, "shards": m["shards"]}
+        if "clip_score_min" in m:
+            content["clip_score_min"] = m["clip_score_min"]
+        digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+        assert m["version"] == digest[:16]
+        assert ("clip_score_min" in m) == (cfg is not None)
+
+
+def test_new_shard_gives_new_version(shapes_store, tiny_clip_cfg, caplog):
     layout, src, clip_id = shapes_store.layout, shapes_store.source, shapes_store.clip_id
     emb1 = Path(layout.embedding_shard(clip_id, src, 1))
     emb1.unlink()
-    m1 = assemble_manifest(layout, clip_id, [src])
+    with caplog.at_level("WARNING", logger="unclip.datasets.manifest"):
+        m1 = assemble_manifest(layout, clip_id, [src])
+    assert f"{src}/00001" in caplog.text and "left out" in caplog.text
+    caplog.clear()
     assert [s["shard"] for s in m1["shards"]] == [0] and m1["num_samples"] == 20
     embed_shard(layout, load_clip(tiny_clip_cfg, shapes_store.clip_checkpoint), src, 1, 16)
-    m2 = assemble_manifest(layout, clip_id, [src])
+    with caplog.at_level("WARNING", logger="unclip.datasets.manifest"):
+        m2 = assemble_manifest(layout, clip_id, [src])
+    assert "left out" not in caplog.text  # every shard embedded: nothing to warn about
     assert m2["version"] != m1["version"] and m2["num_samples"] == 40
     assert latest_manifest(layout)["version"] == m2["version"]
     assert Path(layout.manifest(m1["version"])).is_file()  # old versions stay readable
@@ -179,3 +202,55 @@ def test_file_of_another_clip_or_schema_is_an_error(shapes_store):
         match="column 'image_embedding' is fixed_size_list<element: halffloat>\\[32\\], expected",
     ):
         assemble_manifest(layout, clip_id, [src])
+
+
+def test_changed_embeddings_with_the_same_counts_give_a_new_version(shapes_store):
+    """Re-embedding a shard (another CLIP run of the same id, a repaired file) is new content."""
+    layout, src, clip_id = shapes_store.layout, shapes_store.source, shapes_store.clip_id
+    m1 = assemble_manifest(layout, clip_id, [src])
+    path = Path(layout.embedding_shard(clip_id, src, 1))
+    t = pq.read_table(path)
+    col = t.schema.get_field_index("clip_score")
+    changed = t.set_column(col, "clip_score", pa.array(t["clip_score"].to_numpy() * 0.5))
+    pq.write_table(changed.replace_schema_metadata(t.schema.metadata), path)
+    m2 = assemble_manifest(layout, clip_id, [src])
+    assert [s["count"] for s in m2["shards"]] == [s["count"] for s in m1["shards"]]
+    assert m2["shards"][1]["sha256"] != m1["shards"][1]["sha256"]
+    assert m2["shards"][0] == m1["shards"][0]
+    assert m2["version"] != m1["version"]
+    assert latest_manifest(layout)["version"] == m2["version"]
+
+
+def test_files_each_valid_but_of_two_dimensions_are_an_error(shapes_store):
+    from unclip.datasets.embedding_file import fixed_list, fixed_list_to_numpy
+
+    layout, src, clip_id = shapes_store.layout, shapes_store.source, shapes_store.clip_id
+    path = Path(layout.embedding_shard(clip_id, src, 1))
+    t = pq.read_table(path)
+    for name in ("image_embedding", "text_embedding"):
+        x = fixed_list_to_numpy(t[name])
+        t = t.set_column(t.schema.get_field_index(name), name, fixed_list(np.hstack([x, x])))
+    meta = {**t.schema.metadata, b"unclip.embedding_dim": b"64"}
+    pq.write_table(t.replace_schema_metadata(meta), path)
+    with pytest.raises(ValueError, match=r"embedding files of dimensions \[32, 64\]"):
+        assemble_manifest(layout, clip_id, [src])
+
+
+def test_the_filter_threshold_is_the_kth_largest_score_and_may_be_negative():
+    """The rule alone, on scores of any order and sign (an untrained CLIP's are often below 0)."""
+    import math
+
+    from unclip.datasets.manifest import _Entry, _threshold
+
+    # Large enough that numpy's partition does not happen to sort the whole array.
+    rng = np.random.default_rng(0)
+    scores = rng.permutation(np.linspace(-0.9, 0.9, 4000)).astype(np.float32)
+    entries = [_Entry("s", i, "p", "h", 4, part) for i, part in enumerate(np.split(scores, 4))]
+    ranked = np.sort(scores.astype(np.float64))[::-1]
+    for frac in (0.5, 0.13, 0.9):
+        k = math.ceil(frac * len(scores))
+        assert _threshold(entries, ManifestConfig(clip_score_top_fraction=frac)) == ranked[k - 1]
+    assert _threshold(entries, ManifestConfig(clip_score_top_fraction=1.0)) is None
+    assert _threshold(entries, ManifestConfig(clip_score_min=-0.5)) == pytest.approx(-0.5)
+    assert _threshold(entries, ManifestConfig(clip_score_min=-1.0)) is None
+    assert _threshold(entries, ManifestConfig()) is None

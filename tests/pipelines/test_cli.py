@@ -1,3 +1,6 @@
+import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -8,20 +11,69 @@ from unclip.pipelines.cli import _upstream_closure, app
 runner = CliRunner()
 
 
-def test_help_lists_every_command():
-    result = runner.invoke(app, ["--help"])
-    assert result.exit_code == 0
-    for cmd in ["run", "ingest", "embed", "train", "evaluate", "sample", "status", "ui"]:
-        assert cmd in result.output
-    train = runner.invoke(app, ["train", "--help"])
-    assert "prior" in train.output and "decoder" in train.output
+COMMANDS = [
+    "run",
+    "ingest",
+    "embed",
+    "train",
+    "evaluate",
+    "sample",
+    "status",
+    "ui",
+    "config-schema",
+]
+# Every command that reads a pipeline config, with the arguments before the config path.
+CONFIG_COMMANDS = [
+    ["run"],
+    ["ingest"],
+    ["embed"],
+    ["train", "prior"],
+    ["train", "decoder"],
+    ["train", "upsampler"],
+    ["evaluate"],
+    ["status"],
+]
 
 
-def test_console_script_is_installed():
-    out = subprocess.run(
-        [sys.executable, "-m", "unclip.pipelines.cli", "--help"], capture_output=True, text=True
-    )
-    assert out.returncode == 0 and "unclip" in out.stdout
+def _bad_config(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text(f"storage: {tmp_path / 'store'}\ningest:\n  imagesize: 64\n")
+    return f
+
+
+def test_every_listed_command_runs_and_no_other():
+    listed = runner.invoke(app, ["--help"])
+    assert listed.exit_code == 0
+    for cmd in COMMANDS:
+        sub = runner.invoke(app, [cmd, "--help"])
+        assert sub.exit_code == 0, (cmd, sub.output)
+        assert f" {cmd} " in sub.output.split("\n", 2)[1] + " ", (cmd, sub.output)  # its usage line
+    for model in ("prior", "decoder", "upsampler"):
+        assert runner.invoke(app, ["train", model, "--help"]).exit_code == 0
+    bad = runner.invoke(app, ["train", "clip"])
+    assert bad.exit_code == 2 and "No such command 'clip'" in bad.output
+    assert runner.invoke(app, ["frobnicate"]).exit_code == 2
+
+
+def test_every_config_command_checks_its_config_before_any_work(tmp_path):
+    f = _bad_config(tmp_path)
+    for cmd in CONFIG_COMMANDS:
+        result = runner.invoke(app, [*cmd, str(f)])
+        assert result.exit_code == 2, (cmd, result.output)
+        assert "ingest.imagesize: unknown key" in result.output and str(f) in result.output, cmd
+    assert not (tmp_path / "store").exists()
+
+
+def test_console_script_is_installed(tmp_path):
+    """The ``unclip`` script pip installed beside this interpreter, run as a user runs it."""
+    script = shutil.which("unclip", path=os.path.dirname(sys.executable))
+    assert script, f"no unclip console script in {os.path.dirname(sys.executable)}"
+    f = _bad_config(tmp_path)
+    out = subprocess.run([script, "ingest", str(f)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "ingest.imagesize: unknown key" in out.stdout + out.stderr
+    schema = subprocess.run([script, "config-schema"], capture_output=True, text=True, timeout=300)
+    assert schema.returncode == 0
+    assert json.loads(schema.stdout)["properties"]["promotion"]
 
 
 def test_bad_config_fails_before_any_work(tmp_path):

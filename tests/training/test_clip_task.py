@@ -8,6 +8,7 @@ from training_helpers import HOLDOUT, SOURCE, TINY_CLIP, first_columns
 
 from unclip.datasets.clip import load_clip
 from unclip.datasets.config import ClipConfig
+from unclip.datasets.stream import RankStream, StreamPlan
 from unclip.training.clip_task import ClipTask, train_bootstrap_clip
 from unclip.training.config import BootstrapClipConfig
 
@@ -62,3 +63,21 @@ def test_a_pretrained_clip_is_not_bootstrapped(embedded_store):
             [SOURCE],
             HOLDOUT,
         )
+
+
+def test_a_few_contrastive_steps_beat_the_untrained_clip_at_zero_shot(task):
+    """Quality, not range: 20 steps on the tiny shapes lift zero-shot accuracy well above the
+    untrained model's (0.12 of 18 classes; 0.36 after training)."""
+    torch.manual_seed(0)
+    model = task.build_model()
+    before = task.evaluate(model)["zero_shot_accuracy"]
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    source = task.data()
+    stream = RankStream(source, StreamPlan.make(source.shards, 0, 1, 32, 4096, seed=0)).batches(0)
+    for _ in range(20):
+        loss, _ = task.loss(model, task.batch(next(stream)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = task.evaluate(model)["zero_shot_accuracy"]
+    assert after > before + 0.15, (before, after)

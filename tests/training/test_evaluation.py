@@ -13,6 +13,7 @@ from training_helpers import HOLDOUT, TINY_CLIP, TINY_DECODER, make_decoder_task
 from unclip.datasets.clip import build_bootstrap_clip, load_clip, save_clip
 from unclip.datasets.storage import exists, read_json
 from unclip.datasets.synthetic import PALETTE
+from unclip.pipelines.config import CASCADE_GATE_METRICS, PRIOR_GATE_METRICS
 from unclip.training import cascade_eval
 from unclip.training.cascade_eval import (
     METRICS_FILE,
@@ -40,6 +41,11 @@ def test_unrelated_index_picks_another_caption():
     assert list(unrelated_index(["x", "x"])) == [1, 0]
 
 
+def test_the_prior_gate_metrics_are_what_the_prior_evaluation_writes():
+    x = torch.randn(4, 8)
+    assert set(prior_cosines(x, x, x, np.roll(np.arange(4), 1))) == set(PRIOR_GATE_METRICS)
+
+
 def test_prior_cosines_of_perfect_predictions():
     image = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
     text = torch.nn.functional.normalize(image + 0.1 * torch.randn(6, 8), dim=-1)
@@ -49,10 +55,22 @@ def test_prior_cosines_of_perfect_predictions():
     assert m["cos_pred_unrelated"] < 0.9
 
 
-def test_caption_grid_has_a_row_per_caption():
-    images = [Image.new("RGB", (16, 16), c) for c in ("red", "red", "blue", "blue")]
-    grid = caption_grid(images, ["a red one", "a blue one"], per_caption=2, cell=32)
-    assert grid.size[0] >= 2 * 32 and grid.size[1] >= 2 * 32
+def test_caption_grid_puts_each_captions_images_in_its_row_above_its_caption():
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+    images = [Image.new("RGB", (16, 16), c) for c in colours]
+    grid = np.asarray(caption_grid(images, ["a red one", "a blue one"], per_caption=2, cell=32))
+    pad, text_h, cell = 4, 22, 32
+    row_h = cell + text_h + pad
+    assert grid.shape == (2 * row_h + pad, 2 * (cell + pad) + pad, 3)
+    for r in range(2):
+        y = pad + r * row_h
+        for k in range(2):
+            x = pad + k * (cell + pad)
+            # the whole cell is the image, resized: row r holds images r*2 .. r*2+1 in order
+            assert (grid[y : y + cell, x : x + cell] == colours[2 * r + k]).all(), (r, k)
+        caption = grid[y + cell : y + cell + text_h]
+        assert (caption.sum(-1) < 200).any(), f"no caption text under row {r}"
+    assert (grid[:pad] == 255).all()  # white margin
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +155,9 @@ def test_evaluate_cascade_pools_workers_and_writes_metrics_and_report(
     assert saved["clip_score_real"] >= 0 and saved["fid"] is None
     assert saved["num_samples"] == 6 and saved["num_workers"] == 2 and saved["image_size"] == 16
     assert saved["data_version"] == embedded_store.version
+    assert saved["holdout_fraction"] == HOLDOUT
+    # Every metric a promotion gate may name is one the evaluation writes.
+    assert set(CASCADE_GATE_METRICS) <= set(saved)
     assert saved["goals"]["fd_clip_ratio"]["value"] == pytest.approx(
         saved["fd_clip"] / saved["fd_clip_untrained"]
     )
@@ -201,3 +222,46 @@ def test_fid_from_pooled_worker_statistics_equals_fid_of_all_images(tmp_path):
     assert pooled == pytest.approx(whole, rel=1e-4) and pooled > 0
     with pytest.raises(FileNotFoundError, match="inception_checkpoint"):
         fid_state(real, str(tmp_path / "missing.pt"), real=True)
+
+
+# --- what is evaluated: the hold-out split, never the training rows -----------------------------
+
+
+def test_the_prior_is_evaluated_on_the_holdout_pairs_only(embedded_store, tmp_path):
+    from training_helpers import CLIP_ID, DIM
+
+    from unclip.datasets import readers
+    from unclip.training.evaluation import evaluate_prior
+
+    layout, version = embedded_store.layout, embedded_store.version
+    task = make_prior_task(dim=DIM, clip_id=CLIP_ID)
+    torch.manual_seed(0)
+    task.export(task.build_model(), str(tmp_path / "prior"))
+    fit = FitResult("prior-holdout-test", str(tmp_path), str(tmp_path / "prior"))
+    out = str(tmp_path / "m.json")
+    m = evaluate_prior(
+        layout, version, fit, EvaluateConfig(holdout_fraction=HOLDOUT), HOLDOUT, out_path=out
+    )
+    held = readers.load_embeddings(layout, embedded_store.manifest, "holdout", HOLDOUT)
+    train = readers.load_embeddings(layout, embedded_store.manifest, "train", HOLDOUT)
+    assert m["num_pairs"] == len(held.keys) != len(train.keys)
+    text, image = (
+        torch.nn.functional.normalize(torch.from_numpy(x), dim=-1) for x in (held.text, held.image)
+    )
+    assert m["cos_text_baseline"] == pytest.approx(float((text * image).sum(-1).mean()), abs=1e-6)
+    assert (m["split"], m["holdout_fraction"], m["clip_id"]) == ("holdout", HOLDOUT, CLIP_ID)
+    assert read_json(out) == json.loads(json.dumps(m))
+
+
+def test_the_cascade_compares_with_the_holdout_images_only(embedded_store):
+    from unclip.datasets import readers
+    from unclip.training.cascade_eval import held_out_set
+
+    layout, version = embedded_store.layout, embedded_store.version
+    held = held_out_set(layout, version, HOLDOUT, 7, palette=None)
+    pairs = readers.load_image_pairs(layout, embedded_store.manifest, "holdout", HOLDOUT)
+    assert held.real_captions == list(pairs.captions)
+    np.testing.assert_array_equal(held.real_images, pairs.images)
+    assert held.captions == [pairs.captions[i % len(pairs.captions)] for i in range(7)]
+    train = readers.load_image_pairs(layout, embedded_store.manifest, "train", HOLDOUT)
+    assert len(held.real_images) < len(train.images)

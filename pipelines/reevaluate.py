@@ -1,0 +1,126 @@
+"""Evaluate the promoted model again, the way a candidate was evaluated, for the promotion gate.
+
+The promoted model's stored metrics come from the hold-out set of the dataset version it was
+trained on; a candidate trained after a refresh was measured on another. This puts the promoted
+model through the candidate's evaluation (same data version, hold-out split, CLIP and protocol)
+with the evaluation code of ``unclip.training``, or says why it cannot (``NotComparable``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from unclip.datasets.storage import StorageLayout, exists, read_json
+from unclip.pipelines.config import PipelineConfig
+from unclip.pipelines.promotion import NotComparable, Reevaluate, against_metrics
+
+INFO_FILES = {"prior": "unclip_prior.json", "decoder": "unclip_decoder.json"}
+
+
+def reevaluator(cfg: PipelineConfig) -> Reevaluate:
+    """The re-evaluation ``promotion.promote`` calls, for this pipeline's storage and CLIP."""
+
+    def run(model: str, promoted: dict[str, Any], candidate: dict[str, Any]) -> dict[str, Any]:
+        return promoted_on_candidate(cfg, model, promoted, candidate)
+
+    return run
+
+
+def promoted_on_candidate(
+    cfg: PipelineConfig,
+    model: str,
+    promoted: dict[str, Any],
+    candidate: dict[str, Any],
+) -> dict[str, Any]:
+    """The promoted ``model``'s metrics on the candidate's evaluation; NotComparable if impossible."""
+    layout = StorageLayout(cfg.storage)
+    m = candidate["metrics"]
+    if model not in INFO_FILES:
+        raise NotComparable(f"a promoted {model} is not re-evaluated in another context")
+    info_path = f"{promoted['export'].rstrip('/')}/{INFO_FILES[model]}"
+    if not exists(info_path):
+        raise NotComparable(f"the promoted export has no {info_path}: it cannot be re-evaluated")
+    manifest = read_json(layout.manifest(str(m.get("data_version"))))
+    info = read_json(info_path)
+    if info.get("clip_id") != manifest["clip_id"]:
+        raise NotComparable(
+            f"the promoted {model} works in the space of CLIP {info.get('clip_id')}, the "
+            f"candidate's data {m.get('data_version')} was embedded by CLIP {manifest['clip_id']}"
+        )
+    out = against_metrics(layout, model, candidate["run"], promoted["run"])
+    if model == "prior":
+        return _prior(cfg, layout, promoted, m, out)
+    return _decoder(cfg, layout, promoted, m, out.rsplit("/", 1)[0])
+
+
+def _prior(
+    cfg: PipelineConfig,
+    layout: StorageLayout,
+    promoted: dict[str, Any],
+    m: dict[str, Any],
+    out: str,
+) -> dict[str, Any]:
+    from unclip.training.evaluation import evaluate_prior
+    from unclip.training.trainer import FitResult
+
+    if m.get("split") != "holdout" or m.get("holdout_fraction") is None:
+        raise NotComparable("the candidate's prior metrics do not say which hold-out split")
+    fit = FitResult(promoted["run"], run_dir="", export_dir=promoted["export"])
+    protocol = {k: m[k] for k in ("sample_steps", "guidance_scale", "candidates")}
+    # num_pairs = min(held-out pairs, max_pairs): the same pairs when max_pairs is num_pairs.
+    ev = cfg.evaluate.model_copy(update={"max_pairs": int(m["num_pairs"])})
+    prior_cfg = cfg.prior.model_copy(update=protocol)
+    return evaluate_prior(
+        layout,
+        m["data_version"],
+        fit,
+        ev,
+        float(m["holdout_fraction"]),
+        prior_cfg=prior_cfg,
+        out_path=out,
+    )
+
+
+def _decoder(
+    cfg: PipelineConfig,
+    layout: StorageLayout,
+    promoted: dict[str, Any],
+    m: dict[str, Any],
+    out_dir: str,
+) -> dict[str, Any]:
+    from unclip.pipelines.stages import clip_checkpoint, ensure_ray, synthetic_palette
+    from unclip.training.cascade_eval import evaluate_cascade
+    from unclip.training.trainer import EXPORT_DIRNAME, FitResult
+
+    settings = m.get("settings") or {}
+    if settings.get("cascade"):
+        raise NotComparable("the candidate's cascade has later stages: not re-evaluated")
+    if m.get("holdout_fraction") is None:
+        raise NotComparable("the candidate's decoder metrics do not say which hold-out split")
+    prior_run = str(settings.get("prior_run"))
+    prior_export = f"{layout.run_dir('prior', prior_run)}/{EXPORT_DIRNAME}"
+    prior_fit = FitResult(prior_run, run_dir="", export_dir=prior_export)
+    decoder_fit = FitResult(promoted["run"], run_dir="", export_dir=promoted["export"])
+    ev = cfg.evaluate.model_copy(
+        update={
+            "holdout_fraction": float(m["holdout_fraction"]),
+            "num_eval_samples": settings["num_eval_samples"],
+            "eval_steps": settings["sample_steps"],
+            "eval_guidance": settings["guidance_scale"],
+            "eval_seed": settings["eval_seed"],
+            "inception_checkpoint": settings["inception_checkpoint"],
+        }
+    )
+    ensure_ray(cfg)
+    return evaluate_cascade(
+        layout,
+        m["data_version"],
+        cfg.clip,
+        clip_checkpoint(cfg)["checkpoint"],
+        prior_fit,
+        decoder_fit,
+        cfg.decoder,
+        ev,
+        palette=synthetic_palette(cfg),
+        out_dir=out_dir,
+    )
