@@ -89,6 +89,7 @@ def write_store(
     layout = StorageLayout(root)
     done = Path(root) / "bench-store.json"
     want = {"n": n, "dim": dim, "image_size": image_size, "shard_size": shard_size, "seed": seed}
+    want["format"] = 2  # shards committed with their commit record
     if not (done.exists() and json.loads(done.read_text()).get("params") == want):
         for shard, lo in enumerate(range(0, n, shard_size)):
             keys = [f"{i:09d}" for i in range(lo, min(n, lo + shard_size))]

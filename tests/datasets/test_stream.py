@@ -206,3 +206,21 @@ def test_a_missing_shard_and_a_changed_file_are_errors_naming_them(shapes_store,
         source = EmbeddingSource(layout, stale, "all", 0.0, shards=[StreamShard("a", 20)] * 2)
         for r in range(2):
             take(source, r, 2, batch=4, steps=5)
+
+
+def test_streams_read_object_storage_without_a_local_copy():
+    """A store on an fsspec filesystem (memory://) streams like a local one, file by file."""
+    import sys
+    import uuid
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+    from training_helpers import build_embedded_store
+
+    store = build_embedded_store(f"memory://stream-{uuid.uuid4().hex[:8]}", num_pairs=40)
+    source = ImagePairSource(store.layout, store.manifest, "all", 0.0, image_size=16)
+    keys = []
+    for r in range(2):
+        batches, stream = take(source, r, 2, batch=4, steps=5)
+        keys += [k for b in batches for k in b["key"]]
+        assert stream.stats.bytes_read > 0 and stream.stats.replaced == 0
+    assert len(keys) == len(set(keys)) == 40

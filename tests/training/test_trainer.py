@@ -238,3 +238,33 @@ def test_a_second_process_training_the_same_run_stops_naming_the_first(tmp_path)
     with first.hold(), pytest.raises(LeaseHeld, match="training busy elsewhere"):
         fit(Regression(), tiny_trainer(), layout, "regression", "busy")
     assert not os.path.exists(layout.run_dir("regression", "busy"))
+
+
+def test_a_resume_may_change_the_world_size_only_at_an_epoch_boundary(tmp_path):
+    from unclip.datasets.stream import StreamPlan
+    from unclip.training.train_loop import StreamPosition
+
+    source = Regression().data()  # 96 rows
+    two = StreamPlan.make(source.shards, 0, 2, 8, 16, seed=0)  # 6 steps an epoch
+    one = StreamPlan.make(source.shards, 0, 1, 8, 16, seed=0)  # 12 steps an epoch
+    at_boundary = StreamPosition(two, 0, 0).state(12, source)  # after 2 epochs of world 2
+    assert (at_boundary["epoch"], at_boundary["micro_in_epoch"]) == (2, 0)
+    resumed = StreamPosition.resumed(at_boundary, one, 12, world=1)
+    assert one.locate(resumed.stream_step(12)) == (2, 0, 0)  # epoch 2 from its first block
+    assert one.locate(resumed.stream_step(13)) == (2, 0, 8)
+    same = StreamPosition.resumed(StreamPosition(two, 0, 0).state(9, source), two, 9, world=2)
+    assert two.locate(same.stream_step(9)) == (1, 1, 8)  # mid-epoch, same world: exact
+    mid = StreamPosition(two, 0, 0).state(9, source)
+    with pytest.raises(ValueError, match="written by 2 workers in the middle of an epoch.*with 1"):
+        StreamPosition.resumed(mid, one, 9, world=1)
+    # the driver refuses it before any worker starts, naming the checkpoint
+    ckpt = tmp_path / "run" / "checkpoint_000000009"
+    ckpt.mkdir(parents=True)
+    state = {"step": 9, "task": Regression().describe(), "stream": mid}
+    (ckpt / TRAINER_STATE).write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="checkpoint_000000009: .*2 workers.*with 1"):
+        check_resumable(str(tmp_path / "run"), Regression(), source, tiny_trainer(num_workers=1))
+    check_resumable(str(tmp_path / "run"), Regression(), source, tiny_trainer(num_workers=2))
+    other = Regression(n=80).data()
+    with pytest.raises(ValueError, match="streamed other data"):
+        check_resumable(str(tmp_path / "run"), Regression(), other, tiny_trainer())
