@@ -217,9 +217,9 @@ def test_streams_read_object_storage_without_a_local_copy():
     from training_helpers import build_embedded_store
 
     store = build_embedded_store(f"memory://stream-{uuid.uuid4().hex[:8]}", num_pairs=40)
-    source = ImagePairSource(store.layout, store.manifest, "all", 0.0, image_size=16)
     keys = []
-    for r in range(2):
+    for r in range(2):  # a source per rank, as each worker unpickles its own
+        source = ImagePairSource(store.layout, store.manifest, "all", 0.0, image_size=16)
         batches, stream = take(source, r, 2, batch=4, steps=5)
         keys += [k for b in batches for k in b["key"]]
         assert stream.stats.bytes_read > 0 and stream.stats.replaced == 0
