@@ -28,13 +28,11 @@ from PIL import Image
 
 from .embedding_file import fixed_list_to_numpy
 from .readers import Split, _keep, _to_array, kept_mask, read_embedding_table
-from .shards import ShardReadStats, completed_shards, iter_shard_members
+from .shards import IMAGE_EXTS, ShardReadStats, completed_shards, iter_shard_members
 from .storage import StorageLayout, atomic_write, exists, read_json
 from .stream import Columns, Missing, ShardSource, StreamShard, StreamStats
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 def _split_keys(source: str, keys: list[str], split: Split, fraction: float) -> np.ndarray:

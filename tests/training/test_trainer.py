@@ -242,7 +242,7 @@ def test_a_second_process_training_the_same_run_stops_naming_the_first(tmp_path)
 
 def test_a_resume_may_change_the_world_size_only_at_an_epoch_boundary(tmp_path):
     from unclip.datasets.stream import StreamPlan
-    from unclip.training.train_loop import StreamPosition
+    from unclip.training.stream_position import StreamPosition
 
     source = Regression().data()  # 96 rows
     two = StreamPlan.make(source.shards, 0, 2, 8, 16, seed=0)  # 6 steps an epoch
