@@ -39,7 +39,7 @@ REPORT_FILE = "report.html"
 UNTRAINED_DIR = "untrained_decoder"
 UNTRAINED_MARKER = "untrained.json"
 
-# The issue's goals on the synthetic shapes.
+# The quality goals of the cascade on the synthetic shapes.
 GOAL_ATTRIBUTE_ACCURACY = 0.8
 GOAL_FD_RATIO = 1 / 3  # fd_clip / fd_clip_untrained at most
 GOAL_CLIP_SCORE_RATIO = 0.9  # clip_score / clip_score_real at least
@@ -384,7 +384,7 @@ def evaluate_cascade(
 
 
 def goals(m: dict[str, Any]) -> dict[str, Any]:
-    """The issue's goals, each as ``{value, target, met}`` (met is None when not measurable)."""
+    """The quality goals, each as ``{value, target, met}`` (met is None when not measurable)."""
     fd_ratio = m["fd_clip"] / m["fd_clip_untrained"] if m["fd_clip_untrained"] else None
     clip_ratio = m["clip_score"] / m["clip_score_real"] if m["clip_score_real"] else None
     acc = m["attribute_accuracy"]

@@ -96,7 +96,7 @@ def table(rows: Mapping[str, Any]) -> str:
 
 
 def goals_table(goals: Mapping[str, Mapping[str, Any]]) -> str:
-    """The issue's goals: value, target, met."""
+    """The quality goals: value, target, met."""
     mark = {True: "✔ met", False: "✘ missed", None: "n/a"}
     body = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(_fmt(g['value']))}</td>"
@@ -140,7 +140,7 @@ def write_report(
     """Write the report (atomically): decoder goals and metrics, prior metrics, grids, loss curves."""
     sections: list[tuple[str, str]] = []
     scalars = {k: v for k, v in metrics.items() if k not in ("goals", "settings")}
-    sections.append(("Goals (issue 6)", goals_table(metrics["goals"])))
+    sections.append(("Quality goals", goals_table(metrics["goals"])))
     sections.append(("Decoder / cascade metrics", table(scalars)))
     sections.append(("Evaluation settings", table(metrics.get("settings", {}))))
     if prior_metrics:
