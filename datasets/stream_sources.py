@@ -84,8 +84,26 @@ class _Loaded:
     members: dict[str, dict[str, bytes]] | None = None  # tar members by key (image sources)
 
 
+class _OneShard:
+    """A source's cache of the shard it read last (one shard, never more; workers start empty)."""
+
+    _last: _Loaded | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_last": None}  # workers get paths, never a loaded shard
+
+    def _load(self, shard: int, stats: StreamStats) -> _Loaded:
+        raise NotImplementedError
+
+    def _shard(self, shard: int, stats: StreamStats) -> _Loaded:
+        if self._last is None or self._last.shard != shard:
+            self._last = None  # free the previous shard before reading the next
+            self._last = self._load(shard, stats)
+        return self._last
+
+
 @dataclass
-class EmbeddingSource(ShardSource):
+class EmbeddingSource(_OneShard, ShardSource):
     """Embedding pairs of a dataset version: what the prior trains on."""
 
     layout: StorageLayout
@@ -93,7 +111,6 @@ class EmbeddingSource(ShardSource):
     split: Split
     holdout_fraction: float
     shards: list[StreamShard] = field(default_factory=list)
-    _last: _Loaded | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.shards:
@@ -102,9 +119,6 @@ class EmbeddingSource(ShardSource):
                 StreamShard(f"{e['source']}/{int(e['shard']):05d}", c)
                 for e, c in zip(self.manifest["shards"], counts, strict=True)
             ]
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_last": None}  # workers get paths, never a loaded shard
 
     def identity(self) -> dict[str, Any]:
         return {
@@ -146,12 +160,6 @@ class EmbeddingSource(ShardSource):
                 "text_embedding": fixed_list_to_numpy(table.column("text_embedding"))[keep],
             },
         )
-
-    def _shard(self, shard: int, stats: StreamStats) -> _Loaded:
-        if self._last is None or self._last.shard != shard:
-            self._last = None  # free the previous shard before reading the next
-            self._last = self._load(shard, stats)
-        return self._last
 
     def _load(self, shard: int, stats: StreamStats) -> _Loaded:
         return self._load_embeddings(shard, stats)
@@ -248,7 +256,7 @@ class ImagePairSource(EmbeddingSource):
 
 
 @dataclass
-class IngestedImageSource(ShardSource):
+class IngestedImageSource(_OneShard, ShardSource):
     """Images and captions of sources' committed shards, before any embedding: the bootstrap CLIP.
 
     A shard's index is the ``success`` rows of its img2dataset Parquet (the tar's samples).
@@ -261,7 +269,6 @@ class IngestedImageSource(ShardSource):
     image_size: int | None = None
     shards: list[StreamShard] = field(default_factory=list)
     paths: list[tuple[str, int]] = field(default_factory=list)  # (source, shard) per shard
-    _last: _Loaded | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.shards:
@@ -270,9 +277,6 @@ class IngestedImageSource(ShardSource):
                     keys = self._index(source, shard)
                     self.paths.append((source, shard))
                     self.shards.append(StreamShard(f"{source}/{shard:05d}", len(keys)))
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_last": None}
 
     def identity(self) -> dict[str, Any]:
         digest = hashlib.sha256(repr(self.paths).encode()).hexdigest()[:16]
@@ -291,20 +295,21 @@ class IngestedImageSource(ShardSource):
         keep = _split_keys(source, keys, self.split, self.holdout_fraction)
         return [k for k, m in zip(keys, keep, strict=True) if m]
 
+    def _load(self, shard: int, stats: StreamStats) -> _Loaded:
+        source, number = self.paths[shard]
+        keys = self._index(source, number)
+        if len(keys) != self.shards[shard].count:
+            raise ValueError(
+                f"{self.shards[shard].name}: {len(keys)} samples now, "
+                f"{self.shards[shard].count} when the run was planned"
+            )
+        members = _read_members(self.layout.image_shard(source, number), set(keys), stats)
+        return _Loaded(shard, keys, {}, members)
+
     def read(self, shard: int, start: int, stop: int, stats: StreamStats) -> list[Any]:
-        if self._last is None or self._last.shard != shard:
-            self._last = None
-            source, number = self.paths[shard]
-            keys = self._index(source, number)
-            if len(keys) != self.shards[shard].count:
-                raise ValueError(
-                    f"{self.shards[shard].name}: {len(keys)} samples now, "
-                    f"{self.shards[shard].count} when the run was planned"
-                )
-            members = _read_members(self.layout.image_shard(source, number), set(keys), stats)
-            self._last = _Loaded(shard, keys, {}, members)
-        got, out = self._last, []
+        got = self._shard(shard, stats)
         assert got.members is not None
+        out: list[Any] = []
         for key in got.keys[start:stop]:
             members = got.members.get(key)
             if members is None:
