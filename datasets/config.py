@@ -8,13 +8,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-class Section(BaseModel):
+class ConfigSection(BaseModel):
     """Base for every config section: unknown keys are an error, not a silent default."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SyntheticConfig(Section):
+class SyntheticConfig(ConfigSection):
     """The captioned-shapes demo data set, generated deterministically and served on loopback."""
 
     num_pairs: int = Field(2000, ge=1, description="Number of (image URL, caption) pairs.")
@@ -34,7 +34,7 @@ class SyntheticConfig(Section):
     )
 
 
-class MetadataRule(Section):
+class MetadataRule(ConfigSection):
     """Bounds on a numeric column of the URL list; a row outside them is removed before download."""
 
     min: float | None = Field(None, description="Keep rows with value >= min.")
@@ -44,7 +44,7 @@ class MetadataRule(Section):
     keep_missing: bool = Field(False, description="Keep rows whose value is null.")
 
 
-class FilterConfig(Section):
+class FilterConfig(ConfigSection):
     """Which samples ingest keeps. Each filter counts its removals, per shard and in total.
 
     Caption, metadata and (url, caption) dedup filters run in the driver before download; the
@@ -94,7 +94,7 @@ class FilterConfig(Section):
     )
 
 
-class IngestConfig(Section):
+class IngestConfig(ConfigSection):
     """How URL lists become webdataset shards (img2dataset inside Ray tasks)."""
 
     url_col: str = Field("url", description="Column of the URL list holding image URLs.")
@@ -185,7 +185,7 @@ class IngestConfig(Section):
         return self
 
 
-class ClipConfig(Section):
+class ClipConfig(ConfigSection):
     """Which CLIP embeds the data: a pretrained open_clip model, or a bootstrap one trained here.
 
     With ``pretrained`` unset, a small model of this architecture is trained on the ingested
@@ -211,7 +211,7 @@ class ClipConfig(Section):
     context_length: int = Field(16, ge=4)
 
 
-class EmbedConfig(Section):
+class EmbedConfig(ConfigSection):
     """The embedding stage: CLIP over every image shard, into Parquet (Ray Data decode tasks, encoders)."""
 
     batch_size: int = Field(
@@ -264,7 +264,7 @@ class EmbedConfig(Section):
         return self.pipeline == "fused" or (self.pipeline == "auto" and self.device == "cpu")
 
 
-class ManifestConfig(Section):
+class ManifestConfig(ConfigSection):
     """Assembling the dataset manifest: which embedded samples it serves (all by default).
 
     The CLIP-score filter of LAION (a threshold) and DataComp (a top fraction) shapes the

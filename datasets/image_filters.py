@@ -13,7 +13,7 @@ and handed to the resizer as an uncompressed BMP: about 10 bytes per pixel at th
 :func:`filtering_writer` wraps the sample writer: rows that img2dataset failed for a filter's
 reason (image too small, aspect ratio, area, X-Robots-Tag opt-out) and images whose sha256
 repeats one already written in the shard become ``status="filtered"`` rows with the filter's
-name, and are counted in a :class:`ShardTally` that :func:`adjust_stats` folds into the shard's
+name, and are counted in a :class:`FilterTally` that :func:`adjust_stats` folds into the shard's
 stats, so a filtered row is neither a success nor a failure.
 """
 
@@ -168,7 +168,7 @@ class GuardedResizer:
 
 
 @dataclass
-class ShardTally:
+class FilterTally:
     """What the filtering writer changed: removals per filter and the counts to take back."""
 
     filtered: Counter[str] = field(default_factory=Counter)
@@ -178,7 +178,7 @@ class ShardTally:
     dropped_successes: int = 0
 
 
-def filtering_writer(base: type, tally: ShardTally, dedup_sha256: bool) -> type:
+def filtering_writer(base: type, tally: FilterTally, dedup_sha256: bool) -> type:
     """A subclass of img2dataset's sample writer ``base`` that applies the in-shard filters."""
 
     class FilteringWriter(base):  # type: ignore[misc, valid-type]
@@ -214,7 +214,7 @@ def filtering_writer(base: type, tally: ShardTally, dedup_sha256: bool) -> type:
     return FilteringWriter
 
 
-def adjust_stats(stats: dict[str, Any], tally: ShardTally) -> dict[str, Any]:
+def adjust_stats(stats: dict[str, Any], tally: FilterTally) -> dict[str, Any]:
     """img2dataset's shard stats with filtered rows moved out of successes and failures."""
     out = dict(stats)
     out["successes"] = stats["successes"] - tally.dropped_successes

@@ -28,7 +28,7 @@ from typing import Any
 from .config import IngestConfig
 from .netguard import NetPolicy, RequestLimits
 
-OOM_SHARD_COUNT = 5  # shard names are {shard:05d}, as StorageLayout.image_shard
+SHARD_NAME_DIGITS = 5  # shard names are {shard:05d}, as StorageLayout.image_shard
 RESULT = "result.json"
 STARTUP_S = 120.0  # the child's imports (img2dataset, OpenCV) before its deadline starts
 
@@ -84,7 +84,7 @@ def make_downloader(
         column_list=column_list,
         timeout=cfg.timeout_s,
         number_sample_per_shard=cfg.samples_per_shard,
-        oom_shard_count=OOM_SHARD_COUNT,
+        oom_shard_count=SHARD_NAME_DIGITS,
         compute_hash="sha256",
         verify_hash_type=None,
         encode_format=cfg.encode_format,
@@ -112,7 +112,7 @@ def main(spec_path: str, ready_fd: int) -> int:
     _exit_with_parent()
     import pyarrow as pa
 
-    from .image_filters import ShardTally, adjust_stats
+    from .image_filters import FilterTally, adjust_stats
     from .netguard import install_for_process
 
     with open(spec_path) as f:
@@ -121,12 +121,12 @@ def main(spec_path: str, ready_fd: int) -> int:
     install_for_process(net_policy(cfg), request_limits(cfg))
     with pa.memory_map(spec["input"]) as f:
         column_list = pa.ipc.open_file(f).schema.names
-    tally = ShardTally()
+    tally = FilterTally()
     downloader = make_downloader(cfg, spec["out"], column_list, tally)
     os.write(ready_fd, b"r")  # imports done: the try's deadline starts now
     os.close(ready_fd)
     ok, _ = downloader((spec["shard"], spec["input"]))  # img2dataset removes the input when done
-    name = f"{spec['shard']:0{OOM_SHARD_COUNT}d}"
+    name = f"{spec['shard']:0{SHARD_NAME_DIGITS}d}"
     stats_file = os.path.join(spec["out"], f"{name}_stats.json")
     if not ok or not os.path.exists(stats_file):
         return 1

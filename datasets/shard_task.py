@@ -27,7 +27,7 @@ from fsspec.core import url_to_fs
 from .config import IngestConfig
 from .lease import Lease, LeaseHeld
 from .shard_child import (
-    OOM_SHARD_COUNT,
+    SHARD_NAME_DIGITS,
     STARTUP_S,
     ShardDeadlineExceeded,
     ShardError,
@@ -87,7 +87,7 @@ def _commit(
     layout: StorageLayout, source: str, shard: int, out: str, stats: dict[str, Any], lease: Lease
 ) -> dict[str, Any]:
     """Write the unit: Parquet, stats with the commit record, then the tar (the marker)."""
-    name = f"{shard:0{OOM_SHARD_COUNT}d}"
+    name = f"{shard:0{SHARD_NAME_DIGITS}d}"
     tar, parquet = os.path.join(out, f"{name}.tar"), os.path.join(out, f"{name}.parquet")
     stats = {
         **stats,
@@ -104,7 +104,7 @@ def _commit(
 def download_shard(root: str, source: str, shard: int, cfg: IngestConfig) -> dict[str, Any]:
     """Download, resize and commit one shard; returns its stats (the committed ones if done)."""
     layout = StorageLayout(root)
-    label = f"{source}/{shard:0{OOM_SHARD_COUNT}d}"
+    label = f"{source}/{shard:0{SHARD_NAME_DIGITS}d}"
     if shard_committed(layout, source, shard):  # committed by an earlier try
         return read_json(layout.image_shard_stats(source, shard))
     lease = Lease(

@@ -28,7 +28,7 @@ from unclip.datasets.storage import StorageLayout, atomic_write, exists, read_js
 from unclip.pipelines import registry
 from unclip.pipelines.config import PipelineConfig, PromotionMetric
 
-METRICS_FILE = {
+EVAL_METRICS_FILES = {
     "prior": "prior_metrics.json",
     "decoder": "decoder_metrics.json",
     "upsampler": "upsampler_metrics.json",
@@ -148,7 +148,7 @@ def against_metrics(
     layout: StorageLayout, model: str, candidate_run: str, promoted_run: str
 ) -> str:
     """Where the promoted model's metrics, measured in the candidate's context, are kept."""
-    return layout.join("eval", candidate_run, "against", promoted_run, METRICS_FILE[model])
+    return layout.join("eval", candidate_run, "against", promoted_run, EVAL_METRICS_FILES[model])
 
 
 def candidate_of(
@@ -161,7 +161,7 @@ def candidate_of(
         if not exists(latest):
             raise FileNotFoundError(f"no trained {model} ({latest} is missing): train it first")
         run = read_json(latest)
-    metrics_path = layout.join("eval", run["run"], METRICS_FILE[model])
+    metrics_path = layout.join("eval", run["run"], EVAL_METRICS_FILES[model])
     if not exists(metrics_path):
         raise MissingMetrics(
             f"{model} run {run['run']}: {metrics_path} is missing, so it cannot be compared "

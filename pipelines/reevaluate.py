@@ -90,7 +90,11 @@ def _decoder(
 ) -> dict[str, Any]:
     from unclip.pipelines.stages import clip_checkpoint, ensure_ray, synthetic_palette
     from unclip.training.engine.trainer import EXPORT_DIRNAME, FitResult
-    from unclip.training.evaluation.cascade_eval import evaluate_cascade
+    from unclip.training.evaluation.cascade_eval import (
+        CascadeEvalOptions,
+        CascadeRuns,
+        evaluate_cascade,
+    )
 
     settings = m.get("settings") or {}
     if settings.get("cascade"):
@@ -112,15 +116,8 @@ def _decoder(
         }
     )
     ensure_ray(cfg)
-    return evaluate_cascade(
-        layout,
-        m["data_version"],
-        cfg.clip,
-        clip_checkpoint(cfg)["checkpoint"],
-        prior_fit,
-        decoder_fit,
-        cfg.decoder,
-        ev,
-        palette=synthetic_palette(cfg),
-        out_dir=out_dir,
+    runs = CascadeRuns(
+        prior_fit, decoder_fit, cfg.decoder, cfg.clip, clip_checkpoint(cfg)["checkpoint"]
     )
+    options = CascadeEvalOptions(palette=synthetic_palette(cfg), out_dir=out_dir)
+    return evaluate_cascade(layout, m["data_version"], runs, ev, options)

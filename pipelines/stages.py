@@ -388,7 +388,13 @@ def evaluate(cfg: PipelineConfig, version: str, clip_ckpt: str | None) -> dict[s
     (``eval/{decoder_run}/decoder_metrics.json`` and ``report.html``). Each output is skipped
     when it is already there.
     """
-    from unclip.training.evaluation.cascade_eval import METRICS_FILE, REPORT_FILE, evaluate_cascade
+    from unclip.training.evaluation.cascade_eval import (
+        DECODER_METRICS_FILE,
+        REPORT_FILE,
+        CascadeEvalOptions,
+        CascadeRuns,
+        evaluate_cascade,
+    )
     from unclip.training.evaluation.prior_eval import evaluate_prior, write_sample_grid
     from unclip.training.models.decoder import train_decoder as fit_decoder
     from unclip.training.models.prior import train_prior as fit_prior
@@ -441,17 +447,14 @@ def evaluate(cfg: PipelineConfig, version: str, clip_ckpt: str | None) -> dict[s
     decoder_metrics = evaluate_cascade(
         layout,
         version,
-        cfg.clip,
-        clip_ckpt,
-        prior_fit,
-        decoder_fit,
-        cfg.decoder,
+        CascadeRuns(prior_fit, decoder_fit, cfg.decoder, cfg.clip, clip_ckpt, cascade),
         cfg.evaluate,
-        palette=synthetic_palette(cfg),
-        cascade=cascade,
-        prior_metrics=prior_metrics,
-        loss_curves=loss_curves,
-        extra_images={"Sample grid (evaluate.captions, prior → decoder)": grid},
+        CascadeEvalOptions(
+            palette=synthetic_palette(cfg),
+            prior_metrics=prior_metrics,
+            loss_curves=loss_curves,
+            extra_images={"Sample grid (evaluate.captions, prior → decoder)": grid},
+        ),
     )
     eval_dir = layout.eval_dir(decoder_fit.run_name)
     if upsampler_fit is not None:
@@ -462,7 +465,7 @@ def evaluate(cfg: PipelineConfig, version: str, clip_ckpt: str | None) -> dict[s
     return {
         "prior_metrics": metrics_path,
         "sample_grid": grid,
-        "decoder_metrics": f"{eval_dir}/{METRICS_FILE}",
+        "decoder_metrics": f"{eval_dir}/{DECODER_METRICS_FILE}",
         "report": f"{eval_dir}/{REPORT_FILE}",
         **_scalars(prior_metrics),
         **{k: v for k, v in _scalars(decoder_metrics).items() if k in DECODER_SUMMARY},

@@ -7,30 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tiny import TINY_CLIP_WIDTHS, TINY_TRAINER
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 
-TINY_TRAINER = {
-    "num_workers": 2,
-    "zero_stage": 1,
-    "batch_size": 16,
-    "warmup_steps": 2,
-    "checkpoint_every": 10,
-    "log_every": 2,
-}
-
 SHRINK = {
     "synthetic": {"num_pairs": 240},
     "ingest": {"samples_per_shard": 100, "thread_count": 8},
-    "clip": {
-        "embed_dim": 32,
-        "vision_width": 64,
-        "vision_layers": 1,
-        "text_width": 64,
-        "text_layers": 1,
-        "heads": 2,
-    },
+    "clip": TINY_CLIP_WIDTHS,
     "bootstrap": {"trainer": {**TINY_TRAINER, "max_steps": 12}},
     "embed": {"batch_size": 64},
     "prior": {

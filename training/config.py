@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from unclip.datasets.config import ConfigSection
 
 # Marks a field that does not change what a run trains (sampling, bookkeeping): it is left
 # out of the run name's hash, so changing it reuses the trained run instead of retraining.
@@ -15,8 +17,8 @@ NOT_IDENTITY = {"identity": False}
 IDENTITY_UNLESS_DEFAULT = {"identity": "unless_default"}
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class IdentitySection(ConfigSection):
+    """A section of what is trained: its identity fields name runs and checkpoints."""
 
     def identity(self) -> dict:
         """The fields that shape a trained model, as JSON: what run names and checkpoints hash."""
@@ -28,14 +30,14 @@ class Section(BaseModel):
             value = getattr(self, name)
             if kind == "unless_default" and value == field.get_default(call_default_factory=True):
                 continue
-            out[name] = value.identity() if isinstance(value, Section) else self._json(name)
+            out[name] = value.identity() if isinstance(value, IdentitySection) else self._json(name)
         return out
 
     def _json(self, name: str):
         return self.model_dump(mode="json", include={name})[name]
 
 
-class TrainerConfig(Section):
+class TrainerConfig(IdentitySection):
     """The one trainer (Ray Train TorchTrainer + DeepSpeed) that every model uses."""
 
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each).")
@@ -98,7 +100,7 @@ class TrainerConfig(Section):
     )
 
 
-class BootstrapClipConfig(Section):
+class BootstrapClipConfig(IdentitySection):
     """Training the bootstrap CLIP (architecture in the ``clip`` section)."""
 
     # 2 CPU workers × 64 = 128 pairs a step: the default architecture reaches ~95% zero-shot
@@ -108,7 +110,7 @@ class BootstrapClipConfig(Section):
     )
 
 
-class PriorConfig(Section):
+class PriorConfig(IdentitySection):
     """The diffusion prior (diffusers PriorTransformer): CLIP text embedding → image embedding."""
 
     num_layers: int = Field(4, ge=1)
@@ -153,7 +155,7 @@ class PriorConfig(Section):
     trainer: TrainerConfig = TrainerConfig()
 
 
-class PixelDiffusionObjective(Section):
+class PixelDiffusionObjective(IdentitySection):
     """The training objective of the pixel-space stages (decoder, upsampler)."""
 
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = Field(
@@ -271,7 +273,7 @@ class UpsamplerConfig(PixelDiffusionObjective):
         return self
 
 
-class EvaluateConfig(Section):
+class EvaluateConfig(IdentitySection):
     holdout_fraction: float = Field(0.05, gt=0, lt=1, description="Pairs held out of training.")
     captions: list[str] = Field(
         default_factory=lambda: [

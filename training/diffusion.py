@@ -1,5 +1,6 @@
-"""Diffusion parts the prior and the decoder share: the training pair, conditioning dropout,
-classifier-free guidance and the sampling loop.
+"""Diffusion parts the prior and the decoder share: the training pair, its loss weights, the
+variational bound of learned variances, conditioning dropout, classifier-free guidance and the
+sampling loop.
 
 The schedules and the update rules are diffusers' ``DDPMScheduler`` / ``DDIMScheduler``; what
 is written here is only the glue diffusers leaves to each pipeline, as pure functions with the
@@ -8,11 +9,13 @@ paper's formula next to each step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.training_utils import compute_snr
 
 Sampler = Literal["ddim", "ddpm"]
 Prediction = Literal["epsilon", "sample", "v_prediction"]
@@ -75,8 +78,7 @@ def snr_weights(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float | None) 
     """
     if gamma is None:
         return torch.ones(t.shape[0], device=t.device)
-    ab = scheduler.alphas_cumprod.to(t.device, torch.float32)[t]
-    snr = ab / (1.0 - ab)
+    snr = compute_snr(scheduler, t)  # diffusers': (√ᾱ_t / √(1-ᾱ_t))²
     w = snr.clamp(max=float(gamma))
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -98,6 +100,78 @@ def diffusion_mse(
     target = regression_target(scheduler, x0, noise, t).float()
     per_sample = (pred.float() - target).pow(2).flatten(1).mean(dim=1)
     return (per_sample * snr_weights(scheduler, t, snr_gamma)).mean()
+
+
+# --- the variational bound (learned variances) -----------------------------------------------
+
+
+def normal_kl(
+    mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor
+) -> torch.Tensor:
+    """KL(N(μ₁, σ₁²) ‖ N(μ₂, σ₂²)) per element, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)) + 0.5 * (
+        (mean1 - mean2) ** 2
+    ) * torch.exp(-logvar2)
+
+
+def discretized_gaussian_nll(
+    x0: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor
+) -> torch.Tensor:
+    """−log p(x_0 | x_1) per element for 8-bit data in [-1, 1] (Ho et al. 2020, eq. 13), nats."""
+
+    def cdf(v: torch.Tensor) -> torch.Tensor:  # standard normal CDF
+        return 0.5 * (1.0 + torch.erf(v / math.sqrt(2.0)))
+
+    inv_std = torch.exp(-0.5 * logvar)
+    centered = x0 - mean
+    upper = cdf(inv_std * (centered + 1.0 / 255))
+    lower = cdf(inv_std * (centered - 1.0 / 255))
+    prob = torch.where(x0 < -0.999, upper, torch.where(x0 > 0.999, 1.0 - lower, upper - lower))
+    return -torch.log(prob.clamp_min(1e-12))
+
+
+def vlb_term(
+    scheduler: DDPMScheduler,
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    v: torch.Tensor,
+) -> torch.Tensor:
+    """L_t of the variational bound per sample, in bits per dimension (Nichol & Dhariwal 2021).
+
+    1. x̂_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t                       (ε from the model, gradient stopped)
+    2. μ(x_t, x) = √ᾱ_{t−1} β_t/(1−ᾱ_t) · x + √α_t (1−ᾱ_{t−1})/(1−ᾱ_t) · x_t   (Ho et al., eq. 7)
+    3. log Σ_θ = (v+1)/2 · log β_t + (1 − (v+1)/2) · log β̃_t,  β̃_t = (1−ᾱ_{t−1})/(1−ᾱ_t) β_t
+       (eq. 15; log β̃_0 clipped to log β̃_1, as the paper's code)
+    4. L_t = KL(q(x_{t−1}|x_t, x_0) ‖ p_θ(x_{t−1}|x_t)) for t > 0, −log p_θ(x_0|x_1) at t = 0
+    """
+    ab = scheduler.alphas_cumprod.to(x0.device, torch.float32)
+    ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
+    betas = 1.0 - ab / ab_prev
+    post_var = betas * (1.0 - ab_prev) / (1.0 - ab)  # β̃_t
+    post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+
+    def at(a: torch.Tensor) -> torch.Tensor:
+        return a[t].view(-1, 1, 1, 1)
+
+    # 1. x̂_0 from the model's ε (gradient stopped: L_vlb trains only the variance)
+    x0_hat = (x_t - at((1.0 - ab).sqrt()) * eps.detach()) / at(ab.sqrt())
+    # 2. the posterior mean of the true x_0 and of x̂_0
+    coef_x0 = at(ab_prev.sqrt() * betas / (1.0 - ab))
+    coef_xt = at((1.0 - betas).sqrt() * (1.0 - ab_prev) / (1.0 - ab))
+    true_mean = coef_x0 * x0 + coef_xt * x_t
+    model_mean = coef_x0 * x0_hat + coef_xt * x_t
+    # 3. the model's log-variance, interpolated between log β_t and log β̃_t
+    frac = (v + 1.0) / 2.0
+    model_logvar = frac * at(torch.log(betas)) + (1.0 - frac) * at(post_logvar)
+    # 4. KL for t > 0, the discretized decoder NLL at t = 0; nats → bits
+    kl = normal_kl(true_mean, at(post_logvar), model_mean, model_logvar).mean(dim=(1, 2, 3))
+    nll = discretized_gaussian_nll(x0, model_mean, model_logvar).mean(dim=(1, 2, 3))
+    return torch.where(t == 0, nll, kl) / math.log(2.0)
+
+
+# --- conditioning and sampling ----------------------------------------------------------------
 
 
 def drop_condition(cond: torch.Tensor, prob: float) -> torch.Tensor:

@@ -17,7 +17,7 @@ from unclip.datasets.clip import ClipBundle, encode_images, encode_texts, load_c
 from unclip.datasets.config import ClipConfig
 
 from .models.decoder import DecoderSampler, load_decoder
-from .models.prior import load_prior
+from .models.prior_sampler import load_prior
 from .models.upsampler import UpsamplerSampler, load_upsampler
 
 

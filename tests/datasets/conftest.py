@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import TINY_CLIP
 
 from unclip.datasets import clip as clip_mod
 from unclip.datasets.config import ClipConfig, IngestConfig, SyntheticConfig
@@ -30,18 +31,6 @@ from unclip.datasets.embed import embed_shard
 from unclip.datasets.ingest import download_shard, plan_source
 from unclip.datasets.storage import StorageLayout
 from unclip.datasets.synthetic import serve_synthetic, write_url_list
-
-TINY_CLIP = ClipConfig(
-    embed_dim=32,
-    image_size=32,
-    patch_size=8,
-    vision_width=64,
-    vision_layers=1,
-    text_width=64,
-    text_layers=1,
-    heads=2,
-    context_length=16,
-)
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from PIL import Image
 from unclip.datasets.config import FilterConfig
 from unclip.datasets.image_filters import (
     UNREADABLE,
+    FilterTally,
     GuardedResizer,
-    ShardTally,
     adjust_stats,
     composite_on_white,
     filtering_writer,
@@ -96,7 +96,7 @@ class _Recorder:
 
 
 def test_filtering_writer_relabels_and_adjust_stats_moves_counts():
-    tally = ShardTally()
+    tally = FilterTally()
     w = filtering_writer(_Recorder, tally, dedup_sha256=True)()
     ok = {"status": "success", "error_message": None, "sha256": "s1", "width": 8}
     w.write(b"a", "k0", "c", dict(ok))

@@ -210,10 +210,8 @@ def test_a_missing_shard_and_a_changed_file_are_errors_naming_them(shapes_store,
 
 def test_streams_read_object_storage_without_a_local_copy():
     """A store on an fsspec filesystem (memory://) streams like a local one, file by file."""
-    import sys
     import uuid
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
     from training_helpers import build_embedded_store
 
     store = build_embedded_store(f"memory://stream-{uuid.uuid4().hex[:8]}", num_pairs=40)

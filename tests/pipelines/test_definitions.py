@@ -2,23 +2,13 @@ import dagster as dg
 import yaml
 from dagster._config import validate_config
 from dagster._core.instance.config import dagster_instance_config_schema
+from tiny import ASSETS_IN_ORDER
 
 from unclip.pipelines.config import load_config
 from unclip.pipelines.definitions import build_definitions
 from unclip.pipelines.instance import dagster_home, dagster_yaml
 
-ASSETS = {
-    "url_lists",
-    "image_shards",
-    "clip_model",
-    "embeddings",
-    "dataset_manifest",
-    "prior",
-    "decoder",
-    "upsampler",
-    "evaluation",
-    "promotion",
-}
+ASSETS = set(ASSETS_IN_ORDER)
 
 
 def _config(tmp_path, **extra):

@@ -1,4 +1,4 @@
-"""Issue 7's goal: a new URL list on a corpus of 5 ingests and embeds only itself, and a
+"""Incremental refresh: a new URL list on a corpus of 5 ingests and embeds only itself, and a
 scheduled retraining on an unchanged manifest skips instead of starting over."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from shrunk_config import TINY_TRAINER as SHRUNK_TRAINER
+from tiny import ASSETS_IN_ORDER, TINY_TRAINER
 
 from unclip.datasets import synthetic, url_lists
 from unclip.datasets.config import SyntheticConfig
@@ -20,8 +20,8 @@ from unclip.pipelines.resources import UnclipConfigResource
 from unclip.pipelines.runner import instance_for, run_pipeline
 
 ROWS = 24  # per list: one shard each
-# the shared tiny trainer (tests/shrunk_config.py), 4 steps with a checkpoint at the end
-TINY_TRAINER = {**SHRUNK_TRAINER, "warmup_steps": 1, "checkpoint_every": 4, "max_steps": 4}
+# the shared tiny trainer (tests/tiny.py), 4 steps with a checkpoint at the end
+FOUR_STEP_TRAINER = {**TINY_TRAINER, "warmup_steps": 1, "checkpoint_every": 4, "max_steps": 4}
 CONFIG = {
     "ray": {"num_cpus": 2},
     "sensor": {"min_age_seconds": 0},
@@ -43,20 +43,20 @@ CONFIG = {
         "heads": 2,
         "context_length": 16,
     },
-    "bootstrap": {"trainer": TINY_TRAINER},
+    "bootstrap": {"trainer": FOUR_STEP_TRAINER},
     "embed": {"batch_size": 32},
     "prior": {
         "num_layers": 1,
         "num_attention_heads": 2,
         "attention_head_dim": 8,
         "sample_steps": 3,
-        "trainer": TINY_TRAINER,
+        "trainer": FOUR_STEP_TRAINER,
     },
     "decoder": {
         "image_size": 16,
         "block_out_channels": [16, 32],
         "sample_steps": 3,
-        "trainer": {**TINY_TRAINER, "zero_stage": 2},
+        "trainer": {**FOUR_STEP_TRAINER, "zero_stage": 2},
     },
     "evaluate": {
         "holdout_fraction": 0.1,
@@ -66,15 +66,7 @@ CONFIG = {
 }
 
 
-UP_TO_TRAINING = [
-    "url_lists",
-    "image_shards",
-    "clip_model",
-    "embeddings",
-    "dataset_manifest",
-    "prior",
-    "decoder",
-]
+UP_TO_TRAINING = list(ASSETS_IN_ORDER[: ASSETS_IN_ORDER.index("decoder") + 1])
 RETRAIN_TRAINING = ["dataset_manifest", "prior", "decoder", "upsampler"]
 
 

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import sys
 
 import torch
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "training"))
-
-from training_helpers import (  # noqa: E402
+from training_helpers import (
     CLIP_ID,
     DIM,
     HOLDOUT,
@@ -19,14 +14,14 @@ from training_helpers import (  # noqa: E402
     make_prior_task,
 )
 
-from unclip.datasets.config import ManifestConfig  # noqa: E402
-from unclip.datasets.manifest import assemble_manifest  # noqa: E402
-from unclip.datasets.storage import StorageLayout, read_json, write_json  # noqa: E402
-from unclip.pipelines.config import parse_config  # noqa: E402
-from unclip.pipelines.promotion import against_metrics, promote, promoted  # noqa: E402
-from unclip.pipelines.reevaluate import reevaluator  # noqa: E402
-from unclip.training.engine.trainer import FitResult  # noqa: E402
-from unclip.training.evaluation.prior_eval import evaluate_prior  # noqa: E402
+from unclip.datasets.config import ManifestConfig
+from unclip.datasets.manifest import assemble_manifest
+from unclip.datasets.storage import StorageLayout, read_json, write_json
+from unclip.pipelines.config import parse_config
+from unclip.pipelines.promotion import against_metrics, promote, promoted
+from unclip.pipelines.reevaluate import reevaluator
+from unclip.training.engine.trainer import FitResult
+from unclip.training.evaluation.prior_eval import evaluate_prior
 
 
 def _finished_run(layout: StorageLayout, run: str, version: str, source: str | None = None) -> dict:

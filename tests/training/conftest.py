@@ -1,16 +1,11 @@
-"""Fixtures for unclip.training (helpers live in ``training_helpers.py``)."""
+"""Fixtures for unclip.training (helpers live in ``tests/training_helpers.py``)."""
 
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
-
-# Test modules import the helpers by name, however pytest was pointed at this folder.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from training_helpers import EmbeddedStore, build_embedded_store  # noqa: E402
+from training_helpers import EmbeddedStore, build_embedded_store
 
 # Ray Train's controller polls workers every 2 s by default and a report waits for that poll;
 # set before the module-scoped ``ray_local`` starts Ray, whose processes inherit it.

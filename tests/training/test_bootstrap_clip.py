@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from training_helpers import HOLDOUT, SOURCE, TINY_CLIP, first_columns
+from tiny import TINY_CLIP
+from training_helpers import HOLDOUT, SOURCE, first_columns
 
 from unclip.datasets.clip import load_clip
 from unclip.datasets.config import ClipConfig

@@ -12,7 +12,7 @@ from training_helpers import DIM, TINY_DECODER, first_columns
 from training_helpers import make_decoder_task as make_task
 
 from unclip.training.config import DecoderConfig
-from unclip.training.models.decoder import build_decoder, load_decoder, unet_output
+from unclip.training.models.decoder import build_decoder, decoder_prediction, load_decoder
 
 TINY = TINY_DECODER
 
@@ -24,9 +24,9 @@ def test_unet_is_conditioned_on_the_image_embedding_kandinsky_style():
     x = torch.randn(2, 3, 16, 16)
     t = torch.tensor([3, 50])
     emb = torch.randn(2, DIM)
-    out = unet_output(model, x, t, emb)
+    out = decoder_prediction(model, x, t, emb)
     assert out.shape == x.shape
-    assert not torch.allclose(out, unet_output(model, x, t, torch.zeros_like(emb)))
+    assert not torch.allclose(out, decoder_prediction(model, x, t, torch.zeros_like(emb)))
 
 
 def test_bad_decoder_configs_are_clear_errors():
@@ -83,9 +83,9 @@ def test_caption_conditioning_kandinsky_21_style_and_its_separate_dropout(monkey
     assert model.config.encoder_hid_dim_type == "text_image_proj"
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 50])
     image, text = torch.randn(2, DIM), torch.randn(2, DIM)
-    out = unet_output(model, x, t, torch.cat([image, text], 1), with_text=True)
+    out = decoder_prediction(model, x, t, torch.cat([image, text], 1), with_text=True)
     assert out.shape == x.shape
-    no_text = unet_output(model, x, t, torch.cat([image, torch.zeros_like(text)], 1), True)
+    no_text = decoder_prediction(model, x, t, torch.cat([image, torch.zeros_like(text)], 1), True)
     assert not torch.allclose(out, no_text)  # the caption changes the prediction
 
     task = make_task()
@@ -100,7 +100,8 @@ def test_caption_conditioning_kandinsky_21_style_and_its_separate_dropout(monkey
 
     seen = []
     monkeypatch.setattr(
-        "unclip.training.models.decoder.unet_output", lambda m, x, t, c, *_: seen.append(c) or x * 0
+        "unclip.training.models.decoder.decoder_prediction",
+        lambda m, x, t, c, *_: seen.append(c) or x * 0,
     )
     torch.manual_seed(0)
     for _ in range(200):
@@ -133,8 +134,7 @@ def test_default_decoder_stays_image_only():
 
 
 def test_vlb_term_is_zero_for_the_true_posterior_and_grows_with_a_wrong_variance():
-    from unclip.training.diffusion import train_scheduler
-    from unclip.training.models.decoder import vlb_term
+    from unclip.training.diffusion import train_scheduler, vlb_term
 
     sched = train_scheduler(100, "epsilon", clip_sample=True)
     x0 = torch.rand(4, 3, 8, 8) * 2 - 1

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from training_helpers import HOLDOUT, TINY_CLIP, TINY_DECODER, make_decoder_task, make_prior_task
+from tiny import TINY_CLIP
+from training_helpers import HOLDOUT, TINY_DECODER, make_decoder_task, make_prior_task
 
 from unclip.datasets.clip import build_bootstrap_clip, load_clip, save_clip
 from unclip.datasets.storage import exists, read_json
@@ -18,13 +19,14 @@ from unclip.training.config import EvaluateConfig
 from unclip.training.engine.trainer import FitResult
 from unclip.training.evaluation import cascade_eval
 from unclip.training.evaluation.cascade_eval import (
-    METRICS_FILE,
+    DECODER_METRICS_FILE,
     REPORT_FILE,
+    CascadeEvalOptions,
+    CascadeRuns,
     evaluate_cascade,
-    fid_state,
-    pooled_fid,
-    split,
 )
+from unclip.training.evaluation.cascade_generation import split
+from unclip.training.evaluation.fid import fid_state, pooled_fid
 from unclip.training.evaluation.prior_eval import (
     caption_grid,
     prior_cosines,
@@ -138,16 +140,16 @@ def test_evaluate_cascade_pools_workers_and_writes_metrics_and_report(
         holdout_fraction=HOLDOUT, num_eval_samples=6, eval_steps=2, eval_workers=2, eval_seed=1
     )
     layout = embedded_store.layout
-    kwargs = {
-        "palette": {c: PALETTE[c] for c in ("red", "green", "blue", "yellow", "purple", "orange")},
-        "prior_metrics": {"cos_pred_true": 0.5},
-        "loss_curves": {"decoder": f"{decoder_fit.run_dir}/loss.png", "prior": "/nonexistent.png"},
-    }
-    args = (layout, embedded_store.version, TINY_CLIP, clip_dir, prior_fit, decoder_fit)
-    m = evaluate_cascade(*args, TINY_DECODER, cfg, **kwargs)
+    options = CascadeEvalOptions(
+        palette={c: PALETTE[c] for c in ("red", "green", "blue", "yellow", "purple", "orange")},
+        prior_metrics={"cos_pred_true": 0.5},
+        loss_curves={"decoder": f"{decoder_fit.run_dir}/loss.png", "prior": "/nonexistent.png"},
+    )
+    runs = CascadeRuns(prior_fit, decoder_fit, TINY_DECODER, TINY_CLIP, clip_dir)
+    m = evaluate_cascade(layout, embedded_store.version, runs, cfg, options)
 
     out = f"{layout.eval_dir(decoder_fit.run_name)}"
-    saved = read_json(f"{out}/{METRICS_FILE}")
+    saved = read_json(f"{out}/{DECODER_METRICS_FILE}")
     assert saved == json.loads(json.dumps(m))
     for key in ("attribute_accuracy", "fd_clip", "fd_clip_untrained", "clip_score"):
         assert isinstance(saved[key], float) and np.isfinite(saved[key]), key
@@ -172,10 +174,11 @@ def test_evaluate_cascade_pools_workers_and_writes_metrics_and_report(
         raise AssertionError("re-ran generation although the metrics are there")
 
     monkeypatch.setattr(cascade_eval, "run_chunks", no_work)
-    assert evaluate_cascade(*args, TINY_DECODER, cfg, **kwargs) == saved
+    assert evaluate_cascade(layout, embedded_store.version, runs, cfg, options) == saved
     # Other settings are a different evaluation.
     with pytest.raises(AssertionError, match="re-ran"):
-        evaluate_cascade(*args, TINY_DECODER, cfg.model_copy(update={"eval_seed": 2}), **kwargs)
+        other = cfg.model_copy(update={"eval_seed": 2})
+        evaluate_cascade(layout, embedded_store.version, runs, other, options)
 
 
 def test_evaluate_cascade_without_synthetic_palette_has_no_attribute_accuracy(
@@ -183,17 +186,8 @@ def test_evaluate_cascade_without_synthetic_palette_has_no_attribute_accuracy(
 ):
     prior_fit, decoder_fit = _fits(exports, tmp_path, "decoder-eval-nopalette")
     cfg = EvaluateConfig(holdout_fraction=HOLDOUT, num_eval_samples=4, eval_steps=1, eval_workers=1)
-    m = evaluate_cascade(
-        embedded_store.layout,
-        embedded_store.version,
-        TINY_CLIP,
-        exports[0],
-        prior_fit,
-        decoder_fit,
-        TINY_DECODER,
-        cfg,
-        palette=None,
-    )
+    runs = CascadeRuns(prior_fit, decoder_fit, TINY_DECODER, TINY_CLIP, exports[0])
+    m = evaluate_cascade(embedded_store.layout, embedded_store.version, runs, cfg)
     assert m["attribute_accuracy"] is None and m["goals"]["attribute_accuracy"]["met"] is None
     assert m["num_workers"] == 1 and m["num_samples"] == 4
 

@@ -11,6 +11,7 @@ import pytest
 import ray.cloudpickle
 import torch
 from diffusers import PriorTransformer
+from tiny import tiny_trainer
 from training_helpers import (
     DIM,
     HOLDOUT,
@@ -19,15 +20,16 @@ from training_helpers import (
     build_embedded_store,
     embedding_columns,
     first_columns,
-    tiny_trainer,
 )
 from training_helpers import make_prior_task as make_task
 
 from unclip.datasets.storage import StorageLayout
 from unclip.training.config import EvaluateConfig, PriorConfig
 from unclip.training.engine.trainer import TRAINER_STATE, FitResult, check_resumable
-from unclip.training.evaluation.prior_eval import PRIOR_METRICS, evaluate_prior
-from unclip.training.models.prior import PriorTask, build_prior, load_prior, predict_x0, train_prior
+from unclip.training.evaluation.prior_eval import PRIOR_METRICS_FILE, evaluate_prior
+from unclip.training.models.prior import PriorTask, train_prior
+from unclip.training.models.prior_model import build_prior, predict_x0
+from unclip.training.models.prior_sampler import load_prior
 
 TINY = TINY_PRIOR
 
@@ -116,11 +118,13 @@ def test_train_prior_under_zero3_then_evaluate(ray_local, embedded_store):
         FitResult("prior-untrained", "", layout.join("untrained-prior")),
         EvaluateConfig(holdout_fraction=HOLDOUT),
         HOLDOUT,
-        out_path=layout.join("untrained-prior", PRIOR_METRICS),
+        out_path=layout.join("untrained-prior", PRIOR_METRICS_FILE),
     )
     assert metrics["cos_pred_true"] > before["cos_pred_true"] + 0.1
     assert metrics["cos_pred_true"] > metrics["cos_pred_unrelated"] + 0.1
-    written = json.loads(open(os.path.join(layout.eval_dir(fit.run_name), PRIOR_METRICS)).read())
+    written = json.loads(
+        open(os.path.join(layout.eval_dir(fit.run_name), PRIOR_METRICS_FILE)).read()
+    )
     assert keys <= set(written)
 
     assert train_prior(layout, version, cfg, HOLDOUT).skipped

@@ -9,38 +9,20 @@ import numpy as np
 import pytest
 import torch
 from diffusers import PriorTransformer
-from training_helpers import (
-    HOLDOUT,
-    TINY_CLIP,
-    TINY_PRIOR,
-    build_clip_store,
-    first_columns,
-    make_decoder_task,
-    tiny_trainer,
-)
+from tiny import TINY_CLIP, tiny_trainer
+from training_helpers import HOLDOUT, TINY_PRIOR, build_clip_store, first_columns, make_decoder_task
 
-from unclip.datasets.clip import (
-    TOKENS_PROJECTED,
-    build_bootstrap_clip,
-    encode_text_tokens,
-    encode_texts,
-    load_clip,
-    load_clip_of,
-    save_clip,
-)
+from unclip.datasets.clip import build_bootstrap_clip, encode_texts, load_clip, save_clip
+from unclip.datasets.clip_records import load_clip_of
+from unclip.datasets.clip_text_tokens import TOKENS_PROJECTED, encode_text_tokens
 from unclip.training.config import EvaluateConfig
 from unclip.training.diffusion import drop_condition
 from unclip.training.engine.runlog import read_rows
 from unclip.training.evaluation.prior_eval import evaluate_prior
 from unclip.training.models import prior as prior_mod
-from unclip.training.models.prior import (
-    PriorTask,
-    load_prior,
-    pack_condition,
-    predict_x0,
-    train_prior,
-    unpack_condition,
-)
+from unclip.training.models.prior import PriorTask, train_prior
+from unclip.training.models.prior_model import pack_condition, predict_x0, unpack_condition
+from unclip.training.models.prior_sampler import load_prior
 from unclip.training.sampling import generate, interpolate
 
 DIM = TINY_CLIP.embed_dim

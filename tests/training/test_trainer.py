@@ -9,7 +9,8 @@ import time
 
 import pytest
 import torch
-from training_helpers import KilledOnce, NanAt, Regression, tiny_trainer
+from tiny import tiny_trainer
+from training_helpers import KilledOnce, NanAt, Regression
 
 from unclip.datasets.storage import StorageLayout
 from unclip.training.config import PriorConfig, TrainerConfig

@@ -10,7 +10,8 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 from pydantic import ValidationError
-from training_helpers import DIM, HOLDOUT, TINY_DECODER, make_decoder_task, tiny_trainer
+from tiny import tiny_trainer
+from training_helpers import DIM, HOLDOUT, TINY_DECODER, make_decoder_task
 
 from unclip.datasets.storage import StorageLayout
 from unclip.training.config import UpsamplerConfig
@@ -23,7 +24,7 @@ from unclip.training.models.upsampler import (
     load_upsampler,
     random_crop,
     train_upsampler,
-    unet_output,
+    upsampler_prediction,
 )
 from unclip.training.sampling import check_cascade, load_cascade
 
@@ -53,12 +54,12 @@ def test_unet_takes_the_upsampled_low_res_image_and_the_noise_aug_level():
     assert model.config.in_channels == 6 and model.config.class_embed_type == "timestep"
     x, cond = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
     t = torch.tensor([3, 50])
-    out = unet_output(model, x, t, cond, torch.tensor([0, 0]))
+    out = upsampler_prediction(model, x, t, cond, torch.tensor([0, 0]))
     assert out.shape == x.shape
-    assert not torch.allclose(out, unet_output(model, x, t, cond, torch.tensor([20, 20])))
-    assert not torch.allclose(out, unet_output(model, x, t, torch.zeros_like(cond), t * 0))
+    assert not torch.allclose(out, upsampler_prediction(model, x, t, cond, torch.tensor([20, 20])))
+    assert not torch.allclose(out, upsampler_prediction(model, x, t, torch.zeros_like(cond), t * 0))
     # fully convolutional: samples whole images of a size it was never cropped to
-    assert unet_output(
+    assert upsampler_prediction(
         model, torch.randn(1, 3, 32, 32), t[:1], torch.randn(1, 3, 32, 32), t[:1] * 0
     ).shape == (1, 3, 32, 32)
 

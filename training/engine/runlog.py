@@ -8,16 +8,16 @@ from typing import Any
 
 from unclip.datasets.storage import atomic_write, exists
 
-METRICS_FILE = "metrics.jsonl"
-PLOT_FILE = "loss.png"
+RUN_METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT_FILE = "loss.png"
 
 
 class RunLog:
     """Rows of logged steps, rewritten whole through an atomic write (object stores cannot append)."""
 
     def __init__(self, run_dir: str) -> None:
-        self.path = f"{run_dir}/{METRICS_FILE}"
-        self.plot_path = f"{run_dir}/{PLOT_FILE}"
+        self.path = f"{run_dir}/{RUN_METRICS_FILE}"
+        self.plot_path = f"{run_dir}/{LOSS_PLOT_FILE}"
         self.rows: list[dict[str, Any]] = []
 
     def resume(self, step: int) -> None:

@@ -46,7 +46,13 @@ def seed_micro_step(seed: int, micro_step: int, rank: int) -> None:
 
 
 def warmup_cosine(warmup_steps: int, max_steps: int) -> Callable[[int], float]:
-    """LR factor of optimizer step ``k``: linear warm-up to 1, then cosine decay towards 0."""
+    """LR factor of optimizer step ``k``: linear warm-up to 1, then cosine decay towards 0.
+
+    Not diffusers' ``get_cosine_schedule_with_warmup``: its warm-up gives step k the factor
+    k / W (the first update has LR 0) where this one gives (k + 1) / W, and past ``max_steps``
+    its cosine rises again. Runs are named by their config, not by this code, so switching would
+    train different weights under the names of runs already trained or half-trained.
+    """
 
     def factor(k: int) -> float:
         if k < warmup_steps:
@@ -100,6 +106,12 @@ def to_device(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
 
 class Ema:
     """Exponential moving average of the trainable weights, kept in fp32 on rank 0.
+
+    Not diffusers' ``EMAModel``: its decay ramps up as (1 + s) / (10 + s) where this one is
+    constant after ``ema_update_after`` steps (the config's meaning), it keeps the average in
+    the weights' dtype (bf16 under bf16 training: updates of (1 − decay)·Δw would round away),
+    and its state is an unnamed list, so the ``ema.pt`` (name → tensor) of every existing
+    checkpoint would no longer load.
 
     ZeRO stages 0-2 keep the full weights on every rank after each step, so rank 0 alone can
     average them; ZeRO-3 is refused by :func:`~unclip.training.engine.trainer.validate_trainer_config`.

@@ -23,7 +23,7 @@ from unclip.datasets.lease import Lease
 from unclip.datasets.storage import StorageLayout, exists, read_json
 from unclip.datasets.stream import Columns, ShardSource, check_world_change
 
-from ..config import Section, TrainerConfig
+from ..config import IdentitySection, TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def run_name_for(kind: str, *configs: Any, data_version: str, seed: int) -> str:
     """``kind`` plus a short content hash of configs, data version and seed: same inputs, same run."""
     parts = [
         c.identity()
-        if isinstance(c, Section)
+        if isinstance(c, IdentitySection)
         else c.model_dump(mode="json")
         if isinstance(c, BaseModel)
         else c

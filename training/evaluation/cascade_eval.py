@@ -11,12 +11,10 @@ freshly initialized decoder of the same config, the baseline FD-CLIP is judged a
 from __future__ import annotations
 
 import logging
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from unclip.datasets import readers
@@ -25,19 +23,17 @@ from unclip.datasets.config import ClipConfig
 from unclip.datasets.storage import StorageLayout, exists, read_json, write_json
 
 from ..config import DecoderConfig, EvaluateConfig
-from ..engine.artifacts import publish_dir
 from ..engine.trainer import FitResult
-from ..models.decoder import DecoderTask
-from ..sampling import generate
 from . import image_metrics as im
+from .cascade_generation import export_untrained_decoder, run_chunks, split
+from .fid import pooled_fid
 from .report import write_report
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "decoder_metrics.json"
+DECODER_METRICS_FILE = "decoder_metrics.json"
 REPORT_FILE = "report.html"
 UNTRAINED_DIR = "untrained_decoder"
-UNTRAINED_MARKER = "untrained.json"
 
 # The quality goals of the cascade on the synthetic shapes.
 GOAL_ATTRIBUTE_ACCURACY = 0.8
@@ -94,164 +90,44 @@ def resize_all(images: np.ndarray, size: int) -> np.ndarray:
     )
 
 
-# --- FID (torchmetrics, optional) ------------------------------------------------------------
-
-
-class _InceptionFeatures(torch.nn.Module):
-    """torchvision Inception-v3's 2048-d pool features of uint8 images (resized to 299, ImageNet-normalized)."""
-
-    num_features = 2048
-
-    def __init__(self, checkpoint: str) -> None:
-        super().__init__()
-        import fsspec
-        from torchvision.models import inception_v3
-
-        net = inception_v3(weights=None, aux_logits=True, init_weights=False)
-        with fsspec.open(checkpoint, "rb") as f:
-            state = torch.load(f, map_location="cpu", weights_only=True)
-        net.load_state_dict(state)
-        net.fc = torch.nn.Identity()
-        self.net = net.eval()
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.nn.functional.interpolate(x.float() / 255.0, size=(299, 299), mode="bilinear")
-        return self.net((x - self.mean) / self.std)
-
-
-def fid_metric(checkpoint: str) -> Any:
-    """A torchmetrics ``FrechetInceptionDistance`` on the configured Inception weights."""
-    try:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-    except ImportError as e:
-        raise ImportError(
-            "evaluate.inception_checkpoint is set but torchmetrics is not installed: "
-            "pip install 'unclip[eval]'"
-        ) from e
-    if not exists(checkpoint):
-        raise FileNotFoundError(f"evaluate.inception_checkpoint {checkpoint} does not exist")
-    return FrechetInceptionDistance(feature=_InceptionFeatures(checkpoint))
-
-
-def fid_state(images: np.ndarray, checkpoint: str, real: bool) -> dict[str, torch.Tensor]:
-    """One worker's FID sufficient statistics (feature sum, Σxxᵀ, count): they add up exactly."""
-    metric = fid_metric(checkpoint)
-    metric.update(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), real=real)
-    return {k: v.clone() for k, v in metric.metric_state.items()}
-
-
-def pooled_fid(real: np.ndarray, states: list[dict[str, torch.Tensor]], checkpoint: str) -> float:
-    """FID of the real images against the sums of all workers' statistics (= all features at once)."""
-    metric = fid_metric(checkpoint)
-    metric.update(torch.from_numpy(real).permute(0, 3, 1, 2).contiguous(), real=True)
-    for s in states:
-        metric.merge_state(s)
-    return float(metric.compute())
-
-
-# --- generation in Ray tasks ------------------------------------------------------------------
-
-
-def generate_chunk(
-    captions: list[str],
-    seed: int,
-    clip_cfg: ClipConfig,
-    clip_checkpoint: str | None,
-    prior_export: str,
-    decoder_export: str,
-    steps: int | None,
-    guidance: float | None,
-    cascade: dict[str, Any],
-    inception_checkpoint: str | None,
-) -> dict[str, Any]:
-    """One worker's share: images, their CLIP image features, their FID statistics."""
-    images = generate(
-        captions,
-        clip_cfg,
-        clip_checkpoint,
-        prior_export,
-        decoder_export,
-        steps=steps,
-        guidance=guidance,
-        seed=seed,
-        **cascade,
-    )
-    arr = np.stack([np.asarray(x.convert("RGB")) for x in images])
-    bundle = load_clip(clip_cfg, clip_checkpoint)
-    return {
-        "images": arr,
-        "clip": encode_images(bundle, images),
-        "fid": fid_state(arr, inception_checkpoint, real=False) if inception_checkpoint else None,
-    }
-
-
-def split(items: list[str], parts: int) -> list[tuple[int, list[str]]]:
-    """``(offset, chunk)`` pairs of about equal size, in order."""
-    bounds = np.linspace(0, len(items), min(parts, len(items)) + 1).round().astype(int)
-    return [(int(a), items[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-
-
-def run_chunks(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Run ``generate_chunk(**job)`` for every job as Ray tasks (one CPU each); results in order."""
-    import ray
-
-    task = ray.remote(num_cpus=1, max_retries=1)(generate_chunk)
-    return ray.get([task.remote(**job) for job in jobs])
-
-
-def export_untrained_decoder(
-    layout: StorageLayout,
-    version: str,
-    cfg: DecoderConfig,
-    holdout_fraction: float,
-    trained_export: str,
-    target: str,
-    seed: int,
-) -> str:
-    """A freshly initialized (seeded) decoder of the trained one's config, exported for the workers.
-
-    Its embedding dimension and CLIP id are the trained export's, so it fits the same cascade.
-    """
-    if exists(f"{target}/{UNTRAINED_MARKER}"):
-        return target
-    info = read_json(f"{trained_export.rstrip('/')}/{DecoderTask.INFO_FILE}")
-    task = DecoderTask(
-        layout=layout,
-        manifest_version=version,
-        cfg=cfg,
-        holdout_fraction=holdout_fraction,
-        dim=int(info["embedding_dim"]),
-        clip_id=str(info["clip_id"]),
-    )
-    torch.manual_seed(seed)
-    model = task.build_model()
-    with tempfile.TemporaryDirectory(prefix="unclip-untrained-") as d:
-        task.export(model, d)
-        publish_dir(d, target, UNTRAINED_MARKER, {"seed": seed, "untrained": True})
-    return target
-
-
 # --- the step ---------------------------------------------------------------------------------
 
 
-def settings_of(
-    cfg: EvaluateConfig,
-    decoder_cfg: DecoderConfig,
-    prior_fit: FitResult,
-    decoder_fit: FitResult,
-    cascade: dict[str, Any],
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class CascadeRuns:
+    """The trained cascade an evaluation judges: its two runs and what they were made with."""
+
+    prior_fit: FitResult
+    decoder_fit: FitResult
+    decoder_cfg: DecoderConfig
+    clip_cfg: ClipConfig
+    clip_checkpoint: str | None  # the CLIP of the embeddings (None: clip_cfg's pretrained)
+    # extra keyword arguments of ``generate`` for the stages after the decoder (upsamplers)
+    later_stages: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CascadeEvalOptions:
+    """What the report adds and where it goes; none of it changes a metric."""
+
+    palette: dict[str, im.RGB] | None = (
+        None  # colour → RGB of the synthetic shapes: attribute check
+    )
+    prior_metrics: dict[str, Any] | None = None
+    loss_curves: dict[str, str] = field(default_factory=dict)  # model → loss-curve PNG path
+    extra_images: dict[str, str] = field(default_factory=dict)  # label → PNG path
+    out_dir: str | None = None  # default eval/{decoder_run}; a promoted decoder judged elsewhere
+
+
+def settings_of(cfg: EvaluateConfig, runs: CascadeRuns) -> dict[str, Any]:
     """What the metrics depend on: metrics written with other settings are recomputed."""
     return {
-        "prior_run": prior_fit.run_name,
-        "decoder_run": decoder_fit.run_name,
-        "cascade": {k: str(v) for k, v in sorted(cascade.items())},
+        "prior_run": runs.prior_fit.run_name,
+        "decoder_run": runs.decoder_fit.run_name,
+        "cascade": {k: str(v) for k, v in sorted(runs.later_stages.items())},
         "num_eval_samples": cfg.num_eval_samples,
-        "sample_steps": cfg.eval_steps or decoder_cfg.sample_steps,
-        "guidance_scale": cfg.eval_guidance or decoder_cfg.guidance_scale,
+        "sample_steps": cfg.eval_steps or runs.decoder_cfg.sample_steps,
+        "guidance_scale": cfg.eval_guidance or runs.decoder_cfg.guidance_scale,
         "eval_seed": cfg.eval_seed,
         "inception_checkpoint": cfg.inception_checkpoint,
     }
@@ -260,70 +136,107 @@ def settings_of(
 def evaluate_cascade(
     layout: StorageLayout,
     version: str,
-    clip_cfg: ClipConfig,
-    clip_checkpoint: str | None,
-    prior_fit: FitResult,
-    decoder_fit: FitResult,
-    decoder_cfg: DecoderConfig,
+    runs: CascadeRuns,
     cfg: EvaluateConfig,
-    palette: dict[str, im.RGB] | None,
-    cascade: dict[str, Any] | None = None,
-    prior_metrics: dict[str, Any] | None = None,
-    loss_curves: dict[str, str] | None = None,
-    extra_images: dict[str, str] | None = None,
-    out_dir: str | None = None,
+    options: CascadeEvalOptions | None = None,
 ) -> dict[str, Any]:
     """Metrics of the whole cascade on held-out captions → ``eval/{decoder_run}/decoder_metrics.json``
     and ``report.html`` beside it.
 
-    ``palette`` (colour name → RGB of the synthetic shapes) enables the attribute check;
-    ``cascade`` holds the extra keyword arguments of ``generate`` for later stages (upsampler).
-    ``prior_metrics``, ``loss_curves`` and ``extra_images`` (label → PNG path) go into the report.
     Does nothing when the metrics of the same runs and settings are already there; the JSON is
-    written last, so a killed step leaves no metrics without their report. ``out_dir`` writes
-    them elsewhere (a promoted decoder judged in a newer candidate's context).
+    written last, so a killed step leaves no metrics without their report.
     """
-    cascade = dict(cascade or {})
-    out_dir = out_dir or layout.eval_dir(decoder_fit.run_name)
-    path = f"{out_dir}/{METRICS_FILE}"
+    options = options or CascadeEvalOptions()
+    out_dir = options.out_dir or layout.eval_dir(runs.decoder_fit.run_name)
+    path = f"{out_dir}/{DECODER_METRICS_FILE}"
     report = f"{out_dir}/{REPORT_FILE}"
-    settings = settings_of(cfg, decoder_cfg, prior_fit, decoder_fit, cascade)
+    settings = settings_of(cfg, runs)
     if exists(path) and exists(report):
         old = read_json(path)
         if old.get("settings") == settings and "holdout_fraction" in old:
             return old
-    held = held_out_set(layout, version, cfg.holdout_fraction, cfg.num_eval_samples, palette)
+    held = held_out_set(
+        layout, version, cfg.holdout_fraction, cfg.num_eval_samples, options.palette
+    )
     untrained = export_untrained_decoder(
         layout,
         version,
-        decoder_cfg,
+        runs.decoder_cfg,
         cfg.holdout_fraction,
-        decoder_fit.export_dir,
+        runs.decoder_fit.export_dir,
         f"{out_dir}/{UNTRAINED_DIR}_seed{cfg.eval_seed}",
         cfg.eval_seed,
     )
+    trained, baseline = generate_both(runs, cfg, settings, held.captions, untrained)
+    metrics, samples = cascade_metrics(runs, cfg, held, trained, baseline, options.palette)
+    metrics.update(
+        num_workers=len(trained),
+        data_version=version,
+        holdout_fraction=cfg.holdout_fraction,
+        prior_run=runs.prior_fit.run_name,
+        decoder_run=runs.decoder_fit.run_name,
+        sample_steps=settings["sample_steps"],
+        guidance_scale=settings["guidance_scale"],
+        settings=settings,
+    )
+    if samples["matches"] is not None:
+        metrics["attribute_accuracy_untrained"] = im.attribute_accuracy(
+            im.attribute_matches(samples["untrained"], held.captions, options.palette)
+        )
+    metrics["goals"] = goals(metrics)
+    write_report(
+        report,
+        f"unclip evaluation: {runs.decoder_fit.run_name}",
+        metrics,
+        samples,
+        options.prior_metrics,
+        options.loss_curves,
+        options.extra_images,
+    )
+    write_json(path, metrics)
+    return metrics
+
+
+def generate_both(
+    runs: CascadeRuns,
+    cfg: EvaluateConfig,
+    settings: dict[str, Any],
+    captions: list[str],
+    untrained_export: str,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(trained, untrained) cascades' chunk results on the same captions and seeds, in Ray tasks."""
     common = {
-        "clip_cfg": clip_cfg,
-        "clip_checkpoint": clip_checkpoint,
-        "prior_export": prior_fit.export_dir,
+        "clip_cfg": runs.clip_cfg,
+        "clip_checkpoint": runs.clip_checkpoint,
+        "prior_export": runs.prior_fit.export_dir,
         "steps": settings["sample_steps"],
         "guidance": settings["guidance_scale"],
-        "cascade": cascade,
+        "cascade": dict(runs.later_stages),
         "inception_checkpoint": cfg.inception_checkpoint,
     }
-    chunks = split(held.captions, cfg.eval_workers)
+    chunks = split(captions, cfg.eval_workers)
     jobs = [
         {**common, "decoder_export": export, "captions": c, "seed": cfg.eval_seed + off}
-        for export in (decoder_fit.export_dir, untrained)
+        for export in (runs.decoder_fit.export_dir, untrained_export)
         for off, c in chunks
     ]
     results = run_chunks(jobs)
-    trained, baseline = results[: len(chunks)], results[len(chunks) :]
+    return results[: len(chunks)], results[len(chunks) :]
 
+
+def cascade_metrics(
+    runs: CascadeRuns,
+    cfg: EvaluateConfig,
+    held: HeldOut,
+    trained: list[dict[str, Any]],
+    baseline: list[dict[str, Any]],
+    palette: dict[str, im.RGB] | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metrics, the report's sample grids) from the pooled chunk results of both cascades."""
     images = np.concatenate([r["images"] for r in trained])
     size = images.shape[1]
     real = resize_all(held.real_images, size)
-    bundle = load_clip(clip_cfg, clip_checkpoint)
+    bundle = load_clip(runs.clip_cfg, runs.clip_checkpoint)
     real_feats = encode_images(bundle, [Image.fromarray(x) for x in real])
     gen_text = encode_texts(bundle, held.captions)
     real_text = encode_texts(bundle, held.real_captions)
@@ -346,22 +259,7 @@ def evaluate_cascade(
         "num_samples": len(images),
         "num_real": len(real),
         "image_size": size,
-        "num_workers": len(chunks),
-        "data_version": version,
-        "holdout_fraction": cfg.holdout_fraction,
-        "prior_run": prior_fit.run_name,
-        "decoder_run": decoder_fit.run_name,
-        "sample_steps": settings["sample_steps"],
-        "guidance_scale": settings["guidance_scale"],
-        "settings": settings,
     }
-    if matches is not None:
-        metrics["attribute_accuracy_untrained"] = im.attribute_accuracy(
-            im.attribute_matches(
-                np.concatenate([r["images"] for r in baseline]), held.captions, palette
-            )
-        )
-    metrics["goals"] = goals(metrics)
     samples = {
         "images": images,
         "captions": held.captions,
@@ -370,17 +268,7 @@ def evaluate_cascade(
         "real": real,
         "real_captions": held.real_captions,
     }
-    write_report(
-        report,
-        f"unclip evaluation: {decoder_fit.run_name}",
-        metrics,
-        samples,
-        prior_metrics,
-        loss_curves or {},
-        extra_images or {},
-    )
-    write_json(path, metrics)
-    return metrics
+    return metrics, samples
 
 
 def goals(m: dict[str, Any]) -> dict[str, Any]:

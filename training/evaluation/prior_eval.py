@@ -17,10 +17,10 @@ from unclip.datasets.storage import StorageLayout, atomic_write, write_json
 
 from ..config import EvaluateConfig, PriorConfig
 from ..engine.trainer import FitResult
-from ..models.prior import load_prior
+from ..models.prior_sampler import load_prior
 from ..sampling import generate
 
-PRIOR_METRICS = "prior_metrics.json"
+PRIOR_METRICS_FILE = "prior_metrics.json"
 
 
 def unrelated_index(captions: Sequence[str]) -> np.ndarray:
@@ -82,7 +82,7 @@ def evaluate_prior(
     image = torch.from_numpy(held.image[:n])
     sampler = load_prior(prior_fit.export_dir)
     if sampler.text_tokens:  # token encodings of the held-out captions, with the data's CLIP
-        from unclip.datasets.clip import load_clip_of
+        from unclip.datasets.clip_records import load_clip_of
 
         sampler.use_clip(load_clip_of(layout, str(manifest["clip_id"])))
     captions = held.captions[:n]
@@ -115,7 +115,7 @@ def evaluate_prior(
         "guidance_scale": scale,
         "candidates": k,
     }
-    write_json(out_path or f"{layout.eval_dir(prior_fit.run_name)}/{PRIOR_METRICS}", metrics)
+    write_json(out_path or f"{layout.eval_dir(prior_fit.run_name)}/{PRIOR_METRICS_FILE}", metrics)
     return metrics
 
 

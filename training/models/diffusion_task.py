@@ -19,7 +19,7 @@ from diffusers import DDPMScheduler
 from unclip.datasets.storage import StorageLayout
 from unclip.datasets.stream import ShardSource
 
-from ..config import Section
+from ..config import IdentitySection
 from ..diffusion import Prediction, train_scheduler
 from ..engine.artifacts import local_dir
 from ..engine.trainer import FitResult, TrainTask, fit, run_name_for
@@ -45,7 +45,7 @@ class ManifestDiffusionTask(TrainTask):
 
     @classmethod
     def from_manifest(
-        cls, layout: StorageLayout, version: str, cfg: Section, holdout_fraction: float
+        cls, layout: StorageLayout, version: str, cfg: IdentitySection, holdout_fraction: float
     ) -> ManifestDiffusionTask:
         from unclip.datasets import readers  # pyarrow: loaded only to read data
 
@@ -67,7 +67,7 @@ class ManifestDiffusionTask(TrainTask):
 
     @classmethod
     def train(
-        cls, layout: StorageLayout, version: str, cfg: Section, holdout_fraction: float
+        cls, layout: StorageLayout, version: str, cfg: IdentitySection, holdout_fraction: float
     ) -> FitResult:
         """Train (or resume, or skip when done) on a dataset version; export to ``run_dir/export``."""
         task = cls.from_manifest(layout, version, cfg, holdout_fraction)

@@ -1,29 +1,21 @@
-"""The DALL·E 2 diffusion prior (CLIP text embedding → CLIP image embedding) on diffusers' PriorTransformer.
+"""The DALL·E 2 diffusion prior (CLIP text embedding → CLIP image embedding) as a training task.
 
-The transformer reads the causal sequence [text embedding, timestep, noised image embedding,
-learned query] and predicts the clean image embedding x_0, trained with MSE (Ramesh et al. 2022,
-sec. 2.2). With ``prior.text_tokens`` the caption's per-token encodings come first, [text tokens,
-text embedding, timestep, noised image embedding, learned query], as in Karlo: the frozen CLIP
-text transformer's last hidden states (after ln_final, before pooling; through CLIP's
-text_projection when the text width is not the embedding width), computed on the training
-workers from the captions with the CLIP the embeddings were made with, and passed to
-``PriorTransformer`` as ``encoder_hidden_states`` with the padding ``attention_mask``.
-
-The condition is one tensor per row, so conditioning dropout and classifier-free guidance treat
-it whole: the text embedding alone, or with tokens ``[text embedding | token encodings | token
-mask]`` (:func:`pack_condition`). A dropped row (or guidance's unconditional half) is all zeros:
-a zero text embedding and no tokens at all.
+Trained with the MSE of the predicted clean image embedding x_0 (Ramesh et al. 2022, sec. 2.2)
+on the network of :mod:`.prior_model`. With ``prior.text_tokens`` the caption's per-token
+encodings join the condition, as in Karlo: the frozen CLIP text transformer's last hidden
+states (after ln_final, before pooling; through CLIP's text_projection when the text width is
+not the embedding width), computed on the training workers from the captions with the CLIP the
+embeddings were made with.
 
 Image embeddings are normalized by the data set's mean and std; the model keeps them as its
 ``clip_mean`` / ``clip_std`` so ``post_process_latents`` undoes the normalization for any
 diffusers user of the export. ``prior.init_from`` starts a run from a diffusers-format prior
-(checked against the config; its weights' hash joins the run name).
+(:mod:`.prior_init`; its weights' hash joins the run name). The sampler over an export is
+:mod:`.prior_sampler`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,217 +30,27 @@ from unclip.datasets.storage import StorageLayout
 from unclip.datasets.stream import Columns, ShardSource
 
 from ..config import PriorConfig
-from ..diffusion import Sampler, drop_condition, noised, sample_loop
-from ..engine.artifacts import is_local, local_dir
+from ..diffusion import drop_condition, noised
+from ..engine.artifacts import is_local
 from ..engine.trainer import FitResult, fit, run_name_for
-from .diffusion_task import ExportedDiffusion, ManifestDiffusionTask
+from .diffusion_task import ManifestDiffusionTask
+from .prior_init import INIT_KEY, load_init_prior
+from .prior_model import (
+    INFO_FILE,
+    MODEL_KIND,
+    STD_FLOOR,
+    SUBFOLDER,
+    TOKENS_KEY,
+    build_prior,
+    pack_condition,
+    predict_x0,
+)
 
 if TYPE_CHECKING:
     from unclip.datasets.clip import ClipBundle
 
-MODEL_KIND = "prior"
-INFO_FILE = "unclip_prior.json"
-STD_FLOOR = 1e-4  # a dimension that never varies must not divide by ~0
-TOKENS_KEY = "prior.text_tokens"
 # Token encodings a worker keeps of the captions it has seen (then the cache starts over).
 TOKEN_TABLE_BYTES = 1 << 30
-
-
-def build_prior(
-    cfg: PriorConfig,
-    dim: int,
-    image_mean: np.ndarray,
-    image_std: np.ndarray,
-    text_context: int = 0,
-) -> PriorTransformer:
-    """An untrained prior for embeddings of dimension ``dim`` with the data set's image statistics.
-
-    With ``cfg.text_tokens``, ``text_context`` is the CLIP's text context length: that many
-    token encodings (of width ``dim``) precede the 4 additional tokens.
-    """
-    if cfg.text_tokens and text_context < 1:
-        raise ValueError(f"{TOKENS_KEY} needs the CLIP's text context length, got {text_context}")
-    tokens = int(text_context) if cfg.text_tokens else 0
-    model = PriorTransformer(
-        num_attention_heads=cfg.num_attention_heads,
-        attention_head_dim=cfg.attention_head_dim,
-        num_layers=cfg.num_layers,
-        embedding_dim=dim,
-        num_embeddings=tokens,  # text-token encodings, before the 4 additional tokens
-        additional_embeddings=4,  # text embedding, timestep, noised image embedding, query
-        encoder_hid_proj_type="linear" if tokens else None,
-        added_emb_type="prd",  # the learned query whose output is the prediction
-        embedding_proj_norm_type="layer",  # L2-normalized CLIP vectors are small: rescale them
-        norm_in_type="layer",
-    )
-    with torch.no_grad():
-        model.clip_mean.copy_(torch.as_tensor(image_mean, dtype=torch.float32).view(1, -1))
-        model.clip_std.copy_(torch.as_tensor(np.maximum(image_std, STD_FLOOR)).view(1, -1))
-    # Statistics of the data, not weights: keep them out of the optimizer (and its weight decay).
-    model.clip_mean.requires_grad_(False)
-    model.clip_std.requires_grad_(False)
-    return model
-
-
-# --- fine-tuning from a diffusers-format prior -----------------------------------------------
-INIT_KEY = "prior.init_from"
-# Where each PriorTransformer argument comes from, to name it in a mismatch (the rest are fixed
-# by build_prior: the 4 additional tokens, the layer norms, the learned query).
-_ARG_SOURCE = {
-    "num_layers": "prior.num_layers",
-    "num_attention_heads": "prior.num_attention_heads",
-    "attention_head_dim": "prior.attention_head_dim",
-    "embedding_dim": "the data set's embedding_dim",
-    "num_embeddings": f"{TOKENS_KEY} (the CLIP's text context length, or 0)",
-    "encoder_hid_proj_type": TOKENS_KEY,
-}
-_CONFIG_META = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
-
-
-def init_model_dir(folder: str) -> str:
-    """The PriorTransformer folder of a local ``folder``: itself, or an unclip export's ``prior/``."""
-    for candidate in (folder, os.path.join(folder, PriorTask.SUBFOLDER)):
-        if os.path.isfile(os.path.join(candidate, "config.json")):
-            return candidate
-    raise FileNotFoundError(
-        f"{INIT_KEY}: {folder} holds no PriorTransformer (neither config.json nor "
-        f"{PriorTask.SUBFOLDER}/config.json, as save_pretrained or an unclip export writes)"
-    )
-
-
-def weights_digest(model_dir: str) -> str:
-    """sha256 over the names and bytes of a saved model's files: its identity, wherever it lies."""
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(model_dir)):
-        path = os.path.join(model_dir, name)
-        if name.startswith(".") or not os.path.isfile(path):
-            continue
-        h.update(name.encode() + b"\0")
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def load_init_prior(
-    path: str, cfg: PriorConfig, dim: int, clip_id: str, text_context: int = 0
-) -> tuple[PriorTransformer, str]:
-    """(the prior at ``path``, its weights digest), checked against the config and the data set.
-
-    A clear error names ``prior.init_from``, the path and each mismatched key.
-    """
-    fs_path = path if not is_local(path) else os.path.abspath(path.removeprefix("file://"))
-    if is_local(path) and not os.path.isdir(fs_path):
-        raise FileNotFoundError(f"{INIT_KEY}: no such folder: {fs_path}")
-    with local_dir(path) as d:
-        model_dir = init_model_dir(d)
-        info_path = os.path.join(d, INFO_FILE)
-        if os.path.isfile(info_path):  # an unclip export says which CLIP it was trained on
-            with open(info_path) as f:
-                trained_on = json.load(f).get("clip_id")
-            if trained_on and trained_on != clip_id:
-                raise ValueError(
-                    f"{INIT_KEY}: {path} was trained on embeddings of CLIP {trained_on}, "
-                    f"but this data set's are of CLIP {clip_id}"
-                )
-        with open(os.path.join(model_dir, "config.json")) as f:
-            theirs = json.load(f)
-        with torch.device("meta"):  # only its config: allocate no weights
-            ours = dict(build_prior(cfg, dim, np.zeros(dim), np.ones(dim), text_context).config)
-        wrong = [
-            f"{k} is {theirs.get(k)!r} there, {ours[k]!r} in {_ARG_SOURCE.get(k, 'unclip prior')}"
-            for k in sorted(ours)
-            if k not in _CONFIG_META and theirs.get(k, ours[k]) != ours[k]
-        ]
-        if wrong:
-            raise ValueError(
-                f"{INIT_KEY}: the prior at {path} does not match this run: " + "; ".join(wrong)
-            )
-        model = PriorTransformer.from_pretrained(model_dir, low_cpu_mem_usage=False)
-        return model, weights_digest(model_dir)
-
-
-def causal_mask(batch: int, device: torch.device) -> torch.Tensor:
-    """An empty text mask: with it PriorTransformer applies its causal mask (without, none)."""
-    return torch.ones(batch, 0, dtype=torch.bool, device=device)
-
-
-def pack_condition(
-    text: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor
-) -> torch.Tensor:
-    """One row per sample: [text embedding (D) | token encodings (L·D) | token mask (L)].
-
-    Zeroing a row (conditioning dropout, guidance's null half) zeroes all three: no tokens.
-    """
-    n = text.shape[0]
-    return torch.cat(
-        [text, tokens.reshape(n, -1).to(text.dtype), token_mask.reshape(n, -1).to(text.dtype)],
-        dim=1,
-    )
-
-
-def unpack_condition(
-    cond: torch.Tensor, text_context: int, dim: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(text [N, D], tokens [N, L, D], token mask bool [N, L]) of a :func:`pack_condition` row."""
-    length = text_context
-    if cond.ndim != 2 or cond.shape[1] != dim + length * dim + length:
-        raise ValueError(
-            f"a condition with {length} text tokens of width {dim} has "
-            f"{dim + length * dim + length} columns, got {list(cond.shape)}"
-        )
-    text = cond[:, :dim]
-    tokens = cond[:, dim : dim + length * dim].reshape(-1, length, dim)
-    return text, tokens, cond[:, dim + length * dim :] > 0.5
-
-
-def predict_x0(
-    model: PriorTransformer | Any, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor
-) -> torch.Tensor:
-    """The prior's x_0 prediction (normalized space) for noised embeddings ``x_t``.
-
-    ``cond`` is the text embedding [N, D], or for a prior with text tokens the
-    :func:`pack_condition` rows.
-    """
-    # ``model`` may be the DeepSpeed engine around the prior (whose own .config is DeepSpeed's)
-    text_context = int(getattr(model, "module", model).config.num_embeddings)
-    if text_context == 0:
-        mask = causal_mask(x_t.shape[0], x_t.device)
-        out = model(x_t, t, proj_embedding=cond, attention_mask=mask)
-        return out.predicted_image_embedding
-    text, tokens, token_mask = unpack_condition(cond, text_context, x_t.shape[-1])
-    # The padding mask also turns on the causal mask; masked tokens get -10000 as keys.
-    out = model(
-        x_t, t, proj_embedding=text, encoder_hidden_states=tokens, attention_mask=token_mask
-    )
-    return out.predicted_image_embedding
-
-
-def token_condition(
-    text: torch.Tensor,
-    text_context: int,
-    captions: Sequence[str] | None,
-    token_encodings: tuple[torch.Tensor, torch.Tensor] | None,
-    clip: ClipBundle | None,
-) -> torch.Tensor:
-    """The packed condition of ``text`` with its captions' token encodings (given or computed)."""
-    n, dim = text.shape
-    if token_encodings is not None:
-        tokens = torch.as_tensor(token_encodings[0], dtype=torch.float32)
-        mask = torch.as_tensor(token_encodings[1]).bool()
-    else:
-        from unclip.datasets.clip import encode_text_tokens
-
-        if isinstance(captions, str) or len(captions) != n:
-            raise ValueError(f"give one caption per text embedding: {n} embeddings")
-        enc, m, _ = encode_text_tokens(clip, list(captions))
-        tokens, mask = torch.from_numpy(enc), torch.from_numpy(m)
-    if tuple(tokens.shape) != (n, text_context, dim) or tuple(mask.shape) != (n, text_context):
-        raise ValueError(
-            f"token encodings must be [N, {text_context}, {dim}] with a mask "
-            f"[N, {text_context}] for N = {n}, got {list(tokens.shape)} and {list(mask.shape)}"
-        )
-    return pack_condition(text, tokens.to(text.device), mask.to(text.device))
 
 
 @dataclass(kw_only=True)
@@ -256,7 +58,7 @@ class PriorTask(ManifestDiffusionTask):
     """The prior as a :class:`~unclip.training.engine.trainer.TrainTask` over one dataset version."""
 
     MODEL_KIND: ClassVar[str] = MODEL_KIND
-    SUBFOLDER: ClassVar[str] = "prior"
+    SUBFOLDER: ClassVar[str] = SUBFOLDER
     INFO_FILE: ClassVar[str] = INFO_FILE
     PREDICTION: ClassVar[Literal["epsilon", "sample"]] = "sample"
     CLIP_SAMPLE: ClassVar[bool] = False
@@ -283,7 +85,7 @@ class PriorTask(ManifestDiffusionTask):
     ) -> PriorTask:
         task = super().from_manifest(layout, version, cfg, holdout_fraction)
         if cfg.text_tokens:
-            from unclip.datasets.clip import clip_record, record_context_length
+            from unclip.datasets.clip_records import clip_record, record_context_length
 
             try:
                 record = clip_record(layout, task.clip_id)
@@ -373,7 +175,7 @@ class PriorTask(ManifestDiffusionTask):
 
     def load_clip(self) -> ClipBundle:
         """The CLIP the embeddings were made with (on this worker's GPU when it has one)."""
-        from unclip.datasets.clip import load_clip_from_record
+        from unclip.datasets.clip_records import load_clip_from_record
 
         if self.clip_record is None:
             raise ValueError(f"{TOKENS_KEY}: this task has no CLIP record (use from_manifest)")
@@ -382,7 +184,7 @@ class PriorTask(ManifestDiffusionTask):
 
     def use_clip(self, clip: ClipBundle) -> None:
         """Encode captions' tokens with this CLIP (it must tokenize to the recorded length)."""
-        from unclip.datasets.clip import text_context_length
+        from unclip.datasets.clip_text_tokens import text_context_length
 
         if text_context_length(clip) != self.text_context:
             raise ValueError(
@@ -398,7 +200,7 @@ class PriorTask(ManifestDiffusionTask):
     def token_encodings(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Token encodings [N, L, D] and mask [N, L] of captions; each distinct caption is
         encoded once while the cache holds it (``TOKEN_TABLE_BYTES`` at most)."""
-        from unclip.datasets.clip import encode_text_tokens
+        from unclip.datasets.clip_text_tokens import encode_text_tokens
 
         if self._clip is None:
             raise ValueError(f"{TOKENS_KEY} is on but no CLIP is loaded (setup or use_clip)")
@@ -463,124 +265,3 @@ def train_prior(
 ) -> FitResult:
     """Train (or resume, or skip when done) the prior on a dataset version; export to ``run_dir/export``."""
     return PriorTask.train(layout, manifest_version, cfg, holdout_fraction)
-
-
-class PriorSampler(ExportedDiffusion):
-    """An exported prior, ready to turn text embeddings (or captions) into image embeddings."""
-
-    TASK = PriorTask
-    MODEL_CLASS = PriorTransformer
-
-    clip: ClipBundle | None = None  # set by use_clip, or loaded from the export's record
-
-    @property
-    def text_tokens(self) -> bool:
-        """Whether this prior was trained with text-token encodings (``prior.text_tokens``)."""
-        return bool(self.info.get("text_tokens", False))
-
-    def use_clip(self, clip: ClipBundle) -> None:
-        """Encode captions with this (already loaded) CLIP; it must be the export's."""
-        trained_on = self.info.get("clip_id")
-        if trained_on and clip.clip_id != trained_on:
-            raise ValueError(
-                f"the prior was trained on embeddings of CLIP {trained_on}, "
-                f"but the CLIP given is {clip.clip_id}"
-            )
-        self.clip = clip
-
-    def caption_clip(self) -> ClipBundle:
-        """The CLIP for captions: the one given to :meth:`use_clip`, else the export's record."""
-        if self.clip is None:
-            from unclip.datasets.clip import load_clip_from_record
-
-            source = self.info.get("clip_source")
-            if not source:
-                raise ValueError(
-                    f"the prior's export does not say where CLIP {self.info.get('clip_id')} is: "
-                    "give the CLIP (use_clip) to encode captions"
-                )
-            record = {
-                "clip_id": self.info.get("clip_id"),
-                "source": source,
-                "model_cfg": self.info.get("clip_model_cfg") or {},
-            }
-            self.clip = load_clip_from_record(record, device=self.device)
-        return self.clip
-
-    @torch.no_grad()
-    def sample(
-        self,
-        text_emb: torch.Tensor | None = None,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        seed: int = 0,
-        candidates: int | None = None,
-        sampler: Sampler = "ddim",
-        *,
-        captions: Sequence[str] | None = None,
-        token_encodings: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """L2-normalized image embeddings [N, D] for text embeddings [N, D] and/or N captions.
-
-        With only ``captions``, their text embeddings come from the CLIP (:meth:`caption_clip`).
-        A prior trained with text tokens also needs each row's token encodings: computed from
-        ``captions`` with that CLIP, or given as ``token_encodings`` = (encodings [N, L, D],
-        mask [N, L]); a prior without them ignores both. With ``candidates = k > 1``, k
-        embeddings are drawn per text and the one with the highest dot product with the text
-        embedding is kept (Ramesh et al. 2022, sec. 2.2). Steps, guidance scale and k default to
-        the export's (the config's ``prior`` section).
-        """
-        if text_emb is None:
-            if captions is None:
-                raise ValueError("give text embeddings or captions")
-            from unclip.datasets.clip import encode_texts
-
-            text_emb = torch.from_numpy(encode_texts(self.caption_clip(), list(captions)))
-        text = torch.as_tensor(text_emb, dtype=torch.float32)
-        if text.ndim != 2 or text.shape[1] != self.dim:
-            raise ValueError(f"text embeddings must be [N, {self.dim}], got {list(text.shape)}")
-        if self.text_tokens and captions is None and token_encodings is None:
-            raise ValueError(
-                f"this prior was trained with text-token encodings ({TOKENS_KEY}) of CLIP "
-                f"{self.info.get('clip_id')}: text embeddings alone are not enough; pass "
-                "captions= (encoded here with that CLIP) or token_encodings="
-            )
-        if candidates is None:
-            candidates = int(self.info.get("candidates", 1))
-        if candidates < 1:
-            raise ValueError(f"candidates must be >= 1, got {candidates}")
-        steps = int(steps if steps is not None else self.info.get("sample_steps", 50))
-        scale = float(
-            guidance_scale if guidance_scale is not None else self.info.get("guidance_scale", 1.0)
-        )
-        n = text.shape[0]
-        text = text.to(self.device)
-        if self.text_tokens:
-            clip = self.caption_clip() if token_encodings is None else None
-            cond = token_condition(
-                text, int(self.model.config.num_embeddings), captions, token_encodings, clip
-            )
-        else:
-            cond = text
-        cond = cond.repeat_interleave(candidates, dim=0)
-        x0 = sample_loop(
-            lambda x, t, c: predict_x0(self.model, x, t, c),
-            (cond.shape[0], self.dim),
-            cond,
-            self.scheduler_config,
-            steps,
-            scale,
-            seed,
-            sampler,
-        )
-        emb = F.normalize(self.model.post_process_latents(x0).float(), dim=-1)
-        if candidates > 1:
-            emb = emb.view(n, candidates, self.dim)
-            best = (emb * text[:, None, :]).sum(-1).argmax(dim=1)
-            emb = emb[torch.arange(n, device=emb.device), best]
-        return emb.cpu()
-
-
-def load_prior(export_dir: str, device: str = "cpu") -> PriorSampler:
-    """Load an exported prior (``train_prior(...).export_dir``)."""
-    return PriorSampler.load(export_dir, device)

@@ -68,7 +68,7 @@ def build_upsampler(cfg: UpsamplerConfig) -> UNet2DModel:
     )
 
 
-def unet_output(
+def upsampler_prediction(
     model: Any, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, aug_level: torch.Tensor
 ) -> torch.Tensor:
     """The prediction (ε, x_0 or v) for noised high-res ``x_t`` given the upsampled conditioning."""
@@ -191,7 +191,7 @@ class UpsamplerTask(ManifestDiffusionTask):
         cond = augment(sched, cond, level)
         # L_simple = ‖ε − ε_θ(x_t, t, c_s, s)‖²  (Ho et al. 2020, eq. 14), or against x_0 or v
         x_t, noise, t = noised(sched, hi)
-        pred = unet_output(model, x_t, t, cond, level)
+        pred = upsampler_prediction(model, x_t, t, cond, level)
         return diffusion_mse(sched, pred, hi, noise, t, cfg.snr_gamma), {}
 
     def export_info(self) -> dict[str, Any]:
@@ -251,7 +251,7 @@ class UpsamplerSampler(ExportedDiffusion):
         cond = DDPMScheduler.from_config(self.scheduler_config).add_noise(cond, eps, level)
         cond, level = cond.to(self.device), level.to(self.device)
         x = sample_loop(
-            lambda x, t, c: unet_output(self.model, x, t, c, level),
+            lambda x, t, c: upsampler_prediction(self.model, x, t, c, level),
             (len(low_res), 3, self.output_size, self.output_size),
             cond,
             self.scheduler_config,

@@ -24,22 +24,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.cloudpickle
 import torch
+from tiny import TINY_CLIP
 
-from unclip.datasets.clip import (
-    build_bootstrap_clip,
-    clip_record_path,
-    encode_texts,
-    load_clip,
-    save_clip,
-)
-from unclip.datasets.config import ClipConfig, SyntheticConfig
+from unclip.datasets.clip import build_bootstrap_clip, encode_texts, load_clip, save_clip
+from unclip.datasets.clip_records import clip_record_path
+from unclip.datasets.config import SyntheticConfig
 from unclip.datasets.embedding_file import file_metadata, fixed_list, write_embedding_table
 from unclip.datasets.manifest import assemble_manifest
 from unclip.datasets.shards import write_shard_unit
 from unclip.datasets.storage import StorageLayout, atomic_write, write_json
 from unclip.datasets.stream import RankStream, ShardSource, StreamPlan, StreamShard, StreamStats
 from unclip.datasets.synthetic import render_image, sample_spec
-from unclip.training.config import DecoderConfig, PriorConfig, TrainerConfig
+from unclip.training.config import DecoderConfig, PriorConfig
 from unclip.training.engine.trainer import TrainTask
 from unclip.training.models.decoder import DecoderTask
 from unclip.training.models.prior import PriorTask
@@ -52,34 +48,6 @@ SOURCE = "src0000000000000"
 CLIP_ID = "fakeclip00000000"
 NUM_PAIRS = 120
 HOLDOUT = 0.2
-
-TINY_CLIP = ClipConfig(
-    embed_dim=32,
-    image_size=32,
-    patch_size=8,
-    vision_width=64,
-    vision_layers=1,
-    text_width=64,
-    text_layers=1,
-    heads=2,
-    context_length=16,
-)
-
-
-def tiny_trainer(**kw: Any) -> TrainerConfig:
-    base = {
-        "num_workers": 2,
-        "zero_stage": 1,
-        "batch_size": 8,
-        "lr": 3e-2,
-        "warmup_steps": 2,
-        "max_steps": 12,
-        "checkpoint_every": 6,
-        "log_every": 2,
-        "report_every_s": 0.0,
-        "shuffle_block": 16,  # two micro-batches: several blocks an epoch
-    }
-    return TrainerConfig(**{**base, **kw})
 
 
 # --- a tiny task for the trainer ----------------------------------------------------------------

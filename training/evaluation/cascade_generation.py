@@ -1,0 +1,100 @@
+"""The cascade's images for an evaluation, drawn in Ray tasks, and the untrained decoder they are judged against."""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+
+from unclip.datasets.clip import encode_images, load_clip
+from unclip.datasets.config import ClipConfig
+from unclip.datasets.storage import StorageLayout, exists, read_json
+
+from ..config import DecoderConfig
+from ..engine.artifacts import publish_dir
+from ..models.decoder import DecoderTask
+from ..sampling import generate
+from .fid import fid_state
+
+UNTRAINED_MARKER = "untrained.json"
+
+
+def generate_chunk(
+    captions: list[str],
+    seed: int,
+    clip_cfg: ClipConfig,
+    clip_checkpoint: str | None,
+    prior_export: str,
+    decoder_export: str,
+    steps: int | None,
+    guidance: float | None,
+    cascade: dict[str, Any],
+    inception_checkpoint: str | None,
+) -> dict[str, Any]:
+    """One worker's share: images, their CLIP image features, their FID statistics."""
+    images = generate(
+        captions,
+        clip_cfg,
+        clip_checkpoint,
+        prior_export,
+        decoder_export,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        **cascade,
+    )
+    arr = np.stack([np.asarray(x.convert("RGB")) for x in images])
+    bundle = load_clip(clip_cfg, clip_checkpoint)
+    return {
+        "images": arr,
+        "clip": encode_images(bundle, images),
+        "fid": fid_state(arr, inception_checkpoint, real=False) if inception_checkpoint else None,
+    }
+
+
+def split(items: list[str], parts: int) -> list[tuple[int, list[str]]]:
+    """``(offset, chunk)`` pairs of about equal size, in order."""
+    bounds = np.linspace(0, len(items), min(parts, len(items)) + 1).round().astype(int)
+    return [(int(a), items[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def run_chunks(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run ``generate_chunk(**job)`` for every job as Ray tasks (one CPU each); results in order."""
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=1)(generate_chunk)
+    return ray.get([task.remote(**job) for job in jobs])
+
+
+def export_untrained_decoder(
+    layout: StorageLayout,
+    version: str,
+    cfg: DecoderConfig,
+    holdout_fraction: float,
+    trained_export: str,
+    target: str,
+    seed: int,
+) -> str:
+    """A freshly initialized (seeded) decoder of the trained one's config, exported for the workers.
+
+    Its embedding dimension and CLIP id are the trained export's, so it fits the same cascade.
+    """
+    if exists(f"{target}/{UNTRAINED_MARKER}"):
+        return target
+    info = read_json(f"{trained_export.rstrip('/')}/{DecoderTask.INFO_FILE}")
+    task = DecoderTask(
+        layout=layout,
+        manifest_version=version,
+        cfg=cfg,
+        holdout_fraction=holdout_fraction,
+        dim=int(info["embedding_dim"]),
+        clip_id=str(info["clip_id"]),
+    )
+    torch.manual_seed(seed)
+    model = task.build_model()
+    with tempfile.TemporaryDirectory(prefix="unclip-untrained-") as d:
+        task.export(model, d)
+        publish_dir(d, target, UNTRAINED_MARKER, {"seed": seed, "untrained": True})
+    return target
