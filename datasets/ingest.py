@@ -39,6 +39,7 @@ from .filters import prefilter
 from .image_filters import FILTERED
 from .ingest_stats import failure_warning, format_summary, summarize
 from .lease import Lease, LeaseHeld
+from .ray_runtime import ensure_started
 from .shard_child import STARTUP_S
 from .shard_task import ShardDeadlineExceeded, ShardError, download_shard, lease_wait_s
 from .shards import completed_shards
@@ -238,6 +239,7 @@ def _run_shards(
     progress: Callable[[int, int], None] | None,
 ) -> dict[int, dict[str, Any]]:
     """One Ray task per shard; failed shards (after Ray's retries) go to ``result.failed_shards``."""
+    ensure_started()
     task = _download_shard_task.options(max_retries=cfg.shard_retries)
     refs = {task.remote(layout.root, source, s, cfg): s for s in shards}
     run_stats: dict[int, dict[str, Any]] = {}
