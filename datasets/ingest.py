@@ -47,6 +47,7 @@ from .storage import StorageLayout, atomic_write, exists, read_json, write_json
 from .url_lists import read_url_list, source_id
 
 __all__ = [
+    "IngestFailed",
     "IngestResult",
     "ShardDeadlineExceeded",
     "ShardError",
@@ -78,6 +79,24 @@ class IngestResult:
     failed_shards: dict[int, str] = field(default_factory=dict)  # shard -> error, after Ray retries
     filtered: dict[str, int] = field(default_factory=dict)  # filter -> rows removed
     warnings: list[str] = field(default_factory=list)
+
+    def raise_for_failed_shards(self) -> None:
+        """Raise ``IngestFailed`` naming every shard that failed after Ray's retries.
+
+        The shards that were downloaded are committed and kept; the next run retries only these.
+        """
+        if self.failed_shards:
+            lines = [
+                f"  source {self.source_id} shard {n:05d}: {err}"
+                for n, err in self.failed_shards.items()
+            ]
+            raise IngestFailed(
+                "shards failed after Ray retries (re-run to retry them):\n" + "\n".join(lines)
+            )
+
+
+class IngestFailed(RuntimeError):
+    """Some shards could not be downloaded; the ones that were are committed and kept."""
 
 
 def shard_stats_path(layout: StorageLayout, source: str, shard: int) -> str:
@@ -222,7 +241,11 @@ def plan_source(layout: StorageLayout, url_list: str, cfg: IngestConfig) -> Sour
 
 def source_complete(layout: StorageLayout, url_list: str, cfg: IngestConfig) -> bool:
     """True when every planned shard of the list's source is committed (no download needed)."""
-    source = source_id(url_list)
+    return source_ingested(layout, source_id(url_list))
+
+
+def source_ingested(layout: StorageLayout, source: str) -> bool:
+    """True when source ``source`` has an ingest plan and every planned shard is committed."""
     if not exists(layout.ingest_plan(source)):
         return False
     plan = read_json(layout.ingest_plan(source))
