@@ -6,7 +6,8 @@ import sys
 
 from typer.testing import CliRunner
 
-from unclip.pipelines.cli import _upstream_closure, app
+from unclip.pipelines.cli import app
+from unclip.pipelines.runner import upstream_names
 
 runner = CliRunner()
 
@@ -120,8 +121,8 @@ def test_status_on_an_empty_store(tmp_path, monkeypatch):
 
 
 def test_single_stage_commands_select_their_upstream():
-    assert _upstream_closure(["image_shards"]) == ["url_lists", "image_shards"]
-    assert _upstream_closure(["prior"]) == [
+    assert upstream_names(["image_shards"]) == ["url_lists", "image_shards"]
+    assert upstream_names(["prior"]) == [
         "url_lists",
         "image_shards",
         "clip_model",
