@@ -177,56 +177,41 @@ def dataset_manifest(
 
 
 def _trained(
+    unclip: UnclipConfigResource,
     storage: StorageResource,
     model: str,
     train: Callable[..., FitResult],
-    section: Any,
     data: DatasetVersion,
-    holdout_fraction: float,
 ) -> dg.Output:
-    """Train (or resume, or skip) one model and point ``runs/{model}/latest.json`` at it."""
-    fit = train(storage.layout, data.version, section, holdout_fraction)
+    """Train (or resume, or skip) ``model`` and point ``runs/{model}/latest.json`` at it."""
+    cfg = storage.config(unclip)
+    fit = train(storage.layout, data.version, getattr(cfg, model), cfg.evaluate.holdout_fraction)
     record_latest(storage.layout, model, fit, data.version)
     return _output(fit, fit.run_name)
 
 
-@dg.asset(
-    group_name=GROUP,
-    code_version="2",
-    description="Diffusion prior trained with Ray Train + DeepSpeed (resumes; skips when done).",
-)
-def prior(
-    dataset_manifest: DatasetVersion,
-    unclip: UnclipConfigResource,
-    storage: StorageResource,
-    ray: RayResource,
-) -> dg.Output[FitResult]:
-    cfg = storage.config(unclip)
-    return _trained(
-        storage, "prior", train_prior, cfg.prior, dataset_manifest, cfg.evaluate.holdout_fraction
+def _training_asset(model: str, train: Callable[..., FitResult], what: str) -> dg.AssetsDefinition:
+    """The asset of a model trained on every dataset version (prior, decoder)."""
+
+    @dg.asset(
+        name=model,
+        group_name=GROUP,
+        code_version="2",
+        description=f"{what} trained with Ray Train + DeepSpeed (resumes; skips when done).",
     )
+    def trained(
+        dataset_manifest: DatasetVersion,
+        unclip: UnclipConfigResource,
+        storage: StorageResource,
+        ray: RayResource,
+    ) -> dg.Output[FitResult]:
+        return _trained(unclip, storage, model, train, dataset_manifest)
+
+    return trained
 
 
-@dg.asset(
-    group_name=GROUP,
-    code_version="2",
-    description="Diffusion decoder trained with Ray Train + DeepSpeed (resumes; skips when done).",
-)
-def decoder(
-    dataset_manifest: DatasetVersion,
-    unclip: UnclipConfigResource,
-    storage: StorageResource,
-    ray: RayResource,
-) -> dg.Output[FitResult]:
-    cfg = storage.config(unclip)
-    return _trained(
-        storage,
-        "decoder",
-        train_decoder,
-        cfg.decoder,
-        dataset_manifest,
-        cfg.evaluate.holdout_fraction,
-    )
+prior = _training_asset("prior", train_prior, "Diffusion prior")
+decoder = _training_asset("decoder", train_decoder, "Diffusion decoder")
 
 
 @dg.asset(
@@ -242,17 +227,9 @@ def upsampler(
     storage: StorageResource,
     ray: RayResource,
 ) -> dg.Output[Optional[FitResult]]:  # noqa: UP045 (Dagster reads the annotation)
-    cfg = storage.config(unclip)
-    if cfg.upsampler is None:
+    if storage.config(unclip).upsampler is None:
         return _output(None, "none")
-    return _trained(
-        storage,
-        "upsampler",
-        train_upsampler,
-        cfg.upsampler,
-        dataset_manifest,
-        cfg.evaluate.holdout_fraction,
-    )
+    return _trained(unclip, storage, "upsampler", train_upsampler, dataset_manifest)
 
 
 @dg.asset(
