@@ -36,17 +36,17 @@ from unclip.pipelines.values import (
     SourceList,
     scalars,
 )
-from unclip.training.cascade_run_eval import (
+from unclip.training.engine.latest_runs import record_latest
+from unclip.training.engine.trainer import FitResult
+from unclip.training.evaluation.trained_cascade import (
     CascadeEvaluation,
     TrainedCascade,
     evaluate_trained_cascade,
 )
-from unclip.training.clip_pin import EmbeddingClip, embedding_clip
-from unclip.training.decoder import train_decoder
-from unclip.training.latest_runs import record_latest
-from unclip.training.prior import train_prior
-from unclip.training.trainer import FitResult
-from unclip.training.upsampler import train_upsampler
+from unclip.training.models.clip_pin import EmbeddingClip, embedding_clip
+from unclip.training.models.decoder import train_decoder
+from unclip.training.models.prior import train_prior
+from unclip.training.models.upsampler import train_upsampler
 
 GROUP = "unclip"
 SOURCES = dg.DynamicPartitionsDefinition(name="sources")

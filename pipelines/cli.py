@@ -162,7 +162,7 @@ def run(
 
     with _session(config, set_, None) as s:
         if retrain_clip:
-            from unclip.training.clip_pin import unpin_clip
+            from unclip.training.models.clip_pin import unpin_clip
 
             if unpin_clip(StorageLayout(s.cfg.storage)):
                 console.print(

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from unclip.pipelines.config import PipelineConfig
-from unclip.training.metric_names import CASCADE_SUMMARY_NAMES
+from unclip.training.evaluation.metric_names import CASCADE_SUMMARY_NAMES
 
 console = Console()
 PRIOR_SHOWN = ("cos_pred_true", "cos_text_baseline")

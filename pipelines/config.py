@@ -26,7 +26,7 @@ from unclip.training.config import (
     PriorConfig,
     UpsamplerConfig,
 )
-from unclip.training.metric_names import CASCADE_METRIC_NAMES, PRIOR_METRIC_NAMES
+from unclip.training.evaluation.metric_names import CASCADE_METRIC_NAMES, PRIOR_METRIC_NAMES
 
 
 class RayConfig(BaseModel):

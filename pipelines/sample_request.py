@@ -15,7 +15,7 @@ from PIL import Image
 
 from unclip.datasets.storage import StorageLayout
 from unclip.pipelines.config import PipelineConfig
-from unclip.training.latest_runs import latest_export
+from unclip.training.engine.latest_runs import latest_export
 
 
 class SampleUsageError(ValueError):

@@ -13,9 +13,9 @@ from typing import Any
 
 from unclip.datasets.ingest import IngestResult
 from unclip.datasets.ingest_stats import format_summary
-from unclip.training.cascade_run_eval import CascadeEvaluation
-from unclip.training.clip_pin import EmbeddingClip
-from unclip.training.trainer import FitResult
+from unclip.training.engine.trainer import FitResult
+from unclip.training.evaluation.trained_cascade import CascadeEvaluation
+from unclip.training.models.clip_pin import EmbeddingClip
 
 
 @dataclass(frozen=True)

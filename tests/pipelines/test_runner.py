@@ -67,7 +67,7 @@ def test_retrain_clip_unpins_the_bootstrap_clip(tmp_path):
     from unclip.datasets.storage import StorageLayout
     from unclip.pipelines.cli import app
     from unclip.pipelines.config import parse_config
-    from unclip.training.clip_pin import unpin_clip
+    from unclip.training.models.clip_pin import unpin_clip
 
     cfg = parse_config({"storage": str(tmp_path / "store")})
     layout = StorageLayout(cfg.storage)

@@ -15,11 +15,11 @@ from typing import Any
 from unclip.datasets.config import ClipConfig
 from unclip.datasets.storage import StorageLayout, exists, read_json, write_json
 
+from ..config import DecoderConfig, EvaluateConfig, PriorConfig
+from ..engine.trainer import FitResult
 from .cascade_eval import METRICS_FILE, REPORT_FILE, evaluate_cascade
-from .config import DecoderConfig, EvaluateConfig, PriorConfig
-from .evaluation import PRIOR_METRICS, evaluate_prior, write_sample_grid
 from .metric_names import CASCADE_SUMMARY_NAMES, PRIOR_METRIC_NAMES
-from .trainer import FitResult
+from .prior_eval import PRIOR_METRICS, evaluate_prior, write_sample_grid
 
 UPSAMPLER_METRICS_FILE = "upsampler_metrics.json"
 

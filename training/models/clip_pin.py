@@ -18,7 +18,7 @@ from fsspec.core import url_to_fs
 from unclip.datasets.config import ClipConfig
 from unclip.datasets.storage import StorageLayout, exists, read_json, write_json
 
-from .config import BootstrapClipConfig
+from ..config import BootstrapClipConfig
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def embedding_clip(
     """
     if clip_cfg.model_name is not None:
         return EmbeddingClip(clip_id_of(clip_cfg, None), None, bootstrap=False)
-    from .clip_task import train_bootstrap_clip
+    from .bootstrap_clip import train_bootstrap_clip
 
     pin_path = layout.latest_run("clip")
     pin = read_json(pin_path) if exists(pin_path) else {}
