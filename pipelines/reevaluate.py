@@ -88,7 +88,8 @@ def _decoder(
     m: dict[str, Any],
     out_dir: str,
 ) -> dict[str, Any]:
-    from unclip.pipelines.stages import clip_checkpoint, ensure_ray, synthetic_palette
+    from unclip.datasets.synthetic import color_palette
+    from unclip.training.engine.latest_runs import latest_export
     from unclip.training.engine.trainer import EXPORT_DIRNAME, FitResult
     from unclip.training.evaluation.cascade_eval import (
         CascadeEvalOptions,
@@ -115,9 +116,9 @@ def _decoder(
             "inception_checkpoint": settings["inception_checkpoint"],
         }
     )
-    ensure_ray(cfg)
-    runs = CascadeRuns(
-        prior_fit, decoder_fit, cfg.decoder, cfg.clip, clip_checkpoint(cfg)["checkpoint"]
-    )
-    options = CascadeEvalOptions(palette=synthetic_palette(cfg), out_dir=out_dir)
+    # The candidate's data was embedded by the pinned CLIP (the clip ids were compared above).
+    clip_checkpoint = latest_export(layout, "clip") if cfg.uses_bootstrap_clip else None
+    runs = CascadeRuns(prior_fit, decoder_fit, cfg.decoder, cfg.clip, clip_checkpoint)
+    palette = color_palette(cfg.synthetic) if cfg.synthetic is not None else None
+    options = CascadeEvalOptions(palette=palette, out_dir=out_dir)
     return evaluate_cascade(layout, m["data_version"], runs, ev, options)

@@ -10,6 +10,7 @@ import torch
 
 from unclip.datasets.clip import encode_images, load_clip
 from unclip.datasets.config import ClipConfig
+from unclip.datasets.ray_runtime import ensure_started
 from unclip.datasets.storage import StorageLayout, exists, read_json
 
 from ..config import DecoderConfig
@@ -64,6 +65,7 @@ def run_chunks(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Run ``generate_chunk(**job)`` for every job as Ray tasks (one CPU each); results in order."""
     import ray
 
+    ensure_started()
     task = ray.remote(num_cpus=1, max_retries=1)(generate_chunk)
     return ray.get([task.remote(**job) for job in jobs])
 
