@@ -109,3 +109,16 @@ def test_pip_resolves_the_ui_extra_to_the_base_install(tmp_path):
     base, ui = resolve("."), resolve(".[ui]")
     assert base == ui  # same packages at the same versions: nothing to install, nothing moves
     assert base["dagster"] == base["dagster-webserver"]
+
+
+def test_every_code_folder_with_an_init_is_a_listed_package():
+    """A sub-package missing from ``[tool.setuptools] packages`` would be left out of the wheel."""
+    setuptools_cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools_cfg["packages"])
+    folders = {
+        "unclip." + ".".join(init.parent.relative_to(REPO).parts)
+        for top in CODE
+        for init in (REPO / top).rglob("__init__.py")
+    }
+    assert {"unclip.training.models", "unclip.training.engine"} <= folders
+    assert folders <= listed, f"not packaged: {sorted(folders - listed)}"

@@ -86,14 +86,7 @@ def export_untrained_decoder(
     if exists(f"{target}/{UNTRAINED_MARKER}"):
         return target
     info = read_json(f"{trained_export.rstrip('/')}/{DecoderTask.INFO_FILE}")
-    task = DecoderTask(
-        layout=layout,
-        manifest_version=version,
-        cfg=cfg,
-        holdout_fraction=holdout_fraction,
-        dim=int(info["embedding_dim"]),
-        clip_id=str(info["clip_id"]),
-    )
+    task = DecoderTask.of_embeddings(layout, version, cfg, holdout_fraction, info)
     torch.manual_seed(seed)
     model = task.build_model()
     with tempfile.TemporaryDirectory(prefix="unclip-untrained-") as d:

@@ -50,14 +50,37 @@ class ManifestDiffusionTask(TrainTask):
         from unclip.datasets import readers  # pyarrow: loaded only to read data
 
         manifest = readers.load_manifest(layout, version)
+        return cls.of_embeddings(
+            layout,
+            version,
+            cfg,
+            holdout_fraction,
+            manifest,
+            **cls.manifest_fields(layout, manifest),
+        )
+
+    @classmethod
+    def of_embeddings(
+        cls,
+        layout: StorageLayout,
+        version: str,
+        cfg: IdentitySection,
+        holdout_fraction: float,
+        embeddings: dict[str, Any],
+        **fields: Any,
+    ) -> ManifestDiffusionTask:
+        """A task for embeddings of ``embeddings["embedding_dim"]`` made by CLIP ``["clip_id"]``.
+
+        ``embeddings`` is a manifest or an export's info record: both name the two.
+        """
         return cls(
             layout=layout,
             manifest_version=version,
             cfg=cfg,
             holdout_fraction=holdout_fraction,
-            dim=int(manifest["embedding_dim"]),
-            clip_id=str(manifest["clip_id"]),
-            **cls.manifest_fields(layout, manifest),
+            dim=int(embeddings["embedding_dim"]),
+            clip_id=str(embeddings["clip_id"]),
+            **fields,
         )
 
     @classmethod
