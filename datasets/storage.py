@@ -136,6 +136,10 @@ class StorageLayout:
     def registry(self, model: str) -> str:
         return self.join("registry", f"{model}.json")
 
+    def asset_value(self, asset: str, partition: str) -> str:
+        """The JSON of one pipeline asset's value (one partition of it)."""
+        return self.join("values", asset, f"{partition}.json")
+
     # --- writer leases (lease.py) ------------------------------------------------------------
     def lease(self, *name: str) -> str:
         """The folder of the writer lease named ``name`` (e.g. ``("writer",)``, a source's shard)."""

@@ -15,15 +15,15 @@ those. Stages name their outputs by content hashes, so a re-materialized asset w
 not change still skips its work.
 """
 
+import importlib
 import warnings
-from collections.abc import Callable
 from typing import Any, Optional
 
 import dagster as dg
 from dagster import AssetExecutionContext
 from pydantic import Field
 
-from unclip.datasets import embed, ingest, manifest, synthetic
+from unclip.datasets import ingest, manifest, synthetic
 from unclip.pipelines import promotion as promotion_gate
 from unclip.pipelines import sources
 from unclip.pipelines.reevaluate import reevaluator
@@ -36,17 +36,14 @@ from unclip.pipelines.values import (
     SourceList,
     scalars,
 )
+from unclip.training.engine.fit_result import FitResult
 from unclip.training.engine.latest_runs import record_latest
-from unclip.training.engine.trainer import FitResult
 from unclip.training.evaluation.trained_cascade import (
     CascadeEvaluation,
     TrainedCascade,
     evaluate_trained_cascade,
 )
 from unclip.training.models.clip_pin import EmbeddingClip, embedding_clip
-from unclip.training.models.decoder import train_decoder
-from unclip.training.models.prior import train_prior
-from unclip.training.models.upsampler import train_upsampler
 
 GROUP = "unclip"
 SOURCES = dg.DynamicPartitionsDefinition(name="sources")
@@ -155,6 +152,8 @@ def embeddings(
     storage: StorageResource,
     ray: RayResource,
 ) -> dg.Output[EmbedSummary]:
+    from unclip.datasets import embed  # open_clip and torch load with the first embedding
+
     cfg, sid = storage.config(unclip), context.partition_key
     r = embed.embed_source(storage.layout, sid, cfg.clip, clip_model.checkpoint, cfg.embed)
     return _output(EmbedSummary(sid, r.clip_id, r.shards_written, r.shards_skipped))
@@ -176,27 +175,21 @@ def dataset_manifest(
     return _output(value, value.version)
 
 
-def _trained(
-    unclip: UnclipConfigResource,
-    storage: StorageResource,
-    model: str,
-    train: Callable[..., FitResult],
-    data: DatasetVersion,
-) -> dg.Output:
-    """Train (or resume, or skip) ``model`` and point ``runs/{model}/latest.json`` at it."""
-    cfg = storage.config(unclip)
-    fit = train(storage.layout, data.version, getattr(cfg, model), cfg.evaluate.holdout_fraction)
-    record_latest(storage.layout, model, fit, data.version)
-    return _output(fit, fit.run_name)
+def _training_asset(
+    model: str, what: str, code_version: str, deps: list[Any] | None = None
+) -> dg.AssetsDefinition:
+    """The asset of one model trained on the dataset version: ``train_{model}`` of
+    ``unclip.training.models.{model}``, imported when the asset runs (torch loads then).
 
-
-def _training_asset(model: str, train: Callable[..., FitResult], what: str) -> dg.AssetsDefinition:
-    """The asset of a model trained on every dataset version (prior, decoder)."""
+    Its value is the finished run (``FitResult``), or None when the config has no section for
+    the model (the upsampler is optional).
+    """
 
     @dg.asset(
         name=model,
         group_name=GROUP,
-        code_version="2",
+        deps=deps,
+        code_version=code_version,
         description=f"{what} trained with Ray Train + DeepSpeed (resumes; skips when done).",
     )
     def trained(
@@ -204,32 +197,31 @@ def _training_asset(model: str, train: Callable[..., FitResult], what: str) -> d
         unclip: UnclipConfigResource,
         storage: StorageResource,
         ray: RayResource,
-    ) -> dg.Output[FitResult]:
-        return _trained(unclip, storage, model, train, dataset_manifest)
+    ) -> dg.Output[Optional[FitResult]]:  # noqa: UP045 (Dagster reads the annotation)
+        cfg = storage.config(unclip)
+        section = getattr(cfg, model)
+        if section is None:
+            return _output(None, "none")
+        train = getattr(
+            importlib.import_module(f"unclip.training.models.{model}"), f"train_{model}"
+        )
+        fit = train(
+            storage.layout, dataset_manifest.version, section, cfg.evaluate.holdout_fraction
+        )
+        record_latest(storage.layout, model, fit, dataset_manifest.version)
+        return _output(fit, fit.run_name)
 
     return trained
 
 
-prior = _training_asset("prior", train_prior, "Diffusion prior")
-decoder = _training_asset("decoder", train_decoder, "Diffusion decoder")
-
-
-@dg.asset(
-    group_name=GROUP,
-    deps=[decoder],
+prior = _training_asset("prior", "Diffusion prior", code_version="2")
+decoder = _training_asset("decoder", "Diffusion decoder", code_version="2")
+upsampler = _training_asset(
+    "upsampler",
+    "Super-resolution upsampler after the decoder (a no-op without an `upsampler` section)",
     code_version="1",
-    description="Super-resolution upsampler after the decoder (a no-op without an `upsampler` "
-    "section in the config).",
+    deps=[decoder],
 )
-def upsampler(
-    dataset_manifest: DatasetVersion,
-    unclip: UnclipConfigResource,
-    storage: StorageResource,
-    ray: RayResource,
-) -> dg.Output[Optional[FitResult]]:  # noqa: UP045 (Dagster reads the annotation)
-    if storage.config(unclip).upsampler is None:
-        return _output(None, "none")
-    return _trained(unclip, storage, "upsampler", train_upsampler, dataset_manifest)
 
 
 @dg.asset(

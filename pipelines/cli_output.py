@@ -9,10 +9,9 @@ from rich.console import Console
 from rich.table import Table
 
 from unclip.pipelines.config import PipelineConfig
-from unclip.training.evaluation.metric_names import CASCADE_SUMMARY_NAMES
+from unclip.training.evaluation.metric_names import CASCADE_SUMMARY_NAMES, PRIOR_METRIC_NAMES
 
 console = Console()
-PRIOR_SHOWN = ("cos_pred_true", "cos_text_baseline")
 
 
 class StageBoard:
@@ -88,7 +87,7 @@ def print_outputs(cfg: PipelineConfig, outputs: dict[str, Any]) -> None:
     e = outputs.get("evaluation")
     if e is not None:
         t.add_row("prior metrics", e.prior_metrics_path)
-        for k in PRIOR_SHOWN:
+        for k in PRIOR_METRIC_NAMES:
             if k in e.prior_metrics:
                 t.add_row(f"  {k}", f"{e.prior_metrics[k]:.3f}")
         t.add_row("sample grid", e.sample_grid)

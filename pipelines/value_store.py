@@ -21,7 +21,7 @@ UNPARTITIONED = "_"
 
 def value_path(layout: StorageLayout, asset: str, partition: str | None) -> str:
     """Where the value of ``asset`` (one partition of it) is kept."""
-    return layout.join("values", asset, f"{partition or UNPARTITIONED}.json")
+    return layout.asset_value(asset, partition or UNPARTITIONED)
 
 
 class StoreValueIOManager(dg.ConfigurableIOManager):

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from unclip.datasets.ingest import IngestResult
 from unclip.datasets.ingest_stats import format_summary
-from unclip.training.engine.trainer import FitResult
+from unclip.training.engine.fit_result import FitResult
+
+if TYPE_CHECKING:
+    from unclip.datasets.ingest import IngestResult
 from unclip.training.evaluation.trained_cascade import CascadeEvaluation
 from unclip.training.models.clip_pin import EmbeddingClip
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from unclip.datasets.storage import StorageLayout, exists, read_json, write_json
 
-from .trainer import FitResult
+from .fit_result import FitResult
 
 
 def record_latest(

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ from unclip.datasets.storage import StorageLayout, exists, read_json
 from unclip.datasets.stream import Columns, ShardSource, check_world_change
 
 from ..config import IdentitySection, TrainerConfig
+from .fit_result import FitResult
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +76,6 @@ class TrainTask(ABC):
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Metrics of the exported model, computed once on rank 0 after training."""
         return {}
-
-
-@dataclass
-class FitResult:
-    """What a training run produced; ``skipped`` when it had finished before."""
-
-    run_name: str
-    run_dir: str
-    export_dir: str
-    metrics: dict[str, Any] = field(default_factory=dict)
-    skipped: bool = False
 
 
 def run_name_for(kind: str, *configs: Any, data_version: str, seed: int) -> str:

@@ -16,16 +16,8 @@ from unclip.datasets.config import ClipConfig
 from unclip.datasets.storage import StorageLayout, exists, read_json, write_json
 
 from ..config import DecoderConfig, EvaluateConfig, PriorConfig
-from ..engine.trainer import FitResult
-from .cascade_eval import (
-    DECODER_METRICS_FILE,
-    REPORT_FILE,
-    CascadeEvalOptions,
-    CascadeRuns,
-    evaluate_cascade,
-)
+from ..engine.fit_result import FitResult
 from .metric_names import CASCADE_SUMMARY_NAMES, PRIOR_METRIC_NAMES
-from .prior_eval import PRIOR_METRICS_FILE, evaluate_prior, write_sample_grid
 
 UPSAMPLER_METRICS_FILE = "upsampler_metrics.json"
 
@@ -79,6 +71,16 @@ def evaluate_trained_cascade(
     ``clip`` is the CLIP config and checkpoint the data was embedded with; ``palette`` (colour
     name → RGB of the synthetic shapes) enables the attribute check.
     """
+    # torch, open_clip and diffusers load here, not when the pipeline's definitions do
+    from .cascade_eval import (
+        DECODER_METRICS_FILE,
+        REPORT_FILE,
+        CascadeEvalOptions,
+        CascadeRuns,
+        evaluate_cascade,
+    )
+    from .prior_eval import PRIOR_METRICS_FILE, evaluate_prior, write_sample_grid
+
     clip_cfg, clip_checkpoint = clip
     prior_cfg, decoder_cfg, eval_cfg = configs
     prior_path = layout.join("eval", runs.prior.run_name, PRIOR_METRICS_FILE)
