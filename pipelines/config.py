@@ -100,6 +100,8 @@ CASCADE_GATE_METRICS = (
     "clip_score_real",
     "fid",
     "fid_untrained",
+    "kid",
+    "kid_untrained",
 )
 GATE_METRICS = {
     "prior": PRIOR_GATE_METRICS,

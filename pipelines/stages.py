@@ -476,6 +476,7 @@ DECODER_SUMMARY = (
     "clip_score",
     "clip_score_real",
     "fid",
+    "kid",
 )
 
 

@@ -6,6 +6,10 @@ draws ``num_eval_samples`` images, spread over ``eval_workers`` Ray tasks. Each 
 its images and their features; every Fréchet distance is computed once, on the features
 pooled from all tasks, never as an average of per-task scores. The same is done with a
 freshly initialized decoder of the same config, the baseline FD-CLIP is judged against.
+
+Every metric is written with its protocol (what features, which weights by sha256, how the
+images were resized, how many samples) under ``protocols`` in the JSON and in the report: a
+number is only comparable with another computed the same way.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from .artifacts import publish_dir
 from .config import DecoderConfig, EvaluateConfig
 from .decoder import DecoderTask
 from .eval_report import write_report
+from .inception_metrics import FidInception, inception_scores, load_fid_inception
 from .sampling import generate
 from .trainer import FitResult
 
@@ -94,64 +99,6 @@ def resize_all(images: np.ndarray, size: int) -> np.ndarray:
     )
 
 
-# --- FID (torchmetrics, optional) ------------------------------------------------------------
-
-
-class _InceptionFeatures(torch.nn.Module):
-    """torchvision Inception-v3's 2048-d pool features of uint8 images (resized to 299, ImageNet-normalized)."""
-
-    num_features = 2048
-
-    def __init__(self, checkpoint: str) -> None:
-        super().__init__()
-        import fsspec
-        from torchvision.models import inception_v3
-
-        net = inception_v3(weights=None, aux_logits=True, init_weights=False)
-        with fsspec.open(checkpoint, "rb") as f:
-            state = torch.load(f, map_location="cpu", weights_only=True)
-        net.load_state_dict(state)
-        net.fc = torch.nn.Identity()
-        self.net = net.eval()
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.nn.functional.interpolate(x.float() / 255.0, size=(299, 299), mode="bilinear")
-        return self.net((x - self.mean) / self.std)
-
-
-def fid_metric(checkpoint: str) -> Any:
-    """A torchmetrics ``FrechetInceptionDistance`` on the configured Inception weights."""
-    try:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-    except ImportError as e:
-        raise ImportError(
-            "evaluate.inception_checkpoint is set but torchmetrics is not installed: "
-            "pip install 'unclip[eval]'"
-        ) from e
-    if not exists(checkpoint):
-        raise FileNotFoundError(f"evaluate.inception_checkpoint {checkpoint} does not exist")
-    return FrechetInceptionDistance(feature=_InceptionFeatures(checkpoint))
-
-
-def fid_state(images: np.ndarray, checkpoint: str, real: bool) -> dict[str, torch.Tensor]:
-    """One worker's FID sufficient statistics (feature sum, Σxxᵀ, count): they add up exactly."""
-    metric = fid_metric(checkpoint)
-    metric.update(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), real=real)
-    return {k: v.clone() for k, v in metric.metric_state.items()}
-
-
-def pooled_fid(real: np.ndarray, states: list[dict[str, torch.Tensor]], checkpoint: str) -> float:
-    """FID of the real images against the sums of all workers' statistics (= all features at once)."""
-    metric = fid_metric(checkpoint)
-    metric.update(torch.from_numpy(real).permute(0, 3, 1, 2).contiguous(), real=True)
-    for s in states:
-        metric.merge_state(s)
-    return float(metric.compute())
-
-
 # --- generation in Ray tasks ------------------------------------------------------------------
 
 
@@ -167,7 +114,7 @@ def generate_chunk(
     cascade: dict[str, Any],
     inception_checkpoint: str | None,
 ) -> dict[str, Any]:
-    """One worker's share: images, their CLIP image features, their FID statistics."""
+    """One worker's share: images, their CLIP image features, their FID Inception features."""
     images = generate(
         captions,
         clip_cfg,
@@ -184,7 +131,9 @@ def generate_chunk(
     return {
         "images": arr,
         "clip": encode_images(bundle, images),
-        "fid": fid_state(arr, inception_checkpoint, real=False) if inception_checkpoint else None,
+        "inception": (
+            load_fid_inception(inception_checkpoint).features(arr) if inception_checkpoint else None
+        ),
     }
 
 
@@ -329,10 +278,7 @@ def evaluate_cascade(
     real_text = encode_texts(bundle, held.real_captions)
     gen_feats = np.concatenate([r["clip"] for r in trained])
 
-    fid = fid_untrained = None
-    if cfg.inception_checkpoint:
-        fid = pooled_fid(real, [r["fid"] for r in trained], cfg.inception_checkpoint)
-        fid_untrained = pooled_fid(real, [r["fid"] for r in baseline], cfg.inception_checkpoint)
+    inception = load_fid_inception(cfg.inception_checkpoint) if cfg.inception_checkpoint else None
     matches = im.attribute_matches(images, held.captions, palette) if palette else None
     metrics: dict[str, Any] = {
         "attribute_accuracy": im.attribute_accuracy(matches) if matches else None,
@@ -340,9 +286,7 @@ def evaluate_cascade(
         "fd_clip_untrained": im.pooled_fd([r["clip"] for r in baseline], real_feats),
         "clip_score": float(im.clip_scores(gen_feats, gen_text).mean()),
         "clip_score_real": float(im.clip_scores(real_feats, real_text).mean()),
-        "clip_score_formula": "mean of 100*max(cos(image, caption), 0)",
-        "fid": fid,
-        "fid_untrained": fid_untrained,
+        **inception_scores(inception, real, trained, baseline),
         "num_samples": len(images),
         "num_real": len(real),
         "image_size": size,
@@ -361,6 +305,9 @@ def evaluate_cascade(
                 np.concatenate([r["images"] for r in baseline]), held.captions, palette
             )
         )
+    metrics["protocols"] = protocols(
+        metrics, inception, clip_cfg, len(images), len(real), size, palette is not None
+    )
     metrics["goals"] = goals(metrics)
     samples = {
         "images": images,
@@ -381,6 +328,50 @@ def evaluate_cascade(
     )
     write_json(path, metrics)
     return metrics
+
+
+def protocols(
+    m: dict[str, Any],
+    inception: FidInception | None,
+    clip_cfg: ClipConfig,
+    num_generated: int,
+    num_real: int,
+    image_size: int,
+    shapes: bool,
+) -> dict[str, dict[str, Any]]:
+    """How each metric in ``m`` was computed, keyed by the metric's name."""
+    real_resize = f"real images resized to the generated {image_size}px first (PIL bicubic, uint8)"
+    counts = {"num_generated": num_generated, "num_real": num_real}
+    clip = {
+        "features": "L2-normalized CLIP image embeddings of the run's CLIP",
+        "clip_model": clip_cfg.model_name or "bootstrap (trained on the ingested pairs)",
+        "clip_pretrained": clip_cfg.pretrained,
+        "resize": f"the CLIP's own preprocessing; {real_resize}",
+        **counts,
+    }
+    out: dict[str, dict[str, Any]] = {
+        "fd_clip": {**clip, "formula": "Fréchet distance of the pooled features"},
+        "clip_score": {
+            **clip,
+            "formula": "mean of 100*max(cos(image, caption), 0) over generated images",
+        },
+        "clip_score_real": {
+            **clip,
+            "formula": "mean of 100*max(cos(image, caption), 0) over real held-out pairs",
+        },
+    }
+    out["fd_clip_untrained"] = out["fd_clip"]
+    if inception is not None:
+        fid = {**inception.protocol(num_generated, num_real), "real_images": real_resize}
+        kid = {**fid, "formula": "unbiased MMD², kernel (x·y/2048 + 1)³, whole sets up to 1000"}
+        out |= {"fid": {**fid, "formula": "Fréchet distance of the pooled features"}}
+        out |= {"fid_untrained": out["fid"], "kid": kid, "kid_untrained": kid}
+    if shapes:
+        out["attribute_accuracy"] = {
+            "formula": "fraction of single-object captions whose colour and shape the image shows",
+            "num_generated": num_generated,
+        }
+    return {k: v for k, v in out.items() if m.get(k) is not None}
 
 
 def goals(m: dict[str, Any]) -> dict[str, Any]:
