@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import dagster as dg
 import pytest
 import ray
 import s3fs
@@ -25,7 +26,8 @@ TINY_S3_RUN = {
     "prior": {"trainer": {**ONE_WORKER, "batch_size": 8}},
     "ray": {"num_cpus": 2},
 }
-DATA_AND_PRIOR = ["url_lists", "image_shards", "clip_model", "embeddings", "dataset_manifest"]
+# The prior and what it is trained from: URL lists → shards → CLIP → embeddings → manifest.
+PRIOR_AND_UPSTREAM = dg.AssetSelection.assets("prior").upstream()
 
 
 @pytest.fixture
@@ -45,7 +47,7 @@ def test_the_pipeline_runs_on_an_s3_storage_root(ray_after_the_endpoint, tmp_pat
     config = write_shrunk_config(tmp_path / "s3.yaml", root, TINY_S3_RUN)
     cfg = load_config(config)
 
-    run = run_pipeline(str(config), cfg, stages=[*DATA_AND_PRIOR, "prior"])
+    run = run_pipeline(str(config), cfg, select=PRIOR_AND_UPSTREAM)
     assert run.success, run
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True)  # a client of its own: what is really there
@@ -57,7 +59,8 @@ def test_the_pipeline_runs_on_an_s3_storage_root(ray_after_the_endpoint, tmp_pat
     assert len(embeddings) == 2, embeddings
     version = json.loads(fs.cat(f"{bucket}/manifests/latest.json"))["version"]
     manifest = json.loads(fs.cat(f"{bucket}/manifests/{version}.json"))
-    assert manifest["num_samples"] == run.outputs["dataset_manifest"]["num_samples"] > 30
+    assert manifest["num_samples"] == run.outputs["dataset_manifest"].num_samples > 30
+    assert run.outputs["dataset_manifest"].version == version
     assert fs.exists(f"{bucket}/manifests/{version}.stats.npz")
     (prior_run,) = [p for p in fs.ls(f"{bucket}/runs/prior") if fs.isdir(p)]
     assert fs.glob(f"{prior_run}/checkpoint_*"), "no Ray Train checkpoint on S3"

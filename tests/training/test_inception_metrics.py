@@ -7,8 +7,8 @@ import pytest
 import torch
 from training_helpers import write_random_fid_inception
 
-from unclip.training import image_metrics as im
-from unclip.training.inception_metrics import clean_resize, load_fid_inception
+from unclip.training.evaluation import image_metrics as im
+from unclip.training.evaluation.inception_metrics import clean_resize, load_fid_inception
 
 
 @pytest.fixture(scope="module")
