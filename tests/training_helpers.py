@@ -378,3 +378,31 @@ def make_decoder_task(
         dim=dim,
         clip_id=clip_id,
     )
+
+
+def write_random_fid_inception(path: str, seed: int = 0) -> str:
+    """Save a randomly initialised FID Inception's state dict at ``path``; return its sha256.
+
+    The keys and shapes are those of the real FID weights (torch-fidelity's network), so the
+    loading code runs unchanged without a download. Convolutions get He initialisation so the
+    2048-d features keep a usable scale through the 90-odd layers.
+    """
+    import hashlib
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class _Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, *args: Any, **kwargs: Any) -> None:
+            return None  # keep the random initialisation
+
+    empty = f"{path}.empty"
+    torch.save({}, empty)
+    torch.manual_seed(seed)
+    net = _Unloaded("inception-v3-compat", ["2048"], empty)
+    os.unlink(empty)
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    torch.save(net.state_dict(), path)
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()

@@ -323,7 +323,9 @@ class EvaluateConfig(IdentitySection):
     )
     inception_checkpoint: str | None = Field(
         None,
-        description="torchvision Inception-v3 state dict (local path or URI) for FID with "
-        "torchmetrics (the `eval` extra); None: `fid` is null.",
+        description="The FID Inception-v3 weights (torch-fidelity's "
+        "weights-inception-2015-12-05 state dict; local path or URI, never downloaded) for "
+        "FID and KID (the `eval` extra); torchvision's ImageNet Inception is refused. "
+        "None: `fid` and `kid` are null.",
         json_schema_extra=NOT_IDENTITY,
     )

@@ -6,15 +6,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import click
-import pytest
 import yaml
 from shrunk_config import REPO
 
@@ -155,74 +149,15 @@ def test_the_instance_file_is_valid_and_matches_the_config_instance_section():
     assert limits == ours["run_queue"]["tag_concurrency_limits"]
 
 
-def test_the_image_installs_the_postgres_extra():
-    dockerfile = (REPO / "cluster" / "Dockerfile").read_text()
-    assert 'pip install --no-cache-dir ".[postgres]"' in dockerfile
-    pyproject = (REPO / "pyproject.toml").read_text()
-    assert 'postgres = ["dagster-postgres' in pyproject
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def postgres():
-    """A throwaway Postgres on 127.0.0.1 (as the `postgres` user when run as root)."""
-    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
-    if not (initdb and pg_ctl):
-        pytest.skip("no Postgres server binaries (initdb, pg_ctl) on PATH")
-    as_user: list[str] = []
-    root = Path(tempfile.mkdtemp(prefix="unclip-pg-"))
-    if os.geteuid() == 0:  # Postgres refuses to run as root
-        as_user = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(root, "postgres")
-    data, port = root / "data", _free_port()
-    try:
-        subprocess.run(
-            [*as_user, initdb, "-D", str(data), "-U", "dagster", "--auth=trust"],
-            check=True,
-            capture_output=True,
-        )
-        options = f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off"
-        # The server's output goes to a log file: a pipe would stay open as long as it runs.
-        subprocess.run(
-            [*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(root / "log")]
-            + ["-w", "-t", "60", "start"],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=90,
-        )
-        subprocess.run(
-            [*as_user, "psql", "-h", "127.0.0.1", "-p", str(port), "-U", "dagster"]
-            + ["-d", "postgres", "-c", "CREATE DATABASE dagster"],
-            check=True,
-            capture_output=True,
-        )
-        yield port
-    finally:
-        subprocess.run(
-            [*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
-            check=False,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=60,
-        )
-        shutil.rmtree(root, ignore_errors=True)
-
-
 def test_the_instance_opens_on_a_real_postgres(postgres, tmp_path, monkeypatch):
-    pytest.importorskip("dagster_postgres")
     import dagster as dg
 
     doc = yaml.safe_load((DAGSTER / "dagster.yaml").read_text())
     db = doc["storage"]["postgres"]["postgres_db"]
-    db.update(hostname="127.0.0.1", port=postgres)  # the shipped file, pointed at this server
+    # the shipped file, pointed at this server
+    db.update(hostname="127.0.0.1", port=postgres.port, db_name=postgres.db_name)
     (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(doc))
-    monkeypatch.setenv(db["password"]["env"], "unused-with-trust-auth")
+    monkeypatch.setenv(db["password"]["env"], postgres.password)
     start = time.monotonic()
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"

@@ -163,3 +163,50 @@ def test_the_job_api_is_never_open_without_a_token():
         start = next(c for c in commands if "ray start" in c)
         assert start.startswith("RAY_AUTH_MODE=token ray start"), start
         assert any("~/.ray/auth_token" in c for c in commands)
+
+
+def _head_and_workers(spec: dict) -> tuple[dict[str, dict], list[dict[str, dict]]]:
+    """The env entries (name → entry) of a cluster spec's head container and of each worker's."""
+
+    def env(group: dict) -> dict[str, dict]:
+        (container,) = group["template"]["spec"]["containers"]
+        return {e["name"]: e for e in container.get("env", [])}
+
+    return env(spec["headGroupSpec"]), [env(g) for g in spec["workerGroupSpecs"]]
+
+
+def test_the_driver_on_the_head_gets_the_dagster_password_and_the_workers_do_not():
+    """`unclip run` on the head opens the Postgres instance the config names; its password comes
+    from the same Secret the Dagster services read, and stays off the worker pods."""
+    laion = load_config(REPO / "configs" / "laion.yaml")
+    password_env = laion.instance.postgres.password_env
+    instance = yaml.safe_load((CLUSTER / "dagster" / "dagster.yaml").read_text())
+    assert instance["storage"]["postgres"]["postgres_db"]["password"] == {"env": password_env}
+    for kind in sorted(KUBERAY):
+        for spec in _cluster_specs(_by_kind()[kind]):
+            head, workers = _head_and_workers(spec)
+            ref = head[password_env]["valueFrom"]["secretKeyRef"]
+            assert ref == {"name": "unclip-dagster-postgres", "key": "password"}, kind
+            assert all(password_env not in w for w in workers), kind
+    up = yaml.safe_load((CLUSTER / "ray-up-aws.yaml").read_text())
+    head = "\n".join(up["head_start_ray_commands"])
+    assert f"export {password_env}=" in head and "unclip/dagster-pg-password" in head
+    assert password_env not in "\n".join(up["worker_start_ray_commands"])
+
+
+def test_the_image_installs_the_object_storage_and_postgres_extras():
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert any(r.startswith("s3fs") for r in extras["s3"])
+    assert any(r.startswith("gcsfs") for r in extras["gcs"])
+    assert any(r.startswith("dagster-postgres") for r in extras["postgres"])
+    lines = (CLUSTER / "Dockerfile").read_text().splitlines()
+    (install,) = [ln for ln in lines if ln.startswith("RUN pip install")]
+    wanted = install.split('".[', 1)[1].split(']"', 1)[0].split(",")
+    assert {"s3", "gcs", "postgres"} <= set(wanted), install
+    # the tests that use S3 and Postgres servers run under the test extra, never skip
+    assert {"s3fs", "moto[server]", "dagster-postgres", "pgserver"} <= {
+        re.split(r"[<>=!~ ]", r, maxsplit=1)[0] for r in extras["test"]
+    }

@@ -1,4 +1,5 @@
 import dagster as dg
+import pytest
 import yaml
 from dagster._config import validate_config
 from dagster._core.instance.config import dagster_instance_config_schema
@@ -147,3 +148,32 @@ def test_module_definitions_use_unclip_storage_as_the_storage_root(tmp_path, mon
     assert resources["storage"].root == str(tmp_path / "elsewhere")
     assert resources["unclip"].load().storage == str(tmp_path / "elsewhere")
     assert resources["io_manager"].storage.root == str(tmp_path / "elsewhere")
+
+
+def test_the_instance_written_from_the_config_keeps_runs_in_a_real_postgres(
+    postgres, tmp_path, monkeypatch
+):
+    """`instance.postgres` → dagster.yaml → a Postgres instance that keeps a run across reopening;
+    the password is read from the variable the config names, and a wrong one is refused."""
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    section = {"hostname": "127.0.0.1", "port": postgres.port, "db_name": postgres.db_name}
+    cfg = load_config(_config(tmp_path, instance={"postgres": {**section, "username": "dagster"}}))
+    home = dagster_home(cfg)
+
+    @dg.asset
+    def answer() -> int:
+        return 42
+
+    monkeypatch.setenv("DAGSTER_PG_PASSWORD", postgres.password)
+    with dg.DagsterInstance.from_config(home) as instance:
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        assert dg.materialize([answer], instance=instance).success
+    with dg.DagsterInstance.from_config(home) as instance:  # a new process would see the same
+        (run,) = instance.get_runs()
+        assert run.is_success
+        assert instance.get_latest_materialization_event(dg.AssetKey("answer")) is not None
+    from dagster_postgres.utils import DagsterPostgresException
+
+    monkeypatch.setenv("DAGSTER_PG_PASSWORD", "not-the-password")
+    with pytest.raises(DagsterPostgresException, match="DB connection"):
+        dg.DagsterInstance.from_config(home).get_runs()

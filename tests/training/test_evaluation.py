@@ -26,7 +26,6 @@ from unclip.training.evaluation.cascade_eval import (
     evaluate_cascade,
 )
 from unclip.training.evaluation.cascade_generation import split
-from unclip.training.evaluation.fid import fid_state, pooled_fid
 from unclip.training.evaluation.prior_eval import (
     caption_grid,
     prior_cosines,
@@ -181,15 +180,39 @@ def test_evaluate_cascade_pools_workers_and_writes_metrics_and_report(
         evaluate_cascade(layout, embedded_store.version, runs, other, options)
 
 
-def test_evaluate_cascade_without_synthetic_palette_has_no_attribute_accuracy(
+def test_evaluate_cascade_without_synthetic_palette_has_no_attribute_accuracy_but_fid_and_kid(
     ray_local, exports, embedded_store, tmp_path
 ):
+    """Real data: no shape check; FID and KID from the configured FID Inception weights, each
+    metric with its protocol (weights sha256, resize, sample counts) in the JSON and the report."""
+    from training_helpers import write_random_fid_inception
+
+    weights = str(tmp_path / "weights-inception-2015-12-05.pt")
+    sha = write_random_fid_inception(weights)
     prior_fit, decoder_fit = _fits(exports, tmp_path, "decoder-eval-nopalette")
-    cfg = EvaluateConfig(holdout_fraction=HOLDOUT, num_eval_samples=4, eval_steps=1, eval_workers=1)
+    cfg = EvaluateConfig(
+        holdout_fraction=HOLDOUT,
+        num_eval_samples=4,
+        eval_steps=1,
+        eval_workers=1,
+        inception_checkpoint=weights,
+    )
     runs = CascadeRuns(prior_fit, decoder_fit, TINY_DECODER, TINY_CLIP, exports[0])
     m = evaluate_cascade(embedded_store.layout, embedded_store.version, runs, cfg)
     assert m["attribute_accuracy"] is None and m["goals"]["attribute_accuracy"]["met"] is None
     assert m["num_workers"] == 1 and m["num_samples"] == 4
+    for key in ("fid", "fid_untrained", "kid", "kid_untrained"):
+        assert isinstance(m[key], float) and np.isfinite(m[key]), key
+    assert m["fid"] > 0 and m["kid_std"] == 0.0  # 4 samples: KID of the whole sets
+    protocols = m["protocols"]
+    assert "attribute_accuracy" not in protocols
+    assert {"fd_clip", "clip_score", "fid", "kid"} <= set(protocols)
+    for key in ("fid", "kid"):
+        assert protocols[key]["weights_sha256"] == sha
+        assert "clean-fid" in protocols[key]["resize"]
+        assert (protocols[key]["num_generated"], protocols[key]["num_real"]) == (4, m["num_real"])
+    report = open(f"{embedded_store.layout.eval_dir(decoder_fit.run_name)}/{REPORT_FILE}").read()
+    assert "How each metric was computed" in report and sha in report
 
 
 def test_split_covers_every_caption_in_order():
@@ -198,24 +221,6 @@ def test_split_covers_every_caption_in_order():
     assert [off for off, _ in chunks] == [0, 2, 5]
     assert sum((c for _, c in chunks), []) == items
     assert len(split(items[:2], 5)) == 2
-
-
-def test_fid_from_pooled_worker_statistics_equals_fid_of_all_images(tmp_path):
-    pytest.importorskip("torchmetrics")
-    from torchvision.models import inception_v3
-
-    torch.manual_seed(0)
-    ckpt = str(tmp_path / "inception.pt")
-    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), ckpt)
-    rng = np.random.default_rng(0)
-    real = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
-    fake = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8) // 2
-    workers = [fid_state(fake[:2], ckpt, real=False), fid_state(fake[2:], ckpt, real=False)]
-    pooled = pooled_fid(real, workers, ckpt)
-    whole = pooled_fid(real, [fid_state(fake, ckpt, real=False)], ckpt)
-    assert pooled == pytest.approx(whole, rel=1e-4) and pooled > 0
-    with pytest.raises(FileNotFoundError, match="inception_checkpoint"):
-        fid_state(real, str(tmp_path / "missing.pt"), real=True)
 
 
 # --- what is evaluated: the hold-out split, never the training rows -----------------------------

@@ -20,23 +20,25 @@ def is_local(path: str) -> bool:
 
 
 def publish_dir(local_dir: str, target: str, marker_name: str, marker: dict[str, Any]) -> None:
-    """Copy ``local_dir`` to ``target`` through a temporary sibling; ``marker_name`` is written last.
+    """Copy ``local_dir`` to ``target``; ``marker_name`` is written last.
 
-    Readers treat ``target`` as complete only once the marker exists, which also covers object
-    stores where a folder cannot be renamed atomically.
+    Readers treat ``target`` as complete only once the marker exists. On a local disk the folder
+    is also renamed into place from a temporary sibling; an object store has no folder rename
+    (a "move" copies and deletes every object, and its listings may lag), so there the files
+    are uploaded in place and the marker alone commits them.
     """
     fs, path = url_to_fs(target)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     if is_local(target):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         shutil.copytree(local_dir, tmp)
         if os.path.exists(path):  # an export interrupted before its marker: replace it
             shutil.rmtree(path)
         os.rename(tmp, path)
     else:
-        fs.put(local_dir.rstrip("/") + "/", tmp, recursive=True)
-        if fs.exists(path):
+        fs.invalidate_cache(path)
+        if fs.exists(path):  # an upload interrupted before its marker: replace it
             fs.rm(path, recursive=True)
-        fs.mv(tmp, path, recursive=True)
+        fs.put(local_dir.rstrip("/") + "/", path, recursive=True)
     write_json(f"{target.rstrip('/')}/{marker_name}", marker)
 
 

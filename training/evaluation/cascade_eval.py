@@ -6,6 +6,10 @@ draws ``num_eval_samples`` images, spread over ``eval_workers`` Ray tasks. Each 
 its images and their features; every Fréchet distance is computed once, on the features
 pooled from all tasks, never as an average of per-task scores. The same is done with a
 freshly initialized decoder of the same config, the baseline FD-CLIP is judged against.
+
+Every metric is written with its protocol (what features, which weights by sha256, how the
+images were resized, how many samples) under ``protocols`` in the JSON and in the report: a
+number is only comparable with another computed the same way.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from ..config import DecoderConfig, EvaluateConfig
 from ..engine.trainer import FitResult
 from . import image_metrics as im
 from .cascade_generation import export_untrained_decoder, run_chunks, split
-from .fid import pooled_fid
+from .inception_metrics import FidInception, inception_scores, load_fid_inception
 from .report import write_report
 
 log = logging.getLogger(__name__)
@@ -242,10 +246,7 @@ def cascade_metrics(
     real_text = encode_texts(bundle, held.real_captions)
     gen_feats = np.concatenate([r["clip"] for r in trained])
 
-    fid = fid_untrained = None
-    if cfg.inception_checkpoint:
-        fid = pooled_fid(real, [r["fid"] for r in trained], cfg.inception_checkpoint)
-        fid_untrained = pooled_fid(real, [r["fid"] for r in baseline], cfg.inception_checkpoint)
+    inception = load_fid_inception(cfg.inception_checkpoint) if cfg.inception_checkpoint else None
     matches = im.attribute_matches(images, held.captions, palette) if palette else None
     metrics: dict[str, Any] = {
         "attribute_accuracy": im.attribute_accuracy(matches) if matches else None,
@@ -253,13 +254,14 @@ def cascade_metrics(
         "fd_clip_untrained": im.pooled_fd([r["clip"] for r in baseline], real_feats),
         "clip_score": float(im.clip_scores(gen_feats, gen_text).mean()),
         "clip_score_real": float(im.clip_scores(real_feats, real_text).mean()),
-        "clip_score_formula": "mean of 100*max(cos(image, caption), 0)",
-        "fid": fid,
-        "fid_untrained": fid_untrained,
+        **inception_scores(inception, real, trained, baseline),
         "num_samples": len(images),
         "num_real": len(real),
         "image_size": size,
     }
+    metrics["protocols"] = protocols(
+        metrics, inception, runs.clip_cfg, len(images), len(real), size, palette is not None
+    )
     samples = {
         "images": images,
         "captions": held.captions,
@@ -269,6 +271,50 @@ def cascade_metrics(
         "real_captions": held.real_captions,
     }
     return metrics, samples
+
+
+def protocols(
+    m: dict[str, Any],
+    inception: FidInception | None,
+    clip_cfg: ClipConfig,
+    num_generated: int,
+    num_real: int,
+    image_size: int,
+    shapes: bool,
+) -> dict[str, dict[str, Any]]:
+    """How each metric in ``m`` was computed, keyed by the metric's name."""
+    real_resize = f"real images resized to the generated {image_size}px first (PIL bicubic, uint8)"
+    counts = {"num_generated": num_generated, "num_real": num_real}
+    clip = {
+        "features": "L2-normalized CLIP image embeddings of the run's CLIP",
+        "clip_model": clip_cfg.model_name or "bootstrap (trained on the ingested pairs)",
+        "clip_pretrained": clip_cfg.pretrained,
+        "resize": f"the CLIP's own preprocessing; {real_resize}",
+        **counts,
+    }
+    out: dict[str, dict[str, Any]] = {
+        "fd_clip": {**clip, "formula": "Fréchet distance of the pooled features"},
+        "clip_score": {
+            **clip,
+            "formula": "mean of 100*max(cos(image, caption), 0) over generated images",
+        },
+        "clip_score_real": {
+            **clip,
+            "formula": "mean of 100*max(cos(image, caption), 0) over real held-out pairs",
+        },
+    }
+    out["fd_clip_untrained"] = out["fd_clip"]
+    if inception is not None:
+        fid = {**inception.protocol(num_generated, num_real), "real_images": real_resize}
+        kid = {**fid, "formula": "unbiased MMD², kernel (x·y/2048 + 1)³, whole sets up to 1000"}
+        out |= {"fid": {**fid, "formula": "Fréchet distance of the pooled features"}}
+        out |= {"fid_untrained": out["fid"], "kid": kid, "kid_untrained": kid}
+    if shapes:
+        out["attribute_accuracy"] = {
+            "formula": "fraction of single-object captions whose colour and shape the image shows",
+            "num_generated": num_generated,
+        }
+    return {k: v for k, v in out.items() if m.get(k) is not None}
 
 
 def goals(m: dict[str, Any]) -> dict[str, Any]:

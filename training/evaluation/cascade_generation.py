@@ -17,7 +17,7 @@ from ..config import DecoderConfig
 from ..engine.artifacts import publish_dir
 from ..models.decoder import DecoderTask
 from ..sampling import generate
-from .fid import fid_state
+from .inception_metrics import load_fid_inception
 
 UNTRAINED_MARKER = "untrained.json"
 
@@ -34,7 +34,7 @@ def generate_chunk(
     cascade: dict[str, Any],
     inception_checkpoint: str | None,
 ) -> dict[str, Any]:
-    """One worker's share: images, their CLIP image features, their FID statistics."""
+    """One worker's share: images, their CLIP image features, their FID Inception features."""
     images = generate(
         captions,
         clip_cfg,
@@ -51,7 +51,9 @@ def generate_chunk(
     return {
         "images": arr,
         "clip": encode_images(bundle, images),
-        "fid": fid_state(arr, inception_checkpoint, real=False) if inception_checkpoint else None,
+        "inception": (
+            load_fid_inception(inception_checkpoint).features(arr) if inception_checkpoint else None
+        ),
     }
 
 

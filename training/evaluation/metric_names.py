@@ -15,6 +15,8 @@ CASCADE_METRIC_NAMES = (
     "clip_score_real",
     "fid",
     "fid_untrained",
+    "kid",
+    "kid_untrained",
 )
 # What a run's summary shows of the cascade's metrics.
 CASCADE_SUMMARY_NAMES = (
@@ -24,4 +26,5 @@ CASCADE_SUMMARY_NAMES = (
     "clip_score",
     "clip_score_real",
     "fid",
+    "kid",
 )

@@ -108,6 +108,17 @@ def goals_table(goals: Mapping[str, Mapping[str, Any]]) -> str:
     )
 
 
+def protocols_table(protocols: Mapping[str, Mapping[str, Any]]) -> str:
+    """How each metric was computed: one row per metric, its protocol's fields in the cell."""
+    body = "".join(
+        f"<tr><th>{html.escape(metric)}</th><td>"
+        + "<br>".join(f"{html.escape(k)}: {html.escape(_fmt(v))}" for k, v in protocol.items())
+        + "</td></tr>"
+        for metric, protocol in protocols.items()
+    )
+    return f"<table><tr><th>metric</th><th>protocol</th></tr>{body}</table>"
+
+
 STYLE = """
 body{font-family:sans-serif;margin:2em;max-width:1200px}
 table{border-collapse:collapse;margin:0.5em 0 1.5em}
@@ -139,9 +150,10 @@ def write_report(
 ) -> str:
     """Write the report (atomically): decoder goals and metrics, prior metrics, grids, loss curves."""
     sections: list[tuple[str, str]] = []
-    scalars = {k: v for k, v in metrics.items() if k not in ("goals", "settings")}
+    scalars = {k: v for k, v in metrics.items() if k not in ("goals", "settings", "protocols")}
     sections.append(("Quality goals", goals_table(metrics["goals"])))
     sections.append(("Decoder / cascade metrics", table(scalars)))
+    sections.append(("How each metric was computed", protocols_table(metrics["protocols"])))
     sections.append(("Evaluation settings", table(metrics.get("settings", {}))))
     if prior_metrics:
         sections.append(("Prior metrics", table(prior_metrics)))
