@@ -65,6 +65,16 @@ class FilterConfig(Section):
     dedup_image_sha256: bool = Field(
         True, description="Drop an image whose bytes' sha256 already occurred in the shard."
     )
+    phash_max_distance: int | None = Field(
+        None,
+        ge=0,
+        le=31,
+        description="Drop an image whose 64-bit perceptual hash (pHash of the resized image) is "
+        "within this many bits of an image kept earlier in the shard or in the source's "
+        "committed earlier shards (6 catches re-encodes, resizes, small crops and colour "
+        "shifts of photos). None: no perceptual dedup (the pHash column is written anyway). "
+        "Flat synthetic shapes collide perceptually: keep it off for the demo.",
+    )
     # --- caption (before download) ---
     caption_min_chars: int = Field(1, ge=0, description="Fewest characters (stripped).")
     caption_max_chars: int | None = Field(None, ge=1, description="Most characters (stripped).")
