@@ -296,3 +296,34 @@ class ManifestConfig(Section):
         description="Keep the highest-scoring fraction of all samples of the manifest (DataComp's "
         "CLIP-score baseline keeps 0.3); ties at the cutoff are kept.",
     )
+
+
+class SemanticDedupConfig(Section):
+    """Semantic dedup on the image embeddings: k-means clusters, then cosine inside each cluster.
+
+    The first run freezes the centroids (a version); later partitions are assigned to them and
+    compared only with the kept members of their clusters. Re-clustering (``unclip curate
+    --recluster``) fits new centroids and makes a new version.
+    """
+
+    enabled: bool = Field(False, description="Run semantic dedup and honour its removal lists.")
+    similarity: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="Cosine similarity of image embeddings at or above which two samples are "
+        "duplicates; what it removes depends on the CLIP, so measure the kept fraction per CLIP.",
+    )
+    cluster_size: int = Field(
+        1000, ge=2, description="Average rows per cluster when the centroids are fitted (k = N / this)."
+    )
+    max_points_per_centroid: int = Field(
+        64, ge=8, description="Rows sampled per centroid to fit k-means (faiss subsamples to this)."
+    )
+    iterations: int = Field(20, ge=1, description="k-means iterations.")
+    seed: int = Field(0, description="Seed of k-means and of its subsample.")
+    keep: Literal["highest_clip_score", "first_seen"] = Field(
+        "highest_clip_score",
+        description="Which sample of a duplicate group is kept: the highest CLIP score, or the "
+        "first in (source, shard, row) order. Samples kept by an earlier run stay kept.",
+    )
