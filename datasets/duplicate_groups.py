@@ -19,7 +19,9 @@ import numpy as np
 _BLOCK = 1024  # rows compared at once: memory is a block × kept-so-far matrix of float32
 
 
-def fit_centroids(x: np.ndarray, k: int, iterations: int, seed: int, per_centroid: int) -> np.ndarray:
+def fit_centroids(
+    x: np.ndarray, k: int, iterations: int, seed: int, per_centroid: int
+) -> np.ndarray:
     """k unit-norm centroids of the unit rows ``x`` (float32 [N, D]), fitted on a seeded sample."""
     import faiss
 

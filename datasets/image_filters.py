@@ -227,7 +227,10 @@ def filtering_writer(
                 if found is None:
                     near_duplicates.add(h, key)
                 else:
-                    name, err = "dedup_image_phash", f"near-duplicate of {found[0]} ({found[1]} bits)"
+                    name, err = (
+                        "dedup_image_phash",
+                        f"near-duplicate of {found[0]} ({found[1]} bits)",
+                    )
             if name is not None and status == "success":
                 tally.dropped_successes += 1
                 img_str = None

@@ -64,7 +64,9 @@ def partition_name(part: Partition) -> str:
     return f"{part[0]}/{part[1]:05d}"
 
 
-def embedded_partitions(layout: StorageLayout, clip_id: str, source_ids: list[str]) -> list[Partition]:
+def embedded_partitions(
+    layout: StorageLayout, clip_id: str, source_ids: list[str]
+) -> list[Partition]:
     """Committed shards of ``source_ids`` that have embeddings of ``clip_id``, in order."""
     out = []
     for source in sorted(set(source_ids)):
@@ -152,7 +154,9 @@ def _load_bank(
             continue
         vecs.append(fixed_list_to_numpy(t.column("image_embedding"))[mask])
         cl.append(c[mask])
-        names += [f"{source}/{k}" for k, m in zip(t.column("key").to_pylist(), mask, strict=True) if m]
+        names += [
+            f"{source}/{k}" for k, m in zip(t.column("key").to_pylist(), mask, strict=True) if m
+        ]
     if not vecs:
         return None, None, []
     return np.concatenate(vecs), np.concatenate(cl).astype(np.int32), names
@@ -254,7 +258,8 @@ def _fit_version(
     return version, centroids
 
 
-def _read_centroids(layout: StorageLayout, clip_id: str, version: str) -> np.ndarray:
+def read_centroids(layout: StorageLayout, clip_id: str, version: str) -> np.ndarray:
+    """A version's frozen centroids (float32 [k, D], unit rows)."""
     path = layout.join(layout.semdedup_version(clip_id, version), "centroids.npy")
     fs, p = url_to_fs(path)
     with fs.open(p, "rb") as f:
@@ -279,10 +284,15 @@ def curate(
         with lease.hold(wait_s=LEASE_WAIT_S):
             version = current_version(layout, clip_id)
             state = read_state(layout, clip_id, version) if version else {}
-            if version is not None and state.get("config") not in (None, cfg.model_dump(mode="json")):
+            if version is not None and state.get("config") not in (
+                None,
+                cfg.model_dump(mode="json"),
+            ):
                 log.warning(
                     "semantic dedup: version %s was made with other settings %s; they stay until "
-                    "a re-cluster", version, state["config"]
+                    "a re-cluster",
+                    version,
+                    state["config"],
                 )
                 cfg = SemanticDedupConfig.model_validate(state["config"])
             if version is None or recluster:
@@ -294,9 +304,11 @@ def curate(
             else:
                 new = [p for p in parts if partition_name(p) not in state.get("partitions", {})]
                 if not new:
-                    return CurationResult(version, False, len(parts), 0, seconds=time.time() - start)
+                    return CurationResult(
+                        version, False, len(parts), 0, seconds=time.time() - start
+                    )
                 batch = _load(layout, clip_id, new)
-                centroids = _read_centroids(layout, clip_id, version)
+                centroids = read_centroids(layout, clip_id, version)
                 entries = _dedup_and_commit(layout, clip_id, version, cfg, batch, centroids, state)
                 reclustered = False
     except LeaseHeld as e:

@@ -143,6 +143,10 @@ class StorageLayout:
     def embedding_stats(self, version: str) -> str:
         return self.join("manifests", f"{version}.stats.npz")
 
+    def manifest_filter_report(self, version: str) -> str:
+        """Kept fractions by filter, per partition, of a curated manifest."""
+        return self.join("manifests", f"{version}.filters.json")
+
     def latest_manifest_pointer(self) -> str:
         """``{"version": ...}`` of the manifest assembled last."""
         return self.join("manifests", "latest.json")

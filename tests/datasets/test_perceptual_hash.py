@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from .conftest import ingest_cfg, ingest_without_ray, serve_bad
 
 from unclip.datasets.config import FilterConfig
 from unclip.datasets.perceptual_hash import (
@@ -20,6 +19,8 @@ from unclip.datasets.perceptual_hash import (
 )
 from unclip.datasets.storage import StorageLayout
 from unclip.datasets.synthetic_photos import EDITS, edited_copy, jpeg, photo
+
+from .conftest import ingest_cfg, ingest_without_ray, serve_bad
 
 DISTANCE = 10
 

@@ -53,7 +53,9 @@ def test_planted_duplicates_are_found_and_every_kept_pair_is_below_the_threshold
 def test_a_bank_of_kept_rows_is_never_removed_and_removes_its_copies():
     rng = np.random.default_rng(1)
     bank = _unit(rng.normal(size=(50, 32)))
-    x = _unit(np.concatenate([bank[:10] + 0.02 * rng.normal(size=(10, 32)), rng.normal(size=(20, 32))]))
+    x = _unit(
+        np.concatenate([bank[:10] + 0.02 * rng.normal(size=(10, 32)), rng.normal(size=(20, 32))])
+    )
     centroids = fit_centroids(np.concatenate([bank, x]), 4, 10, 0, 64)
     found = find_duplicates(
         x, assign(x, centroids), np.arange(30), 0.9, bank, assign(bank, centroids)
@@ -74,13 +76,19 @@ def _threshold_with_some_duplicates(store) -> float:
 
 
 def _cfg(store, **kw) -> SemanticDedupConfig:
-    base = {"enabled": True, "similarity": _threshold_with_some_duplicates(store), "cluster_size": 10}
+    base = {
+        "enabled": True,
+        "similarity": _threshold_with_some_duplicates(store),
+        "cluster_size": 10,
+    }
     return SemanticDedupConfig(**{**base, **kw})
 
 
 def _removals(store, version: str) -> dict[int, bytes]:
     return {
-        s: Path(store.layout.semdedup_removals(store.clip_id, version, store.source, s)).read_bytes()
+        s: Path(
+            store.layout.semdedup_removals(store.clip_id, version, store.source, s)
+        ).read_bytes()
         for s in store.shards
     }
 
@@ -91,7 +99,9 @@ def test_same_inputs_give_the_same_removal_lists(shapes_store, tmp_path):
     first = curate(store.layout, store.clip_id, [store.source], cfg)
     assert first.reclustered and first.partitions_new == 2 and first.removed_new > 0
     lists = _removals(store, first.version)
-    table = pq.read_table(store.layout.semdedup_removals(store.clip_id, first.version, store.source, 0))
+    table = pq.read_table(
+        store.layout.semdedup_removals(store.clip_id, first.version, store.source, 0)
+    )
     assert table.column_names == ["key", "duplicate_of", "similarity"]
     assert (table.column("similarity").to_numpy() >= cfg.similarity - 1e-6).all()
     other = tmp_path / "again"
@@ -101,7 +111,11 @@ def test_same_inputs_give_the_same_removal_lists(shapes_store, tmp_path):
     second = curate(StorageLayout(str(other)), store.clip_id, [store.source], cfg)
     assert second.version == first.version
     again = {
-        s: Path(StorageLayout(str(other)).semdedup_removals(store.clip_id, second.version, store.source, s)).read_bytes()
+        s: Path(
+            StorageLayout(str(other)).semdedup_removals(
+                store.clip_id, second.version, store.source, s
+            )
+        ).read_bytes()
         for s in store.shards
     }
     assert again == lists
@@ -131,14 +145,20 @@ def test_a_new_partition_is_compared_with_the_kept_members_only(shapes_store):
     kept_names = {f"{store.source}/{k}" for k in kept0.column("key").to_pylist()}
     removed1 = removal_list(layout, clip, (store.source, 1))
     keys1 = set(pq.read_table(later).column("key").to_pylist())
-    for key, of in zip(removed1.column("key").to_pylist(), removed1.column("duplicate_of").to_pylist(), strict=True):
+    for key, of in zip(
+        removed1.column("key").to_pylist(), removed1.column("duplicate_of").to_pylist(), strict=True
+    ):
         assert key in keys1
         assert of in kept_names or of.startswith(f"{store.source}/") and of.split("/")[1] in keys1
-    assert removed_keys(layout, clip) >= {f"{store.source}/{k}" for k in removed1.column("key").to_pylist()}
+    assert removed_keys(layout, clip) >= {
+        f"{store.source}/{k}" for k in removed1.column("key").to_pylist()
+    }
 
 
 def _removals_of(store, version: str, shard: int) -> bytes:
-    return Path(store.layout.semdedup_removals(store.clip_id, version, store.source, shard)).read_bytes()
+    return Path(
+        store.layout.semdedup_removals(store.clip_id, version, store.source, shard)
+    ).read_bytes()
 
 
 _RECLUSTER_SLOWLY = """
@@ -167,7 +187,15 @@ def test_a_recluster_killed_mid_stage_leaves_the_version_in_use_intact(shapes_st
     state = read_state(layout, clip, first.version)
     other = _cfg(store, cluster_size=5, seed=7)  # new centroids: a new version
     proc = subprocess.Popen(
-        [sys.executable, "-c", _RECLUSTER_SLOWLY, layout.root, clip, store.source, other.model_dump_json()],
+        [
+            sys.executable,
+            "-c",
+            _RECLUSTER_SLOWLY,
+            layout.root,
+            clip,
+            store.source,
+            other.model_dump_json(),
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
