@@ -279,10 +279,10 @@ class SemanticDedupConfig(Section):
 
     The first run freezes the centroids (a version); later partitions are assigned to them and
     compared only with the kept members of their clusters. Re-clustering (``unclip curate
-    --recluster``) fits new centroids and makes a new version.
+    --recluster``) fits new centroids and makes a new version. ``manifest.semantic_dedup``
+    turns the stage on.
     """
 
-    enabled: bool = Field(False, description="Run semantic dedup and honour its removal lists.")
     similarity: float = Field(
         0.95,
         gt=0,
@@ -403,8 +403,8 @@ class ManifestConfig(Section):
     )
     semantic_dedup: bool = Field(
         False,
-        description="Leave out the rows of semantic dedup's removal lists; shards not curated "
-        "yet are left out of the manifest (the curate stage runs first).",
+        description="Run the curate stage (semantic dedup, settings in `semantic_dedup`) and "
+        "leave out the rows of its removal lists; shards not curated yet are left out.",
     )
 
     @model_validator(mode="after")

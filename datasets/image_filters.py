@@ -181,6 +181,12 @@ class ShardTally:
     dropped_successes: int = 0
 
 
+def _with_phash(schema: pa.Schema) -> pa.Schema:
+    if PHASH_COLUMN in schema.names:
+        return schema
+    return schema.append(pa.field(PHASH_COLUMN, pa.string()))
+
+
 def filtering_writer(
     base: type,
     tally: ShardTally,
@@ -197,13 +203,10 @@ def filtering_writer(
     class FilteringWriter(base):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             args = list(args)
-            schema = args[_SCHEMA_ARG] if len(args) > _SCHEMA_ARG else kwargs["schema"]
-            if PHASH_COLUMN not in schema.names:
-                schema = schema.append(pa.field(PHASH_COLUMN, pa.string()))
-            if len(args) > _SCHEMA_ARG:
-                args[_SCHEMA_ARG] = schema
-            else:
-                kwargs["schema"] = schema
+            if len(args) > _SCHEMA_ARG:  # the Parquet gets a phash column
+                args[_SCHEMA_ARG] = _with_phash(args[_SCHEMA_ARG])
+            elif "schema" in kwargs:
+                kwargs["schema"] = _with_phash(kwargs["schema"])
             super().__init__(*args, **kwargs)
             self._seen: dict[str, str] = {}
 

@@ -40,7 +40,7 @@ def _dedup(store) -> set[str]:
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
     sims = (x @ x.T)[np.triu_indices(len(x), 1)]
     cfg = SemanticDedupConfig(
-        enabled=True, similarity=float(np.quantile(sims, 0.97)), cluster_size=10
+        similarity=float(np.quantile(sims, 0.97)), cluster_size=10
     )
     curate(store.layout, store.clip_id, [store.source], cfg)
     removed = removed_keys(store.layout, store.clip_id)
@@ -89,7 +89,7 @@ def test_a_changed_removal_list_changes_the_dataset_version(shapes_store):
     data = held.read_bytes()
     held.unlink()
     _, x, _ = _embeddings_of(store, [0])
-    cfg = SemanticDedupConfig(enabled=True, similarity=0.999999, cluster_size=10)
+    cfg = SemanticDedupConfig(similarity=0.999999, cluster_size=10)
     curate(layout, store.clip_id, [store.source], cfg)
     before = assemble_manifest(
         layout, store.clip_id, [store.source], ManifestConfig(semantic_dedup=True)
