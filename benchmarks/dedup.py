@@ -150,9 +150,7 @@ def semantic(args: argparse.Namespace, root: str) -> dict:
                 shard * args.partition_rows,
             )
         )
-    cfg = SemanticDedupConfig(
-        similarity=args.similarity, cluster_size=args.cluster_size
-    )
+    cfg = SemanticDedupConfig(similarity=args.similarity, cluster_size=args.cluster_size)
     first = curate(layout, CLIP_ID, [SOURCE], cfg)
     extra = max(1, n_parts // 10)
     for shard in range(n_parts, n_parts + extra):

@@ -71,8 +71,8 @@ class FilterConfig(Section):
         le=31,
         description="Drop an image whose 64-bit perceptual hash (pHash of the resized image) is "
         "within this many bits of an image kept earlier in the shard or in the source's "
-        "committed earlier shards (6 catches re-encodes, resizes, small crops and colour "
-        "shifts of photos). None: no perceptual dedup (the pHash column is written anyway). "
+        "committed earlier shards (10 catches re-encodes, resizes, colour shifts and most "
+        "1-4 px crops of photos, see benchmarks/dedup.py). None: no perceptual dedup (the pHash column is written anyway). "
         "Flat synthetic shapes collide perceptually: keep it off for the demo.",
     )
     # --- caption (before download) ---
@@ -304,6 +304,12 @@ class SemanticDedupConfig(Section):
         "highest_clip_score",
         description="Which sample of a duplicate group is kept: the highest CLIP score, or the "
         "first in (source, shard, row) order. Samples kept by an earlier run stay kept.",
+    )
+    recluster: bool = Field(
+        False,
+        description="Fit new centroids over every partition (a new version) instead of adding to "
+        "the frozen ones; `unclip curate --recluster` sets it for one run (left on in a file, "
+        "every run re-fits).",
     )
 
 

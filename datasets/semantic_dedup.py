@@ -134,9 +134,14 @@ def _priority(batch: _Batch, keep: str) -> np.ndarray:
     return rank
 
 
+def _settings(cfg: SemanticDedupConfig) -> dict:
+    """What a version's removal lists depend on (not whether this run re-fits)."""
+    return cfg.model_dump(mode="json", exclude={"recluster"})
+
+
 def _version_name(centroids: np.ndarray, cfg: SemanticDedupConfig) -> str:
     h = hashlib.sha256(np.ascontiguousarray(centroids).tobytes())
-    h.update(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())
+    h.update(json.dumps(_settings(cfg), sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
@@ -236,7 +241,7 @@ def _dedup_and_commit(
     partitions = {**state.get("partitions", {}), **entries}
     new_state = {
         "version": version,
-        "config": cfg.model_dump(mode="json"),
+        "config": _settings(cfg),
         "clusters": int(len(centroids)),
         "fitted_on": state.get("fitted_on", sorted(entries)),
         "partitions": partitions,

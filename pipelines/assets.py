@@ -20,6 +20,7 @@ from dagster import AssetExecutionContext
 
 from unclip.pipelines import promotion as promotion_mod
 from unclip.pipelines import stages
+from unclip.pipelines.curation_assets import curated_embeddings
 from unclip.pipelines.reevaluate import reevaluator
 from unclip.pipelines.resources import UnclipConfigResource
 
@@ -89,9 +90,10 @@ def embeddings(context: AssetExecutionContext, unclip: UnclipConfigResource) -> 
 
 @dg.asset(
     group_name=GROUP,
-    deps=[embeddings, clip_model],
-    code_version="2",
-    description="Dataset manifest over every source (version = content hash) and statistics.",
+    deps=[embeddings, clip_model, curated_embeddings],
+    code_version="3",
+    description="Dataset manifest over every source (version = content hash), filter recipe "
+    "and semantic dedup applied, and statistics.",
 )
 def dataset_manifest(unclip: UnclipConfigResource) -> dg.Output:
     cfg = unclip.load()
@@ -171,12 +173,21 @@ def promotion(context: AssetExecutionContext, unclip: UnclipConfigResource) -> d
 
 SOURCE_ASSETS = [url_lists, image_shards, embeddings]
 INGEST_ASSETS = [url_lists, image_shards]
-TRAIN_ASSETS = [dataset_manifest, prior, decoder, upsampler, evaluation, promotion]
+TRAIN_ASSETS = [
+    curated_embeddings,
+    dataset_manifest,
+    prior,
+    decoder,
+    upsampler,
+    evaluation,
+    promotion,
+]
 ALL_ASSETS = [
     url_lists,
     image_shards,
     clip_model,
     embeddings,
+    curated_embeddings,
     dataset_manifest,
     prior,
     decoder,

@@ -270,6 +270,27 @@ def _print_ingest_summaries(result: dict[str, Any]) -> None:
 
 
 @app.command()
+def curate(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    recluster: Annotated[
+        bool,
+        typer.Option(
+            "--recluster",
+            help="Fit new semantic-dedup centroids over every shard: a new version of the "
+            "removal lists (the version in use stays until this run commits).",
+        ),
+    ] = False,
+) -> None:
+    """Run semantic dedup on the embeddings (new shards only, unless --recluster)."""
+    sets = [*(set_ or []), "manifest.semantic_dedup=true"]
+    if recluster:
+        sets.append("semantic_dedup.recluster=true")
+    out = _materialize(config, sets, ["curated_embeddings"])
+    _print_outputs(out["cfg"], out["run"].outputs)
+
+
+@app.command()
 def embed(config: ConfigArg, set_: SetOpt = None) -> None:
     """Embed every image shard that has no embeddings yet (trains the bootstrap CLIP if needed)."""
     out = _materialize(config, set_, ["dataset_manifest"])
@@ -470,6 +491,7 @@ def _slug(text: str) -> str:
 def status(config: ConfigArg, set_: SetOpt = None) -> None:
     """Print the latest dataset version, sources, trained runs, promoted checkpoints and recent runs."""
     from unclip.datasets.manifest import latest_manifest
+    from unclip.datasets.recipes import format_kept_table
     from unclip.datasets.storage import exists, read_json
     from unclip.pipelines import promotion
     from unclip.pipelines.runner import instance_for
@@ -487,6 +509,9 @@ def status(config: ConfigArg, set_: SetOpt = None) -> None:
         if m
         else "[dim]none[/dim]",
     )
+    if m and exists(layout.manifest_filter_report(m["version"])):
+        fractions = read_json(layout.manifest_filter_report(m["version"]))["partitions"]
+        t.add_row("kept by filter", format_kept_table(fractions))
     known = source_lists(cfg) if exists(layout.root) else {}
     ingested = sum(exists(layout.ingest_plan(s)) for s in known)
     t.add_row("sources", f"{len(known)} registered, {ingested} ingested")

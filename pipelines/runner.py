@@ -36,7 +36,18 @@ PHASES: list[tuple[list[str], bool]] = [
     (["url_lists", "image_shards"], True),
     (["clip_model"], False),
     (["embeddings"], True),
-    (["dataset_manifest", "prior", "decoder", "upsampler", "evaluation", "promotion"], False),
+    (
+        [
+            "curated_embeddings",
+            "dataset_manifest",
+            "prior",
+            "decoder",
+            "upsampler",
+            "evaluation",
+            "promotion",
+        ],
+        False,
+    ),
 ]
 
 

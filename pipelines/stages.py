@@ -20,6 +20,7 @@ from unclip.datasets import ingest as ingest_mod
 from unclip.datasets import manifest as manifest_mod
 from unclip.datasets import synthetic, url_lists
 from unclip.datasets.ingest_stats import format_summary
+from unclip.datasets.recipes import format_kept_table
 from unclip.datasets.shards import completed_shards
 from unclip.datasets.storage import StorageLayout, exists, read_json, write_json
 from unclip.pipelines import sources as sources_mod
@@ -299,13 +300,18 @@ def current_version(cfg: PipelineConfig) -> str:
 
 
 def assemble(cfg: PipelineConfig, clip_id: str) -> dict[str, Any]:
-    m = manifest_mod.assemble_manifest(layout_of(cfg), clip_id, source_ids(cfg), cfg=cfg.manifest)
-    return {
+    layout = layout_of(cfg)
+    m = manifest_mod.assemble_manifest(layout, clip_id, source_ids(cfg), cfg=cfg.manifest)
+    out = {
         "version": m["version"],
         "num_samples": m["num_samples"],
         "num_shards": len(m["shards"]),
         "embedding_dim": m["embedding_dim"],
     }
+    report = layout.manifest_filter_report(m["version"])
+    if exists(report):  # kept fractions by filter, shown in the UI as text
+        out["kept_by_filter"] = format_kept_table(read_json(report)["partitions"])
+    return out
 
 
 # --- training and evaluation ----------------------------------------------------------------

@@ -39,9 +39,7 @@ def _dedup(store) -> set[str]:
     _, x, _ = _embeddings(store)
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
     sims = (x @ x.T)[np.triu_indices(len(x), 1)]
-    cfg = SemanticDedupConfig(
-        similarity=float(np.quantile(sims, 0.97)), cluster_size=10
-    )
+    cfg = SemanticDedupConfig(similarity=float(np.quantile(sims, 0.97)), cluster_size=10)
     curate(store.layout, store.clip_id, [store.source], cfg)
     removed = removed_keys(store.layout, store.clip_id)
     assert 0 < len(removed) < 40
