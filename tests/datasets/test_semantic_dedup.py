@@ -77,7 +77,6 @@ def _threshold_with_some_duplicates(store) -> float:
 
 def _cfg(store, **kw) -> SemanticDedupConfig:
     base = {
-        "enabled": True,
         "similarity": _threshold_with_some_duplicates(store),
         "cluster_size": 10,
     }
@@ -150,9 +149,25 @@ def test_a_new_partition_is_compared_with_the_kept_members_only(shapes_store):
     ):
         assert key in keys1
         assert of in kept_names or of.startswith(f"{store.source}/") and of.split("/")[1] in keys1
+    # no kept row of the new partition is a duplicate of a kept member of its cluster
+    kept1 = pq.read_table(layout.semdedup_kept(clip, first.version, store.source, 1))
+    x0, x1 = _rows_of(store, 0, kept0), _rows_of(store, 1, kept1)  # as curate read them
+    c0, c1 = kept0.column("cluster").to_numpy(), kept1.column("cluster").to_numpy()
+    sims = x1 @ x0.T
+    same = c1[:, None] == c0[None, :]
+    assert same.any() and not (sims[same] >= cfg.similarity).any()
+    assert any(of in kept_names for of in removed1.column("duplicate_of").to_pylist())
     assert removed_keys(layout, clip) >= {
         f"{store.source}/{k}" for k in removed1.column("key").to_pylist()
     }
+
+
+def _rows_of(store, shard: int, kept) -> np.ndarray:
+    """The unit image embeddings of ``kept``'s keys, from the shard's embedding file."""
+    t = pq.read_table(store.layout.embedding_shard(store.clip_id, store.source, shard))
+    row = {k: i for i, k in enumerate(t.column("key").to_pylist())}
+    x = _unit(fixed_list_to_numpy(t.column("image_embedding")))
+    return x[[row[k] for k in kept.column("key").to_pylist()]]
 
 
 def _removals_of(store, version: str, shard: int) -> bytes:
