@@ -289,10 +289,7 @@ def curate(
         with lease.hold(wait_s=LEASE_WAIT_S):
             version = current_version(layout, clip_id)
             state = read_state(layout, clip_id, version) if version else {}
-            if version is not None and state.get("config") not in (
-                None,
-                cfg.model_dump(mode="json"),
-            ):
+            if not recluster and state.get("config") not in (None, _settings(cfg)):
                 log.warning(
                     "semantic dedup: version %s was made with other settings %s; they stay until "
                     "a re-cluster",

@@ -219,6 +219,8 @@ def test_a_recluster_killed_mid_stage_leaves_the_version_in_use_intact(shapes_st
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+    started = {p.name for p in Path(layout.semdedup_dir(clip)).iterdir() if p.is_dir()}
+    assert len(started - {first.version}) == 1  # the new version was under way
     assert current_version(layout, clip) == first.version
     assert _removals(store, first.version) == lists
     assert read_state(layout, clip, first.version) == state
