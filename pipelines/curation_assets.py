@@ -1,49 +1,43 @@
 """The curate asset: semantic dedup between the embeddings and the manifest.
 
-Wiring only: it calls ``unclip.datasets.semantic_dedup.curate`` with the pipeline's
-``semantic_dedup`` section when ``manifest.semantic_dedup`` is on, and shows what the run did
-(version, partitions and rows new, rows removed) as asset metadata. ``unclip curate
---recluster`` runs it with ``semantic_dedup.recluster`` set, which fits new centroids.
+Wiring only: with ``manifest.semantic_dedup`` on it calls ``unclip.datasets.semantic_dedup.curate``
+with the pipeline's ``semantic_dedup`` section and returns what the run did (version, partitions
+and rows new, rows removed); otherwise it returns None. ``unclip curate --recluster`` runs it with
+``semantic_dedup.recluster`` set, which fits new centroids into a new version.
 """
 
-from __future__ import annotations
+from typing import Optional
 
 import dagster as dg
 
 from unclip.datasets import semantic_dedup
-from unclip.pipelines import stages
-from unclip.pipelines.resources import UnclipConfigResource
+from unclip.datasets.semantic_dedup import CurationResult
+from unclip.pipelines import sources
+from unclip.pipelines.resources import StorageResource, UnclipConfigResource
+from unclip.pipelines.values import scalars
+from unclip.training.models.clip_pin import EmbeddingClip
 
 GROUP = "unclip"
 
 
 @dg.asset(
     group_name=GROUP,
-    deps=[dg.AssetKey("embeddings"), dg.AssetKey("clip_model")],
+    deps=[dg.AssetKey("embeddings")],
     code_version="1",
     description="Semantic dedup of the image embeddings against frozen k-means centroids: "
     "removal lists per shard under curation/ (a no-op unless manifest.semantic_dedup).",
 )
-def curated_embeddings(unclip: UnclipConfigResource) -> dg.Output:
-    cfg = unclip.load()
+def curated_embeddings(
+    clip_model: EmbeddingClip, unclip: UnclipConfigResource, storage: StorageResource
+) -> dg.Output[Optional[CurationResult]]:  # noqa: UP045 (Dagster reads the annotation)
+    cfg = storage.config(unclip)
     if not cfg.manifest.semantic_dedup:
-        return dg.Output({"semantic_dedup": False}, metadata={"semantic_dedup": False})
-    clip_id = stages.clip_checkpoint(cfg)["clip_id"]
+        return dg.Output(None, metadata={"semantic_dedup": False})
     result = semantic_dedup.curate(
-        stages.layout_of(cfg),
-        clip_id,
-        stages.source_ids(cfg),
+        storage.layout,
+        clip_model.clip_id,
+        list(sources.source_lists(cfg)),
         cfg.semantic_dedup,
         recluster=cfg.semantic_dedup.recluster,
     )
-    value = {
-        "semantic_dedup": True,
-        "version": result.version,
-        "reclustered": result.reclustered,
-        "partitions_total": result.partitions_total,
-        "partitions_new": result.partitions_new,
-        "rows_new": result.rows_new,
-        "removed_new": result.removed_new,
-        "seconds": round(result.seconds, 2),
-    }
-    return dg.Output(value, metadata=value, data_version=dg.DataVersion(result.version))
+    return dg.Output(result, metadata=scalars(result), data_version=dg.DataVersion(result.version))
