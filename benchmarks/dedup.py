@@ -137,35 +137,17 @@ def semantic(args: argparse.Namespace, root: str) -> dict:
     pool: list[np.ndarray] = []
     planted: set[str] = set()
     n_parts = max(1, args.rows // args.partition_rows)
-    for shard in range(n_parts):
-        planted |= set(
-            _write(
-                layout,
-                rng,
-                centres,
-                shard,
-                args.partition_rows,
-                pool,
-                args,
-                shard * args.partition_rows,
-            )
-        )
+
+    def add_partitions(shards: range) -> None:
+        for shard in shards:
+            rows = args.partition_rows
+            planted.update(_write(layout, rng, centres, shard, rows, pool, args, shard * rows))
+
+    add_partitions(range(n_parts))
     cfg = SemanticDedupConfig(similarity=args.similarity, cluster_size=args.cluster_size)
     first = curate(layout, CLIP_ID, [SOURCE], cfg)
     extra = max(1, n_parts // 10)
-    for shard in range(n_parts, n_parts + extra):
-        planted |= set(
-            _write(
-                layout,
-                rng,
-                centres,
-                shard,
-                args.partition_rows,
-                pool,
-                args,
-                shard * args.partition_rows,
-            )
-        )
+    add_partitions(range(n_parts, n_parts + extra))
     inc = curate(layout, CLIP_ID, [SOURCE], cfg)
     removed_inc = removed_keys(layout, CLIP_ID)
     full = curate(layout, CLIP_ID, [SOURCE], cfg, recluster=True)

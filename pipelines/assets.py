@@ -301,16 +301,4 @@ TRAIN_ASSETS = [
     evaluation,
     promotion,
 ]
-ALL_ASSETS = [
-    url_lists,
-    image_shards,
-    clip_model,
-    embeddings,
-    curated_embeddings,
-    dataset_manifest,
-    prior,
-    decoder,
-    upsampler,
-    evaluation,
-    promotion,
-]
+ALL_ASSETS = [url_lists, image_shards, clip_model, embeddings, *TRAIN_ASSETS]
