@@ -144,7 +144,10 @@ def semantic(args: argparse.Namespace, root: str) -> dict:
             planted.update(_write(layout, rng, centres, shard, rows, pool, args, shard * rows))
 
     add_partitions(range(n_parts))
-    cfg = SemanticDedupConfig(similarity=args.similarity, cluster_size=args.cluster_size)
+    # first_seen: the planted copy comes after its original, so recall counts the copies
+    cfg = SemanticDedupConfig(
+        similarity=args.similarity, cluster_size=args.cluster_size, keep="first_seen"
+    )
     first = curate(layout, CLIP_ID, [SOURCE], cfg)
     extra = max(1, n_parts // 10)
     add_partitions(range(n_parts, n_parts + extra))
