@@ -209,7 +209,8 @@ def _write_partitions(
             }
         )
         with atomic_write(layout.semdedup_kept(clip_id, version, source, shard)) as f:
-            pq.write_table(kept_table, f)
+            # plain and uncompressed: later runs read every kept vector, so read speed is what counts
+            pq.write_table(kept_table, f, compression="none", use_dictionary=False)
         entries[partition_name((source, shard))] = {
             "rows": int(hi - lo),
             "removed": len(removed),
