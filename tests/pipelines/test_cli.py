@@ -15,6 +15,7 @@ runner = CliRunner()
 COMMANDS = [
     "run",
     "ingest",
+    "curate",
     "embed",
     "train",
     "evaluate",
@@ -27,6 +28,7 @@ COMMANDS = [
 CONFIG_COMMANDS = [
     ["run"],
     ["ingest"],
+    ["curate"],
     ["embed"],
     ["train", "prior"],
     ["train", "decoder"],
@@ -127,9 +129,11 @@ def test_single_stage_commands_select_their_upstream():
         "image_shards",
         "clip_model",
         "embeddings",
+        "curated_embeddings",
         "dataset_manifest",
         "prior",
     ]
+    assert upstream_names(["curated_embeddings"])[-1] == "curated_embeddings"
 
 
 # --- unclip sample ---------------------------------------------------------------------------
