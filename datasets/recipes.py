@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .config import FilterRecipe, ScoreFilter
+from .curation_config import FilterRecipe, ScoreFilter
 
 SEMANTIC_DEDUP = "semantic_dedup"
 KEPT = "kept"

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from .config import SemanticDedupConfig
+from .curation_config import SemanticDedupConfig
 from .duplicate_groups import assign, find_duplicates, fit_centroids
 from .embedding_file import fixed_list, fixed_list_to_numpy
 from .lease import Lease, LeaseHeld
