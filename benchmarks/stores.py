@@ -45,9 +45,19 @@ def _jpeg(rng: np.random.Generator, size: int) -> bytes:
     return buf.getvalue()
 
 
-def _write_shard(
-    layout: StorageLayout, shard: int, keys: list[str], dim: int, image_size: int, seed: int
+def write_shard(
+    layout: StorageLayout,
+    shard: int,
+    keys: list[str],
+    dim: int,
+    image_size: int,
+    seed: int,
+    embeddings: np.ndarray | None = None,
+    source: str = SOURCE,
+    clip_id: str = CLIP_ID,
 ) -> None:
+    """Commit one shard as ingest and embed would; ``embeddings`` [2, n, D] (image, text) unit
+    rows, or random ones from ``seed`` when None."""
     rng = np.random.default_rng([seed, shard])
     captions = [f"shape {k}" for k in keys]
     tar = io.BytesIO()
@@ -62,8 +72,11 @@ def _write_shard(
                 info.size = len(data)
                 t.addfile(info, io.BytesIO(data))
     rows = pa.table({"key": keys, "caption": captions, "status": ["success"] * len(keys)})
-    emb = rng.normal(size=(2, len(keys), dim)).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=2, keepdims=True)
+    if embeddings is None:
+        emb = rng.normal(size=(2, len(keys), dim)).astype(np.float32)
+        emb /= np.linalg.norm(emb, axis=2, keepdims=True)
+    else:
+        emb = embeddings
     table = pa.table(
         {
             "key": pa.array(keys, pa.string()),
@@ -73,13 +86,13 @@ def _write_shard(
             "text_embedding": fixed_list(emb[1]),
             "clip_score": pa.array((emb[0] * emb[1]).sum(1), pa.float32()),
         }
-    ).replace_schema_metadata(file_metadata(CLIP_ID, dim, {"benchmark": True}, SOURCE, shard))
+    ).replace_schema_metadata(file_metadata(clip_id, dim, {"benchmark": True}, source, shard))
     parquet = io.BytesIO()
     pq.write_table(rows, parquet)
-    with atomic_write(layout.embedding_shard(CLIP_ID, SOURCE, shard)) as f:
+    with atomic_write(layout.embedding_shard(clip_id, source, shard)) as f:
         write_embedding_table(table, f)
     stats = {"count": len(keys), "successes": len(keys), "status_dict": {"success": len(keys)}}
-    write_shard_unit(layout, SOURCE, shard, tar.getvalue(), parquet.getvalue(), stats)
+    write_shard_unit(layout, source, shard, tar.getvalue(), parquet.getvalue(), stats)
 
 
 def write_store(
@@ -93,7 +106,7 @@ def write_store(
     if not (done.exists() and json.loads(done.read_text()).get("params") == want):
         for shard, lo in enumerate(range(0, n, shard_size)):
             keys = [f"{i:09d}" for i in range(lo, min(n, lo + shard_size))]
-            _write_shard(layout, shard, keys, dim, image_size, seed)
+            write_shard(layout, shard, keys, dim, image_size, seed)
         manifest = assemble_manifest(layout, CLIP_ID, [SOURCE])
         done.write_text(json.dumps({"params": want, "version": manifest["version"]}))
     return assemble_manifest(layout, CLIP_ID, [SOURCE])

@@ -5,13 +5,29 @@ from __future__ import annotations
 import ipaddress
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from .config_base import ConfigSection
+from .curation_config import (
+    FilterRecipe,
+    ManifestConfig,
+    ScoreFilter,
+    SemanticDedupConfig,
+)
 
-class ConfigSection(BaseModel):
-    """Base for every config section: unknown keys are an error, not a silent default."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+__all__ = [
+    "ClipConfig",
+    "EmbedConfig",
+    "FilterConfig",
+    "FilterRecipe",
+    "IngestConfig",
+    "ManifestConfig",
+    "MetadataRule",
+    "ScoreFilter",
+    "ConfigSection",
+    "SemanticDedupConfig",
+    "SyntheticConfig",
+]
 
 
 class SyntheticConfig(ConfigSection):
@@ -64,6 +80,16 @@ class FilterConfig(ConfigSection):
     )
     dedup_image_sha256: bool = Field(
         True, description="Drop an image whose bytes' sha256 already occurred in the shard."
+    )
+    phash_max_distance: int | None = Field(
+        None,
+        ge=0,
+        le=31,
+        description="Drop an image whose 64-bit perceptual hash (pHash of the resized image) is "
+        "within this many bits of an image kept earlier in the shard or in the source's "
+        "committed earlier shards (10 catches re-encodes, resizes, colour shifts and most "
+        "1-4 px crops of photos, see benchmarks/dedup.py). None: no perceptual dedup (the pHash column is written anyway). "
+        "Flat synthetic shapes collide perceptually: keep it off for the demo.",
     )
     # --- caption (before download) ---
     caption_min_chars: int = Field(1, ge=0, description="Fewest characters (stripped).")
@@ -262,27 +288,3 @@ class EmbedConfig(ConfigSection):
     def fused(self) -> bool:
         """Whether decode and encode run in the same tasks."""
         return self.pipeline == "fused" or (self.pipeline == "auto" and self.device == "cpu")
-
-
-class ManifestConfig(ConfigSection):
-    """Assembling the dataset manifest: which embedded samples it serves (all by default).
-
-    The CLIP-score filter of LAION (a threshold) and DataComp (a top fraction) shapes the
-    manifest only: shards are never rewritten or deleted, and changing the filter back gives
-    back the earlier version.
-    """
-
-    clip_score_min: float | None = Field(
-        None,
-        ge=-1,
-        le=1,
-        description="Keep samples whose clip_score (cosine of image and caption) is >= this "
-        "(LAION-400M used 0.3 with ViT-B/32).",
-    )
-    clip_score_top_fraction: float | None = Field(
-        None,
-        gt=0,
-        le=1,
-        description="Keep the highest-scoring fraction of all samples of the manifest (DataComp's "
-        "CLIP-score baseline keeps 0.3); ties at the cutoff are kept.",
-    )

@@ -26,9 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from .config import FilterConfig
+from .perceptual_hash import PHASH_COLUMN, NearDuplicateIndex, phash_hex
 
 FILTERED = "filtered"
 # img2dataset's messages for what is a filter here, not a failure -> filter name.
@@ -43,6 +45,7 @@ UNREADABLE = "image format not recognised from its header (refused before decodi
 # PIL format names whose pixels OpenCV decodes the way PIL reads their header.
 DECODABLE = {"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_SCHEMA_ARG = 4  # img2dataset passes (shard_id, output_folder, save_caption, oom, schema, fmt)
 _BLOCK_BYTES = 16 << 20  # uint16 temporaries per block of rows while compositing
 
 
@@ -178,17 +181,39 @@ class FilterTally:
     dropped_successes: int = 0
 
 
-def filtering_writer(base: type, tally: FilterTally, dedup_sha256: bool) -> type:
-    """A subclass of img2dataset's sample writer ``base`` that applies the in-shard filters."""
+def _with_phash(schema: pa.Schema) -> pa.Schema:
+    if PHASH_COLUMN in schema.names:
+        return schema
+    return schema.append(pa.field(PHASH_COLUMN, pa.string()))
+
+
+def filtering_writer(
+    base: type,
+    tally: FilterTally,
+    dedup_sha256: bool,
+    near_duplicates: NearDuplicateIndex | None = None,
+) -> type:
+    """A subclass of img2dataset's sample writer ``base`` that applies the in-shard filters.
+
+    Every written image gets its pHash in the ``phash`` column; with ``near_duplicates`` (the
+    source's earlier shards) an image within its distance of one of them, or of an image kept
+    earlier in this shard, is filtered as ``dedup_image_phash``.
+    """
 
     class FilteringWriter(base):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
+            args = list(args)
+            if len(args) > _SCHEMA_ARG:  # the Parquet gets a phash column
+                args[_SCHEMA_ARG] = _with_phash(args[_SCHEMA_ARG])
+            elif "schema" in kwargs:
+                kwargs["schema"] = _with_phash(kwargs["schema"])
             super().__init__(*args, **kwargs)
             self._seen: dict[str, str] = {}
 
         def write(self, img_str: Any, key: str, caption: Any, meta: dict[str, Any]) -> None:
             status, err = meta.get("status"), meta.get("error_message")
             name = None
+            meta[PHASH_COLUMN] = phash_hex(img_str) if status == "success" and img_str else None
             if status == "failed_to_resize" and err in RESIZE_FILTERS:
                 name = RESIZE_FILTERS[err]
                 tally.relabeled_resize += 1
@@ -199,10 +224,21 @@ def filtering_writer(base: type, tally: FilterTally, dedup_sha256: bool) -> type
                 first = self._seen.setdefault(meta["sha256"], key)
                 if first != key:
                     name, err = "dedup_image_sha256", f"same image as {first}"
-                    tally.dropped_successes += 1
-                    img_str = None
-                    for k in ("width", "height", "original_width", "original_height"):
-                        meta[k] = None
+            if name is None and status == "success" and near_duplicates and meta[PHASH_COLUMN]:
+                h = int(meta[PHASH_COLUMN], 16)
+                found = near_duplicates.find(h)
+                if found is None:
+                    near_duplicates.add(h, key)
+                else:
+                    name, err = (
+                        "dedup_image_phash",
+                        f"near-duplicate of {found[0]} ({found[1]} bits)",
+                    )
+            if name is not None and status == "success":
+                tally.dropped_successes += 1
+                img_str = None
+                for k in ("width", "height", "original_width", "original_height"):
+                    meta[k] = None
             if name is not None:
                 if status != "success":
                     tally.relabeled[err] += 1

@@ -9,6 +9,11 @@ The optional CLIP-score filter (:class:`ManifestConfig`: a threshold as in LAION
 as in DataComp) resolves to one threshold, ``clip_score_min``; the manifest then lists each
 shard's kept ``count`` beside its ``rows``, and readers serve only rows at or above it. Files
 are never rewritten. A filter that keeps everything gives the unfiltered version.
+
+Curation (``manifest_curation.py``: semantic dedup's removal lists and a named filter recipe)
+adds per shard a ``removed`` file of the keys left out, with its sha256, and a ``curation``
+block (recipe, resolved thresholds, heads, semantic-dedup version), all hashed into the version;
+the kept fractions by filter go to ``{version}.filters.json``.
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from .config import ManifestConfig
 from .embedding_file import check_embedding_schema, fixed_list_to_numpy
-from .readers import kept_mask, read_embedding_table
+from .manifest_curation import select_rows
+from .readers import kept_mask, read_embedding_table, removed_keys
 from .shards import completed_shards
 from .storage import StorageLayout, atomic_write, exists, read_json, write_json
 
@@ -140,6 +147,17 @@ def assemble_manifest(
     dims = {e.dim for e in entries}
     if len(dims) > 1:
         raise ValueError(f"CLIP {clip_id}: embedding files of dimensions {sorted(dims)}")
+    selection = select_rows(layout, clip_id, [(e.source, e.shard) for e in entries], cfg)
+    if selection is not None and selection.uncurated:
+        log.warning(
+            "manifest: %d shards are not through semantic dedup yet and are left out: %s",
+            len(selection.uncurated),
+            selection.uncurated[:5],
+        )
+        left_out = set(selection.uncurated)
+        entries = [e for e in entries if f"{e.source}/{e.shard:05d}" not in left_out]
+        if not entries:
+            raise ValueError(f"no shards of CLIP {clip_id} are through semantic dedup yet")
     threshold = _threshold(entries, cfg)
     shards: list[dict[str, Any]] = []
     for e in entries:
@@ -151,13 +169,23 @@ def assemble_manifest(
             "count": len(e.scores),
             "sha256": e.sha256,
         }
+        kept = np.ones(len(e.scores), bool)
         if threshold is not None:
+            kept &= e.scores.astype(np.float64) >= threshold
+        removed = selection.removed.get(f"{e.source}/{e.shard:05d}") if selection else None
+        if removed is not None:
+            path, digest, _ = removed
+            item["removed"], item["removed_sha256"] = _rel(layout, path), digest
+            kept &= ~_removed_rows(layout, e, path)
+        if threshold is not None or removed is not None:
             item["rows"] = len(e.scores)
-            item["count"] = int((e.scores.astype(np.float64) >= threshold).sum())
+            item["count"] = int(kept.sum())
         shards.append(item)
     content: dict[str, Any] = {"clip_id": clip_id, "shards": shards}
     if threshold is not None:
         content["clip_score_min"] = threshold
+    if selection is not None:
+        content["curation"] = selection.content
     version = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
     manifest = {
         "version": version,
@@ -169,6 +197,16 @@ def assemble_manifest(
     }
     if threshold is not None:
         manifest["clip_score_min"] = threshold
+    if selection is not None:
+        if not manifest["num_samples"]:
+            raise ValueError(
+                f"manifest: recipe {cfg.recipe!r} and semantic dedup leave no sample of CLIP "
+                f"{clip_id} (kept fractions: {selection.kept_fractions})"
+            )
+        manifest["curation"] = selection.content
+        report = layout.manifest_filter_report(version)
+        if not exists(report):
+            write_json(report, {"recipe": cfg.recipe, "partitions": selection.kept_fractions})
     _write_stats(layout, manifest)
     if not exists(layout.manifest(version)):
         write_json(layout.manifest(version), manifest)
@@ -176,6 +214,16 @@ def assemble_manifest(
     if not exists(pointer) or read_json(pointer).get("version") != version:
         write_json(pointer, {"version": version})
     return manifest
+
+
+def _removed_rows(layout: StorageLayout, entry: _Entry, removed_path: str) -> np.ndarray:
+    """True for each row of the entry's embedding file that the removal file lists."""
+    fs, p = url_to_fs(entry.path)
+    with fs.open(p, "rb") as f:
+        keys = pq.read_table(f, columns=["key"]).column("key")
+    return np.asarray(
+        pc.is_in(keys, value_set=removed_keys(removed_path)).to_numpy(zero_copy_only=False)
+    )
 
 
 def _write_stats(layout: StorageLayout, manifest: dict[str, Any]) -> None:
@@ -191,9 +239,9 @@ def _write_stats(layout: StorageLayout, manifest: dict[str, Any]) -> None:
             entry,
             manifest["clip_id"],
             d,
-            columns=["image_embedding", "text_embedding", "clip_score"],
+            columns=["key", "image_embedding", "text_embedding", "clip_score"],
         )
-        keep = kept_mask(layout.join(entry["embeddings"]), table, manifest, entry)
+        keep = kept_mask(layout, table, manifest, entry)
         if keep.any():
             image_m.add(fixed_list_to_numpy(table.column("image_embedding"))[keep])
             text_m.add(fixed_list_to_numpy(table.column("text_embedding"))[keep])

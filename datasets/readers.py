@@ -13,6 +13,7 @@ passing it; readers apply it per row and check the count against the manifest.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -22,6 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from PIL import Image
@@ -139,19 +141,34 @@ def read_embedding_table(
     return table
 
 
+@functools.lru_cache(maxsize=64)
+def removed_keys(path: str) -> pa.Array:
+    """The keys of a manifest's removal file (content-addressed, so safe to cache)."""
+    fs, p = url_to_fs(path)
+    if not fs.exists(p):
+        raise FileNotFoundError(f"{path}: a removal file the manifest lists is missing")
+    with fs.open(p, "rb") as f:
+        return pq.read_table(f, columns=["key"]).column("key").combine_chunks()
+
+
 def kept_mask(
-    path: str, table: pa.Table, manifest: dict[str, Any], entry: dict[str, Any]
+    layout: StorageLayout, table: pa.Table, manifest: dict[str, Any], entry: dict[str, Any]
 ) -> np.ndarray:
-    """Rows of an entry's table the manifest serves: all, or those passing its CLIP-score filter.
+    """Rows of an entry's table the manifest serves: those passing its CLIP-score filter and
+    not in its removal file (curation); all rows of an uncurated, unfiltered manifest.
 
     The kept count must equal the manifest's ``count``: anything else means the file is not
     the one the manifest was assembled from.
     """
+    path = layout.join(entry["embeddings"])
     threshold = manifest.get("clip_score_min")
     if threshold is None:
         keep = np.ones(table.num_rows, dtype=bool)
     else:
         keep = table.column("clip_score").to_numpy().astype(np.float64) >= float(threshold)
+    if entry.get("removed"):
+        gone = pc.is_in(table.column("key"), value_set=removed_keys(layout.join(entry["removed"])))
+        keep &= ~np.asarray(gone.to_numpy(zero_copy_only=False), dtype=bool)
     if "count" in entry and int(keep.sum()) != int(entry["count"]):
         raise ValueError(
             f"{path}: {int(keep.sum())} samples pass the manifest's filter, the manifest lists "
@@ -186,7 +203,7 @@ def load_embeddings(
         )
         gkeys = [f"{entry['source']}/{k}" for k in t.column("key").to_pylist()]
         mask = np.array([_keep(k, split, holdout_fraction) for k in gkeys], dtype=bool)
-        mask &= kept_mask(layout.join(entry["embeddings"]), t, manifest, entry)
+        mask &= kept_mask(layout, t, manifest, entry)
         if only is not None:
             mask &= np.array([k in only for k in gkeys], dtype=bool)
         if not mask.any():
@@ -255,7 +272,7 @@ def _iter_pairs(
             d,
             columns=["key", "image_embedding", "text_embedding", "clip_score"],
         )
-        keep = kept_mask(layout.join(entry["embeddings"]), t, manifest, entry)
+        keep = kept_mask(layout, t, manifest, entry)
         all_keys = t.column("key").to_pylist()
         index = {k: i for i, k in enumerate(all_keys) if keep[i]}
         left_out = {k for i, k in enumerate(all_keys) if not keep[i]}
@@ -325,8 +342,11 @@ def load_images_captions(
     split: Split,
     holdout_fraction: float,
     image_size: int | None = None,
+    removed: Collection[str] = (),
 ) -> ImagePairs:
-    """Images and captions of every committed shard of ``source_ids`` (before any embeddings exist)."""
+    """Images and captions of every committed shard of ``source_ids`` (before any embeddings
+    exist), less the global keys in ``removed`` (semantic dedup's removal lists)."""
+    removed = set(removed)
     keys: list[str] = []
     captions: list[str] = []
     images: list[np.ndarray] = []
@@ -334,7 +354,7 @@ def load_images_captions(
     shards = [(src, sh) for src in source_ids for sh in completed_shards(layout, src)]
     for source, _, s in _iter_samples(layout, shards, stats):
         gkey = f"{source}/{s.key}"
-        if not _keep(gkey, split, holdout_fraction):
+        if not _keep(gkey, split, holdout_fraction) or gkey in removed:
             continue
         keys.append(gkey)
         captions.append(s.caption)

@@ -9,7 +9,7 @@ for certain, and since the child writes only into the try's local temp folder, n
 reaches the storage root. The child installs the network guard for its whole life
 (``netguard.install_for_process``) and exits by itself if its parent dies.
 
-Protocol: SPEC is a JSON file ``{"input", "out", "shard", "cfg"}``; on success the child writes
+Protocol: SPEC is a JSON file ``{"input", "out", "shard", "cfg", "phash_index"}``; on success the child writes
 ``{out}/result.json`` = ``{"stats": ...}`` (img2dataset's stats, filters folded in) beside
 img2dataset's ``{shard}.tar`` / ``.parquet`` and exits 0.
 """
@@ -52,7 +52,11 @@ def net_policy(cfg: IngestConfig) -> NetPolicy:
 
 
 def make_downloader(
-    cfg: IngestConfig, output_folder: str, column_list: list[str], tally: Any
+    cfg: IngestConfig,
+    output_folder: str,
+    column_list: list[str],
+    tally: Any,
+    near_duplicates: Any = None,
 ) -> Any:
     """img2dataset's Downloader with this project's resizer guard and filtering writer."""
     # img2dataset imports albumentations, which otherwise phones home for updates on import.
@@ -75,7 +79,9 @@ def make_downloader(
         max_aspect_ratio=f.max_aspect_ratio or float("inf"),
     )
     return Downloader(
-        sample_writer_class=filtering_writer(WebDatasetSampleWriter, tally, f.dedup_image_sha256),
+        sample_writer_class=filtering_writer(
+            WebDatasetSampleWriter, tally, f.dedup_image_sha256, near_duplicates
+        ),
         resizer=GuardedResizer(resizer, f),
         thread_count=cfg.thread_count,
         save_caption=True,
@@ -122,7 +128,14 @@ def main(spec_path: str, ready_fd: int) -> int:
     with pa.memory_map(spec["input"]) as f:
         column_list = pa.ipc.open_file(f).schema.names
     tally = FilterTally()
-    downloader = make_downloader(cfg, spec["out"], column_list, tally)
+    near_duplicates = None
+    if spec.get("phash_index") is not None:
+        from .perceptual_hash import index_from_table
+
+        with pa.memory_map(spec["phash_index"]) as f:
+            earlier = pa.ipc.open_file(f).read_all()
+        near_duplicates = index_from_table(cfg.filters.phash_max_distance, earlier)
+    downloader = make_downloader(cfg, spec["out"], column_list, tally, near_duplicates)
     os.write(ready_fd, b"r")  # imports done: the try's deadline starts now
     os.close(ready_fd)
     ok, _ = downloader((spec["shard"], spec["input"]))  # img2dataset removes the input when done
@@ -148,14 +161,29 @@ def _wait_ready(proc: subprocess.Popen, ready_r: int, label: str) -> None:
         os.close(ready_r)
 
 
-def run_try(input_path: str, out: str, shard: int, cfg: IngestConfig, label: str) -> dict[str, Any]:
-    """Run one try in a child process; kill it at the deadline. Returns the shard's stats."""
+def run_try(
+    input_path: str,
+    out: str,
+    shard: int,
+    cfg: IngestConfig,
+    label: str,
+    phash_index: str | None = None,
+) -> dict[str, Any]:
+    """Run one try in a child process; kill it at the deadline. Returns the shard's stats.
+
+    ``phash_index``: an Arrow file of the source's earlier ``key`` / ``phash`` values that
+    near-duplicates are checked against (None: no perceptual dedup).
+    """
     spec_path = os.path.join(out, "spec.json")
+    spec = {
+        "input": input_path,
+        "out": out,
+        "shard": shard,
+        "cfg": cfg.model_dump(mode="json"),
+        "phash_index": phash_index,
+    }
     with open(spec_path, "w") as f:
-        json.dump(
-            {"input": input_path, "out": out, "shard": shard, "cfg": cfg.model_dump(mode="json")},
-            f,
-        )
+        json.dump(spec, f)
     ready_r, ready_w = os.pipe()
     proc = subprocess.Popen(
         [sys.executable, "-m", __name__, spec_path, str(ready_w)], pass_fds=(ready_w,)

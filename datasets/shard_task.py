@@ -22,10 +22,12 @@ import tempfile
 import uuid
 from typing import Any
 
+import pyarrow as pa
 from fsspec.core import url_to_fs
 
 from .config import IngestConfig
 from .lease import Lease, LeaseHeld
+from .perceptual_hash import earlier_shard_hashes
 from .shard_child import (
     SHARD_NAME_DIGITS,
     STARTUP_S,
@@ -101,6 +103,19 @@ def _commit(
     return stats
 
 
+def _write_phash_index(
+    layout: StorageLayout, source: str, shard: int, cfg: IngestConfig, tmp: str
+) -> str | None:
+    """The source's earlier pHashes as a local Arrow file for the child, or None when off."""
+    if cfg.filters.phash_max_distance is None:
+        return None
+    table = earlier_shard_hashes(layout, source, shard)
+    path = os.path.join(tmp, "phash_index.arrow")
+    with pa.OSFile(path, "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+        w.write_table(table)
+    return path
+
+
 def download_shard(root: str, source: str, shard: int, cfg: IngestConfig) -> dict[str, Any]:
     """Download, resize and commit one shard; returns its stats (the committed ones if done)."""
     layout = StorageLayout(root)
@@ -123,7 +138,8 @@ def download_shard(root: str, source: str, shard: int, cfg: IngestConfig) -> dic
             in_fs.get(in_path, local_input)
             out = os.path.join(tmp, "out")
             os.makedirs(out)
-            stats = run_try(local_input, out, shard, cfg, label)
+            phash_index = _write_phash_index(layout, source, shard, cfg, tmp)
+            stats = run_try(local_input, out, shard, cfg, label, phash_index)
             if _all_transient(stats):
                 raise ShardError(f"{label}: every download failed: {stats['status_dict']}")
             stats = _commit(layout, source, shard, out, stats, lease)

@@ -105,6 +105,34 @@ class StorageLayout:
     def embedding_shard(self, clip_id: str, source_id: str, shard: int) -> str:
         return self.join("embeddings", clip_id, source_id, f"{shard:05d}.parquet")
 
+    # --- curation -------------------------------------------------------------------------
+    def semdedup_dir(self, clip_id: str) -> str:
+        """Semantic dedup state of one CLIP: a folder per centroid version, and ``current.json``."""
+        return self.join("curation", clip_id, "semdedup")
+
+    def semdedup_current(self, clip_id: str) -> str:
+        """Pointer to the centroid version the manifest uses (switched last by a re-cluster)."""
+        return self.join("curation", clip_id, "semdedup", "current.json")
+
+    def semdedup_version(self, clip_id: str, version: str) -> str:
+        return self.join("curation", clip_id, "semdedup", version)
+
+    def semdedup_removals(self, clip_id: str, version: str, source: str, shard: int) -> str:
+        """Removal list of one partition: ``key``, ``duplicate_of``, ``similarity``."""
+        return self.join(
+            "curation", clip_id, "semdedup", version, "removals", source, f"{shard:05d}.parquet"
+        )
+
+    def semdedup_kept(self, clip_id: str, version: str, source: str, shard: int) -> str:
+        """Kept members of one partition with their cluster and embedding (for later partitions)."""
+        return self.join(
+            "curation", clip_id, "semdedup", version, "kept", source, f"{shard:05d}.parquet"
+        )
+
+    def manifest_removals(self, digest: str) -> str:
+        """Rows a manifest leaves out of one shard (``key``, ``filter``), named by content."""
+        return self.join("manifests", "removed", f"{digest}.parquet")
+
     # --- manifests ------------------------------------------------------------------------
     def manifests_dir(self) -> str:
         return self.join("manifests")
@@ -114,6 +142,10 @@ class StorageLayout:
 
     def embedding_stats(self, version: str) -> str:
         return self.join("manifests", f"{version}.stats.npz")
+
+    def manifest_filter_report(self, version: str) -> str:
+        """Kept fractions by filter, per partition, of a curated manifest."""
+        return self.join("manifests", f"{version}.filters.json")
 
     def latest_manifest_pointer(self) -> str:
         """``{"version": ...}`` of the manifest assembled last."""

@@ -52,14 +52,11 @@ def manifest_counts(
         counts = read_json(path)["counts"]
         if len(counts) == len(manifest["shards"]):
             return [int(c) for c in counts]
-    threshold = manifest.get("clip_score_min")
     counts = []
     for entry in manifest["shards"]:
-        cols = ["key"] if threshold is None else ["key", "clip_score"]
-        table = _read_columns(layout.join(entry["embeddings"]), cols)
+        table = _read_columns(layout.join(entry["embeddings"]), ["key", "clip_score"])
         keep = _split_keys(entry["source"], table.column("key").to_pylist(), split, fraction)
-        if threshold is not None:
-            keep &= table.column("clip_score").to_numpy().astype(np.float64) >= float(threshold)
+        keep &= kept_mask(layout, table, manifest, entry)
         counts.append(int(keep.sum()))
     with atomic_write(path) as f:
         f.write(json.dumps({"counts": counts}).encode())
@@ -142,7 +139,7 @@ class EmbeddingSource(_OneShard, ShardSource):
         stats.bytes_read += _size(path)
         stats.shards_opened += 1
         keys = table.column("key").to_pylist()
-        keep = kept_mask(path, table, self.manifest, entry)
+        keep = kept_mask(self.layout, table, self.manifest, entry)
         keep &= _split_keys(entry["source"], keys, self.split, self.holdout_fraction)
         want = self.shards[shard].count
         if int(keep.sum()) != want:
@@ -259,7 +256,8 @@ class ImagePairSource(EmbeddingSource):
 class IngestedImageSource(_OneShard, ShardSource):
     """Images and captions of sources' committed shards, before any embedding: the bootstrap CLIP.
 
-    A shard's index is the ``success`` rows of its img2dataset Parquet (the tar's samples).
+    A shard's index is the ``success`` rows of its img2dataset Parquet (the tar's samples),
+    less ``removed`` (global ``source/key`` names: semantic dedup's removal lists).
     """
 
     layout: StorageLayout
@@ -269,6 +267,7 @@ class IngestedImageSource(_OneShard, ShardSource):
     image_size: int | None = None
     shards: list[StreamShard] = field(default_factory=list)
     paths: list[tuple[str, int]] = field(default_factory=list)  # (source, shard) per shard
+    removed: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if not self.shards:
@@ -279,8 +278,10 @@ class IngestedImageSource(_OneShard, ShardSource):
                     self.shards.append(StreamShard(f"{source}/{shard:05d}", len(keys)))
 
     def identity(self) -> dict[str, Any]:
-        digest = hashlib.sha256(repr(self.paths).encode()).hexdigest()[:16]
-        return {**super().identity(), "split": self.split, "paths": digest}
+        digest = hashlib.sha256(repr(self.paths).encode())
+        if self.removed:
+            digest.update(repr(sorted(self.removed)).encode())
+        return {**super().identity(), "split": self.split, "paths": digest.hexdigest()[:16]}
 
     def _index(self, source: str, shard: int) -> list[str]:
         tar = self.layout.image_shard(source, shard)
@@ -290,7 +291,7 @@ class IngestedImageSource(_OneShard, ShardSource):
             for k, s in zip(
                 table.column("key").to_pylist(), table.column("status").to_pylist(), strict=True
             )
-            if s == "success"
+            if s == "success" and f"{source}/{k}" not in self.removed
         ]
         keep = _split_keys(source, keys, self.split, self.holdout_fraction)
         return [k for k, m in zip(keys, keep, strict=True) if m]

@@ -26,8 +26,10 @@ from pydantic import Field
 from unclip.datasets import ingest, manifest, synthetic
 from unclip.pipelines import promotion as promotion_gate
 from unclip.pipelines import sources
+from unclip.pipelines.curation_assets import curated_embeddings
 from unclip.pipelines.reevaluate import reevaluator
 from unclip.pipelines.resources import RayResource, StorageResource, UnclipConfigResource
+from unclip.pipelines.status import kept_by_filter
 from unclip.pipelines.values import (
     DatasetVersion,
     EmbedSummary,
@@ -161,9 +163,10 @@ def embeddings(
 
 @dg.asset(
     group_name=GROUP,
-    deps=[embeddings],
-    code_version="2",
-    description="Dataset manifest over every source (version = content hash) and statistics.",
+    deps=[embeddings, curated_embeddings],
+    code_version="3",
+    description="Dataset manifest over every source (version = content hash), the filter recipe "
+    "and semantic dedup's removal lists applied, and statistics.",
 )
 def dataset_manifest(
     clip_model: EmbeddingClip, unclip: UnclipConfigResource, storage: StorageResource
@@ -172,7 +175,7 @@ def dataset_manifest(
     ids = list(sources.source_lists(cfg))
     m = manifest.assemble_manifest(storage.layout, clip_model.clip_id, ids, cfg=cfg.manifest)
     value = DatasetVersion(m["version"], m["num_samples"], len(m["shards"]), m["embedding_dim"])
-    return _output(value, value.version)
+    return _output(value, value.version, {**scalars(value), **kept_by_filter(storage.layout, m)})
 
 
 def _training_asset(
@@ -281,12 +284,8 @@ def promotion(
 
 
 SOURCE_ASSETS = [url_lists, image_shards, embeddings]
-TRAIN_ASSETS = [dataset_manifest, prior, decoder, upsampler, evaluation, promotion]
-ALL_ASSETS = [
-    url_lists,
-    image_shards,
-    clip_model,
-    embeddings,
+TRAIN_ASSETS = [
+    curated_embeddings,
     dataset_manifest,
     prior,
     decoder,
@@ -294,3 +293,4 @@ ALL_ASSETS = [
     evaluation,
     promotion,
 ]
+ALL_ASSETS = [url_lists, image_shards, clip_model, embeddings, *TRAIN_ASSETS]

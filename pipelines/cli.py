@@ -199,6 +199,26 @@ def ingest(
     print_outputs(s.cfg, s.run.outputs)
 
 
+@app.command()
+def curate(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    recluster: Annotated[
+        bool,
+        typer.Option(
+            "--recluster",
+            help="Fit new semantic-dedup centroids over every shard: a new version of the "
+            "removal lists (the version in use stays until this run commits).",
+        ),
+    ] = False,
+) -> None:
+    """Run semantic dedup on the embeddings (new shards only, unless --recluster)."""
+    sets = [*(set_ or []), "manifest.semantic_dedup=true"]
+    if recluster:
+        sets.append("semantic_dedup.recluster=true")
+    _stage_command(["curated_embeddings"], "")(config, sets)
+
+
 embed = app.command("embed")(
     _stage_command(
         ["dataset_manifest"],

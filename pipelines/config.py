@@ -17,6 +17,7 @@ from unclip.datasets.config import (
     EmbedConfig,
     IngestConfig,
     ManifestConfig,
+    SemanticDedupConfig,
     SyntheticConfig,
 )
 from unclip.training.config import (
@@ -170,6 +171,7 @@ class PipelineConfig(BaseModel):
     clip: ClipConfig = ClipConfig()
     bootstrap: BootstrapClipConfig = BootstrapClipConfig()
     embed: EmbedConfig = EmbedConfig()
+    semantic_dedup: SemanticDedupConfig = SemanticDedupConfig()
     manifest: ManifestConfig = ManifestConfig()
     prior: PriorConfig = PriorConfig()
     decoder: DecoderConfig = DecoderConfig()

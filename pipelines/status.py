@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.table import Table
 
 from unclip.datasets.manifest import latest_manifest
+from unclip.datasets.recipes import format_kept_table
 from unclip.datasets.storage import StorageLayout, exists, read_json
 from unclip.pipelines import promotion, sources
 from unclip.pipelines.config import PipelineConfig
 from unclip.pipelines.instance import dagster_home
 
 RECENT_RUNS = 5
+
+
+def kept_by_filter(layout: StorageLayout, manifest: dict[str, Any]) -> dict[str, str]:
+    """``{"kept_by_filter": table}`` of a curated manifest's kept fractions; ``{}`` otherwise."""
+    report = layout.manifest_filter_report(manifest["version"])
+    if not exists(report):
+        return {}
+    return {"kept_by_filter": format_kept_table(read_json(report)["partitions"])}
 
 
 def status_table(cfg: PipelineConfig) -> Table:
@@ -28,6 +39,9 @@ def status_table(cfg: PipelineConfig) -> Table:
         if m
         else "[dim]none[/dim]",
     )
+    if m:
+        for name, table in kept_by_filter(layout, m).items():
+            t.add_row(name.replace("_", " "), table)
     known = sources.source_lists(cfg) if exists(layout.root) else {}
     ingested = sum(exists(layout.ingest_plan(s)) for s in known)
     t.add_row("sources", f"{len(known)} registered, {ingested} ingested")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from unclip.datasets.ingest_stats import format_summary
+from unclip.datasets.semantic_dedup import CurationResult
 from unclip.training.engine.fit_result import FitResult
 
 if TYPE_CHECKING:
@@ -94,6 +95,7 @@ VALUE_TYPES: dict[str, type] = {
         SourceList,
         IngestSummary,
         EmbedSummary,
+        CurationResult,
         DatasetVersion,
         PromotionOutcome,
         EmbeddingClip,

@@ -53,6 +53,7 @@ ASSETS_IN_ORDER = (
     "image_shards",
     "clip_model",
     "embeddings",
+    "curated_embeddings",
     "dataset_manifest",
     "prior",
     "decoder",

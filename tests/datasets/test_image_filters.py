@@ -99,8 +99,9 @@ def test_filtering_writer_relabels_and_adjust_stats_moves_counts():
     tally = FilterTally()
     w = filtering_writer(_Recorder, tally, dedup_sha256=True)()
     ok = {"status": "success", "error_message": None, "sha256": "s1", "width": 8}
-    w.write(b"a", "k0", "c", dict(ok))
-    w.write(b"a", "k1", "c", dict(ok))
+    img = jpeg_bytes(ok_image(1))
+    w.write(img, "k0", "c", dict(ok))
+    w.write(img, "k1", "c", dict(ok))
     w.write(None, "k2", "c", {"status": "failed_to_resize", "error_message": "image too small"})
     w.write(
         None,
@@ -112,7 +113,8 @@ def test_filtering_writer_relabels_and_adjust_stats_moves_counts():
         },
     )
     w.write(None, "k4", "c", {"status": "failed_to_download", "error_message": "HTTP Error 404"})
-    statuses = [(k, m["status"], m["error_message"], img is not None) for img, k, m in w.rows]
+    statuses = [(k, m["status"], m["error_message"], data is not None) for data, k, m in w.rows]
+    assert len(w.rows[0][2]["phash"]) == 16 and w.rows[4][2]["phash"] is None
     assert statuses == [
         ("k0", "success", None, True),
         ("k1", "filtered", "filter dedup_image_sha256: same image as k0", False),

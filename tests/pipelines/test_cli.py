@@ -16,6 +16,7 @@ runner = CliRunner()
 COMMANDS = [
     "run",
     "ingest",
+    "curate",
     "embed",
     "train",
     "evaluate",
@@ -28,6 +29,7 @@ COMMANDS = [
 CONFIG_COMMANDS = [
     ["run"],
     ["ingest"],
+    ["curate"],
     ["embed"],
     ["train", "prior"],
     ["train", "decoder"],
@@ -124,6 +126,7 @@ def test_status_on_an_empty_store(tmp_path, monkeypatch):
 def test_single_stage_commands_select_their_upstream():
     assert upstream_names(["image_shards"]) == ["url_lists", "image_shards"]
     assert upstream_names(["prior"]) == list(ASSETS_IN_ORDER[: ASSETS_IN_ORDER.index("prior") + 1])
+    assert upstream_names(["curated_embeddings"])[-1] == "curated_embeddings"
 
 
 # --- unclip sample ---------------------------------------------------------------------------

@@ -30,7 +30,9 @@ def test_definitions_load_with_partitions_jobs_sensor_and_schedule(tmp_path):
     for name in ASSETS - {"url_lists", "image_shards", "embeddings"}:
         assert graph.get(dg.AssetKey(name)).partitions_def is None, name
     parents = {k.to_user_string() for k in graph.get(dg.AssetKey("dataset_manifest")).parent_keys}
-    assert parents == {"embeddings", "clip_model"}
+    assert parents == {"embeddings", "clip_model", "curated_embeddings"}
+    curate_parents = graph.get(dg.AssetKey("curated_embeddings")).parent_keys
+    assert {k.to_user_string() for k in curate_parents} == {"embeddings", "clip_model"}
     assert {k.to_user_string() for k in graph.get(dg.AssetKey("promotion")).parent_keys} == {
         "evaluation"
     }
@@ -41,9 +43,8 @@ def test_definitions_load_with_partitions_jobs_sensor_and_schedule(tmp_path):
     ingest = defs.resolve_job_def("ingest_source")
     assert ingest.partitions_def.name == "sources"
     retrain = defs.resolve_job_def("retrain")
-    assert {"dataset_manifest", "prior", "decoder", "upsampler", "evaluation", "promotion"} <= set(
-        retrain.graph.node_dict
-    )
+    trained = ASSETS - {"url_lists", "image_shards", "clip_model", "embeddings"}
+    assert trained <= set(retrain.graph.node_dict)
     assert "image_shards" not in retrain.graph.node_dict
     schedule = defs.resolve_schedule_def("retrain_schedule")
     assert schedule.cron_schedule == "0 4 * * 1"

@@ -46,6 +46,10 @@ def normalize_images(images: np.ndarray, mean: torch.Tensor, std: torch.Tensor) 
     return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 
+def _digest(keys: frozenset[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16]
+
+
 @dataclass
 class ClipTask(TrainTask):
     """Contrastive training of the bootstrap open_clip model on images and captions of sources."""
@@ -54,6 +58,7 @@ class ClipTask(TrainTask):
     clip_cfg: ClipConfig
     source_ids: list[str]
     holdout_fraction: float
+    removed: frozenset[str] = frozenset()  # global keys of semantic dedup's removal lists
     _mean_std: tuple[torch.Tensor, torch.Tensor] | None = field(
         default=None, init=False, repr=False
     )
@@ -65,6 +70,7 @@ class ClipTask(TrainTask):
             "clip": self.clip_cfg.model_dump(mode="json"),
             "sources": sorted(self.source_ids),
             "holdout_fraction": self.holdout_fraction,
+            **({"removed": _digest(self.removed)} if self.removed else {}),
         }
 
     def build_model(self) -> torch.nn.Module:
@@ -81,7 +87,12 @@ class ClipTask(TrainTask):
         from unclip.datasets.stream_sources import IngestedImageSource
 
         return IngestedImageSource(
-            self.layout, self.source_ids, "train", self.holdout_fraction, self.clip_cfg.image_size
+            self.layout,
+            self.source_ids,
+            "train",
+            self.holdout_fraction,
+            self.clip_cfg.image_size,
+            removed=self.removed,
         )
 
     def batch(self, columns: Columns) -> dict[str, torch.Tensor]:
@@ -112,7 +123,12 @@ class ClipTask(TrainTask):
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Zero-shot accuracy on held-out images: the right caption among the distinct held-out ones."""
         held = readers.load_images_captions(
-            self.layout, self.source_ids, "holdout", self.holdout_fraction, self.clip_cfg.image_size
+            self.layout,
+            self.source_ids,
+            "holdout",
+            self.holdout_fraction,
+            self.clip_cfg.image_size,
+            self.removed,
         )
         if not held.captions:
             return {}

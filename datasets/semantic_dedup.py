@@ -1,0 +1,351 @@
+"""Semantic dedup as a stage: removal lists per partition, incremental against frozen centroids.
+
+A *partition* is one embedded shard (``embeddings/{clip}/{source}/{shard}.parquet``). The first
+run fits k-means centroids on every partition's image embeddings and freezes them as a version
+(named by a hash of the centroids and the settings) under ``curation/{clip}/semdedup/{version}/``.
+Each partition then gets, through a temporary name and a rename:
+
+- ``removals/{source}/{shard}.parquet``: ``key``, ``duplicate_of`` (``source/key`` of the kept
+  sample), ``similarity`` — the rows the manifest leaves out; shards are never rewritten;
+- ``kept/{source}/{shard}.parquet``: ``key``, ``cluster``, ``image_embedding`` of its kept rows,
+  which is all a later partition is compared with.
+
+``state.json`` lists the partitions done (with their removal list's sha256) and is written after
+their files: it is the commit. A later run assigns only the partitions missing from it to the
+frozen centroids and compares them with the kept members of their clusters, so its cost grows
+with the new rows. ``current.json`` names the version in use; a re-cluster fits new centroids on
+everything, writes a whole new version and switches ``current.json`` last, so a run killed at
+any point leaves the version in use, and every manifest made from it, as they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+from .curation_config import SemanticDedupConfig
+from .duplicate_groups import assign, find_duplicates, fit_centroids
+from .embedding_file import fixed_list, fixed_list_to_numpy
+from .lease import Lease, LeaseHeld
+from .shards import completed_shards
+from .storage import StorageLayout, atomic_write, exists, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+Partition = tuple[str, int]  # (source, shard)
+LEASE_WAIT_S = 600.0
+
+
+@dataclass
+class CurationResult:
+    """What one run of the stage did."""
+
+    version: str
+    reclustered: bool
+    partitions_total: int
+    partitions_new: int
+    rows_new: int = 0
+    removed_new: int = 0
+    seconds: float = 0.0
+    removed_by_partition: dict[str, int] = field(default_factory=dict)
+
+
+def partition_name(part: Partition) -> str:
+    """``source/shard`` as the state and the manifest spell it."""
+    return f"{part[0]}/{part[1]:05d}"
+
+
+def embedded_partitions(
+    layout: StorageLayout, clip_id: str, source_ids: list[str]
+) -> list[Partition]:
+    """Committed shards of ``source_ids`` that have embeddings of ``clip_id``, in order."""
+    out = []
+    for source in sorted(set(source_ids)):
+        for shard in completed_shards(layout, source):
+            if exists(layout.embedding_shard(clip_id, source, shard)):
+                out.append((source, shard))
+    return out
+
+
+def current_version(layout: StorageLayout, clip_id: str) -> str | None:
+    """The centroid version in use for ``clip_id``, or None before the first run."""
+    path = layout.semdedup_current(clip_id)
+    return read_json(path)["version"] if exists(path) else None
+
+
+def read_state(layout: StorageLayout, clip_id: str, version: str) -> dict:
+    """A version's committed state: settings and the partitions done (``{}`` if none)."""
+    path = layout.join(layout.semdedup_version(clip_id, version), "state.json")
+    return read_json(path) if exists(path) else {}
+
+
+def _read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
+    fs, p = url_to_fs(path)
+    with fs.open(p, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+@dataclass
+class _Batch:
+    parts: list[Partition]
+    offsets: np.ndarray  # row range of each partition in the arrays
+    keys: list[str]
+    x: np.ndarray  # float32 [N, D], unit rows
+    scores: np.ndarray  # float32 [N]
+
+
+def _load(layout: StorageLayout, clip_id: str, parts: list[Partition]) -> _Batch:
+    keys: list[str] = []
+    xs, scores, sizes = [], [], [0]
+    for source, shard in parts:
+        path = layout.embedding_shard(clip_id, source, shard)
+        t = _read_parquet(path, ["key", "image_embedding", "clip_score"])
+        keys += t.column("key").to_pylist()
+        x = fixed_list_to_numpy(t.column("image_embedding"))
+        xs.append(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
+        scores.append(t.column("clip_score").to_numpy().astype(np.float32))
+        sizes.append(t.num_rows)
+    d = xs[0].shape[1] if xs else 1
+    return _Batch(
+        parts,
+        np.cumsum(sizes),
+        keys,
+        np.concatenate(xs) if xs else np.zeros((0, d), np.float32),
+        np.concatenate(scores) if scores else np.zeros(0, np.float32),
+    )
+
+
+def _priority(batch: _Batch, keep: str) -> np.ndarray:
+    """Visit rank of each row: the keep rule, ties (and ``first_seen``) in batch order."""
+    n = len(batch.keys)
+    if keep == "first_seen":
+        return np.arange(n)
+    rank = np.empty(n, np.int64)
+    rank[np.lexsort((np.arange(n), -batch.scores.astype(np.float64)))] = np.arange(n)
+    return rank
+
+
+def _settings(cfg: SemanticDedupConfig) -> dict:
+    """What a version's removal lists depend on (not whether this run re-fits)."""
+    return cfg.model_dump(mode="json", exclude={"recluster"})
+
+
+def _version_name(centroids: np.ndarray, cfg: SemanticDedupConfig) -> str:
+    h = hashlib.sha256(np.ascontiguousarray(centroids).tobytes())
+    h.update(json.dumps(_settings(cfg), sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _load_bank(
+    layout: StorageLayout, clip_id: str, version: str, done: list[str], clusters: set[int]
+) -> tuple[np.ndarray | None, np.ndarray | None, list[str]]:
+    """Kept members of ``clusters`` over the done partitions: vectors, clusters, global keys."""
+    vecs, cl, names = [], [], []
+    for name in done:
+        source, shard = name.rsplit("/", 1)
+        t = _read_parquet(layout.semdedup_kept(clip_id, version, source, int(shard)))
+        c = t.column("cluster").to_numpy()
+        mask = np.isin(c, np.fromiter(clusters, np.int32, len(clusters)))
+        if not mask.any():
+            continue
+        vecs.append(fixed_list_to_numpy(t.column("image_embedding"))[mask])
+        cl.append(c[mask])
+        names += [
+            f"{source}/{k}" for k, m in zip(t.column("key").to_pylist(), mask, strict=True) if m
+        ]
+    if not vecs:
+        return None, None, []
+    return np.concatenate(vecs), np.concatenate(cl).astype(np.int32), names
+
+
+def _write_partitions(
+    layout: StorageLayout,
+    clip_id: str,
+    version: str,
+    batch: _Batch,
+    clusters: np.ndarray,
+    dup_of: np.ndarray,
+    similarity: np.ndarray,
+    bank_names: list[str],
+) -> dict[str, dict]:
+    """Each partition's removal list and kept members; returns its state entries."""
+    global_keys = [
+        f"{batch.parts[p][0]}/{batch.keys[i]}"
+        for p in range(len(batch.parts))
+        for i in range(batch.offsets[p], batch.offsets[p + 1])
+    ]
+    entries = {}
+    for p, (source, shard) in enumerate(batch.parts):
+        lo, hi = batch.offsets[p], batch.offsets[p + 1]
+        of = dup_of[lo:hi]
+        removed = np.flatnonzero(of != -1)
+        kept = np.flatnonzero(of == -1)
+        names = [global_keys[j] if j >= 0 else bank_names[-2 - j] for j in of[removed]]
+        removals = pa.table(
+            {
+                "key": pa.array([batch.keys[lo + i] for i in removed], pa.string()),
+                "duplicate_of": pa.array(names, pa.string()),
+                "similarity": pa.array(similarity[lo:hi][removed], pa.float32()),
+            }
+        )
+        buf = io.BytesIO()
+        pq.write_table(removals, buf)
+        with atomic_write(layout.semdedup_removals(clip_id, version, source, shard)) as f:
+            f.write(buf.getvalue())
+        kept_table = pa.table(
+            {
+                "key": pa.array([batch.keys[lo + i] for i in kept], pa.string()),
+                "cluster": pa.array(clusters[lo:hi][kept], pa.int32()),
+                "image_embedding": fixed_list(batch.x[lo:hi][kept]),
+            }
+        )
+        with atomic_write(layout.semdedup_kept(clip_id, version, source, shard)) as f:
+            # plain and uncompressed: later runs read every kept vector, so read speed is what counts
+            pq.write_table(kept_table, f, compression="none", use_dictionary=False)
+        entries[partition_name((source, shard))] = {
+            "rows": int(hi - lo),
+            "removed": len(removed),
+            "removals_sha256": hashlib.sha256(buf.getvalue()).hexdigest(),
+        }
+    return entries
+
+
+def _dedup_and_commit(
+    layout: StorageLayout,
+    clip_id: str,
+    version: str,
+    cfg: SemanticDedupConfig,
+    batch: _Batch,
+    centroids: np.ndarray,
+    state: dict,
+) -> dict[str, dict]:
+    clusters = assign(batch.x, centroids) if len(batch.keys) else np.zeros(0, np.int32)
+    done = sorted(state.get("partitions", {}))
+    bank, bank_clusters, bank_names = _load_bank(
+        layout, clip_id, version, done, set(np.unique(clusters).tolist())
+    )
+    found = find_duplicates(
+        batch.x, clusters, _priority(batch, cfg.keep), cfg.similarity, bank, bank_clusters
+    )
+    entries = _write_partitions(
+        layout, clip_id, version, batch, clusters, found.of, found.similarity, bank_names
+    )
+    partitions = {**state.get("partitions", {}), **entries}
+    new_state = {
+        "version": version,
+        "config": _settings(cfg),
+        "clusters": int(len(centroids)),
+        "fitted_on": state.get("fitted_on", sorted(entries)),
+        "partitions": partitions,
+    }
+    write_json(layout.join(layout.semdedup_version(clip_id, version), "state.json"), new_state)
+    return entries
+
+
+def _fit_version(
+    layout: StorageLayout, clip_id: str, cfg: SemanticDedupConfig, batch: _Batch
+) -> tuple[str, np.ndarray]:
+    k = max(1, round(len(batch.keys) / cfg.cluster_size))
+    centroids = fit_centroids(batch.x, k, cfg.iterations, cfg.seed, cfg.max_points_per_centroid)
+    version = _version_name(centroids, cfg)
+    buf = io.BytesIO()
+    np.save(buf, centroids)
+    with atomic_write(layout.join(layout.semdedup_version(clip_id, version), "centroids.npy")) as f:
+        f.write(buf.getvalue())
+    return version, centroids
+
+
+def read_centroids(layout: StorageLayout, clip_id: str, version: str) -> np.ndarray:
+    """A version's frozen centroids (float32 [k, D], unit rows)."""
+    path = layout.join(layout.semdedup_version(clip_id, version), "centroids.npy")
+    fs, p = url_to_fs(path)
+    with fs.open(p, "rb") as f:
+        return np.load(io.BytesIO(f.read()))
+
+
+def curate(
+    layout: StorageLayout,
+    clip_id: str,
+    source_ids: list[str],
+    cfg: SemanticDedupConfig,
+    recluster: bool = False,
+) -> CurationResult:
+    """Bring the removal lists up to date: the first run (or ``recluster``) fits centroids on
+    every partition; otherwise only partitions new since the last run are deduplicated."""
+    start = time.time()
+    parts = embedded_partitions(layout, clip_id, source_ids)
+    if not parts:
+        raise ValueError(f"semantic dedup: no embedded shards of CLIP {clip_id} in {source_ids}")
+    lease = Lease(layout.lease("curation", clip_id), f"semantic dedup of CLIP {clip_id}")
+    try:
+        with lease.hold(wait_s=LEASE_WAIT_S):
+            version = current_version(layout, clip_id)
+            state = read_state(layout, clip_id, version) if version else {}
+            if not recluster and state.get("config") not in (None, _settings(cfg)):
+                log.warning(
+                    "semantic dedup: version %s was made with other settings %s; they stay until "
+                    "a re-cluster",
+                    version,
+                    state["config"],
+                )
+                cfg = SemanticDedupConfig.model_validate(state["config"])
+            if version is None or recluster:
+                batch = _load(layout, clip_id, parts)
+                version, centroids = _fit_version(layout, clip_id, cfg, batch)
+                entries = _dedup_and_commit(layout, clip_id, version, cfg, batch, centroids, {})
+                write_json(layout.semdedup_current(clip_id), {"version": version})  # last
+                reclustered = True
+            else:
+                new = [p for p in parts if partition_name(p) not in state.get("partitions", {})]
+                if not new:
+                    return CurationResult(
+                        version, False, len(parts), 0, seconds=time.time() - start
+                    )
+                batch = _load(layout, clip_id, new)
+                centroids = read_centroids(layout, clip_id, version)
+                entries = _dedup_and_commit(layout, clip_id, version, cfg, batch, centroids, state)
+                reclustered = False
+    except LeaseHeld as e:
+        raise RuntimeError(f"semantic dedup of CLIP {clip_id}: {e}") from None
+    return CurationResult(
+        version,
+        reclustered,
+        len(parts),
+        len(batch.parts),
+        len(batch.keys),
+        sum(e["removed"] for e in entries.values()),
+        time.time() - start,
+        {name: e["removed"] for name, e in entries.items()},
+    )
+
+
+def removal_list(layout: StorageLayout, clip_id: str, part: Partition) -> pa.Table | None:
+    """The partition's removal list in the version in use, or None if it is not curated yet."""
+    version = current_version(layout, clip_id)
+    if version is None:
+        return None
+    if partition_name(part) not in read_state(layout, clip_id, version).get("partitions", {}):
+        return None
+    return _read_parquet(layout.semdedup_removals(clip_id, version, *part))
+
+
+def removed_keys(layout: StorageLayout, clip_id: str) -> set[str]:
+    """Global keys (``source/key``) every committed removal list of the version in use removes."""
+    version = current_version(layout, clip_id)
+    if version is None:
+        return set()
+    out: set[str] = set()
+    for name in read_state(layout, clip_id, version).get("partitions", {}):
+        source, shard = name.rsplit("/", 1)
+        t = _read_parquet(layout.semdedup_removals(clip_id, version, source, int(shard)), ["key"])
+        out.update(f"{source}/{k}" for k in t.column("key").to_pylist())
+    return out
