@@ -99,6 +99,10 @@ class IngestConfig(Section):
 
     url_col: str = Field("url", description="Column of the URL list holding image URLs.")
     caption_col: str = Field("caption", description="Column holding captions.")
+    list_format: Literal["parquet", "csv", "tsv", "jsonl"] | None = Field(
+        None,
+        description="Format of the URL lists (+ .gz by name); None: from each file's extension.",
+    )
     max_url_list_bytes: int = Field(
         4 * 1024**3,
         ge=1,
@@ -183,6 +187,54 @@ class IngestConfig(Section):
         if self.proxy is not None and not self.proxy.startswith(("http://", "https://")):
             raise ValueError(f"ingest.proxy={self.proxy!r}: expected http://host:port")
         return self
+
+
+class SourceConfig(Section):
+    """One entry of ``sources:`` written as an object: a URL list or a glob of them, read its way.
+
+    A glob (``*``, ``?``, ``[``; local or any fsspec URI) is one source per matched file. Keys left
+    unset take the ``ingest`` section's value.
+    """
+
+    path: str = Field(..., description="A URL list, or a glob matching several (one source each).")
+    format: Literal["parquet", "csv", "tsv", "jsonl"] | None = Field(
+        None, description="Format of the list(s); None: ingest.list_format, else the extension."
+    )
+    url_col: str | None = Field(
+        None, description="Column holding image URLs (None: ingest.url_col)."
+    )
+    caption_col: str | None = Field(
+        None, description="Column holding captions (None: ingest.caption_col)."
+    )
+    metadata: dict[str, MetadataRule] | None = Field(
+        None,
+        description="Thresholds on this list's columns, e.g. {punsafe: {lt: 0.5}}; None: "
+        "ingest.filters.metadata.",
+    )
+
+    def options(self) -> dict[str, object]:
+        """The keys set besides ``path``, as JSON-able data (what a registered source records)."""
+        return self.model_dump(exclude={"path"}, exclude_none=True)
+
+    def ingest_config(self, base: IngestConfig) -> IngestConfig:
+        """``base`` with this source's column mapping, format and metadata filters applied."""
+        return ingest_config_with(base, self.options())
+
+
+def ingest_config_with(base: IngestConfig, options: dict[str, object]) -> IngestConfig:
+    """``base`` with a source's recorded options (:meth:`SourceConfig.options`) applied."""
+    opts = SourceConfig.model_validate({"path": "-", **options})
+    update: dict[str, object] = {}
+    for key, field in (
+        ("format", "list_format"),
+        ("url_col", "url_col"),
+        ("caption_col", "caption_col"),
+    ):
+        if getattr(opts, key) is not None:
+            update[field] = getattr(opts, key)
+    if opts.metadata is not None:
+        update["filters"] = base.filters.model_copy(update={"metadata": opts.metadata})
+    return base.model_copy(update=update) if update else base
 
 
 class ClipConfig(Section):

@@ -41,12 +41,14 @@ RESERVED = {
 }
 
 
-def list_format(path: str) -> tuple[str, bool]:
-    """(format, gzipped) from the file name."""
+def list_format(path: str, given: str | None = None) -> tuple[str, bool]:
+    """(format, gzipped): ``given`` when set (``ingest.list_format``), else from the file name."""
     name = path.rsplit("/", 1)[-1].lower()
     gz = name.endswith(".gz")
     if gz:
         name = name[:-3]
+    if given is not None:
+        return given, gz
     ext = name.rsplit(".", 1)[-1] if "." in name else ""
     if ext not in FORMATS:
         raise ValueError(
@@ -90,6 +92,30 @@ def _gunzip(data: bytes, path: str, limit: int) -> bytes:
     return b"".join(out)
 
 
+GLOB_CHARS = ("*", "?", "[")
+
+
+def is_glob(path: str) -> bool:
+    """Whether ``path`` is a pattern (``*``, ``?`` or ``[``) rather than one file."""
+    return any(c in path.split("://", 1)[-1] for c in GLOB_CHARS)
+
+
+def expand(path: str) -> list[str]:
+    """The files ``path`` names: itself, or, for a glob, every matching file in sorted order.
+
+    Matches keep the pattern's scheme (``s3://…``), so each is a URI of its own; a glob matching
+    no file is a FileNotFoundError naming it.
+    """
+    if not is_glob(path):
+        return [path]
+    fs, pattern = url_to_fs(path)
+    matches = sorted(p for p in fs.glob(pattern) if fs.isfile(p))
+    if not matches:
+        raise FileNotFoundError(f"glob {path} matches no file")
+    scheme = path.split("://", 1)[0] + "://" if "://" in path else ""
+    return [scheme + m if scheme and not m.startswith(scheme) else m for m in matches]
+
+
 def _hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
@@ -123,7 +149,7 @@ def read_url_list(path: str, cfg: IngestConfig) -> pa.Table:
 
 def load_url_list(path: str, cfg: IngestConfig) -> LoadedList:
     """Read ``path`` once: its source id (hash of the bytes) and its checked table."""
-    fmt, gz = list_format(path)
+    fmt, gz = list_format(path, cfg.list_format)
     raw = _read_bytes(path, cfg.max_url_list_bytes)
     data = _gunzip(raw, path, cfg.max_url_list_bytes) if gz else raw
     return LoadedList(_hash(raw), _parse(data, fmt, path, cfg))

@@ -16,6 +16,7 @@ from unclip.datasets.config import (
     EmbedConfig,
     IngestConfig,
     ManifestConfig,
+    SourceConfig,
     SyntheticConfig,
 )
 from unclip.training.config import (
@@ -165,9 +166,11 @@ class PipelineConfig(BaseModel):
 
     name: str = Field("unclip", description="A label for this pipeline in logs and the UI.")
     storage: str = Field(..., description="Storage root: a local folder or an fsspec URI.")
-    sources: list[str] = Field(
+    sources: list[str | SourceConfig] = Field(
         default_factory=list,
-        description="URL lists (parquet/csv/tsv/jsonl, local paths or URIs); one list = one source.",
+        description="URL lists (parquet/csv/tsv/jsonl, local paths or URIs; a glob is one source "
+        "per matched file): a path, or an object {path, format, url_col, caption_col, metadata} "
+        "with this list's own columns, format and metadata filters.",
     )
     synthetic: SyntheticConfig | None = Field(
         None, description="Generate and serve the captioned-shapes demo set as an extra source."
@@ -250,7 +253,10 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     if "storage" in out:
         out["storage"] = resolve(out["storage"])
     if isinstance(out.get("sources"), list):
-        out["sources"] = [resolve(s) for s in out["sources"]]
+        out["sources"] = [
+            {**s, "path": resolve(s["path"])} if isinstance(s, dict) and "path" in s else resolve(s)
+            for s in out["sources"]
+        ]
     sensor = out.get("sensor")
     if isinstance(sensor, dict) and sensor.get("incoming"):
         out["sensor"] = {**sensor, "incoming": resolve(sensor["incoming"])}

@@ -56,19 +56,20 @@ def synthetic_list_path(cfg: PipelineConfig) -> str:
     return layout_of(cfg).join("synthetic", SYNTHETIC_LIST)
 
 
-def url_list_paths(cfg: PipelineConfig) -> list[str]:
-    """Every URL list of this run: configured sources, plus the synthetic list when enabled."""
-    paths = list(cfg.sources)
+def url_lists_of(cfg: PipelineConfig) -> list[sources_mod.ConfiguredList]:
+    """Every URL list of this run: configured sources (globs expanded), plus the synthetic list."""
+    lists = sources_mod.configured_lists(cfg)
     if cfg.synthetic is not None:
-        paths.append(synthetic_list_path(cfg))
-    if not paths:
+        lists.append(sources_mod.ConfiguredList(synthetic_list_path(cfg), {}))
+    if not lists:
         raise ValueError("config has no `sources` and no `synthetic` section: nothing to ingest")
-    return paths
+    return lists
 
 
 def prepare_sources(cfg: PipelineConfig) -> dict[str, Any]:
     """Write the synthetic URL list (once; its server port is fixed by the first write)."""
-    out: dict[str, Any] = {"sources": len(url_list_paths(cfg))}
+    lists = url_lists_of(cfg)
+    out: dict[str, Any] = {"sources": len(lists)}
     if cfg.synthetic is not None:
         path = synthetic_list_path(cfg)
         if not exists(path):
@@ -76,16 +77,16 @@ def prepare_sources(cfg: PipelineConfig) -> dict[str, Any]:
                 synthetic.write_url_list(cfg.synthetic, base_url, path)
         out["synthetic_list"] = path
         out["synthetic_pairs"] = cfg.synthetic.num_pairs
-    for p in cfg.sources:
-        if not exists(p):
-            raise FileNotFoundError(f"sources: URL list {p} does not exist")
+    for listed in lists:
+        if not exists(listed.path):
+            raise FileNotFoundError(f"sources: URL list {listed.path} does not exist")
     return out
 
 
 def register_sources(cfg: PipelineConfig) -> list[str]:
     """Write the synthetic list if needed and register every configured list; their ids."""
     prepare_sources(cfg)
-    return [sources_mod.register(cfg, p) for p in url_list_paths(cfg)]
+    return [sources_mod.register(cfg, lst.path, lst.options) for lst in url_lists_of(cfg)]
 
 
 def source_lists(cfg: PipelineConfig, only: list[str] | None = None) -> dict[str, str]:
@@ -99,9 +100,9 @@ def source_lists(cfg: PipelineConfig, only: list[str] | None = None) -> dict[str
     # A registered list is not hashed again (lists can be large, on S3); `unclip run`
     # re-registers the configured ones, so one edited in place gets its new id there.
     seen = set(known.values())
-    for p in url_list_paths(cfg):
-        if p not in seen and exists(p):
-            known.setdefault(url_lists.source_id(p), p)
+    for listed in url_lists_of(cfg):
+        if listed.path not in seen and exists(listed.path):
+            known.setdefault(url_lists.source_id(listed.path), listed.path)
     return dict(sorted(known.items()))
 
 
@@ -112,7 +113,8 @@ def source_ids(cfg: PipelineConfig) -> list[str]:
 def describe_source(cfg: PipelineConfig, sid: str) -> dict[str, Any]:
     """Check one source's list (columns, rows) before anything is downloaded."""
     path = sources_mod.url_list_of(cfg, sid)
-    return {"source": sid, "url_list": path, "rows": sources_mod.validate(path, cfg).rows}
+    checked = sources_mod.validate(path, cfg, sources_mod.ingest_config_of(cfg, sid, path))
+    return {"source": sid, "url_list": path, "rows": checked.rows}
 
 
 @contextlib.contextmanager
@@ -139,22 +141,17 @@ def ingest(
     ensure_ray(cfg)
     layout = layout_of(cfg)
     results = []
-    for path in source_lists(cfg, only).values():
+    for sid, path in source_lists(cfg, only).items():
         runs = []
-        if not ingest_mod.source_complete(layout, path, cfg.ingest):
+        icfg = sources_mod.ingest_config_of(cfg, sid, path)
+        if not ingest_mod.source_complete(layout, path, icfg):
             with _synthetic_server_if_needed(cfg, path):
-                runs.append(ingest_mod.ingest_source(layout, path, cfg.ingest, progress=progress))
+                runs.append(ingest_mod.ingest_source(layout, path, icfg, progress=progress))
         if retry_failed:
             with _synthetic_server_if_needed(cfg, path):
-                runs.append(
-                    ingest_mod.retry_failed(
-                        layout, url_lists.source_id(path), cfg.ingest, progress=progress
-                    )
-                )
+                runs.append(ingest_mod.retry_failed(layout, sid, icfg, progress=progress))
         if not runs:
-            results.append(
-                {"source": url_lists.source_id(path), "shards_written": 0, "skipped": True}
-            )
+            results.append({"source": sid, "shards_written": 0, "skipped": True})
         for r in runs:
             results.append(
                 {
