@@ -127,3 +127,33 @@ def file_metadata(
         "unclip.source": source,
         "unclip.shard": str(shard),
     }
+
+
+# Columns the fixed part of the schema owns; a carried metadata column of that name is dropped.
+OWN_COLUMNS = ("key", "caption", "url", "image_embedding", "text_embedding", "clip_score")
+
+
+def embedding_table(
+    keys: list[str],
+    captions: list[str],
+    urls: pa.Array | pa.ChunkedArray,
+    image: np.ndarray,
+    text: np.ndarray,
+    clip_score: np.ndarray,
+    extra: pa.Table | None = None,
+) -> pa.Table:
+    """The fixed columns (vectors rounded to float16) followed by ``extra``'s other columns."""
+    table = pa.table(
+        {
+            "key": pa.array(keys, pa.string()),
+            "caption": pa.array(captions, pa.string()),
+            "url": urls.cast(pa.string()),
+            "image_embedding": fixed_list(image),
+            "text_embedding": fixed_list(text),
+            "clip_score": pa.array(clip_score, pa.float32()),
+        }
+    )
+    for name in extra.column_names if extra is not None else []:
+        if name not in OWN_COLUMNS:
+            table = table.append_column(name, extra.column(name))
+    return table

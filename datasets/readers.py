@@ -51,6 +51,7 @@ __all__ = [
     "load_images_captions",
     "load_manifest",
     "read_embedding_table",
+    "require_images",
 ]
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,17 @@ def read_embedding_table(
     except (pa.ArrowInvalid, OSError) as e:
         raise ValueError(f"{path}: unreadable Parquet ({e})") from e
     return table
+
+
+def require_images(manifest: dict[str, Any]) -> None:
+    """Raise unless every shard of the manifest has images (imported sources have none)."""
+    no_images = sorted({e["source"] for e in manifest["shards"] if not e.get("images")})
+    if no_images:
+        raise ValueError(
+            f"dataset version {manifest['version']}: sources {no_images} have embeddings only "
+            "(imported, no image shards); the decoder and upsampler train on images: assemble "
+            "a manifest without them"
+        )
 
 
 def kept_mask(
@@ -246,6 +258,7 @@ def _iter_pairs(
     skipped: dict[str, int],
 ) -> Iterator[tuple[str, Any, np.ndarray, np.ndarray]]:
     """``(global key, tar sample, image emb, text emb)`` of every served, joinable sample."""
+    require_images(manifest)
     d = int(manifest["embedding_dim"])
     for entry in manifest["shards"]:
         t = read_embedding_table(

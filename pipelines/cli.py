@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from unclip.pipelines.cli_embeddings import export_embeddings_command, import_embeddings_command
 from unclip.pipelines.config import ConfigError, PipelineConfig, load_config, parse_override
 
 app = typer.Typer(
@@ -565,6 +566,10 @@ def config_schema() -> None:
     import json
 
     console.print_json(json.dumps(PipelineConfig.model_json_schema()))
+
+
+app.command("import-embeddings")(import_embeddings_command)
+app.command("export-embeddings")(export_embeddings_command)
 
 
 if __name__ == "__main__":

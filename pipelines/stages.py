@@ -19,7 +19,9 @@ from unclip.datasets import embed as embed_mod
 from unclip.datasets import ingest as ingest_mod
 from unclip.datasets import manifest as manifest_mod
 from unclip.datasets import synthetic, url_lists
+from unclip.datasets.embedding_import import imported_sources
 from unclip.datasets.ingest_stats import format_summary
+from unclip.datasets.readers import load_manifest, require_images
 from unclip.datasets.shards import completed_shards
 from unclip.datasets.storage import StorageLayout, exists, read_json, write_json
 from unclip.pipelines import sources as sources_mod
@@ -296,7 +298,10 @@ def current_version(cfg: PipelineConfig) -> str:
 
 
 def assemble(cfg: PipelineConfig, clip_id: str) -> dict[str, Any]:
-    m = manifest_mod.assemble_manifest(layout_of(cfg), clip_id, source_ids(cfg), cfg=cfg.manifest)
+    """The manifest over every source with embeddings of ``clip_id``, imported ones included."""
+    layout = layout_of(cfg)
+    sids = source_ids(cfg) + imported_sources(layout, clip_id)
+    m = manifest_mod.assemble_manifest(layout, clip_id, sids, cfg=cfg.manifest)
     return {
         "version": m["version"],
         "num_samples": m["num_samples"],
@@ -320,6 +325,7 @@ def train_prior(cfg: PipelineConfig, version: str) -> dict[str, Any]:
 def train_decoder(cfg: PipelineConfig, version: str) -> dict[str, Any]:
     from unclip.training.decoder import train_decoder as fit_decoder
 
+    require_images(load_manifest(layout_of(cfg), version))  # before any worker starts
     ensure_ray(cfg)
     fit = fit_decoder(layout_of(cfg), version, cfg.decoder, cfg.evaluate.holdout_fraction)
     _record_latest(cfg, "decoder", fit, version)
@@ -337,6 +343,7 @@ def train_upsampler(cfg: PipelineConfig, version: str) -> dict[str, Any]:
         )
     from unclip.training.upsampler import train_upsampler as fit_upsampler
 
+    require_images(load_manifest(layout_of(cfg), version))
     ensure_ray(cfg)
     fit = fit_upsampler(layout_of(cfg), version, cfg.upsampler, cfg.evaluate.holdout_fraction)
     _record_latest(cfg, "upsampler", fit, version)
