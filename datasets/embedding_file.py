@@ -68,6 +68,7 @@ def write_embedding_table(table: pa.Table, f: IO[bytes]) -> None:
         ],
         column_encoding={**dict.fromkeys(floats, "PLAIN"), "clip_score": "PLAIN"},
         write_statistics=["key", "clip_score"],
+        data_page_version="1.0",  # the pages every Parquet reader reads
     )
 
 

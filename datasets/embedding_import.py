@@ -6,8 +6,9 @@ re-embedding. An import writes ordinary embedding files (``embedding_file``) und
 :func:`imported_clip_id` of the model name and pretrained tag the user gives, then
 ``_import.json`` (the commit record). There are no image shards: such a source serves the prior,
 and the decoder refuses it. Input parts are read in chunks of ``rows_per_shard`` rows (npy files
-by seeking, metadata by Parquet batches), so memory holds one chunk whatever the part's size;
-a killed import resumes at the first shard not yet written.
+by seeking, metadata by Parquet batches) and written on ``write_threads`` threads, so memory
+holds ``write_threads`` + 1 chunks whatever the part's size; a killed import resumes at the
+first shard not yet written.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any, Literal
 
@@ -139,13 +142,13 @@ class _NpyRows:
         self.offset = self.file.tell()
 
     def rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``[start, stop)`` as float32."""
+        """Rows ``[start, stop)`` in the file's dtype."""
         if self.array is not None:
-            return self.array[start:stop].astype(np.float32)
+            return self.array[start:stop]
         width = self.shape[1] * self.dtype.itemsize
         self.file.seek(self.offset + start * width)
         data = self.file.read((stop - start) * width)
-        return np.frombuffer(data, self.dtype).reshape(-1, self.shape[1]).astype(np.float32)
+        return np.frombuffer(data, self.dtype).reshape(-1, self.shape[1])
 
     def close(self) -> None:
         if self.array is None:
@@ -169,8 +172,15 @@ def _metadata_chunks(fs: Any, path: str, rows: int) -> Iterator[pa.Table]:
             yield pa.Table.from_batches(pending)
 
 
-def _normalized(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+def _unit_rows(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors to store, the same as unit float32): float16 rows already of unit length (what
+    clip-retrieval writes) are stored as they are; any others are normalised first."""
+    x = raw.astype(np.float32)
+    norms = np.sqrt(np.einsum("nd,nd->n", x, x))
+    unit = x / np.maximum(norms, 1e-12)[:, None]
+    if raw.dtype == np.float16 and np.all(np.abs(norms - 1) < 2e-3):
+        return raw, unit
+    return unit, unit
 
 
 @dataclass(frozen=True)
@@ -187,6 +197,7 @@ class ImportSpec:
     rows_per_shard: int = 65536
     image_key: str = "l14_img"
     text_key: str = "l14_txt"
+    write_threads: int = 2
 
     @property
     def clip_id(self) -> str:
@@ -220,8 +231,40 @@ def _carried(meta: pa.Table) -> pa.Table:
     return meta.rename_columns(["key_src" if c == "key" else c for c in meta.column_names])
 
 
+class _Writers:
+    """Writes files on a few threads (Parquet encoding releases the GIL) while the next chunk is
+    read, holding at most ``workers`` tables in flight; the first failure is raised."""
+
+    def __init__(self, workers: int) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="import-write")
+        self.workers = workers
+        self.pending: deque[Future[None]] = deque()
+
+    def submit(self, path: str, table: pa.Table) -> None:
+        while len(self.pending) >= self.workers:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(_write_file, path, table))
+
+    def close(self) -> None:
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _write_file(path: str, table: pa.Table) -> None:
+    with atomic_write(path) as f:
+        write_embedding_table(table, f)
+
+
 def _write_part_shards(
-    layout: StorageLayout, spec: ImportSpec, fs: Any, part: InputPart, first_shard: int
+    layout: StorageLayout,
+    spec: ImportSpec,
+    fs: Any,
+    part: InputPart,
+    first_shard: int,
+    writers: _Writers,
 ) -> list[dict[str, Any]]:
     """Write the shards of one input part (those not yet written); their record entries."""
     image = _NpyRows(fs, part.image, part.image_key)
@@ -244,7 +287,8 @@ def _write_part_shards(
             shard = first_shard + i
             path = layout.embedding_shard(spec.clip_id, spec.source_id, shard)
             if not exists(path):
-                img, txt = _normalized(image.rows(start, stop)), _normalized(text.rows(start, stop))
+                img, img32 = _unit_rows(image.rows(start, stop))
+                txt, txt32 = _unit_rows(text.rows(start, stop))
                 captions = _column(meta, spec.caption_col, part.metadata, "--caption-col")
                 urls = _column(meta, spec.url_col, part.metadata, "--url-col")
                 extra = _carried(meta)
@@ -254,14 +298,13 @@ def _write_part_shards(
                     urls,
                     img,
                     txt,
-                    np.einsum("nd,nd->n", img, txt),
+                    np.einsum("nd,nd->n", img32, txt32),
                     extra.drop_columns([spec.caption_col, spec.url_col]),
                 )
                 table = table.replace_schema_metadata(
                     file_metadata(spec.clip_id, d, identity, spec.source_id, shard)
                 )
-                with atomic_write(path) as f:
-                    write_embedding_table(table, f)
+                writers.submit(path, table)
             out.append({"shard": shard, "part": part.number, "rows": stop - start})
             start = stop
         if start != n:
@@ -288,8 +331,12 @@ def import_embeddings(layout: StorageLayout, spec: ImportSpec) -> dict[str, Any]
             {"model_name": spec.model_name, "pretrained": spec.pretrained, "imported": True},
         )
     shards: list[dict[str, Any]] = []
-    for part in parts:
-        shards += _write_part_shards(layout, spec, fs, part, len(shards))
+    writers = _Writers(spec.write_threads)
+    try:
+        for part in parts:
+            shards += _write_part_shards(layout, spec, fs, part, len(shards), writers)
+    finally:
+        writers.close()
     record = {
         "source": spec.source_id,
         "clip_id": spec.clip_id,
