@@ -103,6 +103,11 @@ class IngestConfig(Section):
         None,
         description="Format of the URL lists (+ .gz by name); None: from each file's extension.",
     )
+    list_columns: list[str] | None = Field(
+        None,
+        description="Column names of header-less csv / tsv lists (CC3M's TSV: [caption, url]); "
+        "None: the first line is the header.",
+    )
     max_url_list_bytes: int = Field(
         4 * 1024**3,
         ge=1,
@@ -206,6 +211,10 @@ class SourceConfig(Section):
     caption_col: str | None = Field(
         None, description="Column holding captions (None: ingest.caption_col)."
     )
+    columns: list[str] | None = Field(
+        None,
+        description="Column names of a header-less csv / tsv (None: ingest.list_columns).",
+    )
     metadata: dict[str, MetadataRule] | None = Field(
         None,
         description="Thresholds on this list's columns, e.g. {punsafe: {lt: 0.5}}; None: "
@@ -225,11 +234,13 @@ def ingest_config_with(base: IngestConfig, options: dict[str, object]) -> Ingest
     """``base`` with a source's recorded options (:meth:`SourceConfig.options`) applied."""
     opts = SourceConfig.model_validate({"path": "-", **options})
     update: dict[str, object] = {}
-    for key, field in (
+    pairs = (
         ("format", "list_format"),
         ("url_col", "url_col"),
         ("caption_col", "caption_col"),
-    ):
+        ("columns", "list_columns"),
+    )
+    for key, field in pairs:
         if getattr(opts, key) is not None:
             update[field] = getattr(opts, key)
     if opts.metadata is not None:

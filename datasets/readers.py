@@ -50,6 +50,7 @@ __all__ = [
     "load_image_pairs",
     "load_images_captions",
     "load_manifest",
+    "holdout_captions",
     "read_embedding_table",
     "require_images",
 ]
@@ -170,6 +171,39 @@ def kept_mask(
             f"{entry['count']}"
         )
     return keep
+
+
+def holdout_captions(
+    layout: StorageLayout, manifest: dict[str, Any], holdout_fraction: float, n: int
+) -> list[str]:
+    """The first ``n`` distinct captions of the hold-out split, in manifest order.
+
+    Reads only the key and caption columns, shard by shard, and stops once it has ``n``.
+    """
+    d = int(manifest["embedding_dim"])
+    out: list[str] = []
+    for entry in manifest["shards"]:
+        t = read_embedding_table(
+            layout, entry, manifest["clip_id"], d, columns=["key", "caption", "clip_score"]
+        )
+        keep = kept_mask(layout.join(entry["embeddings"]), t, manifest, entry)
+        for key, caption, kept in zip(
+            t.column("key").to_pylist(), t.column("caption").to_pylist(), keep, strict=True
+        ):
+            if (
+                kept
+                and caption not in out
+                and in_holdout(f"{entry['source']}/{key}", holdout_fraction)
+            ):
+                out.append(caption)
+                if len(out) == n:
+                    return out
+    if not out:
+        raise ValueError(
+            f"dataset version {manifest['version']}: the hold-out split has no captions "
+            "(too few pairs?); set evaluate.captions"
+        )
+    return out
 
 
 def load_embeddings(

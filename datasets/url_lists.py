@@ -133,9 +133,11 @@ class LoadedList:
     table: pa.Table
 
 
-def _column_names(data: bytes, fmt: str) -> list[str]:
+def _column_names(data: bytes, fmt: str, given: list[str] | None = None) -> list[str]:
     if fmt == "parquet":
         return pq.read_schema(pa.BufferReader(data)).names
+    if fmt in ("csv", "tsv") and given:
+        return list(given)
     if fmt in ("csv", "tsv"):
         first = data.split(b"\n", 1)[0].decode("utf-8-sig").rstrip("\r")
         return [c.strip('"') for c in first.split("\t" if fmt == "tsv" else ",")]
@@ -158,7 +160,7 @@ def load_url_list(path: str, cfg: IngestConfig) -> LoadedList:
 def _parse(data: bytes, fmt: str, path: str, cfg: IngestConfig) -> pa.Table:
     wanted = {"url_col": cfg.url_col, "caption_col": cfg.caption_col}
     try:
-        names = _column_names(data, fmt)
+        names = _column_names(data, fmt, cfg.list_columns)
     except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot parse as {fmt}: {e}") from e
     for field, col in wanted.items():
@@ -172,6 +174,7 @@ def _parse(data: bytes, fmt: str, path: str, cfg: IngestConfig) -> pa.Table:
         elif fmt in ("csv", "tsv"):
             table = pacsv.read_csv(
                 io.BytesIO(data),
+                read_options=pacsv.ReadOptions(column_names=cfg.list_columns),
                 parse_options=pacsv.ParseOptions(
                     delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True
                 ),

@@ -21,11 +21,12 @@ from unclip.datasets import manifest as manifest_mod
 from unclip.datasets import synthetic, url_lists
 from unclip.datasets.embedding_import import imported_sources
 from unclip.datasets.ingest_stats import format_summary
-from unclip.datasets.readers import load_manifest, require_images
+from unclip.datasets.readers import holdout_captions, load_manifest, require_images
 from unclip.datasets.shards import completed_shards
 from unclip.datasets.storage import StorageLayout, exists, read_json, write_json
 from unclip.pipelines import sources as sources_mod
 from unclip.pipelines.config import PipelineConfig
+from unclip.training.config import SHAPE_CAPTIONS
 
 Progress = Callable[[int, int], None]
 
@@ -425,13 +426,14 @@ def evaluate(cfg: PipelineConfig, version: str, clip_ckpt: str | None) -> dict[s
 
     grid = layout.join("eval", decoder_fit.run_name, "samples.png")
     if not exists(grid):
+        captions = grid_captions(cfg, version)
         write_sample_grid(
             layout,
             cfg.clip,
             clip_ckpt,
             prior_fit.export_dir,
             decoder_fit.export_dir,
-            cfg.evaluate,
+            cfg.evaluate.model_copy(update={"captions": captions}),
             grid,
         )
     cascade: dict[str, Any] = {}
@@ -471,6 +473,19 @@ def evaluate(cfg: PipelineConfig, version: str, clip_ckpt: str | None) -> dict[s
         **_scalars(prior_metrics),
         **{k: v for k, v in _scalars(decoder_metrics).items() if k in DECODER_SUMMARY},
     }
+
+
+def grid_captions(cfg: PipelineConfig, version: str) -> list[str]:
+    """The sample grid's captions: ``evaluate.captions``, else the shapes' (synthetic set on),
+    else the first distinct held-out captions of the dataset version."""
+    if cfg.evaluate.captions is not None:
+        return list(cfg.evaluate.captions)
+    if cfg.synthetic is not None:
+        return list(SHAPE_CAPTIONS)
+    manifest = load_manifest(layout_of(cfg), version)
+    return holdout_captions(
+        layout_of(cfg), manifest, cfg.evaluate.holdout_fraction, len(SHAPE_CAPTIONS)
+    )
 
 
 DECODER_SUMMARY = (
