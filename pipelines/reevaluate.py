@@ -60,8 +60,8 @@ def _prior(
     m: dict[str, Any],
     out: str,
 ) -> dict[str, Any]:
-    from unclip.training.evaluation import evaluate_prior
-    from unclip.training.trainer import FitResult
+    from unclip.training.engine.trainer import FitResult
+    from unclip.training.evaluation.prior_eval import evaluate_prior
 
     if m.get("split") != "holdout" or m.get("holdout_fraction") is None:
         raise NotComparable("the candidate's prior metrics do not say which hold-out split")
@@ -89,8 +89,8 @@ def _decoder(
     out_dir: str,
 ) -> dict[str, Any]:
     from unclip.pipelines.stages import clip_checkpoint, ensure_ray, synthetic_palette
-    from unclip.training.cascade_eval import evaluate_cascade
-    from unclip.training.trainer import EXPORT_DIRNAME, FitResult
+    from unclip.training.engine.trainer import EXPORT_DIRNAME, FitResult
+    from unclip.training.evaluation.cascade_eval import evaluate_cascade
 
     settings = m.get("settings") or {}
     if settings.get("cascade"):

@@ -202,7 +202,7 @@ def clip_checkpoint(cfg: PipelineConfig, progress: Progress | None = None) -> di
     """
     if not cfg.uses_bootstrap_clip:
         return {"checkpoint": None, "bootstrap": False, "clip_id": clip_id_for(cfg, None)}
-    from unclip.training.clip_task import train_bootstrap_clip
+    from unclip.training.models.bootstrap_clip import train_bootstrap_clip
 
     ensure_ray(cfg)
     layout = layout_of(cfg)
@@ -315,7 +315,7 @@ def assemble(cfg: PipelineConfig, clip_id: str) -> dict[str, Any]:
 
 
 def train_prior(cfg: PipelineConfig, version: str) -> dict[str, Any]:
-    from unclip.training.prior import train_prior as fit_prior
+    from unclip.training.models.prior import train_prior as fit_prior
 
     ensure_ray(cfg)
     fit = fit_prior(layout_of(cfg), version, cfg.prior, cfg.evaluate.holdout_fraction)
@@ -324,7 +324,7 @@ def train_prior(cfg: PipelineConfig, version: str) -> dict[str, Any]:
 
 
 def train_decoder(cfg: PipelineConfig, version: str) -> dict[str, Any]:
-    from unclip.training.decoder import train_decoder as fit_decoder
+    from unclip.training.models.decoder import train_decoder as fit_decoder
 
     require_images(load_manifest(layout_of(cfg), version))  # before any worker starts
     ensure_ray(cfg)
@@ -342,7 +342,7 @@ def train_upsampler(cfg: PipelineConfig, version: str) -> dict[str, Any]:
             f"upsampler.input_size {cfg.upsampler.input_size} must equal decoder.image_size "
             f"{cfg.decoder.image_size}: the upsampler enlarges the decoder's images"
         )
-    from unclip.training.upsampler import train_upsampler as fit_upsampler
+    from unclip.training.models.upsampler import train_upsampler as fit_upsampler
 
     require_images(load_manifest(layout_of(cfg), version))
     ensure_ray(cfg)
@@ -393,10 +393,10 @@ def evaluate(cfg: PipelineConfig, version: str, clip_ckpt: str | None) -> dict[s
     (``eval/{decoder_run}/decoder_metrics.json`` and ``report.html``). Each output is skipped
     when it is already there.
     """
-    from unclip.training.cascade_eval import METRICS_FILE, REPORT_FILE, evaluate_cascade
-    from unclip.training.decoder import train_decoder as fit_decoder
-    from unclip.training.evaluation import evaluate_prior, write_sample_grid
-    from unclip.training.prior import train_prior as fit_prior
+    from unclip.training.evaluation.cascade_eval import METRICS_FILE, REPORT_FILE, evaluate_cascade
+    from unclip.training.evaluation.prior_eval import evaluate_prior, write_sample_grid
+    from unclip.training.models.decoder import train_decoder as fit_decoder
+    from unclip.training.models.prior import train_prior as fit_prior
 
     ensure_ray(cfg)
     layout = layout_of(cfg)
@@ -406,7 +406,7 @@ def evaluate(cfg: PipelineConfig, version: str, clip_ckpt: str | None) -> dict[s
     decoder_fit = fit_decoder(layout, version, cfg.decoder, holdout)
     upsampler_fit = None
     if cfg.upsampler is not None:
-        from unclip.training.upsampler import train_upsampler as fit_upsampler
+        from unclip.training.models.upsampler import train_upsampler as fit_upsampler
 
         upsampler_fit = fit_upsampler(layout, version, cfg.upsampler, holdout)
 

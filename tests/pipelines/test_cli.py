@@ -156,9 +156,9 @@ def trained(tmp_path_factory):
     from unclip.datasets.clip import build_bootstrap_clip, load_clip, save_clip
     from unclip.datasets.storage import StorageLayout, write_json
     from unclip.pipelines.config import load_config
-    from unclip.training.decoder import DecoderTask
-    from unclip.training.prior import PriorTask
-    from unclip.training.upsampler import UpsamplerTask
+    from unclip.training.models.decoder import DecoderTask
+    from unclip.training.models.prior import PriorTask
+    from unclip.training.models.upsampler import UpsamplerTask
 
     root = tmp_path_factory.mktemp("sample")
     config = root / "c.yaml"

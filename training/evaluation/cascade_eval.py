@@ -24,13 +24,13 @@ from unclip.datasets.clip import encode_images, encode_texts, load_clip
 from unclip.datasets.config import ClipConfig
 from unclip.datasets.storage import StorageLayout, exists, read_json, write_json
 
+from ..config import DecoderConfig, EvaluateConfig
+from ..engine.artifacts import publish_dir
+from ..engine.trainer import FitResult
+from ..models.decoder import DecoderTask
+from ..sampling import generate
 from . import image_metrics as im
-from .artifacts import publish_dir
-from .config import DecoderConfig, EvaluateConfig
-from .decoder import DecoderTask
-from .eval_report import write_report
-from .sampling import generate
-from .trainer import FitResult
+from .report import write_report
 
 log = logging.getLogger(__name__)
 

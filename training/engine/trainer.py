@@ -1,7 +1,7 @@
 """The one trainer every model uses: a model plugs in as a :class:`TrainTask`, never by a copy of the loop.
 
 :func:`fit` runs Ray Train's ``TorchTrainer``; each worker runs
-:func:`unclip.training.train_loop.train_loop` (DeepSpeed ZeRO, LR schedule, checkpoints reported
+:func:`unclip.training.engine.train_loop.train_loop` (DeepSpeed ZeRO, LR schedule, checkpoints reported
 to Ray Train, exact resume, export). This module is the driver side: run names, the skip of a
 finished run, the Ray Train configuration and the result.
 """
@@ -23,7 +23,7 @@ from unclip.datasets.lease import Lease
 from unclip.datasets.storage import StorageLayout, exists, read_json
 from unclip.datasets.stream import Columns, ShardSource, check_world_change
 
-from .config import Section, TrainerConfig
+from ..config import Section, TrainerConfig
 
 log = logging.getLogger(__name__)
 
