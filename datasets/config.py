@@ -248,6 +248,9 @@ def ingest_config_with(base: IngestConfig, options: dict[str, object]) -> Ingest
     return base.model_copy(update=update) if update else base
 
 
+_BOOT = "Bootstrap only (clip.model_name unset):"
+
+
 class ClipConfig(Section):
     """Which CLIP embeds the data: a pretrained open_clip model, or a bootstrap one trained here.
 
@@ -260,18 +263,37 @@ class ClipConfig(Section):
         description="open_clip model name (e.g. 'ViT-B-32'); None uses the bootstrap architecture.",
     )
     pretrained: str | None = Field(
-        None, description="open_clip tag, 'hf-hub:org/name', or a local checkpoint path."
+        None,
+        description="open_clip tag, 'hf-hub:org/name', or a local checkpoint path; None with a "
+        "model_name: random weights, seeded so every process gets the same (tests, smoke runs).",
     )
-    # Bootstrap architecture (used when model_name is None).
-    embed_dim: int = Field(64, ge=8)
-    image_size: int = Field(64, ge=8)
-    patch_size: int = Field(8, ge=1)
-    vision_width: int = Field(128, ge=8)
-    vision_layers: int = Field(3, ge=1)
-    text_width: int = Field(128, ge=8)
-    text_layers: int = Field(3, ge=1)
-    heads: int = Field(4, ge=1)
-    context_length: int = Field(16, ge=4)
+    # Bootstrap-only: the architecture of the CLIP trained here when model_name is None.
+    embed_dim: int = Field(64, ge=8, description=f"{_BOOT} Embedding dimension D.")
+    image_size: int = Field(64, ge=8, description=f"{_BOOT} Input side in pixels.")
+    patch_size: int = Field(8, ge=1, description=f"{_BOOT} ViT patch side.")
+    vision_width: int = Field(128, ge=8, description=f"{_BOOT} Vision transformer width.")
+    vision_layers: int = Field(3, ge=1, description=f"{_BOOT} Vision transformer layers.")
+    text_width: int = Field(128, ge=8, description=f"{_BOOT} Text transformer width.")
+    text_layers: int = Field(3, ge=1, description=f"{_BOOT} Text transformer layers.")
+    heads: int = Field(4, ge=1, description=f"{_BOOT} Attention heads of both towers.")
+    context_length: int = Field(16, ge=4, description=f"{_BOOT} Caption tokens.")
+
+    @model_validator(mode="after")
+    def _bootstrap_keys_only_for_the_bootstrap(self) -> ClipConfig:
+        given = sorted(BOOTSTRAP_ONLY_KEYS & self.model_fields_set)
+        if self.model_name is not None and given:
+            raise ValueError(
+                f"clip.{given[0]}: a bootstrap-only key (the architecture of the CLIP trained "
+                f"here), but clip.model_name is {self.model_name!r}, whose architecture is "
+                f"open_clip's; remove {', '.join('clip.' + k for k in given)}"
+            )
+        return self
+
+
+BOOTSTRAP_ONLY_KEYS = frozenset(
+    ["embed_dim", "image_size", "patch_size", "vision_width", "vision_layers"]
+    + ["text_width", "text_layers", "heads", "context_length"]
+)
 
 
 class EmbedConfig(Section):

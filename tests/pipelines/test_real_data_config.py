@@ -79,3 +79,18 @@ def test_grid_captions_default_to_held_out_captions_of_the_data(tmp_path):
     assert all(in_holdout(keys[c], 0.3) for c in captions)
     demo = parse_config({"storage": str(tmp_path / "store"), "synthetic": {}})
     assert grid_captions(demo, manifest["version"]) == SHAPE_CAPTIONS
+
+
+def test_bootstrap_only_clip_keys_beside_a_named_model_are_an_error_naming_them():
+    with pytest.raises(
+        ConfigError,
+        match=r"clip\.embed_dim: a bootstrap-only key .*remove clip\.embed_dim, clip\.image_size",
+    ):
+        parse_config(
+            {
+                "storage": "x",
+                "clip": {"model_name": "ViT-B-32", "embed_dim": 512, "image_size": 224},
+            }
+        )
+    boot = parse_config({"storage": "x", "clip": {"embed_dim": 32, "image_size": 32}})
+    assert (boot.clip.embed_dim, boot.clip.model_name) == (32, None)
