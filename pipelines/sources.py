@@ -72,8 +72,9 @@ def ingest_config_of(cfg: PipelineConfig, sid: str, url_list: str) -> IngestConf
     The options come from its registration, else from the configured entry naming that file.
     """
     origin = StorageLayout(cfg.storage).source_origin(sid)
-    if exists(origin) and read_json(origin).get("url_list") == url_list:
-        return ingest_config_with(cfg.ingest, read_json(origin).get("options", {}))
+    record = read_json(origin) if exists(origin) else {}
+    if record.get("url_list") == url_list:
+        return ingest_config_with(cfg.ingest, record.get("options", {}))
     for listed in configured_lists(cfg):
         if listed.path == url_list:
             return ingest_config_with(cfg.ingest, listed.options)
