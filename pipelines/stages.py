@@ -19,7 +19,6 @@ from unclip.datasets import embed as embed_mod
 from unclip.datasets import ingest as ingest_mod
 from unclip.datasets import manifest as manifest_mod
 from unclip.datasets import synthetic, url_lists
-from unclip.datasets.embedding_import import imported_sources
 from unclip.datasets.ingest_stats import format_summary
 from unclip.datasets.readers import holdout_captions, load_manifest, require_images
 from unclip.datasets.shards import completed_shards
@@ -299,10 +298,8 @@ def current_version(cfg: PipelineConfig) -> str:
 
 
 def assemble(cfg: PipelineConfig, clip_id: str) -> dict[str, Any]:
-    """The manifest over every source with embeddings of ``clip_id``, imported ones included."""
-    layout = layout_of(cfg)
-    sids = source_ids(cfg) + imported_sources(layout, clip_id)
-    m = manifest_mod.assemble_manifest(layout, clip_id, sids, cfg=cfg.manifest)
+    """The manifest over every source with embeddings of ``clip_id``."""
+    m = manifest_mod.assemble_manifest(layout_of(cfg), clip_id, source_ids(cfg), cfg=cfg.manifest)
     return {
         "version": m["version"],
         "num_samples": m["num_samples"],
