@@ -41,11 +41,12 @@ def import_embeddings_command(
     """Import precomputed CLIP embeddings (LAION's, DataComp's) and assemble a manifest over them."""
     from unclip.datasets import manifest as manifest_mod
     from unclip.datasets.embedding_import import ImportSpec, import_embeddings, imported_sources
-    from unclip.pipelines.cli import _load, console
-    from unclip.pipelines.stages import layout_of
+    from unclip.datasets.storage import StorageLayout
+    from unclip.pipelines.cli import _load
+    from unclip.pipelines.cli_output import console
 
     cfg, _ = _load(config, set_)
-    layout = layout_of(cfg)
+    layout = StorageLayout(cfg.storage)
     spec = ImportSpec(
         uri,
         fmt,
@@ -83,12 +84,19 @@ def export_embeddings_command(
 ) -> None:
     """Write a dataset version's embeddings in clip-retrieval's layout (embedding-reader reads it)."""
     from unclip.datasets.embedding_export import export_embeddings
-    from unclip.pipelines.cli import _load, console
-    from unclip.pipelines.stages import current_version, layout_of
+    from unclip.datasets.manifest import latest_manifest
+    from unclip.datasets.storage import StorageLayout
+    from unclip.pipelines.cli import _load
+    from unclip.pipelines.cli_output import console
 
     cfg, _ = _load(config, set_)
+    layout = StorageLayout(cfg.storage)
+    latest = latest_manifest(layout)
+    if version is None and latest is None:
+        console.print(f"[red]error:[/red] no dataset manifest under {cfg.storage}: give --version")
+        raise typer.Exit(1)
     try:
-        record = export_embeddings(layout_of(cfg), version or current_version(cfg), out)
+        record = export_embeddings(layout, version or latest["version"], out)
     except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from None

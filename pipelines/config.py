@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +31,7 @@ from unclip.training.config import (
     PriorConfig,
     UpsamplerConfig,
 )
+from unclip.training.evaluation.metric_names import CASCADE_METRIC_NAMES, PRIOR_METRIC_NAMES
 
 
 class RayConfig(BaseModel):
@@ -102,17 +104,8 @@ SYNTHETIC_ONLY_METRICS = ("attribute_accuracy", "attribute_accuracy_untrained")
 
 
 # The numeric metrics each model's evaluation writes: the only keys a gate can read.
-PRIOR_GATE_METRICS = ("cos_pred_true", "cos_pred_text", "cos_pred_unrelated", "cos_text_baseline")
-CASCADE_GATE_METRICS = (
-    "attribute_accuracy",
-    "attribute_accuracy_untrained",
-    "fd_clip",
-    "fd_clip_untrained",
-    "clip_score",
-    "clip_score_real",
-    "fid",
-    "fid_untrained",
-)
+PRIOR_GATE_METRICS = PRIOR_METRIC_NAMES
+CASCADE_GATE_METRICS = CASCADE_METRIC_NAMES
 GATE_METRICS = {
     "prior": PRIOR_GATE_METRICS,
     "decoder": CASCADE_GATE_METRICS,
@@ -273,6 +266,14 @@ def clip_input_size(clip: ClipConfig) -> int | None:
         return None
     size = json.loads(path.read_text()).get("vision_cfg", {}).get("image_size")
     return max(size) if isinstance(size, list) else size
+
+
+def storage_from_env() -> str | None:
+    """``UNCLIP_STORAGE`` when set (a relative path is taken from where the command runs)."""
+    root = os.environ.get("UNCLIP_STORAGE")
+    if not root:
+        return None
+    return root if "://" in root else os.path.abspath(os.path.expanduser(root))
 
 
 class ConfigError(ValueError):

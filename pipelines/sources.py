@@ -9,19 +9,74 @@ whichever way the source arrived.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from fsspec.core import url_to_fs
 
-from unclip.datasets import url_lists
+from unclip.datasets import synthetic, url_lists
 from unclip.datasets.config import IngestConfig, SourceConfig, ingest_config_with
 from unclip.datasets.storage import StorageLayout, exists, read_json, write_json
 from unclip.pipelines.config import PipelineConfig
 
 ACCEPTED = "_accepted"
 REJECTED = "_rejected"
+SYNTHETIC_LIST = "urls.parquet"
+
+
+def synthetic_list_path(cfg: PipelineConfig) -> str:
+    """Where the synthetic URL list is written (not under ``incoming/``: that is the inbox)."""
+    return StorageLayout(cfg.storage).join("synthetic", SYNTHETIC_LIST)
+
+
+def write_synthetic_list(cfg: PipelineConfig) -> None:
+    """Write the synthetic URL list once (its server port is fixed by the first write)."""
+    if cfg.synthetic is None:
+        return
+    path = synthetic_list_path(cfg)
+    if not exists(path):
+        with synthetic.serve_synthetic(cfg.synthetic) as base_url:
+            synthetic.write_url_list(cfg.synthetic, base_url, path)
+
+
+def register_configured(cfg: PipelineConfig) -> list[str]:
+    """Write the synthetic list if needed and register every configured list; their ids."""
+    write_synthetic_list(cfg)
+    lists = configured_lists(cfg)
+    for listed in lists:
+        if not exists(listed.path):
+            raise FileNotFoundError(f"sources: URL list {listed.path} does not exist")
+    return [register(cfg, listed.path, listed.options) for listed in lists]
+
+
+def source_lists(cfg: PipelineConfig, only: list[str] | None = None) -> dict[str, str]:
+    """Source id → URL list: registered lists plus configured ones not registered yet.
+
+    ``only`` restricts to those ids (one partition's run); an unknown id is an error.
+    """
+    if only is not None:
+        return {sid: url_list_of(cfg, sid) for sid in only}
+    known = registered(cfg)
+    # A registered list is not hashed again (lists can be large, on S3); `unclip run`
+    # re-registers the configured ones, so one edited in place gets its new id there.
+    seen = set(known.values())
+    for listed in configured_lists(cfg):
+        if listed.path not in seen and exists(listed.path):
+            known.setdefault(url_lists.source_id(listed.path), listed.path)
+    return dict(sorted(known.items()))
+
+
+@contextlib.contextmanager
+def serving_images(cfg: PipelineConfig, url_list: str) -> Iterator[None]:
+    """Serve the synthetic images on the list's own port while its shards download."""
+    if cfg.synthetic is None or url_list != synthetic_list_path(cfg):
+        yield
+        return
+    with synthetic.serve_synthetic(cfg.synthetic, port=synthetic.url_list_port(url_list) or 0):
+        yield
 
 
 def incoming_uri(cfg: PipelineConfig) -> str:
@@ -38,7 +93,8 @@ class ConfiguredList:
 
 
 def configured_lists(cfg: PipelineConfig) -> list[ConfiguredList]:
-    """Every file ``sources:`` names, globs expanded (sorted), each with its entry's options."""
+    """Every URL list of the config: each file ``sources:`` names (globs expanded, sorted) with
+    its entry's options, plus the synthetic list when enabled."""
     out = []
     for i, entry in enumerate(cfg.sources):
         spec = entry if isinstance(entry, SourceConfig) else SourceConfig(path=entry)
@@ -47,6 +103,10 @@ def configured_lists(cfg: PipelineConfig) -> list[ConfiguredList]:
         except FileNotFoundError as e:
             raise FileNotFoundError(f"sources[{i}]: {e}") from None
         out.extend(ConfiguredList(p, spec.options()) for p in paths)
+    if cfg.synthetic is not None:
+        out.append(ConfiguredList(synthetic_list_path(cfg), {}))
+    if not out:
+        raise ValueError("config has no `sources` and no `synthetic` section: nothing to ingest")
     return out
 
 
@@ -75,7 +135,7 @@ def ingest_config_of(cfg: PipelineConfig, sid: str, url_list: str) -> IngestConf
     record = read_json(origin) if exists(origin) else {}
     if record.get("url_list") == url_list:
         return ingest_config_with(cfg.ingest, record.get("options", {}))
-    for listed in configured_lists(cfg):
+    for listed in configured_lists(cfg) if cfg.sources else []:
         if listed.path == url_list:
             return ingest_config_with(cfg.ingest, listed.options)
     return cfg.ingest

@@ -16,7 +16,15 @@ def test_import_assembles_a_manifest_and_export_writes_the_layout(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("storage: store\n")
     runner = CliRunner()
-    args = ["import-embeddings", str(cfg), str(src), "--model", "ViT-B-32", "--pretrained", "openai"]
+    args = [
+        "import-embeddings",
+        str(cfg),
+        str(src),
+        "--model",
+        "ViT-B-32",
+        "--pretrained",
+        "openai",
+    ]
     r = runner.invoke(app, [*args, "--rows-per-shard", "5"])
     assert r.exit_code == 0, r.output
     assert "imported 13 pairs" in r.output

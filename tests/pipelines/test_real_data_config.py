@@ -10,8 +10,8 @@ from unclip.datasets.readers import in_holdout
 from unclip.datasets.storage import StorageLayout
 from unclip.datasets.synthetic_embeddings import write_clip_retrieval
 from unclip.pipelines.config import ConfigError, parse_config
-from unclip.pipelines.stages import grid_captions
 from unclip.training.config import SHAPE_CAPTIONS
+from unclip.training.evaluation.trained_cascade import grid_captions
 
 
 def _decoder_gates(cfg):
@@ -73,12 +73,15 @@ def test_grid_captions_default_to_held_out_captions_of_the_data(tmp_path):
     record = import_embeddings(layout, ImportSpec(str(src), "clip-retrieval", "m", "t"))
     manifest = assemble_manifest(layout, record["clip_id"], [record["source"]])
     cfg = parse_config({"storage": str(tmp_path / "store"), "evaluate": {"holdout_fraction": 0.3}})
-    captions = grid_captions(cfg, manifest["version"])
+    captions = grid_captions(layout, manifest["version"], cfg.evaluate, 0.3, shapes=False)
     assert len(captions) == 4 == len(set(captions))
     keys = {f"a photo 0-{i}": f"{record['source']}/00000_{i:09d}" for i in range(40)}
     assert all(in_holdout(keys[c], 0.3) for c in captions)
-    demo = parse_config({"storage": str(tmp_path / "store"), "synthetic": {}})
-    assert grid_captions(demo, manifest["version"]) == SHAPE_CAPTIONS
+    assert grid_captions(layout, manifest["version"], cfg.evaluate, 0.3, shapes=True) == (
+        SHAPE_CAPTIONS
+    )
+    given = cfg.evaluate.model_copy(update={"captions": ["a dog"]})
+    assert grid_captions(layout, manifest["version"], given, 0.3, shapes=False) == ["a dog"]
 
 
 def test_bootstrap_only_clip_keys_beside_a_named_model_are_an_error_naming_them():

@@ -9,7 +9,7 @@ import pytest
 from unclip.datasets import url_lists
 from unclip.datasets.ingest import plan_source
 from unclip.datasets.storage import StorageLayout
-from unclip.pipelines import sources, stages
+from unclip.pipelines import sources
 from unclip.pipelines.config import load_config
 
 
@@ -72,12 +72,12 @@ def test_a_glob_is_one_source_per_file_with_its_entrys_options(mixed_config, tmp
 
 
 def test_registered_sources_keep_stable_ids_and_their_options(mixed_config, tmp_path):
-    ids = stages.register_sources(mixed_config)
+    ids = sources.register_configured(mixed_config)
     assert ids == [
         url_lists.source_id(item.path) for item in sources.configured_lists(mixed_config)
     ]
-    assert stages.register_sources(mixed_config) == ids  # idempotent: same partition keys
-    assert list(stages.source_lists(mixed_config)) == sorted(ids)
+    assert sources.register_configured(mixed_config) == ids  # idempotent: same partition keys
+    assert list(sources.source_lists(mixed_config)) == sorted(ids)
     origin = json.loads((tmp_path / "out" / "sources" / f"{ids[2]}.origin.json").read_text())
     assert origin["options"] == {
         "format": "tsv",
@@ -86,12 +86,15 @@ def test_registered_sources_keep_stable_ids_and_their_options(mixed_config, tmp_
     }
     # Each source reads with its own columns and format.
     for sid in ids:
-        summary = stages.describe_source(mixed_config, sid)
-        assert summary["rows"] == {0: 3, 1: 4, 2: 2, 3: 1}[ids.index(sid)]
+        path = sources.url_list_of(mixed_config, sid)  # as the url_lists asset reads it
+        checked = sources.validate(
+            path, mixed_config, sources.ingest_config_of(mixed_config, sid, path)
+        )
+        assert checked.rows == {0: 3, 1: 4, 2: 2, 3: 1}[ids.index(sid)]
 
 
 def test_a_sources_metadata_filter_and_columns_shape_its_plan(mixed_config, tmp_path):
-    stages.register_sources(mixed_config)
+    sources.register_configured(mixed_config)
     layout = StorageLayout(mixed_config.storage)
     part1 = str(tmp_path / "laion" / "part-00001.parquet")
     sid = url_lists.source_id(part1)
