@@ -107,20 +107,20 @@ def test_laion_shaped_parts_go_from_ingest_to_a_gated_promotion(tmp_path, ray_lo
 
     # embedded by the ViT-B-32 (D = 512) at its 224 px input
     manifest = json.loads(
-        (store / "manifests" / f"{out['dataset_manifest']['version']}.json").read_text()
+        (store / "manifests" / f"{out['dataset_manifest'].version}.json").read_text()
     )
     assert manifest["embedding_dim"] == 512 and manifest["num_samples"] == 18
     identity = json.loads((store / "clip" / manifest["clip_id"] / "identity.json").read_text())
     assert identity["model_cfg"]["vision_cfg"]["image_size"] == 224
 
     # evaluation: no shape metric; the gate decides on fd_clip and clip_score
-    metrics = json.loads(Path(out["evaluation"]["decoder_metrics"]).read_text())
+    metrics = json.loads(Path(out["evaluation"].decoder_metrics_path).read_text())
     assert metrics["attribute_accuracy"] is None
     assert metrics["fd_clip"] >= 0 and 0 <= metrics["clip_score"] <= 100
-    assert out["promotion"]["decoder"]["status"] == "first", out["promotion"]["decoder"]
-    decision = json.loads((store / "eval" / out["decoder"]["run"] / "promotion.json").read_text())
+    promoted = {o.model: o.status for o in out["promotion"]}
+    assert promoted == {"prior": "first", "decoder": "first"}, out["promotion"]
+    decision = json.loads((store / "eval" / out["decoder"].run_name / "promotion.json").read_text())
     assert [g["metric"] for g in decision["gates"]] == ["fd_clip", "clip_score"]
     registry = json.loads((store / "registry" / "decoder.json").read_text())
-    assert registry["run"] == out["decoder"]["run"]
+    assert registry["run"] == out["decoder"].run_name
     assert registry["metrics"]["fd_clip"] == metrics["fd_clip"]
-    assert out["promotion"]["prior"]["status"] == "first"
