@@ -177,10 +177,10 @@ def _unit_rows(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     clip-retrieval writes) are stored as they are; any others are normalised first."""
     x = raw.astype(np.float32)
     norms = np.sqrt(np.einsum("nd,nd->n", x, x))
-    unit = x / np.maximum(norms, 1e-12)[:, None]
+    x /= np.maximum(norms, 1e-12)[:, None]
     if raw.dtype == np.float16 and np.all(np.abs(norms - 1) < 2e-3):
-        return raw, unit
-    return unit, unit
+        return raw, x
+    return x, x
 
 
 @dataclass(frozen=True)
