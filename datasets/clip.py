@@ -200,10 +200,18 @@ def _local_dir(checkpoint: str) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# Seed of a named model's random initialisation (``pretrained`` unset): every process that loads
+# it gets the same weights, hence one clip_id, as a loaded checkpoint would.
+RANDOM_INIT_SEED = 0
+
+
 def _load_named(name: str, pretrained: str | None, device: str) -> tuple[Any, Any, Any, dict]:
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained, device=device
-    )
+    with torch.random.fork_rng(devices=[]):
+        if pretrained is None:
+            torch.manual_seed(RANDOM_INIT_SEED)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device=device
+        )
     model_cfg = open_clip.get_model_config(name if ":" in name else name.replace("/", "-"))
     if model_cfg is None:
         raise ValueError(f"clip: unknown open_clip model {name!r}")

@@ -125,6 +125,15 @@ class IngestConfig(ConfigSection):
 
     url_col: str = Field("url", description="Column of the URL list holding image URLs.")
     caption_col: str = Field("caption", description="Column holding captions.")
+    list_format: Literal["parquet", "csv", "tsv", "jsonl"] | None = Field(
+        None,
+        description="Format of the URL lists (+ .gz by name); None: from each file's extension.",
+    )
+    list_columns: list[str] | None = Field(
+        None,
+        description="Column names of header-less csv / tsv lists (CC3M's TSV: [caption, url]); "
+        "None: the first line is the header.",
+    )
     max_url_list_bytes: int = Field(
         4 * 1024**3,
         ge=1,
@@ -211,6 +220,63 @@ class IngestConfig(ConfigSection):
         return self
 
 
+class SourceConfig(ConfigSection):
+    """One entry of ``sources:`` written as an object: a URL list or a glob of them, read its way.
+
+    A glob (``*``, ``?``, ``[``; local or any fsspec URI) is one source per matched file. Keys left
+    unset take the ``ingest`` section's value.
+    """
+
+    path: str = Field(..., description="A URL list, or a glob matching several (one source each).")
+    format: Literal["parquet", "csv", "tsv", "jsonl"] | None = Field(
+        None, description="Format of the list(s); None: ingest.list_format, else the extension."
+    )
+    url_col: str | None = Field(
+        None, description="Column holding image URLs (None: ingest.url_col)."
+    )
+    caption_col: str | None = Field(
+        None, description="Column holding captions (None: ingest.caption_col)."
+    )
+    columns: list[str] | None = Field(
+        None,
+        description="Column names of a header-less csv / tsv (None: ingest.list_columns).",
+    )
+    metadata: dict[str, MetadataRule] | None = Field(
+        None,
+        description="Thresholds on this list's columns, e.g. {punsafe: {lt: 0.5}}; None: "
+        "ingest.filters.metadata.",
+    )
+
+    def options(self) -> dict[str, object]:
+        """The keys set besides ``path``, as JSON-able data (what a registered source records)."""
+        return self.model_dump(exclude={"path"}, exclude_none=True)
+
+    def ingest_config(self, base: IngestConfig) -> IngestConfig:
+        """``base`` with this source's column mapping, format and metadata filters applied."""
+        return ingest_config_with(base, self.options())
+
+
+def ingest_config_with(base: IngestConfig, options: dict[str, object]) -> IngestConfig:
+    """``base`` with a source's recorded options (:meth:`SourceConfig.options`) applied."""
+    opts = SourceConfig.model_validate({"path": "-", **options})
+    update: dict[str, object] = {}
+    pairs = (
+        ("format", "list_format"),
+        ("url_col", "url_col"),
+        ("caption_col", "caption_col"),
+        ("columns", "list_columns"),
+    )
+    for key, field in pairs:
+        if getattr(opts, key) is not None:
+            update[field] = getattr(opts, key)
+    if opts.metadata is not None:
+        update["filters"] = base.filters.model_copy(update={"metadata": opts.metadata})
+    return base.model_copy(update=update) if update else base
+
+
+_BOOT = "Bootstrap only (clip.model_name unset):"
+
+
 class ClipConfig(ConfigSection):
     """Which CLIP embeds the data: a pretrained open_clip model, or a bootstrap one trained here.
 
@@ -223,18 +289,37 @@ class ClipConfig(ConfigSection):
         description="open_clip model name (e.g. 'ViT-B-32'); None uses the bootstrap architecture.",
     )
     pretrained: str | None = Field(
-        None, description="open_clip tag, 'hf-hub:org/name', or a local checkpoint path."
+        None,
+        description="open_clip tag, 'hf-hub:org/name', or a local checkpoint path; None with a "
+        "model_name: random weights, seeded so every process gets the same (tests, smoke runs).",
     )
-    # Bootstrap architecture (used when model_name is None).
-    embed_dim: int = Field(64, ge=8)
-    image_size: int = Field(64, ge=8)
-    patch_size: int = Field(8, ge=1)
-    vision_width: int = Field(128, ge=8)
-    vision_layers: int = Field(3, ge=1)
-    text_width: int = Field(128, ge=8)
-    text_layers: int = Field(3, ge=1)
-    heads: int = Field(4, ge=1)
-    context_length: int = Field(16, ge=4)
+    # Bootstrap-only: the architecture of the CLIP trained here when model_name is None.
+    embed_dim: int = Field(64, ge=8, description=f"{_BOOT} Embedding dimension D.")
+    image_size: int = Field(64, ge=8, description=f"{_BOOT} Input side in pixels.")
+    patch_size: int = Field(8, ge=1, description=f"{_BOOT} ViT patch side.")
+    vision_width: int = Field(128, ge=8, description=f"{_BOOT} Vision transformer width.")
+    vision_layers: int = Field(3, ge=1, description=f"{_BOOT} Vision transformer layers.")
+    text_width: int = Field(128, ge=8, description=f"{_BOOT} Text transformer width.")
+    text_layers: int = Field(3, ge=1, description=f"{_BOOT} Text transformer layers.")
+    heads: int = Field(4, ge=1, description=f"{_BOOT} Attention heads of both towers.")
+    context_length: int = Field(16, ge=4, description=f"{_BOOT} Caption tokens.")
+
+    @model_validator(mode="after")
+    def _bootstrap_keys_only_for_the_bootstrap(self) -> ClipConfig:
+        given = sorted(BOOTSTRAP_ONLY_KEYS & self.model_fields_set)
+        if self.model_name is not None and given:
+            raise ValueError(
+                f"clip.{given[0]}: a bootstrap-only key (the architecture of the CLIP trained "
+                f"here), but clip.model_name is {self.model_name!r}, whose architecture is "
+                f"open_clip's; remove {', '.join('clip.' + k for k in given)}"
+            )
+        return self
+
+
+BOOTSTRAP_ONLY_KEYS = frozenset(
+    ["embed_dim", "image_size", "patch_size", "vision_width", "vision_layers"]
+    + ["text_width", "text_layers", "heads", "context_length"]
+)
 
 
 class EmbedConfig(ConfigSection):

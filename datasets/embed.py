@@ -50,8 +50,8 @@ from .config import ClipConfig, EmbedConfig
 from .embedding_file import (
     PIPELINE_VERSION,
     check_embedding_metadata,
+    embedding_table,
     file_metadata,
-    fixed_list,
     write_embedding_table,
 )
 from .ingest import shard_parquet_path
@@ -65,7 +65,6 @@ log = logging.getLogger(__name__)
 
 # img2dataset's per-row bookkeeping: not carried into the embedding file.
 _DROP_META = {"key", "caption", "url", "status", "error_message"}
-_OURS = {"key", "caption", "url", "image_embedding", "text_embedding", "clip_score"}
 COUNT_KEYS = ("samples", "corrupt", "truncated_tar", "not_in_metadata")
 
 
@@ -558,19 +557,16 @@ def write_shard(
         meta = pa.table({"url": pa.array([], pa.string())})
     if "url" not in meta.column_names:
         meta = meta.append_column("url", pa.nulls(len(keys), pa.string()))
-    table = pa.table(
-        {
-            "key": pa.array(keys, pa.string()),
-            "caption": pa.array([str(c) for c in rows["caption"]], pa.string()),
-            "url": meta.column("url").cast(pa.string()),
-            "image_embedding": fixed_list(rows["image_embedding"].reshape(-1, d)),
-            "text_embedding": fixed_list(rows["text_embedding"].reshape(-1, d)),
-            "clip_score": pa.array(rows["clip_score"], pa.float32()),
-        }
+    carried = meta.drop_columns([c for c in meta.column_names if c in _DROP_META])
+    table = embedding_table(
+        keys,
+        [str(c) for c in rows["caption"]],
+        meta.column("url"),
+        rows["image_embedding"].reshape(-1, d),
+        rows["text_embedding"].reshape(-1, d),
+        rows["clip_score"],
+        carried,
     )
-    for name in meta.column_names:
-        if name not in _DROP_META and name not in _OURS:
-            table = table.append_column(name, meta.column(name))
     table = table.replace_schema_metadata(
         file_metadata(info.clip_id, d, info.identity, source, shard)
     )

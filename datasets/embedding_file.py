@@ -50,10 +50,11 @@ def fixed_list_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 
 def write_embedding_table(table: pa.Table, f: IO[bytes]) -> None:
-    """Write one embedding file: zstd, one row group, embeddings byte-stream-split, no dictionary.
+    """Write one embedding file: zstd, one row group, plain-encoded embeddings, no dictionary.
 
-    Dictionary encoding of float16 vectors only adds bytes; splitting their bytes into streams
-    lets zstd compress the sign / exponent bytes, which is what keeps a file near 2 bytes per
+    The float16 vectors are PLAIN-encoded: DuckDB, Polars and pyarrow all read that, while
+    byte-stream-split float16 (what files written before used, still read here) stops DuckDB.
+    Dictionary encoding of vectors only adds bytes; zstd keeps a vector near 1.85 bytes per
     dimension (docs/embeddings.md).
     """
     floats = [f"{c}.list.element" for c in EMBEDDING_COLUMNS]
@@ -65,8 +66,9 @@ def write_embedding_table(table: pa.Table, f: IO[bytes]) -> None:
         use_dictionary=[
             c for c in table.column_names if c not in (*EMBEDDING_COLUMNS, "clip_score")
         ],
-        column_encoding={**dict.fromkeys(floats, "BYTE_STREAM_SPLIT"), "clip_score": "PLAIN"},
+        column_encoding={**dict.fromkeys(floats, "PLAIN"), "clip_score": "PLAIN"},
         write_statistics=["key", "clip_score"],
+        data_page_version="1.0",  # the pages every Parquet reader reads
     )
 
 
@@ -126,3 +128,33 @@ def file_metadata(
         "unclip.source": source,
         "unclip.shard": str(shard),
     }
+
+
+# Columns the fixed part of the schema owns; a carried metadata column of that name is dropped.
+OWN_COLUMNS = ("key", "caption", "url", "image_embedding", "text_embedding", "clip_score")
+
+
+def embedding_table(
+    keys: list[str],
+    captions: list[str],
+    urls: pa.Array | pa.ChunkedArray,
+    image: np.ndarray,
+    text: np.ndarray,
+    clip_score: np.ndarray,
+    extra: pa.Table | None = None,
+) -> pa.Table:
+    """The fixed columns (vectors rounded to float16) followed by ``extra``'s other columns."""
+    table = pa.table(
+        {
+            "key": pa.array(keys, pa.string()),
+            "caption": pa.array(captions, pa.string()),
+            "url": urls.cast(pa.string()),
+            "image_embedding": fixed_list(image),
+            "text_embedding": fixed_list(text),
+            "clip_score": pa.array(clip_score, pa.float32()),
+        }
+    )
+    for name in extra.column_names if extra is not None else []:
+        if name not in OWN_COLUMNS:
+            table = table.append_column(name, extra.column(name))
+    return table

@@ -1,5 +1,6 @@
 """The dataset manifest: every shard that has both images and embeddings, named by a content hash.
 
+A source imported with embeddings only (``embedding_import``) is listed with ``images: null``.
 ``version`` hashes the CLIP id and the sorted shard list with each embedding file's sha256, so
 the same content always gives the same version (and the same manifest bytes), and adding or
 changing a shard gives a new one. The embedding mean / std the prior normalises with are written
@@ -34,6 +35,7 @@ from fsspec.core import url_to_fs
 
 from .config import ManifestConfig
 from .embedding_file import check_embedding_schema, fixed_list_to_numpy
+from .embedding_import import imported_shards
 from .manifest_curation import select_rows
 from .readers import kept_mask, read_embedding_table, removed_keys
 from .shards import completed_shards
@@ -75,6 +77,7 @@ class _Entry:
     sha256: str
     dim: int
     scores: np.ndarray  # clip_score, float32 [rows]
+    has_images: bool = True
 
 
 def _read_entry(layout: StorageLayout, clip_id: str, source: str, shard: int) -> _Entry | None:
@@ -127,11 +130,14 @@ def assemble_manifest(
     entries: list[_Entry] = []
     not_embedded: list[str] = []
     for source in sorted(set(source_ids)):
-        for shard in completed_shards(layout, source):
+        image_shards = completed_shards(layout, source)
+        # An imported source has embeddings only: it serves the prior, never the decoder.
+        for shard in image_shards or imported_shards(layout, clip_id, source):
             entry = _read_entry(layout, clip_id, source, shard)
             if entry is None:  # not embedded yet: the next assemble picks it up
                 not_embedded.append(f"{source}/{shard:05d}")
             else:
+                entry.has_images = bool(image_shards)
                 entries.append(entry)
     if not entries:
         raise ValueError(
@@ -164,7 +170,7 @@ def assemble_manifest(
         item = {
             "source": e.source,
             "shard": e.shard,
-            "images": _rel(layout, layout.image_shard(e.source, e.shard)),
+            "images": _rel(layout, layout.image_shard(e.source, e.shard)) if e.has_images else None,
             "embeddings": _rel(layout, e.path),
             "count": len(e.scores),
             "sha256": e.sha256,

@@ -52,7 +52,9 @@ __all__ = [
     "load_image_pairs",
     "load_images_captions",
     "load_manifest",
+    "holdout_captions",
     "read_embedding_table",
+    "require_images",
 ]
 
 log = logging.getLogger(__name__)
@@ -151,6 +153,17 @@ def removed_keys(path: str) -> pa.Array:
         return pq.read_table(f, columns=["key"]).column("key").combine_chunks()
 
 
+def require_images(manifest: dict[str, Any]) -> None:
+    """Raise unless every shard of the manifest has images (imported sources have none)."""
+    no_images = sorted({e["source"] for e in manifest["shards"] if not e.get("images")})
+    if no_images:
+        raise ValueError(
+            f"dataset version {manifest['version']}: sources {no_images} have embeddings only "
+            "(imported, no image shards); the decoder and upsampler train on images: assemble "
+            "a manifest without them"
+        )
+
+
 def kept_mask(
     layout: StorageLayout, table: pa.Table, manifest: dict[str, Any], entry: dict[str, Any]
 ) -> np.ndarray:
@@ -175,6 +188,39 @@ def kept_mask(
             f"{entry['count']}"
         )
     return keep
+
+
+def holdout_captions(
+    layout: StorageLayout, manifest: dict[str, Any], holdout_fraction: float, n: int
+) -> list[str]:
+    """The first ``n`` distinct captions of the hold-out split, in manifest order.
+
+    Reads only the key and caption columns, shard by shard, and stops once it has ``n``.
+    """
+    d = int(manifest["embedding_dim"])
+    out: list[str] = []
+    for entry in manifest["shards"]:
+        t = read_embedding_table(
+            layout, entry, manifest["clip_id"], d, columns=["key", "caption", "clip_score"]
+        )
+        keep = kept_mask(layout.join(entry["embeddings"]), t, manifest, entry)
+        for key, caption, kept in zip(
+            t.column("key").to_pylist(), t.column("caption").to_pylist(), keep, strict=True
+        ):
+            if (
+                kept
+                and caption not in out
+                and in_holdout(f"{entry['source']}/{key}", holdout_fraction)
+            ):
+                out.append(caption)
+                if len(out) == n:
+                    return out
+    if not out:
+        raise ValueError(
+            f"dataset version {manifest['version']}: the hold-out split has no captions "
+            "(too few pairs?); set evaluate.captions"
+        )
+    return out
 
 
 def load_embeddings(
@@ -263,6 +309,7 @@ def _iter_pairs(
     skipped: dict[str, int],
 ) -> Iterator[tuple[str, Any, np.ndarray, np.ndarray]]:
     """``(global key, tar sample, image emb, text emb)`` of every served, joinable sample."""
+    require_images(manifest)
     d = int(manifest["embedding_dim"])
     for entry in manifest["shards"]:
         t = read_embedding_table(

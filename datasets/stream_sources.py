@@ -27,7 +27,7 @@ from fsspec.core import url_to_fs
 from PIL import Image
 
 from .embedding_file import fixed_list_to_numpy
-from .readers import Split, _keep, _to_array, kept_mask, read_embedding_table
+from .readers import Split, _keep, _to_array, kept_mask, read_embedding_table, require_images
 from .shards import IMAGE_EXTS, ShardReadStats, completed_shards, iter_shard_members
 from .storage import StorageLayout, atomic_write, exists, read_json
 from .stream import Columns, Missing, ShardSource, StreamShard, StreamStats
@@ -216,6 +216,10 @@ class ImagePairSource(EmbeddingSource):
 
     image_size: int | None = None
     with_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        require_images(self.manifest)
+        super().__post_init__()
 
     def _load(self, shard: int, stats: StreamStats) -> _Loaded:
         got = self._load_embeddings(shard, stats)

@@ -41,12 +41,14 @@ RESERVED = {
 }
 
 
-def list_format(path: str) -> tuple[str, bool]:
-    """(format, gzipped) from the file name."""
+def list_format(path: str, given: str | None = None) -> tuple[str, bool]:
+    """(format, gzipped): ``given`` when set (``ingest.list_format``), else from the file name."""
     name = path.rsplit("/", 1)[-1].lower()
     gz = name.endswith(".gz")
     if gz:
         name = name[:-3]
+    if given is not None:
+        return given, gz
     ext = name.rsplit(".", 1)[-1] if "." in name else ""
     if ext not in FORMATS:
         raise ValueError(
@@ -90,6 +92,30 @@ def _gunzip(data: bytes, path: str, limit: int) -> bytes:
     return b"".join(out)
 
 
+GLOB_CHARS = ("*", "?", "[")
+
+
+def is_glob(path: str) -> bool:
+    """Whether ``path`` is a pattern (``*``, ``?`` or ``[``) rather than one file."""
+    return any(c in path.split("://", 1)[-1] for c in GLOB_CHARS)
+
+
+def expand(path: str) -> list[str]:
+    """The files ``path`` names: itself, or, for a glob, every matching file in sorted order.
+
+    Matches keep the pattern's scheme (``s3://…``), so each is a URI of its own; a glob matching
+    no file is a FileNotFoundError naming it.
+    """
+    if not is_glob(path):
+        return [path]
+    fs, pattern = url_to_fs(path)
+    matches = sorted(p for p in fs.glob(pattern) if fs.isfile(p))
+    if not matches:
+        raise FileNotFoundError(f"glob {path} matches no file")
+    scheme = path.split("://", 1)[0] + "://" if "://" in path else ""
+    return [scheme + m if scheme and not m.startswith(scheme) else m for m in matches]
+
+
 def _hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
@@ -107,9 +133,11 @@ class LoadedList:
     table: pa.Table
 
 
-def _column_names(data: bytes, fmt: str) -> list[str]:
+def _column_names(data: bytes, fmt: str, given: list[str] | None = None) -> list[str]:
     if fmt == "parquet":
         return pq.read_schema(pa.BufferReader(data)).names
+    if fmt in ("csv", "tsv") and given:
+        return list(given)
     if fmt in ("csv", "tsv"):
         first = data.split(b"\n", 1)[0].decode("utf-8-sig").rstrip("\r")
         return [c.strip('"') for c in first.split("\t" if fmt == "tsv" else ",")]
@@ -123,7 +151,7 @@ def read_url_list(path: str, cfg: IngestConfig) -> pa.Table:
 
 def load_url_list(path: str, cfg: IngestConfig) -> LoadedList:
     """Read ``path`` once: its source id (hash of the bytes) and its checked table."""
-    fmt, gz = list_format(path)
+    fmt, gz = list_format(path, cfg.list_format)
     raw = _read_bytes(path, cfg.max_url_list_bytes)
     data = _gunzip(raw, path, cfg.max_url_list_bytes) if gz else raw
     return LoadedList(_hash(raw), _parse(data, fmt, path, cfg))
@@ -132,7 +160,7 @@ def load_url_list(path: str, cfg: IngestConfig) -> LoadedList:
 def _parse(data: bytes, fmt: str, path: str, cfg: IngestConfig) -> pa.Table:
     wanted = {"url_col": cfg.url_col, "caption_col": cfg.caption_col}
     try:
-        names = _column_names(data, fmt)
+        names = _column_names(data, fmt, cfg.list_columns)
     except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot parse as {fmt}: {e}") from e
     for field, col in wanted.items():
@@ -146,6 +174,7 @@ def _parse(data: bytes, fmt: str, path: str, cfg: IngestConfig) -> pa.Table:
         elif fmt in ("csv", "tsv"):
             table = pacsv.read_csv(
                 io.BytesIO(data),
+                read_options=pacsv.ReadOptions(column_names=cfg.list_columns),
                 parse_options=pacsv.ParseOptions(
                     delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True
                 ),

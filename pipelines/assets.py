@@ -23,7 +23,7 @@ import dagster as dg
 from dagster import AssetExecutionContext
 from pydantic import Field
 
-from unclip.datasets import ingest, manifest, synthetic
+from unclip.datasets import ingest, manifest, readers, synthetic
 from unclip.pipelines import promotion as promotion_gate
 from unclip.pipelines import sources
 from unclip.pipelines.curation_assets import curated_embeddings
@@ -84,7 +84,9 @@ def url_lists(
     cfg = storage.config(unclip)
     sources.write_synthetic_list(cfg)  # the synthetic list, when its partition runs first
     path = sources.url_list_of(cfg, context.partition_key)
-    checked = sources.validate(path, cfg)
+    checked = sources.validate(
+        path, cfg, sources.ingest_config_of(cfg, context.partition_key, path)
+    )
     return _output(SourceList(context.partition_key, path, checked.rows), context.partition_key)
 
 
@@ -104,14 +106,15 @@ def image_shards(
 ) -> dg.Output[IngestSummary]:
     cfg, sid = storage.config(unclip), context.partition_key
     path = sources.url_list_of(cfg, sid)
+    ingest_cfg = sources.ingest_config_of(cfg, sid, path)  # the source's own columns and filters
     results = []
     missing = not ingest.source_ingested(storage.layout, sid)
     if missing or config.retry_failed:
         with sources.serving_images(cfg, path):
             if missing:
-                results.append(ingest.ingest_source(storage.layout, path, cfg.ingest))
+                results.append(ingest.ingest_source(storage.layout, path, ingest_cfg))
             if config.retry_failed:
-                results.append(ingest.retry_failed(storage.layout, sid, cfg.ingest))
+                results.append(ingest.retry_failed(storage.layout, sid, ingest_cfg))
     for r in results:
         r.raise_for_failed_shards()
     return _output(IngestSummary.of(sid, results))
@@ -205,6 +208,8 @@ def _training_asset(
         section = getattr(cfg, model)
         if section is None:
             return _output(None, "none")
+        if model != "prior":  # image models: refuse embeddings-only sources before any worker starts
+            readers.require_images(readers.load_manifest(storage.layout, dataset_manifest.version))
         train = getattr(
             importlib.import_module(f"unclip.training.models.{model}"), f"train_{model}"
         )

@@ -19,6 +19,7 @@ import typer
 from rich.live import Live
 
 from unclip.datasets.storage import StorageLayout
+from unclip.pipelines.cli_embeddings import export_embeddings_command, import_embeddings_command
 from unclip.pipelines.cli_output import StageBoard, console, print_outputs
 from unclip.pipelines.config import (
     ConfigError,
@@ -381,6 +382,10 @@ def config_schema() -> None:
     import json
 
     console.print_json(json.dumps(PipelineConfig.model_json_schema()))
+
+
+app.command("import-embeddings")(import_embeddings_command)
+app.command("export-embeddings")(export_embeddings_command)
 
 
 if __name__ == "__main__":

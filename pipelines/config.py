@@ -5,7 +5,10 @@ Unknown keys and wrong types fail before any work, with the key path and the fil
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,9 +21,11 @@ from unclip.datasets.config import (
     IngestConfig,
     ManifestConfig,
     SemanticDedupConfig,
+    SourceConfig,
     SyntheticConfig,
 )
 from unclip.training.config import (
+    SHAPE_CAPTIONS,
     BootstrapClipConfig,
     DecoderConfig,
     EvaluateConfig,
@@ -81,15 +86,22 @@ class PromotionMetric(BaseModel):
     )
 
 
-def _default_gates() -> dict[str, list[PromotionMetric]]:
+def _default_gates(synthetic: bool = True) -> dict[str, list[PromotionMetric]]:
+    """The gates when the config sets none: without the synthetic shapes, no shape metric."""
+    decoder = [
+        PromotionMetric(metric="fd_clip", mode="min", tolerance=0.0),
+        PromotionMetric(metric="clip_score", mode="max", tolerance=0.005),
+    ]
+    if synthetic:
+        decoder.append(PromotionMetric(metric="attribute_accuracy", mode="max", tolerance=0.02))
     return {
         "prior": [PromotionMetric(metric="cos_pred_true", mode="max", tolerance=0.005)],
-        "decoder": [
-            PromotionMetric(metric="fd_clip", mode="min", tolerance=0.0),
-            PromotionMetric(metric="clip_score", mode="max", tolerance=0.005),
-            PromotionMetric(metric="attribute_accuracy", mode="max", tolerance=0.02),
-        ],
+        "decoder": decoder,
     }
+
+
+# Metrics only the synthetic shapes give (their captions name colours and shapes to check).
+SYNTHETIC_ONLY_METRICS = ("attribute_accuracy", "attribute_accuracy_untrained")
 
 
 # The numeric metrics each model's evaluation writes: the only keys a gate can read.
@@ -159,9 +171,11 @@ class PipelineConfig(BaseModel):
 
     name: str = Field("unclip", description="A label for this pipeline in logs and the UI.")
     storage: str = Field(..., description="Storage root: a local folder or an fsspec URI.")
-    sources: list[str] = Field(
+    sources: list[str | SourceConfig] = Field(
         default_factory=list,
-        description="URL lists (parquet/csv/tsv/jsonl, local paths or URIs); one list = one source.",
+        description="URL lists (parquet/csv/tsv/jsonl, local paths or URIs; a glob is one source "
+        "per matched file): a path, or an object {path, format, url_col, caption_col, metadata} "
+        "with this list's own columns, format and metadata filters.",
     )
     synthetic: SyntheticConfig | None = Field(
         None, description="Generate and serve the captioned-shapes demo set as an extra source."
@@ -186,6 +200,45 @@ class PipelineConfig(BaseModel):
     schedule: ScheduleConfig = ScheduleConfig()
     instance: InstanceConfig = InstanceConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _real_data_gates(cls, raw: Any) -> Any:
+        # Gates left to their default fit the data: no shape metric without the synthetic set.
+        if isinstance(raw, dict) and raw.get("synthetic") is None:
+            promotion = raw.get("promotion")
+            if promotion is None or (isinstance(promotion, dict) and "models" not in promotion):
+                models = _default_gates(synthetic=False)
+                raw = {**raw, "promotion": {**(promotion or {}), "models": models}}
+        return raw
+
+    @model_validator(mode="after")
+    def _fits_the_data(self) -> PipelineConfig:
+        if self.synthetic is None:
+            for model, gates in self.promotion.models.items():
+                for i, g in enumerate(gates):
+                    if g.metric in SYNTHETIC_ONLY_METRICS:
+                        raise ValueError(
+                            f"promotion.models.{model}[{i}].metric: {g.metric!r} exists only on "
+                            "the synthetic shapes, and this config has no `synthetic` section: "
+                            "every candidate would be rejected; gate on fd_clip / clip_score"
+                        )
+            if self.evaluate.captions == SHAPE_CAPTIONS:
+                raise ValueError(
+                    "evaluate.captions: these are the synthetic shapes' captions, and this config "
+                    "has no `synthetic` section; leave the key out (held-out captions of the data "
+                    "are drawn) or write captions of your data"
+                )
+        clip_size = clip_input_size(self.clip)
+        if clip_size is not None and self.ingest.image_size < clip_size:
+            warnings.warn(
+                f"ingest.image_size {self.ingest.image_size} is below the CLIP's input size "
+                f"{clip_size} ({self.clip.model_name or 'bootstrap'}): every image is upscaled "
+                "before it is embedded; set ingest.image_size to at least that",
+                UserWarning,
+                stacklevel=2,
+            )
+        return self
+
     @model_validator(mode="after")
     def _cascade_fits(self) -> PipelineConfig:
         if self.upsampler is not None and self.upsampler.input_size != self.decoder.image_size:
@@ -199,6 +252,22 @@ class PipelineConfig(BaseModel):
     @property
     def uses_bootstrap_clip(self) -> bool:
         return self.clip.model_name is None
+
+
+def clip_input_size(clip: ClipConfig) -> int | None:
+    """The image side the CLIP embeds at: the bootstrap's ``clip.image_size``, a named open_clip
+    model's from its shipped config (read as JSON, nothing imported or downloaded); None when
+    unknown (a local or hub checkpoint)."""
+    if clip.model_name is None:
+        return clip.image_size
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "model_configs" / f"{clip.model_name}.json"
+    if not path.is_file():
+        return None
+    size = json.loads(path.read_text()).get("vision_cfg", {}).get("image_size")
+    return max(size) if isinstance(size, list) else size
 
 
 def storage_from_env() -> str | None:
@@ -253,7 +322,10 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     if "storage" in out:
         out["storage"] = resolve(out["storage"])
     if isinstance(out.get("sources"), list):
-        out["sources"] = [resolve(s) for s in out["sources"]]
+        out["sources"] = [
+            {**s, "path": resolve(s["path"])} if isinstance(s, dict) and "path" in s else resolve(s)
+            for s in out["sources"]
+        ]
     sensor = out.get("sensor")
     if isinstance(sensor, dict) and sensor.get("incoming"):
         out["sensor"] = {**sensor, "incoming": resolve(sensor["incoming"])}

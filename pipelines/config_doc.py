@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -13,11 +13,14 @@ from unclip.pipelines.config import PipelineConfig
 
 
 def _type_name(annotation: Any) -> str:
-    text = getattr(annotation, "__name__", None) or str(annotation)
+    generic = get_origin(annotation) is not None
+    text = str(annotation) if generic else getattr(annotation, "__name__", None) or str(annotation)
     return (
         text.replace("typing.", "")
         .replace("unclip.datasets.config.", "")
         .replace("unclip.training.config.", "")
+        .replace("unclip.pipelines.config.", "")
+        .replace("NoneType", "None")
     )
 
 
@@ -38,12 +41,44 @@ def _rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str,
             else repr(field.get_default(call_default_factory=True))
         )
         rows.append((key, _type_name(ann), default, field.description or ""))
+        item = _contained_model(ann)
+        if item is not None:  # a dict of models (column → rule) or a list that may hold them
+            rows.extend(_rows(item, _item_prefix(key, name, ann)))
     return rows
 
 
+# What the keys of a dict-of-models field stand for, in the rendered key paths.
+_KEY_NAMES = {"metadata": "column", "models": "model"}
+
+
+def _item_prefix(key: str, name: str, ann: Any) -> str:
+    """``key.<column>.`` for a dict's values, ``key[].`` for a list's items (both: a dict of lists)."""
+    for a in (ann, *get_args(ann)):
+        if get_origin(a) is dict:
+            value = get_args(a)[-1]
+            return f"{key}.<{_KEY_NAMES.get(name, 'name')}>" + (
+                "[]." if get_origin(value) is list else "."
+            )
+    return f"{key}[]."
+
+
+def _contained_model(ann: Any) -> type[BaseModel] | None:
+    """The model a ``dict[str, Model]`` or ``list[... | Model]`` holds (also under Optional)."""
+    for a in (ann, *get_args(ann)):
+        if get_origin(a) in (dict, list):
+            for arg in get_args(a)[-1:]:
+                for inner in (arg, *get_args(arg)):
+                    if isinstance(inner, type) and issubclass(inner, BaseModel):
+                        return inner
+    return None
+
+
 def _submodel(ann: Any) -> type[BaseModel] | None:
+    """The section a field is (a model, or an optional one); None for containers of models."""
     if isinstance(ann, type) and issubclass(ann, BaseModel):
         return ann
+    if get_origin(ann) in (dict, list):
+        return None
     for arg in getattr(ann, "__args__", ()) or ():
         if isinstance(arg, type) and issubclass(arg, BaseModel):
             return arg

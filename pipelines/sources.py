@@ -1,8 +1,10 @@
 """Sources of a run: configured URL lists, the synthetic one, and lists accepted from the inbox.
 
 A source is one URL list, named by the hash of its bytes (``url_lists.source_id``); that id is
-the key of its Dagster partition. ``sources/{id}.origin.json`` records where the list lives, so
-a partition's run finds its list from the key alone, whichever way the source arrived.
+the key of its Dagster partition, and a glob in ``sources:`` is one source per matched file.
+``sources/{id}.origin.json`` records where the list lives and how it is read (its column
+mapping, format and metadata filters), so a partition's run finds its list from the key alone,
+whichever way the source arrived.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 from fsspec.core import url_to_fs
 
 from unclip.datasets import synthetic, url_lists
+from unclip.datasets.config import IngestConfig, SourceConfig, ingest_config_with
 from unclip.datasets.storage import StorageLayout, exists, read_json, write_json
 from unclip.pipelines.config import PipelineConfig
 
@@ -27,16 +30,6 @@ SYNTHETIC_LIST = "urls.parquet"
 def synthetic_list_path(cfg: PipelineConfig) -> str:
     """Where the synthetic URL list is written (not under ``incoming/``: that is the inbox)."""
     return StorageLayout(cfg.storage).join("synthetic", SYNTHETIC_LIST)
-
-
-def configured_lists(cfg: PipelineConfig) -> list[str]:
-    """Every URL list of the config: ``sources``, plus the synthetic list when enabled."""
-    paths = list(cfg.sources)
-    if cfg.synthetic is not None:
-        paths.append(synthetic_list_path(cfg))
-    if not paths:
-        raise ValueError("config has no `sources` and no `synthetic` section: nothing to ingest")
-    return paths
 
 
 def write_synthetic_list(cfg: PipelineConfig) -> None:
@@ -52,10 +45,11 @@ def write_synthetic_list(cfg: PipelineConfig) -> None:
 def register_configured(cfg: PipelineConfig) -> list[str]:
     """Write the synthetic list if needed and register every configured list; their ids."""
     write_synthetic_list(cfg)
-    for p in cfg.sources:
-        if not exists(p):
-            raise FileNotFoundError(f"sources: URL list {p} does not exist")
-    return [register(cfg, p) for p in configured_lists(cfg)]
+    lists = configured_lists(cfg)
+    for listed in lists:
+        if not exists(listed.path):
+            raise FileNotFoundError(f"sources: URL list {listed.path} does not exist")
+    return [register(cfg, listed.path, listed.options) for listed in lists]
 
 
 def source_lists(cfg: PipelineConfig, only: list[str] | None = None) -> dict[str, str]:
@@ -69,9 +63,9 @@ def source_lists(cfg: PipelineConfig, only: list[str] | None = None) -> dict[str
     # A registered list is not hashed again (lists can be large, on S3); `unclip run`
     # re-registers the configured ones, so one edited in place gets its new id there.
     seen = set(known.values())
-    for p in configured_lists(cfg):
-        if p not in seen and exists(p):
-            known.setdefault(url_lists.source_id(p), p)
+    for listed in configured_lists(cfg):
+        if listed.path not in seen and exists(listed.path):
+            known.setdefault(url_lists.source_id(listed.path), listed.path)
     return dict(sorted(known.items()))
 
 
@@ -90,14 +84,61 @@ def incoming_uri(cfg: PipelineConfig) -> str:
     return (cfg.sensor.incoming or StorageLayout(cfg.storage).join("incoming")).rstrip("/")
 
 
-def register(cfg: PipelineConfig, url_list: str) -> str:
-    """Record ``url_list`` as a source of this storage root; returns its id (idempotent)."""
+@dataclass(frozen=True)
+class ConfiguredList:
+    """One file of the configured sources and how it is read (options besides the path)."""
+
+    path: str
+    options: dict[str, Any]
+
+
+def configured_lists(cfg: PipelineConfig) -> list[ConfiguredList]:
+    """Every URL list of the config: each file ``sources:`` names (globs expanded, sorted) with
+    its entry's options, plus the synthetic list when enabled."""
+    out = []
+    for i, entry in enumerate(cfg.sources):
+        spec = entry if isinstance(entry, SourceConfig) else SourceConfig(path=entry)
+        try:
+            paths = url_lists.expand(spec.path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"sources[{i}]: {e}") from None
+        out.extend(ConfiguredList(p, spec.options()) for p in paths)
+    if cfg.synthetic is not None:
+        out.append(ConfiguredList(synthetic_list_path(cfg), {}))
+    if not out:
+        raise ValueError("config has no `sources` and no `synthetic` section: nothing to ingest")
+    return out
+
+
+def register(cfg: PipelineConfig, url_list: str, options: dict[str, Any] | None = None) -> str:
+    """Record ``url_list`` (read with ``options``) as a source of this storage root; its id.
+
+    Idempotent: the record is rewritten only when the list's place or options change.
+    """
     layout = StorageLayout(cfg.storage)
     sid = url_lists.source_id(url_list)
     path = layout.source_origin(sid)
-    if not exists(path) or read_json(path).get("url_list") != url_list:
-        write_json(path, {"source": sid, "url_list": url_list, "registered": time.time()})
+    record = {"source": sid, "url_list": url_list}
+    if options:
+        record["options"] = options
+    if not exists(path) or {k: read_json(path).get(k) for k in record} != record:
+        write_json(path, {**record, "registered": time.time()})
     return sid
+
+
+def ingest_config_of(cfg: PipelineConfig, sid: str, url_list: str) -> IngestConfig:
+    """How source ``sid`` (its list at ``url_list``) is read: ``cfg.ingest`` with its options.
+
+    The options come from its registration, else from the configured entry naming that file.
+    """
+    origin = StorageLayout(cfg.storage).source_origin(sid)
+    record = read_json(origin) if exists(origin) else {}
+    if record.get("url_list") == url_list:
+        return ingest_config_with(cfg.ingest, record.get("options", {}))
+    for listed in configured_lists(cfg) if cfg.sources else []:
+        if listed.path == url_list:
+            return ingest_config_with(cfg.ingest, listed.options)
+    return cfg.ingest
 
 
 def registered(cfg: PipelineConfig) -> dict[str, str]:
@@ -132,10 +173,13 @@ class Checked:
     rows: int
 
 
-def validate(url_list: str, cfg: PipelineConfig) -> Checked:
-    """Read a list once, as ingest will; any failure is a ValueError naming the problem."""
+def validate(url_list: str, cfg: PipelineConfig, ingest: IngestConfig | None = None) -> Checked:
+    """Read a list once, as ingest will (``ingest``: its own options, else ``cfg.ingest``).
+
+    Any failure is a ValueError naming the problem.
+    """
     try:
-        loaded = url_lists.load_url_list(url_list, cfg.ingest)
+        loaded = url_lists.load_url_list(url_list, ingest or cfg.ingest)
     except ValueError:
         raise
     except Exception as e:  # a bad file must not take the sensor down: it is a reason to reject

@@ -12,6 +12,8 @@ from unclip.datasets.config import ConfigSection
 # Marks a field that does not change what a run trains (sampling, bookkeeping): it is left
 # out of the run name's hash, so changing it reuses the trained run instead of retraining.
 NOT_IDENTITY = {"identity": False}
+# The sample grid's captions on the synthetic shapes (what evaluate.captions defaults to there).
+SHAPE_CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
 # Marks a field added after runs were named: it joins the hash only when set to something other
 # than its default, so every run named before it existed keeps its name.
 IDENTITY_UNLESS_DEFAULT = {"identity": "unless_default"}
@@ -275,14 +277,11 @@ class UpsamplerConfig(PixelDiffusionObjective):
 
 class EvaluateConfig(IdentitySection):
     holdout_fraction: float = Field(0.05, gt=0, lt=1, description="Pairs held out of training.")
-    captions: list[str] = Field(
-        default_factory=lambda: [
-            "a red circle",
-            "a blue square",
-            "a green triangle",
-            "a yellow circle",
-        ],
-        description="Captions drawn in the sample grid.",
+    captions: list[str] | None = Field(
+        None,
+        description="Captions drawn in the sample grid; None: four shape captions ('a red "
+        "circle', …) when the synthetic set is on, else the first four distinct held-out captions "
+        "of the dataset version.",
     )
     samples_per_caption: int = Field(2, ge=1)
     max_pairs: int = Field(

@@ -24,6 +24,8 @@ COMMANDS = [
     "status",
     "ui",
     "config-schema",
+    "import-embeddings",
+    "export-embeddings",
 ]
 # Every command that reads a pipeline config, with the arguments before the config path.
 CONFIG_COMMANDS = [

@@ -7,7 +7,7 @@ from unclip.pipelines.config import ConfigError, load_config, parse_override
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "laion.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "laion.yaml", "cc3m.yaml"])
 def test_shipped_configs_validate(name):
     cfg = load_config(REPO / "configs" / name)
     assert cfg.storage
@@ -107,3 +107,38 @@ def test_buffered_bytes_per_task_are_capped_by_config():
         {"storage": "/tmp/x", "ingest": {"thread_count": 64, "max_image_bytes": 16 << 20}}
     )
     assert 2 * 64 * ok.ingest.max_image_bytes <= ok.ingest.max_buffered_bytes
+
+
+def test_cc3m_config_reads_cc3ms_headerless_tsv_with_a_pretrained_clip(tmp_path):
+    import shutil
+    import warnings
+
+    from unclip.datasets import url_lists
+    from unclip.pipelines import sources
+    from unclip.pipelines.config import clip_input_size
+
+    shutil.copy(REPO / "configs" / "cc3m.yaml", tmp_path / "cc3m.yaml")
+    tsv = tmp_path / "data" / "cc3m" / "Train_GCC-training.tsv"
+    tsv.parent.mkdir(parents=True)
+    tsv.write_text(
+        "a very typical bus station\thttp://lh6.example.com/a.jpg\n"
+        "sierra looked stunning in this top\thttp://example.org/b.jpg\n"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: 224 px is ViT-B/32's input
+        cfg = load_config(tmp_path / "cc3m.yaml")
+    assert (cfg.clip.model_name, cfg.clip.pretrained) == ("ViT-B-32", "openai")
+    assert clip_input_size(cfg.clip) == 224 == cfg.ingest.image_size
+    assert [g.metric for g in cfg.promotion.models["decoder"]] == ["fd_clip", "clip_score"]
+    (listed,) = sources.configured_lists(cfg)
+    assert listed.path == str(tsv)
+    icfg = sources.ingest_config_of(cfg, url_lists.source_id(str(tsv)), str(tsv))
+    table = url_lists.read_url_list(str(tsv), icfg)
+    assert table.column("url").to_pylist() == [
+        "http://lh6.example.com/a.jpg",
+        "http://example.org/b.jpg",
+    ]
+    assert table.column("caption").to_pylist()[0] == "a very typical bus station"
+    # read as if it had a header, its first row would be the column names: the column check says so
+    with pytest.raises(ValueError, match="missing column 'url'"):
+        url_lists.read_url_list(str(tsv), icfg.model_copy(update={"list_columns": None}))

@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from unclip.datasets import readers
 from unclip.datasets.config import ClipConfig
 from unclip.datasets.storage import StorageLayout, exists, read_json, write_json
 
-from ..config import DecoderConfig, EvaluateConfig, PriorConfig
+from ..config import SHAPE_CAPTIONS, DecoderConfig, EvaluateConfig, PriorConfig
 from ..engine.fit_result import FitResult
 from .metric_names import CASCADE_SUMMARY_NAMES, PRIOR_METRIC_NAMES
 
@@ -57,6 +58,23 @@ def prior_metrics_stale(metrics: dict[str, Any], prior_cfg: PriorConfig) -> bool
     return any(metrics.get(k) != v for k, v in sampling.items()) or "split" not in metrics
 
 
+def grid_captions(
+    layout: StorageLayout,
+    version: str,
+    eval_cfg: EvaluateConfig,
+    holdout_fraction: float,
+    shapes: bool,
+) -> list[str]:
+    """The sample grid's captions: ``evaluate.captions``, else the shapes' (``shapes``: the
+    synthetic set is on), else the first distinct held-out captions of dataset ``version``."""
+    if eval_cfg.captions is not None:
+        return list(eval_cfg.captions)
+    if shapes:
+        return list(SHAPE_CAPTIONS)
+    manifest = readers.load_manifest(layout, version)
+    return readers.holdout_captions(layout, manifest, holdout_fraction, len(SHAPE_CAPTIONS))
+
+
 def evaluate_trained_cascade(
     layout: StorageLayout,
     version: str,
@@ -92,7 +110,9 @@ def evaluate_trained_cascade(
     grid = layout.join("eval", runs.decoder.run_name, "samples.png")
     if not exists(grid):
         exports = (runs.prior.export_dir, runs.decoder.export_dir)
-        write_sample_grid(layout, clip_cfg, clip_checkpoint, *exports, eval_cfg, grid)
+        captions = grid_captions(layout, version, eval_cfg, holdout_fraction, palette is not None)
+        grid_cfg = eval_cfg.model_copy(update={"captions": captions})
+        write_sample_grid(layout, clip_cfg, clip_checkpoint, *exports, grid_cfg, grid)
     later_stages: dict[str, Any] = {}
     loss_curves = {
         f"{kind} {fit.run_name}": f"{fit.run_dir}/loss.png"

@@ -1,0 +1,259 @@
+"""Embedding interop: importing clip-retrieval / DataComp embeddings, exporting clip-retrieval's
+layout (read back with the real embedding-reader), and files DuckDB, Polars and pandas read."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from unclip.datasets.embedding_export import export_embeddings
+from unclip.datasets.embedding_file import check_embedding_schema, fixed_list_to_numpy
+from unclip.datasets.embedding_import import (
+    ImportSpec,
+    import_embeddings,
+    imported_clip_id,
+    imported_sources,
+)
+from unclip.datasets.manifest import assemble_manifest
+from unclip.datasets.readers import load_embeddings, load_image_pairs, read_embedding_table
+from unclip.datasets.storage import StorageLayout
+from unclip.datasets.stream import RankStream, StreamPlan
+from unclip.datasets.stream_sources import EmbeddingSource, ImagePairSource
+from unclip.datasets.synthetic_embeddings import write_clip_retrieval, write_datacomp
+
+D = 16
+MODEL, TAG = "ViT-L-14", "laion2b_s32b_b82k"
+
+
+@pytest.fixture
+def laion_dir(tmp_path):
+    out = tmp_path / "laion-emb"
+    write_clip_retrieval(str(out), [5, 7], D, seed=1)
+    return out
+
+
+def _spec(uri, **kw):
+    return ImportSpec(str(uri), kw.pop("fmt", "clip-retrieval"), MODEL, TAG, rows_per_shard=4, **kw)
+
+
+def _unit(x):
+    x = x.astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_clip_retrieval_parts_become_checked_embedding_files(tmp_path, laion_dir):
+    layout = StorageLayout(str(tmp_path / "store"))
+    record = import_embeddings(layout, _spec(laion_dir))
+    clip_id = imported_clip_id(MODEL, TAG)
+    assert record["clip_id"] == clip_id and record["num_samples"] == 12
+    # chunks of 4 rows, never across parts: 5 → 4 + 1, 7 → 4 + 3
+    assert [(s["part"], s["rows"]) for s in record["shards"]] == [(0, 4), (0, 1), (1, 4), (1, 3)]
+    assert imported_sources(layout, clip_id) == [record["source"]]
+    tables = []
+    for s in record["shards"]:
+        path = layout.embedding_shard(clip_id, record["source"], s["shard"])
+        assert check_embedding_schema(path, pq.read_schema(path), clip_id, D) == D
+        tables.append(pq.read_table(path))
+    got = pa.concat_tables(tables)
+    img = np.concatenate([np.load(laion_dir / f"img_emb/img_emb_{i}.npy") for i in (0, 1)])
+    txt = np.concatenate([np.load(laion_dir / f"text_emb/text_emb_{i}.npy") for i in (0, 1)])
+    np.testing.assert_allclose(
+        fixed_list_to_numpy(got.column("image_embedding")), _unit(img), atol=1e-3
+    )
+    np.testing.assert_allclose(
+        fixed_list_to_numpy(got.column("text_embedding")), _unit(txt), atol=1e-3
+    )
+    np.testing.assert_allclose(
+        got.column("clip_score").to_numpy(), (_unit(img) * _unit(txt)).sum(1), atol=1e-5
+    )
+    meta = pa.concat_tables(
+        [pq.read_table(laion_dir / f"metadata/metadata_{i}.parquet") for i in (0, 1)]
+    )
+    assert got.column("caption").to_pylist() == meta.column("caption").to_pylist()
+    assert got.column("url").to_pylist() == meta.column("url").to_pylist()
+    assert got.column("key_src").to_pylist() == meta.column("key").to_pylist()  # kept, renamed
+    assert got.column("similarity").to_pylist() == meta.column("similarity").to_pylist()
+    assert len(set(got.column("key").to_pylist())) == 12
+
+
+def test_a_killed_import_resumes_at_the_missing_shard(tmp_path, laion_dir):
+    layout = StorageLayout(str(tmp_path / "store"))
+    record = import_embeddings(layout, _spec(laion_dir))
+    clip_id, source = record["clip_id"], record["source"]
+    paths = [Path(layout.embedding_shard(clip_id, source, s)) for s in range(4)]
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in paths}
+    (paths[0].parent / "_import.json").unlink()  # killed before its commit...
+    paths[2].unlink()  # ...and before shard 2 was renamed into place
+    assert import_embeddings(layout, _spec(laion_dir)) == record
+    for p in paths:
+        assert p.read_bytes() == before[p][0]
+    assert [p.stat().st_mtime_ns == before[p][1] for p in paths] == [True, True, False, True]
+
+
+def test_a_part_without_text_embeddings_is_named(tmp_path, laion_dir):
+    (laion_dir / "text_emb" / "text_emb_1.npy").unlink()
+    with pytest.raises(
+        FileNotFoundError, match=r"img_emb_1\.npy has no text embeddings file of part 1"
+    ):
+        import_embeddings(StorageLayout(str(tmp_path / "s")), _spec(laion_dir))
+
+
+def test_a_caption_column_the_metadata_lacks_is_named(tmp_path, laion_dir):
+    with pytest.raises(
+        ValueError, match=r"metadata_0\.parquet: no column 'TEXT' \(--caption-col\)"
+    ):
+        import_embeddings(StorageLayout(str(tmp_path / "s")), _spec(laion_dir, caption_col="TEXT"))
+
+
+def test_datacomp_npz_imports_the_chosen_arrays(tmp_path):
+    src = tmp_path / "datacomp"
+    write_datacomp(str(src), [6, 3], D, seed=2)
+    layout = StorageLayout(str(tmp_path / "store"))
+    record = import_embeddings(layout, _spec(src, fmt="datacomp", caption_col="text"))
+    assert record["num_samples"] == 9
+    got = pa.concat_tables(
+        pq.read_table(layout.embedding_shard(record["clip_id"], record["source"], s["shard"]))
+        for s in record["shards"]
+    )
+    with np.load(src / "00000000.npz") as z:
+        np.testing.assert_allclose(
+            fixed_list_to_numpy(got.column("image_embedding"))[:6], _unit(z["l14_img"]), atol=1e-3
+        )
+    assert got.column("caption").to_pylist()[6] == "a photo 1-0"
+
+
+def _prior_batches(source, batch=3, steps=4):
+    plan = StreamPlan.make(source.shards, 0, 1, batch, 8, seed=0)
+    return list(itertools.islice(RankStream(source, plan, prefetch=0).batches(0), steps))
+
+
+def test_an_embeddings_only_manifest_serves_the_prior_and_is_refused_for_the_decoder(
+    tmp_path, laion_dir
+):
+    layout = StorageLayout(str(tmp_path / "store"))
+    record = import_embeddings(layout, _spec(laion_dir))
+    manifest = assemble_manifest(layout, record["clip_id"], [record["source"]])
+    assert manifest["num_samples"] == 12 and len(manifest["shards"]) == 4
+    assert all(s["images"] is None for s in manifest["shards"])
+    batches = _prior_batches(EmbeddingSource(layout, manifest, "all", 0.0))
+    assert [b["image_embedding"].shape for b in batches] == [(3, D)] * 4
+    keys = [k for b in batches for k in b["key"]]
+    assert len(set(keys)) == 12  # the whole import, each sample once
+    with pytest.raises(ValueError, match=r"have embeddings only .*decoder") as e:
+        ImagePairSource(layout, manifest, "all", 0.0, image_size=16)
+    assert record["source"] in str(e.value)
+    with pytest.raises(ValueError, match="embeddings only"):
+        load_image_pairs(layout, manifest, "all", 0.0)
+
+
+def test_export_is_read_by_embedding_reader_and_imports_back(tmp_path, laion_dir):
+    from embedding_reader import EmbeddingReader
+
+    layout = StorageLayout(str(tmp_path / "store"))
+    record = import_embeddings(layout, _spec(laion_dir))
+    manifest = assemble_manifest(layout, record["clip_id"], [record["source"]])
+    out = tmp_path / "export"
+    done = export_embeddings(layout, manifest["version"], str(out))
+    assert done["num_samples"] == 12 and len(done["parts"]) == 4
+    ours = load_embeddings(layout, manifest, "all", 0.0)
+    reader = EmbeddingReader(
+        str(out / "img_emb"),
+        file_format="parquet_npy",
+        meta_columns=["caption", "url"],
+        metadata_folder=str(out / "metadata"),
+    )
+    assert (reader.count, reader.dimension) == (12, D)
+    emb, meta = zip(*reader(batch_size=5, show_progress=False), strict=True)
+    emb, meta = np.concatenate(emb), pa.concat_tables(pa.Table.from_pandas(m) for m in meta)
+    np.testing.assert_array_equal(emb.astype(np.float32), ours.image)  # float16 kept exactly
+    assert meta.column("caption").to_pylist() == ours.captions
+    text = EmbeddingReader(str(out / "text_emb"), file_format="npy")
+    np.testing.assert_array_equal(
+        np.concatenate([e for e, _ in text(batch_size=12, show_progress=False)]).astype(np.float32),
+        ours.text,
+    )
+    # The exported layout imports back to the same vectors.
+    again = import_embeddings(
+        layout, ImportSpec(str(out), "clip-retrieval", MODEL, TAG, source="back")
+    )
+    back = pa.concat_tables(
+        read_embedding_table(
+            layout,
+            {
+                "source": "back",
+                "shard": s["shard"],
+                "embeddings": os.path.relpath(
+                    layout.embedding_shard(again["clip_id"], "back", s["shard"]), layout.root
+                ),
+            },
+        )
+        for s in again["shards"]
+    )
+    np.testing.assert_allclose(
+        fixed_list_to_numpy(back.column("image_embedding")), ours.image, atol=1e-3
+    )
+    with pytest.raises(ValueError, match="export each version to a folder of its own"):
+        export_embeddings(layout, "another-version", str(out))
+
+
+def _written_file(tmp_path, encoding: str | None = None, rows: int = 6, dim: int = D) -> Path:
+    """One embedding file as the importer writes it, or rewritten with another vector encoding."""
+    layout = StorageLayout(str(tmp_path / "store"))
+    src = tmp_path / "src"
+    write_clip_retrieval(str(src), [rows], dim, seed=3)
+    record = import_embeddings(
+        layout, ImportSpec(str(src), "clip-retrieval", MODEL, TAG, rows_per_shard=rows)
+    )
+    path = Path(layout.embedding_shard(record["clip_id"], record["source"], 0))
+    if encoding is not None:
+        t = pq.read_table(path)
+        cols = {f"{c}.list.element": encoding for c in ("image_embedding", "text_embedding")}
+        pq.write_table(t, path, compression="zstd", use_dictionary=["key"], column_encoding=cols)
+    return path
+
+
+def test_duckdb_polars_and_pandas_read_the_embedding_file(tmp_path):
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    path = _written_file(tmp_path)
+    t = pq.read_table(path)
+    want = fixed_list_to_numpy(t.column("image_embedding"))
+    rows = duckdb.sql(f"SELECT caption, image_embedding FROM '{path}' ORDER BY key").fetchall()
+    assert [r[0] for r in rows] == t.column("caption").to_pylist()
+    np.testing.assert_array_equal(np.array([r[1] for r in rows], np.float32), want)
+    frame = pl.read_parquet(path)
+    np.testing.assert_array_equal(
+        np.stack(frame["image_embedding"].to_list()).astype(np.float32), want
+    )
+    pdf = pd.read_parquet(path)
+    np.testing.assert_array_equal(
+        np.stack(pdf["image_embedding"].to_list()).astype(np.float32), want
+    )
+
+
+def test_embedding_columns_stay_under_2_1_bytes_per_dimension(tmp_path):
+    path = _written_file(tmp_path, rows=2048, dim=512)
+    md = pq.ParquetFile(path).metadata
+    rg = md.row_group(0)
+    vec = sum(
+        rg.column(i).total_compressed_size
+        for i in range(rg.num_columns)
+        if rg.column(i).path_in_schema.endswith("embedding.list.element")
+    )
+    assert vec / (2 * md.num_rows * 512) <= 2.1
+
+
+def test_files_written_byte_stream_split_before_stay_readable(tmp_path):
+    path = _written_file(tmp_path, encoding="BYTE_STREAM_SPLIT")
+    schema = pq.read_schema(path)
+    clip_id = schema.metadata[b"unclip.clip_id"].decode()
+    assert check_embedding_schema(str(path), schema, clip_id, D) == D
+    assert fixed_list_to_numpy(pq.read_table(path).column("image_embedding")).shape == (6, D)
