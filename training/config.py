@@ -319,6 +319,12 @@ class EvaluateConfig(Section):
         description="Seed of evaluation sampling and of the untrained baseline decoder.",
         json_schema_extra=NOT_IDENTITY,
     )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where the evaluation's generation runs: `cuda` (one GPU per Ray task), `cpu`, "
+        "or `auto` (cuda when the Ray cluster has GPUs).",
+        json_schema_extra=NOT_IDENTITY,
+    )
     inception_checkpoint: str | None = Field(
         None,
         description="torchvision Inception-v3 state dict (local path or URI) for FID with "

@@ -1,7 +1,7 @@
 """Decoder / whole-cascade evaluation → ``eval/{decoder_run}/decoder_metrics.json`` + ``report.html``.
 
 On captions drawn from the held-out split (single-object ones on the synthetic shapes), the
-cascade (``sampling.generate``: CLIP text → prior → decoder → upsampler when there is one)
+cascade (``UnclipPipeline``: CLIP text → prior → decoder → upsampler when there is one)
 draws ``num_eval_samples`` images, spread over ``eval_workers`` Ray tasks. Each task returns
 its images and their features; every Fréchet distance is computed once, on the features
 pooled from all tasks, never as an average of per-task scores. The same is done with a
@@ -27,8 +27,9 @@ from unclip.datasets.storage import StorageLayout, exists, read_json, write_json
 from ..config import DecoderConfig, EvaluateConfig
 from ..engine.artifacts import publish_dir
 from ..engine.trainer import FitResult
+from ..inference.device import resolve_device
 from ..models.decoder import DecoderTask
-from ..sampling import generate
+from ..sampling import load_pipeline
 from . import image_metrics as im
 from .report import write_report
 
@@ -166,24 +167,28 @@ def generate_chunk(
     guidance: float | None,
     cascade: dict[str, Any],
     inception_checkpoint: str | None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """One worker's share: images, their CLIP image features, their FID statistics."""
-    images = generate(
-        captions,
+    pipe = load_pipeline(
+        decoder_export,
         clip_cfg,
         clip_checkpoint,
         prior_export,
-        decoder_export,
-        steps=steps,
-        guidance=guidance,
-        seed=seed,
-        **cascade,
+        cascade.get("upsampler_exports", ()),
+        device=device,
     )
+    images = pipe(
+        captions,
+        decoder_num_inference_steps=steps,
+        decoder_guidance_scale=guidance,
+        super_res_num_inference_steps=cascade.get("upsampler_steps"),
+        seed=seed,
+    ).images
     arr = np.stack([np.asarray(x.convert("RGB")) for x in images])
-    bundle = load_clip(clip_cfg, clip_checkpoint)
     return {
         "images": arr,
-        "clip": encode_images(bundle, images),
+        "clip": encode_images(pipe.clip_bundle(), images),
         "fid": fid_state(arr, inception_checkpoint, real=False) if inception_checkpoint else None,
     }
 
@@ -194,12 +199,15 @@ def split(items: list[str], parts: int) -> list[tuple[int, list[str]]]:
     return [(int(a), items[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def run_chunks(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Run ``generate_chunk(**job)`` for every job as Ray tasks (one CPU each); results in order."""
+def run_chunks(jobs: list[dict[str, Any]], device: str = "auto") -> list[dict[str, Any]]:
+    """Run ``generate_chunk(**job)`` for every job as Ray tasks, in order: one GPU each when
+    ``device`` resolves to CUDA (``auto``: the cluster has GPUs), else one CPU each."""
     import ray
 
-    task = ray.remote(num_cpus=1, max_retries=1)(generate_chunk)
-    return ray.get([task.remote(**job) for job in jobs])
+    on = resolve_device(device, int(ray.cluster_resources().get("GPU", 0)))
+    gpus = 1 if on.startswith("cuda") else 0
+    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(generate_chunk)
+    return ray.get([task.remote(**job, device="cuda" if gpus else "cpu") for job in jobs])
 
 
 def export_untrained_decoder(
@@ -277,7 +285,7 @@ def evaluate_cascade(
     and ``report.html`` beside it.
 
     ``palette`` (colour name → RGB of the synthetic shapes) enables the attribute check;
-    ``cascade`` holds the extra keyword arguments of ``generate`` for later stages (upsampler).
+    ``cascade`` holds the later stages: ``upsampler_exports`` and ``upsampler_steps``.
     ``prior_metrics``, ``loss_curves`` and ``extra_images`` (label → PNG path) go into the report.
     Does nothing when the metrics of the same runs and settings are already there; the JSON is
     written last, so a killed step leaves no metrics without their report. ``out_dir`` writes
@@ -317,7 +325,7 @@ def evaluate_cascade(
         for export in (decoder_fit.export_dir, untrained)
         for off, c in chunks
     ]
-    results = run_chunks(jobs)
+    results = run_chunks(jobs, cfg.device)
     trained, baseline = results[: len(chunks)], results[len(chunks) :]
 
     images = np.concatenate([r["images"] for r in trained])
