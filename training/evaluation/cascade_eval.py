@@ -22,6 +22,7 @@ from PIL import Image
 from unclip.datasets import readers
 from unclip.datasets.clip import encode_images, encode_texts, load_clip
 from unclip.datasets.config import ClipConfig
+from unclip.datasets.ray_runtime import ensure_started
 from unclip.datasets.storage import StorageLayout, exists, read_json, write_json
 
 from ..config import DecoderConfig, EvaluateConfig
@@ -204,6 +205,7 @@ def run_chunks(jobs: list[dict[str, Any]], device: str = "auto") -> list[dict[st
     ``device`` resolves to CUDA (``auto``: the cluster has GPUs), else one CPU each."""
     import ray
 
+    ensure_started()
     on = resolve_device(device, int(ray.cluster_resources().get("GPU", 0)))
     gpus = 1 if on.startswith("cuda") else 0
     task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(generate_chunk)
