@@ -22,11 +22,11 @@ import torch
 from diffusers import (
     DDPMScheduler,
     DiffusionPipeline,
+    ImagePipelineOutput,
     PriorTransformer,
     UNet2DConditionModel,
     UNet2DModel,
 )
-from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 
 from unclip.datasets.clip import ClipBundle, encode_images, encode_texts
