@@ -110,12 +110,17 @@ def model_config_of(cfg: ClipConfig) -> dict[str, Any]:
 
 def save_clip(model: torch.nn.Module, cfg: ClipConfig, directory: str) -> str:
     """Write ``model`` as a directory open_clip loads with ``local-dir:``; atomic; returns it."""
+    return save_clip_model(model, model_config_of(cfg), directory)
+
+
+def save_clip_model(model: torch.nn.Module, model_cfg: dict[str, Any], directory: str) -> str:
+    """Write ``model`` of open_clip config ``model_cfg`` in open_clip's hf-hub layout; atomic."""
     import safetensors.torch
 
     preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))
     # The same keys open_clip's push_to_hf_hub.save_config_for_hf writes.
     config = {
-        "model_cfg": model_config_of(cfg),
+        "model_cfg": model_cfg,
         "preprocess_cfg": {
             k: preprocess_cfg[k]
             for k in ("mean", "std", "interpolation", "resize_mode")

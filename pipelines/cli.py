@@ -55,6 +55,10 @@ SetOpt = Annotated[
         "--set", help="Override a config key: --set prior.trainer.max_steps=100 (repeatable)."
     ),
 ]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(help="Where sampling runs: auto (a GPU when there is one), cpu, cuda or cuda:N."),
+]
 WaitOpt = Annotated[
     float,
     typer.Option(
@@ -251,9 +255,14 @@ def sample(
     caption: Annotated[
         list[str] | None, typer.Argument(help="One or more captions (none with --variation etc.).")
     ] = None,
-    config: Annotated[Path, typer.Option("--config", "-c", help="Pipeline config YAML.")] = Path(
-        "configs/demo.yaml"
-    ),
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Pipeline config YAML (default: $UNCLIP_CONFIG, else ./configs/demo.yaml).",
+        ),
+    ] = None,
     n: Annotated[int, typer.Option("--n", help="Images per caption / input.", min=1)] = 4,
     out: Annotated[Path, typer.Option("--out", help="Folder for the PNGs.")] = Path("samples"),
     steps: Annotated[int | None, typer.Option(help="DDIM steps (default: from config).")] = None,
@@ -284,17 +293,34 @@ def sample(
     upsampler_steps: Annotated[
         int | None, typer.Option(help="Upsampler DDIM steps (default: from config).")
     ] = None,
+    latest: Annotated[
+        bool,
+        typer.Option(
+            "--latest/--promoted", help="Sample the latest trained runs, or the promoted ones."
+        ),
+    ] = False,
+    device: DeviceOpt = "auto",
     set_: SetOpt = None,
 ) -> None:
-    """Generate images: CLIP text → prior → decoder → upsampler, from the latest trained runs.
+    """Generate images: CLIP text → prior → decoder → upsampler, from the promoted runs.
 
     Or variations of an image (--variation), an interpolation between two captions
     (--interpolate A B --frames N), or the decoding of saved image embeddings (--embedding).
     """
     from rich.markup import escape
 
-    from unclip.pipelines.sample_request import SampleRequest, SampleUsageError, sample_images
+    from unclip.pipelines.sample_request import (
+        SampleRequest,
+        SampleUsageError,
+        find_config,
+        sample_images,
+    )
 
+    try:
+        config = find_config(config)
+    except SampleUsageError as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(2) from None
     cfg, _ = _load(config, set_)
     request = SampleRequest(
         captions=list(caption or []),
@@ -309,6 +335,8 @@ def sample(
         upsampler=upsampler,
         no_upsampler=no_upsampler,
         upsampler_steps=upsampler_steps,
+        which="latest" if latest else "promoted",
+        device=device,
     )
     try:
         images = sample_images(cfg, request)
@@ -323,6 +351,44 @@ def sample(
         path = out / f"{name}.png"
         img.save(path)
         console.print(str(path))
+
+
+@app.command()
+def export(
+    config: ConfigArg,
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the pipeline to.")],
+    latest: Annotated[
+        bool,
+        typer.Option(
+            "--latest/--promoted", help="Bundle the latest trained runs, or the promoted ones."
+        ),
+    ] = False,
+    run: Annotated[
+        list[str] | None,
+        typer.Option(help="A named run for one model: --run decoder=RUN_NAME (repeatable)."),
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Bundle CLIP, prior, decoder (and upsampler) into one diffusers pipeline folder with a model card."""
+    from unclip.pipelines.model_bundle import export_cascade
+
+    cfg, _ = _load(config, set_)
+    runs: dict[str, str] = {}
+    for item in run or []:
+        model, sep, name = item.partition("=")
+        if not sep or not name:
+            console.print(f"[red]error:[/red] --run {item!r}: expected MODEL=RUN_NAME")
+            raise typer.Exit(2)
+        runs[model] = name
+    try:
+        folder = export_cascade(cfg, str(out), "latest" if latest else "promoted", runs)
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    except FileNotFoundError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+    console.print(folder)
 
 
 @app.command()

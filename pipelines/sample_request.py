@@ -1,21 +1,24 @@
-"""What ``unclip sample`` was asked for, checked, and the images it makes from the latest runs.
+"""What ``unclip sample`` was asked for, checked, and the images it makes from the trained runs.
 
 One of four modes: captions (CLIP text → prior → decoder → upsampler), variations of an image,
 an interpolation between two captions, or the decoding of saved image embeddings. Bad input is a
-``SampleUsageError`` (the CLI's exit code 2); a model never trained is a ``FileNotFoundError``.
+``SampleUsageError`` (the CLI's exit code 2); a model never trained (or never promoted, when the
+promoted runs are asked for) is a ``FileNotFoundError``. The runs load as one ``UnclipPipeline``
+on the device asked for (``auto``: CUDA when there is a GPU).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from unclip.datasets.storage import StorageLayout
 from unclip.pipelines.config import PipelineConfig
-from unclip.training.engine.latest_runs import latest_export
+from unclip.pipelines.model_bundle import ChosenRun, Which, choose_cascade, load_cascade
+from unclip.training.inference.device import resolve_device
 
 
 class SampleUsageError(ValueError):
@@ -38,6 +41,8 @@ class SampleRequest:
     upsampler: Path | None = None
     no_upsampler: bool = False
     upsampler_steps: int | None = None
+    which: Which = "promoted"
+    device: str = "auto"
 
     def check(self) -> None:
         """Exactly one mode, no empty caption, a positive guidance, input files that exist."""
@@ -66,76 +71,69 @@ class SampleRequest:
                 raise SampleUsageError(f"{name} {path}: no such file")
 
 
-@dataclass(frozen=True)
-class Exports:
-    """The exports a request samples from (an empty prior when it needs none)."""
-
-    clip: str | None
-    prior: str
-    decoder: str
-    upsamplers: list[str]
-
-
-def exports_for(cfg: PipelineConfig, req: SampleRequest) -> Exports:
-    """The latest trained exports the request needs; FileNotFoundError names a missing one."""
-    layout = StorageLayout(cfg.storage)
-    needs_prior = bool(req.captions or req.interpolate)
-    needs_clip = needs_prior or req.variation is not None
-    bootstrap = needs_clip and cfg.uses_bootstrap_clip
-    if req.no_upsampler:
-        ups: list[str] = []
-    elif req.upsampler is not None:
-        ups = [str(req.upsampler)]
+def find_config(given: Path | None) -> Path:
+    """The config given, else ``$UNCLIP_CONFIG``, else ./configs/demo.yaml; an error naming each tried."""
+    if given is not None:
+        tried = [given]
     else:
-        ups = [latest_export(layout, "upsampler")] if cfg.upsampler is not None else []
-    return Exports(
-        clip=latest_export(layout, "clip") if bootstrap else None,
-        prior=latest_export(layout, "prior") if needs_prior else "",
-        decoder=latest_export(layout, "decoder"),
-        upsamplers=ups,
+        env = os.environ.get("UNCLIP_CONFIG")
+        tried = ([Path(env)] if env else []) + [Path("configs/demo.yaml")]
+    for path in tried:
+        if path.is_file():
+            return path
+    raise SampleUsageError(
+        f"no pipeline config found (tried {', '.join(map(str, tried))}): pass -c CONFIG "
+        "or set UNCLIP_CONFIG"
     )
 
 
-def sample_images(cfg: PipelineConfig, req: SampleRequest) -> list[tuple[str, Image.Image]]:
-    """(file stem, image) pairs for the request, from the latest trained runs."""
-    req.check()
-    ex = exports_for(cfg, req)
-    from unclip.training import sampling
+def cascade_for(cfg: PipelineConfig, req: SampleRequest) -> list[ChosenRun]:
+    """The runs the request samples from; FileNotFoundError names a missing one."""
+    if req.upsampler is not None and req.no_upsampler:
+        raise SampleUsageError("give --upsampler or --no-upsampler, not both")
+    chosen = choose_cascade(cfg, req.which)
+    if req.no_upsampler:
+        return [c for c in chosen if c.model != "upsampler"]
+    if req.upsampler is not None:
+        given = ChosenRun("upsampler", str(req.upsampler), str(req.upsampler), "named")
+        return [c for c in chosen if c.model != "upsampler"] + [given]
+    return chosen
 
+
+def sample_images(cfg: PipelineConfig, req: SampleRequest) -> list[tuple[str, Image.Image]]:
+    """(file stem, image) pairs for the request, from the promoted (or latest) runs."""
+    req.check()
+    try:
+        device = resolve_device(req.device)
+        pipe = load_cascade(cfg, cascade_for(cfg, req), device)
+    except ValueError as e:
+        raise SampleUsageError(str(e)) from e
     common: dict[str, Any] = {
-        "steps": req.steps or cfg.decoder.sample_steps,
-        "guidance": req.guidance if req.guidance is not None else cfg.decoder.guidance_scale,
+        "decoder_num_inference_steps": req.steps or cfg.decoder.sample_steps,
+        "decoder_guidance_scale": req.guidance
+        if req.guidance is not None
+        else cfg.decoder.guidance_scale,
         "seed": req.seed,
-        "upsampler_exports": ex.upsamplers,
-        "upsampler_steps": req.upsampler_steps
+        "super_res_num_inference_steps": req.upsampler_steps
         or (cfg.upsampler.sample_steps if cfg.upsampler is not None else None),
     }
     try:
         if req.captions:
-            images = sampling.generate(
-                req.captions, cfg.clip, ex.clip, ex.prior, ex.decoder, n_per_caption=req.n, **common
-            )
+            images = pipe(req.captions, num_images_per_prompt=req.n, **common).images
             n = req.n
             return [(f"{slug(req.captions[i // n])}-{i % n}", im) for i, im in enumerate(images)]
         if req.interpolate:
             a, b = req.interpolate
-            images = sampling.interpolate(
-                a, b, req.frames, cfg.clip, ex.clip, ex.prior, ex.decoder, **common
-            )
+            images = pipe.interpolate(a, b, req.frames, **common).images
             return [(f"{slug(a)}-to-{slug(b)}-{i:02d}", im) for i, im in enumerate(images)]
         if req.variation is not None:
-            images = sampling.variations(
-                [_read_image(req.variation)],
-                cfg.clip,
-                ex.clip,
-                ex.decoder,
-                n_per_image=req.n,
-                **common,
-            )
+            source = _read_image(req.variation)
+            images = pipe.image_variations(source, num_images_per_image=req.n, **common).images
             stem = slug(req.variation.stem)
             return [(f"variation-{stem}-{i}", im) for i, im in enumerate(images)]
         assert req.embedding is not None  # check() admits exactly one mode
-        images = sampling.decode_embeddings(_read_embeddings(req.embedding), ex.decoder, **common)
+        emb = _read_embeddings(req.embedding)
+        images = pipe.decode_image_embeddings(emb, **common).images
         return [(f"embedding-{i}", im) for i, im in enumerate(images)]
     except ValueError as e:
         raise SampleUsageError(str(e)) from e

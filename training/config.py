@@ -320,6 +320,12 @@ class EvaluateConfig(IdentitySection):
         description="Seed of evaluation sampling and of the untrained baseline decoder.",
         json_schema_extra=NOT_IDENTITY,
     )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where the evaluation's generation runs: `cuda` (one GPU per Ray task), `cpu`, "
+        "or `auto` (cuda when the Ray cluster has GPUs).",
+        json_schema_extra=NOT_IDENTITY,
+    )
     inception_checkpoint: str | None = Field(
         None,
         description="The FID Inception-v3 weights (torch-fidelity's "

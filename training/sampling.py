@@ -1,5 +1,8 @@
 """Images from exported checkpoints: captions → CLIP text embedding → prior → decoder → upsamplers.
 
+The checks and stage helpers every sampler shares, and path-based wrappers over
+:class:`unclip.training.inference.UnclipPipeline`, which holds the sampling itself.
+
 Also unCLIP's two other uses of the image embedding (Ramesh et al. 2022, sec. 3): variations of
 an input image (embed it with CLIP, decode) and interpolation between two captions' image
 embeddings (slerp).
@@ -8,17 +11,20 @@ embeddings (slerp).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
-from unclip.datasets.clip import ClipBundle, encode_images, encode_texts, load_clip
+from unclip.datasets.clip import ClipBundle, load_clip
 from unclip.datasets.config import ClipConfig
 
 from .models.decoder import DecoderSampler, load_decoder
-from .models.prior_sampler import load_prior
 from .models.upsampler import UpsamplerSampler, load_upsampler
+
+if TYPE_CHECKING:
+    from .inference import UnclipPipeline
 
 
 def check_captions(captions: Sequence[str], bundle: ClipBundle) -> None:
@@ -99,8 +105,20 @@ def decode(
     return pixels
 
 
-def to_pil(pixels: np.ndarray) -> list[Image.Image]:
-    return [Image.fromarray(np.asarray(p)) for p in pixels]
+def load_pipeline(
+    decoder_export: str,
+    clip_cfg: ClipConfig | None = None,
+    clip_checkpoint: str | None = None,
+    prior_export: str | None = None,
+    upsampler_exports: Sequence[str] = (),
+    device: str = "cpu",
+) -> UnclipPipeline:
+    """The exports as one pipeline on ``device``, loaded once (the CLIP when a config is given)."""
+    from .inference import UnclipPipeline
+
+    clip = load_clip(clip_cfg, clip_checkpoint) if clip_cfg is not None else None
+    pipe = UnclipPipeline.from_exports(decoder_export, clip, prior_export, upsampler_exports)
+    return pipe.to(device)
 
 
 def generate(
@@ -118,24 +136,27 @@ def generate(
     upsampler_exports: Sequence[str] = (),
     upsampler_steps: int | None = None,
 ) -> list[Image.Image]:
-    """``n_per_caption`` images per caption, caption-major; decoder steps / guidance default to the export's."""
+    """``n_per_caption`` images per caption, caption-major, through :class:`UnclipPipeline`.
+
+    Loads the exports for this one call; to sample repeatedly, build the pipeline once
+    (``UnclipPipeline.from_exports``) and call it.
+    """
+    if isinstance(captions, str):
+        raise TypeError("captions must be a list of strings, not one string")
     if n_per_caption < 1:
         raise ValueError(f"n_per_caption must be >= 1, got {n_per_caption}")
     check_guidance(decoder=guidance, prior=prior_guidance)
-    bundle = load_clip(clip_cfg, clip_checkpoint)
-    check_captions(captions, bundle)
-    prior = load_prior(prior_export)
-    decoder, upsamplers = load_cascade(decoder_export, upsampler_exports)
-    check_clip(bundle, prior=prior.info, decoder=decoder.info)
-    prior.use_clip(bundle)  # a prior with text tokens encodes the captions with it
-    text = torch.from_numpy(encode_texts(bundle, list(captions)))
-    text = text.repeat_interleave(n_per_caption, dim=0)
-    repeated = [c for c in captions for _ in range(n_per_caption)]
-    image_emb = prior.sample(
-        text, steps=prior_steps, guidance_scale=prior_guidance, seed=seed, captions=repeated
-    )
-    pixels = decode(decoder, upsamplers, image_emb, text, steps, guidance, seed, upsampler_steps)
-    return to_pil(pixels)
+    pipe = load_pipeline(decoder_export, clip_cfg, clip_checkpoint, prior_export, upsampler_exports)
+    return pipe(
+        list(captions),
+        num_images_per_prompt=n_per_caption,
+        prior_num_inference_steps=prior_steps,
+        prior_guidance_scale=prior_guidance,
+        decoder_num_inference_steps=steps,
+        decoder_guidance_scale=guidance,
+        super_res_num_inference_steps=upsampler_steps,
+        seed=seed,
+    ).images
 
 
 def variations(
@@ -153,16 +174,16 @@ def variations(
     """Variations of input images: their CLIP image embedding decoded ``n_per_image`` times each."""
     if not images:
         raise ValueError("no images given")
-    if n_per_image < 1:
-        raise ValueError(f"n_per_image must be >= 1, got {n_per_image}")
     check_guidance(decoder=guidance)
-    bundle = load_clip(clip_cfg, clip_checkpoint)
-    decoder, upsamplers = load_cascade(decoder_export, upsampler_exports)
-    check_clip(bundle, decoder=decoder.info)
-    emb = torch.from_numpy(encode_images(bundle, [im.convert("RGB") for im in images]))
-    emb = emb.repeat_interleave(n_per_image, dim=0)
-    # no caption: a text-conditioned decoder gets the null caption
-    return to_pil(decode(decoder, upsamplers, emb, None, steps, guidance, seed, upsampler_steps))
+    pipe = load_pipeline(decoder_export, clip_cfg, clip_checkpoint, None, upsampler_exports)
+    return pipe.image_variations(
+        list(images),
+        num_images_per_image=n_per_image,
+        decoder_num_inference_steps=steps,
+        decoder_guidance_scale=guidance,
+        super_res_num_inference_steps=upsampler_steps,
+        seed=seed,
+    ).images
 
 
 def decode_embeddings(
@@ -176,11 +197,14 @@ def decode_embeddings(
 ) -> list[Image.Image]:
     """Images for given image embeddings [N, D] (or one [D]), through the decoder and upsamplers."""
     check_guidance(decoder=guidance)
-    emb = torch.as_tensor(np.asarray(image_emb, dtype=np.float32))
-    if emb.ndim == 1:
-        emb = emb[None]
-    decoder, upsamplers = load_cascade(decoder_export, upsampler_exports)
-    return to_pil(decode(decoder, upsamplers, emb, None, steps, guidance, seed, upsampler_steps))
+    pipe = load_pipeline(decoder_export, upsampler_exports=upsampler_exports)
+    return pipe.decode_image_embeddings(
+        image_emb,
+        decoder_num_inference_steps=steps,
+        decoder_guidance_scale=guidance,
+        super_res_num_inference_steps=upsampler_steps,
+        seed=seed,
+    ).images
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -222,24 +246,15 @@ def interpolate(
     if frames < 2:
         raise ValueError(f"frames must be >= 2, got {frames}")
     check_guidance(decoder=guidance, prior=prior_guidance)
-    bundle = load_clip(clip_cfg, clip_checkpoint)
-    check_captions([caption_a, caption_b], bundle)
-    prior = load_prior(prior_export)
-    decoder, upsamplers = load_cascade(decoder_export, upsampler_exports)
-    check_clip(bundle, prior=prior.info, decoder=decoder.info)
-    prior.use_clip(bundle)
-    text = torch.from_numpy(encode_texts(bundle, [caption_a, caption_b]))
-    ends = prior.sample(
-        text,
-        steps=prior_steps,
-        guidance_scale=prior_guidance,
+    pipe = load_pipeline(decoder_export, clip_cfg, clip_checkpoint, prior_export, upsampler_exports)
+    return pipe.interpolate(
+        caption_a,
+        caption_b,
+        frames,
+        prior_num_inference_steps=prior_steps,
+        prior_guidance_scale=prior_guidance,
+        decoder_num_inference_steps=steps,
+        decoder_guidance_scale=guidance,
+        super_res_num_inference_steps=upsampler_steps,
         seed=seed,
-        captions=[caption_a, caption_b],
-    )
-    out: list[Image.Image] = []
-    for t in np.linspace(0.0, 1.0, frames):
-        emb = slerp(ends[0:1], ends[1:2], float(t))
-        txt = slerp(text[0:1], text[1:2], float(t))
-        pixels = decode(decoder, upsamplers, emb, txt, steps, guidance, seed, upsampler_steps)
-        out.extend(to_pil(pixels))
-    return out
+    ).images

@@ -21,6 +21,7 @@ COMMANDS = [
     "train",
     "evaluate",
     "sample",
+    "export",
     "status",
     "ui",
     "config-schema",
@@ -154,6 +155,7 @@ def trained(tmp_path_factory):
     """A storage root whose latest CLIP, prior, decoder and upsampler are untrained tiny exports,
     plus an upsampler export that takes 8 px images (not the decoder's 16)."""
     from unclip.datasets.clip import build_bootstrap_clip, load_clip, save_clip
+    from unclip.datasets.clip_records import clip_record_path
     from unclip.datasets.storage import StorageLayout, write_json
     from unclip.pipelines.config import load_config
     from unclip.training.models.decoder import DecoderTask
@@ -185,8 +187,13 @@ def trained(tmp_path_factory):
     for name, task in tasks.items():
         exports[name] = str(root / name)
         task.export(task.build_model(), exports[name])
+    bundle = load_clip(cfg.clip, clip_dir)
+    write_json(clip_record_path(layout, clip_id), {"clip_id": clip_id, **bundle.identity})
     for model in ("clip", "prior", "decoder", "upsampler"):
         write_json(layout.latest_run(model), {"run": model, "export": exports[model]})
+    for model in ("prior", "decoder", "upsampler"):  # promoted: the same runs
+        record = {"model": model, "run": model, "export": exports[model], "metrics": {"m": 1.0}}
+        write_json(layout.registry(model), record)
     return config, exports, dim
 
 
@@ -277,3 +284,76 @@ def test_ui_runs_on_the_storage_root_of_unclip_storage(tmp_path, monkeypatch):
     assert started["env"]["UNCLIP_STORAGE"] == str(tmp_path / "elsewhere")  # definitions read it
     refused = runner.invoke(app, ["ui", str(f), "--set", "ray.num_cpus=1"])
     assert refused.exit_code == 2 and "takes no --set" in refused.output
+
+
+def test_export_reproduces_sample_bit_for_bit(trained, tmp_path):
+    from unclip import UnclipPipeline
+
+    config, _, _ = trained
+    out = tmp_path / "export"
+    result = runner.invoke(app, ["export", str(config), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "model_index.json").is_file() and (
+        out / "clip" / "open_clip_config.json"
+    ).is_file()
+    card = (out / "README.md").read_text()
+    assert "| decoder | `decoder` | promoted |" in card and '"m": 1.0' in card
+    result, pngs = _sample(config, tmp_path, "a red circle", "--n", "2", "--seed", "4")
+    assert result.exit_code == 0, result.output
+    pipe = UnclipPipeline.from_pretrained(str(out))
+    images = pipe(["a red circle"], num_images_per_prompt=2, seed=4, output_type="np").images
+    for png, image in zip(pngs, images, strict=True):
+        with Image.open(png) as im:
+            np.testing.assert_array_equal(np.asarray(im), image)
+
+
+def test_export_of_a_named_run_and_bad_names(trained, tmp_path):
+    config, _, _ = trained
+    result = runner.invoke(
+        app, ["export", str(config), "--out", str(tmp_path / "x"), "--run", "decoder=nope"]
+    )
+    assert result.exit_code == 1 and "decoder run 'nope'" in " ".join(result.output.split())
+    result = runner.invoke(
+        app, ["export", str(config), "--out", str(tmp_path / "x"), "--run", "vae=a"]
+    )
+    assert result.exit_code == 2 and "no such model" in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_sample_uses_the_promoted_runs_unless_told_latest(trained, tmp_path):
+    from unclip.datasets.storage import StorageLayout, read_json, write_json
+    from unclip.pipelines.config import load_config
+
+    config, exports, _ = trained
+    layout = StorageLayout(load_config(config).storage)
+    record = read_json(layout.registry("upsampler"))
+    write_json(layout.registry("upsampler"), {**record, "export": exports["up8"]})
+    try:
+        result, pngs = _sample(config, tmp_path / "p", "a red circle", "--n", "1")
+        assert result.exit_code == 2 and "takes 8 px images" in " ".join(result.output.split())
+        result, pngs = _sample(config, tmp_path / "l", "a red circle", "--n", "1", "--latest")
+        assert result.exit_code == 0 and len(pngs) == 1, result.output
+    finally:
+        write_json(layout.registry("upsampler"), record)
+
+
+def test_sample_device_flag(trained, tmp_path):
+    config, _, _ = trained
+    result, pngs = _sample(config, tmp_path / "c", "a red circle", "--n", "1", "--device", "cpu")
+    assert result.exit_code == 0 and len(pngs) == 1, result.output
+    if not torch.cuda.is_available():
+        result, pngs = _sample(config, tmp_path / "g", "a red circle", "--device", "cuda")
+        assert result.exit_code == 2 and "no CUDA GPU" in result.output and not pngs
+
+
+def test_sample_finds_its_config_or_says_how_to_give_one(trained, tmp_path, monkeypatch):
+    config, _, _ = trained
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("UNCLIP_CONFIG", raising=False)
+    result = runner.invoke(app, ["sample", "a red circle"])
+    assert result.exit_code == 2
+    assert "no pipeline config found" in result.output and "UNCLIP_CONFIG" in result.output
+    monkeypatch.setenv("UNCLIP_CONFIG", str(config))
+    result = runner.invoke(app, ["sample", "a red circle", "--n", "1", "--out", "png"])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "png").glob("*.png"))) == 1

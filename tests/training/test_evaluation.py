@@ -169,7 +169,7 @@ def test_evaluate_cascade_pools_workers_and_writes_metrics_and_report(
     assert "no loss curve at /nonexistent.png" in report
 
     # Idempotent: the same runs and settings do no work.
-    def no_work(jobs):
+    def no_work(jobs, device="auto"):
         raise AssertionError("re-ran generation although the metrics are there")
 
     monkeypatch.setattr(cascade_eval, "run_chunks", no_work)

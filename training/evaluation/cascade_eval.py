@@ -1,7 +1,7 @@
 """Decoder / whole-cascade evaluation → ``eval/{decoder_run}/decoder_metrics.json`` + ``report.html``.
 
 On captions drawn from the held-out split (single-object ones on the synthetic shapes), the
-cascade (``sampling.generate``: CLIP text → prior → decoder → upsampler when there is one)
+cascade (``UnclipPipeline``: CLIP text → prior → decoder → upsampler when there is one)
 draws ``num_eval_samples`` images, spread over ``eval_workers`` Ray tasks. Each task returns
 its images and their features; every Fréchet distance is computed once, on the features
 pooled from all tasks, never as an average of per-task scores. The same is done with a
@@ -224,7 +224,7 @@ def generate_both(
         for export in (runs.decoder_fit.export_dir, untrained_export)
         for off, c in chunks
     ]
-    results = run_chunks(jobs)
+    results = run_chunks(jobs, cfg.device)
     return results[: len(chunks)], results[len(chunks) :]
 
 

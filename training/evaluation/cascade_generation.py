@@ -8,15 +8,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from unclip.datasets.clip import encode_images, load_clip
+from unclip.datasets.clip import encode_images
 from unclip.datasets.config import ClipConfig
 from unclip.datasets.ray_runtime import ensure_started
 from unclip.datasets.storage import StorageLayout, exists, read_json
 
 from ..config import DecoderConfig
 from ..engine.artifacts import publish_dir
+from ..inference.device import resolve_device
 from ..models.decoder import DecoderTask
-from ..sampling import generate
+from ..sampling import load_pipeline
 from .inception_metrics import load_fid_inception
 
 UNTRAINED_MARKER = "untrained.json"
@@ -33,24 +34,28 @@ def generate_chunk(
     guidance: float | None,
     cascade: dict[str, Any],
     inception_checkpoint: str | None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """One worker's share: images, their CLIP image features, their FID Inception features."""
-    images = generate(
-        captions,
+    pipe = load_pipeline(
+        decoder_export,
         clip_cfg,
         clip_checkpoint,
         prior_export,
-        decoder_export,
-        steps=steps,
-        guidance=guidance,
-        seed=seed,
-        **cascade,
+        cascade.get("upsampler_exports", ()),
+        device=device,
     )
+    images = pipe(
+        captions,
+        decoder_num_inference_steps=steps,
+        decoder_guidance_scale=guidance,
+        super_res_num_inference_steps=cascade.get("upsampler_steps"),
+        seed=seed,
+    ).images
     arr = np.stack([np.asarray(x.convert("RGB")) for x in images])
-    bundle = load_clip(clip_cfg, clip_checkpoint)
     return {
         "images": arr,
-        "clip": encode_images(bundle, images),
+        "clip": encode_images(pipe.clip_bundle(), images),
         "inception": (
             load_fid_inception(inception_checkpoint).features(arr) if inception_checkpoint else None
         ),
@@ -63,13 +68,16 @@ def split(items: list[str], parts: int) -> list[tuple[int, list[str]]]:
     return [(int(a), items[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def run_chunks(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Run ``generate_chunk(**job)`` for every job as Ray tasks (one CPU each); results in order."""
+def run_chunks(jobs: list[dict[str, Any]], device: str = "auto") -> list[dict[str, Any]]:
+    """Run ``generate_chunk(**job)`` for every job as Ray tasks, in order: one GPU each when
+    ``device`` resolves to CUDA (``auto``: the cluster has GPUs), else one CPU each."""
     import ray
 
     ensure_started()
-    task = ray.remote(num_cpus=1, max_retries=1)(generate_chunk)
-    return ray.get([task.remote(**job) for job in jobs])
+    on = resolve_device(device, int(ray.cluster_resources().get("GPU", 0)))
+    gpus = 1 if on.startswith("cuda") else 0
+    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(generate_chunk)
+    return ray.get([task.remote(**job, device="cuda" if gpus else "cpu") for job in jobs])
 
 
 def export_untrained_decoder(

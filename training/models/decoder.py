@@ -257,7 +257,7 @@ class DecoderSampler(ExportedDiffusion):
         scale = float(
             guidance_scale if guidance_scale is not None else self.info.get("guidance_scale", 1.0)
         )
-        emb = emb.to(self.device)
+        emb = emb.to(self.device, self.dtype)
         learned = bool(self.info.get("learned_variance", False))
         keep = 6 if learned and sampler == "ddpm" else 3  # DDIM (η = 0) has no use for Σ_θ
         x = sample_loop(

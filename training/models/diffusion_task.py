@@ -166,6 +166,7 @@ class ExportedDiffusion:
         self.scheduler_config = dict(scheduler_config)
         self.info = info
         self.device = device
+        self.dtype = next(self.model.parameters()).dtype  # inputs are cast to it
         self.dim = int(info["embedding_dim"])
 
     @classmethod

@@ -115,7 +115,7 @@ class PriorSampler(ExportedDiffusion):
             )
         else:
             cond = text
-        cond = cond.repeat_interleave(candidates, dim=0)
+        cond = cond.repeat_interleave(candidates, dim=0).to(self.dtype)
         x0 = sample_loop(
             lambda x, t, c: predict_x0(self.model, x, t, c),
             (cond.shape[0], self.dim),

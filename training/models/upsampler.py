@@ -249,7 +249,7 @@ class UpsamplerSampler(ExportedDiffusion):
         g = torch.Generator("cpu").manual_seed(int(seed) + 1)
         eps = torch.randn(cond.shape, generator=g)
         cond = DDPMScheduler.from_config(self.scheduler_config).add_noise(cond, eps, level)
-        cond, level = cond.to(self.device), level.to(self.device)
+        cond, level = cond.to(self.device, self.dtype), level.to(self.device)
         x = sample_loop(
             lambda x, t, c: upsampler_prediction(self.model, x, t, c, level),
             (len(low_res), 3, self.output_size, self.output_size),
