@@ -34,14 +34,14 @@ import torch  # noqa: E402
 
 from unclip.datasets.storage import StorageLayout  # noqa: E402
 from unclip.training.config import DecoderConfig, PriorConfig, TrainerConfig  # noqa: E402
-from unclip.training.decoder import DecoderTask  # noqa: E402
-from unclip.training.prior import PriorTask  # noqa: E402
-from unclip.training.train_loop import (  # noqa: E402
+from unclip.training.engine.train_loop import (  # noqa: E402
     ds_config,
     param_groups,
     seed_micro_step,
     to_device,
 )
+from unclip.training.models.decoder import DecoderTask  # noqa: E402
+from unclip.training.models.prior import PriorTask  # noqa: E402
 
 D = 768  # CLIP ViT-L/14 embedding width (Karlo's prior)
 T = TypeVar("T")

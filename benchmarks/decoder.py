@@ -1,6 +1,6 @@
 """Decoder throughput: training under unclip's trainer vs plain torch loops, and sampling speed.
 
-1. **trainer**: ``unclip.training.trainer.fit`` on the decoder task (diffusers
+1. **trainer**: ``unclip.training.engine.trainer.fit`` on the decoder task (diffusers
    ``UNet2DConditionModel``, Kandinsky-2.2 image conditioning) with Ray Train ``TorchTrainer``,
    DeepSpeed over gloo (ZeRO stage ``--zero-stage``, by default 0 as in the demo's decoder:
    ``configs/demo.yaml``), metrics rows, Ray Train reports and one checkpoint and export at the
@@ -64,7 +64,7 @@ from stores import ArraySource  # noqa: E402
 
 from unclip.datasets.storage import StorageLayout  # noqa: E402
 from unclip.training.config import DecoderConfig, TrainerConfig  # noqa: E402
-from unclip.training.decoder import DecoderTask, load_decoder  # noqa: E402
+from unclip.training.models.decoder import DecoderTask, load_decoder  # noqa: E402
 
 
 def image_columns(n: int, size: int, dim: int) -> dict[str, Any]:

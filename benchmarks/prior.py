@@ -6,7 +6,7 @@ DALLE2-pytorch's prior runs at the embedding's width), the same global batch ``B
 same optimizer work (AdamW, gradient clipping at 1.0, fp32), on the same CPU budget of ``W``
 cores:
 
-1. **unclip**: ``unclip.training.trainer.fit`` on the prior task (diffusers ``PriorTransformer``)
+1. **unclip**: ``unclip.training.engine.trainer.fit`` on the prior task (diffusers ``PriorTransformer``)
    with everything the demo config turns on: Ray Train ``TorchTrainer``, DeepSpeed over gloo
    (ZeRO stage ``--zero-stage``, 0 by default as in the demo: for a prior of ~1M weights, ZeRO-1's
    sharded optimizer step and all-gather cost ~10% here and save nothing), EMA, metrics rows, Ray
@@ -85,9 +85,9 @@ from stores import ArraySource  # noqa: E402
 
 from unclip.datasets.storage import StorageLayout  # noqa: E402
 from unclip.training.config import PriorConfig, TrainerConfig  # noqa: E402
-from unclip.training.prior import PriorTask  # noqa: E402
-from unclip.training.runlog import read_rows  # noqa: E402
-from unclip.training.trainer import fit  # noqa: E402
+from unclip.training.engine.runlog import read_rows  # noqa: E402
+from unclip.training.engine.trainer import fit  # noqa: E402
+from unclip.training.models.prior import PriorTask  # noqa: E402
 
 ray.cloudpickle.register_pickle_by_value(stores)  # Ray workers cannot import it by name
 

@@ -46,10 +46,10 @@ from stores import store_bytes, write_store  # noqa: E402
 from unclip.datasets.storage import StorageLayout  # noqa: E402
 from unclip.datasets.stream import RankStream, StreamPlan, StreamStats  # noqa: E402
 from unclip.training.config import DecoderConfig, PriorConfig, TrainerConfig  # noqa: E402
-from unclip.training.decoder import DecoderTask  # noqa: E402
-from unclip.training.prior import PriorTask  # noqa: E402
-from unclip.training.runlog import read_rows  # noqa: E402
-from unclip.training.trainer import fit  # noqa: E402
+from unclip.training.engine.runlog import read_rows  # noqa: E402
+from unclip.training.engine.trainer import fit  # noqa: E402
+from unclip.training.models.decoder import DecoderTask  # noqa: E402
+from unclip.training.models.prior import PriorTask  # noqa: E402
 
 SIZES = {"prior": [4_000, 40_000, 400_000], "decoder": [4_000, 40_000, 160_000]}
 QUICK = {"prior": [2_000, 8_000], "decoder": [1_000, 4_000]}

@@ -60,8 +60,8 @@ def _prior(
     m: dict[str, Any],
     out: str,
 ) -> dict[str, Any]:
-    from unclip.training.evaluation import evaluate_prior
-    from unclip.training.trainer import FitResult
+    from unclip.training.engine.trainer import FitResult
+    from unclip.training.evaluation.prior_eval import evaluate_prior
 
     if m.get("split") != "holdout" or m.get("holdout_fraction") is None:
         raise NotComparable("the candidate's prior metrics do not say which hold-out split")
@@ -88,9 +88,10 @@ def _decoder(
     m: dict[str, Any],
     out_dir: str,
 ) -> dict[str, Any]:
-    from unclip.pipelines.stages import clip_checkpoint, ensure_ray, synthetic_palette
-    from unclip.training.cascade_eval import evaluate_cascade
-    from unclip.training.trainer import EXPORT_DIRNAME, FitResult
+    from unclip.datasets.synthetic import color_palette
+    from unclip.training.engine.latest_runs import latest_export
+    from unclip.training.engine.trainer import EXPORT_DIRNAME, FitResult
+    from unclip.training.evaluation.cascade_eval import evaluate_cascade
 
     settings = m.get("settings") or {}
     if settings.get("cascade"):
@@ -111,16 +112,17 @@ def _decoder(
             "inception_checkpoint": settings["inception_checkpoint"],
         }
     )
-    ensure_ray(cfg)
+    # The candidate's data was embedded by the pinned CLIP (the clip ids were compared above).
+    clip_checkpoint = latest_export(layout, "clip") if cfg.uses_bootstrap_clip else None
     return evaluate_cascade(
         layout,
         m["data_version"],
         cfg.clip,
-        clip_checkpoint(cfg)["checkpoint"],
+        clip_checkpoint,
         prior_fit,
         decoder_fit,
         cfg.decoder,
         ev,
-        palette=synthetic_palette(cfg),
+        palette=color_palette(cfg.synthetic) if cfg.synthetic is not None else None,
         out_dir=out_dir,
     )

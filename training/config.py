@@ -286,7 +286,7 @@ class EvaluateConfig(Section):
     max_pairs: int = Field(
         1000, ge=1, description="Held-out pairs the prior's cosine suite uses at most."
     )
-    # The decoder / cascade evaluation (training/cascade_eval.py). None of these change a
+    # The decoder / cascade evaluation (training/evaluation/cascade_eval.py). None of these change a
     # trained run: they are left out of run names.
     num_eval_samples: int = Field(
         200,

@@ -16,9 +16,9 @@ from PIL import Image
 from unclip.datasets.clip import ClipBundle, encode_images, encode_texts, load_clip
 from unclip.datasets.config import ClipConfig
 
-from .decoder import DecoderSampler, load_decoder
-from .prior import load_prior
-from .upsampler import UpsamplerSampler, load_upsampler
+from .models.decoder import DecoderSampler, load_decoder
+from .models.prior import load_prior
+from .models.upsampler import UpsamplerSampler, load_upsampler
 
 
 def check_captions(captions: Sequence[str], bundle: ClipBundle) -> None:

@@ -25,8 +25,8 @@ from unclip.datasets.storage import StorageLayout, read_json, write_json  # noqa
 from unclip.pipelines.config import parse_config  # noqa: E402
 from unclip.pipelines.promotion import against_metrics, promote, promoted  # noqa: E402
 from unclip.pipelines.reevaluate import reevaluator  # noqa: E402
-from unclip.training.evaluation import evaluate_prior  # noqa: E402
-from unclip.training.trainer import FitResult  # noqa: E402
+from unclip.training.engine.trainer import FitResult  # noqa: E402
+from unclip.training.evaluation.prior_eval import evaluate_prior  # noqa: E402
 
 
 def _finished_run(layout: StorageLayout, run: str, version: str, source: str | None = None) -> dict:

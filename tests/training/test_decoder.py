@@ -12,7 +12,7 @@ from training_helpers import DIM, TINY_DECODER, first_columns
 from training_helpers import make_decoder_task as make_task
 
 from unclip.training.config import DecoderConfig
-from unclip.training.decoder import build_decoder, load_decoder, unet_output
+from unclip.training.models.decoder import build_decoder, load_decoder, unet_output
 
 TINY = TINY_DECODER
 
@@ -100,7 +100,7 @@ def test_caption_conditioning_kandinsky_21_style_and_its_separate_dropout(monkey
 
     seen = []
     monkeypatch.setattr(
-        "unclip.training.decoder.unet_output", lambda m, x, t, c, *_: seen.append(c) or x * 0
+        "unclip.training.models.decoder.unet_output", lambda m, x, t, c, *_: seen.append(c) or x * 0
     )
     torch.manual_seed(0)
     for _ in range(200):
@@ -133,8 +133,8 @@ def test_default_decoder_stays_image_only():
 
 
 def test_vlb_term_is_zero_for_the_true_posterior_and_grows_with_a_wrong_variance():
-    from unclip.training.decoder import vlb_term
     from unclip.training.diffusion import train_scheduler
+    from unclip.training.models.decoder import vlb_term
 
     sched = train_scheduler(100, "epsilon", clip_sample=True)
     x0 = torch.rand(4, 3, 8, 8) * 2 - 1

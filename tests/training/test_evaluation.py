@@ -14,8 +14,10 @@ from unclip.datasets.clip import build_bootstrap_clip, load_clip, save_clip
 from unclip.datasets.storage import exists, read_json
 from unclip.datasets.synthetic import PALETTE
 from unclip.pipelines.config import CASCADE_GATE_METRICS, PRIOR_GATE_METRICS
-from unclip.training import cascade_eval
-from unclip.training.cascade_eval import (
+from unclip.training.config import EvaluateConfig
+from unclip.training.engine.trainer import FitResult
+from unclip.training.evaluation import cascade_eval
+from unclip.training.evaluation.cascade_eval import (
     METRICS_FILE,
     REPORT_FILE,
     evaluate_cascade,
@@ -23,15 +25,13 @@ from unclip.training.cascade_eval import (
     pooled_fid,
     split,
 )
-from unclip.training.config import EvaluateConfig
-from unclip.training.evaluation import (
+from unclip.training.evaluation.prior_eval import (
     caption_grid,
     prior_cosines,
     unrelated_index,
     write_sample_grid,
 )
 from unclip.training.sampling import generate
-from unclip.training.trainer import FitResult
 
 
 def test_unrelated_index_picks_another_caption():
@@ -231,7 +231,7 @@ def test_the_prior_is_evaluated_on_the_holdout_pairs_only(embedded_store, tmp_pa
     from training_helpers import CLIP_ID, DIM
 
     from unclip.datasets import readers
-    from unclip.training.evaluation import evaluate_prior
+    from unclip.training.evaluation.prior_eval import evaluate_prior
 
     layout, version = embedded_store.layout, embedded_store.version
     task = make_prior_task(dim=DIM, clip_id=CLIP_ID)
@@ -255,7 +255,7 @@ def test_the_prior_is_evaluated_on_the_holdout_pairs_only(embedded_store, tmp_pa
 
 def test_the_cascade_compares_with_the_holdout_images_only(embedded_store):
     from unclip.datasets import readers
-    from unclip.training.cascade_eval import held_out_set
+    from unclip.training.evaluation.cascade_eval import held_out_set
 
     layout, version = embedded_store.layout, embedded_store.version
     held = held_out_set(layout, version, HOLDOUT, 7, palette=None)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from unclip.datasets.config import SyntheticConfig
 from unclip.datasets.synthetic import PALETTE, render_image, sample_spec, shape_caption
-from unclip.training import image_metrics as im
+from unclip.training.evaluation import image_metrics as im
 
 SYN = SyntheticConfig(num_pairs=300, image_size=96, seed=0)
 PAL = {c: PALETTE[c] for c in SYN.colors}

@@ -25,9 +25,9 @@ from training_helpers import make_prior_task as make_task
 
 from unclip.datasets.storage import StorageLayout
 from unclip.training.config import EvaluateConfig, PriorConfig
-from unclip.training.evaluation import PRIOR_METRICS, evaluate_prior
-from unclip.training.prior import PriorTask, build_prior, load_prior, predict_x0, train_prior
-from unclip.training.trainer import TRAINER_STATE, FitResult, check_resumable
+from unclip.training.engine.trainer import TRAINER_STATE, FitResult, check_resumable
+from unclip.training.evaluation.prior_eval import PRIOR_METRICS, evaluate_prior
+from unclip.training.models.prior import PriorTask, build_prior, load_prior, predict_x0, train_prior
 
 TINY = TINY_PRIOR
 

@@ -28,11 +28,12 @@ from unclip.datasets.clip import (
     load_clip_of,
     save_clip,
 )
-from unclip.training import prior as prior_mod
 from unclip.training.config import EvaluateConfig
 from unclip.training.diffusion import drop_condition
-from unclip.training.evaluation import evaluate_prior
-from unclip.training.prior import (
+from unclip.training.engine.runlog import read_rows
+from unclip.training.evaluation.prior_eval import evaluate_prior
+from unclip.training.models import prior as prior_mod
+from unclip.training.models.prior import (
     PriorTask,
     load_prior,
     pack_condition,
@@ -40,7 +41,6 @@ from unclip.training.prior import (
     train_prior,
     unpack_condition,
 )
-from unclip.training.runlog import read_rows
 from unclip.training.sampling import generate, interpolate
 
 DIM = TINY_CLIP.embed_dim

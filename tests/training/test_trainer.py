@@ -13,9 +13,9 @@ from training_helpers import KilledOnce, NanAt, Regression, tiny_trainer
 
 from unclip.datasets.storage import StorageLayout
 from unclip.training.config import PriorConfig, TrainerConfig
-from unclip.training.runlog import read_rows
-from unclip.training.train_loop import Ema, ds_config, warmup_cosine
-from unclip.training.trainer import (
+from unclip.training.engine.runlog import read_rows
+from unclip.training.engine.train_loop import Ema, ds_config, warmup_cosine
+from unclip.training.engine.trainer import (
     TRAINER_STATE,
     FitResult,
     check_resumable,
@@ -204,7 +204,7 @@ def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(ray
 
 
 def test_a_checkpoint_file_changed_or_planted_after_saving_is_refused(tmp_path):
-    from unclip.training.checkpoint_hashes import record_hashes, verify_hashes
+    from unclip.training.engine.checkpoint_hashes import record_hashes, verify_hashes
 
     ckpt = tmp_path / "checkpoint_000000004"
     (ckpt / "deepspeed").mkdir(parents=True)
@@ -242,7 +242,7 @@ def test_a_second_process_training_the_same_run_stops_naming_the_first(tmp_path)
 
 def test_a_resume_may_change_the_world_size_only_at_an_epoch_boundary(tmp_path):
     from unclip.datasets.stream import StreamPlan
-    from unclip.training.stream_position import StreamPosition
+    from unclip.training.engine.stream_position import StreamPosition
 
     source = Regression().data()  # 96 rows
     two = StreamPlan.make(source.shards, 0, 2, 8, 16, seed=0)  # 6 steps an epoch

@@ -14,8 +14,7 @@ from training_helpers import DIM, HOLDOUT, TINY_DECODER, make_decoder_task, tiny
 
 from unclip.datasets.storage import StorageLayout
 from unclip.training.config import UpsamplerConfig
-from unclip.training.sampling import check_cascade, load_cascade
-from unclip.training.upsampler import (
+from unclip.training.models.upsampler import (
     UpsamplerTask,
     aug_timestep,
     build_upsampler,
@@ -26,6 +25,7 @@ from unclip.training.upsampler import (
     train_upsampler,
     unet_output,
 )
+from unclip.training.sampling import check_cascade, load_cascade
 
 TINY = UpsamplerConfig(
     input_size=8,

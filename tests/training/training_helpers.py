@@ -40,9 +40,9 @@ from unclip.datasets.storage import StorageLayout, atomic_write, write_json
 from unclip.datasets.stream import RankStream, ShardSource, StreamPlan, StreamShard, StreamStats
 from unclip.datasets.synthetic import render_image, sample_spec
 from unclip.training.config import DecoderConfig, PriorConfig, TrainerConfig
-from unclip.training.decoder import DecoderTask
-from unclip.training.prior import PriorTask
-from unclip.training.trainer import TrainTask
+from unclip.training.engine.trainer import TrainTask
+from unclip.training.models.decoder import DecoderTask
+from unclip.training.models.prior import PriorTask
 
 # Ray workers cannot import this test module by name: ship its classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

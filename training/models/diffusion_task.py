@@ -19,10 +19,10 @@ from diffusers import DDPMScheduler
 from unclip.datasets.storage import StorageLayout
 from unclip.datasets.stream import ShardSource
 
-from .artifacts import local_dir
-from .config import Section
-from .diffusion import Prediction, train_scheduler
-from .trainer import FitResult, TrainTask, fit, run_name_for
+from ..config import Section
+from ..diffusion import Prediction, train_scheduler
+from ..engine.artifacts import local_dir
+from ..engine.trainer import FitResult, TrainTask, fit, run_name_for
 
 
 @dataclass(kw_only=True)

@@ -9,8 +9,8 @@ from training_helpers import HOLDOUT, SOURCE, TINY_CLIP, first_columns
 from unclip.datasets.clip import load_clip
 from unclip.datasets.config import ClipConfig
 from unclip.datasets.stream import RankStream, StreamPlan
-from unclip.training.clip_task import ClipTask, train_bootstrap_clip
 from unclip.training.config import BootstrapClipConfig
+from unclip.training.models.bootstrap_clip import ClipTask, train_bootstrap_clip
 
 
 @pytest.fixture

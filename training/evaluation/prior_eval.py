@@ -15,10 +15,10 @@ from unclip.datasets import readers
 from unclip.datasets.config import ClipConfig
 from unclip.datasets.storage import StorageLayout, atomic_write, write_json
 
-from .config import EvaluateConfig, PriorConfig
-from .prior import load_prior
-from .sampling import generate
-from .trainer import FitResult
+from ..config import EvaluateConfig, PriorConfig
+from ..engine.trainer import FitResult
+from ..models.prior import load_prior
+from ..sampling import generate
 
 PRIOR_METRICS = "prior_metrics.json"
 

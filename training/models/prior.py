@@ -37,11 +37,11 @@ from diffusers import PriorTransformer
 from unclip.datasets.storage import StorageLayout
 from unclip.datasets.stream import Columns, ShardSource
 
-from .artifacts import is_local, local_dir
-from .config import PriorConfig
-from .diffusion import Sampler, drop_condition, noised, sample_loop
+from ..config import PriorConfig
+from ..diffusion import Sampler, drop_condition, noised, sample_loop
+from ..engine.artifacts import is_local, local_dir
+from ..engine.trainer import FitResult, fit, run_name_for
 from .diffusion_task import ExportedDiffusion, ManifestDiffusionTask
-from .trainer import FitResult, fit, run_name_for
 
 if TYPE_CHECKING:
     from unclip.datasets.clip import ClipBundle
@@ -253,7 +253,7 @@ def token_condition(
 
 @dataclass(kw_only=True)
 class PriorTask(ManifestDiffusionTask):
-    """The prior as a :class:`~unclip.training.trainer.TrainTask` over one dataset version."""
+    """The prior as a :class:`~unclip.training.engine.trainer.TrainTask` over one dataset version."""
 
     MODEL_KIND: ClassVar[str] = MODEL_KIND
     SUBFOLDER: ClassVar[str] = "prior"

@@ -31,10 +31,10 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from unclip.datasets.storage import StorageLayout
 from unclip.datasets.stream import Columns, ShardSource
 
-from .config import DecoderConfig
-from .diffusion import Sampler, diffusion_mse, drop_condition, noised, sample_loop
+from ..config import DecoderConfig
+from ..diffusion import Sampler, diffusion_mse, drop_condition, noised, sample_loop
+from ..engine.trainer import FitResult
 from .diffusion_task import ExportedDiffusion, ManifestDiffusionTask
-from .trainer import FitResult
 
 MODEL_KIND = "decoder"
 INFO_FILE = "unclip_decoder.json"
@@ -190,7 +190,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 @dataclass(kw_only=True)
 class DecoderTask(ManifestDiffusionTask):
-    """The decoder as a :class:`~unclip.training.trainer.TrainTask` over one dataset version."""
+    """The decoder as a :class:`~unclip.training.engine.trainer.TrainTask` over one dataset version."""
 
     MODEL_KIND: ClassVar[str] = MODEL_KIND
     SUBFOLDER: ClassVar[str] = "unet"

@@ -25,9 +25,9 @@ import torch
 from unclip.datasets.storage import StorageLayout
 from unclip.datasets.stream import RankStream, ShardSource, StreamPlan
 
+from ..config import TrainerConfig
 from .artifacts import publish_dir
 from .checkpoint_hashes import record_hashes, verify_hashes
-from .config import TrainerConfig
 from .runlog import RunLog
 from .stream_position import StreamPosition, stream_totals
 from .trainer import EXPORT_DIRNAME, EXPORT_MARKER, TRAINER_STATE, TrainTask
@@ -102,7 +102,7 @@ class Ema:
     """Exponential moving average of the trainable weights, kept in fp32 on rank 0.
 
     ZeRO stages 0-2 keep the full weights on every rank after each step, so rank 0 alone can
-    average them; ZeRO-3 is refused by :func:`~unclip.training.trainer.validate_trainer_config`.
+    average them; ZeRO-3 is refused by :func:`~unclip.training.engine.trainer.validate_trainer_config`.
     The average lives beside the weights (on their device): a per-step copy to the host would
     sync the GPU once per parameter. :meth:`state_dict` is the host copy that checkpoints hold.
     """
@@ -135,7 +135,7 @@ class Ema:
 
 # --- the worker ----------------------------------------------------------------------------
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train's per-worker function (see :func:`unclip.training.trainer.fit`).
+    """Ray Train's per-worker function (see :func:`unclip.training.engine.trainer.fit`).
 
     Returns (rank 0's reaches the driver) ``{"status": "done"}``, or the step whose loss was
     not finite: a NaN stops every rank at the same step, before its update, with no checkpoint.

@@ -22,15 +22,16 @@ from PIL import Image
 from unclip.datasets import readers
 from unclip.datasets.clip import encode_images, encode_texts, load_clip
 from unclip.datasets.config import ClipConfig
+from unclip.datasets.ray_runtime import ensure_started
 from unclip.datasets.storage import StorageLayout, exists, read_json, write_json
 
+from ..config import DecoderConfig, EvaluateConfig
+from ..engine.artifacts import publish_dir
+from ..engine.trainer import FitResult
+from ..models.decoder import DecoderTask
+from ..sampling import generate
 from . import image_metrics as im
-from .artifacts import publish_dir
-from .config import DecoderConfig, EvaluateConfig
-from .decoder import DecoderTask
-from .eval_report import write_report
-from .sampling import generate
-from .trainer import FitResult
+from .report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,7 @@ def run_chunks(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Run ``generate_chunk(**job)`` for every job as Ray tasks (one CPU each); results in order."""
     import ray
 
+    ensure_started()
     task = ray.remote(num_cpus=1, max_retries=1)(generate_chunk)
     return ray.get([task.remote(**job) for job in jobs])
 

@@ -32,11 +32,11 @@ from unclip.datasets.storage import StorageLayout
 from unclip.datasets.stream import Columns, ShardSource
 from unclip.datasets.stream_sources import ImagePairSource
 
-from .config import UpsamplerConfig
+from ..config import UpsamplerConfig
+from ..diffusion import Sampler, diffusion_mse, noised, sample_loop
+from ..engine.trainer import FitResult
 from .decoder import to_uint8, to_unit_range
-from .diffusion import Sampler, diffusion_mse, noised, sample_loop
 from .diffusion_task import ExportedDiffusion, ManifestDiffusionTask
-from .trainer import FitResult
 
 MODEL_KIND = "upsampler"
 INFO_FILE = "unclip_upsampler.json"
@@ -139,7 +139,7 @@ def aug_timestep(fraction: float, timesteps: int) -> int:
 
 @dataclass(kw_only=True)
 class UpsamplerTask(ManifestDiffusionTask):
-    """A super-resolution stage as a :class:`~unclip.training.trainer.TrainTask`."""
+    """A super-resolution stage as a :class:`~unclip.training.engine.trainer.TrainTask`."""
 
     MODEL_KIND: ClassVar[str] = MODEL_KIND
     SUBFOLDER: ClassVar[str] = "unet"

@@ -1,4 +1,4 @@
-"""The bootstrap CLIP as a :class:`~unclip.training.trainer.TrainTask`: open_clip's contrastive loss
+"""The bootstrap CLIP as a :class:`~unclip.training.engine.trainer.TrainTask`: open_clip's contrastive loss
 on the ingested (image, caption) pairs, before any embedding exists.
 
 Its export is a ``save_clip`` checkpoint, so ``unclip.datasets.clip.load_clip(cfg, export_dir)``
@@ -23,8 +23,8 @@ from unclip.datasets.config import ClipConfig
 from unclip.datasets.storage import StorageLayout
 from unclip.datasets.stream import Columns
 
-from .config import BootstrapClipConfig
-from .trainer import FitResult, TrainTask, fit, run_name_for
+from ..config import BootstrapClipConfig
+from ..engine.trainer import FitResult, TrainTask, fit, run_name_for
 
 if TYPE_CHECKING:
     from unclip.datasets.stream_sources import IngestedImageSource

@@ -1,0 +1,1 @@
+"""The one trainer: Ray Train + DeepSpeed driver and worker loop, checkpoints, stream positions, run records."""

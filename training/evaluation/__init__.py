@@ -1,0 +1,1 @@
+"""Evaluation: the prior's cosine suite, the cascade's image metrics, the HTML report."""
