@@ -157,7 +157,6 @@ class FastPreprocess:
             return None
         return cls(size, np.asarray(norm.mean, np.float32), np.asarray(norm.std, np.float32))
 
-
     def applies(self, image: Image.Image) -> bool:
         """Whether ``image`` may skip the per-image transform (RGB, already ``S x S``)."""
         return image.mode == "RGB" and image.size == (self.size, self.size)
