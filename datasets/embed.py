@@ -35,7 +35,6 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -127,10 +126,10 @@ class FastPreprocess:
 
     Resize and CenterCrop are the identity on an ``S x S`` RGB image, so what is left is
     ToTensor + Normalize: ``(v / 255 - mean[c]) / std[c]`` in float32 for each uint8 value
-    ``v`` of channel ``c``. That is a function of (v, c) alone, so it is tabulated once — 256 x
-    3 values computed with the same float32 operations in the same order — and a chunk is
-    normalized by table look-up: bit-identical to ``preprocess(image)``, ~4x faster than the
-    arithmetic.
+    ``v`` of channel ``c``. A chunk is normalized in one pass of torch's in-place float32
+    operations, in torchvision's order: bit-identical to ``preprocess(image)`` (the result is a
+    function of (v, c) alone, so the tests check all 256 x 3 of them), about 2x faster than a
+    256 x 3 look-up table and 8x faster than the per-image transform.
     """
 
     size: int
@@ -157,23 +156,20 @@ class FastPreprocess:
             return None
         return cls(size, np.asarray(norm.mean, np.float32), np.asarray(norm.std, np.float32))
 
-    @cached_property
-    def table(self) -> np.ndarray:
-        """float32 [3, 256]: channel c, value v → ToTensor + Normalize of v."""
-        x = np.arange(256, dtype=np.uint8).astype(np.float32) / np.float32(255)
-        return np.ascontiguousarray(((x[:, None] - self.mean) / self.std).T)
-
     def applies(self, image: Image.Image) -> bool:
         """Whether ``image`` may skip the per-image transform (RGB, already ``S x S``)."""
         return image.mode == "RGB" and image.size == (self.size, self.size)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, S, S, 3] → normalized float32 [N, 3, S, S], as ToTensor + Normalize."""
+        import torch
+
         n, h, w, _ = images.shape
-        out = np.empty((n, 3, h, w), np.float32)
-        for c in range(3):
-            np.take(self.table[c], images[..., c], out=out[:, c])
-        return out
+        out = torch.empty((n, 3, h, w), dtype=torch.float32)
+        out.copy_(torch.from_numpy(images).permute(0, 3, 1, 2))  # uint8 HWC → float32 CHW
+        mean = torch.from_numpy(self.mean)[:, None, None]
+        std = torch.from_numpy(self.std)[:, None, None]
+        return out.div_(255).sub_(mean).div_(std).numpy()  # ToTensor, then Normalize
 
 
 def _pixels(items: list[np.ndarray], fast: FastPreprocess | None) -> np.ndarray:

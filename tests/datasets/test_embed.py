@@ -223,6 +223,23 @@ def test_fast_preprocess_is_bit_identical_to_open_clips_transform(shapes_store, 
     assert FastPreprocess.of(augmenting) is None
 
 
+def test_fast_preprocess_is_bit_identical_on_every_value_of_every_channel(
+    shapes_store, tiny_clip_cfg
+):
+    """The normalization is a function of (value, channel) alone: all 256 x 3 of them."""
+    from PIL import Image
+
+    bundle = load_clip(tiny_clip_cfg, shapes_store.clip_checkpoint)
+    fast = FastPreprocess.of(bundle.preprocess)
+    values = np.zeros((32, 32, 3), np.uint8)
+    values.reshape(-1, 3)[:256] = np.arange(256, dtype=np.uint8)[:, None]
+    values.reshape(-1, 3)[256:512] = np.arange(256, dtype=np.uint8)[::-1, None]
+    ref = bundle.preprocess(Image.fromarray(values)).numpy()
+    got = fast(values[None])[0]
+    assert got.flags.c_contiguous and got.shape == (3, 32, 32)
+    assert np.array_equal(got.view(np.int32), ref.view(np.int32))  # the same bits, not just close
+
+
 def test_cached_clip_loads_once_per_process_and_refuses_another_clip(shapes_store, tiny_clip_cfg):
     ckpt, clip_id = shapes_store.clip_checkpoint, shapes_store.clip_id
     first = cached_clip(tiny_clip_cfg, ckpt, "cpu", clip_id)
