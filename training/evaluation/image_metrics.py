@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -122,22 +123,33 @@ def _template(
     return np.asarray(im) > 127
 
 
-def classify_shape_image(
+@dataclass(frozen=True)
+class DetectedObject:
+    """One object the pixel oracle found: colour, shape, centre (x right, y down) and area, in pixels."""
+
+    color: str
+    shape: str
+    cx: float
+    cy: float
+    area: int
+
+
+def detect_objects(
     image: np.ndarray,
     palette: Mapping[str, RGB],
-    min_area: float = 0.02,
+    min_area: float = 0.01,
     threshold: float = 60.0,
-) -> tuple[str | None, str | None]:
-    """Exact pixel rules: the colour and shape of the one object in a synthetic-style image.
+) -> list[DetectedObject]:
+    """Exact pixel rules: every coloured shape of a synthetic-style image, largest first.
 
     1. The background colour is the median of the border pixels (the generator keeps every
        shape off the border); object pixels differ from it by more than ``threshold`` (RGB
        distance). A tinted or noisy background is thus still background.
-    2. The object is the largest 4-connected group of object pixels (stray pixels are ignored);
-       its colour is the palette colour nearest to its median RGB.
+    2. Each 4-connected group of object pixels covering at least ``min_area`` of the image is
+       an object (smaller groups are strays); its colour is the palette colour nearest to its
+       median RGB.
     3. Its shape is the template (circle, square, upright triangle, drawn in the group's
        bounding box as the generator draws them) with the highest IoU with the group.
-    Returns ``(None, None)`` when fewer than ``min_area`` of the pixels are the object.
     """
     x = np.asarray(image, dtype=np.float32)
     if x.ndim != 3 or x.shape[2] != 3:
@@ -146,23 +158,39 @@ def classify_shape_image(
     border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])
     background = np.median(border, axis=0)
     labels, n = ndimage.label(np.linalg.norm(x - background, axis=-1) > threshold)
-    if n == 0:
-        return None, None
     sizes = np.bincount(labels.ravel())[1:]
-    blob = labels == (int(sizes.argmax()) + 1)
-    if blob.sum() < min_area * h * w:
-        return None, None
     names = list(palette)
     refs = np.array([palette[c] for c in names], dtype=np.float32)
-    color = names[int(np.linalg.norm(refs - np.median(x[blob], axis=0), axis=1).argmin())]
-    ys, xs = np.nonzero(blob)
-    box = (float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max()))
+    found = []
+    for label in np.argsort(-sizes, kind="stable") + 1:
+        area = int(sizes[label - 1])
+        if area < min_area * h * w:
+            break
+        blob = labels == label
+        color = names[int(np.linalg.norm(refs - np.median(x[blob], axis=0), axis=1).argmin())]
+        ys, xs = np.nonzero(blob)
+        box = (float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max()))
 
-    def iou(shape: str) -> float:
-        t = _template(shape, (w, h), box)
-        return float((t & blob).sum() / max((t | blob).sum(), 1))
+        def iou(shape: str, blob: np.ndarray = blob, box: tuple = box) -> float:
+            t = _template(shape, (w, h), box)
+            return float((t & blob).sum() / max((t | blob).sum(), 1))
 
-    return color, max(SHAPES, key=iou)
+        found.append(
+            DetectedObject(color, max(SHAPES, key=iou), float(xs.mean()), float(ys.mean()), area)
+        )
+    return found
+
+
+def classify_shape_image(
+    image: np.ndarray,
+    palette: Mapping[str, RGB],
+    min_area: float = 0.02,
+    threshold: float = 60.0,
+) -> tuple[str | None, str | None]:
+    """The colour and shape of the largest object (:func:`detect_objects`); ``(None, None)``
+    when no object covers ``min_area`` of the pixels."""
+    objects = detect_objects(image, palette, min_area, threshold)
+    return (objects[0].color, objects[0].shape) if objects else (None, None)
 
 
 def attribute_matches(

@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
@@ -41,17 +41,22 @@ from ..config import PriorConfig
 from ..diffusion import Sampler, drop_condition, noised, sample_loop
 from ..engine.artifacts import is_local, local_dir
 from ..engine.trainer import FitResult, fit, run_name_for
+from .caption_tokens import (
+    CaptionClip,
+    CaptionTokens,
+    pack_condition,
+    token_condition,
+    unpack_condition,
+)
 from .diffusion_task import ExportedDiffusion, ManifestDiffusionTask
 
 if TYPE_CHECKING:
-    from unclip.datasets.clip import ClipBundle
+    pass
 
 MODEL_KIND = "prior"
 INFO_FILE = "unclip_prior.json"
 STD_FLOOR = 1e-4  # a dimension that never varies must not divide by ~0
 TOKENS_KEY = "prior.text_tokens"
-# Token encodings a worker keeps of the captions it has seen (then the cache starts over).
-TOKEN_TABLE_BYTES = 1 << 30
 
 
 def build_prior(
@@ -173,35 +178,6 @@ def causal_mask(batch: int, device: torch.device) -> torch.Tensor:
     return torch.ones(batch, 0, dtype=torch.bool, device=device)
 
 
-def pack_condition(
-    text: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor
-) -> torch.Tensor:
-    """One row per sample: [text embedding (D) | token encodings (L·D) | token mask (L)].
-
-    Zeroing a row (conditioning dropout, guidance's null half) zeroes all three: no tokens.
-    """
-    n = text.shape[0]
-    return torch.cat(
-        [text, tokens.reshape(n, -1).to(text.dtype), token_mask.reshape(n, -1).to(text.dtype)],
-        dim=1,
-    )
-
-
-def unpack_condition(
-    cond: torch.Tensor, text_context: int, dim: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(text [N, D], tokens [N, L, D], token mask bool [N, L]) of a :func:`pack_condition` row."""
-    length = text_context
-    if cond.ndim != 2 or cond.shape[1] != dim + length * dim + length:
-        raise ValueError(
-            f"a condition with {length} text tokens of width {dim} has "
-            f"{dim + length * dim + length} columns, got {list(cond.shape)}"
-        )
-    text = cond[:, :dim]
-    tokens = cond[:, dim : dim + length * dim].reshape(-1, length, dim)
-    return text, tokens, cond[:, dim + length * dim :] > 0.5
-
-
 def predict_x0(
     model: PriorTransformer | Any, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor
 ) -> torch.Tensor:
@@ -224,35 +200,8 @@ def predict_x0(
     return out.predicted_image_embedding
 
 
-def token_condition(
-    text: torch.Tensor,
-    text_context: int,
-    captions: Sequence[str] | None,
-    token_encodings: tuple[torch.Tensor, torch.Tensor] | None,
-    clip: ClipBundle | None,
-) -> torch.Tensor:
-    """The packed condition of ``text`` with its captions' token encodings (given or computed)."""
-    n, dim = text.shape
-    if token_encodings is not None:
-        tokens = torch.as_tensor(token_encodings[0], dtype=torch.float32)
-        mask = torch.as_tensor(token_encodings[1]).bool()
-    else:
-        from unclip.datasets.clip import encode_text_tokens
-
-        if isinstance(captions, str) or len(captions) != n:
-            raise ValueError(f"give one caption per text embedding: {n} embeddings")
-        enc, m, _ = encode_text_tokens(clip, list(captions))
-        tokens, mask = torch.from_numpy(enc), torch.from_numpy(m)
-    if tuple(tokens.shape) != (n, text_context, dim) or tuple(mask.shape) != (n, text_context):
-        raise ValueError(
-            f"token encodings must be [N, {text_context}, {dim}] with a mask "
-            f"[N, {text_context}] for N = {n}, got {list(tokens.shape)} and {list(mask.shape)}"
-        )
-    return pack_condition(text, tokens.to(text.device), mask.to(text.device))
-
-
 @dataclass(kw_only=True)
-class PriorTask(ManifestDiffusionTask):
+class PriorTask(CaptionTokens, ManifestDiffusionTask):
     """The prior as a :class:`~unclip.training.engine.trainer.TrainTask` over one dataset version."""
 
     MODEL_KIND: ClassVar[str] = MODEL_KIND
@@ -260,22 +209,13 @@ class PriorTask(ManifestDiffusionTask):
     INFO_FILE: ClassVar[str] = INFO_FILE
     PREDICTION: ClassVar[Literal["epsilon", "sample"]] = "sample"
     CLIP_SAMPLE: ClassVar[bool] = False
+    TOKENS_KEY: ClassVar[str] = TOKENS_KEY
 
     cfg: PriorConfig
     image_mean: list[float]
     image_std: list[float]
     init_path: str | None = None  # cfg.init_from, absolute (workers run elsewhere)
     init_digest: str | None = None  # its weights' sha256: part of the run's identity
-    # With cfg.text_tokens: the CLIP that made the embeddings (its record on the storage root,
-    # from ``clip/{clip_id}/identity.json``) and its text context length.
-    clip_record: dict[str, Any] | None = None
-    text_context: int = 0
-    # with text tokens, on a worker: the CLIP, and the encodings of captions seen lately
-    _clip: Any = field(default=None, init=False, repr=False)
-    _token_cache: dict[str, tuple[np.ndarray, np.ndarray]] = field(
-        default_factory=dict, init=False, repr=False
-    )
-    _token_kind: str | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_manifest(
@@ -283,17 +223,7 @@ class PriorTask(ManifestDiffusionTask):
     ) -> PriorTask:
         task = super().from_manifest(layout, version, cfg, holdout_fraction)
         if cfg.text_tokens:
-            from unclip.datasets.clip import clip_record, record_context_length
-
-            try:
-                record = clip_record(layout, task.clip_id)
-            except (FileNotFoundError, ValueError) as e:
-                raise type(e)(
-                    f"{TOKENS_KEY}: the token encodings come from the CLIP the embeddings were "
-                    f"made with, and {e}"
-                ) from e
-            task.clip_record = {**record, "clip_id": task.clip_id}
-            task.text_context = record_context_length(record)
+            task.attach_clip_record(layout, task.clip_id)
         if cfg.init_from is not None:
             model, digest = load_init_prior(
                 cfg.init_from, cfg, task.dim, task.clip_id, task.text_context
@@ -366,51 +296,14 @@ class PriorTask(ManifestDiffusionTask):
             model.load_state_dict(start.state_dict())
         return model
 
+    @property
+    def uses_text_tokens(self) -> bool:
+        return self.cfg.text_tokens
+
     def stream_source(self, manifest: dict[str, Any]) -> ShardSource:
         from unclip.datasets.stream_sources import EmbeddingSource
 
         return EmbeddingSource(self.layout, manifest, "train", self.holdout_fraction)
-
-    def load_clip(self) -> ClipBundle:
-        """The CLIP the embeddings were made with (on this worker's GPU when it has one)."""
-        from unclip.datasets.clip import load_clip_from_record
-
-        if self.clip_record is None:
-            raise ValueError(f"{TOKENS_KEY}: this task has no CLIP record (use from_manifest)")
-        use_gpu = self.cfg.trainer.use_gpu and torch.cuda.is_available()
-        return load_clip_from_record(self.clip_record, device="cuda" if use_gpu else "cpu")
-
-    def use_clip(self, clip: ClipBundle) -> None:
-        """Encode captions' tokens with this CLIP (it must tokenize to the recorded length)."""
-        from unclip.datasets.clip import text_context_length
-
-        if text_context_length(clip) != self.text_context:
-            raise ValueError(
-                f"{TOKENS_KEY}: CLIP {clip.clip_id} tokenizes to {text_context_length(clip)} "
-                f"tokens, its record says {self.text_context}"
-            )
-        self._clip, self._token_cache = clip, {}
-
-    def setup(self, rank: int, world: int) -> None:
-        if self.cfg.text_tokens and self._clip is None:
-            self.use_clip(self.load_clip())
-
-    def token_encodings(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Token encodings [N, L, D] and mask [N, L] of captions; each distinct caption is
-        encoded once while the cache holds it (``TOKEN_TABLE_BYTES`` at most)."""
-        from unclip.datasets.clip import encode_text_tokens
-
-        if self._clip is None:
-            raise ValueError(f"{TOKENS_KEY} is on but no CLIP is loaded (setup or use_clip)")
-        new = sorted({c for c in captions if c not in self._token_cache})
-        if new:
-            enc, mask, self._token_kind = encode_text_tokens(self._clip, new)
-            row_bytes = enc[0].nbytes + mask[0].nbytes
-            if (len(self._token_cache) + len(new)) * row_bytes > TOKEN_TABLE_BYTES:
-                self._token_cache = {}  # bounded: start over rather than grow with the data
-            self._token_cache.update({c: (enc[i], mask[i]) for i, c in enumerate(new)})
-        rows = [self._token_cache[c] for c in captions]
-        return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
 
     def batch(self, columns: Columns) -> dict[str, torch.Tensor]:
         mean = np.asarray(self.image_mean, np.float32)
@@ -434,17 +327,7 @@ class PriorTask(ManifestDiffusionTask):
         return pack_condition(batch["text"], batch["tokens"], batch["token_mask"])
 
     def export_info(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"candidates": self.cfg.candidates}
-        if self.cfg.text_tokens:  # what a sampler needs to make the same token encodings
-            record = self.clip_record or {}
-            info.update(
-                text_tokens=True,
-                text_context_length=self.text_context,
-                text_token_features=self._token_kind,
-                clip_source=record.get("source"),
-                clip_model_cfg=record.get("model_cfg"),
-            )
-        return info
+        return {"candidates": self.cfg.candidates, **self.token_export_info()}
 
     def loss(
         self, model: Any, batch: dict[str, torch.Tensor]
@@ -465,47 +348,16 @@ def train_prior(
     return PriorTask.train(layout, manifest_version, cfg, holdout_fraction)
 
 
-class PriorSampler(ExportedDiffusion):
+class PriorSampler(CaptionClip, ExportedDiffusion):
     """An exported prior, ready to turn text embeddings (or captions) into image embeddings."""
 
     TASK = PriorTask
     MODEL_CLASS = PriorTransformer
 
-    clip: ClipBundle | None = None  # set by use_clip, or loaded from the export's record
-
     @property
     def text_tokens(self) -> bool:
         """Whether this prior was trained with text-token encodings (``prior.text_tokens``)."""
         return bool(self.info.get("text_tokens", False))
-
-    def use_clip(self, clip: ClipBundle) -> None:
-        """Encode captions with this (already loaded) CLIP; it must be the export's."""
-        trained_on = self.info.get("clip_id")
-        if trained_on and clip.clip_id != trained_on:
-            raise ValueError(
-                f"the prior was trained on embeddings of CLIP {trained_on}, "
-                f"but the CLIP given is {clip.clip_id}"
-            )
-        self.clip = clip
-
-    def caption_clip(self) -> ClipBundle:
-        """The CLIP for captions: the one given to :meth:`use_clip`, else the export's record."""
-        if self.clip is None:
-            from unclip.datasets.clip import load_clip_from_record
-
-            source = self.info.get("clip_source")
-            if not source:
-                raise ValueError(
-                    f"the prior's export does not say where CLIP {self.info.get('clip_id')} is: "
-                    "give the CLIP (use_clip) to encode captions"
-                )
-            record = {
-                "clip_id": self.info.get("clip_id"),
-                "source": source,
-                "model_cfg": self.info.get("clip_model_cfg") or {},
-            }
-            self.clip = load_clip_from_record(record, device=self.device)
-        return self.clip
 
     @torch.no_grad()
     def sample(
