@@ -223,3 +223,63 @@ def evaluation_prompts(cfg: SyntheticConfig, per_task: int, seed: int = 0) -> li
             rng.shuffle(group)
             out.extend(group[:per_task])
     return out
+
+
+def sample_prompts(spec: dict[str, Any], cfg: SyntheticConfig) -> list[tuple[Prompt, bool]]:
+    """Prompts a rendered sample answers, each with the truth: what it shows, and near misses.
+
+    The near misses change one thing the oracle must see: another colour, one more or one
+    fewer object, swapped colours, an absent shape, the inverse relation. They check that the
+    pixel oracle says no as reliably as yes.
+    """
+    objs = [(o["color"], o["shape"]) for o in spec["objects"]]
+    a = objs[0]
+    other_color = next(c for c in cfg.colors if c != a[0])
+    if spec["kind"] == "single":
+        other_shape = next(s for s in cfg.shapes if s != a[1])
+        return [
+            (Prompt("single_object", object_phrase(*a), (a,), False), True),
+            (Prompt("colors", object_phrase(*a), (a,), False), True),
+            (
+                Prompt("colors", object_phrase(other_color, a[1]), ((other_color, a[1]),), False),
+                False,
+            ),
+            (
+                Prompt(
+                    "single_object", object_phrase(a[0], other_shape), ((a[0], other_shape),), False
+                ),
+                False,
+            ),
+        ]
+    if spec["kind"] == "count":
+        n = len(objs)
+        wrong = n + 1 if n < 4 else n - 1
+        return [
+            (Prompt("counting", count_phrase(n, *a), (a,), False, count=n), True),
+            (Prompt("counting", count_phrase(wrong, *a), (a,), False, count=wrong), False),
+        ]
+    b = objs[1]
+    swapped = ((b[0], a[1]), (a[0], b[1]))
+    absent = next(s for s in cfg.shapes if s not in (a[1], b[1]))
+    out = [
+        (Prompt("two_object", pair_phrase(a, b), (a, b), False), True),
+        (Prompt("color_attr", pair_phrase(a, b), (a, b), False), True),
+        (Prompt("color_attr", pair_phrase(*swapped), swapped, False), False),
+        (Prompt("two_object", pair_phrase(a, (b[0], absent)), (a, (b[0], absent)), False), False),
+    ]
+    if spec["kind"] == "relation":
+        rel = spec["relation"]
+        out += [
+            (Prompt("position", relation_phrase(a, rel, b), (a, b), False, relation=rel), True),
+            (
+                Prompt(
+                    "position",
+                    relation_phrase(a, INVERSE[rel], b),
+                    (a, b),
+                    False,
+                    relation=INVERSE[rel],
+                ),
+                False,
+            ),
+        ]
+    return out

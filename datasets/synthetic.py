@@ -46,6 +46,11 @@ def _rgb(color: str) -> tuple[int, int, int]:
         raise ValueError(f"synthetic.colors: unknown colour {color!r}") from e
 
 
+def palette(cfg: SyntheticConfig) -> dict[str, tuple[int, int, int]]:
+    """Colour name → the RGB the generator paints it with, for every configured colour."""
+    return {c: _rgb(c) for c in cfg.colors}
+
+
 def shape_caption(color: str, shape: str) -> str:
     """The caption of one coloured shape, with the article its colour takes: "an orange triangle"."""
     # The article follows the sound of the next word; for colour names its first letter says it.

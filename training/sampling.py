@@ -89,10 +89,17 @@ def decode(
     guidance: float | None = None,
     seed: int = 0,
     upsampler_steps: int | None = None,
+    captions: Sequence[str] | None = None,
 ) -> np.ndarray:
-    """Image embeddings [N, D] → uint8 images, stage after stage (decoder, then each upsampler)."""
+    """Image embeddings [N, D] (or, for a decoder of caption tokens, ``captions``) → uint8
+    images, stage after stage (decoder, then each upsampler)."""
     pixels = decoder.sample(
-        image_emb, steps=steps, guidance_scale=guidance, seed=seed, text_emb=text_emb
+        image_emb,
+        steps=steps,
+        guidance_scale=guidance,
+        seed=seed,
+        text_emb=text_emb,
+        captions=captions,
     )
     for up in upsamplers:
         pixels = up.sample(pixels, steps=upsampler_steps, seed=seed)
@@ -107,7 +114,7 @@ def generate(
     captions: Sequence[str],
     clip_cfg: ClipConfig,
     clip_checkpoint: str | None,
-    prior_export: str,
+    prior_export: str | None,
     decoder_export: str,
     n_per_caption: int = 1,
     steps: int | None = None,
@@ -118,23 +125,39 @@ def generate(
     upsampler_exports: Sequence[str] = (),
     upsampler_steps: int | None = None,
 ) -> list[Image.Image]:
-    """``n_per_caption`` images per caption, caption-major; decoder steps / guidance default to the export's."""
+    """``n_per_caption`` images per caption, caption-major; decoder steps / guidance default to the export's.
+
+    A decoder conditioned on caption tokens (``decoder.condition: text_tokens``) reads the
+    captions itself: it needs no prior (``prior_export`` None), and any prior given is unused.
+    """
     if n_per_caption < 1:
         raise ValueError(f"n_per_caption must be >= 1, got {n_per_caption}")
     check_guidance(decoder=guidance, prior=prior_guidance)
     bundle = load_clip(clip_cfg, clip_checkpoint)
     check_captions(captions, bundle)
-    prior = load_prior(prior_export)
     decoder, upsamplers = load_cascade(decoder_export, upsampler_exports)
-    check_clip(bundle, prior=prior.info, decoder=decoder.info)
-    prior.use_clip(bundle)  # a prior with text tokens encodes the captions with it
+    check_clip(bundle, decoder=decoder.info)
     text = torch.from_numpy(encode_texts(bundle, list(captions)))
     text = text.repeat_interleave(n_per_caption, dim=0)
     repeated = [c for c in captions for _ in range(n_per_caption)]
-    image_emb = prior.sample(
-        text, steps=prior_steps, guidance_scale=prior_guidance, seed=seed, captions=repeated
+    if decoder.text_tokens:
+        decoder.use_clip(bundle)
+        image_emb = None
+    else:
+        if prior_export is None:
+            raise ValueError(
+                f"the decoder {decoder_export} reads image embeddings: give the prior that "
+                "makes them (prior_export)"
+            )
+        prior = load_prior(prior_export)
+        check_clip(bundle, prior=prior.info)
+        prior.use_clip(bundle)  # a prior with text tokens encodes the captions with it
+        image_emb = prior.sample(
+            text, steps=prior_steps, guidance_scale=prior_guidance, seed=seed, captions=repeated
+        )
+    pixels = decode(
+        decoder, upsamplers, image_emb, text, steps, guidance, seed, upsampler_steps, repeated
     )
-    pixels = decode(decoder, upsamplers, image_emb, text, steps, guidance, seed, upsampler_steps)
     return to_pil(pixels)
 
 

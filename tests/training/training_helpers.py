@@ -410,3 +410,18 @@ def make_decoder_task(
         dim=dim,
         clip_id=clip_id,
     )
+
+
+@dataclass(kw_only=True)
+class DecoderDiesOnce(DecoderTask):
+    """A decoder task whose worker dies (os._exit) at micro-batch ``die_at`` of its first life."""
+
+    marker: str
+    die_at: int
+
+    def batch(self, columns: dict[str, Any]) -> dict[str, torch.Tensor]:
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == self.die_at and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)
+        return super().batch(columns)

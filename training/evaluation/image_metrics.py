@@ -107,22 +107,6 @@ def parse_caption(caption: str, colors: Sequence[str]) -> tuple[str, str] | None
     return found_colors[0], found_shapes[0]
 
 
-def _template(
-    shape: str, size: tuple[int, int], box: tuple[float, float, float, float]
-) -> np.ndarray:
-    """Boolean mask of ``shape`` drawn in ``box`` the way the synthetic generator draws it."""
-    im = Image.new("L", size, 0)
-    draw = ImageDraw.Draw(im)
-    x0, y0, x1, y1 = box
-    if shape == "circle":
-        draw.ellipse(box, fill=255)
-    elif shape == "square":
-        draw.rectangle(box, fill=255)
-    else:
-        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=255)
-    return np.asarray(im) > 127
-
-
 @dataclass(frozen=True)
 class DetectedObject:
     """One object the pixel oracle found: colour, shape, centre (x right, y down) and area, in pixels."""
@@ -132,6 +116,30 @@ class DetectedObject:
     cx: float
     cy: float
     area: int
+
+
+def soft_template(
+    shape: str, size: tuple[int, int], cx: float, cy: float, area: float
+) -> np.ndarray:
+    """Pixel coverage [H, W] in [0, 1] of ``shape`` of the given area, centroid at (cx, cy),
+    drawn as the synthetic generator draws it (4× supersampled, then box-averaged)."""
+    w, h = size
+    k = 4
+    im = Image.new("L", (w * k, h * k), 0)
+    draw = ImageDraw.Draw(im)
+    if shape == "circle":
+        r = np.sqrt(area / np.pi)
+        draw.ellipse([k * v for v in (cx - r, cy - r, cx + r, cy + r)], fill=255)
+    elif shape == "square":
+        half = np.sqrt(area) / 2
+        draw.rectangle([k * v for v in (cx - half, cy - half, cx + half, cy + half)], fill=255)
+    else:  # upright triangle, base = height = s; its centroid lies s/3 above the base
+        side = np.sqrt(2 * area)
+        apex, base = cy - 2 * side / 3, cy + side / 3
+        corners = [(cx, apex), (cx + side / 2, base), (cx - side / 2, base)]
+        draw.polygon([(k * x, k * y) for x, y in corners], fill=255)
+    fine = np.asarray(im, dtype=np.float32) / 255.0
+    return fine.reshape(h, k, w, k).mean(axis=(1, 3))
 
 
 def detect_objects(
@@ -148,8 +156,11 @@ def detect_objects(
     2. Each 4-connected group of object pixels covering at least ``min_area`` of the image is
        an object (smaller groups are strays); its colour is the palette colour nearest to its
        median RGB.
-    3. Its shape is the template (circle, square, upright triangle, drawn in the group's
-       bounding box as the generator draws them) with the highest IoU with the group.
+    3. Each pixel in and around the group is covered by the object by the fraction c of the
+       way from the background to that colour; the object's area is Σc and its centre the
+       c-weighted centroid, exact to a fraction of a pixel even where edges are blended.
+    4. Its shape is the one (circle, square, upright triangle, drawn as the generator draws
+       them with that area and centroid) whose coverage differs least from c (L1).
     """
     x = np.asarray(image, dtype=np.float32)
     if x.ndim != 3 or x.shape[2] != 3:
@@ -161,23 +172,23 @@ def detect_objects(
     sizes = np.bincount(labels.ravel())[1:]
     names = list(palette)
     refs = np.array([palette[c] for c in names], dtype=np.float32)
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5  # pixel centres
     found = []
     for label in np.argsort(-sizes, kind="stable") + 1:
-        area = int(sizes[label - 1])
-        if area < min_area * h * w:
+        if sizes[label - 1] < min_area * h * w:
             break
         blob = labels == label
-        color = names[int(np.linalg.norm(refs - np.median(x[blob], axis=0), axis=1).argmin())]
-        ys, xs = np.nonzero(blob)
-        box = (float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max()))
+        k = int(np.linalg.norm(refs - np.median(x[blob], axis=0), axis=1).argmin())
+        region = ndimage.binary_dilation(blob, iterations=2) & ((labels == 0) | blob)
+        d = refs[k] - background
+        cover = np.clip((x - background) @ d / max(float(d @ d), 1e-6), 0.0, 1.0) * region
+        area = float(cover.sum())
+        cx, cy = float((cover * xs).sum() / area), float((cover * ys).sum() / area)
 
-        def iou(shape: str, blob: np.ndarray = blob, box: tuple = box) -> float:
-            t = _template(shape, (w, h), box)
-            return float((t & blob).sum() / max((t | blob).sum(), 1))
+        def misfit(shape: str, cover: np.ndarray = cover, at: tuple = (cx, cy, area)) -> float:
+            return float(np.abs(soft_template(shape, (w, h), *at) - cover).sum())
 
-        found.append(
-            DetectedObject(color, max(SHAPES, key=iou), float(xs.mean()), float(ys.mean()), area)
-        )
+        found.append(DetectedObject(names[k], min(SHAPES, key=misfit), cx, cy, int(blob.sum())))
     return found
 
 
