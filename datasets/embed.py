@@ -55,6 +55,7 @@ from .embedding_file import (
     write_embedding_table,
 )
 from .ingest import shard_parquet_path
+from .ray_runtime import ensure_started
 from .shards import ShardReadStats, completed_shards, iter_shard
 from .storage import StorageLayout, atomic_write, exists, write_json
 
@@ -706,6 +707,7 @@ def embed_source(
     info, preprocess, tokenizer = FileInfo.of(bundle), bundle.preprocess, bundle.tokenizer
     del bundle
 
+    ensure_started()
     shards = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
     # What a task holds beside its worker (torch and open_clip imported, ~650 MiB resident on
     # CPU): two chunks of pixels.

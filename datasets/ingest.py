@@ -39,6 +39,7 @@ from .filters import prefilter
 from .image_filters import FILTERED
 from .ingest_stats import failure_warning, format_summary, summarize
 from .lease import Lease, LeaseHeld
+from .ray_runtime import ensure_started
 from .shard_child import STARTUP_S
 from .shard_task import ShardDeadlineExceeded, ShardError, download_shard, lease_wait_s
 from .shards import completed_shards
@@ -46,6 +47,7 @@ from .storage import StorageLayout, atomic_write, exists, read_json, write_json
 from .url_lists import read_url_list, source_id
 
 __all__ = [
+    "IngestFailed",
     "IngestResult",
     "ShardDeadlineExceeded",
     "ShardError",
@@ -77,6 +79,24 @@ class IngestResult:
     failed_shards: dict[int, str] = field(default_factory=dict)  # shard -> error, after Ray retries
     filtered: dict[str, int] = field(default_factory=dict)  # filter -> rows removed
     warnings: list[str] = field(default_factory=list)
+
+    def raise_for_failed_shards(self) -> None:
+        """Raise ``IngestFailed`` naming every shard that failed after Ray's retries.
+
+        The shards that were downloaded are committed and kept; the next run retries only these.
+        """
+        if self.failed_shards:
+            lines = [
+                f"  source {self.source_id} shard {n:05d}: {err}"
+                for n, err in self.failed_shards.items()
+            ]
+            raise IngestFailed(
+                "shards failed after Ray retries (re-run to retry them):\n" + "\n".join(lines)
+            )
+
+
+class IngestFailed(RuntimeError):
+    """Some shards could not be downloaded; the ones that were are committed and kept."""
 
 
 def shard_stats_path(layout: StorageLayout, source: str, shard: int) -> str:
@@ -221,7 +241,11 @@ def plan_source(layout: StorageLayout, url_list: str, cfg: IngestConfig) -> Sour
 
 def source_complete(layout: StorageLayout, url_list: str, cfg: IngestConfig) -> bool:
     """True when every planned shard of the list's source is committed (no download needed)."""
-    source = source_id(url_list)
+    return source_ingested(layout, source_id(url_list))
+
+
+def source_ingested(layout: StorageLayout, source: str) -> bool:
+    """True when source ``source`` has an ingest plan and every planned shard is committed."""
     if not exists(layout.ingest_plan(source)):
         return False
     plan = read_json(layout.ingest_plan(source))
@@ -238,6 +262,7 @@ def _run_shards(
     progress: Callable[[int, int], None] | None,
 ) -> dict[int, dict[str, Any]]:
     """One Ray task per shard; failed shards (after Ray's retries) go to ``result.failed_shards``."""
+    ensure_started()
     task = _download_shard_task.options(max_retries=cfg.shard_retries)
     refs = {task.remote(layout.root, source, s, cfg): s for s in shards}
     run_stats: dict[int, dict[str, Any]] = {}

@@ -46,8 +46,8 @@ def _rgb(color: str) -> tuple[int, int, int]:
         raise ValueError(f"synthetic.colors: unknown colour {color!r}") from e
 
 
-def palette(cfg: SyntheticConfig) -> dict[str, tuple[int, int, int]]:
-    """Colour name → the RGB the generator paints it with, for every configured colour."""
+def color_palette(cfg: SyntheticConfig) -> dict[str, tuple[int, int, int]]:
+    """Colour name → RGB of the shapes drawn, for the cascade's attribute check."""
     return {c: _rgb(c) for c in cfg.colors}
 
 

@@ -1,9 +1,12 @@
-"""Dagster assets: one per stage, wired as in DESIGN.md. Each calls a stage in ``stages.py``.
+"""Dagster assets: one per stage, wired as in docs/architecture.md.
+
+Each asset takes its resources (config, storage root, Ray) and the typed values of the assets
+upstream of it, calls the function of ``unclip.datasets`` or ``unclip.training`` that does the
+stage, and returns a typed value (``values.py``) that the IO manager keeps on the storage root.
 
 Source-level assets (``url_lists``, ``image_shards``, ``embeddings``) are partitioned by source
 (dynamic partitions named ``sources``; key = the list's source id). The rest are unpartitioned
-and depend on every partition. Assets find their inputs on the storage root rather than in
-Dagster's IO manager, so a run on one machine can follow a run on another.
+and depend on every partition.
 
 Code versions: ``code_version`` is the version of what the asset's stage writes. Bump it in the
 commit that changes that output for the same inputs; Dagster then marks the asset and
@@ -13,30 +16,61 @@ not change still skips its work.
 """
 
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Optional
 
 import dagster as dg
 from dagster import AssetExecutionContext
+from pydantic import Field
 
-from unclip.pipelines import promotion as promotion_mod
-from unclip.pipelines import stages
+from unclip.datasets import embed, ingest, manifest, synthetic
+from unclip.pipelines import promotion as promotion_gate
+from unclip.pipelines import sources
 from unclip.pipelines.reevaluate import reevaluator
-from unclip.pipelines.resources import UnclipConfigResource
+from unclip.pipelines.resources import RayResource, StorageResource, UnclipConfigResource
+from unclip.pipelines.values import (
+    DatasetVersion,
+    EmbedSummary,
+    IngestSummary,
+    PromotionOutcome,
+    SourceList,
+    scalars,
+)
+from unclip.training.engine.latest_runs import record_latest
+from unclip.training.engine.trainer import FitResult
+from unclip.training.evaluation.trained_cascade import (
+    CascadeEvaluation,
+    TrainedCascade,
+    evaluate_trained_cascade,
+)
+from unclip.training.models.clip_pin import EmbeddingClip, embedding_clip
+from unclip.training.models.decoder import train_decoder
+from unclip.training.models.prior import train_prior
+from unclip.training.models.upsampler import train_upsampler
 
 GROUP = "unclip"
 SOURCES = dg.DynamicPartitionsDefinition(name="sources")
 
 
-def _output(value: dict[str, Any], data_version: str | None = None) -> dg.Output:
-    """Pass the stage's summary on and show its scalars in the UI."""
-    meta = {k: v for k, v in value.items() if isinstance(v, (int, float, str, bool))}
+def _output(
+    value: Any, data_version: str | None = None, metadata: dict[str, Any] | None = None
+) -> dg.Output:
+    """Pass the typed value on and show its scalars (or ``metadata``) in the UI."""
     with warnings.catch_warnings():  # `data_version` is beta in Dagster 1.13: one warning per stage
         warnings.simplefilter("ignore", dg.BetaWarning)
         return dg.Output(
             value,
-            metadata=meta,
+            metadata=scalars(value) if metadata is None else metadata,
             data_version=dg.DataVersion(data_version) if data_version else None,
         )
+
+
+class IngestRun(dg.Config):
+    """How one source's ingest runs."""
+
+    retry_failed: bool = Field(
+        False, description="Also re-download failed samples of finished shards (into new shards)."
+    )
 
 
 @dg.asset(
@@ -45,10 +79,14 @@ def _output(value: dict[str, Any], data_version: str | None = None) -> dg.Output
     code_version="2",
     description="One URL list (one source), checked as ingest will read it.",
 )
-def url_lists(context: AssetExecutionContext, unclip: UnclipConfigResource) -> dg.Output:
-    cfg = unclip.load()
-    stages.prepare_sources(cfg)  # the synthetic list, when its partition runs first
-    return _output(stages.describe_source(cfg, context.partition_key), context.partition_key)
+def url_lists(
+    context: AssetExecutionContext, unclip: UnclipConfigResource, storage: StorageResource
+) -> dg.Output[SourceList]:
+    cfg = storage.config(unclip)
+    sources.write_synthetic_list(cfg)  # the synthetic list, when its partition runs first
+    path = sources.url_list_of(cfg, context.partition_key)
+    checked = sources.validate(path, cfg)
+    return _output(SourceList(context.partition_key, path, checked.rows), context.partition_key)
 
 
 @dg.asset(
@@ -58,8 +96,26 @@ def url_lists(context: AssetExecutionContext, unclip: UnclipConfigResource) -> d
     code_version="2",
     description="Webdataset image shards of one source, downloaded by img2dataset in Ray tasks.",
 )
-def image_shards(context: AssetExecutionContext, unclip: UnclipConfigResource) -> dg.Output:
-    return _output(stages.ingest(unclip.load(), only=[context.partition_key]))
+def image_shards(
+    context: AssetExecutionContext,
+    config: IngestRun,
+    unclip: UnclipConfigResource,
+    storage: StorageResource,
+    ray: RayResource,  # Ray starts inside ingest, only when shards are missing
+) -> dg.Output[IngestSummary]:
+    cfg, sid = storage.config(unclip), context.partition_key
+    path = sources.url_list_of(cfg, sid)
+    results = []
+    missing = not ingest.source_ingested(storage.layout, sid)
+    if missing or config.retry_failed:
+        with sources.serving_images(cfg, path):
+            if missing:
+                results.append(ingest.ingest_source(storage.layout, path, cfg.ingest))
+            if config.retry_failed:
+                results.append(ingest.retry_failed(storage.layout, sid, cfg.ingest))
+    for r in results:
+        r.raise_for_failed_shards()
+    return _output(IngestSummary.of(sid, results))
 
 
 @dg.asset(
@@ -69,83 +125,140 @@ def image_shards(context: AssetExecutionContext, unclip: UnclipConfigResource) -
     description="The CLIP that embeds the data: pretrained, or the bootstrap one, trained once "
     "on the sources ingested first and then pinned (runs/clip/latest.json).",
 )
-def clip_model(unclip: UnclipConfigResource) -> dg.Output:
-    out = stages.clip_checkpoint(unclip.load())
-    return _output(out, out.get("clip_id"))
+def clip_model(
+    unclip: UnclipConfigResource, storage: StorageResource, ray: RayResource
+) -> dg.Output[EmbeddingClip]:
+    cfg, layout = storage.config(unclip), storage.layout
+    clip = embedding_clip(
+        layout,
+        cfg.clip,
+        cfg.bootstrap,
+        cfg.evaluate.holdout_fraction,
+        ingested_sources=lambda: [
+            s for s in sources.source_lists(cfg) if ingest.source_ingested(layout, s)
+        ],
+    )
+    return _output(clip, clip.clip_id)
 
 
 @dg.asset(
     group_name=GROUP,
     partitions_def=SOURCES,
-    deps=[image_shards, clip_model],
+    deps=[image_shards],
     code_version="2",
     description="CLIP image and text embeddings of one source, one Parquet per image shard.",
 )
-def embeddings(context: AssetExecutionContext, unclip: UnclipConfigResource) -> dg.Output:
-    cfg = unclip.load()
-    clip = stages.clip_checkpoint(cfg)  # the pinned CLIP: never retrained for a new source
-    return _output(stages.embed(cfg, clip["checkpoint"], only=[context.partition_key]))
+def embeddings(
+    context: AssetExecutionContext,
+    clip_model: EmbeddingClip,
+    unclip: UnclipConfigResource,
+    storage: StorageResource,
+    ray: RayResource,
+) -> dg.Output[EmbedSummary]:
+    cfg, sid = storage.config(unclip), context.partition_key
+    r = embed.embed_source(storage.layout, sid, cfg.clip, clip_model.checkpoint, cfg.embed)
+    return _output(EmbedSummary(sid, r.clip_id, r.shards_written, r.shards_skipped))
 
 
 @dg.asset(
     group_name=GROUP,
-    deps=[embeddings, clip_model],
+    deps=[embeddings],
     code_version="2",
     description="Dataset manifest over every source (version = content hash) and statistics.",
 )
-def dataset_manifest(unclip: UnclipConfigResource) -> dg.Output:
-    cfg = unclip.load()
-    out = stages.assemble(cfg, stages.clip_checkpoint(cfg)["clip_id"])
-    return _output(out, out["version"])
+def dataset_manifest(
+    clip_model: EmbeddingClip, unclip: UnclipConfigResource, storage: StorageResource
+) -> dg.Output[DatasetVersion]:
+    cfg = storage.config(unclip)
+    ids = list(sources.source_lists(cfg))
+    m = manifest.assemble_manifest(storage.layout, clip_model.clip_id, ids, cfg=cfg.manifest)
+    value = DatasetVersion(m["version"], m["num_samples"], len(m["shards"]), m["embedding_dim"])
+    return _output(value, value.version)
+
+
+def _trained(
+    unclip: UnclipConfigResource,
+    storage: StorageResource,
+    model: str,
+    train: Callable[..., FitResult],
+    data: DatasetVersion,
+) -> dg.Output:
+    """Train (or resume, or skip) ``model`` and point ``runs/{model}/latest.json`` at it."""
+    cfg = storage.config(unclip)
+    fit = train(storage.layout, data.version, getattr(cfg, model), cfg.evaluate.holdout_fraction)
+    record_latest(storage.layout, model, fit, data.version)
+    return _output(fit, fit.run_name)
+
+
+def _training_asset(model: str, train: Callable[..., FitResult], what: str) -> dg.AssetsDefinition:
+    """The asset of a model trained on every dataset version (prior, decoder)."""
+
+    @dg.asset(
+        name=model,
+        group_name=GROUP,
+        code_version="2",
+        description=f"{what} trained with Ray Train + DeepSpeed (resumes; skips when done).",
+    )
+    def trained(
+        dataset_manifest: DatasetVersion,
+        unclip: UnclipConfigResource,
+        storage: StorageResource,
+        ray: RayResource,
+    ) -> dg.Output[FitResult]:
+        return _trained(unclip, storage, model, train, dataset_manifest)
+
+    return trained
+
+
+prior = _training_asset("prior", train_prior, "Diffusion prior")
+decoder = _training_asset("decoder", train_decoder, "Diffusion decoder")
 
 
 @dg.asset(
     group_name=GROUP,
-    deps=[dataset_manifest],
-    code_version="2",
-    description="Diffusion prior trained with Ray Train + DeepSpeed (resumes; skips when done).",
-)
-def prior(unclip: UnclipConfigResource) -> dg.Output:
-    cfg = unclip.load()
-    out = stages.train_prior(cfg, stages.current_version(cfg))
-    return _output(out, out["run"])
-
-
-@dg.asset(
-    group_name=GROUP,
-    deps=[dataset_manifest],
-    code_version="2",
-    description="Diffusion decoder trained with Ray Train + DeepSpeed (resumes; skips when done).",
-)
-def decoder(unclip: UnclipConfigResource) -> dg.Output:
-    cfg = unclip.load()
-    out = stages.train_decoder(cfg, stages.current_version(cfg))
-    return _output(out, out["run"])
-
-
-@dg.asset(
-    group_name=GROUP,
-    deps=[dataset_manifest, decoder],
+    deps=[decoder],
     code_version="1",
     description="Super-resolution upsampler after the decoder (a no-op without an `upsampler` "
     "section in the config).",
 )
-def upsampler(unclip: UnclipConfigResource) -> dg.Output:
-    cfg = unclip.load()
-    out = stages.train_upsampler(cfg, stages.current_version(cfg))
-    return _output(out, out.get("run") or "none")
+def upsampler(
+    dataset_manifest: DatasetVersion,
+    unclip: UnclipConfigResource,
+    storage: StorageResource,
+    ray: RayResource,
+) -> dg.Output[Optional[FitResult]]:  # noqa: UP045 (Dagster reads the annotation)
+    if storage.config(unclip).upsampler is None:
+        return _output(None, "none")
+    return _trained(unclip, storage, "upsampler", train_upsampler, dataset_manifest)
 
 
 @dg.asset(
     group_name=GROUP,
-    deps=[dataset_manifest, clip_model, prior, decoder, upsampler],
     code_version="2",
-    description="Prior metrics, decoder metrics and samples under eval/{run}/.",
+    description="Prior metrics, cascade metrics, samples and report under eval/{run}/.",
 )
-def evaluation(unclip: UnclipConfigResource) -> dg.Output:
-    cfg = unclip.load()
-    clip = stages.clip_checkpoint(cfg)
-    return _output(stages.evaluate(cfg, stages.current_version(cfg), clip["checkpoint"]))
+def evaluation(
+    dataset_manifest: DatasetVersion,
+    clip_model: EmbeddingClip,
+    prior: FitResult,
+    decoder: FitResult,
+    upsampler: Optional[FitResult],  # noqa: UP045 (Dagster reads the annotation)
+    unclip: UnclipConfigResource,
+    storage: StorageResource,
+    ray: RayResource,
+) -> dg.Output[CascadeEvaluation]:
+    cfg = storage.config(unclip)
+    palette = synthetic.color_palette(cfg.synthetic) if cfg.synthetic is not None else None
+    result = evaluate_trained_cascade(
+        storage.layout,
+        dataset_manifest.version,
+        (cfg.clip, clip_model.checkpoint),
+        TrainedCascade(prior, decoder, upsampler if cfg.upsampler is not None else None),
+        (cfg.prior, cfg.decoder, cfg.evaluate),
+        cfg.evaluate.holdout_fraction,
+        palette,
+    )
+    return _output(result)
 
 
 @dg.asset(
@@ -154,23 +267,28 @@ def evaluation(unclip: UnclipConfigResource) -> dg.Output:
     code_version="1",
     description="Promotion gate: registry/{model}.json moves only when the evaluation wins.",
 )
-def promotion(context: AssetExecutionContext, unclip: UnclipConfigResource) -> dg.Output:
-    cfg = unclip.load()
-    out: dict[str, Any] = {}
+def promotion(
+    context: AssetExecutionContext,
+    unclip: UnclipConfigResource,
+    storage: StorageResource,
+    ray: RayResource,
+) -> dg.Output[list[PromotionOutcome]]:
+    cfg = storage.config(unclip)
+    outcomes = []
     for model in cfg.promotion.models:
         if model == "upsampler" and cfg.upsampler is None:
             continue
-        d = promotion_mod.promote(cfg, model, reevaluate=reevaluator(cfg))
-        out[model] = d
+        d = promotion_gate.promote(cfg, model, reevaluate=reevaluator(cfg))
+        outcomes.append(
+            PromotionOutcome(model, d.get("run"), d["status"], d["promote"], d["reasons"])
+        )
         (context.log.info if d["promote"] else context.log.warning)(
             f"{model} {d.get('run')}: {d['status']}; " + "; ".join(d["reasons"])
         )
-    value = {**out, **{f"{m}_status": d["status"] for m, d in out.items()}}
-    return _output(value)
+    return _output(outcomes, metadata={f"{o.model}_status": o.status for o in outcomes})
 
 
 SOURCE_ASSETS = [url_lists, image_shards, embeddings]
-INGEST_ASSETS = [url_lists, image_shards]
 TRAIN_ASSETS = [dataset_manifest, prior, decoder, upsampler, evaluation, promotion]
 ALL_ASSETS = [
     url_lists,

@@ -1,18 +1,35 @@
-"""The ``unclip`` command line: the whole pipeline, or one stage, from a YAML config."""
+"""The ``unclip`` command line: the whole pipeline, or one stage, from a YAML config.
+
+Every pipeline command runs the jobs of ``definitions.py`` (what the Dagster UI runs) on the
+assets it names and everything upstream of them: command → ``runner.run_pipeline`` → asset →
+the stage's function in ``unclip.datasets`` or ``unclip.training``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.live import Live
-from rich.table import Table
 
-from unclip.pipelines.config import ConfigError, PipelineConfig, load_config, parse_override
+from unclip.datasets.storage import StorageLayout
+from unclip.pipelines.cli_output import StageBoard, console, print_outputs
+from unclip.pipelines.config import (
+    ConfigError,
+    PipelineConfig,
+    load_config,
+    parse_override,
+    storage_from_env,
+)
+
+if TYPE_CHECKING:
+    from unclip.pipelines.runner import PipelineRun
 
 app = typer.Typer(
     help=(
@@ -29,7 +46,6 @@ train_app = typer.Typer(
     help="Train one model (and whatever it needs that is missing).", no_args_is_help=True
 )
 app.add_typer(train_app, name="train")
-console = Console()
 
 ConfigArg = Annotated[Path, typer.Argument(help="Pipeline config YAML, e.g. configs/demo.yaml.")]
 SetOpt = Annotated[
@@ -38,14 +54,24 @@ SetOpt = Annotated[
         "--set", help="Override a config key: --set prior.trainer.max_steps=100 (repeatable)."
     ),
 ]
+WaitOpt = Annotated[
+    float,
+    typer.Option(
+        "--wait",
+        help="Seconds to wait while another run holds the storage root's writer lease "
+        "(0: stop at once, naming the holder).",
+    ),
+]
 
 
 def _load(config: Path, sets: list[str] | None) -> tuple[PipelineConfig, dict[str, Any]]:
+    """The config with ``--set`` overrides and ``UNCLIP_STORAGE``; exit 2 naming a bad key."""
     overrides: dict[str, Any] = {}
     for item in sets or []:
         overrides = _merge(overrides, parse_override(item))
-    if os.environ.get("UNCLIP_STORAGE"):
-        overrides["storage"] = os.environ["UNCLIP_STORAGE"]
+    env_root = storage_from_env()
+    if env_root is not None:
+        overrides["storage"] = env_root
     if isinstance(overrides.get("storage"), str) and "://" not in overrides["storage"]:
         # typed in a shell: relative to where the command runs, not to the config's folder
         overrides["storage"] = os.path.abspath(os.path.expanduser(overrides["storage"]))
@@ -63,160 +89,59 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class StageBoard:
-    """A live table of stages: pending, running (with elapsed time), done or failed."""
+@dataclass
+class Session:
+    """One command's config, overrides and the board its runs report to."""
 
-    def __init__(self, stages: list[str]) -> None:
-        self.state = {s: "pending" for s in stages}
-        self.started: dict[str, float] = {}
-        self.seconds: dict[str, float] = {}
-        self.runs: dict[str, int] = {}
-
-    def __call__(self, event: str, stage: str) -> None:
-        if stage not in self.state:
-            return
-        if event == "start":
-            self.started[stage] = time.monotonic()
-            self.state[stage] = "running"
-            self.runs[stage] = self.runs.get(stage, 0) + 1
-        else:
-            # Partitioned stages run once per source: their time is the sum.
-            now = time.monotonic()
-            spent = now - self.started.get(stage, now)
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + spent
-            failed = event != "success" or self.state[stage] == "failed"
-            self.state[stage] = "failed" if failed else "done"
-
-    def __rich__(self) -> Table:
-        t = Table(title="unclip pipeline", show_lines=False)
-        t.add_column("stage")
-        t.add_column("status")
-        t.add_column("runs", justify="right")
-        t.add_column("time", justify="right")
-        style = {"pending": "dim", "running": "yellow", "done": "green", "failed": "red"}
-        for s, st in self.state.items():
-            secs = self.seconds.get(s)
-            if st == "running":
-                secs = (secs or 0.0) + time.monotonic() - self.started[s]
-            t.add_row(
-                s,
-                f"[{style[st]}]{st}[/]",
-                str(self.runs.get(s, "")),
-                f"{secs:,.1f} s" if secs is not None else "",
-            )
-        return t
+    config: Path
+    cfg: PipelineConfig
+    overrides: dict[str, Any]
+    board: StageBoard
+    run: PipelineRun | None = None
 
 
-WaitOpt = Annotated[
-    float,
-    typer.Option(
-        "--wait",
-        help="Seconds to wait while another run holds the storage root's writer lease "
-        "(0: stop at once, naming the holder).",
-    ),
-]
-
-
-def _materialize(
-    config: Path,
-    sets: list[str] | None,
-    targets: list[str] | None,
-    retrain_clip: bool = False,
-    wait_s: float = 0.0,
-) -> dict[str, Any]:
-    """Run the selected assets and everything upstream of them (no-ops where already done)."""
+@contextlib.contextmanager
+def _session(config: Path, sets: list[str] | None, targets: list[str] | None) -> Iterator[Session]:
+    """Load the config, show the stage board while the runs go, and turn failures into exits."""
     from unclip.datasets.lease import LeaseHeld
-    from unclip.pipelines import stages as stages_mod
-    from unclip.pipelines.runner import STAGES, PipelineFailed, run_pipeline
+    from unclip.pipelines.runner import STAGES, PipelineFailed, upstream_names
 
     cfg, overrides = _load(config, sets)
-    if retrain_clip and stages_mod.unpin_clip(cfg):
-        console.print("unpinned the bootstrap CLIP: it retrains on every source, then re-embeds")
-    stages = STAGES if targets is None else _upstream_closure(targets)
-    board = StageBoard(stages)
+    board = StageBoard(STAGES if targets is None else upstream_names(targets))
     t0 = time.monotonic()
     try:
         with Live(board, console=console, refresh_per_second=2, transient=False):
-            run = run_pipeline(
-                str(config), cfg, overrides, on_event=board, stages=stages, wait_s=wait_s
-            )
+            session = Session(config, cfg, overrides, board)
+            yield session
     except LeaseHeld as e:
         console.print(f"[red]error:[/red] storage root {cfg.storage}: {e}")
         raise typer.Exit(3) from None
     except PipelineFailed as e:
         console.print(f"[red]stage {e.stage} failed[/red] (Dagster run {e.run.run_id})\n{e}")
         raise typer.Exit(1) from None
+    session_run = session.run
     console.print()
-    console.print(
-        f"finished in {time.monotonic() - t0:,.1f} s: {len(run.run_ids)} Dagster runs over "
-        f"{len(run.partitions)} source partitions ({run.dagster_home})"
-    )
-    return {"cfg": cfg, "run": run}
-
-
-def _upstream_closure(targets: list[str]) -> list[str]:
-    from unclip.pipelines.assets import ALL_ASSETS
-
-    deps = {
-        a.key.to_user_string(): {k.to_user_string() for k in a.asset_deps[a.key]}
-        for a in ALL_ASSETS
-    }
-    seen: list[str] = []
-
-    def visit(n: str) -> None:
-        for d in sorted(deps[n]):
-            visit(d)
-        if n not in seen:
-            seen.append(n)
-
-    for t in targets:
-        visit(t)
-    order = list(deps)
-    return sorted(seen, key=order.index)
-
-
-def _print_outputs(cfg: PipelineConfig, outputs: dict[str, Any]) -> None:
-    t = Table(title="outputs")
-    t.add_column("what", no_wrap=True)
-    t.add_column("where / value", overflow="fold")
-    t.add_row("storage root", cfg.storage)
-    if "image_shards" in outputs:
-        _print_ingest_summaries(outputs["image_shards"])
-    if "dataset_manifest" in outputs:
-        m = outputs["dataset_manifest"]
-        t.add_row(
-            "dataset version",
-            f"{m['version']} ({m['num_samples']} pairs, {m['num_shards']} shards)",
+    if session_run is not None:
+        console.print(
+            f"finished in {time.monotonic() - t0:,.1f} s: {len(session_run.run_ids)} Dagster runs "
+            f"over {len(session_run.partitions)} source partitions ({session_run.dagster_home})"
         )
-    for model in ("clip_model", "prior", "decoder"):
-        if model in outputs and outputs[model].get("run"):
-            o = outputs[model]
-            t.add_row(f"{model} export", o.get("export") or o.get("checkpoint"))
-    if "evaluation" in outputs:
-        e = outputs["evaluation"]
-        if "prior_metrics" in e:
-            t.add_row("prior metrics", e["prior_metrics"])
-        for k in ("cos_pred_true", "cos_text_baseline"):
-            if isinstance(e.get(k), (int, float)):
-                t.add_row(f"  {k}", f"{e[k]:.3f}")
-        if "sample_grid" in e:
-            t.add_row("sample grid", e["sample_grid"])
-        for k in ("decoder_metrics", "report"):
-            if k in e:
-                t.add_row(k.replace("_", " "), e[k])
-        for k in (
-            "attribute_accuracy",
-            "fd_clip",
-            "fd_clip_untrained",
-            "clip_score",
-            "clip_score_real",
-        ):
-            if isinstance(e.get(k), (int, float)):
-                t.add_row(f"  {k}", f"{e[k]:.3f}")
-    for model, d in (outputs.get("promotion") or {}).items():
-        if isinstance(d, dict) and "status" in d:
-            t.add_row(f"promotion {model}", f"{d['status']}: {'; '.join(d['reasons'])[:200]}")
-    console.print(t)
+
+
+def _stage_command(targets: list[str], doc: str) -> Any:
+    """A command that materializes ``targets`` and everything upstream of them."""
+
+    def command(config: ConfigArg, set_: SetOpt = None) -> None:
+        from unclip.pipelines.runner import run_pipeline, upstream_of
+
+        with _session(config, set_, targets) as s:
+            s.run = run_pipeline(
+                str(s.config), s.cfg, s.overrides, s.board, select=upstream_of(targets)
+            )
+        print_outputs(s.cfg, s.run.outputs)
+
+    command.__doc__ = doc
+    return command
 
 
 @app.command()
@@ -233,8 +158,18 @@ def run(
     wait: WaitOpt = 0.0,
 ) -> None:
     """Run the whole pipeline: sources → ingest → CLIP → embed → manifest → prior, decoder → evaluate → promote."""
-    out = _materialize(config, set_, None, retrain_clip=retrain_clip, wait_s=wait)
-    _print_outputs(out["cfg"], out["run"].outputs)
+    from unclip.pipelines.runner import run_pipeline
+
+    with _session(config, set_, None) as s:
+        if retrain_clip:
+            from unclip.training.models.clip_pin import unpin_clip
+
+            if unpin_clip(StorageLayout(s.cfg.storage)):
+                console.print(
+                    "unpinned the bootstrap CLIP: it retrains on every source, then re-embeds"
+                )
+        s.run = run_pipeline(str(s.config), s.cfg, s.overrides, s.board, wait_s=wait)
+    print_outputs(s.cfg, s.run.outputs)
 
 
 @app.command()
@@ -250,58 +185,44 @@ def ingest(
     set_: SetOpt = None,
 ) -> None:
     """Download every source's missing shards with img2dataset on Ray."""
-    out = _materialize(config, set_, ["image_shards"])
-    _print_outputs(out["cfg"], out["run"].outputs)
-    if retry_failed:
-        from unclip.pipelines import stages
-        from unclip.pipelines.runner import writer_lease
+    from unclip.pipelines.runner import run_pipeline, upstream_of
 
-        with writer_lease(out["cfg"]):
-            result = stages.ingest(out["cfg"], retry_failed=True)
-        _print_ingest_summaries(result)
-
-
-def _print_ingest_summaries(result: dict[str, Any]) -> None:
-    for r in result.get("sources", []):
-        if r.get("summary"):
-            console.print(r["summary"])
-        for w in r.get("warnings") or []:
-            console.print(f"[yellow]warning:[/yellow] {w}")
+    with _session(config, set_, ["image_shards"]) as s:
+        s.run = run_pipeline(
+            str(s.config),
+            s.cfg,
+            s.overrides,
+            s.board,
+            select=upstream_of(["image_shards"]),
+            retry_failed=retry_failed,
+        )
+    print_outputs(s.cfg, s.run.outputs)
 
 
-@app.command()
-def embed(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Embed every image shard that has no embeddings yet (trains the bootstrap CLIP if needed)."""
-    out = _materialize(config, set_, ["dataset_manifest"])
-    _print_outputs(out["cfg"], out["run"].outputs)
-
-
-@train_app.command("prior")
-def train_prior(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Train the diffusion prior (text embedding → image embedding)."""
-    out = _materialize(config, set_, ["prior"])
-    _print_outputs(out["cfg"], out["run"].outputs)
-
-
-@train_app.command("decoder")
-def train_decoder(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Train the diffusion decoder (image embedding → pixels)."""
-    out = _materialize(config, set_, ["decoder"])
-    _print_outputs(out["cfg"], out["run"].outputs)
-
-
-@train_app.command("upsampler")
-def train_upsampler(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Train the super-resolution stage (the config's `upsampler` section) after the decoder."""
-    out = _materialize(config, set_, ["upsampler"])
-    _print_outputs(out["cfg"], out["run"].outputs)
-
-
-@app.command()
-def evaluate(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Evaluate the trained prior and decoder: metrics JSON and a sample grid under eval/."""
-    out = _materialize(config, set_, ["evaluation"])
-    _print_outputs(out["cfg"], out["run"].outputs)
+embed = app.command("embed")(
+    _stage_command(
+        ["dataset_manifest"],
+        "Embed every image shard that has no embeddings yet (trains the bootstrap CLIP if needed).",
+    )
+)
+train_prior = train_app.command("prior")(
+    _stage_command(["prior"], "Train the diffusion prior (text embedding → image embedding).")
+)
+train_decoder = train_app.command("decoder")(
+    _stage_command(["decoder"], "Train the diffusion decoder (image embedding → pixels).")
+)
+train_upsampler = train_app.command("upsampler")(
+    _stage_command(
+        ["upsampler"],
+        "Train the super-resolution stage (the config's `upsampler` section) after the decoder.",
+    )
+)
+evaluate = app.command("evaluate")(
+    _stage_command(
+        ["evaluation"],
+        "Evaluate the trained prior and decoder: metrics JSON and a sample grid under eval/.",
+    )
+)
 
 
 @app.command()
@@ -349,175 +270,47 @@ def sample(
     Or variations of an image (--variation), an interpolation between two captions
     (--interpolate A B --frames N), or the decoding of saved image embeddings (--embedding).
     """
-    from unclip.pipelines import stages
+    from rich.markup import escape
+
+    from unclip.pipelines.sample_request import SampleRequest, SampleUsageError, sample_images
 
     cfg, _ = _load(config, set_)
-    captions = list(caption or [])
-    modes = [
-        m
-        for m, on in (
-            ("captions", captions),
-            ("--variation", variation),
-            ("--interpolate", interpolate),
-            ("--embedding", embedding),
-        )
-        if on
-    ]
-    if len(modes) != 1:
-        what = " and ".join(modes) if modes else "nothing"
-        _usage_error(f"give captions, --variation, --interpolate or --embedding (got {what})")
-    for c in [*captions, *(interpolate or ())]:
-        if not c.strip():
-            _usage_error("empty caption")
-    if guidance is not None and not guidance > 0:
-        _usage_error(f"guidance scale must be > 0, got {guidance}")
-    for name, path in (("--variation", variation), ("--embedding", embedding)):
-        if path is not None and not path.is_file():
-            _usage_error(f"{name} {path}: no such file")
+    request = SampleRequest(
+        captions=list(caption or []),
+        variation=variation,
+        interpolate=interpolate,
+        embedding=embedding,
+        n=n,
+        frames=frames,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        upsampler=upsampler,
+        no_upsampler=no_upsampler,
+        upsampler_steps=upsampler_steps,
+    )
     try:
-        needs_prior = bool(captions or interpolate)
-        needs_clip = needs_prior or variation is not None
-        bootstrap = needs_clip and cfg.uses_bootstrap_clip
-        clip_ckpt = stages.latest_export(cfg, "clip") if bootstrap else None
-        prior_export = stages.latest_export(cfg, "prior") if needs_prior else ""
-        decoder_export = stages.latest_export(cfg, "decoder")
-        if no_upsampler:
-            ups: list[str] = []
-        elif upsampler is not None:
-            ups = [str(upsampler)]
-        else:
-            ups = [stages.latest_export(cfg, "upsampler")] if cfg.upsampler is not None else []
+        images = sample_images(cfg, request)
+    except SampleUsageError as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(2) from None
     except FileNotFoundError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from None
-    from unclip.training import sampling
-
-    common = {
-        "steps": steps or cfg.decoder.sample_steps,
-        "guidance": guidance if guidance is not None else cfg.decoder.guidance_scale,
-        "seed": seed,
-        "upsampler_exports": ups,
-        "upsampler_steps": upsampler_steps
-        or (cfg.upsampler.sample_steps if cfg.upsampler is not None else None),
-    }
-    try:
-        if captions:
-            images = sampling.generate(
-                captions,
-                cfg.clip,
-                clip_ckpt,
-                prior_export,
-                decoder_export,
-                n_per_caption=n,
-                **common,
-            )
-            names = [f"{_slug(captions[i // n])}-{i % n}" for i in range(len(images))]
-        elif interpolate:
-            images = sampling.interpolate(
-                interpolate[0],
-                interpolate[1],
-                frames,
-                cfg.clip,
-                clip_ckpt,
-                prior_export,
-                decoder_export,
-                **common,
-            )
-            stem = f"{_slug(interpolate[0])}-to-{_slug(interpolate[1])}"
-            names = [f"{stem}-{i:02d}" for i in range(len(images))]
-        elif variation is not None:
-            from PIL import Image, UnidentifiedImageError
-
-            try:
-                with Image.open(variation) as im:
-                    source = im.convert("RGB")
-            except (UnidentifiedImageError, OSError) as e:
-                _usage_error(f"--variation {variation}: not an image ({e})")
-            images = sampling.variations(
-                [source], cfg.clip, clip_ckpt, decoder_export, n_per_image=n, **common
-            )
-            names = [f"variation-{_slug(variation.stem)}-{i}" for i in range(len(images))]
-        else:
-            import numpy as np
-
-            try:
-                emb = np.load(embedding, allow_pickle=False)
-            except (ValueError, OSError) as e:
-                _usage_error(f"--embedding {embedding}: not a .npy array ({e})")
-            images = sampling.decode_embeddings(emb, decoder_export, **common)
-            names = [f"embedding-{i}" for i in range(len(images))]
-    except ValueError as e:
-        _usage_error(str(e))
     out.mkdir(parents=True, exist_ok=True)
-    for name, img in zip(names, images, strict=True):
+    for name, img in images:
         path = out / f"{name}.png"
         img.save(path)
         console.print(str(path))
 
 
-def _usage_error(message: str) -> None:
-    from rich.markup import escape
-
-    console.print(f"[red]error:[/red] {escape(message)}")
-    raise typer.Exit(2)
-
-
-def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() else "-" for ch in text.lower()).strip("-")[:60] or "sample"
-
-
 @app.command()
 def status(config: ConfigArg, set_: SetOpt = None) -> None:
     """Print the latest dataset version, sources, trained runs, promoted checkpoints and recent runs."""
-    from unclip.datasets.manifest import latest_manifest
-    from unclip.datasets.storage import exists, read_json
-    from unclip.pipelines import promotion
-    from unclip.pipelines.runner import instance_for
-    from unclip.pipelines.stages import layout_of, source_lists
+    from unclip.pipelines.status import status_table
 
     cfg, _ = _load(config, set_)
-    layout = layout_of(cfg)
-    t = Table(title=f"unclip status — {cfg.storage}")
-    t.add_column("what")
-    t.add_column("value", overflow="fold")
-    m = latest_manifest(layout)
-    t.add_row(
-        "dataset version",
-        f"{m['version']} ({m['num_samples']} pairs, {len(m['shards'])} shards)"
-        if m
-        else "[dim]none[/dim]",
-    )
-    known = source_lists(cfg) if exists(layout.root) else {}
-    ingested = sum(exists(layout.ingest_plan(s)) for s in known)
-    t.add_row("sources", f"{len(known)} registered, {ingested} ingested")
-    for model in ("clip", "prior", "decoder", "upsampler"):
-        p = layout.latest_run(model)
-        if exists(p):
-            info = read_json(p)
-            t.add_row(f"latest {model}", f"{info['run']} (dataset {info.get('dataset_version')})")
-        elif model != "upsampler":
-            t.add_row(f"latest {model}", "[dim]none[/dim]")
-    for model in cfg.promotion.models:
-        rec = promotion.promoted(cfg, model)
-        if rec is None:
-            t.add_row(f"promoted {model}", "[dim]none[/dim]")
-            continue
-        shown = ", ".join(
-            f"{g.metric}={rec['metrics'].get(g.metric)!s:.6}" for g in cfg.promotion.models[model]
-        )
-        t.add_row(
-            f"promoted {model}", f"{rec['run']} (dataset {rec.get('dataset_version')}) {shown}"
-        )
-    instance = instance_for(cfg)
-    for r in instance.get_run_records(limit=5):
-        dr = r.dagster_run
-        part = dr.tags.get("dagster/partition")
-        t.add_row(
-            "run",
-            f"{dr.run_id[:8]} {dr.job_name}{f'[{part}]' if part else ''} {dr.status.value} "
-            f"{r.create_timestamp:%Y-%m-%d %H:%M}",
-        )
-    console.print(t)
+    console.print(status_table(cfg))
 
 
 @app.command()
@@ -527,14 +320,17 @@ def ui(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     set_: SetOpt = None,
 ) -> None:
-    """Start the Dagster UI and daemon (sensor, schedule) on this config's definitions and instance."""
+    """Start the Dagster UI and daemon (sensor, schedule) on this config's definitions and instance.
+
+    The UI reads the config file and ``UNCLIP_STORAGE``; put other values in the config file.
+    """
     from unclip.pipelines import ui as dagster_ui
     from unclip.pipelines.instance import dagster_home
 
-    cfg, overrides = _load(config, set_)
-    if overrides:
+    if set_:
         console.print("[red]error:[/red] `ui` takes no --set: put the values in the config file")
         raise typer.Exit(2)
+    cfg, _ = _load(config, None)
     missing = dagster_ui.missing_distributions()
     if missing:
         console.print(f"[red]error:[/red] {dagster_ui.missing_message(missing)}", soft_wrap=True)

@@ -5,6 +5,7 @@ Unknown keys and wrong types fail before any work, with the key path and the fil
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +26,7 @@ from unclip.training.config import (
     PriorConfig,
     UpsamplerConfig,
 )
+from unclip.training.evaluation.metric_names import CASCADE_METRIC_NAMES, PRIOR_METRIC_NAMES
 
 
 class RayConfig(BaseModel):
@@ -90,17 +92,8 @@ def _default_gates() -> dict[str, list[PromotionMetric]]:
 
 
 # The numeric metrics each model's evaluation writes: the only keys a gate can read.
-PRIOR_GATE_METRICS = ("cos_pred_true", "cos_pred_text", "cos_pred_unrelated", "cos_text_baseline")
-CASCADE_GATE_METRICS = (
-    "attribute_accuracy",
-    "attribute_accuracy_untrained",
-    "fd_clip",
-    "fd_clip_untrained",
-    "clip_score",
-    "clip_score_real",
-    "fid",
-    "fid_untrained",
-)
+PRIOR_GATE_METRICS = PRIOR_METRIC_NAMES
+CASCADE_GATE_METRICS = CASCADE_METRIC_NAMES
 GATE_METRICS = {
     "prior": PRIOR_GATE_METRICS,
     "decoder": CASCADE_GATE_METRICS,
@@ -204,6 +197,14 @@ class PipelineConfig(BaseModel):
     @property
     def uses_bootstrap_clip(self) -> bool:
         return self.clip.model_name is None
+
+
+def storage_from_env() -> str | None:
+    """``UNCLIP_STORAGE`` when set (a relative path is taken from where the command runs)."""
+    root = os.environ.get("UNCLIP_STORAGE")
+    if not root:
+        return None
+    return root if "://" in root else os.path.abspath(os.path.expanduser(root))
 
 
 class ConfigError(ValueError):

@@ -88,7 +88,8 @@ def _decoder(
     m: dict[str, Any],
     out_dir: str,
 ) -> dict[str, Any]:
-    from unclip.pipelines.stages import clip_checkpoint, ensure_ray, synthetic_palette
+    from unclip.datasets.synthetic import color_palette
+    from unclip.training.engine.latest_runs import latest_export
     from unclip.training.engine.trainer import EXPORT_DIRNAME, FitResult
     from unclip.training.evaluation.cascade_eval import evaluate_cascade
 
@@ -111,16 +112,17 @@ def _decoder(
             "inception_checkpoint": settings["inception_checkpoint"],
         }
     )
-    ensure_ray(cfg)
+    # The candidate's data was embedded by the pinned CLIP (the clip ids were compared above).
+    clip_checkpoint = latest_export(layout, "clip") if cfg.uses_bootstrap_clip else None
     return evaluate_cascade(
         layout,
         m["data_version"],
         cfg.clip,
-        clip_checkpoint(cfg)["checkpoint"],
+        clip_checkpoint,
         prior_fit,
         decoder_fit,
         cfg.decoder,
         ev,
-        palette=synthetic_palette(cfg),
+        palette=color_palette(cfg.synthetic) if cfg.synthetic is not None else None,
         out_dir=out_dir,
     )

@@ -1,9 +1,11 @@
-"""Materialize the pipeline in-process against a persistent Dagster instance.
+"""Run the jobs of ``definitions.py`` in-process against a persistent Dagster instance.
 
-One ``unclip run`` is a few Dagster runs, in order: for each source partition, its URL list
-and image shards; the CLIP (unpartitioned: trained once, then pinned); for each partition, its
-embeddings; then manifest → prior, decoder → evaluation → promotion. Every stage skips what is
-already on storage, so a re-run does no work and a new source costs only its own shards.
+The CLI runs what the UI runs: the same definitions, jobs and assets. A command names the
+assets it wants; their selection with everything upstream (``AssetSelection.upstream``) is cut
+into phases from the asset graph, each phase a run of the definitions' job that holds it: one
+run per source partition for the partitioned assets (URL list, image shards, embeddings), one
+run for the others. Every stage skips what is already on storage, so a re-run does no work and
+a new source costs only its own shards.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import yaml
 
 from unclip.datasets.lease import Lease
 from unclip.datasets.storage import StorageLayout
-from unclip.pipelines import stages as stages_mod
+from unclip.pipelines import sources
 from unclip.pipelines.assets import ALL_ASSETS, SOURCES
 from unclip.pipelines.config import PipelineConfig
 from unclip.pipelines.definitions import build_definitions
@@ -31,17 +33,13 @@ StageEvent = Callable[[str, str], None]  # (event, stage): event in {"start", "s
 
 _EVENTS = {"STEP_START": "start", "STEP_SUCCESS": "success", "STEP_FAILURE": "failure"}
 STAGES = [a.key.to_user_string() for a in ALL_ASSETS]
-# (assets, one run per source partition?) in the order they run.
-PHASES: list[tuple[list[str], bool]] = [
-    (["url_lists", "image_shards"], True),
-    (["clip_model"], False),
-    (["embeddings"], True),
-    (["dataset_manifest", "prior", "decoder", "upsampler", "evaluation", "promotion"], False),
-]
+EVENT_LOGGER = "stage_events"
 
 
 @dataclass
 class PipelineRun:
+    """What a command's runs did: per asset its value (per partition for partitioned assets)."""
+
     success: bool
     run_id: str
     dagster_home: str
@@ -50,9 +48,65 @@ class PipelineRun:
     run_ids: list[str] = field(default_factory=list)
     partitions: list[str] = field(default_factory=list)
 
+    def total(self, asset: str, name: str) -> int:
+        """The sum of a count (``name``) over the partitions of ``asset``."""
+        return sum(getattr(v, name) for v in self.outputs.get(asset, {}).values())
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Assets that run together: one run per source partition, or one run."""
+
+    job: str
+    assets: list[dg.AssetKey]
+    partitioned: bool
+
 
 def instance_for(cfg: PipelineConfig) -> dg.DagsterInstance:
+    """The Dagster instance of this config (``DAGSTER_HOME``, ``instance.home`` or the root's)."""
     return dg.DagsterInstance.from_config(dagster_home(cfg))
+
+
+def upstream_of(targets: list[str] | None) -> dg.AssetSelection:
+    """``targets`` and everything upstream of them (every asset when ``targets`` is None)."""
+    if targets is None:
+        return dg.AssetSelection.all()
+    return dg.AssetSelection.assets(*targets).upstream()
+
+
+def upstream_names(targets: list[str]) -> list[str]:
+    """The names of ``targets`` and everything upstream of them, in the pipeline's order."""
+    keys = upstream_of(targets).resolve(ALL_ASSETS)
+    return [name for name in STAGES if dg.AssetKey(name) in keys]
+
+
+def plan_phases(defs: dg.Definitions, selection: dg.AssetSelection) -> list[Phase]:
+    """Cut ``selection`` into phases in dependency order, each held by one job of ``defs``."""
+    graph = defs.resolve_asset_graph()
+    selected = selection.resolve(graph)
+    remaining = [k for k in graph.toposorted_asset_keys if k in selected]
+    done: set[dg.AssetKey] = set()
+    phases = []
+    while remaining:
+        partitioned = graph.get(remaining[0]).partitions_def is not None
+        phase: list[dg.AssetKey] = []
+        for key in remaining:  # topological order: a key's parents come before it
+            node = graph.get(key)
+            ready = all(p in done or p in phase or p not in selected for p in node.parent_keys)
+            if ready and (node.partitions_def is not None) == partitioned:
+                phase.append(key)
+        remaining = [k for k in remaining if k not in phase]
+        done.update(phase)
+        phases.append(Phase(_job_holding(defs, phase), phase, partitioned))
+    return phases
+
+
+def _job_holding(defs: dg.Definitions, keys: list[dg.AssetKey]) -> str:
+    for job in defs.jobs or []:
+        name = job.name  # type: ignore[union-attr]
+        if set(keys) <= defs.resolve_job_def(name).asset_layer.executable_asset_keys:
+            return name
+    raise ValueError(f"no job of the definitions holds {[k.to_user_string() for k in keys]}")
 
 
 def _event_logger(on_event: StageEvent | None) -> dg.LoggerDefinition:
@@ -72,21 +126,6 @@ def _event_logger(on_event: StageEvent | None) -> dg.LoggerDefinition:
     return stage_events
 
 
-def _merge_partition_output(acc: dict[str, Any] | None, value: dict[str, Any]) -> dict[str, Any]:
-    """Sum counts and concatenate lists over partitions; keep the last of anything else."""
-    if acc is None:
-        return dict(value)
-    out = dict(acc)
-    for k, v in value.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float, list)) or k not in out:
-            out[k] = v
-        elif isinstance(v, list):
-            out[k] = [*out[k], *v]
-        else:
-            out[k] = out[k] + v
-    return out
-
-
 @contextlib.contextmanager
 def writer_lease(
     cfg: PipelineConfig, what: str | None = None, wait_s: float = 0.0
@@ -102,93 +141,95 @@ def writer_lease(
         yield lease
 
 
+def register_sources(cfg: PipelineConfig, instance: dg.DagsterInstance) -> list[str]:
+    """Register the configured lists and add every source as a partition of the instance."""
+    sources.register_configured(cfg)
+    keys = list(sources.source_lists(cfg))
+    missing = [k for k in keys if not instance.has_dynamic_partition(SOURCES.name, k)]
+    if missing:
+        instance.add_dynamic_partitions(SOURCES.name, missing)
+    return keys
+
+
 def run_pipeline(
     config_path: str,
     cfg: PipelineConfig,
     overrides: dict[str, Any] | None = None,
     on_event: StageEvent | None = None,
-    stages: list[str] | None = None,
-    partitions: list[str] | None = None,
+    select: dg.AssetSelection | None = None,
     wait_s: float = 0.0,
+    retry_failed: bool = False,
 ) -> PipelineRun:
-    """Materialize all assets (or ``stages``), each source partition (or ``partitions``).
+    """Materialize ``select`` (default: every asset) through the definitions' jobs.
 
-    The whole run holds the storage root's writer lease (:func:`writer_lease`).
+    The whole run holds the storage root's writer lease (:func:`writer_lease`). ``retry_failed``
+    is the ``image_shards`` asset's config: also re-download failed samples of finished shards.
     """
     with writer_lease(cfg, wait_s=wait_s):
-        return _run_pipeline(config_path, cfg, overrides, on_event, stages, partitions)
-
-
-def _run_pipeline(
-    config_path: str,
-    cfg: PipelineConfig,
-    overrides: dict[str, Any] | None,
-    on_event: StageEvent | None,
-    stages: list[str] | None,
-    partitions: list[str] | None,
-) -> PipelineRun:
-    base = build_definitions(os.path.abspath(config_path), yaml.safe_dump(overrides or {}))
-    known = {a.key.to_user_string() for a in base.assets}  # type: ignore[union-attr]
-    selected = [s for s in (stages or STAGES) if s in known]
-    jobs = []
-    for i, (names, _) in enumerate(PHASES):
-        names = [n for n in names if n in selected]
-        if names:
-            jobs.append(
-                dg.define_asset_job(f"phase_{i}", selection=dg.AssetSelection.assets(*names))
-            )
-    defs = dg.Definitions(
-        assets=base.assets,
-        jobs=jobs,
-        resources=base.resources,
-        executor=dg.in_process_executor,
-        loggers={"stage_events": _event_logger(on_event)},
-    )
-    instance = instance_for(cfg)
-    keys = partitions
-    if keys is None:
-        stages_mod.register_sources(cfg)
-        keys = stages_mod.source_ids(cfg)
-    missing = [k for k in keys if not instance.has_dynamic_partition(SOURCES.name, k)]
-    if missing:
-        instance.add_dynamic_partitions(SOURCES.name, missing)
-
-    run = PipelineRun(True, "", instance.root_directory, partitions=list(keys))
-    for i, (_, partitioned) in enumerate(PHASES):
-        if f"phase_{i}" not in {j.name for j in jobs}:
-            continue
-        job = defs.resolve_job_def(f"phase_{i}")
-        for key in keys if partitioned else [None]:
-            result = job.execute_in_process(
-                instance=instance,
-                partition_key=key,
-                run_config={"loggers": {"stage_events": {}}},
-                raise_on_error=False,
-            )
-            run.run_id = result.run_id
-            run.run_ids.append(result.run_id)
-            for s in instance.get_run_step_stats(result.run_id):
-                if s.start_time:
-                    secs = (s.end_time or 0) - s.start_time
-                    run.stage_seconds[s.step_key] = run.stage_seconds.get(s.step_key, 0.0) + secs
-            for node in job.graph.node_dict:
-                try:
-                    value = result.output_for_node(node)
-                except Exception:  # the stage failed or did not run
-                    continue
-                run.outputs[node] = (
-                    _merge_partition_output(run.outputs.get(node), value) if key else value
+        defs = build_definitions(
+            os.path.abspath(config_path),
+            yaml.safe_dump(overrides or {}),
+            loggers={EVENT_LOGGER: _event_logger(on_event)},
+        )
+        instance = instance_for(cfg)
+        phases = plan_phases(defs, select or dg.AssetSelection.all())
+        keys = register_sources(cfg, instance) if any(p.partitioned for p in phases) else []
+        run = PipelineRun(True, "", instance.root_directory, partitions=keys)
+        for phase in phases:
+            for key in keys if phase.partitioned else [None]:
+                result = defs.resolve_job_def(phase.job).execute_in_process(
+                    instance=instance,
+                    partition_key=key,
+                    asset_selection=phase.assets,
+                    run_config=_run_config(phase, retry_failed),
+                    raise_on_error=False,
                 )
-            if not result.success:
-                run.success = False
-                failure = next((e for e in result.all_events if e.is_step_failure), None)
-                err = failure.step_failure_data.error if failure else None
-                where = f"{failure.step_key if failure else '?'}" + (f"[{key}]" if key else "")
-                raise PipelineFailed(run, where, err.to_string() if err else "")
-    return run
+                _record(run, instance, phase, key, result)
+        return run
+
+
+def _run_config(phase: Phase, retry_failed: bool) -> dict[str, Any]:
+    run_config: dict[str, Any] = {"loggers": {EVENT_LOGGER: {}}}
+    if retry_failed and dg.AssetKey("image_shards") in phase.assets:
+        run_config["ops"] = {"image_shards": {"config": {"retry_failed": True}}}
+    return run_config
+
+
+def _record(
+    run: PipelineRun,
+    instance: dg.DagsterInstance,
+    phase: Phase,
+    key: str | None,
+    result: dg.ExecuteInProcessResult,
+) -> None:
+    """Add one run's step times and values to ``run``; raise ``PipelineFailed`` if it failed."""
+    run.run_id = result.run_id
+    run.run_ids.append(result.run_id)
+    for s in instance.get_run_step_stats(result.run_id):
+        if s.start_time:
+            secs = (s.end_time or 0) - s.start_time
+            run.stage_seconds[s.step_key] = run.stage_seconds.get(s.step_key, 0.0) + secs
+    for asset in phase.assets:
+        name = asset.to_user_string()
+        try:
+            value = result.output_for_node(name)
+        except Exception:  # the stage failed or did not run
+            continue
+        if key is None:
+            run.outputs[name] = value
+        else:
+            run.outputs.setdefault(name, {})[key] = value
+    if not result.success:
+        run.success = False
+        failure = next((e for e in result.all_events if e.is_step_failure), None)
+        err = failure.step_failure_data.error if failure else None
+        where = f"{failure.step_key if failure else '?'}" + (f"[{key}]" if key else "")
+        raise PipelineFailed(run, where, err.to_string() if err else "")
 
 
 class PipelineFailed(RuntimeError):
+    """A stage failed; ``run`` holds what the runs before it did."""
+
     def __init__(self, run: PipelineRun, stage: str, error: str) -> None:
         super().__init__(f"stage {stage!r} failed:\n{error}")
         self.run = run

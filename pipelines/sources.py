@@ -7,18 +7,82 @@ a partition's run finds its list from the key alone, whichever way the source ar
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from fsspec.core import url_to_fs
 
-from unclip.datasets import url_lists
+from unclip.datasets import synthetic, url_lists
 from unclip.datasets.storage import StorageLayout, exists, read_json, write_json
 from unclip.pipelines.config import PipelineConfig
 
 ACCEPTED = "_accepted"
 REJECTED = "_rejected"
+SYNTHETIC_LIST = "urls.parquet"
+
+
+def synthetic_list_path(cfg: PipelineConfig) -> str:
+    """Where the synthetic URL list is written (not under ``incoming/``: that is the inbox)."""
+    return StorageLayout(cfg.storage).join("synthetic", SYNTHETIC_LIST)
+
+
+def configured_lists(cfg: PipelineConfig) -> list[str]:
+    """Every URL list of the config: ``sources``, plus the synthetic list when enabled."""
+    paths = list(cfg.sources)
+    if cfg.synthetic is not None:
+        paths.append(synthetic_list_path(cfg))
+    if not paths:
+        raise ValueError("config has no `sources` and no `synthetic` section: nothing to ingest")
+    return paths
+
+
+def write_synthetic_list(cfg: PipelineConfig) -> None:
+    """Write the synthetic URL list once (its server port is fixed by the first write)."""
+    if cfg.synthetic is None:
+        return
+    path = synthetic_list_path(cfg)
+    if not exists(path):
+        with synthetic.serve_synthetic(cfg.synthetic) as base_url:
+            synthetic.write_url_list(cfg.synthetic, base_url, path)
+
+
+def register_configured(cfg: PipelineConfig) -> list[str]:
+    """Write the synthetic list if needed and register every configured list; their ids."""
+    write_synthetic_list(cfg)
+    for p in cfg.sources:
+        if not exists(p):
+            raise FileNotFoundError(f"sources: URL list {p} does not exist")
+    return [register(cfg, p) for p in configured_lists(cfg)]
+
+
+def source_lists(cfg: PipelineConfig, only: list[str] | None = None) -> dict[str, str]:
+    """Source id → URL list: registered lists plus configured ones not registered yet.
+
+    ``only`` restricts to those ids (one partition's run); an unknown id is an error.
+    """
+    if only is not None:
+        return {sid: url_list_of(cfg, sid) for sid in only}
+    known = registered(cfg)
+    # A registered list is not hashed again (lists can be large, on S3); `unclip run`
+    # re-registers the configured ones, so one edited in place gets its new id there.
+    seen = set(known.values())
+    for p in configured_lists(cfg):
+        if p not in seen and exists(p):
+            known.setdefault(url_lists.source_id(p), p)
+    return dict(sorted(known.items()))
+
+
+@contextlib.contextmanager
+def serving_images(cfg: PipelineConfig, url_list: str) -> Iterator[None]:
+    """Serve the synthetic images on the list's own port while its shards download."""
+    if cfg.synthetic is None or url_list != synthetic_list_path(cfg):
+        yield
+        return
+    with synthetic.serve_synthetic(cfg.synthetic, port=synthetic.url_list_port(url_list) or 0):
+        yield
 
 
 def incoming_uri(cfg: PipelineConfig) -> str:

@@ -38,7 +38,7 @@ def test_demo_pipeline_end_to_end_then_rerun_does_no_work(tmp_path, ray_local, m
     # ingest: 240 pairs in shards of 100 → 3 webdataset tars of 64 px center crops
     tars = sorted(store.glob("images/*/*.tar"))
     assert len(tars) == 3
-    assert out["image_shards"]["shards_written"] == 3
+    assert run.total("image_shards", "shards_written") == 3
 
     # embeddings: one Parquet per shard, float16 L2-normalized
     parquets = sorted(store.glob("embeddings/*/*/*.parquet"))
@@ -52,9 +52,9 @@ def test_demo_pipeline_end_to_end_then_rerun_does_no_work(tmp_path, ray_local, m
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-2)
 
     # manifest: version = content hash, with stats
-    version = out["dataset_manifest"]["version"]
+    version = out["dataset_manifest"].version
     manifest = json.loads((store / "manifests" / f"{version}.json").read_text())
-    assert manifest["num_samples"] == out["dataset_manifest"]["num_samples"] > 200
+    assert manifest["num_samples"] == out["dataset_manifest"].num_samples > 200
     assert len(manifest["shards"]) == 3
 
     # training: DeepSpeed checkpoints reported to Ray Train, metrics, exports
@@ -67,17 +67,18 @@ def test_demo_pipeline_end_to_end_then_rerun_does_no_work(tmp_path, ray_local, m
         assert lines and "loss" in json.loads(lines[-1])
 
     # evaluation: prior cosine suite and a sample grid
-    metrics = json.loads(Path(out["evaluation"]["prior_metrics"]).read_text())
+    metrics = json.loads(Path(out["evaluation"].prior_metrics_path).read_text())
     for key in ("cos_pred_true", "cos_pred_text", "cos_pred_unrelated", "cos_text_baseline"):
         assert -1.0 <= metrics[key] <= 1.0
-    grid = Image.open(out["evaluation"]["sample_grid"])
+    grid = Image.open(out["evaluation"].sample_grid)
     assert grid.width >= 2 * 16 and grid.height >= 16
 
     # promotion: the first evaluated prior is promoted into the registry
-    assert out["promotion"]["prior"]["status"] == "first"
+    promoted = {o.model: o.status for o in out["promotion"]}
+    assert promoted["prior"] == "first"
     registry = json.loads((store / "registry" / "prior.json").read_text())
     assert registry["dataset_version"] == version
-    assert registry["run"] == out["prior"]["run"]
+    assert registry["run"] == out["prior"].run_name
 
     # Re-run: every stage sees its outputs; no download, embedding or training happens.
     before = {
@@ -86,7 +87,8 @@ def test_demo_pipeline_end_to_end_then_rerun_does_no_work(tmp_path, ray_local, m
         **_files(store, "runs/*/*/checkpoint_*"),
         **_files(store, "manifests/*"),
     }
-    again = run_pipeline(str(config_path), cfg, SHRINK).outputs
+    again_run = run_pipeline(str(config_path), cfg, SHRINK)
+    again = again_run.outputs
     after = {
         **_files(store, "images/*/*"),
         **_files(store, "embeddings/**/*.parquet"),
@@ -94,9 +96,9 @@ def test_demo_pipeline_end_to_end_then_rerun_does_no_work(tmp_path, ray_local, m
         **_files(store, "manifests/*"),
     }
     assert after == before
-    assert again["image_shards"]["shards_written"] == 0
-    assert again["embeddings"]["shards_written"] == 0
-    assert again["dataset_manifest"]["version"] == version
+    assert again_run.total("image_shards", "shards_written") == 0
+    assert again_run.total("embeddings", "shards_written") == 0
+    assert again["dataset_manifest"].version == version
     for model in ("clip_model", "prior", "decoder"):
-        assert again[model]["skipped"] is True, model
-    assert again["promotion"]["prior"]["status"] == "current"
+        assert again[model].skipped is True, model
+    assert {o.model: o.status for o in again["promotion"]}["prior"] == "current"

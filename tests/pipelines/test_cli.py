@@ -6,7 +6,8 @@ import sys
 
 from typer.testing import CliRunner
 
-from unclip.pipelines.cli import _upstream_closure, app
+from unclip.pipelines.cli import app
+from unclip.pipelines.runner import upstream_names
 
 runner = CliRunner()
 
@@ -120,8 +121,8 @@ def test_status_on_an_empty_store(tmp_path, monkeypatch):
 
 
 def test_single_stage_commands_select_their_upstream():
-    assert _upstream_closure(["image_shards"]) == ["url_lists", "image_shards"]
-    assert _upstream_closure(["prior"]) == [
+    assert upstream_names(["image_shards"]) == ["url_lists", "image_shards"]
+    assert upstream_names(["prior"]) == [
         "url_lists",
         "image_shards",
         "clip_model",
@@ -257,3 +258,23 @@ def test_sample_decodes_embeddings_and_refuses_the_wrong_dimension(trained, tmp_
     assert len(pngs) == 2
     result, pngs = _sample(config, tmp_path / "b", "--embedding", str(bad))
     assert result.exit_code == 2 and f"[N, {dim}]" in result.output and not pngs
+
+
+def test_ui_runs_on_the_storage_root_of_unclip_storage(tmp_path, monkeypatch):
+    from unclip.pipelines import ui as dagster_ui
+
+    started = {}
+    monkeypatch.setattr(dagster_ui, "missing_distributions", lambda: [])
+    monkeypatch.setattr(
+        dagster_ui, "run_until_stopped", lambda cmd, env: started.update(cmd=cmd, env=env) or 0
+    )
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.setenv("UNCLIP_STORAGE", str(tmp_path / "elsewhere"))
+    f = tmp_path / "c.yaml"
+    f.write_text(f"storage: {tmp_path / 'store'}\n")
+    result = runner.invoke(app, ["ui", str(f)])
+    assert result.exit_code == 0, result.output
+    assert started["env"]["DAGSTER_HOME"] == str(tmp_path / "elsewhere" / "dagster")
+    assert started["env"]["UNCLIP_STORAGE"] == str(tmp_path / "elsewhere")  # definitions read it
+    refused = runner.invoke(app, ["ui", str(f), "--set", "ray.num_cpus=1"])
+    assert refused.exit_code == 2 and "takes no --set" in refused.output

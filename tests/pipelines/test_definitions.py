@@ -120,10 +120,14 @@ def test_postgres_block_written_from_config(tmp_path, monkeypatch):
     assert "db.internal" in (home / "dagster.yaml").read_text()
 
 
+DEFINITIONS = "unclip.pipelines.definitions"
+
+
 def test_dagster_itself_loads_the_module_unclip_ui_points_at(tmp_path):
     """What `unclip ui` runs (`dagster dev -m unclip.pipelines.definitions`) loads the code."""
     import os
     import subprocess
+    import sys
 
     env = {
         **os.environ,
@@ -133,7 +137,8 @@ def test_dagster_itself_loads_the_module_unclip_ui_points_at(tmp_path):
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     out = subprocess.run(
-        ["dagster", "definitions", "validate", "-m", "unclip.pipelines.definitions"],
+        # this interpreter's dagster, as `unclip ui` runs it (ui.dev_command)
+        [sys.executable, "-m", "dagster", "definitions", "validate", "-m", DEFINITIONS],
         env=env,
         capture_output=True,
         text=True,
@@ -141,3 +146,14 @@ def test_dagster_itself_loads_the_module_unclip_ui_points_at(tmp_path):
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Validation successful" in out.stdout + out.stderr
+
+
+def test_module_definitions_use_unclip_storage_as_the_storage_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNCLIP_CONFIG", str(_config(tmp_path)))
+    monkeypatch.setenv("UNCLIP_STORAGE", str(tmp_path / "elsewhere"))
+    from unclip.pipelines import definitions
+
+    resources = definitions.defs().resources
+    assert resources["storage"].root == str(tmp_path / "elsewhere")
+    assert resources["unclip"].load().storage == str(tmp_path / "elsewhere")
+    assert resources["io_manager"].storage.root == str(tmp_path / "elsewhere")

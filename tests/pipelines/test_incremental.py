@@ -1,4 +1,4 @@
-"""Issue 7's goal: a new URL list on a corpus of 5 ingests and embeds only itself, and a
+"""A new URL list on a corpus of 5 ingests and embeds only itself, and a
 scheduled retraining on an unchanged manifest skips instead of starting over."""
 
 from __future__ import annotations
@@ -111,12 +111,12 @@ def test_new_list_ingests_only_itself_and_retraining_skips(tmp_path, ray_local, 
         cfg = load_config(config)
 
         # 1. the corpus of 5 lists, through training (promotion has its own tests and e2e)
-        first = run_pipeline(str(config), cfg, stages=UP_TO_TRAINING)
+        first = run_pipeline(str(config), cfg, select=dg.AssetSelection.assets(*UP_TO_TRAINING))
         assert len(first.partitions) == 5
-        assert first.outputs["image_shards"]["shards_written"] == 5
-        assert first.outputs["embeddings"]["shards_written"] == 5
+        assert first.total("image_shards", "shards_written") == 5
+        assert first.total("embeddings", "shards_written") == 5
         assert len(list(store.glob("images/*/*.tar"))) == 5
-        version = first.outputs["dataset_manifest"]["version"]
+        version = first.outputs["dataset_manifest"].version
         assert json.loads((store / "runs/prior/latest.json").read_text())["dataset_version"] == (
             version
         )
@@ -129,9 +129,9 @@ def test_new_list_ingests_only_itself_and_retraining_skips(tmp_path, ray_local, 
             instance=instance, asset_selection=[dg.AssetKey(k) for k in RETRAIN_TRAINING]
         )
         assert retrain.success
-        assert retrain.output_for_node("dataset_manifest")["version"] == version
+        assert retrain.output_for_node("dataset_manifest").version == version
         for model in ("prior", "decoder"):
-            assert retrain.output_for_node(model)["skipped"] is True, model
+            assert retrain.output_for_node(model).skipped is True, model
         assert _snapshot(store, "runs/**/*") == trained
 
         # 3. a sixth list arrives in the inbox: the sensor makes it a partition and a run
@@ -160,8 +160,8 @@ def test_new_list_ingests_only_itself_and_retraining_skips(tmp_path, ray_local, 
             instance=instance, partition_key=request.partition_key, tags=request.tags
         )
         assert run.success
-        assert run.output_for_node("image_shards")["shards_written"] == 1
-        assert run.output_for_node("embeddings")["shards_written"] == 1
+        assert run.output_for_node("image_shards").shards_written == 1
+        assert run.output_for_node("embeddings").shards_written == 1
 
         after = {
             **_snapshot(store, "images/**/*"),
@@ -182,4 +182,4 @@ def test_new_list_ingests_only_itself_and_retraining_skips(tmp_path, ray_local, 
             instance=instance, asset_selection=[dg.AssetKey("dataset_manifest")]
         )
         out = manifest.output_for_node("dataset_manifest")
-        assert out["version"] != version and out["num_shards"] == 6
+        assert out.version != version and out.num_shards == 6

@@ -11,7 +11,7 @@ from unclip.datasets import url_lists
 from unclip.pipelines.definitions import build_definitions
 from unclip.pipelines.resources import UnclipConfigResource
 from unclip.pipelines.sensors import INGEST_JOB, evaluate_inbox
-from unclip.pipelines.stages import source_lists
+from unclip.pipelines.sources import source_lists
 
 
 def _setup(tmp_path):

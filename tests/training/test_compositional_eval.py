@@ -8,7 +8,7 @@ from PIL import Image
 
 from unclip.datasets.compositional import Prompt, evaluation_prompts, sample_prompts
 from unclip.datasets.config import CompositionalConfig, SyntheticConfig
-from unclip.datasets.synthetic import palette, render_image, sample_spec
+from unclip.datasets.synthetic import color_palette, render_image, sample_spec
 from unclip.training.evaluation.compositional_eval import (
     judge,
     judge_images,
@@ -18,7 +18,7 @@ from unclip.training.evaluation.compositional_eval import (
 from unclip.training.evaluation.image_metrics import DetectedObject
 
 CFG = SyntheticConfig(num_pairs=300, image_size=96, seed=11, compositional=CompositionalConfig())
-PALETTE = palette(CFG)
+PALETTE = color_palette(CFG)
 
 
 def as_evaluated(index: int, size: int) -> np.ndarray:

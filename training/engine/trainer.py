@@ -20,6 +20,7 @@ from fsspec.core import url_to_fs
 from pydantic import BaseModel
 
 from unclip.datasets.lease import Lease
+from unclip.datasets.ray_runtime import ensure_started
 from unclip.datasets.storage import StorageLayout, exists, read_json
 from unclip.datasets.stream import Columns, ShardSource, check_world_change
 
@@ -138,14 +139,12 @@ def _fit_held(
     source = task.data()
     check_resumable(run_dir, task, source, cfg)
 
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .train_loop import train_loop
 
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS, when set, picks the cluster
+    ensure_started()  # RAY_ADDRESS, when set, picks the cluster
     storage_path, storage_fs = ray_storage(layout.runs_dir(model_kind))
     trainer = TorchTrainer(
         train_loop,

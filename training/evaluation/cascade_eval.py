@@ -22,6 +22,7 @@ from PIL import Image
 from unclip.datasets import readers
 from unclip.datasets.clip import encode_images, encode_texts, load_clip
 from unclip.datasets.config import ClipConfig
+from unclip.datasets.ray_runtime import ensure_started
 from unclip.datasets.storage import StorageLayout, exists, read_json, write_json
 
 from ..config import DecoderConfig, EvaluateConfig
@@ -198,6 +199,7 @@ def run_chunks(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Run ``generate_chunk(**job)`` for every job as Ray tasks (one CPU each); results in order."""
     import ray
 
+    ensure_started()
     task = ray.remote(num_cpus=1, max_retries=1)(generate_chunk)
     return ray.get([task.remote(**job) for job in jobs])
 

@@ -1,0 +1,42 @@
+"""Start Ray at the moment a step has work for it, with the settings the pipeline chose.
+
+Steps that find nothing to do never start Ray, so a re-run of a finished pipeline costs only
+its checks. ``configure`` records how to start (the pipeline does it before its steps run);
+``ensure_started`` starts or joins Ray on first use: the cluster at ``RAY_ADDRESS`` when set,
+else an embedded Ray with the configured CPUs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """How to start an embedded Ray (ignored when ``RAY_ADDRESS`` names a cluster)."""
+
+    num_cpus: int | None = None
+
+
+_settings = RaySettings()
+
+
+def configure(settings: RaySettings) -> None:
+    """Record how the next ``ensure_started`` starts Ray; starts nothing."""
+    global _settings
+    _settings = settings
+
+
+def ensure_started() -> None:
+    """Join ``RAY_ADDRESS`` when set, else start an embedded Ray; a no-op once Ray runs."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    ray.init(num_cpus=_settings.num_cpus, include_dashboard=False, log_to_driver=False)
