@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from unclip.datasets.compositional import TASKS, Prompt
+from unclip.datasets.config import ClipConfig
 
 from .image_metrics import RGB, DetectedObject, detect_objects
 
@@ -126,3 +127,67 @@ def oracle_accuracy(
         right.setdefault(prompt.task, []).append(verdict == truth)
     acc = {task: sum(r) / len(r) for task, r in sorted(right.items())}
     return {**acc, "min": min(acc.values())}
+
+
+def generate_prompt_images(
+    captions: list[str],
+    samples_per_prompt: int,
+    seed: int,
+    clip_cfg: ClipConfig,
+    clip_checkpoint: str | None,
+    prior_export: str | None,
+    decoder_export: str,
+    steps: int | None,
+) -> np.ndarray:
+    """One worker's share: ``samples_per_prompt`` uint8 images per caption, caption-major."""
+    from ..sampling import generate
+
+    images = generate(
+        captions,
+        clip_cfg,
+        clip_checkpoint,
+        prior_export,
+        decoder_export,
+        n_per_caption=samples_per_prompt,
+        steps=steps,
+        seed=seed,
+    )
+    return np.stack([np.asarray(x.convert("RGB")) for x in images])
+
+
+def evaluate_compositional(
+    prompts: Sequence[Prompt],
+    palette: Mapping[str, RGB],
+    clip_cfg: ClipConfig,
+    clip_checkpoint: str | None,
+    prior_export: str | None,
+    decoder_export: str,
+    samples_per_prompt: int = 4,
+    steps: int | None = None,
+    seed: int = 0,
+    workers: int = 2,
+) -> dict[str, dict[str, Any]]:
+    """Draw every prompt ``samples_per_prompt`` times in Ray tasks, judge, score per task and split.
+
+    ``prior_export`` None: the decoder reads the captions' tokens itself (no prior).
+    """
+    import ray
+
+    captions = [p.caption for p in prompts]
+    bounds = np.linspace(0, len(captions), min(workers, len(captions)) + 1).round().astype(int)
+    task = ray.remote(num_cpus=1, max_retries=1)(generate_prompt_images)
+    refs = [
+        task.remote(
+            captions[a:b],
+            samples_per_prompt,
+            seed + int(a),
+            clip_cfg,
+            clip_checkpoint,
+            prior_export,
+            decoder_export,
+            steps,
+        )
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    images = np.concatenate(ray.get(refs))
+    return task_scores(prompts, judge_images(prompts, images, palette))
