@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .embedding_file import fixed_list_to_numpy
-from .readers import kept_mask, load_manifest, read_embedding_table
+from .readers import load_manifest, read_embedding_table
+from .served_rows import kept_mask
 from .storage import StorageLayout, atomic_write, exists, read_json, write_json
 
 EXPORT_RECORD = "_export.json"
@@ -57,7 +58,7 @@ def export_embeddings(layout: StorageLayout, version: str, out: str) -> dict[str
         paths = _part_paths(out, i)
         if not all(exists(p) for p in paths.values()):
             table = read_embedding_table(layout, entry, manifest["clip_id"], d)
-            keep = kept_mask(layout.join(entry["embeddings"]), table, manifest, entry)
+            keep = kept_mask(layout, table, manifest, entry)
             table = table.filter(pa.array(keep))
             # The metadata file is written last: its presence marks the part complete.
             with atomic_write(paths["img"]) as f:

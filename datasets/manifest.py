@@ -37,7 +37,8 @@ from .config import ManifestConfig
 from .embedding_file import check_embedding_schema, fixed_list_to_numpy
 from .embedding_import import imported_shards
 from .manifest_curation import select_rows
-from .readers import kept_mask, read_embedding_table, removed_keys
+from .readers import read_embedding_table
+from .served_rows import kept_mask, removal_file_keys
 from .shards import completed_shards
 from .storage import StorageLayout, atomic_write, exists, read_json, write_json
 
@@ -228,7 +229,7 @@ def _removed_rows(layout: StorageLayout, entry: _Entry, removed_path: str) -> np
     with fs.open(p, "rb") as f:
         keys = pq.read_table(f, columns=["key"]).column("key")
     return np.asarray(
-        pc.is_in(keys, value_set=removed_keys(removed_path)).to_numpy(zero_copy_only=False)
+        pc.is_in(keys, value_set=removal_file_keys(removed_path)).to_numpy(zero_copy_only=False)
     )
 
 

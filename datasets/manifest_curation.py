@@ -4,7 +4,7 @@ For each shard it writes the rows left out (``key``, ``filter``) as a Parquet fi
 sha256 under ``manifests/removed/`` (so a file is never rewritten, and the manifest entry's
 ``removed`` / ``removed_sha256`` are part of the dataset version), and returns what the version
 hashes besides: the recipe, its resolved top-fraction thresholds, the heads' sha256 and the
-semantic-dedup version. Readers leave the listed keys out (``readers.kept_mask``).
+semantic-dedup version. Readers leave the listed keys out (``served_rows.kept_mask``).
 """
 
 from __future__ import annotations

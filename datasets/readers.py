@@ -13,7 +13,6 @@ passing it; readers apply it per row and check the count against the manifest.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import logging
@@ -23,7 +22,6 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from PIL import Image
@@ -35,6 +33,7 @@ from .embedding_file import (
     check_embedding_schema,
     fixed_list_to_numpy,
 )
+from .served_rows import kept_mask, require_images
 from .shards import ShardReadStats, completed_shards, iter_shard
 from .storage import StorageLayout, read_json
 
@@ -143,53 +142,6 @@ def read_embedding_table(
     return table
 
 
-@functools.lru_cache(maxsize=64)
-def removed_keys(path: str) -> pa.Array:
-    """The keys of a manifest's removal file (content-addressed, so safe to cache)."""
-    fs, p = url_to_fs(path)
-    if not fs.exists(p):
-        raise FileNotFoundError(f"{path}: a removal file the manifest lists is missing")
-    with fs.open(p, "rb") as f:
-        return pq.read_table(f, columns=["key"]).column("key").combine_chunks()
-
-
-def require_images(manifest: dict[str, Any]) -> None:
-    """Raise unless every shard of the manifest has images (imported sources have none)."""
-    no_images = sorted({e["source"] for e in manifest["shards"] if not e.get("images")})
-    if no_images:
-        raise ValueError(
-            f"dataset version {manifest['version']}: sources {no_images} have embeddings only "
-            "(imported, no image shards); the decoder and upsampler train on images: assemble "
-            "a manifest without them"
-        )
-
-
-def kept_mask(
-    layout: StorageLayout, table: pa.Table, manifest: dict[str, Any], entry: dict[str, Any]
-) -> np.ndarray:
-    """Rows of an entry's table the manifest serves: those passing its CLIP-score filter and
-    not in its removal file (curation); all rows of an uncurated, unfiltered manifest.
-
-    The kept count must equal the manifest's ``count``: anything else means the file is not
-    the one the manifest was assembled from.
-    """
-    path = layout.join(entry["embeddings"])
-    threshold = manifest.get("clip_score_min")
-    if threshold is None:
-        keep = np.ones(table.num_rows, dtype=bool)
-    else:
-        keep = table.column("clip_score").to_numpy().astype(np.float64) >= float(threshold)
-    if entry.get("removed"):
-        gone = pc.is_in(table.column("key"), value_set=removed_keys(layout.join(entry["removed"])))
-        keep &= ~np.asarray(gone.to_numpy(zero_copy_only=False), dtype=bool)
-    if "count" in entry and int(keep.sum()) != int(entry["count"]):
-        raise ValueError(
-            f"{path}: {int(keep.sum())} samples pass the manifest's filter, the manifest lists "
-            f"{entry['count']}"
-        )
-    return keep
-
-
 def holdout_captions(
     layout: StorageLayout, manifest: dict[str, Any], holdout_fraction: float, n: int
 ) -> list[str]:
@@ -203,7 +155,7 @@ def holdout_captions(
         t = read_embedding_table(
             layout, entry, manifest["clip_id"], d, columns=["key", "caption", "clip_score"]
         )
-        keep = kept_mask(layout.join(entry["embeddings"]), t, manifest, entry)
+        keep = kept_mask(layout, t, manifest, entry)
         for key, caption, kept in zip(
             t.column("key").to_pylist(), t.column("caption").to_pylist(), keep, strict=True
         ):

@@ -27,7 +27,8 @@ from fsspec.core import url_to_fs
 from PIL import Image
 
 from .embedding_file import fixed_list_to_numpy
-from .readers import Split, _keep, _to_array, kept_mask, read_embedding_table, require_images
+from .readers import Split, _keep, _to_array, read_embedding_table
+from .served_rows import kept_mask, require_images
 from .shards import IMAGE_EXTS, ShardReadStats, completed_shards, iter_shard_members
 from .storage import StorageLayout, atomic_write, exists, read_json
 from .stream import Columns, Missing, ShardSource, StreamShard, StreamStats

@@ -24,6 +24,7 @@ from dagster import AssetExecutionContext
 from pydantic import Field
 
 from unclip.datasets import ingest, manifest, readers, synthetic
+from unclip.datasets.served_rows import require_images
 from unclip.pipelines import promotion as promotion_gate
 from unclip.pipelines import sources
 from unclip.pipelines.curation_assets import curated_embeddings
@@ -208,8 +209,10 @@ def _training_asset(
         section = getattr(cfg, model)
         if section is None:
             return _output(None, "none")
-        if model != "prior":  # image models: refuse embeddings-only sources before any worker starts
-            readers.require_images(readers.load_manifest(storage.layout, dataset_manifest.version))
+        if (
+            model != "prior"
+        ):  # image models: refuse embeddings-only sources before any worker starts
+            require_images(readers.load_manifest(storage.layout, dataset_manifest.version))
         train = getattr(
             importlib.import_module(f"unclip.training.models.{model}"), f"train_{model}"
         )

@@ -12,7 +12,13 @@ import pytest
 from unclip.datasets.config import FilterRecipe, ManifestConfig, ScoreFilter, SemanticDedupConfig
 from unclip.datasets.embedding_file import fixed_list_to_numpy
 from unclip.datasets.manifest import assemble_manifest
-from unclip.datasets.readers import load_embeddings, load_image_pairs, load_images_captions
+from unclip.datasets.embedding_export import export_embeddings
+from unclip.datasets.readers import (
+    holdout_captions,
+    load_embeddings,
+    load_image_pairs,
+    load_images_captions,
+)
 from unclip.datasets.recipes import format_kept_table
 from unclip.datasets.scores import load_head
 from unclip.datasets.semantic_dedup import curate, removed_keys
@@ -60,7 +66,7 @@ def _stream_keys(source) -> set[str]:
     return out
 
 
-def test_every_reader_leaves_out_the_removal_lists(shapes_store):
+def test_every_reader_leaves_out_the_removal_lists(shapes_store, tmp_path):
     store, layout = shapes_store, shapes_store.layout
     removed = _dedup(store)
     everything = set(_embeddings(store)[0])
@@ -78,6 +84,12 @@ def test_every_reader_leaves_out_the_removal_lists(shapes_store):
     boot = IngestedImageSource(layout, [store.source], "all", 0.0, 32, removed=frozenset(removed))
     assert _stream_keys(boot) == want
     assert set(load_images_captions(layout, [store.source], "all", 0.0, 32, removed).keys) == want
+    # the evaluation's hold-out captions and the clip-retrieval export read the same rows
+    served_captions = set(load_embeddings(layout, m, "all", 0.0).captions)
+    assert set(holdout_captions(layout, m, 1.0, 10_000)) == served_captions
+    export_embeddings(layout, m["version"], str(tmp_path / "export"))
+    exported = pq.read_table(tmp_path / "export" / "metadata").column("key").to_pylist()
+    assert {f"{store.source}/{k}" for k in exported} == want
     # the embedding statistics are over the served rows only
     stats = np.load(layout.embedding_stats(m["version"]))
     served = load_embeddings(layout, m, "all", 0.0)

@@ -15,8 +15,8 @@ from training_helpers import TINY_CLIP, make_decoder_task, make_prior_task
 
 from unclip.datasets.clip import build_bootstrap_clip, encode_texts, load_clip, save_clip
 from unclip.training.inference import OpenClipModel, UnclipPipeline
+from unclip.training.inference.call_options import row_batches
 from unclip.training.inference.device import resolve_device
-from unclip.training.inference.pipeline import row_batches
 from unclip.training.sampling import generate
 
 CAPTIONS = ["a red circle", "a blue square"]

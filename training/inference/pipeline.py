@@ -35,32 +35,15 @@ from ..models.decoder import DecoderSampler, load_decoder
 from ..models.prior_sampler import PriorSampler, load_prior
 from ..models.upsampler import UpsamplerSampler, load_upsampler
 from ..sampling import check_captions, check_cascade, check_clip, check_guidance, decode, slerp
+from .call_options import check_output_type, resolve_seed, row_batches
 from .clip_model import OpenClipModel
 
-OUTPUT_TYPES = ("pil", "np")
 PIPELINE_FILE = "unclip_pipeline.py"  # in a saved folder: where diffusers finds the class
 PIPELINE_SHIM = (
     '"""UnclipPipeline for DiffusionPipeline.from_pretrained (needs the unclip package)."""\n\n'
     "from unclip.training.inference import UnclipPipeline\n\n"
     '__all__ = ["UnclipPipeline"]\n'
 )
-
-
-def resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:
-    """The seed every stage's noise starts from: ``seed``, else one drawn from ``generator``, else 0."""
-    if seed is not None and generator is not None:
-        raise ValueError("give a seed or a generator, not both")
-    if generator is not None:
-        return int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
-    return 0 if seed is None else int(seed)
-
-
-def row_batches(rows: int, batch_size: int | None) -> list[slice]:
-    """Slices of at most ``batch_size`` rows (one slice of all rows when None)."""
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    size = rows if batch_size is None else batch_size
-    return [slice(a, min(a + size, rows)) for a in range(0, rows, max(size, 1))]
 
 
 class UnclipPipeline(DiffusionPipeline):
@@ -400,25 +383,10 @@ class UnclipPipeline(DiffusionPipeline):
         decoder = self.decoder_sampler()
         if decoder.text_tokens:
             decoder.use_clip(self.clip_bundle())
-        return decode(
-            decoder,
-            stages,
-            image_emb,
-            text_emb,
-            steps,
-            guidance,
-            seed,
-            upsampler_steps,
-            captions,
-        )
+        args = (image_emb, text_emb, steps, guidance, seed, upsampler_steps, captions)
+        return decode(decoder, stages, *args)
 
     @staticmethod
     def _output(pixels: np.ndarray, output_type: str, return_dict: bool) -> Any:
         images = pixels if output_type == "np" else [Image.fromarray(p) for p in pixels]
         return ImagePipelineOutput(images=images) if return_dict else (images,)
-
-
-def check_output_type(output_type: str) -> None:
-    """Refuse an output type other than PIL images or a uint8 NumPy array."""
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
