@@ -20,13 +20,11 @@ from rich.live import Live
 
 from unclip.datasets.storage import StorageLayout
 from unclip.pipelines.cli_embeddings import export_embeddings_command, import_embeddings_command
+from unclip.pipelines.cli_models import export, sample
+from unclip.pipelines.cli_options import ConfigArg, SetOpt, WaitOpt, load_cli_config
 from unclip.pipelines.cli_output import StageBoard, console, print_outputs
 from unclip.pipelines.config import (
-    ConfigError,
     PipelineConfig,
-    load_config,
-    parse_override,
-    storage_from_env,
 )
 
 if TYPE_CHECKING:
@@ -48,51 +46,6 @@ train_app = typer.Typer(
 )
 app.add_typer(train_app, name="train")
 
-ConfigArg = Annotated[Path, typer.Argument(help="Pipeline config YAML, e.g. configs/demo.yaml.")]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set", help="Override a config key: --set prior.trainer.max_steps=100 (repeatable)."
-    ),
-]
-DeviceOpt = Annotated[
-    str,
-    typer.Option(help="Where sampling runs: auto (a GPU when there is one), cpu, cuda or cuda:N."),
-]
-WaitOpt = Annotated[
-    float,
-    typer.Option(
-        "--wait",
-        help="Seconds to wait while another run holds the storage root's writer lease "
-        "(0: stop at once, naming the holder).",
-    ),
-]
-
-
-def _load(config: Path, sets: list[str] | None) -> tuple[PipelineConfig, dict[str, Any]]:
-    """The config with ``--set`` overrides and ``UNCLIP_STORAGE``; exit 2 naming a bad key."""
-    overrides: dict[str, Any] = {}
-    for item in sets or []:
-        overrides = _merge(overrides, parse_override(item))
-    env_root = storage_from_env()
-    if env_root is not None:
-        overrides["storage"] = env_root
-    if isinstance(overrides.get("storage"), str) and "://" not in overrides["storage"]:
-        # typed in a shell: relative to where the command runs, not to the config's folder
-        overrides["storage"] = os.path.abspath(os.path.expanduser(overrides["storage"]))
-    try:
-        return load_config(config, overrides), overrides
-    except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
-
-
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
 
 @dataclass
 class Session:
@@ -111,7 +64,7 @@ def _session(config: Path, sets: list[str] | None, targets: list[str] | None) ->
     from unclip.datasets.lease import LeaseHeld
     from unclip.pipelines.runner import STAGES, PipelineFailed, upstream_names
 
-    cfg, overrides = _load(config, sets)
+    cfg, overrides = load_cli_config(config, sets)
     board = StageBoard(STAGES if targets is None else upstream_names(targets))
     t0 = time.monotonic()
     try:
@@ -251,152 +204,11 @@ evaluate = app.command("evaluate")(
 
 
 @app.command()
-def sample(
-    caption: Annotated[
-        list[str] | None, typer.Argument(help="One or more captions (none with --variation etc.).")
-    ] = None,
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config",
-            "-c",
-            help="Pipeline config YAML (default: $UNCLIP_CONFIG, else ./configs/demo.yaml).",
-        ),
-    ] = None,
-    n: Annotated[int, typer.Option("--n", help="Images per caption / input.", min=1)] = 4,
-    out: Annotated[Path, typer.Option("--out", help="Folder for the PNGs.")] = Path("samples"),
-    steps: Annotated[int | None, typer.Option(help="DDIM steps (default: from config).")] = None,
-    guidance: Annotated[
-        float | None, typer.Option(help="Decoder guidance scale (default: from config).")
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    variation: Annotated[
-        Path | None,
-        typer.Option(help="Variations of this image: its CLIP image embedding, decoded."),
-    ] = None,
-    interpolate: Annotated[
-        tuple[str, str] | None,
-        typer.Option(help='Interpolate between two captions: --interpolate "A" "B".'),
-    ] = None,
-    frames: Annotated[int, typer.Option(help="Frames of --interpolate.", min=2)] = 5,
-    embedding: Annotated[
-        Path | None,
-        typer.Option(help="Decode image embeddings from a .npy file ([N, D] or [D])."),
-    ] = None,
-    upsampler: Annotated[
-        Path | None,
-        typer.Option(help="Upsampler export to use (default: the latest trained, if configured)."),
-    ] = None,
-    no_upsampler: Annotated[
-        bool, typer.Option("--no-upsampler", help="Stop at the decoder's resolution.")
-    ] = False,
-    upsampler_steps: Annotated[
-        int | None, typer.Option(help="Upsampler DDIM steps (default: from config).")
-    ] = None,
-    latest: Annotated[
-        bool,
-        typer.Option(
-            "--latest/--promoted", help="Sample the latest trained runs, or the promoted ones."
-        ),
-    ] = False,
-    device: DeviceOpt = "auto",
-    set_: SetOpt = None,
-) -> None:
-    """Generate images: CLIP text → prior → decoder → upsampler, from the promoted runs.
-
-    Or variations of an image (--variation), an interpolation between two captions
-    (--interpolate A B --frames N), or the decoding of saved image embeddings (--embedding).
-    """
-    from rich.markup import escape
-
-    from unclip.pipelines.sample_request import (
-        SampleRequest,
-        SampleUsageError,
-        find_config,
-        sample_images,
-    )
-
-    try:
-        config = find_config(config)
-    except SampleUsageError as e:
-        console.print(f"[red]error:[/red] {escape(str(e))}")
-        raise typer.Exit(2) from None
-    cfg, _ = _load(config, set_)
-    request = SampleRequest(
-        captions=list(caption or []),
-        variation=variation,
-        interpolate=interpolate,
-        embedding=embedding,
-        n=n,
-        frames=frames,
-        steps=steps,
-        guidance=guidance,
-        seed=seed,
-        upsampler=upsampler,
-        no_upsampler=no_upsampler,
-        upsampler_steps=upsampler_steps,
-        which="latest" if latest else "promoted",
-        device=device,
-    )
-    try:
-        images = sample_images(cfg, request)
-    except SampleUsageError as e:
-        console.print(f"[red]error:[/red] {escape(str(e))}")
-        raise typer.Exit(2) from None
-    except FileNotFoundError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1) from None
-    out.mkdir(parents=True, exist_ok=True)
-    for name, img in images:
-        path = out / f"{name}.png"
-        img.save(path)
-        console.print(str(path))
-
-
-@app.command()
-def export(
-    config: ConfigArg,
-    out: Annotated[Path, typer.Option("--out", help="Folder to write the pipeline to.")],
-    latest: Annotated[
-        bool,
-        typer.Option(
-            "--latest/--promoted", help="Bundle the latest trained runs, or the promoted ones."
-        ),
-    ] = False,
-    run: Annotated[
-        list[str] | None,
-        typer.Option(help="A named run for one model: --run decoder=RUN_NAME (repeatable)."),
-    ] = None,
-    set_: SetOpt = None,
-) -> None:
-    """Bundle CLIP, prior, decoder (and upsampler) into one diffusers pipeline folder with a model card."""
-    from unclip.pipelines.model_bundle import export_cascade
-
-    cfg, _ = _load(config, set_)
-    runs: dict[str, str] = {}
-    for item in run or []:
-        model, sep, name = item.partition("=")
-        if not sep or not name:
-            console.print(f"[red]error:[/red] --run {item!r}: expected MODEL=RUN_NAME")
-            raise typer.Exit(2)
-        runs[model] = name
-    try:
-        folder = export_cascade(cfg, str(out), "latest" if latest else "promoted", runs)
-    except ValueError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
-    except FileNotFoundError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1) from None
-    console.print(folder)
-
-
-@app.command()
 def status(config: ConfigArg, set_: SetOpt = None) -> None:
     """Print the latest dataset version, sources, trained runs, promoted checkpoints and recent runs."""
     from unclip.pipelines.status import status_table
 
-    cfg, _ = _load(config, set_)
+    cfg, _ = load_cli_config(config, set_)
     console.print(status_table(cfg))
 
 
@@ -417,7 +229,7 @@ def ui(
     if set_:
         console.print("[red]error:[/red] `ui` takes no --set: put the values in the config file")
         raise typer.Exit(2)
-    cfg, _ = _load(config, None)
+    cfg, _ = load_cli_config(config, None)
     missing = dagster_ui.missing_distributions()
     if missing:
         console.print(f"[red]error:[/red] {dagster_ui.missing_message(missing)}", soft_wrap=True)
@@ -450,6 +262,8 @@ def config_schema() -> None:
     console.print_json(json.dumps(PipelineConfig.model_json_schema()))
 
 
+app.command()(sample)
+app.command()(export)
 app.command("import-embeddings")(import_embeddings_command)
 app.command("export-embeddings")(export_embeddings_command)
 

@@ -8,13 +8,11 @@ clip-retrieval's layout.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
 
-ConfigArg = Annotated[Path, typer.Argument(help="Pipeline config YAML (its storage is used).")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key.")]
+from unclip.pipelines.cli_options import ConfigArg, SetOpt
 
 
 def import_embeddings_command(
@@ -42,10 +40,10 @@ def import_embeddings_command(
     from unclip.datasets import manifest as manifest_mod
     from unclip.datasets.embedding_import import ImportSpec, import_embeddings, imported_sources
     from unclip.datasets.storage import StorageLayout
-    from unclip.pipelines.cli import _load
+    from unclip.pipelines.cli_options import load_cli_config
     from unclip.pipelines.cli_output import console
 
-    cfg, _ = _load(config, set_)
+    cfg, _ = load_cli_config(config, set_)
     layout = StorageLayout(cfg.storage)
     spec = ImportSpec(
         uri,
@@ -86,10 +84,10 @@ def export_embeddings_command(
     from unclip.datasets.embedding_export import export_embeddings
     from unclip.datasets.manifest import latest_manifest
     from unclip.datasets.storage import StorageLayout
-    from unclip.pipelines.cli import _load
+    from unclip.pipelines.cli_options import load_cli_config
     from unclip.pipelines.cli_output import console
 
-    cfg, _ = _load(config, set_)
+    cfg, _ = load_cli_config(config, set_)
     layout = StorageLayout(cfg.storage)
     latest = latest_manifest(layout)
     if version is None and latest is None:

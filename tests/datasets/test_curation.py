@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from unclip.datasets.config import FilterRecipe, ManifestConfig, ScoreFilter, SemanticDedupConfig
+from unclip.datasets.embedding_export import export_embeddings
 from unclip.datasets.embedding_file import fixed_list_to_numpy
 from unclip.datasets.manifest import assemble_manifest
-from unclip.datasets.embedding_export import export_embeddings
 from unclip.datasets.readers import (
     holdout_captions,
     load_embeddings,

@@ -78,7 +78,7 @@ def test_relative_paths_resolve_where_they_were_written(tmp_path, monkeypatch):
     """In the config: against its folder. In UNCLIP_STORAGE or --set: against the working directory."""
     import yaml
 
-    from unclip.pipelines.cli import _load
+    from unclip.pipelines.cli_options import load_cli_config
 
     cfg_dir, work = tmp_path / "configs", tmp_path / "work"
     cfg_dir.mkdir()
@@ -87,13 +87,13 @@ def test_relative_paths_resolve_where_they_were_written(tmp_path, monkeypatch):
     config.write_text(yaml.safe_dump({"storage": "store", "sensor": {"incoming": "inbox"}}))
     monkeypatch.chdir(work)
     monkeypatch.delenv("UNCLIP_STORAGE", raising=False)
-    cfg, _ = _load(config, None)
+    cfg, _ = load_cli_config(config, None)
     assert cfg.storage == str(cfg_dir / "store")
     assert cfg.sensor.incoming == str(cfg_dir / "inbox")
     monkeypatch.setenv("UNCLIP_STORAGE", "./x")
-    assert _load(config, None)[0].storage == str(work / "x")
+    assert load_cli_config(config, None)[0].storage == str(work / "x")
     monkeypatch.delenv("UNCLIP_STORAGE")
-    assert _load(config, ["storage=y"])[0].storage == str(work / "y")
+    assert load_cli_config(config, ["storage=y"])[0].storage == str(work / "y")
 
 
 def test_buffered_bytes_per_task_are_capped_by_config():

@@ -60,8 +60,12 @@ def test_the_unet_reads_the_token_sequence_by_cross_attention_and_the_pooled_tex
         other_text = pack_condition(
             torch.randn(2, DIM), torch.from_numpy(enc), torch.from_numpy(mask)
         )
-        assert not torch.allclose(out, decoder_prediction(model, x, t, other_tokens, text_context=CONTEXT))
-        assert not torch.allclose(out, decoder_prediction(model, x, t, other_text, text_context=CONTEXT))
+        assert not torch.allclose(
+            out, decoder_prediction(model, x, t, other_tokens, text_context=CONTEXT)
+        )
+        assert not torch.allclose(
+            out, decoder_prediction(model, x, t, other_text, text_context=CONTEXT)
+        )
 
 
 def test_batches_carry_each_captions_tokens_and_dropout_drops_them_whole(clip_store, monkeypatch):

@@ -94,5 +94,3 @@ def predict_x0(
         x_t, t, proj_embedding=text, encoder_hidden_states=tokens, attention_mask=token_mask
     )
     return out.predicted_image_embedding
-
-
