@@ -14,17 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from unclip.datasets.clip import encode_texts, load_clip
+from unclip.datasets.clip_preprocess import FastPreprocess, caption_tokens, chunk_pixels
 from unclip.datasets.config import EmbedConfig
-from unclip.datasets.embed import (
-    FastPreprocess,
-    _pixels,
-    _tokens,
-    cached_clip,
-    embed_shard,
-    embed_source,
-    encode_arrays,
-    pending_shards,
-)
+from unclip.datasets.embed import embed_shard, embed_source, pending_shards
+from unclip.datasets.embed_encode import cached_clip, encode_arrays
 from unclip.datasets.ingest import shard_parquet_path
 from unclip.datasets.readers import fixed_list_to_numpy
 from unclip.datasets.synthetic import shape_caption
@@ -216,7 +209,7 @@ def test_fast_preprocess_is_bit_identical_to_open_clips_transform(shapes_store, 
     assert fast.applies(ims[0]) and not fast.applies(other)
     assert not fast.applies(ims[0].convert("L"))
     # a chunk mixing both paths: each row as the per-image transform gives it
-    mixed = _pixels([np.asarray(ims[1]), bundle.preprocess(other).numpy()], fast)
+    mixed = chunk_pixels([np.asarray(ims[1]), bundle.preprocess(other).numpy()], fast)
     np.testing.assert_array_equal(mixed[0], ref[1])
     np.testing.assert_array_equal(mixed[1], bundle.preprocess(other).numpy())
     augmenting = transforms.Compose([transforms.RandomResizedCrop(32), transforms.ToTensor()])
@@ -251,7 +244,7 @@ def test_cached_clip_loads_once_per_process_and_refuses_another_clip(shapes_stor
 def test_caption_dedup_gives_what_encoding_every_caption_gives(shapes_store, tiny_clip_cfg):
     bundle = load_clip(tiny_clip_cfg, shapes_store.clip_checkpoint)
     captions = ["a red circle", "a blue square", "a red circle", "a green triangle", "a red circle"]
-    tokens = _tokens(bundle.tokenizer, captions, dedup=True)
+    tokens = caption_tokens(bundle.tokenizer, captions, dedup=True)
     np.testing.assert_array_equal(tokens, np.asarray(bundle.tokenizer(captions)))
     rng = np.random.default_rng(0)
     pixels = rng.standard_normal((5, 3, 32, 32)).astype(np.float32)
