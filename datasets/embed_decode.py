@@ -10,13 +10,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
 from PIL import Image
 
 from .clip_preprocess import FastPreprocess, caption_tokens, chunk_pixels
 from .shards import ShardReadStats, iter_shard
-from .storage import StorageLayout
+from .storage import StorageLayout, exists, read_parquet
 
 # What decoding a shard counts; the end row of a shard carries them.
 COUNT_KEYS = ("samples", "corrupt", "truncated_tar", "not_in_metadata")
@@ -25,11 +23,7 @@ COUNT_KEYS = ("samples", "corrupt", "truncated_tar", "not_in_metadata")
 def read_shard_metadata(layout: StorageLayout, source: str, shard: int) -> pa.Table | None:
     """img2dataset's per-row Parquet of the shard (None if absent)."""
     path = layout.image_shard_parquet(source, shard)
-    fs, p = url_to_fs(path)
-    if not fs.exists(p):
-        return None
-    with fs.open(p, "rb") as f:
-        return pq.read_table(f)
+    return read_parquet(path) if exists(path) else None
 
 
 @dataclass
