@@ -82,7 +82,7 @@ def chunk_pixels(items: list[np.ndarray], fast: FastPreprocess | None) -> np.nda
     return out
 
 
-def caption_tokens(
+def tokenize_captions(
     tokenizer: Callable[[list[str]], Any], captions: list[str], dedup: bool
 ) -> np.ndarray:
     """Token ids [N, L] of ``captions``; with ``dedup`` each distinct caption is tokenized once

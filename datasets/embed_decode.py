@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from .clip_preprocess import FastPreprocess, caption_tokens, chunk_pixels
+from .clip_preprocess import FastPreprocess, chunk_pixels, tokenize_captions
 from .shards import ShardReadStats, iter_shard
 from .storage import StorageLayout, exists, read_parquet
 
@@ -77,7 +77,7 @@ def decode_chunks(
             captions=captions,
             meta_json=[it[3] for it in items],
             pixels=chunk_pixels([it[4] for it in items], fast),
-            tokens=caption_tokens(tokenizer, captions, dedup_captions),
+            tokens=tokenize_captions(tokenizer, captions, dedup_captions),
         )
         items.clear()
         return chunk

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from unclip.datasets.clip import encode_texts, load_clip
-from unclip.datasets.clip_preprocess import caption_tokens
+from unclip.datasets.clip_preprocess import tokenize_captions
 from unclip.datasets.config import EmbedConfig
 from unclip.datasets.embed import embed_shard, embed_source, pending_shards
 from unclip.datasets.embed_encode import cached_clip, encode_arrays
@@ -204,7 +204,7 @@ def test_cached_clip_loads_once_per_process_and_refuses_another_clip(shapes_stor
 def test_caption_dedup_gives_what_encoding_every_caption_gives(shapes_store, tiny_clip_cfg):
     bundle = load_clip(tiny_clip_cfg, shapes_store.clip_checkpoint)
     captions = ["a red circle", "a blue square", "a red circle", "a green triangle", "a red circle"]
-    tokens = caption_tokens(bundle.tokenizer, captions, dedup=True)
+    tokens = tokenize_captions(bundle.tokenizer, captions, dedup=True)
     np.testing.assert_array_equal(tokens, np.asarray(bundle.tokenizer(captions)))
     rng = np.random.default_rng(0)
     pixels = rng.standard_normal((5, 3, 32, 32)).astype(np.float32)
