@@ -1,14 +1,15 @@
 """Ingest: a URL list becomes webdataset shards, one Ray task per shard running img2dataset's Downloader.
 
-Plan: the list is copied to ``sources/{source}.parquet`` and split into fixed slices of
-``samples_per_shard`` rows (the split is recorded in ``_plan.json`` and may not change later).
-Each missing shard is one Ray task (``shard_task.py``): under the shard's lease it copies its
-input slice from the storage root, runs img2dataset's ``Downloader`` in a child process that is
-killed at ``shard_deadline_s`` (``shard_child.py``), then commits ``.parquet``, ``_stats.json``
-(with a commit record) and finally ``.tar``, each durably. A shard exists only when its tar
-matches its commit record, so a killed task leaves nothing a reader takes, and a re-run redoes
-exactly the missing shards. Failed samples are rows in the shard's Parquet (status + error
-message); a failed shard task is retried by Ray, and the driver's wait is bounded too.
+Plan (``source_plan.py``): the list is copied to ``sources/{source}.parquet`` and split into
+fixed slices of ``samples_per_shard`` rows (the split is recorded in ``_plan.json`` and may not
+change later). Each missing shard is one Ray task (``shard_task.py``): under the shard's lease
+it copies its input slice from the storage root, runs img2dataset's ``Downloader`` in a child
+process that is killed at ``shard_deadline_s`` (``shard_child.py``), then commits ``.parquet``,
+``_stats.json`` (with a commit record) and finally ``.tar``, each durably. A shard exists only
+when its tar matches its commit record, so a killed task leaves nothing a reader takes, and a
+re-run redoes exactly the missing shards. Failed samples are rows in the shard's Parquet
+(status + error message); a failed shard task is retried by Ray, and the driver's wait is
+bounded too.
 
 Filters: at the first plan of a source the pre-download filters (``filters.py``) and the
 (url, caption) dedup against every source already indexed (``dedup.py``) run in the driver; the
@@ -29,22 +30,18 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
-from fsspec.core import url_to_fs
 
-from . import dedup
 from .config import IngestConfig
-from .filters import prefilter
 from .image_filters import FILTERED
 from .ingest_stats import failure_warning, format_summary, summarize
-from .lease import Lease, LeaseHeld
 from .ray_runtime import ensure_started
 from .shard_child import STARTUP_S
 from .shard_task import ShardDeadlineExceeded, ShardError, download_shard, lease_wait_s
 from .shards import completed_shards
-from .storage import StorageLayout, atomic_write, exists, read_json, write_json
-from .url_lists import read_url_list, source_id
+from .source_plan import plan_source, write_shard_inputs
+from .storage import StorageLayout, exists, read_json, read_parquet, write_json
+from .url_lists import source_id
 
 __all__ = [
     "IngestFailed",
@@ -55,7 +52,6 @@ __all__ = [
     "completed_shards",
     "format_summary",
     "ingest_source",
-    "plan_source",
     "retry_failed",
     "source_complete",
 ]
@@ -107,7 +103,6 @@ def shard_parquet_path(layout: StorageLayout, source: str, shard: int) -> str:
     return layout.image_shard_parquet(source, shard)
 
 
-PLAN_WAIT_S = 600.0  # how long a first plan waits for another writer planning the same source
 # Slack on top of a try's longest life before the driver gives up on a task: the input copy,
 # the commit, Ray's retry scheduling.
 _DRIVER_SLACK_S = 120.0
@@ -126,117 +121,6 @@ def driver_bound(cfg: IngestConfig) -> float | None:
 
 
 _download_shard_task = ray.remote(num_cpus=1, retry_exceptions=True)(download_shard)
-
-
-def _write_inputs(
-    layout: StorageLayout, source: str, table: pa.Table, shards: list[int], n: int
-) -> None:
-    for shard in shards:
-        part = table.slice(shard * n, n)
-        with (
-            atomic_write(layout.shard_input(source, shard)) as f,
-            pa.ipc.new_file(f, part.schema) as w,
-        ):
-            w.write_table(part)
-
-
-@dataclass
-class SourcePlan:
-    source_id: str
-    num_rows: int  # rows kept by the pre-download filters: what the shards slice
-    shards_total: int
-    pending: list[int]  # shards without a committed tar; their input slices are written
-    filtered: dict[str, int] = field(default_factory=dict)  # pre-download removals
-
-
-def _read_parquet(path: str) -> pa.Table:
-    fs, p = url_to_fs(path)
-    with fs.open(p, "rb") as f:
-        return pq.read_table(f)
-
-
-def _write_parquet(path: str, table: pa.Table) -> None:
-    with atomic_write(path) as f:
-        pq.write_table(table, f)
-
-
-def _filter_rows(
-    layout: StorageLayout, source: str, table: pa.Table, cfg: IngestConfig, url_list: str
-) -> tuple[pa.Table, pa.Table, dict[str, int], list[str]]:
-    """(kept, removed, counts, notes): pre-download filters, then (url, caption) dedup."""
-    pf = prefilter(table, cfg.filters, url_list)
-    kept, removed, counts = pf.kept, pf.removed, dict(pf.counts)
-    if cfg.filters.dedup_url_caption:
-        hashes = dedup.url_caption_hashes(
-            kept.column("url").to_pylist(), kept.column("caption").to_pylist()
-        )
-        dup = dedup.duplicates(hashes, dedup.load_index(layout, exclude=source))
-        if dup.any():
-            mask = pa.array(dup)
-            gone = kept.filter(mask)
-            gone = gone.append_column("filter", pa.array(["dedup_url_caption"] * len(gone)))
-            removed = pa.concat_tables([removed, gone])
-            counts["dedup_url_caption"] = int(dup.sum())
-            kept = kept.filter(pc.invert(mask))
-        dedup.record_source(layout, source, hashes[~dup])
-    return kept, removed, counts, pf.notes
-
-
-def _first_plan(
-    layout: StorageLayout, source: str, table: pa.Table, cfg: IngestConfig, url_list: str
-) -> None:
-    kept, removed, counts, notes = _filter_rows(layout, source, table, cfg, url_list)
-    _write_parquet(layout.prefiltered_rows(source), removed)
-    _write_parquet(layout.ingest_rows(source), kept)
-    plan = {
-        "num_rows": kept.num_rows,
-        "samples_per_shard": cfg.samples_per_shard,
-        "list_rows": table.num_rows,
-        "filtered_before_download": counts,
-        "notes": notes,
-    }
-    write_json(layout.ingest_plan(source), plan)  # last: the commit of the plan
-
-
-def plan_source(layout: StorageLayout, url_list: str, cfg: IngestConfig) -> SourcePlan:
-    """Read and check a list; at first sight filter it and fix its split; write missing inputs.
-
-    The rows kept and the split are fixed the first time (``_plan.json`` is written last, as the
-    commit), by the one writer holding the source's plan lease: later filter settings, sources or
-    concurrent runs never change an ingested source's shards.
-    """
-    table = read_url_list(url_list, cfg)  # bad columns fail here, before any download
-    source = source_id(url_list)
-    if not exists(layout.source_list(source)):
-        _write_parquet(layout.source_list(source), table)
-    plan_path = layout.ingest_plan(source)
-    if not exists(plan_path):
-        lease = Lease(layout.lease("images", source, "plan"), f"the first plan of source {source}")
-        try:
-            with lease.hold(wait_s=PLAN_WAIT_S):
-                if not exists(plan_path):  # else another writer planned it while we waited
-                    _first_plan(layout, source, table, cfg, url_list)
-        except LeaseHeld as e:
-            raise RuntimeError(f"source {source}: cannot plan it: {e}") from None
-    plan = read_json(plan_path)
-    new = {"num_rows": plan["num_rows"], "samples_per_shard": cfg.samples_per_shard}
-    if plan["samples_per_shard"] != cfg.samples_per_shard:
-        old = {"num_rows": plan["num_rows"], "samples_per_shard": plan["samples_per_shard"]}
-        raise ValueError(
-            f"source {source} was split with {old}, now {new}: samples_per_shard cannot "
-            f"change for an ingested source (see {plan_path})"
-        )
-    # Plans from before filters existed sliced the whole list.
-    rows_path = layout.ingest_rows(source)
-    kept = _read_parquet(rows_path) if exists(rows_path) else table
-    if kept.num_rows != plan["num_rows"]:
-        raise ValueError(f"{rows_path}: {kept.num_rows} rows, {plan_path} says {plan['num_rows']}")
-    counts = plan.get("filtered_before_download", {})
-    total = math.ceil(kept.num_rows / cfg.samples_per_shard)
-    done = set(completed_shards(layout, source))
-    pending = [s for s in range(total) if s not in done]
-    _write_inputs(layout, source, kept, pending, cfg.samples_per_shard)
-    return SourcePlan(source, kept.num_rows, total, pending, counts)
 
 
 def source_complete(layout: StorageLayout, url_list: str, cfg: IngestConfig) -> bool:
@@ -351,7 +235,7 @@ def failed_rows(layout: StorageLayout, source: str, statuses: tuple[str, ...]) -
     """Rows of committed shards with one of ``statuses`` that no later retry has taken up."""
     tables, superseded = [], set()
     for shard in completed_shards(layout, source):
-        t = _read_parquet(shard_parquet_path(layout, source, shard))
+        t = read_parquet(shard_parquet_path(layout, source, shard))
         if "retry_of" in t.column_names:
             superseded.update(k for k in t.column("retry_of").to_pylist() if k)
         tables.append(t)
@@ -393,7 +277,7 @@ def retry_failed(
         )
     rows_path = layout.ingest_rows(source)
     columns = (
-        _read_parquet(rows_path) if exists(rows_path) else _read_parquet(layout.source_list(source))
+        read_parquet(rows_path) if exists(rows_path) else read_parquet(layout.source_list(source))
     ).column_names
     failed = failed_rows(layout, source, statuses)
     done = completed_shards(layout, source)
@@ -407,12 +291,7 @@ def retry_failed(
     inputs = failed.select([c for c in columns if c != "retry_of"])
     inputs = inputs.append_column("retry_of", failed.column("key"))
     shards = list(range(first, first + count))
-    for i, shard in enumerate(shards):
-        with (
-            atomic_write(layout.shard_input(source, shard)) as f,
-            pa.ipc.new_file(f, inputs.schema) as w,
-        ):
-            w.write_table(inputs.slice(i * n, n))
+    write_shard_inputs(layout, source, inputs, shards, n, first)
     start = time.time()
     run_stats = _run_shards(layout, source, shards, cfg, result, progress)
     return _finish(layout, result, run_stats, start, cfg, {"retry_failed": list(statuses)}, None)

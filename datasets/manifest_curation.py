@@ -25,7 +25,7 @@ from .embedding_file import fixed_list_to_numpy
 from .recipes import PartitionInput, apply_recipe
 from .scores import load_head, partition_scores
 from .semantic_dedup import current_version, partition_name, read_centroids, read_state
-from .storage import StorageLayout, atomic_write, exists
+from .storage import StorageLayout, atomic_write, exists, read_parquet
 
 
 @dataclass
@@ -36,12 +36,6 @@ class Selection:
     content: dict[str, Any] = field(default_factory=dict)  # hashed into the version
     kept_fractions: dict[str, dict[str, float]] = field(default_factory=dict)
     uncurated: list[str] = field(default_factory=list)  # partitions semantic dedup has not done
-
-
-def _read(path: str, columns: list[str] | None = None) -> pa.Table:
-    fs, p = url_to_fs(path)
-    with fs.open(p, "rb") as f:
-        return pq.read_table(f, columns=columns)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -110,7 +104,7 @@ def select_rows(
     heads = {}
     parts: dict[str, PartitionInput] = {}
     for source, shard in partitions:
-        t = _read(
+        t = read_parquet(
             layout.embedding_shard(clip_id, source, shard),
             ["key", "caption", "clip_score", "image_embedding"],
         )
@@ -121,7 +115,9 @@ def select_rows(
         part = PartitionInput(scores)
         name = partition_name((source, shard))
         if cfg.semantic_dedup:
-            removals = _read(layout.semdedup_removals(clip_id, version, source, shard), ["key"])
+            removals = read_parquet(
+                layout.semdedup_removals(clip_id, version, source, shard), ["key"]
+            )
             part.semdedup_removed = set(removals.column("key").to_pylist())
         if centroids is not None:
             x = _unit(fixed_list_to_numpy(t.column("image_embedding")))

@@ -37,7 +37,7 @@ from .duplicate_groups import assign, find_duplicates, fit_centroids
 from .embedding_file import fixed_list, fixed_list_to_numpy
 from .lease import Lease, LeaseHeld
 from .shards import completed_shards
-from .storage import StorageLayout, atomic_write, exists, read_json, write_json
+from .storage import StorageLayout, atomic_write, exists, read_json, read_parquet, write_json
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +88,6 @@ def read_state(layout: StorageLayout, clip_id: str, version: str) -> dict:
     return read_json(path) if exists(path) else {}
 
 
-def _read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
-    fs, p = url_to_fs(path)
-    with fs.open(p, "rb") as f:
-        return pq.read_table(f, columns=columns)
-
-
 @dataclass
 class _Batch:
     parts: list[Partition]
@@ -108,7 +102,7 @@ def _load(layout: StorageLayout, clip_id: str, parts: list[Partition]) -> _Batch
     xs, scores, sizes = [], [], [0]
     for source, shard in parts:
         path = layout.embedding_shard(clip_id, source, shard)
-        t = _read_parquet(path, ["key", "image_embedding", "clip_score"])
+        t = read_parquet(path, ["key", "image_embedding", "clip_score"])
         keys += t.column("key").to_pylist()
         x = fixed_list_to_numpy(t.column("image_embedding"))
         xs.append(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
@@ -152,7 +146,7 @@ def _load_bank(
     vecs, cl, names = [], [], []
     for name in done:
         source, shard = name.rsplit("/", 1)
-        t = _read_parquet(layout.semdedup_kept(clip_id, version, source, int(shard)))
+        t = read_parquet(layout.semdedup_kept(clip_id, version, source, int(shard)))
         c = t.column("cluster").to_numpy()
         mask = np.isin(c, np.fromiter(clusters, np.int32, len(clusters)))
         if not mask.any():
@@ -335,7 +329,7 @@ def removal_list(layout: StorageLayout, clip_id: str, part: Partition) -> pa.Tab
         return None
     if partition_name(part) not in read_state(layout, clip_id, version).get("partitions", {}):
         return None
-    return _read_parquet(layout.semdedup_removals(clip_id, version, *part))
+    return read_parquet(layout.semdedup_removals(clip_id, version, *part))
 
 
 def removed_keys(layout: StorageLayout, clip_id: str) -> set[str]:
@@ -346,6 +340,6 @@ def removed_keys(layout: StorageLayout, clip_id: str) -> set[str]:
     out: set[str] = set()
     for name in read_state(layout, clip_id, version).get("partitions", {}):
         source, shard = name.rsplit("/", 1)
-        t = _read_parquet(layout.semdedup_removals(clip_id, version, source, int(shard)), ["key"])
+        t = read_parquet(layout.semdedup_removals(clip_id, version, source, int(shard)), ["key"])
         out.update(f"{source}/{k}" for k in t.column("key").to_pylist())
     return out

@@ -15,11 +15,14 @@ import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 @dataclass(frozen=True)
@@ -245,11 +248,30 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO[Any]]:
 
 
 def write_json(path: str, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically."""
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
 
 
 def read_json(path: str) -> Any:
+    """The JSON value stored at ``path``."""
     fs, p = url_to_fs(path)
     with fs.open(p, "r") as f:
         return json.load(f)
+
+
+def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
+    """The Parquet table at ``path`` (only ``columns`` when given)."""
+    import pyarrow.parquet as pq  # loaded with the first table, not with every path look-up
+
+    fs, p = url_to_fs(path)
+    with fs.open(p, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def write_parquet(path: str, table: pa.Table) -> None:
+    """Write ``table`` as Parquet to ``path`` atomically."""
+    import pyarrow.parquet as pq
+
+    with atomic_write(path) as f:
+        pq.write_table(table, f)

@@ -28,7 +28,8 @@ from tiny import TINY_CLIP
 from unclip.datasets import clip as clip_mod
 from unclip.datasets.config import ClipConfig, IngestConfig, SyntheticConfig
 from unclip.datasets.embed import embed_shard
-from unclip.datasets.ingest import download_shard, plan_source
+from unclip.datasets.ingest import download_shard
+from unclip.datasets.source_plan import plan_source
 from unclip.datasets.storage import StorageLayout
 from unclip.datasets.synthetic import serve_synthetic, write_url_list
 

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from unclip.datasets import dedup
-from unclip.datasets.ingest import plan_source
+from unclip.datasets.source_plan import plan_source
 from unclip.datasets.storage import StorageLayout
 
 from .conftest import ingest_cfg

@@ -14,17 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from unclip.datasets.clip import encode_texts, load_clip
+from unclip.datasets.clip_preprocess import tokenize_captions
 from unclip.datasets.config import EmbedConfig
-from unclip.datasets.embed import (
-    FastPreprocess,
-    _pixels,
-    _tokens,
-    cached_clip,
-    embed_shard,
-    embed_source,
-    encode_arrays,
-    pending_shards,
-)
+from unclip.datasets.embed import embed_shard, embed_source, pending_shards
+from unclip.datasets.embed_encode import cached_clip, encode_arrays
 from unclip.datasets.ingest import shard_parquet_path
 from unclip.datasets.readers import fixed_list_to_numpy
 from unclip.datasets.synthetic import shape_caption
@@ -200,46 +193,6 @@ def test_file_size_is_near_two_bytes_per_dimension(shapes_store):
     assert emb / (2 * md.num_rows * 32) < 2.1
 
 
-def test_fast_preprocess_is_bit_identical_to_open_clips_transform(shapes_store, tiny_clip_cfg):
-    from PIL import Image
-    from torchvision import transforms
-
-    bundle = load_clip(tiny_clip_cfg, shapes_store.clip_checkpoint)
-    fast = FastPreprocess.of(bundle.preprocess)
-    assert fast is not None and fast.size == 32
-    rng = np.random.default_rng(0)
-    ims = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(5)]
-    ref = np.stack([bundle.preprocess(im).numpy() for im in ims])
-    got = fast(np.stack([np.asarray(im) for im in ims]))
-    assert got.dtype == np.float32 and np.array_equal(got, ref)
-    other = Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8))
-    assert fast.applies(ims[0]) and not fast.applies(other)
-    assert not fast.applies(ims[0].convert("L"))
-    # a chunk mixing both paths: each row as the per-image transform gives it
-    mixed = _pixels([np.asarray(ims[1]), bundle.preprocess(other).numpy()], fast)
-    np.testing.assert_array_equal(mixed[0], ref[1])
-    np.testing.assert_array_equal(mixed[1], bundle.preprocess(other).numpy())
-    augmenting = transforms.Compose([transforms.RandomResizedCrop(32), transforms.ToTensor()])
-    assert FastPreprocess.of(augmenting) is None
-
-
-def test_fast_preprocess_is_bit_identical_on_every_value_of_every_channel(
-    shapes_store, tiny_clip_cfg
-):
-    """The normalization is a function of (value, channel) alone: all 256 x 3 of them."""
-    from PIL import Image
-
-    bundle = load_clip(tiny_clip_cfg, shapes_store.clip_checkpoint)
-    fast = FastPreprocess.of(bundle.preprocess)
-    values = np.zeros((32, 32, 3), np.uint8)
-    values.reshape(-1, 3)[:256] = np.arange(256, dtype=np.uint8)[:, None]
-    values.reshape(-1, 3)[256:512] = np.arange(256, dtype=np.uint8)[::-1, None]
-    ref = bundle.preprocess(Image.fromarray(values)).numpy()
-    got = fast(values[None])[0]
-    assert got.flags.c_contiguous and got.shape == (3, 32, 32)
-    assert np.array_equal(got.view(np.int32), ref.view(np.int32))  # the same bits, not just close
-
-
 def test_cached_clip_loads_once_per_process_and_refuses_another_clip(shapes_store, tiny_clip_cfg):
     ckpt, clip_id = shapes_store.clip_checkpoint, shapes_store.clip_id
     first = cached_clip(tiny_clip_cfg, ckpt, "cpu", clip_id)
@@ -251,7 +204,7 @@ def test_cached_clip_loads_once_per_process_and_refuses_another_clip(shapes_stor
 def test_caption_dedup_gives_what_encoding_every_caption_gives(shapes_store, tiny_clip_cfg):
     bundle = load_clip(tiny_clip_cfg, shapes_store.clip_checkpoint)
     captions = ["a red circle", "a blue square", "a red circle", "a green triangle", "a red circle"]
-    tokens = _tokens(bundle.tokenizer, captions, dedup=True)
+    tokens = tokenize_captions(bundle.tokenizer, captions, dedup=True)
     np.testing.assert_array_equal(tokens, np.asarray(bundle.tokenizer(captions)))
     rng = np.random.default_rng(0)
     pixels = rng.standard_normal((5, 3, 32, 32)).astype(np.float32)

@@ -16,8 +16,9 @@ import pytest
 from PIL import Image
 
 from unclip.datasets.config import IngestConfig, SyntheticConfig
-from unclip.datasets.ingest import completed_shards, download_shard, ingest_source, plan_source
+from unclip.datasets.ingest import completed_shards, download_shard, ingest_source
 from unclip.datasets.shards import iter_shard
+from unclip.datasets.source_plan import plan_source
 from unclip.datasets.storage import StorageLayout
 from unclip.datasets.synthetic import (
     render_image,

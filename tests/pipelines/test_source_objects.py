@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from unclip.datasets import url_lists
-from unclip.datasets.ingest import plan_source
+from unclip.datasets.source_plan import plan_source
 from unclip.datasets.storage import StorageLayout
 from unclip.pipelines import sources
 from unclip.pipelines.config import load_config
