@@ -265,6 +265,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 runlog.append(row)
             window, window_steps, window_t0, data_wait = {}, 0, time.perf_counter(), 0.0
         if ckpt_now:
+            if runlog is not None:  # the rows up to a checkpoint are on file before it exists
+                runlog.flush()
             stream_state = position.state(s * cfg.grad_accum, source)
             _save_and_report(
                 engine,
