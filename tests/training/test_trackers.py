@@ -79,3 +79,15 @@ def test_only_numbers_are_scalars():
         "loss": 1.0,
         "lr": 0.5,
     }
+
+
+def test_wandb_offline_records_each_rows_scalars_under_the_run_id(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    t = Trackers.open(["wandb"], str(tmp_path), "prior-abc", {"lr": 0.1}, 0)
+    for s in (2, 4):
+        t.log(s, {"step": s, "loss_simple": 1.0 / s, "note": "x"})
+    t.close()
+    (record,) = list(tmp_path.glob("wandb/offline-run-*-prior-abc/run-prior-abc.wandb"))
+    assert b"loss_simple" in record.read_bytes()
