@@ -3,6 +3,7 @@ the driver's output, and ``report_to: tensorboard`` leaves the run's scalars in 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -65,3 +66,6 @@ def test_a_fit_shows_progress_lines_and_writes_tensorboard_scalars(tmp_path):
     loss = [(e.step, e.value) for e in acc.Scalars("train/loss")]
     assert [s for s, _ in loss] == [r["step"] for r in rows] == steps
     assert [v for _, v in loss] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+    fit_json = json.loads(open(os.path.join(run_dir, "export", "fit.json")).read())
+    (final,) = acc.Scalars("export/eval_mse")  # the export's own metrics, at the last step
+    assert final.step == 12 and final.value == pytest.approx(fit_json["metrics"]["eval_mse"])

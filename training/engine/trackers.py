@@ -70,11 +70,14 @@ class TensorBoardTracker:
         self.remote = None if isinstance(fs, LocalFileSystem) else (fs, path)
         local = tempfile.mkdtemp(prefix="unclip-tb-") if self.remote else path
         # a resume from the checkpoint of step s logs s + 1 onwards again: drop what followed s
-        self.writer = SummaryWriter(log_dir=local, purge_step=start_step + 1 if start_step else None)
+        self.writer = SummaryWriter(
+            log_dir=local, purge_step=start_step + 1 if start_step else None
+        )
 
     def log(self, step: int, row: dict[str, Any]) -> None:
         for name, value in scalars(row).items():
-            self.writer.add_scalar(f"train/{name}", value, global_step=step)
+            tag = name if "/" in name else f"train/{name}"  # a row's own group, else train/
+            self.writer.add_scalar(tag, value, global_step=step)
 
     def flush(self) -> None:
         self.writer.flush()

@@ -302,8 +302,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         **stream_totals(stream, device, first_step_s or 0.0),
         "step": saved,
     }
-    _export(engine, task, cfg, ema, rank, f"{run_dir}/{EXPORT_DIRNAME}", final, ident)
+    exported = _export(engine, task, cfg, ema, rank, f"{run_dir}/{EXPORT_DIRNAME}", final, ident)
     if runlog is not None:
+        trackers.log(saved, {f"export/{k}": v for k, v in exported.items() if k != "step"})
         trackers.close()
         runlog.plot(f"{model_kind} · {run_name}")
     dist.barrier()
@@ -365,12 +366,15 @@ def _export(
     export_dir: str,
     final: dict[str, Any],
     ident: dict[str, Any],
-) -> None:
-    """Gather the weights (ZeRO-3 shards them), rank 0 evaluates and publishes the export."""
+) -> dict[str, Any]:
+    """Gather the weights (ZeRO-3 shards them), rank 0 evaluates and publishes the export.
+
+    Returns the export's metrics on rank 0, nothing on the others."""
     import deepspeed
     import torch.distributed as dist
 
     state: dict[str, torch.Tensor] = {}
+    metrics: dict[str, Any] = {}
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=cfg.zero_stage == 3):
         if rank == 0:
@@ -389,3 +393,4 @@ def _export(
             marker = {**ident, "metrics": metrics, "ema": ema is not None}
             publish_dir(tmp, export_dir, EXPORT_MARKER, marker)
     dist.barrier()
+    return metrics
