@@ -3,7 +3,8 @@
 Steps that find nothing to do never start Ray, so a re-run of a finished pipeline costs only
 its checks. ``configure`` records how to start (the pipeline does it before its steps run);
 ``ensure_started`` starts or joins Ray on first use: the cluster at ``RAY_ADDRESS`` when set,
-else an embedded Ray with the configured CPUs.
+else an embedded Ray with the configured CPUs. Workers' output reaches the driver (training
+progress lines among it), as ``ray job logs`` and ``kubectl logs`` show it.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def ensure_started() -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=True)
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(num_cpus=_settings.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=_settings.num_cpus, include_dashboard=False, log_to_driver=True)

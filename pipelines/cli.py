@@ -22,7 +22,7 @@ from unclip.datasets.storage import StorageLayout
 from unclip.pipelines.cli_embeddings import export_embeddings_command, import_embeddings_command
 from unclip.pipelines.cli_models import export, sample
 from unclip.pipelines.cli_options import ConfigArg, SetOpt, WaitOpt, load_cli_config
-from unclip.pipelines.cli_output import StageBoard, console, print_outputs
+from unclip.pipelines.cli_output import StageBoard, console, install_log_handler, print_outputs
 from unclip.pipelines.config import (
     PipelineConfig,
 )
@@ -41,6 +41,21 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _logging_options(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also unclip's debug log lines.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Only warnings and errors in the log.")
+    ] = False,
+) -> None:
+    # Every command logs through one root handler: rich on a terminal, plain lines elsewhere.
+    install_log_handler(-1 if quiet else int(verbose))
+
+
 train_app = typer.Typer(
     help="Train one model (and whatever it needs that is missing).", no_args_is_help=True
 )
@@ -65,10 +80,12 @@ def _session(config: Path, sets: list[str] | None, targets: list[str] | None) ->
     from unclip.pipelines.runner import STAGES, PipelineFailed, upstream_names
 
     cfg, overrides = load_cli_config(config, sets)
-    board = StageBoard(STAGES if targets is None else upstream_names(targets))
+    stages = STAGES if targets is None else upstream_names(targets)
+    live = console.is_terminal  # elsewhere a live table prints only once, at the end
+    board = StageBoard(stages, echo=None if live else console.print)
     t0 = time.monotonic()
     try:
-        with Live(board, console=console, refresh_per_second=2, transient=False):
+        with Live(board, console=console, refresh_per_second=2) if live else _printed_at_end(board):
             session = Session(config, cfg, overrides, board)
             yield session
     except LeaseHeld as e:
@@ -84,6 +101,15 @@ def _session(config: Path, sets: list[str] | None, targets: list[str] | None) ->
             f"finished in {time.monotonic() - t0:,.1f} s: {len(session_run.run_ids)} Dagster runs "
             f"over {len(session_run.partitions)} source partitions ({session_run.dagster_home})"
         )
+
+
+@contextlib.contextmanager
+def _printed_at_end(board: StageBoard) -> Iterator[None]:
+    """Off a terminal: the board's table once the runs end (its lines came as they happened)."""
+    try:
+        yield
+    finally:
+        console.print(board)
 
 
 def _stage_command(targets: list[str], doc: str) -> Any:

@@ -2,26 +2,70 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.table import Table
 
 from unclip.pipelines.config import PipelineConfig
 from unclip.training.evaluation.metric_names import CASCADE_SUMMARY_NAMES, PRIOR_METRIC_NAMES
 
 console = Console()
+LOG_HANDLER_NAME = "unclip-cli"
+VERBOSITY_LEVELS = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}
+
+
+class StdoutHandler(logging.StreamHandler):
+    """A plain handler on whatever ``sys.stdout`` is when a record comes (a test swaps it)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+def install_log_handler(verbosity: int = 0) -> logging.Handler:
+    """The CLI's root log handler, on the console's stream: rich on a terminal, plain lines
+    otherwise. unclip's loggers log at INFO (DEBUG with ``verbosity`` 1, WARNING with -1), every
+    other library at WARNING. Installing again replaces the handler."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == LOG_HANDLER_NAME]:
+        root.removeHandler(old)
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(console=console, show_path=False)
+    else:
+        handler = StdoutHandler()
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        )
+    handler.set_name(LOG_HANDLER_NAME)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("unclip").setLevel(VERBOSITY_LEVELS[max(-1, min(1, verbosity))])
+    return handler
 
 
 class StageBoard:
-    """A live table of stages: pending, running (with elapsed time), done or failed."""
+    """A table of stages: pending, running (with elapsed time), done or failed.
 
-    def __init__(self, stages: list[str]) -> None:
+    On a terminal it is drawn live; elsewhere (a log file, ``kubectl logs``) ``echo`` gets one
+    plain line per stage event instead, as it happens.
+    """
+
+    def __init__(self, stages: list[str], echo: Callable[[str], None] | None = None) -> None:
         self.state = {s: "pending" for s in stages}
         self.started: dict[str, float] = {}
         self.seconds: dict[str, float] = {}
         self.runs: dict[str, int] = {}
+        self.echo = echo
 
     def __call__(self, event: str, stage: str) -> None:
         if stage not in self.state:
@@ -37,6 +81,18 @@ class StageBoard:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + spent
             failed = event != "success" or self.state[stage] == "failed"
             self.state[stage] = "failed" if failed else "done"
+        if self.echo is not None:
+            self.echo(self.event_line(event, stage))
+
+    def event_line(self, event: str, stage: str) -> str:
+        """One plain line for a stage event: ``stage prior: running`` / ``done in 3.2 s``."""
+        stamp = time.strftime("%H:%M:%S")
+        if event == "start":
+            return f"{stamp} stage {stage}: running (run {self.runs[stage]})"
+        took = self.seconds.get(stage, 0.0)
+        return (
+            f"{stamp} stage {stage}: {'done' if event == 'success' else 'failed'} ({took:,.1f} s)"
+        )
 
     def __rich__(self) -> Table:
         t = Table(title="unclip pipeline", show_lines=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from unclip.datasets.config import ConfigSection
 
@@ -100,6 +100,22 @@ class TrainerConfig(IdentitySection):
         description="Threads decoding images for a worker's stream (beside the prefetch thread).",
         json_schema_extra=NOT_IDENTITY,
     )
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that get every metrics.jsonl row, as the --report_to "
+        "of diffusers' training scripts: 'none' (the default), one name, or a list of "
+        "tensorboard (event files in the run folder's tensorboard/), mlflow (MLFLOW_TRACKING_URI, "
+        "else the run folder's mlruns/), wandb (W&B's own settings; run id = run name). Each "
+        "needs its extra: pip install 'unclip[tensorboard]'.",
+        json_schema_extra=NOT_IDENTITY,
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers_as_list(cls, value: object) -> object:
+        if value is None or value == "none":
+            return []
+        return [value] if isinstance(value, str) else value
 
 
 class BootstrapClipConfig(IdentitySection):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from typing import Any
 
 from unclip.datasets.storage import atomic_write, exists
@@ -13,25 +14,45 @@ LOSS_PLOT_FILE = "loss.png"
 
 
 class RunLog:
-    """Rows of logged steps, rewritten whole through an atomic write (object stores cannot append)."""
+    """Rows of logged steps, kept in memory and written to the storage root in batches.
 
-    def __init__(self, run_dir: str) -> None:
+    Object stores cannot append, so each write replaces the whole file (temporary name +
+    rename). Rows are therefore written every ``flush_rows`` rows or ``flush_s`` seconds, not
+    every row, and at every checkpoint before it is reported (:meth:`flush`): the file is always
+    whole JSONL and holds at least every row up to the last checkpoint. Rows written after that
+    checkpoint belong to steps a resume runs again; :meth:`resume` drops them.
+    """
+
+    def __init__(self, run_dir: str, flush_rows: int = 100, flush_s: float = 60.0) -> None:
+        if flush_rows < 1:
+            raise ValueError(f"flush_rows must be >= 1, got {flush_rows}")
         self.path = f"{run_dir}/{RUN_METRICS_FILE}"
         self.plot_path = f"{run_dir}/{LOSS_PLOT_FILE}"
+        self.flush_rows, self.flush_s = flush_rows, flush_s
         self.rows: list[dict[str, Any]] = []
+        self.written: int | None = 0  # rows the file holds, None when it holds others too
+        self.last_write = time.monotonic()
 
     def resume(self, step: int) -> None:
         """Keep the rows up to ``step``: later ones belong to steps that will run again."""
-        self.rows = [r for r in read_rows(self.path) if r.get("step", 0) <= step]
+        on_file = read_rows(self.path)
+        self.rows = [r for r in on_file if r.get("step", 0) <= step]
+        self.written = len(self.rows) if len(self.rows) == len(on_file) else None
 
     def append(self, row: dict[str, Any]) -> None:
+        """Add a row; write the file when enough rows or seconds have gathered."""
         self.rows.append(row)
-        self.flush()
+        pending = len(self.rows) - (self.written or 0)
+        if pending >= self.flush_rows or time.monotonic() - self.last_write >= self.flush_s:
+            self.flush()
 
     def flush(self) -> None:
+        """Write every row now (a no-op when the file already holds exactly them)."""
+        if self.written == len(self.rows):
+            return
         with atomic_write(self.path, "w") as f:
-            for row in self.rows:
-                f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.write("".join(json.dumps(row, sort_keys=True) + "\n" for row in self.rows))
+        self.written, self.last_write = len(self.rows), time.monotonic()
 
     def plot(self, title: str) -> str:
         """Write the loss curve as PNG next to the metrics; returns its path."""

@@ -28,8 +28,10 @@ from unclip.datasets.stream import RankStream, ShardSource, StreamPlan
 from ..config import TrainerConfig
 from .artifacts import publish_dir
 from .checkpoint_hashes import record_hashes, verify_hashes
+from .progress import TrainProgress, ensure_progress_handler
 from .runlog import RunLog
 from .stream_position import StreamPosition, stream_totals
+from .trackers import Trackers
 from .trainer import EXPORT_DIRNAME, EXPORT_MARKER, TRAINER_STATE, TrainTask
 
 log = logging.getLogger(__name__)
@@ -191,8 +193,6 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     runlog = RunLog(run_dir) if rank == 0 else None
 
     start, state = _resume(engine, ema)
-    if runlog is not None:
-        runlog.resume(start)
     saved = start
     ident = {
         "run_name": run_name,
@@ -200,6 +200,12 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         "task": task.describe(),
         "trainer": cfg.model_dump(mode="json"),
     }
+    if runlog is not None:  # rank 0 alone keeps the run's record
+        runlog.resume(start)
+        ensure_progress_handler()
+        progress = TrainProgress(f"{model_kind} {run_name}", start, cfg.max_steps)
+        params = {"run_name": run_name, "model_kind": model_kind, **ident["trainer"]}
+        trackers = Trackers.open(cfg.report_to, run_dir, run_name, params, start)
     position = StreamPosition.resumed(state.get("stream"), plan, start * cfg.grad_accum, world)
     stream = RankStream(source, plan, cfg.prefetch_batches, cfg.decode_threads)
     batches = stream.batches(position.stream_step(start * cfg.grad_accum))
@@ -236,6 +242,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             if summed[-2] > 0:
                 if runlog is not None:
                     runlog.flush()
+                    trackers.close()
                 value = float(head[0])
                 shown = str(value) if not math.isfinite(value) else "non-finite (on another worker)"
                 return {"nonfinite_step": step + 1, "nonfinite_loss": shown}
@@ -263,8 +270,13 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             }
             if runlog is not None:
                 runlog.append(row)
+                progress.log(s, row)
+                trackers.log(s, row)
             window, window_steps, window_t0, data_wait = {}, 0, time.perf_counter(), 0.0
         if ckpt_now:
+            if runlog is not None:  # the rows up to a checkpoint are on file before it exists
+                runlog.flush()
+                trackers.flush()
             stream_state = position.state(s * cfg.grad_accum, source)
             _save_and_report(
                 engine,
@@ -290,8 +302,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         **stream_totals(stream, device, first_step_s or 0.0),
         "step": saved,
     }
-    _export(engine, task, cfg, ema, rank, f"{run_dir}/{EXPORT_DIRNAME}", final, ident)
+    exported = _export(engine, task, cfg, ema, rank, f"{run_dir}/{EXPORT_DIRNAME}", final, ident)
     if runlog is not None:
+        trackers.log(saved, {f"export/{k}": v for k, v in exported.items() if k != "step"})
+        trackers.close()
         runlog.plot(f"{model_kind} · {run_name}")
     dist.barrier()
     return {"status": "done", "step": saved}
@@ -352,12 +366,15 @@ def _export(
     export_dir: str,
     final: dict[str, Any],
     ident: dict[str, Any],
-) -> None:
-    """Gather the weights (ZeRO-3 shards them), rank 0 evaluates and publishes the export."""
+) -> dict[str, Any]:
+    """Gather the weights (ZeRO-3 shards them), rank 0 evaluates and publishes the export.
+
+    Returns the export's metrics on rank 0, nothing on the others."""
     import deepspeed
     import torch.distributed as dist
 
     state: dict[str, torch.Tensor] = {}
+    metrics: dict[str, Any] = {}
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=cfg.zero_stage == 3):
         if rank == 0:
@@ -376,3 +393,4 @@ def _export(
             marker = {**ident, "metrics": metrics, "ema": ema is not None}
             publish_dir(tmp, export_dir, EXPORT_MARKER, marker)
     dist.barrier()
+    return metrics

@@ -25,6 +25,7 @@ from unclip.datasets.stream import Columns, ShardSource, check_world_change
 
 from ..config import IdentitySection, TrainerConfig
 from .fit_result import FitResult
+from .trackers import check_trackers
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,7 @@ def validate_trainer_config(cfg: TrainerConfig) -> None:
         raise ValueError(
             "trainer.precision: 'bf16' needs CUDA; set trainer.use_gpu: true or use 'fp32'"
         )
+    check_trackers(cfg.report_to)
     if cfg.ema_decay > 0 and cfg.zero_stage == 3:
         raise ValueError(
             "trainer.ema_decay: EMA weights need zero_stage <= 2 (ZeRO-3 shards the weights)"
