@@ -45,7 +45,7 @@ def test_phases_cover_every_stage_once_in_dependency_order(tmp_path):
     ]
     # a single-stage command selects its upstream and nothing downstream
     prior_only = _names(plan_phases(defs, upstream_of(["prior"])))
-    assert prior_only[-1] == (["dataset_manifest", "prior"], False, "retrain")
+    assert prior_only[-1] == (["curated_embeddings", "dataset_manifest", "prior"], False, "retrain")
 
 
 def test_stage_board_sums_the_runs_of_a_partitioned_stage(monkeypatch):
