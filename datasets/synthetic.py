@@ -65,6 +65,10 @@ def sample_spec(cfg: SyntheticConfig, index: int) -> dict[str, Any]:
     bad = [s for s in cfg.shapes if s not in SHAPES]
     if bad:
         raise ValueError(f"synthetic.shapes: unknown shapes {bad}; use {list(SHAPES)}")
+    if cfg.compositional is not None:
+        from .compositional import compositional_spec
+
+        return compositional_spec(cfg, index)
     rng = random.Random(f"unclip-synthetic:{cfg.seed}:{index}")
     color = rng.choice(cfg.colors)
     shape = rng.choice(cfg.shapes)
@@ -83,22 +87,35 @@ def sample_spec(cfg: SyntheticConfig, index: int) -> dict[str, Any]:
     }
 
 
+def draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, size: float, fill: Any
+) -> None:
+    """One shape of side ``size`` centred at (cx, cy): circle, square or upright triangle."""
+    x0, y0 = cx - size / 2, cy - size / 2
+    x1, y1 = x0 + size, y0 + size
+    if shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=fill)
+    elif shape == "square":
+        draw.rectangle((x0, y0, x1, y1), fill=fill)
+    else:
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
+
+
 def render_image(cfg: SyntheticConfig, index: int) -> Image.Image:
     """Sample ``index`` as a PIL RGB image."""
     spec = sample_spec(cfg, index)
-    g = spec["geometry"]
     n = cfg.image_size
+    if "objects" in spec:  # the compositional set
+        image = Image.new("RGB", (n, n), spec["background"])
+        draw = ImageDraw.Draw(image)
+        for o in spec["objects"]:
+            draw_shape(draw, o["shape"], o["cx"], o["cy"], o["size"], _rgb(o["color"]))
+        return image
+    g = spec["geometry"]
     image = Image.new("RGB", (n, n), g["background"])
-    draw = ImageDraw.Draw(image)
-    fill = _rgb(spec["color"])
-    x0, y0 = g["cx"] - g["size"] / 2, g["cy"] - g["size"] / 2
-    x1, y1 = x0 + g["size"], y0 + g["size"]
-    if spec["shape"] == "circle":
-        draw.ellipse((x0, y0, x1, y1), fill=fill)
-    elif spec["shape"] == "square":
-        draw.rectangle((x0, y0, x1, y1), fill=fill)
-    else:
-        draw.polygon([(g["cx"], y0), (x1, y1), (x0, y1)], fill=fill)
+    draw_shape(
+        ImageDraw.Draw(image), spec["shape"], g["cx"], g["cy"], g["size"], _rgb(spec["color"])
+    )
     return image
 
 

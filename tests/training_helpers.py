@@ -406,3 +406,18 @@ def write_random_fid_inception(path: str, seed: int = 0) -> str:
     torch.save(net.state_dict(), path)
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
+
+
+@dataclass(kw_only=True)
+class DecoderDiesOnce(DecoderTask):
+    """A decoder task whose worker dies (os._exit) at micro-batch ``die_at`` of its first life."""
+
+    marker: str
+    die_at: int
+
+    def batch(self, columns: dict[str, Any]) -> dict[str, torch.Tensor]:
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == self.die_at and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)
+        return super().batch(columns)

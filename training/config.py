@@ -200,6 +200,15 @@ class DecoderConfig(PixelDiffusionObjective):
     text_drop_prob: float = Field(
         0.5, ge=0, le=1, description="Probability of dropping the caption embedding (unCLIP: 50%)."
     )
+    condition: Literal["image_embedding", "text_tokens"] = Field(
+        "image_embedding",
+        description="What the decoder is conditioned on: the CLIP image embedding (unCLIP, from "
+        "the prior at sampling time), or the caption alone as Imagen / GLIDE: the frozen CLIP "
+        "text transformer's token sequence read by cross-attention, with the pooled text "
+        "embedding added to the timestep embedding; no prior. Token dropout for guidance uses "
+        "cond_drop_prob.",
+        json_schema_extra=IDENTITY_UNLESS_DEFAULT,
+    )
     learned_variance: bool = Field(
         False,
         description="Learn Σ_θ (variance_type learned_range, 6 output channels) with the hybrid "
@@ -209,6 +218,15 @@ class DecoderConfig(PixelDiffusionObjective):
     sample_steps: int = Field(50, ge=1, json_schema_extra=NOT_IDENTITY)
     guidance_scale: float = Field(3.0, gt=0, json_schema_extra=NOT_IDENTITY)
     trainer: TrainerConfig = TrainerConfig()
+
+    @model_validator(mode="after")
+    def _text_once(self) -> DecoderConfig:
+        if self.condition == "text_tokens" and self.text_conditioning:
+            raise ValueError(
+                "decoder.text_conditioning adds the caption to the image embedding; with "
+                "decoder.condition 'text_tokens' the caption is the whole condition: set one"
+            )
+        return self
 
     @model_validator(mode="after")
     def _variance_needs_eps(self) -> DecoderConfig:

@@ -89,16 +89,23 @@ def load_cascade(
 def decode(
     decoder: DecoderSampler,
     upsamplers: Sequence[UpsamplerSampler],
-    image_emb: torch.Tensor,
+    image_emb: torch.Tensor | None,
     text_emb: torch.Tensor | None = None,
     steps: int | None = None,
     guidance: float | None = None,
     seed: int = 0,
     upsampler_steps: int | None = None,
+    captions: Sequence[str] | None = None,
 ) -> np.ndarray:
-    """Image embeddings [N, D] → uint8 images, stage after stage (decoder, then each upsampler)."""
+    """Image embeddings [N, D] (or, for a decoder of caption tokens, ``captions``) → uint8
+    images, stage after stage (decoder, then each upsampler)."""
     pixels = decoder.sample(
-        image_emb, steps=steps, guidance_scale=guidance, seed=seed, text_emb=text_emb
+        image_emb,
+        steps=steps,
+        guidance_scale=guidance,
+        seed=seed,
+        text_emb=text_emb,
+        captions=captions,
     )
     for up in upsamplers:
         pixels = up.sample(pixels, steps=upsampler_steps, seed=seed)
@@ -125,7 +132,7 @@ def generate(
     captions: Sequence[str],
     clip_cfg: ClipConfig,
     clip_checkpoint: str | None,
-    prior_export: str,
+    prior_export: str | None,
     decoder_export: str,
     n_per_caption: int = 1,
     steps: int | None = None,
@@ -139,7 +146,9 @@ def generate(
     """``n_per_caption`` images per caption, caption-major, through :class:`UnclipPipeline`.
 
     Loads the exports for this one call; to sample repeatedly, build the pipeline once
-    (``UnclipPipeline.from_exports``) and call it.
+    (``UnclipPipeline.from_exports``) and call it. A decoder conditioned on caption tokens
+    (``decoder.condition: text_tokens``) reads the captions itself: it needs no prior
+    (``prior_export`` None), and any prior given is unused.
     """
     if isinstance(captions, str):
         raise TypeError("captions must be a list of strings, not one string")
@@ -231,7 +240,7 @@ def interpolate(
     frames: int,
     clip_cfg: ClipConfig,
     clip_checkpoint: str | None,
-    prior_export: str,
+    prior_export: str | None,
     decoder_export: str,
     steps: int | None = None,
     guidance: float | None = None,

@@ -19,9 +19,10 @@ from unclip.training.config import EvaluateConfig
 from unclip.training.diffusion import drop_condition
 from unclip.training.engine.runlog import read_rows
 from unclip.training.evaluation.prior_eval import evaluate_prior
-from unclip.training.models import prior as prior_mod
+from unclip.training.models import caption_tokens
+from unclip.training.models.caption_tokens import pack_condition, unpack_condition
 from unclip.training.models.prior import PriorTask, train_prior
-from unclip.training.models.prior_model import pack_condition, predict_x0, unpack_condition
+from unclip.training.models.prior_model import predict_x0
 from unclip.training.models.prior_sampler import load_prior
 from unclip.training.sampling import generate, interpolate
 
@@ -86,7 +87,7 @@ def test_each_batch_gets_its_own_captions_token_encodings(clip_store, monkeypatc
     assert set(task._token_cache) == set(columns["caption"])
 
     # With no room to cache, each batch is encoded afresh, to the same encodings.
-    monkeypatch.setattr(prior_mod, "TOKEN_TABLE_BYTES", 0)
+    monkeypatch.setattr(caption_tokens, "TOKEN_TABLE_BYTES", 0)
     again = tokens_task(clip_store).batch(columns)
     torch.testing.assert_close(again["tokens"], batch["tokens"], atol=1e-5, rtol=0)
     assert torch.equal(again["token_mask"], batch["token_mask"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -155,38 +156,60 @@ def parse_caption(caption: str, colors: Sequence[str]) -> tuple[str, str] | None
     return found_colors[0], found_shapes[0]
 
 
-def _template(
-    shape: str, size: tuple[int, int], box: tuple[float, float, float, float]
+@dataclass(frozen=True)
+class DetectedObject:
+    """One object the pixel oracle found: colour, shape, centre (x right, y down) and area, in pixels."""
+
+    color: str
+    shape: str
+    cx: float
+    cy: float
+    area: int
+
+
+def soft_template(
+    shape: str, size: tuple[int, int], cx: float, cy: float, area: float
 ) -> np.ndarray:
-    """Boolean mask of ``shape`` drawn in ``box`` the way the synthetic generator draws it."""
-    im = Image.new("L", size, 0)
+    """Pixel coverage [H, W] in [0, 1] of ``shape`` of the given area, centroid at (cx, cy),
+    drawn as the synthetic generator draws it (4× supersampled, then box-averaged)."""
+    w, h = size
+    k = 4
+    im = Image.new("L", (w * k, h * k), 0)
     draw = ImageDraw.Draw(im)
-    x0, y0, x1, y1 = box
     if shape == "circle":
-        draw.ellipse(box, fill=255)
+        r = np.sqrt(area / np.pi)
+        draw.ellipse([k * v for v in (cx - r, cy - r, cx + r, cy + r)], fill=255)
     elif shape == "square":
-        draw.rectangle(box, fill=255)
-    else:
-        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=255)
-    return np.asarray(im) > 127
+        half = np.sqrt(area) / 2
+        draw.rectangle([k * v for v in (cx - half, cy - half, cx + half, cy + half)], fill=255)
+    else:  # upright triangle, base = height = s; its centroid lies s/3 above the base
+        side = np.sqrt(2 * area)
+        apex, base = cy - 2 * side / 3, cy + side / 3
+        corners = [(cx, apex), (cx + side / 2, base), (cx - side / 2, base)]
+        draw.polygon([(k * x, k * y) for x, y in corners], fill=255)
+    fine = np.asarray(im, dtype=np.float32) / 255.0
+    return fine.reshape(h, k, w, k).mean(axis=(1, 3))
 
 
-def classify_shape_image(
+def detect_objects(
     image: np.ndarray,
     palette: Mapping[str, RGB],
-    min_area: float = 0.02,
+    min_area: float = 0.01,
     threshold: float = 60.0,
-) -> tuple[str | None, str | None]:
-    """Exact pixel rules: the colour and shape of the one object in a synthetic-style image.
+) -> list[DetectedObject]:
+    """Exact pixel rules: every coloured shape of a synthetic-style image, largest first.
 
     1. The background colour is the median of the border pixels (the generator keeps every
        shape off the border); object pixels differ from it by more than ``threshold`` (RGB
        distance). A tinted or noisy background is thus still background.
-    2. The object is the largest 4-connected group of object pixels (stray pixels are ignored);
-       its colour is the palette colour nearest to its median RGB.
-    3. Its shape is the template (circle, square, upright triangle, drawn in the group's
-       bounding box as the generator draws them) with the highest IoU with the group.
-    Returns ``(None, None)`` when fewer than ``min_area`` of the pixels are the object.
+    2. Each 4-connected group of object pixels covering at least ``min_area`` of the image is
+       an object (smaller groups are strays); its colour is the palette colour nearest to its
+       median RGB.
+    3. Each pixel in and around the group is covered by the object by the fraction c of the
+       way from the background to that colour; the object's area is Σc and its centre the
+       c-weighted centroid, exact to a fraction of a pixel even where edges are blended.
+    4. Its shape is the one (circle, square, upright triangle, drawn as the generator draws
+       them with that area and centroid) whose coverage differs least from c (L1).
     """
     x = np.asarray(image, dtype=np.float32)
     if x.ndim != 3 or x.shape[2] != 3:
@@ -195,23 +218,39 @@ def classify_shape_image(
     border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])
     background = np.median(border, axis=0)
     labels, n = ndimage.label(np.linalg.norm(x - background, axis=-1) > threshold)
-    if n == 0:
-        return None, None
     sizes = np.bincount(labels.ravel())[1:]
-    blob = labels == (int(sizes.argmax()) + 1)
-    if blob.sum() < min_area * h * w:
-        return None, None
     names = list(palette)
     refs = np.array([palette[c] for c in names], dtype=np.float32)
-    color = names[int(np.linalg.norm(refs - np.median(x[blob], axis=0), axis=1).argmin())]
-    ys, xs = np.nonzero(blob)
-    box = (float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max()))
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5  # pixel centres
+    found = []
+    for label in np.argsort(-sizes, kind="stable") + 1:
+        if sizes[label - 1] < min_area * h * w:
+            break
+        blob = labels == label
+        k = int(np.linalg.norm(refs - np.median(x[blob], axis=0), axis=1).argmin())
+        region = ndimage.binary_dilation(blob, iterations=2) & ((labels == 0) | blob)
+        d = refs[k] - background
+        cover = np.clip((x - background) @ d / max(float(d @ d), 1e-6), 0.0, 1.0) * region
+        area = float(cover.sum())
+        cx, cy = float((cover * xs).sum() / area), float((cover * ys).sum() / area)
 
-    def iou(shape: str) -> float:
-        t = _template(shape, (w, h), box)
-        return float((t & blob).sum() / max((t | blob).sum(), 1))
+        def misfit(shape: str, cover: np.ndarray = cover, at: tuple = (cx, cy, area)) -> float:
+            return float(np.abs(soft_template(shape, (w, h), *at) - cover).sum())
 
-    return color, max(SHAPES, key=iou)
+        found.append(DetectedObject(names[k], min(SHAPES, key=misfit), cx, cy, int(blob.sum())))
+    return found
+
+
+def classify_shape_image(
+    image: np.ndarray,
+    palette: Mapping[str, RGB],
+    min_area: float = 0.02,
+    threshold: float = 60.0,
+) -> tuple[str | None, str | None]:
+    """The colour and shape of the largest object (:func:`detect_objects`); ``(None, None)``
+    when no object covers ``min_area`` of the pixels."""
+    objects = detect_objects(image, palette, min_area, threshold)
+    return (objects[0].color, objects[0].shape) if objects else (None, None)
 
 
 def attribute_matches(

@@ -185,6 +185,11 @@ class UnclipPipeline(DiffusionPipeline):
             sampler.use_clip(self.clip_bundle())
         return sampler
 
+    @property
+    def decoder_reads_captions(self) -> bool:
+        """Whether the decoder is conditioned on caption tokens (and needs no prior)."""
+        return self.config.decoder_info.get("condition") == "text_tokens"
+
     def decoder_sampler(self) -> DecoderSampler:
         """The decoder with its scheduler and sampling defaults."""
         return DecoderSampler(
@@ -238,20 +243,23 @@ class UnclipPipeline(DiffusionPipeline):
         seed = resolve_seed(seed, generator)
         bundle = self.clip_bundle()
         check_captions(captions, bundle)
-        prior = self.prior_sampler()
+        # A decoder of caption tokens reads the captions itself: no prior, no image embedding.
+        prior = None if self.decoder_reads_captions else self.prior_sampler()
         text = torch.from_numpy(encode_texts(bundle, captions))
         text = text.repeat_interleave(num_images_per_prompt, dim=0)
         repeated = [c for c in captions for _ in range(num_images_per_prompt)]
         chunks = []
         for i, rows in enumerate(row_batches(len(repeated), batch_size)):
-            image_emb = prior.sample(
-                text[rows],
-                steps=prior_num_inference_steps,
-                guidance_scale=prior_guidance_scale,
-                seed=seed + i,
-                candidates=prior_candidates,
-                captions=repeated[rows],
-            )
+            image_emb = None
+            if prior is not None:
+                image_emb = prior.sample(
+                    text[rows],
+                    steps=prior_num_inference_steps,
+                    guidance_scale=prior_guidance_scale,
+                    seed=seed + i,
+                    candidates=prior_candidates,
+                    captions=repeated[rows],
+                )
             chunks.append(
                 self._decode(
                     image_emb,
@@ -260,6 +268,7 @@ class UnclipPipeline(DiffusionPipeline):
                     decoder_guidance_scale,
                     seed + i,
                     super_res_num_inference_steps,
+                    repeated[rows],
                 )
             )
         return self._output(np.concatenate(chunks), output_type, return_dict)
@@ -378,17 +387,21 @@ class UnclipPipeline(DiffusionPipeline):
 
     def _decode(
         self,
-        image_emb: torch.Tensor,
+        image_emb: torch.Tensor | None,
         text_emb: torch.Tensor | None,
         steps: int | None,
         guidance: float | None,
         seed: int,
         upsampler_steps: int | None,
+        captions: Sequence[str] | None = None,
     ) -> np.ndarray:
         upsampler = self.upsampler_sampler()
         stages = [upsampler] if upsampler is not None else []
+        decoder = self.decoder_sampler()
+        if decoder.text_tokens:
+            decoder.use_clip(self.clip_bundle())
         return decode(
-            self.decoder_sampler(),
+            decoder,
             stages,
             image_emb,
             text_emb,
@@ -396,6 +409,7 @@ class UnclipPipeline(DiffusionPipeline):
             guidance,
             seed,
             upsampler_steps,
+            captions,
         )
 
     @staticmethod

@@ -14,13 +14,21 @@ outputs the interpolation v of its log-variance between β̃_t and β_t (diffuse
 ``variance_type="learned_range"``), trained by the hybrid loss L_simple + λ·L_vlb (Nichol &
 Dhariwal 2021, sec. 3.1).
 
-The condition a model function receives is one tensor: the image embedding [N, D], or with text
-conditioning [image ‖ text] [N, 2D], so the shared guidance's null condition (zeros) drops both.
+With ``condition="text_tokens"`` the decoder reads the caption alone, as Imagen and GLIDE: the
+frozen CLIP text transformer's token sequence (``caption_tokens``), projected to the
+cross-attention width (``encoder_hid_dim_type="text_proj"``) and attended to by every attention
+block, and the pooled text embedding projected and added to the timestep embedding
+(``class_embed_type="projection"``); no image embedding and no prior.
+
+The condition a model function receives is one tensor: the image embedding [N, D], with text
+conditioning [image ‖ text] [N, 2D], or with text tokens the packed [text | tokens | mask] row,
+so the shared guidance's null condition (zeros) drops all of it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -34,10 +42,18 @@ from unclip.datasets.stream import Columns, ShardSource
 from ..config import DecoderConfig
 from ..diffusion import Sampler, diffusion_mse, drop_condition, noised, sample_loop, vlb_term
 from ..engine.trainer import FitResult
+from .caption_tokens import (
+    CaptionClip,
+    CaptionTokens,
+    pack_condition,
+    token_condition,
+    unpack_condition,
+)
 from .diffusion_task import ExportedDiffusion, ManifestDiffusionTask
 
 MODEL_KIND = "decoder"
 INFO_FILE = "unclip_decoder.json"
+TOKENS_KEY = "decoder.condition"
 
 
 def build_decoder(cfg: DecoderConfig, dim: int) -> UNet2DConditionModel:
@@ -62,7 +78,14 @@ def build_decoder(cfg: DecoderConfig, dim: int) -> UNet2DConditionModel:
         )
     plain = n - cfg.attention_levels
     down = ("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * cfg.attention_levels
-    if cfg.text_conditioning:
+    if cfg.condition == "text_tokens":
+        conditioning = {
+            "cross_attention_dim": channels[-1],
+            "encoder_hid_dim_type": "text_proj",  # token encodings → cross-attention width
+            "class_embed_type": "projection",  # pooled text embedding → timestep embedding
+            "projection_class_embeddings_input_dim": dim,
+        }
+    elif cfg.text_conditioning:
         # diffusers sizes Kandinsky 2.1's TextImageProjection / TextImageTimeEmbedding by
         # cross_attention_dim for the image and pooled-text inputs: both are CLIP embeddings here.
         conditioning = {
@@ -94,13 +117,27 @@ def build_decoder(cfg: DecoderConfig, dim: int) -> UNet2DConditionModel:
 
 
 def decoder_prediction(
-    model: Any, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, with_text: bool = False
+    model: Any,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    with_text: bool = False,
+    text_context: int = 0,
 ) -> torch.Tensor:
     """The UNet's prediction (ε, x_0 or v) for noised images ``x_t`` given the condition.
 
-    ``with_text``: the model is text-conditioned and ``cond`` is [image ‖ text] (passed in, not
-    read from ``model.config``: under the trainer ``model`` is a DeepSpeed engine).
+    ``with_text``: the model is text-conditioned and ``cond`` is [image ‖ text];
+    ``text_context`` > 0: the model reads that many caption tokens and ``cond`` is a packed
+    [text | tokens | mask] row (both passed in, not read from ``model.config``: under the
+    trainer ``model`` is a DeepSpeed engine).
     """
+    if text_context:
+        dim = (cond.shape[1] - text_context) // (text_context + 1)
+        text, tokens, mask = unpack_condition(cond, text_context, dim)
+        out = model(
+            x_t, t, encoder_hidden_states=tokens, class_labels=text, encoder_attention_mask=mask
+        )
+        return out.sample
     if not with_text:
         out = model(x_t, t, encoder_hidden_states=None, added_cond_kwargs={"image_embeds": cond})
         return out.sample
@@ -127,7 +164,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 @dataclass(kw_only=True)
-class DecoderTask(ManifestDiffusionTask):
+class DecoderTask(CaptionTokens, ManifestDiffusionTask):
     """The decoder as a :class:`~unclip.training.engine.trainer.TrainTask` over one dataset version."""
 
     MODEL_KIND: ClassVar[str] = MODEL_KIND
@@ -135,8 +172,22 @@ class DecoderTask(ManifestDiffusionTask):
     INFO_FILE: ClassVar[str] = INFO_FILE
     PREDICTION: ClassVar[Literal["epsilon"]] = "epsilon"  # the default of cfg.prediction_type
     CLIP_SAMPLE: ClassVar[bool] = True
+    TOKENS_KEY: ClassVar[str] = TOKENS_KEY
 
     cfg: DecoderConfig
+
+    @classmethod
+    def from_manifest(
+        cls, layout: StorageLayout, version: str, cfg: DecoderConfig, holdout_fraction: float
+    ) -> DecoderTask:
+        task = super().from_manifest(layout, version, cfg, holdout_fraction)
+        if cfg.condition == "text_tokens":
+            task.attach_clip_record(layout, task.clip_id)
+        return task
+
+    @property
+    def uses_text_tokens(self) -> bool:
+        return self.cfg.condition == "text_tokens"
 
     def build_model(self) -> UNet2DConditionModel:
         return build_decoder(self.cfg, self.dim)
@@ -161,29 +212,43 @@ class DecoderTask(ManifestDiffusionTask):
             "images": to_unit_range(images),
             "image_emb": torch.from_numpy(np.ascontiguousarray(image_emb, np.float32)),
         }
-        if self.cfg.text_conditioning:
+        if self.cfg.text_conditioning or self.uses_text_tokens:
             text_emb = columns.get("text_embedding")
             if text_emb is None or text_emb.shape != image_emb.shape:
                 got = None if text_emb is None else text_emb.shape
                 raise ValueError(
-                    f"decoder.text_conditioning needs caption embeddings [{len(images)}, "
-                    f"{self.dim}], got {got}"
+                    f"a decoder conditioned on captions needs caption embeddings "
+                    f"[{len(images)}, {self.dim}], got {got}"
                 )
             out["text_emb"] = torch.from_numpy(np.ascontiguousarray(text_emb, np.float32))
+        if self.uses_text_tokens:
+            enc, mask = self.token_encodings(list(columns["caption"]))
+            out["tokens"], out["token_mask"] = torch.from_numpy(enc), torch.from_numpy(mask)
         return out
+
+    def condition(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The condition rows of a batch, dropped for guidance (each part with its own rate)."""
+        if self.uses_text_tokens:
+            packed = pack_condition(batch["text_emb"], batch["tokens"], batch["token_mask"])
+            return drop_condition(packed, self.cfg.cond_drop_prob)
+        cond = drop_condition(batch["image_emb"], self.cfg.cond_drop_prob)
+        if self.cfg.text_conditioning:
+            text = drop_condition(batch["text_emb"], self.cfg.text_drop_prob)
+            cond = torch.cat([cond, text], dim=1)
+        return cond
 
     def loss(
         self, model: Any, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
         # L_simple = ‖ε − ε_θ(x_t, t, z_i, y)‖²  (Ho et al. 2020, eq. 14), or the same against
-        # x_0 or v; z_i and the caption embedding y dropped independently for guidance.
+        # x_0 or v; z_i and the caption embedding y dropped independently for guidance (or,
+        # conditioned on tokens, the caption's tokens and embedding dropped together).
         sched, x0 = self.train_scheduler(), batch["images"]
         x_t, noise, t = noised(sched, x0)
-        cond = drop_condition(batch["image_emb"], self.cfg.cond_drop_prob)
-        if self.cfg.text_conditioning:
-            text = drop_condition(batch["text_emb"], self.cfg.text_drop_prob)
-            cond = torch.cat([cond, text], dim=1)
-        pred = decoder_prediction(model, x_t, t, cond, self.cfg.text_conditioning).float()
+        cond = self.condition(batch)
+        pred = decoder_prediction(
+            model, x_t, t, cond, self.cfg.text_conditioning, self.text_context
+        ).float()
         if not self.cfg.learned_variance:
             return diffusion_mse(sched, pred, x0, noise, t, self.cfg.snr_gamma), {}
         # L_hybrid = L_simple + λ · L_vlb  (Nichol & Dhariwal 2021, eq. 16); L_vlb only trains Σ_θ
@@ -205,6 +270,8 @@ class DecoderTask(ManifestDiffusionTask):
             "image_size": self.cfg.image_size,
             "text_conditioning": self.cfg.text_conditioning,
             "learned_variance": self.cfg.learned_variance,
+            "condition": self.cfg.condition,
+            **self.token_export_info(),
         }
 
 
@@ -215,7 +282,7 @@ def train_decoder(
     return DecoderTask.train(layout, manifest_version, cfg, holdout_fraction)
 
 
-class DecoderSampler(ExportedDiffusion):
+class DecoderSampler(CaptionClip, ExportedDiffusion):
     """An exported decoder, ready to turn image embeddings into pixels."""
 
     TASK = DecoderTask
@@ -229,23 +296,63 @@ class DecoderSampler(ExportedDiffusion):
     def text_conditioning(self) -> bool:
         return bool(self.info.get("text_conditioning", False))
 
+    @property
+    def text_context(self) -> int:
+        """Caption tokens the decoder reads (0: it reads image embeddings, from a prior)."""
+        return int(self.info.get("text_context_length", 0)) if self.text_tokens else 0
+
+    @property
+    def text_tokens(self) -> bool:
+        """Whether the decoder is conditioned on the caption's tokens alone (no prior)."""
+        return self.info.get("condition") == "text_tokens"
+
+    def caption_condition(
+        self,
+        text_emb: torch.Tensor | None,
+        captions: Sequence[str] | None,
+        token_encodings: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """The packed token condition of N captions (text embeddings computed when not given)."""
+        if captions is None and (text_emb is None or token_encodings is None):
+            raise ValueError(
+                "this decoder is conditioned on captions' tokens: pass captions= (encoded with "
+                "the export's CLIP), or text_emb= with token_encodings="
+            )
+        if text_emb is None:
+            from unclip.datasets.clip import encode_texts
+
+            text_emb = torch.from_numpy(encode_texts(self.caption_clip(), list(captions)))
+        text = torch.as_tensor(text_emb, dtype=torch.float32)
+        if text.ndim != 2 or text.shape[1] != self.dim:
+            raise ValueError(f"caption embeddings must be [N, {self.dim}], got {list(text.shape)}")
+        clip = self.caption_clip() if token_encodings is None else None
+        return token_condition(text, self.text_context, captions, token_encodings, clip)
+
     @torch.no_grad()
     def sample(
         self,
-        image_emb: torch.Tensor,
+        image_emb: torch.Tensor | None,
         steps: int | None = None,
         guidance_scale: float | None = None,
         seed: int = 0,
         sampler: Sampler = "ddim",
         text_emb: torch.Tensor | None = None,
+        *,
+        captions: Sequence[str] | None = None,
+        token_encodings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> np.ndarray:
         """uint8 images [N, H, W, 3] for image embeddings [N, D] (and caption embeddings [N, D]).
 
-        A text-conditioned decoder given no caption embeddings decodes with the null caption.
+        A text-conditioned decoder given no caption embeddings decodes with the null caption. A
+        decoder conditioned on caption tokens ignores ``image_emb`` and reads ``captions`` (or
+        ``text_emb`` with ``token_encodings`` = (encodings [N, L, D], mask [N, L])).
         """
-        emb = torch.as_tensor(image_emb, dtype=torch.float32)
-        if emb.ndim != 2 or emb.shape[1] != self.dim:
-            raise ValueError(f"image embeddings must be [N, {self.dim}], got {list(emb.shape)}")
+        if self.text_tokens:
+            emb = self.caption_condition(text_emb, captions, token_encodings)
+        else:
+            emb = torch.as_tensor(image_emb, dtype=torch.float32)
+            if emb.ndim != 2 or emb.shape[1] != self.dim:
+                raise ValueError(f"image embeddings must be [N, {self.dim}], got {list(emb.shape)}")
         if self.text_conditioning:
             text = torch.zeros_like(emb) if text_emb is None else torch.as_tensor(text_emb)
             if text.shape != emb.shape:
@@ -261,9 +368,9 @@ class DecoderSampler(ExportedDiffusion):
         learned = bool(self.info.get("learned_variance", False))
         keep = 6 if learned and sampler == "ddpm" else 3  # DDIM (η = 0) has no use for Σ_θ
         x = sample_loop(
-            lambda x, t, c: decoder_prediction(self.model, x, t, c, self.text_conditioning)[
-                :, :keep
-            ],
+            lambda x, t, c: decoder_prediction(
+                self.model, x, t, c, self.text_conditioning, self.text_context
+            )[:, :keep],
             (emb.shape[0], 3, self.image_size, self.image_size),
             emb,
             self.scheduler_config,

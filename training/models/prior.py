@@ -17,9 +17,8 @@ diffusers user of the export. ``prior.init_from`` starts a run from a diffusers-
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -33,6 +32,7 @@ from ..config import PriorConfig
 from ..diffusion import drop_condition, noised
 from ..engine.artifacts import is_local
 from ..engine.trainer import FitResult, fit, run_name_for
+from .caption_tokens import CaptionTokens, pack_condition
 from .diffusion_task import ManifestDiffusionTask
 from .prior_init import INIT_KEY, load_init_prior
 from .prior_model import (
@@ -42,19 +42,12 @@ from .prior_model import (
     SUBFOLDER,
     TOKENS_KEY,
     build_prior,
-    pack_condition,
     predict_x0,
 )
 
-if TYPE_CHECKING:
-    from unclip.datasets.clip import ClipBundle
-
-# Token encodings a worker keeps of the captions it has seen (then the cache starts over).
-TOKEN_TABLE_BYTES = 1 << 30
-
 
 @dataclass(kw_only=True)
-class PriorTask(ManifestDiffusionTask):
+class PriorTask(CaptionTokens, ManifestDiffusionTask):
     """The prior as a :class:`~unclip.training.engine.trainer.TrainTask` over one dataset version."""
 
     MODEL_KIND: ClassVar[str] = MODEL_KIND
@@ -62,22 +55,13 @@ class PriorTask(ManifestDiffusionTask):
     INFO_FILE: ClassVar[str] = INFO_FILE
     PREDICTION: ClassVar[Literal["epsilon", "sample"]] = "sample"
     CLIP_SAMPLE: ClassVar[bool] = False
+    TOKENS_KEY: ClassVar[str] = TOKENS_KEY
 
     cfg: PriorConfig
     image_mean: list[float]
     image_std: list[float]
     init_path: str | None = None  # cfg.init_from, absolute (workers run elsewhere)
     init_digest: str | None = None  # its weights' sha256: part of the run's identity
-    # With cfg.text_tokens: the CLIP that made the embeddings (its record on the storage root,
-    # from ``clip/{clip_id}/identity.json``) and its text context length.
-    clip_record: dict[str, Any] | None = None
-    text_context: int = 0
-    # with text tokens, on a worker: the CLIP, and the encodings of captions seen lately
-    _clip: Any = field(default=None, init=False, repr=False)
-    _token_cache: dict[str, tuple[np.ndarray, np.ndarray]] = field(
-        default_factory=dict, init=False, repr=False
-    )
-    _token_kind: str | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_manifest(
@@ -85,17 +69,7 @@ class PriorTask(ManifestDiffusionTask):
     ) -> PriorTask:
         task = super().from_manifest(layout, version, cfg, holdout_fraction)
         if cfg.text_tokens:
-            from unclip.datasets.clip_records import clip_record, record_context_length
-
-            try:
-                record = clip_record(layout, task.clip_id)
-            except (FileNotFoundError, ValueError) as e:
-                raise type(e)(
-                    f"{TOKENS_KEY}: the token encodings come from the CLIP the embeddings were "
-                    f"made with, and {e}"
-                ) from e
-            task.clip_record = {**record, "clip_id": task.clip_id}
-            task.text_context = record_context_length(record)
+            task.attach_clip_record(layout, task.clip_id)
         if cfg.init_from is not None:
             model, digest = load_init_prior(
                 cfg.init_from, cfg, task.dim, task.clip_id, task.text_context
@@ -173,46 +147,9 @@ class PriorTask(ManifestDiffusionTask):
 
         return EmbeddingSource(self.layout, manifest, "train", self.holdout_fraction)
 
-    def load_clip(self) -> ClipBundle:
-        """The CLIP the embeddings were made with (on this worker's GPU when it has one)."""
-        from unclip.datasets.clip_records import load_clip_from_record
-
-        if self.clip_record is None:
-            raise ValueError(f"{TOKENS_KEY}: this task has no CLIP record (use from_manifest)")
-        use_gpu = self.cfg.trainer.use_gpu and torch.cuda.is_available()
-        return load_clip_from_record(self.clip_record, device="cuda" if use_gpu else "cpu")
-
-    def use_clip(self, clip: ClipBundle) -> None:
-        """Encode captions' tokens with this CLIP (it must tokenize to the recorded length)."""
-        from unclip.datasets.clip_text_tokens import text_context_length
-
-        if text_context_length(clip) != self.text_context:
-            raise ValueError(
-                f"{TOKENS_KEY}: CLIP {clip.clip_id} tokenizes to {text_context_length(clip)} "
-                f"tokens, its record says {self.text_context}"
-            )
-        self._clip, self._token_cache = clip, {}
-
-    def setup(self, rank: int, world: int) -> None:
-        if self.cfg.text_tokens and self._clip is None:
-            self.use_clip(self.load_clip())
-
-    def token_encodings(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Token encodings [N, L, D] and mask [N, L] of captions; each distinct caption is
-        encoded once while the cache holds it (``TOKEN_TABLE_BYTES`` at most)."""
-        from unclip.datasets.clip_text_tokens import encode_text_tokens
-
-        if self._clip is None:
-            raise ValueError(f"{TOKENS_KEY} is on but no CLIP is loaded (setup or use_clip)")
-        new = sorted({c for c in captions if c not in self._token_cache})
-        if new:
-            enc, mask, self._token_kind = encode_text_tokens(self._clip, new)
-            row_bytes = enc[0].nbytes + mask[0].nbytes
-            if (len(self._token_cache) + len(new)) * row_bytes > TOKEN_TABLE_BYTES:
-                self._token_cache = {}  # bounded: start over rather than grow with the data
-            self._token_cache.update({c: (enc[i], mask[i]) for i, c in enumerate(new)})
-        rows = [self._token_cache[c] for c in captions]
-        return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+    @property
+    def uses_text_tokens(self) -> bool:
+        return self.cfg.text_tokens
 
     def batch(self, columns: Columns) -> dict[str, torch.Tensor]:
         mean = np.asarray(self.image_mean, np.float32)
@@ -236,17 +173,7 @@ class PriorTask(ManifestDiffusionTask):
         return pack_condition(batch["text"], batch["tokens"], batch["token_mask"])
 
     def export_info(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"candidates": self.cfg.candidates}
-        if self.cfg.text_tokens:  # what a sampler needs to make the same token encodings
-            record = self.clip_record or {}
-            info.update(
-                text_tokens=True,
-                text_context_length=self.text_context,
-                text_token_features=self._token_kind,
-                clip_source=record.get("source"),
-                clip_model_cfg=record.get("model_cfg"),
-            )
-        return info
+        return {"candidates": self.cfg.candidates, **self.token_export_info()}
 
     def loss(
         self, model: Any, batch: dict[str, torch.Tensor]

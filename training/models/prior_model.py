@@ -8,13 +8,12 @@ embedding, timestep, noised image embedding, learned query], as in Karlo, passed
 
 The condition is one tensor per row, so conditioning dropout and classifier-free guidance treat
 it whole: the text embedding alone, or with tokens ``[text embedding | token encodings | token
-mask]`` (:func:`pack_condition`). A dropped row (or guidance's unconditional half) is all zeros:
+mask]`` (:func:`.caption_tokens.pack_condition`). A dropped row (or guidance's unconditional half) is all zeros:
 a zero text embedding and no tokens at all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,9 +21,10 @@ import torch
 from diffusers import PriorTransformer
 
 from ..config import PriorConfig
+from .caption_tokens import unpack_condition
 
 if TYPE_CHECKING:
-    from unclip.datasets.clip import ClipBundle
+    pass
 
 MODEL_KIND = "prior"
 SUBFOLDER = "prior"  # the PriorTransformer's folder in an export
@@ -74,42 +74,13 @@ def causal_mask(batch: int, device: torch.device) -> torch.Tensor:
     return torch.ones(batch, 0, dtype=torch.bool, device=device)
 
 
-def pack_condition(
-    text: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor
-) -> torch.Tensor:
-    """One row per sample: [text embedding (D) | token encodings (L·D) | token mask (L)].
-
-    Zeroing a row (conditioning dropout, guidance's null half) zeroes all three: no tokens.
-    """
-    n = text.shape[0]
-    return torch.cat(
-        [text, tokens.reshape(n, -1).to(text.dtype), token_mask.reshape(n, -1).to(text.dtype)],
-        dim=1,
-    )
-
-
-def unpack_condition(
-    cond: torch.Tensor, text_context: int, dim: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(text [N, D], tokens [N, L, D], token mask bool [N, L]) of a :func:`pack_condition` row."""
-    length = text_context
-    if cond.ndim != 2 or cond.shape[1] != dim + length * dim + length:
-        raise ValueError(
-            f"a condition with {length} text tokens of width {dim} has "
-            f"{dim + length * dim + length} columns, got {list(cond.shape)}"
-        )
-    text = cond[:, :dim]
-    tokens = cond[:, dim : dim + length * dim].reshape(-1, length, dim)
-    return text, tokens, cond[:, dim + length * dim :] > 0.5
-
-
 def predict_x0(
     model: PriorTransformer | Any, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor
 ) -> torch.Tensor:
     """The prior's x_0 prediction (normalized space) for noised embeddings ``x_t``.
 
     ``cond`` is the text embedding [N, D], or for a prior with text tokens the
-    :func:`pack_condition` rows.
+    :func:`.caption_tokens.pack_condition` rows.
     """
     # ``model`` may be the DeepSpeed engine around the prior (whose own .config is DeepSpeed's)
     text_context = int(getattr(model, "module", model).config.num_embeddings)
@@ -125,28 +96,3 @@ def predict_x0(
     return out.predicted_image_embedding
 
 
-def token_condition(
-    text: torch.Tensor,
-    text_context: int,
-    captions: Sequence[str] | None,
-    token_encodings: tuple[torch.Tensor, torch.Tensor] | None,
-    clip: ClipBundle | None,
-) -> torch.Tensor:
-    """The packed condition of ``text`` with its captions' token encodings (given or computed)."""
-    n, dim = text.shape
-    if token_encodings is not None:
-        tokens = torch.as_tensor(token_encodings[0], dtype=torch.float32)
-        mask = torch.as_tensor(token_encodings[1]).bool()
-    else:
-        from unclip.datasets.clip_text_tokens import encode_text_tokens
-
-        if isinstance(captions, str) or len(captions) != n:
-            raise ValueError(f"give one caption per text embedding: {n} embeddings")
-        enc, m, _ = encode_text_tokens(clip, list(captions))
-        tokens, mask = torch.from_numpy(enc), torch.from_numpy(m)
-    if tuple(tokens.shape) != (n, text_context, dim) or tuple(mask.shape) != (n, text_context):
-        raise ValueError(
-            f"token encodings must be [N, {text_context}, {dim}] with a mask "
-            f"[N, {text_context}] for N = {n}, got {list(tokens.shape)} and {list(mask.shape)}"
-        )
-    return pack_condition(text, tokens.to(text.device), mask.to(text.device))

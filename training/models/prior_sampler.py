@@ -10,55 +10,25 @@ import torch.nn.functional as F
 from diffusers import PriorTransformer
 
 from ..diffusion import Sampler, sample_loop
+from .caption_tokens import CaptionClip, token_condition
 from .diffusion_task import ExportedDiffusion
 from .prior import PriorTask
-from .prior_model import TOKENS_KEY, predict_x0, token_condition
+from .prior_model import TOKENS_KEY, predict_x0
 
 if TYPE_CHECKING:
-    from unclip.datasets.clip import ClipBundle
+    pass
 
 
-class PriorSampler(ExportedDiffusion):
+class PriorSampler(CaptionClip, ExportedDiffusion):
     """An exported prior, ready to turn text embeddings (or captions) into image embeddings."""
 
     TASK = PriorTask
     MODEL_CLASS = PriorTransformer
 
-    clip: ClipBundle | None = None  # set by use_clip, or loaded from the export's record
-
     @property
     def text_tokens(self) -> bool:
         """Whether this prior was trained with text-token encodings (``prior.text_tokens``)."""
         return bool(self.info.get("text_tokens", False))
-
-    def use_clip(self, clip: ClipBundle) -> None:
-        """Encode captions with this (already loaded) CLIP; it must be the export's."""
-        trained_on = self.info.get("clip_id")
-        if trained_on and clip.clip_id != trained_on:
-            raise ValueError(
-                f"the prior was trained on embeddings of CLIP {trained_on}, "
-                f"but the CLIP given is {clip.clip_id}"
-            )
-        self.clip = clip
-
-    def caption_clip(self) -> ClipBundle:
-        """The CLIP for captions: the one given to :meth:`use_clip`, else the export's record."""
-        if self.clip is None:
-            from unclip.datasets.clip_records import load_clip_from_record
-
-            source = self.info.get("clip_source")
-            if not source:
-                raise ValueError(
-                    f"the prior's export does not say where CLIP {self.info.get('clip_id')} is: "
-                    "give the CLIP (use_clip) to encode captions"
-                )
-            record = {
-                "clip_id": self.info.get("clip_id"),
-                "source": source,
-                "model_cfg": self.info.get("clip_model_cfg") or {},
-            }
-            self.clip = load_clip_from_record(record, device=self.device)
-        return self.clip
 
     @torch.no_grad()
     def sample(

@@ -1,0 +1,224 @@
+"""Compositional quality of three text-to-image variants under equal compute, GenEval-style.
+
+From ``configs/compositional.yaml`` (the compositional shapes with held-out compositions):
+
+1. **unclip**: the pipeline's cascade, captions → CLIP text embedding → prior → decoder on the
+   image embedding (the config's ``decoder`` section);
+2. **unclip_text**: the same prior, and a decoder conditioned on the image embedding and the
+   caption's text embedding (``decoder.text_conditioning``, the DALL·E 2 paper's default);
+3. **text_tokens**: an Imagen-style decoder on the caption's CLIP token sequence by
+   cross-attention (``decoder.condition: text_tokens``), no prior.
+
+The three decoders are trained by the one trainer on the same dataset version with the same
+``decoder.trainer`` section (steps, batch, learning rate); the two unCLIP variants also use the
+prior, which the third does not need. Each is scored by the pixel oracle on the same prompts
+(``evaluation_prompts``), 4 samples per prompt; the table shows held-out compositions, the JSON
+line seen and held-out. ``oracle_accuracy_real`` is the oracle's worst per-task accuracy on the
+held-out real images of the dataset at the decoder's resolution (with near-miss prompts).
+
+    python benchmarks/compositional.py                # full size: ~60 min on 2 CPUs
+    python benchmarks/compositional.py --shrunk       # seconds-scale models: checks it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "compositional.yaml"
+VARIANTS = ("unclip", "unclip_text", "text_tokens")
+
+TINY_TRAINER = {"num_workers": 2, "batch_size": 16, "warmup_steps": 2, "checkpoint_every": 20}
+SHRUNK = {
+    "synthetic": {"num_pairs": 240},
+    "ingest": {"samples_per_shard": 150, "thread_count": 8},
+    "clip": {
+        "embed_dim": 32,
+        "vision_width": 64,
+        "vision_layers": 1,
+        "text_width": 64,
+        "text_layers": 1,
+        "heads": 2,
+    },
+    "bootstrap": {"trainer": {**TINY_TRAINER, "max_steps": 10}},
+    "embed": {"batch_size": 64},
+    "prior": {
+        "num_layers": 1,
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "sample_steps": 3,
+        "trainer": {**TINY_TRAINER, "max_steps": 10},
+    },
+    "decoder": {
+        "image_size": 32,  # the resolution the oracle is validated at
+        "block_out_channels": [16, 32],
+        "sample_steps": 2,
+        "trainer": {**TINY_TRAINER, "max_steps": 8},
+    },
+    "evaluate": {"holdout_fraction": 0.1, "captions": ["a red circle"], "num_eval_samples": 4},
+}
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` merged in, key by key."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def write_config(shrunk: bool, storage: str | None, folder: str) -> str:
+    """The config to run: compositional.yaml (shrunk), its storage made absolute or overridden."""
+    raw = yaml.safe_load(CONFIG.read_text())
+    if shrunk:
+        raw = merge(raw, SHRUNK)
+    raw["storage"] = (
+        os.path.abspath(storage) if storage else str((CONFIG.parent / raw["storage"]).resolve())
+    )
+    path = os.path.join(folder, "compositional.yaml")
+    Path(path).write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def train_all(config_path: str) -> dict[str, Any]:
+    """The pipeline up to prior and decoder, then the two other decoders on its dataset version."""
+    from unclip.datasets.storage import StorageLayout, read_json
+    from unclip.pipelines.config import load_config
+    from unclip.pipelines.runner import run_pipeline, upstream_of
+    from unclip.training.models.decoder import train_decoder
+
+    cfg = load_config(config_path)
+    run = run_pipeline(config_path, cfg, select=upstream_of(["prior", "decoder"]))
+    if not run.success:
+        raise RuntimeError(f"the pipeline failed: {run}")
+    layout = StorageLayout(cfg.storage)
+    prior = read_json(layout.latest_run("prior"))
+    decoder = read_json(layout.latest_run("decoder"))
+    clip = read_json(layout.latest_run("clip"))
+    version, holdout = decoder["dataset_version"], cfg.evaluate.holdout_fraction
+    exports = {"unclip": decoder["export"]}
+    for name, update in (
+        ("unclip_text", {"text_conditioning": True}),
+        ("text_tokens", {"condition": "text_tokens"}),
+    ):
+        fit = train_decoder(layout, version, cfg.decoder.model_copy(update=update), holdout)
+        exports[name] = fit.export_dir
+    return {
+        "cfg": cfg,
+        "layout": layout,
+        "version": version,
+        "prior": prior["export"],
+        "decoders": exports,
+        "clip_checkpoint": clip["export"],
+    }
+
+
+def real_oracle_accuracy(cfg: Any, layout: Any, version: str, size: int) -> dict[str, float]:
+    """The oracle on the held-out real images (resized to ``size``) with their near misses."""
+    import numpy as np
+
+    from unclip.datasets import readers
+    from unclip.datasets.compositional import sample_prompts
+    from unclip.datasets.synthetic import color_palette, sample_spec
+    from unclip.training.evaluation.cascade_eval import resize_all
+    from unclip.training.evaluation.compositional_eval import oracle_accuracy
+
+    manifest = readers.load_manifest(layout, version)
+    pairs = readers.load_image_pairs(layout, manifest, "holdout", cfg.evaluate.holdout_fraction)
+    images = resize_all(pairs.images, size)
+    # What an image must show follows from its caption alone (kinds, objects and relations are
+    # all in the grammar), so any generated sample of the same caption gives its checks.
+    spec_of: dict[str, dict[str, Any]] = {}
+    for i in range(cfg.synthetic.num_pairs):
+        spec = sample_spec(cfg.synthetic, i)
+        spec_of.setdefault(spec["caption"], spec)
+    checks, judged = [], []
+    for image, caption in zip(images, pairs.captions, strict=True):
+        for check in sample_prompts(spec_of[caption], cfg.synthetic):
+            checks.append(check)
+            judged.append(np.asarray(image))
+    return oracle_accuracy(checks, judged, color_palette(cfg.synthetic))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--shrunk", action="store_true", help="tiny models and data: checks it runs"
+    )
+    parser.add_argument("--storage", help="storage root (default: the config's)")
+    parser.add_argument("--prompts-per-task", type=int, default=None)
+    parser.add_argument("--samples-per-prompt", type=int, default=4)
+    args = parser.parse_args(argv)
+    per_task = args.prompts_per_task or (1 if args.shrunk else 12)
+
+    from unclip.datasets.compositional import TASKS, evaluation_prompts
+    from unclip.datasets.synthetic import color_palette
+    from unclip.training.evaluation.compositional_eval import evaluate_compositional
+
+    with tempfile.TemporaryDirectory(prefix="unclip-compositional-") as folder:
+        trained = train_all(write_config(args.shrunk, args.storage, folder))
+    cfg = trained["cfg"]
+    prompts = evaluation_prompts(cfg.synthetic, per_task, seed=cfg.evaluate.eval_seed)
+    scores = {}
+    for name in VARIANTS:
+        scores[name] = evaluate_compositional(
+            prompts,
+            color_palette(cfg.synthetic),
+            cfg.clip,
+            trained["clip_checkpoint"],
+            None if name == "text_tokens" else trained["prior"],
+            trained["decoders"][name],
+            samples_per_prompt=args.samples_per_prompt,
+            steps=cfg.evaluate.eval_steps,
+            seed=cfg.evaluate.eval_seed,
+            workers=cfg.evaluate.eval_workers,
+        )
+    oracle = real_oracle_accuracy(
+        cfg, trained["layout"], trained["version"], cfg.decoder.image_size
+    )
+
+    columns = [*TASKS, "overall"]
+    print(
+        f"held-out compositions, {args.samples_per_prompt} samples per prompt "
+        f"(oracle on real images: worst task {oracle['min']:.3f})"
+    )
+    print(f"{'variant':<12}" + "".join(f"{c:>14}" for c in columns))
+    for name in VARIANTS:
+        row = scores[name]["heldout"]
+        print(f"{name:<12}" + "".join(f"{row.get(c, float('nan')):>14.3f}" for c in columns))
+    winners = {}  # the variant with the best score, or every variant tied at it
+    for task in columns:
+        best = max(scores[v]["heldout"].get(task, -1.0) for v in VARIANTS)
+        tied = [v for v in VARIANTS if scores[v]["heldout"].get(task, -1.0) == best]
+        winners[task] = tied[0] if len(tied) == 1 else "tie: " + " = ".join(tied)
+    print("best per task (held out): " + ", ".join(f"{t}: {v}" for t, v in winners.items()))
+    result = {
+        "unclip_overall_heldout": scores["unclip"]["heldout"]["overall"],
+        "best_color_attribution_heldout": max(s["heldout"]["color_attr"] for s in scores.values()),
+        "best_position_heldout": max(s["heldout"]["position"] for s in scores.values()),
+        "oracle_accuracy_real": oracle["min"],
+        "oracle_accuracy_real_per_task": oracle,
+        "winners_heldout": winners,
+        "scores": scores,
+        "prompts_per_task": per_task,
+        "samples_per_prompt": args.samples_per_prompt,
+        "decoder_steps_each": cfg.decoder.trainer.max_steps,
+        "shrunk": args.shrunk,
+    }
+    print(json.dumps(result, sort_keys=True))
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

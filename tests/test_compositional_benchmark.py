@@ -1,0 +1,36 @@
+"""benchmarks/compositional.py at its shrunk size: trains the three variants and prints the keys."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shrunk_benchmark_runs_and_reports_every_variant_and_key(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "compositional_bench", REPO / "benchmarks" / "compositional.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--shrunk", "--storage", str(tmp_path / "store")])
+    for key in (
+        "unclip_overall_heldout",
+        "best_color_attribution_heldout",
+        "best_position_heldout",
+    ):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["oracle_accuracy_real"] >= 0.99  # real images, whatever the tiny models draw
+    assert set(result["scores"]) == {"unclip", "unclip_text", "text_tokens"}
+    for scores in result["scores"].values():
+        assert set(scores["heldout"]["images"]) == {
+            "single_object",
+            "two_object",
+            "counting",
+            "colors",
+            "position",
+            "color_attr",
+        }
+    out = capsys.readouterr().out
+    assert "text_tokens" in out and out.strip().splitlines()[-1].startswith("{")
