@@ -16,8 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from unclip.datasets.config import SyntheticConfig
+from unclip.datasets.config import IngestConfig, SyntheticConfig
 from unclip.datasets.netguard import NetPolicy, RequestLimits, build_opener, refusal_reason
+from unclip.datasets.shard_child import net_policy
 from unclip.datasets.synthetic import serve_synthetic
 
 GUARD = NetPolicy()
@@ -56,6 +57,43 @@ def test_public_addresses_pass(ip):
     assert refusal_reason(ip) is None
 
 
+@pytest.mark.parametrize(
+    ("ip", "reason"),
+    [
+        ("127.0.0.1", "loopback address"),
+        ("::1", "loopback address"),
+        ("169.254.169.254", "link-local address"),
+        ("fe80::1%eth0", "link-local address"),  # a zone as getaddrinfo writes it
+        ("10.1.2.3", "private address"),
+        ("224.0.0.1", "multicast address"),  # ipaddress calls multicast "global"
+        ("ff02::1", "multicast address"),
+        ("100.64.0.1", "non-global address"),
+        ("::ffff:127.0.0.1", "loopback address inside ::ffff:7f00:1"),
+        ("64:ff9b::c0a8:1", "private address inside 64:ff9b::c0a8:1"),  # NAT64, 192.168.0.1
+    ],
+)
+def test_a_refusal_names_what_kind_of_address_it_is(ip, reason):
+    assert refusal_reason(ip) == reason
+
+
+@pytest.mark.parametrize(
+    ("ip", "allowed"),
+    [
+        ("fe80::1%eth0", "fe80::/10"),
+        ("::ffff:10.0.0.1", "10.0.0.1/32"),
+        ("64:ff9b::a00:1", "10.0.0.1/32"),  # NAT64 reaches exactly 10.0.0.1
+        ("10.0.0.1", "10.9.9.9/8"),  # host bits in the CIDR are ignored, as the config's check does
+    ],
+)
+def test_allowed_networks_cover_zones_embeddings_and_loose_cidrs(ip, allowed):
+    assert refusal_reason(ip, (allowed,)) is None
+    assert refusal_reason(ip) is not None
+
+
+def test_nat64_to_a_public_address_passes():
+    assert refusal_reason("64:ff9b::808:808") is None  # 8.8.8.8
+
+
 def test_guarded_opener_refuses_loopback_and_allows_it_when_asked():
     cfg = SyntheticConfig(num_pairs=2, image_size=16)
     with serve_synthetic(cfg) as base:
@@ -68,6 +106,20 @@ def test_guarded_opener_refuses_loopback_and_allows_it_when_asked():
         allowed = NetPolicy(allowed_networks=("127.0.0.0/8",))
         with build_opener(allowed).open(f"{base}/0.png", timeout=5) as r:
             assert r.status == 200
+        loose = net_policy(IngestConfig(allowed_networks=["127.9.9.9/8"]))  # the config accepts it
+        with build_opener(loose).open(f"{base}/0.png", timeout=5) as r:
+            assert r.status == 200
+
+
+def test_a_policy_cannot_be_weakened_after_its_opener_is_built():
+    policy = NetPolicy()
+    opener = build_opener(policy)
+    with pytest.raises(AttributeError):
+        policy.allow_private_networks = True  # type: ignore[misc]
+    with _serve("127.0.0.1") as (port, hits):
+        with pytest.raises(urllib.error.URLError, match="refused: 127.0.0.1"):
+            opener.open(f"http://127.0.0.1:{port}/secret", timeout=5)
+    assert sum(hits.values()) == 0
 
 
 @pytest.mark.parametrize("allow", [False, True])
@@ -113,6 +165,7 @@ def test_limits_end_bad_responses_in_time(bad_server, path, limits, message):
 def test_limits_pass_good_responses(bad_server):
     base, state = bad_server
     assert _read(f"{base}/hops/2.png", max_redirects=2).startswith(b"\x89PNG")
+    assert _read(f"{base}/hops/2.png", max_time_s=1.0).startswith(b"\x89PNG")
     assert _read(f"{base}/big.png", max_bytes=10_000_000) == state.static["/big.png"][1]
     with pytest.raises(urllib.error.URLError, match="refused: 169.254.169.254"):
         build_opener(GUARD).open("http://169.254.169.254/latest/meta-data/", timeout=5)
@@ -126,13 +179,17 @@ PUBLIC = NetPolicy(allowed_networks=("127.0.0.2/32",))
 
 
 @contextlib.contextmanager
-def _serve(host: str, port: int = 0, tls: ssl.SSLContext | None = None):
-    """A server on ``host`` counting hits per path; ``/to/...`` redirects to the rest of the path."""
+def _serve(host: str, port: int = 0, tls: ssl.SSLContext | None = None, delay_s: float = 0.0):
+    """A server on ``host`` counting hits per path; ``/to/...`` redirects to the rest of the path.
+
+    Each response waits ``delay_s`` before its status line.
+    """
     hits: Counter[str] = Counter()
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
             hits[self.path] += 1
+            time.sleep(delay_s)
             if self.path.startswith("/to/"):
                 self.send_response(302)
                 self.send_header("Location", self.path[len("/to/") :])
@@ -277,6 +334,24 @@ def test_a_stalled_resolver_ends_the_request_at_its_deadline(fake_dns):
     assert time.monotonic() - start < 2.0
 
 
+def _chain(hops: int) -> str:
+    """A path that ``_serve`` redirects ``hops`` times before answering ``/x``."""
+    return "/to/" * hops + "/x"
+
+
+@pytest.mark.timeout(30)
+def test_one_deadline_covers_the_request_and_all_its_redirects():
+    limits = RequestLimits(max_time_s=1.0)
+    with _serve("127.0.0.1", delay_s=0.2) as (port, hits):
+        with build_opener(OPEN, limits).open(f"http://127.0.0.1:{port}{_chain(1)}") as r:
+            assert r.read() == b"from 127.0.0.1"  # 2 × 0.2 s: within the second
+        start = time.monotonic()
+        with pytest.raises(OSError, match="longer than max_request_time_s=1"):
+            build_opener(OPEN, limits).open(f"http://127.0.0.1:{port}{_chain(7)}")  # 8 × 0.2 s
+        assert time.monotonic() - start < 1.5
+    assert hits["/x"] == 1  # only the first request got to the end of its chain
+
+
 def test_environment_proxies_are_ignored_and_a_configured_one_is_checked(
     fake_dns, two_hosts, monkeypatch
 ):
@@ -313,6 +388,7 @@ def test_the_guard_installed_for_a_process_covers_threads_started_later():
         "    except Exception as e:\n"
         "        out.append('refused' if 'refused' in str(e) else str(e))\n"
         "t = threading.Thread(target=later); t.start(); t.join()\n"
+        "install_for_process(NetPolicy(), RequestLimits())  # equal again: accepted\n"
         "try:\n"
         "    install_for_process(NetPolicy(allow_private_networks=True), RequestLimits())\n"
         "    out.append('weakened')\n"

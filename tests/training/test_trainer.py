@@ -147,12 +147,12 @@ def test_a_killed_worker_resumes_mid_epoch_with_the_batch_that_came_next(
 ):
     """Rank 1 dies at micro-batch 11, after the step-8 checkpoint, in the middle of the second
     epoch; Ray restarts the group from its last checkpoint and the run goes on with the batch
-    that came next."""
+    that came next, from the checkpoint's weights, optimizer and EMA state."""
     first, _ = zero1_run
     logs = tmp_path / "batches"
     logs.mkdir()
     task = KilledOnce(die_at=11, marker=str(tmp_path / "died"), log_dir=str(logs))
-    cfg = tiny_trainer(max_failures=1, checkpoint_every=4)
+    cfg = tiny_trainer(max_failures=1, checkpoint_every=4, ema_decay=0.9)
     result = fit(task, cfg, layout, "regression", "killed")
     assert os.path.exists(tmp_path / "died")
     rows = read_rows(os.path.join(result.run_dir, "metrics.jsonl"))
@@ -160,7 +160,10 @@ def test_a_killed_worker_resumes_mid_epoch_with_the_batch_that_came_next(
     # Exact resume: the same batches and the same noise as the run that never died.
     reference = read_rows(os.path.join(first.run_dir, "metrics.jsonl"))
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in reference], rel=1e-5)
-    assert result.metrics["eval_mse"] == pytest.approx(first.metrics["eval_mse"], rel=1e-5)
+    # The EMA is not in the loss: only the exported (EMA) weights show whether it was restored.
+    uninterrupted = fit(Regression(), tiny_trainer(ema_decay=0.9), layout, "regression", "ema")
+    assert uninterrupted.metrics["eval_mse"] != pytest.approx(first.metrics["eval_mse"], rel=1e-3)
+    torch.testing.assert_close(exported(result), exported(uninterrupted), rtol=1e-5, atol=1e-7)
     # A resume, not a restart: each rank's second life starts after a checkpoint (step 8, or
     # step 4 when Ray Train had not yet registered the step-8 report when the worker died),
     # and its batches are the ones an uninterrupted run draws (same rows, same order).
@@ -172,6 +175,11 @@ def test_a_killed_worker_resumes_mid_epoch_with_the_batch_that_came_next(
         assert resumed_at in (4, 8) and lives[1] == want[resumed_at:12]
         assert lives[0] == want[: len(lives[0])] and len(lives[0]) >= 9
     assert result.metrics["stream_replaced"] == 0
+
+
+def exported(result: FitResult) -> dict[str, torch.Tensor]:
+    """The weights a fit exported."""
+    return torch.load(os.path.join(result.export_dir, "weights.pt"), weights_only=True)
 
 
 def batch_logs(directory, rank: int) -> list[list[tuple[int, ...]]]:
