@@ -154,7 +154,9 @@ class IngestConfig(ConfigSection):
         description="HTTP proxy (http://host:port) for every download; each target host is still "
         "checked before it is sent to the proxy. None: direct (environment proxies are never used).",
     )
-    max_redirects: int = Field(5, ge=0, description="Redirects followed per request.")
+    max_redirects: int = Field(
+        5, ge=0, le=50, description="Redirects followed per request (at most 50)."
+    )
     max_image_bytes: int = Field(
         32 * 1024 * 1024, ge=1, description="Largest response body accepted per image."
     )

@@ -142,3 +142,13 @@ def test_cc3m_config_reads_cc3ms_headerless_tsv_with_a_pretrained_clip(tmp_path)
     # read as if it had a header, its first row would be the column names: the column check says so
     with pytest.raises(ValueError, match="missing column 'url'"):
         url_lists.read_url_list(str(tsv), icfg.model_copy(update={"list_columns": None}))
+
+
+def test_a_redirect_limit_past_what_urllib_can_follow_is_a_config_error(tmp_path):
+    """Beyond ~150 hops urllib recurses too deep: the bound is checked when the config loads."""
+    f = tmp_path / "c.yaml"
+    f.write_text("storage: s\ningest:\n  max_redirects: 500\n")
+    with pytest.raises(ConfigError, match="max_redirects"):
+        load_config(f)
+    f.write_text("storage: s\ningest:\n  max_redirects: 50\n")
+    assert load_config(f).ingest.max_redirects == 50
