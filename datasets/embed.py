@@ -140,7 +140,11 @@ def embed_source(
     del bundle  # from here the driver only writes: its model need not stay loaded
     gather = ShardGather(layout, info, source_id)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        finished = len(gather.results)
         gather.add(batch)
+        if len(gather.results) > finished:
+            done = result.shards_skipped + len(gather.results)
+            log.info("embed %s: %d/%d shards done", source_id, done, len(all_shards))
     if gather.unfinished():
         raise RuntimeError(f"embed {source_id}: shards {gather.unfinished()} never completed")
     result.shards_written = sum(r["written"] for r in gather.results)

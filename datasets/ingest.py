@@ -171,11 +171,13 @@ def _run_shards(
         except Exception as e:  # after Ray's retries: report, keep the other shards
             result.failed_shards[shard] = f"{type(e).__name__}: {e}"[:2000]
             log.error("ingest %s shard %05d failed: %s", source, shard, e)
+        done = result.shards_skipped + len(run_stats) + len(result.failed_shards)
+        failed = len(result.failed_shards)
+        log.info(
+            "ingest %s: %d/%d shards done (%d failed)", source, done, result.shards_total, failed
+        )
         if progress:
-            progress(
-                result.shards_skipped + len(run_stats) + len(result.failed_shards),
-                result.shards_total,
-            )
+            progress(done, result.shards_total)
     return run_stats
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import shutil
 import tarfile
 from pathlib import Path
@@ -24,7 +25,9 @@ from unclip.datasets.synthetic import shape_caption
 
 
 @pytest.mark.parametrize("pipeline", ["fused", "split"])
-def test_embed_source_schema_norms_and_skip(ray_local, shapes_store, tiny_clip_cfg, pipeline):
+def test_embed_source_schema_norms_and_skip(
+    ray_local, shapes_store, tiny_clip_cfg, pipeline, caplog
+):
     layout, src = shapes_store.layout, shapes_store.source
     in_process = [
         pq.read_table(layout.embedding_shard(shapes_store.clip_id, src, s)) for s in (0, 1)
@@ -32,8 +35,11 @@ def test_embed_source_schema_norms_and_skip(ray_local, shapes_store, tiny_clip_c
     shutil.rmtree(Path(layout.root) / "embeddings")
     assert pending_shards(layout, shapes_store.clip_id, src) == [0, 1]
     cfg = EmbedConfig(batch_size=8, num_actors=1, torch_threads=1, pipeline=pipeline)
-    result = embed_source(layout, src, tiny_clip_cfg, shapes_store.clip_checkpoint, cfg)
+    with caplog.at_level(logging.INFO, logger="unclip.datasets.embed"):
+        result = embed_source(layout, src, tiny_clip_cfg, shapes_store.clip_checkpoint, cfg)
     assert (result.shards_written, result.shards_skipped, result.samples) == (2, 0, 40)
+    progress = [r.getMessage() for r in caplog.records if r.name == "unclip.datasets.embed"]
+    assert progress == [f"embed {src}: 1/2 shards done", f"embed {src}: 2/2 shards done"]
     assert result.clip_id == shapes_store.clip_id
 
     path = layout.embedding_shard(result.clip_id, src, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tarfile
 import threading
@@ -48,17 +49,42 @@ def ingested(ray_local, tmp_path_factory):
     layout = StorageLayout(str(root / "store"))
     url_list = str(root / "shapes.parquet")
     calls: list[tuple[int, int]] = []
-    with serve_synthetic(SYN) as base:
-        write_url_list(SYN, base, url_list)
-        result = ingest_source(layout, url_list, CFG, progress=lambda d, t: calls.append((d, t)))
-        yield layout, url_list, result, calls
+    logger = logging.getLogger("unclip.datasets.ingest")
+    lines = ListHandler()
+    logger.addHandler(lines)
+    level, logger.level = logger.level, logging.INFO
+    try:
+        with serve_synthetic(SYN) as base:
+            write_url_list(SYN, base, url_list)
+            result = ingest_source(
+                layout, url_list, CFG, progress=lambda d, t: calls.append((d, t))
+            )
+    finally:
+        logger.removeHandler(lines)
+        logger.setLevel(level)
+    yield layout, url_list, result, (calls, lines.messages)
+
+
+class ListHandler(logging.Handler):
+    """The messages logged while it is attached."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def test_ingest_writes_complete_shards(ingested):
-    layout, _, result, calls = ingested
+    layout, _, result, (calls, messages) = ingested
     assert (result.shards_total, result.shards_written, result.shards_skipped) == (3, 3, 0)
     assert (result.successes, result.failures, result.failed_shards) == (60, 0, {})
     assert calls[0] == (0, 3) and calls[-1] == (3, 3)
+    # progress as log lines too (what a log file or `kubectl logs` shows), one per shard
+    src = result.source_id
+    done = [m for m in messages if m.startswith(f"ingest {src}: ")]
+    assert done == [f"ingest {src}: {i}/3 shards done (0 failed)" for i in (1, 2, 3)]
     src = result.source_id
     assert completed_shards(layout, src) == [0, 1, 2]
     for shard, n in [(0, 25), (1, 25), (2, 10)]:
