@@ -30,6 +30,7 @@ again.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -139,12 +140,22 @@ def embed_source(
     ds = embedding_dataset(layout, source_id, pending, clip_cfg, clip_checkpoint, cfg, bundle)
     del bundle  # from here the driver only writes: its model need not stay loaded
     gather = ShardGather(layout, info, source_id)
+    started = time.monotonic()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         finished = len(gather.results)
         gather.add(batch)
         if len(gather.results) > finished:
             done = result.shards_skipped + len(gather.results)
-            log.info("embed %s: %d/%d shards done", source_id, done, len(all_shards))
+            images = sum(r["samples"] for r in gather.results)
+            rate = images / max(time.monotonic() - started, 1e-9)
+            log.info(
+                "embed %s: %d/%d shards done, %d images, %.1f images/s",
+                source_id,
+                done,
+                len(all_shards),
+                images,
+                rate,
+            )
     if gather.unfinished():
         raise RuntimeError(f"embed {source_id}: shards {gather.unfinished()} never completed")
     result.shards_written = sum(r["written"] for r in gather.results)

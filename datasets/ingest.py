@@ -152,6 +152,7 @@ def _run_shards(
     run_stats: dict[int, dict[str, Any]] = {}
     remaining = list(refs)
     bound = driver_bound(cfg)
+    started = time.monotonic()
     while remaining:
         ready, remaining = ray.wait(remaining, num_returns=1, timeout=bound)
         if not ready:  # nothing finished for longer than any try may take: end them for certain
@@ -172,9 +173,15 @@ def _run_shards(
             result.failed_shards[shard] = f"{type(e).__name__}: {e}"[:2000]
             log.error("ingest %s shard %05d failed: %s", source, shard, e)
         done = result.shards_skipped + len(run_stats) + len(result.failed_shards)
-        failed = len(result.failed_shards)
+        images = sum(s["successes"] for s in run_stats.values())
         log.info(
-            "ingest %s: %d/%d shards done (%d failed)", source, done, result.shards_total, failed
+            "ingest %s: %d/%d shards done (%d failed), %d images, %.1f images/s",
+            source,
+            done,
+            result.shards_total,
+            len(result.failed_shards),
+            images,
+            images / max(time.monotonic() - started, 1e-9),
         )
         if progress:
             progress(done, result.shards_total)

@@ -31,6 +31,7 @@ from unclip.pipelines.curation_assets import curated_embeddings
 from unclip.pipelines.reevaluate import reevaluator
 from unclip.pipelines.resources import RayResource, StorageResource, UnclipConfigResource
 from unclip.pipelines.status import kept_by_filter
+from unclip.pipelines.ui_metadata import evaluation_metadata, promotion_metadata
 from unclip.pipelines.values import (
     DatasetVersion,
     EmbedSummary,
@@ -261,7 +262,7 @@ def evaluation(
         cfg.evaluate.holdout_fraction,
         palette,
     )
-    return _output(result)
+    return _output(result, metadata=evaluation_metadata(result))
 
 
 @dg.asset(
@@ -288,7 +289,7 @@ def promotion(
         (context.log.info if d["promote"] else context.log.warning)(
             f"{model} {d.get('run')}: {d['status']}; " + "; ".join(d["reasons"])
         )
-    return _output(outcomes, metadata={f"{o.model}_status": o.status for o in outcomes})
+    return _output(outcomes, metadata=promotion_metadata(outcomes))
 
 
 SOURCE_ASSETS = [url_lists, image_shards, embeddings]

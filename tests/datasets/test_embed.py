@@ -38,8 +38,11 @@ def test_embed_source_schema_norms_and_skip(
     with caplog.at_level(logging.INFO, logger="unclip.datasets.embed"):
         result = embed_source(layout, src, tiny_clip_cfg, shapes_store.clip_checkpoint, cfg)
     assert (result.shards_written, result.shards_skipped, result.samples) == (2, 0, 40)
-    progress = [r.getMessage() for r in caplog.records if r.name == "unclip.datasets.embed"]
-    assert progress == [f"embed {src}: 1/2 shards done", f"embed {src}: 2/2 shards done"]
+    progress = [
+        r.getMessage().split(", ") for r in caplog.records if r.name == "unclip.datasets.embed"
+    ]
+    assert [p[0] for p in progress] == [f"embed {src}: {i}/2 shards done" for i in (1, 2)]
+    assert progress[-1][1] == "40 images" and float(progress[-1][2].split()[0]) > 0
     assert result.clip_id == shapes_store.clip_id
 
     path = layout.embedding_shard(result.clip_id, src, 0)

@@ -83,8 +83,13 @@ def test_ingest_writes_complete_shards(ingested):
     assert calls[0] == (0, 3) and calls[-1] == (3, 3)
     # progress as log lines too (what a log file or `kubectl logs` shows), one per shard
     src = result.source_id
-    done = [m for m in messages if m.startswith(f"ingest {src}: ")]
-    assert done == [f"ingest {src}: {i}/3 shards done (0 failed)" for i in (1, 2, 3)]
+    done = [m.split(", ") for m in messages if m.startswith(f"ingest {src}: ")]
+    assert [d[0] for d in done] == [
+        f"ingest {src}: {i}/3 shards done (0 failed)" for i in (1, 2, 3)
+    ]
+    images = [int(d[1].removesuffix(" images")) for d in done]
+    assert images == sorted(images) and images[-1] == 60
+    assert all(float(d[2].removesuffix(" images/s")) > 0 for d in done)
     src = result.source_id
     assert completed_shards(layout, src) == [0, 1, 2]
     for shard, n in [(0, 25), (1, 25), (2, 10)]:
