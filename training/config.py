@@ -105,7 +105,7 @@ class TrainerConfig(IdentitySection):
         description="Experiment trackers that get every metrics.jsonl row, as the --report_to "
         "of diffusers' training scripts: 'none' (the default), one name, or a list of "
         "tensorboard (event files in the run folder's tensorboard/), mlflow (MLFLOW_TRACKING_URI, "
-        "else the run folder's mlruns/), wandb (W&B's own settings; run id = run name). Each "
+        "else an SQLite store mlflow.db in the run folder), wandb (W&B's own settings; run id = run name). Each "
         "needs its extra: pip install 'unclip[tensorboard]'.",
         json_schema_extra=NOT_IDENTITY,
     )

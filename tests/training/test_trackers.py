@@ -91,3 +91,19 @@ def test_wandb_offline_records_each_rows_scalars_under_the_run_id(tmp_path, monk
     t.close()
     (record,) = list(tmp_path.glob("wandb/offline-run-*-prior-abc/run-prior-abc.wandb"))
     assert b"loss_simple" in record.read_bytes()
+
+
+def test_mlflow_records_each_rows_scalars_and_the_params_in_a_local_store(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    t = Trackers.open(["mlflow"], str(tmp_path), "decoder-abc", {"lr": 0.1}, 0)
+    for s in (2, 4):
+        t.log(s, {"step": s, "loss": 1.0 / s, "lr": 0.5, "note": "x"})
+    t.close()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.run_name == "decoder-abc" and run.data.params == {"lr": "0.1"}
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(2, 0.5), (4, 0.25)]
+    assert set(run.data.metrics) == {"train/loss", "train/lr"}

@@ -54,6 +54,11 @@ def scalars(row: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def tagged(row: dict[str, Any]) -> dict[str, float]:
+    """:func:`scalars` under the names every tracker shows: a row's own group, else ``train/``."""
+    return {(k if "/" in k else f"train/{k}"): v for k, v in scalars(row).items()}
+
+
 class TensorBoardTracker:
     """Scalars in TensorBoard event files under ``{run_dir}/tensorboard``.
 
@@ -75,8 +80,7 @@ class TensorBoardTracker:
         )
 
     def log(self, step: int, row: dict[str, Any]) -> None:
-        for name, value in scalars(row).items():
-            tag = name if "/" in name else f"train/{name}"  # a row's own group, else train/
+        for tag, value in tagged(row).items():
             self.writer.add_scalar(tag, value, global_step=step)
 
     def flush(self) -> None:
@@ -96,7 +100,7 @@ class MlflowTracker:
     """An MLflow run named after the unclip run, with the trainer config as its parameters.
 
     The tracking server is MLflow's own setting (``MLFLOW_TRACKING_URI``); without one, a local
-    run folder gets an ``mlruns`` store beside its checkpoints.
+    run folder gets an SQLite store (``mlflow.db``) beside its checkpoints.
     """
 
     def __init__(self, run_dir: str, run_name: str, params: dict[str, Any]) -> None:
@@ -104,14 +108,14 @@ class MlflowTracker:
 
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             fs, path = url_to_fs(run_dir)
-            if isinstance(fs, LocalFileSystem):
-                mlflow.set_tracking_uri(f"file://{path}/mlruns")
+            if isinstance(fs, LocalFileSystem):  # MLflow 3 keeps its file store for reads only
+                mlflow.set_tracking_uri(f"sqlite:///{path}/mlflow.db")
         self.mlflow = mlflow
         self.run = mlflow.start_run(run_name=run_name)
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
 
     def log(self, step: int, row: dict[str, Any]) -> None:
-        self.mlflow.log_metrics(scalars(row), step=step)
+        self.mlflow.log_metrics(tagged(row), step=step)
 
     def flush(self) -> None:
         return None  # every call is sent when made
@@ -142,7 +146,7 @@ class WandbTracker:
         )
 
     def log(self, step: int, row: dict[str, Any]) -> None:
-        self.run.log(scalars(row), step=step)
+        self.run.log(tagged(row), step=step)
 
     def flush(self) -> None:
         return None  # W&B syncs on its own thread
