@@ -67,22 +67,13 @@ SHRUNK = {
 }
 
 
-def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``override`` merged in, key by key."""
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def write_config(shrunk: bool, storage: str | None, folder: str) -> str:
     """The config to run: compositional.yaml (shrunk), its storage made absolute or overridden."""
+    from unclip.pipelines.config import deep_merge
+
     raw = yaml.safe_load(CONFIG.read_text())
     if shrunk:
-        raw = merge(raw, SHRUNK)
+        raw = deep_merge(raw, SHRUNK)
     raw["storage"] = (
         os.path.abspath(storage) if storage else str((CONFIG.parent / raw["storage"]).resolve())
     )
