@@ -52,17 +52,18 @@ def ingested(ray_local, tmp_path_factory):
     logger = logging.getLogger("unclip.datasets.ingest")
     lines = ListHandler()
     logger.addHandler(lines)
-    level, logger.level = logger.level, logging.INFO
-    try:
-        with serve_synthetic(SYN) as base:
-            write_url_list(SYN, base, url_list)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    with serve_synthetic(SYN) as base:  # served while the tests run: some ingest again
+        write_url_list(SYN, base, url_list)
+        try:
             result = ingest_source(
                 layout, url_list, CFG, progress=lambda d, t: calls.append((d, t))
             )
-    finally:
-        logger.removeHandler(lines)
-        logger.setLevel(level)
-    yield layout, url_list, result, (calls, lines.messages)
+        finally:
+            logger.removeHandler(lines)
+            logger.setLevel(level)
+        yield layout, url_list, result, (calls, lines.messages)
 
 
 class ListHandler(logging.Handler):
