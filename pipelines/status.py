@@ -42,7 +42,9 @@ def status_table(cfg: PipelineConfig) -> Table:
     if m:
         for name, table in kept_by_filter(layout, m).items():
             t.add_row(name.replace("_", " "), table)
-    known = sources.source_lists(cfg) if exists(layout.root) else {}
+    # a config for using what was trained (sampling, export) may name no data at all
+    has_data = bool(cfg.sources) or cfg.synthetic is not None
+    known = sources.source_lists(cfg) if exists(layout.root) and has_data else {}
     ingested = sum(exists(layout.ingest_plan(s)) for s in known)
     t.add_row("sources", f"{len(known)} registered, {ingested} ingested")
     for model in ("clip", "prior", "decoder", "upsampler"):
