@@ -109,7 +109,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
-    torch.set_grad_enabled(False)
     with tempfile.TemporaryDirectory(prefix="unclip-sampling-") as root:
         pipe, cfg = build_pipeline(args.config, root, args.device)
         steps = args.steps or cfg.decoder.sample_steps

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,6 +19,7 @@ def test_sampling_benchmark_times_both_paths(capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     result = bench.main(["--n", "2", "--steps", "2", "--repeat", "1"])
+    assert torch.is_grad_enabled()  # it runs in this process: the tests after it still train
     assert result["images"] == 2 and result["steps"] == 2
     assert result["pipeline_s"] > 0 and result["bare_s"] > 0
     assert result["ratio"] == pytest.approx(result["bare_s"] / result["pipeline_s"], rel=0.05)
