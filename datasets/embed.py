@@ -140,13 +140,13 @@ def embed_source(
     ds = embedding_dataset(layout, source_id, pending, clip_cfg, clip_checkpoint, cfg, bundle)
     del bundle  # from here the driver only writes: its model need not stay loaded
     gather = ShardGather(layout, info, source_id)
-    started = time.monotonic()
+    started, images = time.monotonic(), 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         finished = len(gather.results)
         gather.add(batch)
         if len(gather.results) > finished:
             done = result.shards_skipped + len(gather.results)
-            images = sum(r["samples"] for r in gather.results)
+            images += sum(r["samples"] for r in gather.results[finished:])
             rate = images / max(time.monotonic() - started, 1e-9)
             log.info(
                 "embed %s: %d/%d shards done, %d images, %.1f images/s",

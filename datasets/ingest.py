@@ -152,7 +152,7 @@ def _run_shards(
     run_stats: dict[int, dict[str, Any]] = {}
     remaining = list(refs)
     bound = driver_bound(cfg)
-    started = time.monotonic()
+    started, images = time.monotonic(), 0
     while remaining:
         ready, remaining = ray.wait(remaining, num_returns=1, timeout=bound)
         if not ready:  # nothing finished for longer than any try may take: end them for certain
@@ -169,11 +169,11 @@ def _run_shards(
         shard = refs[ready[0]]
         try:
             run_stats[shard] = ray.get(ready[0])
+            images += run_stats[shard]["successes"]
         except Exception as e:  # after Ray's retries: report, keep the other shards
             result.failed_shards[shard] = f"{type(e).__name__}: {e}"[:2000]
             log.error("ingest %s shard %05d failed: %s", source, shard, e)
         done = result.shards_skipped + len(run_stats) + len(result.failed_shards)
-        images = sum(s["successes"] for s in run_stats.values())
         log.info(
             "ingest %s: %d/%d shards done (%d failed), %d images, %.1f images/s",
             source,

@@ -277,7 +277,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             if runlog is not None:  # the rows up to a checkpoint are on file before it exists
                 runlog.flush()
                 trackers.flush()
-                runlog.plot(f"{model_kind} · {run_name}")  # the curve so far, while it trains
+                if s < cfg.max_steps:  # the curve so far, while it trains (the end draws its own)
+                    runlog.plot(f"{model_kind} · {run_name}")
             stream_state = position.state(s * cfg.grad_accum, source)
             _save_and_report(
                 engine,
