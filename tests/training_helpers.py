@@ -421,3 +421,15 @@ class DecoderDiesOnce(DecoderTask):
             open(self.marker, "w").close()
             os._exit(1)
         return super().batch(columns)
+
+
+def export_untrained_cascade(root: str) -> tuple[str, str, str]:
+    """(CLIP, prior, decoder) folders: a seeded, untrained tiny cascade exported as training does."""
+    torch.manual_seed(0)
+    clip_dir = save_clip(build_bootstrap_clip(TINY_CLIP), TINY_CLIP, f"{root}/clip")
+    bundle = load_clip(TINY_CLIP, clip_dir)
+    prior = make_prior_task(dim=TINY_CLIP.embed_dim, clip_id=bundle.clip_id)
+    prior.export(prior.build_model(), f"{root}/prior")
+    decoder = make_decoder_task(dim=TINY_CLIP.embed_dim, clip_id=bundle.clip_id)
+    decoder.export(decoder.build_model(), f"{root}/decoder")
+    return clip_dir, f"{root}/prior", f"{root}/decoder"

@@ -9,9 +9,8 @@ import pytest
 import torch
 from PIL import Image
 from tiny import TINY_CLIP
-from training_helpers import HOLDOUT, TINY_DECODER, make_decoder_task, make_prior_task
+from training_helpers import HOLDOUT, TINY_DECODER, export_untrained_cascade, make_prior_task
 
-from unclip.datasets.clip import build_bootstrap_clip, load_clip, save_clip
 from unclip.datasets.storage import exists, read_json
 from unclip.datasets.synthetic import PALETTE
 from unclip.pipelines.config import CASCADE_GATE_METRICS, PRIOR_GATE_METRICS
@@ -78,14 +77,7 @@ def test_caption_grid_puts_each_captions_images_in_its_row_above_its_caption():
 def exports(tmp_path_factory):
     """An untrained tiny CLIP, prior and decoder, exported as the training entry points do."""
     root = tmp_path_factory.mktemp("exports")
-    torch.manual_seed(0)
-    clip_dir = save_clip(build_bootstrap_clip(TINY_CLIP), TINY_CLIP, str(root / "clip"))
-    bundle = load_clip(TINY_CLIP, clip_dir)
-    prior = make_prior_task(dim=TINY_CLIP.embed_dim, clip_id=bundle.clip_id)
-    prior.export(prior.build_model(), str(root / "prior"))
-    decoder = make_decoder_task(dim=TINY_CLIP.embed_dim, clip_id=bundle.clip_id)
-    decoder.export(decoder.build_model(), str(root / "decoder"))
-    return clip_dir, str(root / "prior"), str(root / "decoder")
+    return export_untrained_cascade(str(root))
 
 
 def test_generate_and_write_a_sample_grid(exports, embedded_store, tmp_path):

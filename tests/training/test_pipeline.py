@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
-from training_helpers import TINY_CLIP, make_decoder_task, make_prior_task
+from training_helpers import TINY_CLIP, export_untrained_cascade
 
 from unclip.datasets.clip import build_bootstrap_clip, encode_texts, load_clip, save_clip
 from unclip.training.inference import OpenClipModel, UnclipPipeline
@@ -26,14 +26,7 @@ CAPTIONS = ["a red circle", "a blue square"]
 def exports(tmp_path_factory):
     """An untrained tiny CLIP, prior (k = 1 by default) and decoder, exported as training does."""
     root = tmp_path_factory.mktemp("pipeline")
-    torch.manual_seed(0)
-    clip_dir = save_clip(build_bootstrap_clip(TINY_CLIP), TINY_CLIP, str(root / "clip"))
-    bundle = load_clip(TINY_CLIP, clip_dir)
-    prior = make_prior_task(dim=TINY_CLIP.embed_dim, clip_id=bundle.clip_id)
-    prior.export(prior.build_model(), str(root / "prior"))
-    decoder = make_decoder_task(dim=TINY_CLIP.embed_dim, clip_id=bundle.clip_id)
-    decoder.export(decoder.build_model(), str(root / "decoder"))
-    return clip_dir, str(root / "prior"), str(root / "decoder")
+    return export_untrained_cascade(str(root))
 
 
 @pytest.fixture(scope="module")
