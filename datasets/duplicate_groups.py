@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 _BLOCK = 1024  # rows compared at once: memory is a block × kept-so-far matrix of float32
 
@@ -73,6 +74,7 @@ def find_duplicates(
     """Greedy dedup of batch rows ``x`` inside their clusters, after an already-kept ``bank``.
 
     ``priority``: lower is visited (and so kept) first. Bank rows are kept whatever they match.
+    The bank may be float16 (as it is stored): one cluster's rows at a time are widened.
     """
     n = len(x)
     out = Duplicates(np.full(n, -1, np.int64), np.zeros(n, np.float32))
@@ -82,23 +84,27 @@ def find_duplicates(
     bounds = np.flatnonzero(np.diff(clusters[order])) + 1
     bank_order = np.argsort(bank_clusters, kind="stable")
     bank_sorted = bank_clusters[bank_order]
-    for rows in np.split(order, bounds):
-        if not len(rows):
-            continue
-        c = clusters[rows[0]]
-        lo, hi = np.searchsorted(bank_sorted, c, "left"), np.searchsorted(bank_sorted, c, "right")
-        kept_ids = [-2 - int(i) for i in bank_order[lo:hi]]
-        kept_vecs = [bank[bank_order[lo:hi]]]
-        for start in range(0, len(rows), _BLOCK):
-            block = rows[start : start + _BLOCK]
-            _dedup_block(x, block, kept_ids, kept_vecs, threshold, out)
+    # One cluster's products are small (a block against its kept rows): BLAS threads cost more
+    # in wake-ups than they save there, and on busy CPUs many times more, so they run on one.
+    with threadpool_limits(limits=1, user_api="blas"):
+        for rows in np.split(order, bounds):
+            if not len(rows):
+                continue
+            c = clusters[rows[0]]
+            lo = np.searchsorted(bank_sorted, c, "left")
+            hi = np.searchsorted(bank_sorted, c, "right")
+            kept_ids = [-2 - bank_order[lo:hi].astype(np.int64)]
+            kept_vecs = [bank[bank_order[lo:hi]].astype(np.float32, copy=False)]
+            for start in range(0, len(rows), _BLOCK):
+                block = rows[start : start + _BLOCK]
+                _dedup_block(x, block, kept_ids, kept_vecs, threshold, out)
     return out
 
 
 def _dedup_block(
     x: np.ndarray,
     block: np.ndarray,
-    kept_ids: list[int],
+    kept_ids: list[np.ndarray],
     kept_vecs: list[np.ndarray],
     threshold: float,
     out: Duplicates,
@@ -112,7 +118,7 @@ def _dedup_block(
         best = sims.argmax(1)
         best_sim = sims[np.arange(len(block)), best]
         dup = best_sim >= threshold
-        out.of[block[dup]] = np.asarray(kept_ids, np.int64)[best[dup]]
+        out.of[block[dup]] = np.concatenate(kept_ids)[best[dup]]
         out.similarity[block[dup]] = best_sim[dup]
     inner = xb @ xb.T
     candidate = np.tril(inner >= threshold, k=-1)  # [i, j]: j visited before i
@@ -124,5 +130,5 @@ def _dedup_block(
             alive[i] = False
             out.of[block[i]] = block[j]
             out.similarity[block[i]] = inner[i, j]
-    kept_ids.extend(int(r) for r in block[alive])
+    kept_ids.append(block[alive].astype(np.int64))
     kept_vecs[:] = [kept, xb[alive]] if kept is not None else [xb[alive]]

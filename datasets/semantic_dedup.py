@@ -7,13 +7,14 @@ Each partition then gets, through a temporary name and a rename:
 
 - ``removals/{source}/{shard}.parquet``: ``key``, ``duplicate_of`` (``source/key`` of the kept
   sample), ``similarity`` — the rows the manifest leaves out; shards are never rewritten;
-- ``kept/{source}/{shard}.parquet``: ``key``, ``cluster``, ``image_embedding`` of its kept rows,
-  which is all a later partition is compared with.
+- ``kept/{source}/{shard}.npy`` and ``.parquet``: its kept rows' vectors (float16) and their
+  ``key`` and ``cluster``, which is all a later partition is compared with (``kept_bank``).
 
 ``state.json`` lists the partitions done (with their removal list's sha256) and is written after
 their files: it is the commit. A later run assigns only the partitions missing from it to the
-frozen centroids and compares them with the kept members of their clusters, so its cost grows
-with the new rows. ``current.json`` names the version in use; a re-cluster fits new centroids on
+frozen centroids and compares them with the kept members of their clusters — read from the
+``.npy`` files, memory-mapped on a local disk, only those clusters' rows — so its cost grows with
+the new rows. ``current.json`` names the version in use; a re-cluster fits new centroids on
 everything, writes a whole new version and switches ``current.json`` last, so a run killed at
 any point leaves the version in use, and every manifest made from it, as they were.
 """
@@ -34,7 +35,8 @@ from fsspec.core import url_to_fs
 
 from .curation_config import SemanticDedupConfig
 from .duplicate_groups import assign, find_duplicates, fit_centroids
-from .embedding_file import fixed_list, fixed_list_to_numpy
+from .embedding_file import fixed_list_to_numpy
+from .kept_bank import KeptBank, read_bank, write_kept
 from .lease import Lease, LeaseHeld
 from .shards import completed_shards
 from .storage import StorageLayout, atomic_write, exists, read_json, read_parquet, write_json
@@ -42,6 +44,7 @@ from .storage import StorageLayout, atomic_write, exists, read_json, read_parque
 log = logging.getLogger(__name__)
 
 Partition = tuple[str, int]  # (source, shard)
+_COLUMNS = ["key", "image_embedding", "clip_score"]
 LEASE_WAIT_S = 600.0
 
 
@@ -98,23 +101,27 @@ class _Batch:
 
 
 def _load(layout: StorageLayout, clip_id: str, parts: list[Partition]) -> _Batch:
+    """Keys, unit image embeddings and CLIP scores of ``parts``, in order.
+
+    The float16 columns are widened into one float32 array filled in place, so the batch is held
+    once (not as per-partition copies and their concatenation).
+    """
     keys: list[str] = []
-    xs, scores, sizes = [], [], [0]
+    half, scores, sizes = [], [], [0]
     for source, shard in parts:
-        path = layout.embedding_shard(clip_id, source, shard)
-        t = read_parquet(path, ["key", "image_embedding", "clip_score"])
+        t = read_parquet(layout.embedding_shard(clip_id, source, shard), _COLUMNS)
         keys += t.column("key").to_pylist()
-        x = fixed_list_to_numpy(t.column("image_embedding"))
-        xs.append(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
+        half.append(t.column("image_embedding"))
         scores.append(t.column("clip_score").to_numpy().astype(np.float32))
         sizes.append(t.num_rows)
-    d = xs[0].shape[1] if xs else 1
+    offsets = np.cumsum(sizes)
+    d = half[0].type.list_size if half else 1
+    x = np.empty((offsets[-1], d), np.float32)
+    for column, lo, hi in zip(half, offsets[:-1], offsets[1:], strict=True):
+        x[lo:hi] = fixed_list_to_numpy(column)
+        x[lo:hi] /= np.maximum(np.linalg.norm(x[lo:hi], axis=1, keepdims=True), 1e-12)
     return _Batch(
-        parts,
-        np.cumsum(sizes),
-        keys,
-        np.concatenate(xs) if xs else np.zeros((0, d), np.float32),
-        np.concatenate(scores) if scores else np.zeros(0, np.float32),
+        parts, offsets, keys, x, np.concatenate(scores) if scores else np.zeros(0, np.float32)
     )
 
 
@@ -139,28 +146,6 @@ def _version_name(centroids: np.ndarray, cfg: SemanticDedupConfig) -> str:
     return h.hexdigest()[:16]
 
 
-def _load_bank(
-    layout: StorageLayout, clip_id: str, version: str, done: list[str], clusters: set[int]
-) -> tuple[np.ndarray | None, np.ndarray | None, list[str]]:
-    """Kept members of ``clusters`` over the done partitions: vectors, clusters, global keys."""
-    vecs, cl, names = [], [], []
-    for name in done:
-        source, shard = name.rsplit("/", 1)
-        t = read_parquet(layout.semdedup_kept(clip_id, version, source, int(shard)))
-        c = t.column("cluster").to_numpy()
-        mask = np.isin(c, np.fromiter(clusters, np.int32, len(clusters)))
-        if not mask.any():
-            continue
-        vecs.append(fixed_list_to_numpy(t.column("image_embedding"))[mask])
-        cl.append(c[mask])
-        names += [
-            f"{source}/{k}" for k, m in zip(t.column("key").to_pylist(), mask, strict=True) if m
-        ]
-    if not vecs:
-        return None, None, []
-    return np.concatenate(vecs), np.concatenate(cl).astype(np.int32), names
-
-
 def _write_partitions(
     layout: StorageLayout,
     clip_id: str,
@@ -169,7 +154,7 @@ def _write_partitions(
     clusters: np.ndarray,
     dup_of: np.ndarray,
     similarity: np.ndarray,
-    bank_names: list[str],
+    bank: KeptBank | None,
 ) -> dict[str, dict]:
     """Each partition's removal list and kept members; returns its state entries."""
     global_keys = [
@@ -183,7 +168,7 @@ def _write_partitions(
         of = dup_of[lo:hi]
         removed = np.flatnonzero(of != -1)
         kept = np.flatnonzero(of == -1)
-        names = [global_keys[j] if j >= 0 else bank_names[-2 - j] for j in of[removed]]
+        names = [global_keys[j] if j >= 0 else bank.name(-2 - j) for j in of[removed]]
         removals = pa.table(
             {
                 "key": pa.array([batch.keys[lo + i] for i in removed], pa.string()),
@@ -195,16 +180,16 @@ def _write_partitions(
         pq.write_table(removals, buf)
         with atomic_write(layout.semdedup_removals(clip_id, version, source, shard)) as f:
             f.write(buf.getvalue())
-        kept_table = pa.table(
-            {
-                "key": pa.array([batch.keys[lo + i] for i in kept], pa.string()),
-                "cluster": pa.array(clusters[lo:hi][kept], pa.int32()),
-                "image_embedding": fixed_list(batch.x[lo:hi][kept]),
-            }
+        kept_keys = [batch.keys[lo + i] for i in kept]
+        write_kept(
+            layout,
+            clip_id,
+            version,
+            (source, shard),
+            kept_keys,
+            clusters[lo:hi][kept],
+            batch.x[lo:hi][kept],
         )
-        with atomic_write(layout.semdedup_kept(clip_id, version, source, shard)) as f:
-            # plain and uncompressed: later runs read every kept vector, so read speed is what counts
-            pq.write_table(kept_table, f, compression="none", use_dictionary=False)
         entries[partition_name((source, shard))] = {
             "rows": int(hi - lo),
             "removed": len(removed),
@@ -224,14 +209,17 @@ def _dedup_and_commit(
 ) -> dict[str, dict]:
     clusters = assign(batch.x, centroids) if len(batch.keys) else np.zeros(0, np.int32)
     done = sorted(state.get("partitions", {}))
-    bank, bank_clusters, bank_names = _load_bank(
-        layout, clip_id, version, done, set(np.unique(clusters).tolist())
-    )
+    bank = read_bank(layout, clip_id, version, done, np.unique(clusters))
     found = find_duplicates(
-        batch.x, clusters, _priority(batch, cfg.keep), cfg.similarity, bank, bank_clusters
+        batch.x,
+        clusters,
+        _priority(batch, cfg.keep),
+        cfg.similarity,
+        bank.vectors if bank else None,
+        bank.clusters if bank else None,
     )
     entries = _write_partitions(
-        layout, clip_id, version, batch, clusters, found.of, found.similarity, bank_names
+        layout, clip_id, version, batch, clusters, found.of, found.similarity, bank
     )
     partitions = {**state.get("partitions", {}), **entries}
     new_state = {
