@@ -87,8 +87,18 @@ def current_version(layout: StorageLayout, clip_id: str) -> str | None:
 
 def read_state(layout: StorageLayout, clip_id: str, version: str) -> dict:
     """A version's committed state: settings and the partitions done (``{}`` if none)."""
-    path = layout.join(layout.semdedup_version(clip_id, version), "state.json")
+    path = _version_file(layout, clip_id, version, "state.json")
     return read_json(path) if exists(path) else {}
+
+
+def _version_file(layout: StorageLayout, clip_id: str, version: str, name: str) -> str:
+    """Where a version's ``name`` is, for reading: its folder, or where stores written before
+    kept it (the folder's full path repeated under the root) when only that exists."""
+    path = layout.semdedup_version_file(clip_id, version, name)
+    if exists(path):
+        return path
+    nested = layout.join(layout.semdedup_version(clip_id, version), name)
+    return nested if exists(nested) else path
 
 
 @dataclass
@@ -229,7 +239,7 @@ def _dedup_and_commit(
         "fitted_on": state.get("fitted_on", sorted(entries)),
         "partitions": partitions,
     }
-    write_json(layout.join(layout.semdedup_version(clip_id, version), "state.json"), new_state)
+    write_json(layout.semdedup_version_file(clip_id, version, "state.json"), new_state)
     return entries
 
 
@@ -241,15 +251,14 @@ def _fit_version(
     version = _version_name(centroids, cfg)
     buf = io.BytesIO()
     np.save(buf, centroids)
-    with atomic_write(layout.join(layout.semdedup_version(clip_id, version), "centroids.npy")) as f:
+    with atomic_write(layout.semdedup_version_file(clip_id, version, "centroids.npy")) as f:
         f.write(buf.getvalue())
     return version, centroids
 
 
 def read_centroids(layout: StorageLayout, clip_id: str, version: str) -> np.ndarray:
     """A version's frozen centroids (float32 [k, D], unit rows)."""
-    path = layout.join(layout.semdedup_version(clip_id, version), "centroids.npy")
-    fs, p = url_to_fs(path)
+    fs, p = url_to_fs(_version_file(layout, clip_id, version, "centroids.npy"))
     with fs.open(p, "rb") as f:
         return np.load(io.BytesIO(f.read()))
 

@@ -120,6 +120,10 @@ class StorageLayout:
     def semdedup_version(self, clip_id: str, version: str) -> str:
         return self.join("curation", clip_id, "semdedup", version)
 
+    def semdedup_version_file(self, clip_id: str, version: str, name: str) -> str:
+        """A file of one centroid version's folder: ``centroids.npy``, ``state.json``."""
+        return self.join("curation", clip_id, "semdedup", version, name)
+
     def semdedup_removals(self, clip_id: str, version: str, source: str, shard: int) -> str:
         """Removal list of one partition: ``key``, ``duplicate_of``, ``similarity``."""
         return self.join(

@@ -236,3 +236,32 @@ def test_the_keep_rule_decides_which_sample_stays(keep):
     prio = np.arange(3) if keep == "first_seen" else np.argsort(np.argsort(-scores))
     found = find_duplicates(x, np.zeros(3, np.int32), prio, 0.99)
     assert list(found.of) == ([-1, 0, -1] if keep == "first_seen" else [1, -1, -1])
+
+
+def test_a_curated_store_moved_to_another_root_curates_on(shapes_store, tmp_path):
+    """A version's files are found under the root it is read from; a store keeping ``state.json``
+    and ``centroids.npy`` under its version folder's full path repeated below the root (as stores
+    written before did) is read as well."""
+    from unclip.datasets.storage import StorageLayout
+
+    store = shapes_store
+    cfg = _cfg(store, keep="first_seen")
+    later = Path(store.layout.embedding_shard(store.clip_id, store.source, 1))
+    held = later.read_bytes()
+    later.unlink()
+    version = curate(store.layout, store.clip_id, [store.source], cfg).version
+    moved, nested = (StorageLayout(str(tmp_path / name)) for name in ("moved", "nested"))
+    for layout in (moved, nested):
+        shutil.copytree(store.root, layout.root)
+    for name in ("state.json", "centroids.npy"):
+        where = Path(nested.semdedup_version_file(store.clip_id, version, name))
+        old = Path(nested.join(nested.semdedup_version(store.clip_id, version), name))
+        old.parent.mkdir(parents=True, exist_ok=True)
+        where.rename(old)
+    lists = []
+    for layout in (store.layout, moved, nested):
+        Path(layout.embedding_shard(store.clip_id, store.source, 1)).write_bytes(held)
+        result = curate(layout, store.clip_id, [store.source], cfg)
+        assert result.version == version and result.partitions_new == 1
+        lists.append(Path(layout.semdedup_removals(store.clip_id, version, store.source, 1)))
+    assert lists[0].read_bytes() == lists[1].read_bytes() == lists[2].read_bytes()
