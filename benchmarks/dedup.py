@@ -14,8 +14,10 @@
    ``--rows`` embeddings (D = ``--dim``) in partitions of ``--partition-rows``, clustered
    around 2000 centres with ``--semantic-planted`` of the rows near-copies (cosine ≈ 0.99) of an
    earlier row. Timed: the first run (fit + dedup), then a new partition of 10 % more rows
-   (incremental), then a full re-cluster over everything; ``incremental_fraction`` is the
-   incremental run over the full one. ``peak_rss_gb`` is this process's peak.
+   (incremental: its rows assigned to the frozen centroids and compared with the kept members of
+   their clusters, read from the version's ``kept/*.npy``), then a full re-cluster over
+   everything; ``incremental_fraction`` is the incremental run over the full one.
+   ``peak_rss_gb`` is this process's peak. ``--images 0`` times the semantic part alone.
 
 Run it alone on the machine: the lead's figures are from a quiet machine. The last line is JSON.
 """
