@@ -24,6 +24,7 @@ from dagster import AssetExecutionContext
 from pydantic import Field
 
 from unclip.datasets import ingest, manifest, readers, synthetic
+from unclip.datasets.embedding_shards import embedded_source
 from unclip.datasets.served_rows import require_images
 from unclip.pipelines import promotion as promotion_gate
 from unclip.pipelines import sources
@@ -48,6 +49,7 @@ from unclip.training.evaluation.trained_cascade import (
     evaluate_trained_cascade,
 )
 from unclip.training.models.clip_pin import EmbeddingClip, embedding_clip
+from unclip.training.models.run_names import finished_manifest_run
 
 GROUP = "unclip"
 SOURCES = dg.DynamicPartitionsDefinition(name="sources")
@@ -159,10 +161,12 @@ def embeddings(
     storage: StorageResource,
     ray: RayResource,
 ) -> dg.Output[EmbedSummary]:
-    from unclip.datasets import embed  # open_clip and torch load with the first embedding
-
     cfg, sid = storage.config(unclip), context.partition_key
-    r = embed.embed_source(storage.layout, sid, cfg.clip, clip_model.checkpoint, cfg.embed)
+    r = embedded_source(storage.layout, sid, clip_model.clip_id)
+    if r is None:  # open_clip and torch load only when there are shards to embed
+        from unclip.datasets import embed
+
+        r = embed.embed_source(storage.layout, sid, cfg.clip, clip_model.checkpoint, cfg.embed)
     return _output(EmbedSummary(sid, r.clip_id, r.shards_written, r.shards_skipped))
 
 
@@ -214,12 +218,13 @@ def _training_asset(
             model != "prior"
         ):  # image models: refuse embeddings-only sources before any worker starts
             require_images(readers.load_manifest(storage.layout, dataset_manifest.version))
-        train = getattr(
-            importlib.import_module(f"unclip.training.models.{model}"), f"train_{model}"
-        )
-        fit = train(
-            storage.layout, dataset_manifest.version, section, cfg.evaluate.holdout_fraction
-        )
+        version, holdout = dataset_manifest.version, cfg.evaluate.holdout_fraction
+        fit = finished_manifest_run(storage.layout, model, section, holdout, version)
+        if fit is None:  # torch loads with the model's module, only when there is work
+            train = getattr(
+                importlib.import_module(f"unclip.training.models.{model}"), f"train_{model}"
+            )
+            fit = train(storage.layout, version, section, holdout)
         record_latest(storage.layout, model, fit, dataset_manifest.version)
         return _output(fit, fit.run_name)
 

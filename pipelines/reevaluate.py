@@ -60,7 +60,7 @@ def _prior(
     m: dict[str, Any],
     out: str,
 ) -> dict[str, Any]:
-    from unclip.training.engine.trainer import FitResult
+    from unclip.training.engine.fit_result import FitResult
     from unclip.training.evaluation.prior_eval import evaluate_prior
 
     if m.get("split") != "holdout" or m.get("holdout_fraction") is None:
@@ -89,13 +89,10 @@ def _decoder(
     out_dir: str,
 ) -> dict[str, Any]:
     from unclip.datasets.synthetic import color_palette
+    from unclip.training.engine.fit_result import EXPORT_DIRNAME, FitResult
     from unclip.training.engine.latest_runs import latest_export
-    from unclip.training.engine.trainer import EXPORT_DIRNAME, FitResult
-    from unclip.training.evaluation.cascade_eval import (
-        CascadeEvalOptions,
-        CascadeRuns,
-        evaluate_cascade,
-    )
+    from unclip.training.evaluation.cascade_eval import CascadeEvalOptions, evaluate_cascade
+    from unclip.training.evaluation.cascade_record import CascadeRuns
 
     settings = m.get("settings") or {}
     if settings.get("cascade"):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -102,3 +104,22 @@ def test_demo_pipeline_end_to_end_then_rerun_does_no_work(tmp_path, ray_local, m
     for model in ("clip_model", "prior", "decoder"):
         assert again[model].skipped is True, model
     assert {o.model: o.status for o in again["promotion"]}["prior"] == "current"
+
+    # A rerun in a new process finds every stage done without loading a model library: the
+    # finished runs, embeddings and evaluations are read from their records.
+    code = (
+        "import sys, json\n"
+        "from unclip.pipelines.config import load_config\n"
+        "from unclip.pipelines.runner import run_pipeline\n"
+        f"overrides = json.loads({json.dumps(json.dumps(SHRINK))})\n"
+        f"run = run_pipeline({str(config_path)!r}, load_config({str(config_path)!r}, overrides), "
+        "overrides)\n"
+        "assert run.success\n"
+        "heavy = ('torch', 'open_clip', 'diffusers', 'deepspeed')\n"
+        "print(json.dumps(sorted(m for m in heavy if m in sys.modules)))\n"
+    )
+    rerun = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads(rerun.stdout.strip().splitlines()[-1]) == []
