@@ -35,7 +35,9 @@ from .storage import StorageLayout, atomic_write, exists, read_parquet
 LEGACY_VECTORS = "image_embedding"  # the kept Parquet's vector column before the .npy
 
 
-def kept_vectors_path(layout: StorageLayout, clip_id: str, version: str, source: str, shard: int):
+def kept_vectors_path(
+    layout: StorageLayout, clip_id: str, version: str, source: str, shard: int
+) -> str:
     """The ``.npy`` of one partition's kept vectors, beside its kept Parquet."""
     return layout.semdedup_kept(clip_id, version, source, shard).removesuffix(".parquet") + ".npy"
 
