@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 _BLOCK = 1024  # rows compared at once: memory is a block × kept-so-far matrix of float32
 
@@ -76,6 +75,8 @@ def find_duplicates(
     ``priority``: lower is visited (and so kept) first. Bank rows are kept whatever they match.
     The bank may be float16 (as it is stored): one cluster's rows at a time are widened.
     """
+    from threadpoolctl import threadpool_limits  # with the first dedup, not with the CLI
+
     n = len(x)
     out = Duplicates(np.full(n, -1, np.int64), np.zeros(n, np.float32))
     bank = np.zeros((0, x.shape[1]), np.float32) if bank is None else bank
