@@ -265,3 +265,28 @@ def test_a_curated_store_moved_to_another_root_curates_on(shapes_store, tmp_path
         assert result.version == version and result.partitions_new == 1
         lists.append(Path(layout.semdedup_removals(store.clip_id, version, store.source, 1)))
     assert lists[0].read_bytes() == lists[1].read_bytes() == lists[2].read_bytes()
+
+
+def test_the_per_cluster_products_run_on_one_blas_thread(monkeypatch):
+    """Small products on several BLAS threads made an increment several times slower on busy
+    CPUs; the dedup holds BLAS to one thread, and gives the threads back after."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from unclip.datasets import duplicate_groups
+
+    def blas_threads() -> list[int]:
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    seen, real = [], duplicate_groups._dedup_block
+    monkeypatch.setattr(
+        duplicate_groups,
+        "_dedup_block",
+        lambda *a: seen.append(blas_threads()) or real(*a),
+    )
+    x = _unit(np.random.default_rng(3).normal(size=(20, 8)))
+    with threadpool_limits(limits=2, user_api="blas"):  # as on a machine of two CPUs or more
+        before = blas_threads()
+        find_duplicates(x, np.arange(20, dtype=np.int32) % 2, np.arange(20), 0.9)
+        assert blas_threads() == before
+    assert before and set(before) == {2}
+    assert len(seen) == 2 and all(threads == [1] * len(before) for threads in seen)
