@@ -34,7 +34,7 @@ import time
 
 from .clip import ClipBundle, load_clip
 from .config import ClipConfig, EmbedConfig
-from .embed_decode import COUNT_KEYS
+from .embed_decode import COUNT_KEYS, DecodeSpec
 from .embed_encode import encode_shard
 from .embed_ray_data import embedding_dataset
 from .embedding_shards import (
@@ -66,7 +66,9 @@ def embed_shard(
         layout.embedding_shard(bundle.clip_id, source, shard), bundle.clip_id
     ):
         return {"written": 0, "samples": 0}
-    rows = encode_shard(layout, bundle, source, shard, batch_size, dedup_captions)
+    rows = encode_shard(
+        layout, bundle, source, shard, DecodeSpec.of(bundle, batch_size, dedup_captions)
+    )
     return write_shard(layout, FileInfo.of(bundle), source, shard, [rows])
 
 

@@ -15,6 +15,7 @@ those. Stages name their outputs by content hashes, so a re-materialized asset w
 not change still skips its work.
 """
 
+import functools
 import importlib
 import warnings
 from typing import Any, Optional
@@ -53,6 +54,8 @@ from unclip.training.models.run_names import finished_manifest_run
 
 GROUP = "unclip"
 SOURCES = dg.DynamicPartitionsDefinition(name="sources")
+# The assets of one source (URL list), one partition each.
+source_asset = functools.partial(dg.asset, group_name=GROUP, partitions_def=SOURCES)
 
 
 def _output(
@@ -76,9 +79,7 @@ class IngestRun(dg.Config):
     )
 
 
-@dg.asset(
-    group_name=GROUP,
-    partitions_def=SOURCES,
+@source_asset(
     code_version="2",
     description="One URL list (one source), checked as ingest will read it.",
 )
@@ -94,9 +95,7 @@ def url_lists(
     return _output(SourceList(context.partition_key, path, checked.rows), context.partition_key)
 
 
-@dg.asset(
-    group_name=GROUP,
-    partitions_def=SOURCES,
+@source_asset(
     deps=[url_lists],
     code_version="2",
     description="Webdataset image shards of one source, downloaded by img2dataset in Ray tasks.",
@@ -147,9 +146,7 @@ def clip_model(
     return _output(clip, clip.clip_id)
 
 
-@dg.asset(
-    group_name=GROUP,
-    partitions_def=SOURCES,
+@source_asset(
     deps=[image_shards],
     code_version="2",
     description="CLIP image and text embeddings of one source, one Parquet per image shard.",

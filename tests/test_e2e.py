@@ -27,6 +27,7 @@ def test_demo_pipeline_end_to_end_then_rerun_does_no_work(tmp_path, ray_local, m
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
     raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     raw["storage"] = str(tmp_path / "store")
+    raw.setdefault("decoder", {}).setdefault("trainer", {})["report_to"] = ["tensorboard"]
     config_path = tmp_path / "demo.yaml"
     config_path.write_text(yaml.safe_dump(raw))
     cfg = load_config(config_path, SHRINK)
@@ -74,6 +75,15 @@ def test_demo_pipeline_end_to_end_then_rerun_does_no_work(tmp_path, ray_local, m
         assert -1.0 <= metrics[key] <= 1.0
     grid = Image.open(out["evaluation"].sample_grid)
     assert grid.width >= 2 * 16 and grid.height >= 16
+
+    # the evaluation reached the decoder run's TensorBoard: its metrics and the sample grid
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (decoder_run,) = [p for p in (store / "runs" / "decoder").iterdir() if p.is_dir()]
+    events = EventAccumulator(str(decoder_run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert {"train/loss", "eval/fd_clip", "eval/clip_score"} <= set(events.Tags()["scalars"])
+    assert events.Tags()["images"] == ["eval/samples"]
 
     # promotion: the first evaluated prior is promoted into the registry
     promoted = {o.model: o.status for o in out["promotion"]}

@@ -16,7 +16,7 @@ from unclip.datasets import readers
 from unclip.datasets.config import ClipConfig
 from unclip.datasets.storage import StorageLayout, exists, read_json, write_json
 
-from ..config import SHAPE_CAPTIONS, DecoderConfig, EvaluateConfig, PriorConfig
+from ..config import SHAPE_CAPTIONS, DecoderConfig, EvaluateConfig, PriorConfig, TrainerConfig
 from ..engine.fit_result import FitResult
 from .cascade_record import (
     DECODER_METRICS_FILE,
@@ -107,6 +107,7 @@ def evaluate_trained_cascade(
         prior_metrics = evaluate_prior(
             layout, version, runs.prior, eval_cfg, holdout_fraction, prior_cfg=prior_cfg
         )
+        _report(runs.prior, prior_cfg.trainer, _numbers(prior_metrics, PRIOR_METRIC_NAMES))
     grid = layout.join("eval", runs.decoder.run_name, "samples.png")
     if not exists(grid):
         from .prior_eval import write_sample_grid
@@ -133,6 +134,8 @@ def evaluate_trained_cascade(
             extra_images={"Sample grid (evaluate.captions, prior → decoder)": grid},
         )
         decoder_metrics = evaluate_cascade(layout, version, cascade_runs, eval_cfg, options)
+        summary = _numbers(decoder_metrics, CASCADE_SUMMARY_NAMES)
+        _report(runs.decoder, decoder_cfg.trainer, summary, {"samples": grid})
     if runs.upsampler is not None:
         # The upsampler is judged by the same cascade metrics (the promotion gate reads them here).
         up_path = layout.join("eval", runs.upsampler.run_name, UPSAMPLER_METRICS_FILE)
@@ -145,6 +148,20 @@ def evaluate_trained_cascade(
         report=f"{eval_dir}/{REPORT_FILE}",
         prior_metrics=_numbers(prior_metrics, PRIOR_METRIC_NAMES),
         cascade_metrics=_numbers(decoder_metrics, CASCADE_SUMMARY_NAMES),
+    )
+
+
+def _report(
+    fit: FitResult,
+    trainer: TrainerConfig,
+    metrics: dict[str, float],
+    images: dict[str, str] | None = None,
+) -> None:
+    """A fresh evaluation of ``fit`` into the trackers its training reported to."""
+    from ..engine.trackers import report_evaluation
+
+    report_evaluation(
+        trainer.report_to, fit.run_dir, fit.run_name, trainer.max_steps, metrics, images
     )
 
 
