@@ -204,7 +204,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     if runlog is not None:  # rank 0 alone keeps the run's record
         runlog.resume(start)
         ensure_progress_handler()
-        progress = TrainProgress(f"{model_kind} {run_name}", start, cfg.max_steps)
+        progress = TrainProgress(
+            f"{model_kind} {run_name}", start, cfg.max_steps, relay=config.get("progress_relay")
+        )
         params = {"run_name": run_name, "model_kind": model_kind, **ident["trainer"]}
         trackers = Trackers.open(cfg.report_to, run_dir, run_name, params, start)
     position = StreamPosition.resumed(state.get("stream"), plan, start * cfg.grad_accum, world)
