@@ -106,15 +106,20 @@ class ProgressRelay:
 
         from unclip.datasets.progress_records import progress_extra
 
-        while not (self.stop.is_set() and self.queue.empty()):
+        while True:
             try:
                 label, step, max_steps, line = self.queue.get(timeout=0.5)
             except Empty:
+                if self.stop.is_set():
+                    return  # stopped, and nothing left to log
                 continue
+            except Exception:  # the queue's actor is gone (Ray shut down): no more progress
+                return
             log.info("%s", line, extra=progress_extra(label, step, max_steps))
 
     def close(self) -> None:
         """Log what is left, then stop the thread and the queue."""
         self.stop.set()
         self.thread.join(timeout=10)
-        self.queue.shutdown()
+        with contextlib.suppress(Exception):
+            self.queue.shutdown()
