@@ -94,6 +94,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return groups
 
 
+def make_optimizer(model: torch.nn.Module, cfg: TrainerConfig) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`, fused: one kernel over all tensors (on CPU 3-5x faster
+    than the per-tensor loop; it matters for a large token embedding such as CLIP's)."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=True)
+
+
 def to_device(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """Move a batch (tensor, dict, list, tuple) to ``device``; floating tensors to ``dtype``."""
     if isinstance(batch, torch.Tensor):
@@ -181,7 +187,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     plan = StreamPlan.make(source.shards, rank, world, cfg.batch_size, cfg.shuffle_block, cfg.seed)
     num_samples = plan.num_samples
     task.setup(rank, world)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.warmup_steps, cfg.max_steps)
     )
