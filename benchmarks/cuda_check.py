@@ -34,12 +34,8 @@ import torch  # noqa: E402
 
 from unclip.datasets.storage import StorageLayout  # noqa: E402
 from unclip.training.config import DecoderConfig, PriorConfig, TrainerConfig  # noqa: E402
-from unclip.training.engine.train_loop import (  # noqa: E402
-    ds_config,
-    make_optimizer,
-    seed_micro_step,
-    to_device,
-)
+from unclip.training.engine.optimization import ds_config, make_optimizer  # noqa: E402
+from unclip.training.engine.train_loop import seed_micro_step, to_device  # noqa: E402
 from unclip.training.models.decoder import DecoderTask  # noqa: E402
 from unclip.training.models.prior import PriorTask  # noqa: E402
 

@@ -47,7 +47,7 @@ from unclip.datasets.config import ClipConfig  # noqa: E402
 from unclip.datasets.storage import StorageLayout  # noqa: E402
 from unclip.datasets.synthetic import shape_caption  # noqa: E402
 from unclip.training.config import DecoderConfig, TrainerConfig  # noqa: E402
-from unclip.training.engine.train_loop import make_optimizer  # noqa: E402
+from unclip.training.engine.optimization import make_optimizer  # noqa: E402
 from unclip.training.models.bootstrap_clip import ClipTask  # noqa: E402
 from unclip.training.models.decoder import DecoderTask  # noqa: E402
 
