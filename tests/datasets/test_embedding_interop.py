@@ -256,7 +256,7 @@ def test_embedding_columns_stay_under_2_1_bytes_per_dimension(tmp_path):
     assert vec / (2 * md.num_rows * 512) <= 2.1
 
 
-def test_vectors_are_written_uncompressed_and_every_other_leaf_zstd(tmp_path):
+def test_vectors_are_written_snappy_and_every_other_leaf_zstd(tmp_path):
     rows = 5
     vectors = np.eye(rows, D, dtype=np.float16)
     nested = pa.table({"tags": [["a", "b"]] * rows, "size": pa.array(range(rows), pa.int32())})
@@ -278,8 +278,8 @@ def test_vectors_are_written_uncompressed_and_every_other_leaf_zstd(tmp_path):
         **dict.fromkeys(
             ["key", "caption", "url", "clip_score", "tags.list.element", "size"], "ZSTD"
         ),
-        "image_embedding.list.element": "UNCOMPRESSED",
-        "text_embedding.list.element": "UNCOMPRESSED",
+        "image_embedding.list.element": "SNAPPY",
+        "text_embedding.list.element": "SNAPPY",
     }
     assert pq.read_table(path).equals(table)
 
