@@ -28,11 +28,12 @@ from unclip.datasets.stream import RankStream, ShardSource, StreamPlan
 from ..config import TrainerConfig
 from .artifacts import publish_dir
 from .checkpoint_hashes import record_hashes, verify_hashes
+from .fit_result import EXPORT_DIRNAME, EXPORT_MARKER
 from .progress import TrainProgress, ensure_progress_handler
 from .runlog import RunLog
 from .stream_position import StreamPosition, stream_totals
 from .trackers import Trackers
-from .trainer import EXPORT_DIRNAME, EXPORT_MARKER, TRAINER_STATE, TrainTask
+from .trainer import TRAINER_STATE, TrainTask
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     if runlog is not None:  # rank 0 alone keeps the run's record
         runlog.resume(start)
         ensure_progress_handler()
-        progress = TrainProgress(f"{model_kind} {run_name}", start, cfg.max_steps)
+        progress = TrainProgress(
+            f"{model_kind} {run_name}", start, cfg.max_steps, relay=config.get("progress_relay")
+        )
         params = {"run_name": run_name, "model_kind": model_kind, **ident["trainer"]}
         trackers = Trackers.open(cfg.report_to, run_dir, run_name, params, start)
     position = StreamPosition.resumed(state.get("stream"), plan, start * cfg.grad_accum, world)
