@@ -190,7 +190,7 @@ def test_file_of_another_clip_in_the_folder_is_an_error(shapes_store, tiny_clip_
 
 
 def test_file_size_is_near_two_bytes_per_dimension(shapes_store):
-    """float16 vectors, byte-stream-split and zstd: the embedding columns stay under 2.1 B / dim."""
+    """float16 vectors, PLAIN and snappy: the embedding columns stay under 2.1 B / dim."""
     path = shapes_store.layout.embedding_shard(shapes_store.clip_id, shapes_store.source, 0)
     md = pq.ParquetFile(path).metadata
     rg = md.row_group(0)

@@ -13,7 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from unclip.datasets.embedding_export import export_embeddings
-from unclip.datasets.embedding_file import check_embedding_schema, fixed_list_to_numpy
+from unclip.datasets.embedding_file import (
+    check_embedding_schema,
+    embedding_table,
+    fixed_list_to_numpy,
+    write_embedding_table,
+)
 from unclip.datasets.embedding_import import (
     ImportSpec,
     import_embeddings,
@@ -249,6 +254,34 @@ def test_embedding_columns_stay_under_2_1_bytes_per_dimension(tmp_path):
         if rg.column(i).path_in_schema.endswith("embedding.list.element")
     )
     assert vec / (2 * md.num_rows * 512) <= 2.1
+
+
+def test_vectors_are_written_snappy_and_every_other_leaf_zstd(tmp_path):
+    rows = 5
+    vectors = np.eye(rows, D, dtype=np.float16)
+    nested = pa.table({"tags": [["a", "b"]] * rows, "size": pa.array(range(rows), pa.int32())})
+    table = embedding_table(
+        [f"k{i}" for i in range(rows)],
+        ["a caption"] * rows,
+        pa.array(["http://x"] * rows),
+        vectors,
+        vectors,
+        np.ones(rows, np.float32),
+        nested,
+    )
+    path = tmp_path / "e.parquet"
+    with open(path, "wb") as f:
+        write_embedding_table(table, f)
+    rg = pq.ParquetFile(path).metadata.row_group(0)
+    codecs = {rg.column(i).path_in_schema: rg.column(i).compression for i in range(rg.num_columns)}
+    assert codecs == {
+        **dict.fromkeys(
+            ["key", "caption", "url", "clip_score", "tags.list.element", "size"], "ZSTD"
+        ),
+        "image_embedding.list.element": "SNAPPY",
+        "text_embedding.list.element": "SNAPPY",
+    }
+    assert pq.read_table(path).equals(table)
 
 
 def test_files_written_byte_stream_split_before_stay_readable(tmp_path):
