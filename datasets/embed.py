@@ -31,67 +31,26 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-
-import pyarrow as pa
-import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
 
 from .clip import ClipBundle, load_clip
 from .config import ClipConfig, EmbedConfig
-from .embed_decode import COUNT_KEYS
+from .embed_decode import COUNT_KEYS, DecodeSpec
 from .embed_encode import encode_shard
 from .embed_ray_data import embedding_dataset
-from .embedding_file import check_embedding_metadata
+from .embedding_shards import (
+    EmbedResult,
+    clip_identity_path,
+    existing_embeddings_ok,
+    pending_shards,
+)
 from .embedding_writer import FileInfo, ShardGather, write_shard
 from .ray_runtime import ensure_started
 from .shards import completed_shards
 from .storage import StorageLayout, exists, write_json
 
-__all__ = ["EmbedResult", "embed_shard", "embed_source", "pending_shards"]
+__all__ = ["embed_shard", "embed_source"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EmbedResult:
-    """What an embed run of one source did."""
-
-    shards_written: int
-    shards_skipped: int
-    clip_id: str
-    samples: int = 0
-    skipped_samples: dict[str, int] = field(default_factory=dict)
-    redone: list[str] = field(default_factory=list)  # unreadable files embedded again
-
-
-def existing_embeddings_ok(path: str, clip_id: str) -> bool:
-    """Whether ``path`` holds a complete embedding file of ``clip_id``.
-
-    Missing or unreadable (a truncated file has no footer): False, and it is embedded again.
-    Readable but written by another CLIP: an error naming the file, since it is not ours to
-    overwrite.
-    """
-    fs, p = url_to_fs(path)
-    if not fs.exists(p):
-        return False
-    try:
-        with fs.open(p, "rb") as f:
-            schema = pq.read_schema(f)
-    except (pa.ArrowInvalid, OSError) as e:
-        log.warning("%s: unreadable embedding Parquet (%s); embedding the shard again", path, e)
-        return False
-    check_embedding_metadata(path, schema, clip_id, None)
-    return True
-
-
-def pending_shards(layout: StorageLayout, clip_id: str, source_id: str) -> list[int]:
-    """Committed image shards of ``source_id`` with no complete embedding file for ``clip_id``."""
-    return [
-        s
-        for s in completed_shards(layout, source_id)
-        if not existing_embeddings_ok(layout.embedding_shard(clip_id, source_id, s), clip_id)
-    ]
 
 
 def embed_shard(
@@ -107,7 +66,9 @@ def embed_shard(
         layout.embedding_shard(bundle.clip_id, source, shard), bundle.clip_id
     ):
         return {"written": 0, "samples": 0}
-    rows = encode_shard(layout, bundle, source, shard, batch_size, dedup_captions)
+    rows = encode_shard(
+        layout, bundle, source, shard, DecodeSpec.of(bundle, batch_size, dedup_captions)
+    )
     return write_shard(layout, FileInfo.of(bundle), source, shard, [rows])
 
 
@@ -121,7 +82,7 @@ def embed_source(
     """Embed every committed image shard of ``source_id`` that has no embeddings for this CLIP."""
     bundle = load_clip(clip_cfg, clip_checkpoint)
     clip_id = bundle.clip_id
-    identity_path = f"{layout.clip_dir(clip_id)}/identity.json"
+    identity_path = clip_identity_path(layout, clip_id)
     if not exists(identity_path):
         write_json(identity_path, {"clip_id": clip_id, **bundle.identity})
     all_shards = completed_shards(layout, source_id)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +15,9 @@ from PIL import Image
 from .clip_preprocess import FastPreprocess, chunk_pixels, tokenize_captions
 from .shards import ShardReadStats, iter_shard
 from .storage import StorageLayout, exists, read_parquet
+
+if TYPE_CHECKING:
+    from .clip import ClipBundle
 
 # What decoding a shard counts; the end row of a shard carries them.
 COUNT_KEYS = ("samples", "corrupt", "truncated_tar", "not_in_metadata")
@@ -38,6 +41,22 @@ class DecodedChunk:
     tokens: np.ndarray  # [n, L]
 
 
+@dataclass(frozen=True)
+class DecodeSpec:
+    """How a shard's samples become model inputs: the CLIP's transform and tokenizer, samples
+    per chunk, and whether a chunk tokenizes each distinct caption once."""
+
+    preprocess: Callable[[Image.Image], Any]
+    tokenizer: Callable[[list[str]], Any]
+    chunk_size: int
+    dedup_captions: bool = True
+
+    @classmethod
+    def of(cls, bundle: ClipBundle, chunk_size: int, dedup_captions: bool = True) -> DecodeSpec:
+        """The spec of a loaded CLIP's own preprocessing and tokenizer."""
+        return cls(bundle.preprocess, bundle.tokenizer, chunk_size, dedup_captions)
+
+
 @dataclass
 class ShardTally:
     """What decoding a shard counted, filled in as its chunks are read."""
@@ -47,14 +66,7 @@ class ShardTally:
 
 
 def decode_chunks(
-    layout: StorageLayout,
-    source: str,
-    shard: int,
-    preprocess: Callable[[Image.Image], Any],
-    tokenizer: Callable[[list[str]], Any],
-    chunk_size: int,
-    tally: ShardTally,
-    dedup_captions: bool = True,
+    layout: StorageLayout, source: str, shard: int, spec: DecodeSpec, tally: ShardTally
 ) -> Iterator[DecodedChunk]:
     """Decoded, preprocessed, tokenized samples of one tar in chunks; ``tally`` gets the counts.
 
@@ -64,6 +76,7 @@ def decode_chunks(
     """
     meta_table = read_shard_metadata(layout, source, shard)
     meta_keys = set(meta_table.column("key").to_pylist()) if meta_table is not None else None
+    preprocess = spec.preprocess
     fast = FastPreprocess.of(preprocess)
     stats = ShardReadStats()
     not_in_meta = samples = 0
@@ -77,7 +90,7 @@ def decode_chunks(
             captions=captions,
             meta_json=[it[3] for it in items],
             pixels=chunk_pixels([it[4] for it in items], fast),
-            tokens=tokenize_captions(tokenizer, captions, dedup_captions),
+            tokens=tokenize_captions(spec.tokenizer, captions, spec.dedup_captions),
         )
         items.clear()
         return chunk
@@ -97,7 +110,7 @@ def decode_chunks(
         meta_json = "" if meta_table is not None else json.dumps(s.meta, default=str)
         items.append((samples, s.key, s.caption, meta_json, pixels))
         samples += 1
-        if len(items) >= chunk_size:
+        if len(items) >= spec.chunk_size:
             yield flush()
     if items:
         yield flush()
@@ -144,29 +157,21 @@ def end_row(shard: int, tally: ShardTally) -> dict[str, np.ndarray]:
 
 
 def decode_shard(
-    layout: StorageLayout,
-    source: str,
-    shard: int,
-    preprocess: Callable[[Image.Image], Any],
-    tokenizer: Callable[[list[str]], Any],
-    chunk_size: int,
-    dedup_captions: bool = True,
+    layout: StorageLayout, source: str, shard: int, spec: DecodeSpec
 ) -> Iterator[dict[str, np.ndarray]]:
     """The split pipeline's decode task: :func:`decode_chunks` as column batches with
     ``pixels`` and ``tokens``, then one end-of-shard row carrying the shard's counts."""
     tally = ShardTally()
     shapes: tuple[np.ndarray, np.ndarray] | None = None
-    for chunk in decode_chunks(
-        layout, source, shard, preprocess, tokenizer, chunk_size, tally, dedup_captions
-    ):
+    for chunk in decode_chunks(layout, source, shard, spec, tally):
         rows = sample_rows(shard, chunk)
         rows["pixels"], rows["tokens"] = chunk.pixels, chunk.tokens
         shapes = (chunk.pixels[0], chunk.tokens[0])
         yield rows
     if shapes is None:  # no sample: the end row still needs pixels / tokens of the right shape
         shapes = (
-            np.asarray(preprocess(Image.new("RGB", (8, 8))), np.float32),
-            np.asarray(tokenizer([""]))[0],
+            np.asarray(spec.preprocess(Image.new("RGB", (8, 8))), np.float32),
+            np.asarray(spec.tokenizer([""]))[0],
         )
     end = end_row(shard, tally)
     end["pixels"] = np.zeros((1, *shapes[0].shape), np.float32)

@@ -9,7 +9,7 @@ import numpy as np
 
 from .clip import ClipBundle, load_clip
 from .config import ClipConfig
-from .embed_decode import ShardTally, decode_chunks, end_row, sample_rows
+from .embed_decode import DecodeSpec, ShardTally, decode_chunks, end_row, sample_rows
 from .storage import StorageLayout
 
 
@@ -70,28 +70,14 @@ def encode_batch(
 
 
 def encode_shard(
-    layout: StorageLayout,
-    bundle: ClipBundle,
-    source: str,
-    shard: int,
-    batch_size: int,
-    dedup_captions: bool = True,
+    layout: StorageLayout, bundle: ClipBundle, source: str, shard: int, spec: DecodeSpec
 ) -> dict[str, np.ndarray]:
     """Decode and encode one shard here (the fused pipeline's task): its encoded rows, then
     its end row, as one column batch — no pixels leave this function."""
     tally = ShardTally()
     parts = []
-    for chunk in decode_chunks(
-        layout,
-        source,
-        shard,
-        bundle.preprocess,
-        bundle.tokenizer,
-        batch_size,
-        tally,
-        dedup_captions,
-    ):
-        ie, te = encode_arrays(bundle, chunk.pixels, chunk.tokens, dedup_captions)
+    for chunk in decode_chunks(layout, source, shard, spec, tally):
+        ie, te = encode_arrays(bundle, chunk.pixels, chunk.tokens, spec.dedup_captions)
         parts.append(with_embeddings(sample_rows(shard, chunk), ie, te))
     d = bundle.embed_dim
     parts.append(

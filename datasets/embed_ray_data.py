@@ -3,36 +3,26 @@ fused (CPU: one task per shard decodes and encodes) or split (decode tasks, then
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import numpy as np
 import ray
-from PIL import Image
 
 from .clip import ClipBundle, load_clip
 from .config import ClipConfig, EmbedConfig
-from .embed_decode import decode_shard
+from .embed_decode import DecodeSpec, decode_shard
 from .embed_encode import cached_clip, encode_batch, encode_shard
 from .embedding_writer import FileInfo
 from .storage import StorageLayout
 
 
 def _decode_udf(
-    batch: dict[str, np.ndarray],
-    root: str,
-    source: str,
-    preprocess: Callable[[Image.Image], Any],
-    tokenizer: Callable[[list[str]], Any],
-    chunk_size: int,
-    dedup_captions: bool,
+    batch: dict[str, np.ndarray], root: str, source: str, spec: DecodeSpec
 ) -> Iterator[dict[str, np.ndarray]]:
     """The split pipeline's decode task: column batches of each shard in ``batch``."""
     layout = StorageLayout(root)
     for shard in batch["shard"]:
-        yield from decode_shard(
-            layout, source, int(shard), preprocess, tokenizer, chunk_size, dedup_captions
-        )
+        yield from decode_shard(layout, source, int(shard), spec)
 
 
 def _fused_udf(
@@ -50,8 +40,9 @@ def _fused_udf(
     torch.set_num_threads(cfg.torch_threads or max(1, round(cfg.decode_cpus)))
     bundle = cached_clip(clip_cfg, checkpoint, "cpu", clip_id)
     layout = StorageLayout(root)
+    spec = DecodeSpec.of(bundle, cfg.batch_size, cfg.dedup_captions)
     for shard in batch["shard"]:
-        yield encode_shard(layout, bundle, source, int(shard), cfg.batch_size, cfg.dedup_captions)
+        yield encode_shard(layout, bundle, source, int(shard), spec)
 
 
 def _encode_udf(
@@ -108,7 +99,6 @@ def embedding_dataset(
     pool of encoders (GPU actors, or CPU tasks in reused workers).
     """
     clip_id, info = bundle.clip_id, FileInfo.of(bundle)
-    preprocess, tokenizer = bundle.preprocess, bundle.tokenizer
     shards = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
     # What a task holds beside its worker (torch and open_clip imported, ~650 MiB resident on
     # CPU): two chunks of pixels.
@@ -142,10 +132,7 @@ def embedding_dataset(
             _decode_udf,
             fn_kwargs={
                 **shard_args,
-                "preprocess": preprocess,
-                "tokenizer": tokenizer,
-                "chunk_size": cfg.batch_size,
-                "dedup_captions": cfg.dedup_captions,
+                "spec": DecodeSpec.of(bundle, cfg.batch_size, cfg.dedup_captions),
             },
             **per_shard_task,
         )

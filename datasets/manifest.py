@@ -37,8 +37,8 @@ from .config import ManifestConfig
 from .embedding_file import check_embedding_schema, fixed_list_to_numpy
 from .embedding_import import imported_shards
 from .manifest_curation import select_rows
-from .readers import read_embedding_table
-from .served_rows import kept_mask, removal_file_keys
+from .readers import served_tables
+from .served_rows import removal_file_keys
 from .shards import completed_shards
 from .storage import StorageLayout, atomic_write, exists, read_json, write_json
 
@@ -238,17 +238,9 @@ def _write_stats(layout: StorageLayout, manifest: dict[str, Any]) -> None:
     path = layout.embedding_stats(manifest["version"])
     if exists(path):
         return
-    d = manifest["embedding_dim"]
     image_m, text_m = _Moments(), _Moments()
-    for entry in manifest["shards"]:
-        table = read_embedding_table(
-            layout,
-            entry,
-            manifest["clip_id"],
-            d,
-            columns=["key", "image_embedding", "text_embedding", "clip_score"],
-        )
-        keep = kept_mask(layout, table, manifest, entry)
+    columns = ["key", "image_embedding", "text_embedding", "clip_score"]
+    for _, table, keep in served_tables(layout, manifest, columns):
         if keep.any():
             image_m.add(fixed_list_to_numpy(table.column("image_embedding"))[keep])
             text_m.add(fixed_list_to_numpy(table.column("text_embedding"))[keep])

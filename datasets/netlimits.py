@@ -165,6 +165,12 @@ class LimitedResponse(http.client.HTTPResponse):
 class _LimitedMixin:
     """Connects through ``resolve`` within the deadline; responses read against it too."""
 
+    def __init__(
+        self, *args: Any, limits: RequestLimits, deadline: float, resolve: Resolver, **kw: Any
+    ) -> None:
+        super().__init__(*args, **kw)  # the http.client connection class after this mixin
+        self._setup_limits(limits, deadline, resolve)
+
     def _setup_limits(self, limits: RequestLimits, deadline: float, resolve: Resolver) -> None:
         timeout = self.timeout  # type: ignore[has-type]
         op_timeout = timeout if isinstance(timeout, (int, float)) else None
@@ -189,18 +195,6 @@ def _response_class(limits: RequestLimits, deadline: float) -> Callable[..., Lim
 class LimitedHTTPConnection(_LimitedMixin, http.client.HTTPConnection):
     """HTTPConnection bounded by one request deadline (see the module docstring)."""
 
-    def __init__(
-        self, *args: Any, limits: RequestLimits, deadline: float, resolve: Resolver, **kw: Any
-    ) -> None:
-        super().__init__(*args, **kw)
-        self._setup_limits(limits, deadline, resolve)
-
 
 class LimitedHTTPSConnection(_LimitedMixin, http.client.HTTPSConnection):
     """HTTPSConnection bounded by one request deadline; TLS still verifies the URL's host name."""
-
-    def __init__(
-        self, *args: Any, limits: RequestLimits, deadline: float, resolve: Resolver, **kw: Any
-    ) -> None:
-        super().__init__(*args, **kw)
-        self._setup_limits(limits, deadline, resolve)

@@ -142,6 +142,17 @@ def read_embedding_table(
     return table
 
 
+def served_tables(
+    layout: StorageLayout, manifest: dict[str, Any], columns: list[str]
+) -> Iterator[tuple[dict[str, Any], pa.Table, np.ndarray]]:
+    """Each manifest shard's embedding table (``columns``) and the mask of the rows it serves
+    (the recipe's and semantic dedup's removals left out)."""
+    d = int(manifest["embedding_dim"])
+    for entry in manifest["shards"]:
+        t = read_embedding_table(layout, entry, manifest["clip_id"], d, columns=columns)
+        yield entry, t, kept_mask(layout, t, manifest, entry)
+
+
 def holdout_captions(
     layout: StorageLayout, manifest: dict[str, Any], holdout_fraction: float, n: int
 ) -> list[str]:
@@ -186,37 +197,29 @@ def load_embeddings(
 
     With ``only``, just those global keys are kept in memory (a worker's share).
     """
-    d = int(manifest["embedding_dim"])
-    keys: list[str] = []
-    captions: list[str] = []
-    images: list[np.ndarray] = []
-    texts: list[np.ndarray] = []
-    for entry in manifest["shards"]:
-        t = read_embedding_table(
-            layout,
-            entry,
-            manifest["clip_id"],
-            d,
-            columns=["key", "caption", "image_embedding", "text_embedding", "clip_score"],
-        )
+    columns = ["key", "caption", "image_embedding", "text_embedding", "clip_score"]
+    rows: list[tuple[list[str], list[str], np.ndarray, np.ndarray]] = []
+    for entry, t, mask in served_tables(layout, manifest, columns):
         gkeys = [f"{entry['source']}/{k}" for k in t.column("key").to_pylist()]
-        mask = np.array([_keep(k, split, holdout_fraction) for k in gkeys], dtype=bool)
-        mask &= kept_mask(layout, t, manifest, entry)
+        mask &= np.array([_keep(k, split, holdout_fraction) for k in gkeys], dtype=bool)
         if only is not None:
             mask &= np.array([k in only for k in gkeys], dtype=bool)
-        if not mask.any():
-            continue
-        caps = t.column("caption").to_pylist()
-        keys += [k for k, m in zip(gkeys, mask, strict=True) if m]
-        captions += [c for c, m in zip(caps, mask, strict=True) if m]
-        images.append(fixed_list_to_numpy(t.column("image_embedding"))[mask])
-        texts.append(fixed_list_to_numpy(t.column("text_embedding"))[mask])
-    empty = np.zeros((0, d), np.float32)
+        if mask.any():
+            picked = np.flatnonzero(mask)
+            rows.append(
+                (
+                    [gkeys[i] for i in picked],
+                    t.column("caption").take(picked).to_pylist(),
+                    fixed_list_to_numpy(t.column("image_embedding"))[mask],
+                    fixed_list_to_numpy(t.column("text_embedding"))[mask],
+                )
+            )
+    empty = np.zeros((0, int(manifest["embedding_dim"])), np.float32)
     return EmbeddingArrays(
-        keys=keys,
-        captions=captions,
-        image=np.concatenate(images) if images else empty,
-        text=np.concatenate(texts) if texts else empty,
+        keys=[k for r in rows for k in r[0]],
+        captions=[c for r in rows for c in r[1]],
+        image=np.concatenate([r[2] for r in rows]) if rows else empty,
+        text=np.concatenate([r[3] for r in rows]) if rows else empty,
     )
 
 
@@ -262,16 +265,8 @@ def _iter_pairs(
 ) -> Iterator[tuple[str, Any, np.ndarray, np.ndarray]]:
     """``(global key, tar sample, image emb, text emb)`` of every served, joinable sample."""
     require_images(manifest)
-    d = int(manifest["embedding_dim"])
-    for entry in manifest["shards"]:
-        t = read_embedding_table(
-            layout,
-            entry,
-            manifest["clip_id"],
-            d,
-            columns=["key", "image_embedding", "text_embedding", "clip_score"],
-        )
-        keep = kept_mask(layout, t, manifest, entry)
+    columns = ["key", "image_embedding", "text_embedding", "clip_score"]
+    for entry, t, keep in served_tables(layout, manifest, columns):
         all_keys = t.column("key").to_pylist()
         index = {k: i for i, k in enumerate(all_keys) if keep[i]}
         left_out = {k for i, k in enumerate(all_keys) if not keep[i]}

@@ -43,6 +43,7 @@ class StorageLayout:
 
     # --- sources and images ---------------------------------------------------------------
     def sources_dir(self) -> str:
+        """Every registered source's URL list copy and origin record."""
         return self.join("sources")
 
     def source_list(self, source_id: str) -> str:
@@ -138,17 +139,23 @@ class StorageLayout:
 
     # --- manifests ------------------------------------------------------------------------
     def manifests_dir(self) -> str:
+        """Dataset versions (one JSON each), their statistics and removal lists."""
         return self.join("manifests")
 
+    def _version_file(self, version: str, suffix: str) -> str:
+        return self.join("manifests", version + suffix)
+
     def manifest(self, version: str) -> str:
-        return self.join("manifests", f"{version}.json")
+        """A dataset version: its shards, sha256s, recipe and counts."""
+        return self._version_file(version, ".json")
 
     def embedding_stats(self, version: str) -> str:
-        return self.join("manifests", f"{version}.stats.npz")
+        """Mean and std of the served image and text embeddings of a version."""
+        return self._version_file(version, ".stats.npz")
 
     def manifest_filter_report(self, version: str) -> str:
         """Kept fractions by filter, per partition, of a curated manifest."""
-        return self.join("manifests", f"{version}.filters.json")
+        return self._version_file(version, ".filters.json")
 
     def latest_manifest_pointer(self) -> str:
         """``{"version": ...}`` of the manifest assembled last."""

@@ -55,11 +55,11 @@ class StreamShard:
 class StreamStats:
     """What a rank's stream read and what it had to fill in."""
 
+    errors: list[str] = field(default_factory=list)  # the first 20 messages
     bytes_read: int = 0
     samples: int = 0
     replaced: int = 0
     shards_opened: int = 0
-    errors: list[str] = field(default_factory=list)
 
     def bad(self, message: str) -> None:
         """Count one unreadable sample (its slot is filled from its block)."""

@@ -15,6 +15,7 @@ those. Stages name their outputs by content hashes, so a re-materialized asset w
 not change still skips its work.
 """
 
+import functools
 import importlib
 import warnings
 from typing import Any, Optional
@@ -24,6 +25,7 @@ from dagster import AssetExecutionContext
 from pydantic import Field
 
 from unclip.datasets import ingest, manifest, readers, synthetic
+from unclip.datasets.embedding_shards import embedded_source
 from unclip.datasets.served_rows import require_images
 from unclip.pipelines import promotion as promotion_gate
 from unclip.pipelines import sources
@@ -48,9 +50,12 @@ from unclip.training.evaluation.trained_cascade import (
     evaluate_trained_cascade,
 )
 from unclip.training.models.clip_pin import EmbeddingClip, embedding_clip
+from unclip.training.models.run_names import finished_manifest_run
 
 GROUP = "unclip"
 SOURCES = dg.DynamicPartitionsDefinition(name="sources")
+# The assets of one source (URL list), one partition each.
+source_asset = functools.partial(dg.asset, group_name=GROUP, partitions_def=SOURCES)
 
 
 def _output(
@@ -74,9 +79,7 @@ class IngestRun(dg.Config):
     )
 
 
-@dg.asset(
-    group_name=GROUP,
-    partitions_def=SOURCES,
+@source_asset(
     code_version="2",
     description="One URL list (one source), checked as ingest will read it.",
 )
@@ -92,9 +95,7 @@ def url_lists(
     return _output(SourceList(context.partition_key, path, checked.rows), context.partition_key)
 
 
-@dg.asset(
-    group_name=GROUP,
-    partitions_def=SOURCES,
+@source_asset(
     deps=[url_lists],
     code_version="2",
     description="Webdataset image shards of one source, downloaded by img2dataset in Ray tasks.",
@@ -145,9 +146,7 @@ def clip_model(
     return _output(clip, clip.clip_id)
 
 
-@dg.asset(
-    group_name=GROUP,
-    partitions_def=SOURCES,
+@source_asset(
     deps=[image_shards],
     code_version="2",
     description="CLIP image and text embeddings of one source, one Parquet per image shard.",
@@ -159,10 +158,12 @@ def embeddings(
     storage: StorageResource,
     ray: RayResource,
 ) -> dg.Output[EmbedSummary]:
-    from unclip.datasets import embed  # open_clip and torch load with the first embedding
-
     cfg, sid = storage.config(unclip), context.partition_key
-    r = embed.embed_source(storage.layout, sid, cfg.clip, clip_model.checkpoint, cfg.embed)
+    r = embedded_source(storage.layout, sid, clip_model.clip_id)
+    if r is None:  # open_clip and torch load only when there are shards to embed
+        from unclip.datasets import embed
+
+        r = embed.embed_source(storage.layout, sid, cfg.clip, clip_model.checkpoint, cfg.embed)
     return _output(EmbedSummary(sid, r.clip_id, r.shards_written, r.shards_skipped))
 
 
@@ -214,12 +215,13 @@ def _training_asset(
             model != "prior"
         ):  # image models: refuse embeddings-only sources before any worker starts
             require_images(readers.load_manifest(storage.layout, dataset_manifest.version))
-        train = getattr(
-            importlib.import_module(f"unclip.training.models.{model}"), f"train_{model}"
-        )
-        fit = train(
-            storage.layout, dataset_manifest.version, section, cfg.evaluate.holdout_fraction
-        )
+        version, holdout = dataset_manifest.version, cfg.evaluate.holdout_fraction
+        fit = finished_manifest_run(storage.layout, model, section, holdout, version)
+        if fit is None:  # torch loads with the model's module, only when there is work
+            train = getattr(
+                importlib.import_module(f"unclip.training.models.{model}"), f"train_{model}"
+            )
+            fit = train(storage.layout, version, section, holdout)
         record_latest(storage.layout, model, fit, dataset_manifest.version)
         return _output(fit, fit.run_name)
 

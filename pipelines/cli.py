@@ -22,7 +22,13 @@ from unclip.datasets.storage import StorageLayout
 from unclip.pipelines.cli_embeddings import export_embeddings_command, import_embeddings_command
 from unclip.pipelines.cli_models import export, sample
 from unclip.pipelines.cli_options import ConfigArg, SetOpt, WaitOpt, load_cli_config
-from unclip.pipelines.cli_output import StageBoard, console, install_log_handler, print_outputs
+from unclip.pipelines.cli_output import (
+    StageBoard,
+    console,
+    fail,
+    install_log_handler,
+    print_outputs,
+)
 from unclip.pipelines.config import (
     PipelineConfig,
 )
@@ -253,13 +259,11 @@ def ui(
     from unclip.pipelines.instance import dagster_home
 
     if set_:
-        console.print("[red]error:[/red] `ui` takes no --set: put the values in the config file")
-        raise typer.Exit(2)
+        fail("`ui` takes no --set: put the values in the config file", 2)
     cfg, _ = load_cli_config(config, None)
     missing = dagster_ui.missing_distributions()
     if missing:
-        console.print(f"[red]error:[/red] {dagster_ui.missing_message(missing)}", soft_wrap=True)
-        raise typer.Exit(1)
+        fail(dagster_ui.missing_message(missing), 1)
     cmd, env = ui_command(config, cfg, port, host)
     console.print(f"Dagster UI on http://{host}:{port} (DAGSTER_HOME={dagster_home(cfg)})")
     raise typer.Exit(dagster_ui.run_until_stopped(cmd, env))

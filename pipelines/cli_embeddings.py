@@ -41,7 +41,7 @@ def import_embeddings_command(
     from unclip.datasets.embedding_import import ImportSpec, import_embeddings, imported_sources
     from unclip.datasets.storage import StorageLayout
     from unclip.pipelines.cli_options import load_cli_config
-    from unclip.pipelines.cli_output import console
+    from unclip.pipelines.cli_output import console, exit_on
 
     cfg, _ = load_cli_config(config, set_)
     layout = StorageLayout(cfg.storage)
@@ -57,11 +57,8 @@ def import_embeddings_command(
         image_key,
         text_key,
     )
-    try:
+    with exit_on({FileNotFoundError: 1, ValueError: 1, KeyError: 1}):
         record = import_embeddings(layout, spec)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1) from None
     sources = imported_sources(layout, record["clip_id"])
     m = manifest_mod.assemble_manifest(layout, record["clip_id"], sources, cfg=cfg.manifest)
     console.print(
@@ -85,19 +82,15 @@ def export_embeddings_command(
     from unclip.datasets.manifest import latest_manifest
     from unclip.datasets.storage import StorageLayout
     from unclip.pipelines.cli_options import load_cli_config
-    from unclip.pipelines.cli_output import console
+    from unclip.pipelines.cli_output import console, exit_on, fail
 
     cfg, _ = load_cli_config(config, set_)
     layout = StorageLayout(cfg.storage)
     latest = latest_manifest(layout)
     if version is None and latest is None:
-        console.print(f"[red]error:[/red] no dataset manifest under {cfg.storage}: give --version")
-        raise typer.Exit(1)
-    try:
+        fail(f"no dataset manifest under {cfg.storage}: give --version", 1)
+    with exit_on({FileNotFoundError: 1, ValueError: 1}):
         record = export_embeddings(layout, version or latest["version"], out)
-    except (FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1) from None
     console.print(
         f"exported {record['num_samples']} pairs of dataset {record['version']} "
         f"({len(record['parts'])} parts, D={record['embedding_dim']}) to {out}"

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from unclip.pipelines.cli_options import ConfigArg, DeviceOpt, SetOpt, load_cli_config
-from unclip.pipelines.cli_output import console
+from unclip.pipelines.cli_output import console, exit_on, fail
 
 
 def sample(
@@ -67,8 +67,6 @@ def sample(
     Or variations of an image (--variation), an interpolation between two captions
     (--interpolate A B --frames N), or the decoding of saved image embeddings (--embedding).
     """
-    from rich.markup import escape
-
     from unclip.pipelines.sample_request import (
         SampleRequest,
         SampleUsageError,
@@ -76,11 +74,8 @@ def sample(
         sample_images,
     )
 
-    try:
+    with exit_on({SampleUsageError: 2}):
         config = find_config(config)
-    except SampleUsageError as e:
-        console.print(f"[red]error:[/red] {escape(str(e))}")
-        raise typer.Exit(2) from None
     cfg, _ = load_cli_config(config, set_)
     request = SampleRequest(
         captions=list(caption or []),
@@ -98,14 +93,8 @@ def sample(
         which="latest" if latest else "promoted",
         device=device,
     )
-    try:
+    with exit_on({SampleUsageError: 2, FileNotFoundError: 1}):
         images = sample_images(cfg, request)
-    except SampleUsageError as e:
-        console.print(f"[red]error:[/red] {escape(str(e))}")
-        raise typer.Exit(2) from None
-    except FileNotFoundError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1) from None
     out.mkdir(parents=True, exist_ok=True)
     for name, img in images:
         path = out / f"{name}.png"
@@ -136,15 +125,8 @@ def export(
     for item in run or []:
         model, sep, name = item.partition("=")
         if not sep or not name:
-            console.print(f"[red]error:[/red] --run {item!r}: expected MODEL=RUN_NAME")
-            raise typer.Exit(2)
+            fail(f"--run {item!r}: expected MODEL=RUN_NAME", 2)
         runs[model] = name
-    try:
+    with exit_on({ValueError: 2, FileNotFoundError: 1}):
         folder = export_cascade(cfg, str(out), "latest" if latest else "promoted", runs)
-    except ValueError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
-    except FileNotFoundError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1) from None
     console.print(folder)

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from unclip.pipelines.cli_output import console
+from unclip.pipelines.cli_output import exit_on
 from unclip.pipelines.config import (
     ConfigError,
     PipelineConfig,
@@ -50,8 +50,5 @@ def load_cli_config(config: Path, sets: list[str] | None) -> tuple[PipelineConfi
     if isinstance(overrides.get("storage"), str) and "://" not in overrides["storage"]:
         # typed in a shell: relative to where the command runs, not to the config's folder
         overrides["storage"] = os.path.abspath(os.path.expanduser(overrides["storage"]))
-    try:
+    with exit_on({ConfigError: 2}):
         return load_config(config, overrides), overrides
-    except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None

@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
 
+import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from unclip.pipelines.config import PipelineConfig
@@ -18,6 +21,21 @@ from unclip.training.evaluation.metric_names import CASCADE_SUMMARY_NAMES, PRIOR
 console = Console()
 LOG_HANDLER_NAME = "unclip-cli"
 VERBOSITY_LEVELS = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """Print ``message`` as the command's error and exit with ``code``, without a traceback."""
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(code) from None
+
+
+@contextmanager
+def exit_on(codes: dict[type[Exception], int]) -> Iterator[None]:
+    """Expected errors of the block as a message and an exit code (the first type that matches)."""
+    try:
+        yield
+    except tuple(codes) as e:
+        fail(str(e), next(code for kind, code in codes.items() if isinstance(e, kind)))
 
 
 class StdoutHandler(logging.StreamHandler):

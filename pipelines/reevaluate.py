@@ -8,6 +8,7 @@ with the evaluation code of ``unclip.training``, or says why it cannot (``NotCom
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from unclip.datasets.storage import StorageLayout, exists, read_json
@@ -15,6 +16,17 @@ from unclip.pipelines.config import PipelineConfig
 from unclip.pipelines.promotion import NotComparable, Reevaluate, against_metrics
 
 INFO_FILES = {"prior": "unclip_prior.json", "decoder": "unclip_decoder.json"}
+
+
+@dataclass(frozen=True)
+class _Rejudging:
+    """The promoted run judged again on a candidate's evaluation, written to ``out``."""
+
+    cfg: PipelineConfig
+    layout: StorageLayout
+    promoted: dict[str, Any]  # its registry record: run, export
+    metrics: dict[str, Any]  # the candidate's: data version, split, protocol
+    out: str
 
 
 def reevaluator(cfg: PipelineConfig) -> Reevaluate:
@@ -49,54 +61,37 @@ def promoted_on_candidate(
         )
     out = against_metrics(layout, model, candidate["run"], promoted["run"])
     if model == "prior":
-        return _prior(cfg, layout, promoted, m, out)
-    return _decoder(cfg, layout, promoted, m, out.rsplit("/", 1)[0])
+        return _prior(_Rejudging(cfg, layout, promoted, m, out))
+    return _decoder(_Rejudging(cfg, layout, promoted, m, out.rsplit("/", 1)[0]))
 
 
-def _prior(
-    cfg: PipelineConfig,
-    layout: StorageLayout,
-    promoted: dict[str, Any],
-    m: dict[str, Any],
-    out: str,
-) -> dict[str, Any]:
-    from unclip.training.engine.trainer import FitResult
+def _prior(job: _Rejudging) -> dict[str, Any]:
+    from unclip.training.engine.fit_result import FitResult
     from unclip.training.evaluation.prior_eval import evaluate_prior
+
+    cfg, m = job.cfg, job.metrics
 
     if m.get("split") != "holdout" or m.get("holdout_fraction") is None:
         raise NotComparable("the candidate's prior metrics do not say which hold-out split")
-    fit = FitResult(promoted["run"], run_dir="", export_dir=promoted["export"])
+    fit = FitResult(job.promoted["run"], run_dir="", export_dir=job.promoted["export"])
     protocol = {k: m[k] for k in ("sample_steps", "guidance_scale", "candidates")}
     # num_pairs = min(held-out pairs, max_pairs): the same pairs when max_pairs is num_pairs.
     ev = cfg.evaluate.model_copy(update={"max_pairs": int(m["num_pairs"])})
     prior_cfg = cfg.prior.model_copy(update=protocol)
+    holdout = float(m["holdout_fraction"])
     return evaluate_prior(
-        layout,
-        m["data_version"],
-        fit,
-        ev,
-        float(m["holdout_fraction"]),
-        prior_cfg=prior_cfg,
-        out_path=out,
+        job.layout, m["data_version"], fit, ev, holdout, prior_cfg=prior_cfg, out_path=job.out
     )
 
 
-def _decoder(
-    cfg: PipelineConfig,
-    layout: StorageLayout,
-    promoted: dict[str, Any],
-    m: dict[str, Any],
-    out_dir: str,
-) -> dict[str, Any]:
+def _decoder(job: _Rejudging) -> dict[str, Any]:
     from unclip.datasets.synthetic import color_palette
+    from unclip.training.engine.fit_result import EXPORT_DIRNAME, FitResult
     from unclip.training.engine.latest_runs import latest_export
-    from unclip.training.engine.trainer import EXPORT_DIRNAME, FitResult
-    from unclip.training.evaluation.cascade_eval import (
-        CascadeEvalOptions,
-        CascadeRuns,
-        evaluate_cascade,
-    )
+    from unclip.training.evaluation.cascade_eval import CascadeEvalOptions, evaluate_cascade
+    from unclip.training.evaluation.cascade_record import CascadeRuns
 
+    cfg, layout, m = job.cfg, job.layout, job.metrics
     settings = m.get("settings") or {}
     if settings.get("cascade"):
         raise NotComparable("the candidate's cascade has later stages: not re-evaluated")
@@ -105,7 +100,7 @@ def _decoder(
     prior_run = str(settings.get("prior_run"))
     prior_export = f"{layout.run_dir('prior', prior_run)}/{EXPORT_DIRNAME}"
     prior_fit = FitResult(prior_run, run_dir="", export_dir=prior_export)
-    decoder_fit = FitResult(promoted["run"], run_dir="", export_dir=promoted["export"])
+    decoder_fit = FitResult(job.promoted["run"], run_dir="", export_dir=job.promoted["export"])
     ev = cfg.evaluate.model_copy(
         update={
             "holdout_fraction": float(m["holdout_fraction"]),
@@ -120,5 +115,5 @@ def _decoder(
     clip_checkpoint = latest_export(layout, "clip") if cfg.uses_bootstrap_clip else None
     runs = CascadeRuns(prior_fit, decoder_fit, cfg.decoder, cfg.clip, clip_checkpoint)
     palette = color_palette(cfg.synthetic) if cfg.synthetic is not None else None
-    options = CascadeEvalOptions(palette=palette, out_dir=out_dir)
+    options = CascadeEvalOptions(palette=palette, out_dir=job.out)
     return evaluate_cascade(layout, m["data_version"], runs, ev, options)

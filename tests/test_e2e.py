@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ def test_demo_pipeline_end_to_end_then_rerun_does_no_work(tmp_path, ray_local, m
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
     raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     raw["storage"] = str(tmp_path / "store")
+    raw.setdefault("decoder", {}).setdefault("trainer", {})["report_to"] = ["tensorboard"]
     config_path = tmp_path / "demo.yaml"
     config_path.write_text(yaml.safe_dump(raw))
     cfg = load_config(config_path, SHRINK)
@@ -73,6 +76,15 @@ def test_demo_pipeline_end_to_end_then_rerun_does_no_work(tmp_path, ray_local, m
     grid = Image.open(out["evaluation"].sample_grid)
     assert grid.width >= 2 * 16 and grid.height >= 16
 
+    # the evaluation reached the decoder run's TensorBoard: its metrics and the sample grid
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (decoder_run,) = [p for p in (store / "runs" / "decoder").iterdir() if p.is_dir()]
+    events = EventAccumulator(str(decoder_run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert {"train/loss", "eval/fd_clip", "eval/clip_score"} <= set(events.Tags()["scalars"])
+    assert events.Tags()["images"] == ["eval/samples"]
+
     # promotion: the first evaluated prior is promoted into the registry
     promoted = {o.model: o.status for o in out["promotion"]}
     assert promoted["prior"] == "first"
@@ -102,3 +114,22 @@ def test_demo_pipeline_end_to_end_then_rerun_does_no_work(tmp_path, ray_local, m
     for model in ("clip_model", "prior", "decoder"):
         assert again[model].skipped is True, model
     assert {o.model: o.status for o in again["promotion"]}["prior"] == "current"
+
+    # A rerun in a new process finds every stage done without loading a model library: the
+    # finished runs, embeddings and evaluations are read from their records.
+    code = (
+        "import sys, json\n"
+        "from unclip.pipelines.config import load_config\n"
+        "from unclip.pipelines.runner import run_pipeline\n"
+        f"overrides = json.loads({json.dumps(json.dumps(SHRINK))})\n"
+        f"run = run_pipeline({str(config_path)!r}, load_config({str(config_path)!r}, overrides), "
+        "overrides)\n"
+        "assert run.success\n"
+        "heavy = ('torch', 'open_clip', 'diffusers', 'deepspeed')\n"
+        "print(json.dumps(sorted(m for m in heavy if m in sys.modules)))\n"
+    )
+    rerun = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads(rerun.stdout.strip().splitlines()[-1]) == []

@@ -102,11 +102,13 @@ class TrainerConfig(IdentitySection):
     )
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list,
-        description="Experiment trackers that get every metrics.jsonl row, as the --report_to "
-        "of diffusers' training scripts: 'none' (the default), one name, or a list of "
-        "tensorboard (event files in the run folder's tensorboard/), mlflow (MLFLOW_TRACKING_URI, "
-        "else an SQLite store mlflow.db in the run folder), wandb (W&B's own settings; run id = run name). Each "
-        "needs its extra: pip install 'unclip[tensorboard]'.",
+        description="Experiment trackers that get every metrics.jsonl row, and the evaluation's "
+        "metrics (eval/...) and sample grid at the last step, as the --report_to of diffusers' "
+        "training scripts: 'none' (the default), one name, or a list of tensorboard (event "
+        "files in the run folder's tensorboard/), mlflow (MLFLOW_TRACKING_URI, else an SQLite "
+        "store mlflow.db in the run folder; a resume continues the MLflow run of the same name), "
+        "wandb (W&B's own settings; run id = run name). Each needs its extra: pip install "
+        "'unclip[tensorboard]'.",
         json_schema_extra=NOT_IDENTITY,
     )
 

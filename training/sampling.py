@@ -1,11 +1,9 @@
 """Images from exported checkpoints: captions → CLIP text embedding → prior → decoder → upsamplers.
 
-The checks and stage helpers every sampler shares, and path-based wrappers over
-:class:`unclip.training.inference.UnclipPipeline`, which holds the sampling itself.
-
-Also unCLIP's two other uses of the image embedding (Ramesh et al. 2022, sec. 3): variations of
-an input image (embed it with CLIP, decode) and interpolation between two captions' image
-embeddings (slerp).
+The checks and stage helpers every sampler shares, :func:`load_pipeline` (exports by path →
+:class:`unclip.training.inference.UnclipPipeline`, which holds the sampling itself and unCLIP's
+other uses of the image embedding: variations and interpolation) and :func:`generate`, one call
+from paths to images. :func:`slerp` is the interpolation's path between two embeddings.
 """
 
 from __future__ import annotations
@@ -168,54 +166,6 @@ def generate(
     ).images
 
 
-def variations(
-    images: Sequence[Image.Image],
-    clip_cfg: ClipConfig,
-    clip_checkpoint: str | None,
-    decoder_export: str,
-    n_per_image: int = 1,
-    steps: int | None = None,
-    guidance: float | None = None,
-    seed: int = 0,
-    upsampler_exports: Sequence[str] = (),
-    upsampler_steps: int | None = None,
-) -> list[Image.Image]:
-    """Variations of input images: their CLIP image embedding decoded ``n_per_image`` times each."""
-    if not images:
-        raise ValueError("no images given")
-    check_guidance(decoder=guidance)
-    pipe = load_pipeline(decoder_export, clip_cfg, clip_checkpoint, None, upsampler_exports)
-    return pipe.image_variations(
-        list(images),
-        num_images_per_image=n_per_image,
-        decoder_num_inference_steps=steps,
-        decoder_guidance_scale=guidance,
-        super_res_num_inference_steps=upsampler_steps,
-        seed=seed,
-    ).images
-
-
-def decode_embeddings(
-    image_emb: np.ndarray,
-    decoder_export: str,
-    steps: int | None = None,
-    guidance: float | None = None,
-    seed: int = 0,
-    upsampler_exports: Sequence[str] = (),
-    upsampler_steps: int | None = None,
-) -> list[Image.Image]:
-    """Images for given image embeddings [N, D] (or one [D]), through the decoder and upsamplers."""
-    check_guidance(decoder=guidance)
-    pipe = load_pipeline(decoder_export, upsampler_exports=upsampler_exports)
-    return pipe.decode_image_embeddings(
-        image_emb,
-        decoder_num_inference_steps=steps,
-        decoder_guidance_scale=guidance,
-        super_res_num_inference_steps=upsampler_steps,
-        seed=seed,
-    ).images
-
-
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     """Spherical interpolation of directions, linear of norms (unCLIP sec. 3.2).
 
@@ -232,38 +182,3 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     wa = torch.where(small, torch.full_like(sin, 1.0 - t), torch.sin((1 - t) * theta) / sin)
     wb = torch.where(small, torch.full_like(sin, t), torch.sin(t * theta) / sin)
     return ((1 - t) * na + t * nb) * (wa * ua + wb * ub)
-
-
-def interpolate(
-    caption_a: str,
-    caption_b: str,
-    frames: int,
-    clip_cfg: ClipConfig,
-    clip_checkpoint: str | None,
-    prior_export: str | None,
-    decoder_export: str,
-    steps: int | None = None,
-    guidance: float | None = None,
-    seed: int = 0,
-    prior_steps: int | None = None,
-    prior_guidance: float | None = None,
-    upsampler_exports: Sequence[str] = (),
-    upsampler_steps: int | None = None,
-) -> list[Image.Image]:
-    """``frames`` images from caption A's image embedding to caption B's (slerp of the prior's
-    samples); every frame decodes from the same noise, so only the embedding changes."""
-    if frames < 2:
-        raise ValueError(f"frames must be >= 2, got {frames}")
-    check_guidance(decoder=guidance, prior=prior_guidance)
-    pipe = load_pipeline(decoder_export, clip_cfg, clip_checkpoint, prior_export, upsampler_exports)
-    return pipe.interpolate(
-        caption_a,
-        caption_b,
-        frames,
-        prior_num_inference_steps=prior_steps,
-        prior_guidance_scale=prior_guidance,
-        decoder_num_inference_steps=steps,
-        decoder_guidance_scale=guidance,
-        super_res_num_inference_steps=upsampler_steps,
-        seed=seed,
-    ).images

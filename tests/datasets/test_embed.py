@@ -17,8 +17,9 @@ import pytest
 from unclip.datasets.clip import encode_texts, load_clip
 from unclip.datasets.clip_preprocess import tokenize_captions
 from unclip.datasets.config import EmbedConfig
-from unclip.datasets.embed import embed_shard, embed_source, pending_shards
+from unclip.datasets.embed import embed_shard, embed_source
 from unclip.datasets.embed_encode import cached_clip, encode_arrays
+from unclip.datasets.embedding_shards import pending_shards
 from unclip.datasets.ingest import shard_parquet_path
 from unclip.datasets.readers import fixed_list_to_numpy
 from unclip.datasets.synthetic import shape_caption

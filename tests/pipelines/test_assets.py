@@ -17,7 +17,7 @@ from unclip.pipelines.config import load_config
 from unclip.pipelines.resources import resources_for
 from unclip.pipelines.runner import register_sources
 from unclip.pipelines.values import IngestSummary, PromotionOutcome, from_json, to_json
-from unclip.training.engine.trainer import FitResult
+from unclip.training.engine.fit_result import FitResult
 
 ROWS = 8
 INGEST = {

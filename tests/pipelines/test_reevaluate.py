@@ -20,7 +20,7 @@ from unclip.datasets.storage import StorageLayout, read_json, write_json
 from unclip.pipelines.config import parse_config
 from unclip.pipelines.promotion import against_metrics, promote, promoted
 from unclip.pipelines.reevaluate import reevaluator
-from unclip.training.engine.trainer import FitResult
+from unclip.training.engine.fit_result import FitResult
 from unclip.training.evaluation.prior_eval import evaluate_prior
 
 

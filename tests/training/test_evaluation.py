@@ -15,16 +15,11 @@ from unclip.datasets.storage import exists, read_json
 from unclip.datasets.synthetic import PALETTE
 from unclip.pipelines.config import CASCADE_GATE_METRICS, PRIOR_GATE_METRICS
 from unclip.training.config import EvaluateConfig
-from unclip.training.engine.trainer import FitResult
+from unclip.training.engine.fit_result import FitResult
 from unclip.training.evaluation import cascade_eval
-from unclip.training.evaluation.cascade_eval import (
-    DECODER_METRICS_FILE,
-    REPORT_FILE,
-    CascadeEvalOptions,
-    CascadeRuns,
-    evaluate_cascade,
-)
+from unclip.training.evaluation.cascade_eval import CascadeEvalOptions, evaluate_cascade
 from unclip.training.evaluation.cascade_generation import split
+from unclip.training.evaluation.cascade_record import DECODER_METRICS_FILE, REPORT_FILE, CascadeRuns
 from unclip.training.evaluation.prior_eval import (
     caption_grid,
     prior_cosines,

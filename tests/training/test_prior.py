@@ -25,8 +25,10 @@ from training_helpers import make_prior_task as make_task
 
 from unclip.datasets.storage import StorageLayout
 from unclip.training.config import EvaluateConfig, PriorConfig
-from unclip.training.engine.trainer import TRAINER_STATE, FitResult, check_resumable
-from unclip.training.evaluation.prior_eval import PRIOR_METRICS_FILE, evaluate_prior
+from unclip.training.engine.fit_result import FitResult
+from unclip.training.engine.trainer import TRAINER_STATE, check_resumable
+from unclip.training.evaluation.metric_names import PRIOR_METRICS_FILE
+from unclip.training.evaluation.prior_eval import evaluate_prior
 from unclip.training.models.prior import PriorTask, train_prior
 from unclip.training.models.prior_model import build_prior, predict_x0
 from unclip.training.models.prior_sampler import load_prior

@@ -24,7 +24,7 @@ from unclip.training.models.caption_tokens import pack_condition, unpack_conditi
 from unclip.training.models.prior import PriorTask, train_prior
 from unclip.training.models.prior_model import predict_x0
 from unclip.training.models.prior_sampler import load_prior
-from unclip.training.sampling import generate, interpolate
+from unclip.training.sampling import generate, load_pipeline
 
 DIM = TINY_CLIP.embed_dim
 CONTEXT = TINY_CLIP.context_length
@@ -211,7 +211,9 @@ def test_a_text_tokens_prior_trains_exports_and_samples_from_captions(
     decoder.export(decoder.build_model(), str(tmp_path / "decoder"))
     args = (TINY_CLIP, clip_store.clip_dir, fit.export_dir, str(tmp_path / "decoder"))
     assert len(generate(CAPTIONS[:2], *args, n_per_caption=2, steps=2)) == 4
-    assert len(interpolate(CAPTIONS[0], CAPTIONS[1], 2, *args, steps=2)) == 2
+    pipe = load_pipeline(args[3], TINY_CLIP, clip_store.clip_dir, fit.export_dir)
+    frames = pipe.interpolate(CAPTIONS[0], CAPTIONS[1], 2, decoder_num_inference_steps=2)
+    assert len(frames.images) == 2
 
     assert train_prior(layout, version, cfg, HOLDOUT).skipped
 

@@ -1,5 +1,5 @@
 from unclip.training.config import DecoderConfig, PriorConfig, TrainerConfig
-from unclip.training.engine.trainer import run_name_for
+from unclip.training.engine.fit_result import run_name_for
 
 
 def _name(cfg):

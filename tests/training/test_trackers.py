@@ -8,7 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from unclip.training.config import TrainerConfig
 from unclip.training.engine import trackers as trackers_module
-from unclip.training.engine.trackers import Trackers, check_trackers, scalars
+from unclip.training.engine.trackers import Trackers, check_trackers, report_evaluation, scalars
 from unclip.training.engine.trainer import validate_trainer_config
 
 
@@ -107,3 +107,61 @@ def test_mlflow_records_each_rows_scalars_and_the_params_in_a_local_store(tmp_pa
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(2, 0.5), (4, 0.25)]
     assert set(run.data.metrics) == {"train/loss", "train/lr"}
+
+
+def _grid_png(path) -> str:
+    from PIL import Image
+
+    Image.new("RGB", (8, 4), (200, 30, 10)).save(path)
+    return str(path)
+
+
+def test_an_evaluation_reaches_tensorboard_as_scalars_and_its_sample_grid(tmp_path):
+    life(str(tmp_path), 0, range(2, 9, 2), offset=0.0)
+    grid = _grid_png(tmp_path / "samples.png")
+    report_evaluation(
+        ["tensorboard"],
+        str(tmp_path),
+        "r-1",
+        8,
+        {"fd_clip": 0.25, "clip_score": 90.0},
+        {"samples": grid},
+    )
+    got = read_scalars(tmp_path / "tensorboard")
+    assert got["eval/fd_clip"] == [(8, 0.25)] and got["eval/clip_score"] == [(8, 90.0)]
+    assert got["train/loss"][-1] == (8, 8.0)  # the training's own scalars are kept
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    (image,) = acc.Images("eval/samples")
+    assert (image.step, image.width, image.height) == (8, 8, 4)
+
+
+def test_mlflow_resumes_the_runs_mlflow_run_for_a_resume_and_for_its_evaluation(
+    tmp_path, monkeypatch
+):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for steps in ((2, 4), (6,)):  # trained to 4, then resumed to 6
+        t = Trackers.open(["mlflow"], str(tmp_path), "decoder-abc", {"lr": 0.1}, steps[0] - 2)
+        for s in steps:
+            t.log(s, {"step": s, "loss": 1.0 / s})
+        t.close()
+    grid = _grid_png(tmp_path / "samples.png")
+    report_evaluation(
+        ["mlflow"], str(tmp_path), "decoder-abc", 6, {"fd_clip": 0.5}, {"samples": grid}
+    )
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in history] == [2, 4, 6]
+    assert run.data.metrics["eval/fd_clip"] == 0.5
+    (folder,) = client.list_artifacts(run.info.run_id, "eval/samples")
+    assert [a.path for a in client.list_artifacts(run.info.run_id, folder.path)] == [
+        f"{folder.path}/samples.png"
+    ]
+
+
+def test_no_tracker_named_means_nothing_is_opened(tmp_path):
+    report_evaluation([], str(tmp_path), "r-1", 3, {"fd_clip": 1.0})
+    assert list(tmp_path.iterdir()) == []

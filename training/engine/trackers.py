@@ -28,6 +28,9 @@ class Tracker(Protocol):
     def log(self, step: int, row: dict[str, Any]) -> None:
         """Record the numeric entries of ``row`` at ``step``."""
 
+    def log_images(self, step: int, images: dict[str, str]) -> None:
+        """Record PNG files (tag → local path) at ``step``: sample grids of an evaluation."""
+
     def flush(self) -> None:
         """Make what was logged durable (called at each checkpoint)."""
 
@@ -52,6 +55,25 @@ def scalars(row: dict[str, Any]) -> dict[str, float]:
         for k, v in row.items()
         if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)
     }
+
+
+def rgb_pixels(path: str) -> Any:
+    """uint8 [H, W, 3] pixels of a local image file."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def local_file(path: str, folder: str) -> str:
+    """``path`` itself when local, else a copy of it in ``folder`` (trackers upload local files)."""
+    fs, p = url_to_fs(path)
+    if isinstance(fs, LocalFileSystem):
+        return p
+    local = os.path.join(folder, os.path.basename(p))
+    fs.get(p, local)
+    return local
 
 
 def tagged(row: dict[str, Any]) -> dict[str, float]:
@@ -83,6 +105,10 @@ class TensorBoardTracker:
         for tag, value in tagged(row).items():
             self.writer.add_scalar(tag, value, global_step=step)
 
+    def log_images(self, step: int, images: dict[str, str]) -> None:
+        for tag, path in images.items():
+            self.writer.add_image(tag, rgb_pixels(path), global_step=step, dataformats="HWC")
+
     def flush(self) -> None:
         self.writer.flush()
         if self.remote is not None:
@@ -111,11 +137,25 @@ class MlflowTracker:
             if isinstance(fs, LocalFileSystem):  # MLflow 3 keeps its file store for reads only
                 mlflow.set_tracking_uri(f"sqlite:///{path}/mlflow.db")
         self.mlflow = mlflow
-        self.run = mlflow.start_run(run_name=run_name)
+        # a resumed run (or its evaluation) continues the MLflow run of the same name
+        earlier = mlflow.search_runs(
+            filter_string=f"attributes.run_name = '{run_name}'",
+            output_format="list",
+            max_results=1,
+            search_all_experiments=False,
+        )
+        if earlier:
+            self.run = mlflow.start_run(run_id=earlier[0].info.run_id)
+        else:
+            self.run = mlflow.start_run(run_name=run_name)
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
 
     def log(self, step: int, row: dict[str, Any]) -> None:
         self.mlflow.log_metrics(tagged(row), step=step)
+
+    def log_images(self, step: int, images: dict[str, str]) -> None:
+        for tag, path in images.items():
+            self.mlflow.log_artifact(path, artifact_path=f"{tag}/step_{step}")
 
     def flush(self) -> None:
         return None  # every call is sent when made
@@ -147,6 +187,11 @@ class WandbTracker:
 
     def log(self, step: int, row: dict[str, Any]) -> None:
         self.run.log(tagged(row), step=step)
+
+    def log_images(self, step: int, images: dict[str, str]) -> None:
+        import wandb
+
+        self.run.log({tag: wandb.Image(path) for tag, path in images.items()}, step=step)
 
     def flush(self) -> None:
         return None  # W&B syncs on its own thread
@@ -184,6 +229,11 @@ class Trackers:
         for t in self.trackers:
             t.log(step, row)
 
+    def log_images(self, step: int, images: dict[str, str]) -> None:
+        """Send PNG files (tag → local path) to every tracker."""
+        for t in self.trackers:
+            t.log_images(step, images)
+
     def flush(self) -> None:
         """Flush every tracker (at a checkpoint)."""
         for t in self.trackers:
@@ -193,3 +243,25 @@ class Trackers:
         """Close every tracker (end of the run)."""
         for t in self.trackers:
             t.close()
+
+
+def report_evaluation(
+    names: list[str],
+    run_dir: str,
+    run_name: str,
+    step: int,
+    metrics: dict[str, float],
+    images: dict[str, str] | None = None,
+) -> None:
+    """An evaluation of a finished run into the run's trackers, at its last ``step``: the
+    metrics as ``eval/…`` scalars and the images (tag → path) such as its sample grid."""
+    if not names:
+        return
+    trackers = Trackers.open(names, run_dir, run_name, {"run_name": run_name}, 0)
+    try:
+        trackers.log(step, {f"eval/{k}": v for k, v in metrics.items()})
+        with tempfile.TemporaryDirectory(prefix="unclip-eval-") as tmp:
+            local = {f"eval/{k}": local_file(v, tmp) for k, v in (images or {}).items()}
+            trackers.log_images(step, local)
+    finally:
+        trackers.close()

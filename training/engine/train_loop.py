@@ -28,11 +28,12 @@ from unclip.datasets.stream import RankStream, ShardSource, StreamPlan
 from ..config import TrainerConfig
 from .artifacts import publish_dir
 from .checkpoint_hashes import record_hashes, verify_hashes
+from .fit_result import EXPORT_DIRNAME, EXPORT_MARKER
 from .progress import TrainProgress, ensure_progress_handler
 from .runlog import RunLog
 from .stream_position import StreamPosition, stream_totals
 from .trackers import Trackers
-from .trainer import EXPORT_DIRNAME, EXPORT_MARKER, TRAINER_STATE, TrainTask
+from .trainer import TRAINER_STATE, TrainTask
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ finished run, the Ray Train configuration and the result.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from abc import ABC, abstractmethod
@@ -16,21 +15,18 @@ from typing import Any
 
 import torch
 from fsspec.core import url_to_fs
-from pydantic import BaseModel
 
 from unclip.datasets.lease import Lease
 from unclip.datasets.ray_runtime import ensure_started
-from unclip.datasets.storage import StorageLayout, exists, read_json
+from unclip.datasets.storage import StorageLayout
 from unclip.datasets.stream import Columns, ShardSource, check_world_change
 
-from ..config import IdentitySection, TrainerConfig
-from .fit_result import FitResult
+from ..config import TrainerConfig
+from .fit_result import EXPORT_DIRNAME, FitResult, completed_fit, finished_run
 from .trackers import check_trackers
 
 log = logging.getLogger(__name__)
 
-EXPORT_DIRNAME = "export"
-EXPORT_MARKER = "fit.json"  # written last into the export: its presence means the run is finished
 TRAINER_STATE = "trainer_state.json"  # rank 0's file in every checkpoint
 
 
@@ -79,35 +75,16 @@ class TrainTask(ABC):
         return {}
 
 
-def run_name_for(kind: str, *configs: Any, data_version: str, seed: int) -> str:
-    """``kind`` plus a short content hash of configs, data version and seed: same inputs, same run."""
-    parts = [
-        c.identity()
-        if isinstance(c, IdentitySection)
-        else c.model_dump(mode="json")
-        if isinstance(c, BaseModel)
-        else c
-        for c in configs
-    ]
-    blob = json.dumps(
-        {"configs": parts, "data_version": data_version, "seed": seed},
-        sort_keys=True,
-        default=str,
-    )
-    return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-
-
 def fit(
     task: TrainTask, cfg: TrainerConfig, layout: StorageLayout, model_kind: str, run_name: str
 ) -> FitResult:
     """Train ``task`` under Ray Train + DeepSpeed; resume the run's last checkpoint; export once."""
     validate_trainer_config(cfg)
+    done = finished_run(layout, model_kind, run_name)
+    if done is not None:
+        return done
     run_dir = layout.run_dir(model_kind, run_name)
     export_dir = f"{run_dir}/{EXPORT_DIRNAME}"
-    done = completed_fit(export_dir)
-    if done is not None:
-        log.info("run %s finished before; nothing to train", run_name)
-        return FitResult(run_name, run_dir, export_dir, done.get("metrics", {}), skipped=True)
     # One process trains a run at a time: a second one (another CLI, the UI) stops naming the
     # first instead of writing the same checkpoint names.
     with Lease(layout.lease("runs", model_kind, run_name), what=f"training {run_name}").hold():
@@ -188,12 +165,6 @@ def validate_trainer_config(cfg: TrainerConfig) -> None:
         raise ValueError(
             "trainer.ema_decay: EMA weights need zero_stage <= 2 (ZeRO-3 shards the weights)"
         )
-
-
-def completed_fit(export_dir: str) -> dict[str, Any] | None:
-    """The export marker of a finished run, or None."""
-    marker = f"{export_dir}/{EXPORT_MARKER}"
-    return read_json(marker) if exists(marker) else None
 
 
 def latest_checkpoint_state(run_dir: str) -> tuple[str, dict[str, Any]] | None:

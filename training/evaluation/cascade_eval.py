@@ -24,19 +24,23 @@ from PIL import Image
 from unclip.datasets import readers
 from unclip.datasets.clip import encode_images, encode_texts, load_clip
 from unclip.datasets.config import ClipConfig
-from unclip.datasets.storage import StorageLayout, exists, read_json, write_json
+from unclip.datasets.storage import StorageLayout, write_json
 
-from ..config import DecoderConfig, EvaluateConfig
-from ..engine.trainer import FitResult
+from ..config import EvaluateConfig
 from . import image_metrics as im
 from .cascade_generation import export_untrained_decoder, run_chunks, split
+from .cascade_record import (
+    DECODER_METRICS_FILE,
+    REPORT_FILE,
+    CascadeRuns,
+    settings_of,
+    stored_cascade_metrics,
+)
 from .inception_metrics import FidInception, inception_scores, load_fid_inception
 from .report import write_report
 
 log = logging.getLogger(__name__)
 
-DECODER_METRICS_FILE = "decoder_metrics.json"
-REPORT_FILE = "report.html"
 UNTRAINED_DIR = "untrained_decoder"
 
 # The quality goals of the cascade on the synthetic shapes.
@@ -98,19 +102,6 @@ def resize_all(images: np.ndarray, size: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class CascadeRuns:
-    """The trained cascade an evaluation judges: its two runs and what they were made with."""
-
-    prior_fit: FitResult
-    decoder_fit: FitResult
-    decoder_cfg: DecoderConfig
-    clip_cfg: ClipConfig
-    clip_checkpoint: str | None  # the CLIP of the embeddings (None: clip_cfg's pretrained)
-    # extra keyword arguments of ``generate`` for the stages after the decoder (upsamplers)
-    later_stages: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class CascadeEvalOptions:
     """What the report adds and where it goes; none of it changes a metric."""
 
@@ -121,20 +112,6 @@ class CascadeEvalOptions:
     loss_curves: dict[str, str] = field(default_factory=dict)  # model → loss-curve PNG path
     extra_images: dict[str, str] = field(default_factory=dict)  # label → PNG path
     out_dir: str | None = None  # default eval/{decoder_run}; a promoted decoder judged elsewhere
-
-
-def settings_of(cfg: EvaluateConfig, runs: CascadeRuns) -> dict[str, Any]:
-    """What the metrics depend on: metrics written with other settings are recomputed."""
-    return {
-        "prior_run": runs.prior_fit.run_name,
-        "decoder_run": runs.decoder_fit.run_name,
-        "cascade": {k: str(v) for k, v in sorted(runs.later_stages.items())},
-        "num_eval_samples": cfg.num_eval_samples,
-        "sample_steps": cfg.eval_steps or runs.decoder_cfg.sample_steps,
-        "guidance_scale": cfg.eval_guidance or runs.decoder_cfg.guidance_scale,
-        "eval_seed": cfg.eval_seed,
-        "inception_checkpoint": cfg.inception_checkpoint,
-    }
 
 
 def evaluate_cascade(
@@ -155,10 +132,9 @@ def evaluate_cascade(
     path = f"{out_dir}/{DECODER_METRICS_FILE}"
     report = f"{out_dir}/{REPORT_FILE}"
     settings = settings_of(cfg, runs)
-    if exists(path) and exists(report):
-        old = read_json(path)
-        if old.get("settings") == settings and "holdout_fraction" in old:
-            return old
+    old = stored_cascade_metrics(out_dir, settings)
+    if old is not None:
+        return old
     held = held_out_set(
         layout, version, cfg.holdout_fraction, cfg.num_eval_samples, options.palette
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+PRIOR_METRICS_FILE = "prior_metrics.json"
 # The prior's cosine suite (``evaluation.prior_cosines``), in ``eval/{prior_run}/prior_metrics.json``.
 PRIOR_METRIC_NAMES = ("cos_pred_true", "cos_pred_text", "cos_pred_unrelated", "cos_text_baseline")
 # The cascade's metrics (``cascade_eval.evaluate_cascade``), in

@@ -16,11 +16,10 @@ from unclip.datasets.config import ClipConfig
 from unclip.datasets.storage import StorageLayout, atomic_write, write_json
 
 from ..config import EvaluateConfig, PriorConfig
-from ..engine.trainer import FitResult
+from ..engine.fit_result import FitResult
 from ..models.prior_sampler import load_prior
 from ..sampling import generate
-
-PRIOR_METRICS_FILE = "prior_metrics.json"
+from .metric_names import PRIOR_METRICS_FILE
 
 
 def unrelated_index(captions: Sequence[str]) -> np.ndarray:

@@ -8,7 +8,6 @@ loads it like any other open_clip model.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,12 +23,14 @@ from unclip.datasets.storage import StorageLayout
 from unclip.datasets.stream import Columns
 
 from ..config import BootstrapClipConfig
-from ..engine.trainer import FitResult, TrainTask, fit, run_name_for
+from ..engine.fit_result import FitResult
+from ..engine.trainer import TrainTask, fit
+from .run_names import CLIP_KIND, bootstrap_clip_run_name
 
 if TYPE_CHECKING:
     from unclip.datasets.stream_sources import IngestedImageSource
 
-MODEL_KIND = "clip"
+MODEL_KIND = CLIP_KIND
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp of the learned temperature (Radford et al. 2021, sec. 2.5)
 
 
@@ -168,11 +169,6 @@ def zero_shot_accuracy(
     return right / max(1, len(images))
 
 
-def sources_version(source_ids: list[str]) -> str:
-    """A data version for a set of sources (their ids are content hashes already)."""
-    return hashlib.sha256(json.dumps(sorted(source_ids)).encode()).hexdigest()[:16]
-
-
 def train_bootstrap_clip(
     layout: StorageLayout,
     clip_cfg: ClipConfig,
@@ -189,12 +185,5 @@ def train_bootstrap_clip(
     if not source_ids:
         raise ValueError("train_bootstrap_clip: no source ids to train on")
     task = ClipTask(layout, clip_cfg, sorted(source_ids), holdout_fraction)
-    name = run_name_for(
-        MODEL_KIND,
-        clip_cfg,
-        boot,
-        holdout_fraction,
-        data_version=sources_version(source_ids),
-        seed=boot.trainer.seed,
-    )
+    name = bootstrap_clip_run_name(clip_cfg, boot, holdout_fraction, source_ids)
     return fit(task, boot.trainer, layout, MODEL_KIND, name)

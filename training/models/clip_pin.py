@@ -19,6 +19,8 @@ from unclip.datasets.config import ClipConfig
 from unclip.datasets.storage import StorageLayout, exists, read_json, write_json
 
 from ..config import BootstrapClipConfig
+from ..engine.fit_result import finished_run
+from .run_names import CLIP_KIND, bootstrap_clip_run_name
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,6 @@ def embedding_clip(
     """
     if clip_cfg.model_name is not None:
         return EmbeddingClip(clip_id_of(clip_cfg, None), None, bootstrap=False)
-    from .bootstrap_clip import train_bootstrap_clip
-
     pin_path = layout.latest_run("clip")
     pin = read_json(pin_path) if exists(pin_path) else {}
     trained_on = pin.get("sources") or ingested_sources()
@@ -64,7 +64,12 @@ def embedding_clip(
             "the bootstrap CLIP trains on ingested pairs, and no source is ingested yet: "
             "materialize image_shards first (unclip ingest)"
         )
-    fit = train_bootstrap_clip(layout, clip_cfg, boot, trained_on, holdout_fraction)
+    name = bootstrap_clip_run_name(clip_cfg, boot, holdout_fraction, trained_on)
+    fit = finished_run(layout, CLIP_KIND, name)
+    if fit is None:  # torch and open_clip load only when there is training to do
+        from .bootstrap_clip import train_bootstrap_clip
+
+        fit = train_bootstrap_clip(layout, clip_cfg, boot, trained_on, holdout_fraction)
     clip_id = pin.get("clip_id")
     if pin.get("run") != fit.run_name or not clip_id:
         clip_id = clip_id_of(clip_cfg, fit.export_dir)

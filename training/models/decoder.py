@@ -41,7 +41,7 @@ from unclip.datasets.stream import Columns, ShardSource
 
 from ..config import DecoderConfig
 from ..diffusion import Sampler, diffusion_mse, drop_condition, noised, sample_loop, vlb_term
-from ..engine.trainer import FitResult
+from ..engine.fit_result import FitResult
 from .caption_tokens import (
     CaptionClip,
     CaptionTokens,

@@ -22,7 +22,9 @@ from unclip.datasets.stream import ShardSource
 from ..config import IdentitySection
 from ..diffusion import Prediction, train_scheduler
 from ..engine.artifacts import local_dir
-from ..engine.trainer import FitResult, TrainTask, fit, run_name_for
+from ..engine.fit_result import FitResult
+from ..engine.trainer import TrainTask, fit
+from .run_names import manifest_run_name
 
 
 @dataclass(kw_only=True)
@@ -94,9 +96,7 @@ class ManifestDiffusionTask(TrainTask):
     ) -> FitResult:
         """Train (or resume, or skip when done) on a dataset version; export to ``run_dir/export``."""
         task = cls.from_manifest(layout, version, cfg, holdout_fraction)
-        name = run_name_for(
-            cls.MODEL_KIND, cfg, holdout_fraction, data_version=version, seed=cfg.trainer.seed
-        )
+        name = manifest_run_name(cls.MODEL_KIND, cfg, holdout_fraction, version)
         return fit(task, cfg.trainer, layout, cls.MODEL_KIND, name)
 
     def data(self) -> ShardSource:

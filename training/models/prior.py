@@ -31,7 +31,8 @@ from unclip.datasets.stream import Columns, ShardSource
 from ..config import PriorConfig
 from ..diffusion import drop_condition, noised
 from ..engine.artifacts import is_local
-from ..engine.trainer import FitResult, fit, run_name_for
+from ..engine.fit_result import FitResult
+from ..engine.trainer import fit
 from .caption_tokens import CaptionTokens, pack_condition
 from .diffusion_task import ManifestDiffusionTask
 from .prior_init import INIT_KEY, load_init_prior
@@ -44,6 +45,7 @@ from .prior_model import (
     build_prior,
     predict_x0,
 )
+from .run_names import manifest_run_name
 
 
 @dataclass(kw_only=True)
@@ -93,14 +95,12 @@ class PriorTask(CaptionTokens, ManifestDiffusionTask):
 
     def run_name(self) -> str:
         """Hash of config, data version, seed and, when fine-tuning, the starting weights."""
-        start = [{"init_weights": self.init_digest}] if self.init_digest else []
-        return run_name_for(
+        return manifest_run_name(
             self.MODEL_KIND,
             self.cfg,
             self.holdout_fraction,
-            *start,
-            data_version=self.manifest_version,
-            seed=self.cfg.trainer.seed,
+            self.manifest_version,
+            self.init_digest,
         )
 
     def describe(self) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from unclip.datasets.stream_sources import ImagePairSource
 
 from ..config import UpsamplerConfig
 from ..diffusion import Sampler, diffusion_mse, noised, sample_loop
-from ..engine.trainer import FitResult
+from ..engine.fit_result import FitResult
 from .decoder import to_uint8, to_unit_range
 from .diffusion_task import ExportedDiffusion, ManifestDiffusionTask
 
