@@ -34,12 +34,8 @@ import torch  # noqa: E402
 
 from unclip.datasets.storage import StorageLayout  # noqa: E402
 from unclip.training.config import DecoderConfig, PriorConfig, TrainerConfig  # noqa: E402
-from unclip.training.engine.train_loop import (  # noqa: E402
-    ds_config,
-    param_groups,
-    seed_micro_step,
-    to_device,
-)
+from unclip.training.engine.optimization import ds_config, make_optimizer  # noqa: E402
+from unclip.training.engine.train_loop import seed_micro_step, to_device  # noqa: E402
 from unclip.training.models.decoder import DecoderTask  # noqa: E402
 from unclip.training.models.prior import PriorTask  # noqa: E402
 
@@ -100,7 +96,7 @@ def run_stage(
     torch.manual_seed(cfg.seed)
     model = task.build_model()
     n_params = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    optimizer = make_optimizer(model, cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg))
     losses: list[float] = []
     timed_from = min(5, steps - 1)  # the first steps (allocator, cuDNN/cuBLAS autotune) untimed

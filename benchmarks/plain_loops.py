@@ -45,7 +45,7 @@ def adamw_step(
 ) -> Step:
     """A training step, as the trainer's optimizer does it: loss, backward, clipping, AdamW."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)  # as the trainer
 
     def step() -> None:
         loss = next_loss()

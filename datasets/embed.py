@@ -44,6 +44,7 @@ from .embedding_shards import (
     pending_shards,
 )
 from .embedding_writer import FileInfo, ShardGather, write_shard
+from .progress_records import progress_extra
 from .ray_runtime import ensure_started
 from .shards import completed_shards
 from .storage import StorageLayout, exists, write_json
@@ -116,6 +117,7 @@ def embed_source(
                 len(all_shards),
                 images,
                 rate,
+                extra=progress_extra(f"embed {source_id}", done, len(all_shards)),
             )
     if gather.unfinished():
         raise RuntimeError(f"embed {source_id}: shards {gather.unfinished()} never completed")

@@ -35,6 +35,7 @@ import ray
 from .config import IngestConfig
 from .image_filters import FILTERED
 from .ingest_stats import failure_warning, format_summary, summarize
+from .progress_records import progress_extra
 from .ray_runtime import ensure_started
 from .shard_child import STARTUP_S
 from .shard_task import ShardDeadlineExceeded, ShardError, download_shard, lease_wait_s
@@ -182,6 +183,7 @@ def _run_shards(
             len(result.failed_shards),
             images,
             images / max(time.monotonic() - started, 1e-9),
+            extra=progress_extra(f"ingest {source}", done, result.shards_total),
         )
         if progress:
             progress(done, result.shards_total)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.live import Live
 
 from unclip.datasets.storage import StorageLayout
 from unclip.pipelines.cli_embeddings import export_embeddings_command, import_embeddings_command
@@ -27,6 +26,7 @@ from unclip.pipelines.cli_output import (
     console,
     fail,
     install_log_handler,
+    live_board,
     print_outputs,
 )
 from unclip.pipelines.config import (
@@ -91,7 +91,7 @@ def _session(config: Path, sets: list[str] | None, targets: list[str] | None) ->
     board = StageBoard(stages, echo=None if live else console.print)
     t0 = time.monotonic()
     try:
-        with Live(board, console=console, refresh_per_second=2) if live else _printed_at_end(board):
+        with live_board(board) if live else _printed_at_end(board):
             session = Session(config, cfg, overrides, board)
             yield session
     except LeaseHeld as e:

@@ -10,11 +10,22 @@ from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.logging import RichHandler
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
+from unclip.datasets.progress_records import progress_of, set_bars_drawn
 from unclip.pipelines.config import PipelineConfig
 from unclip.training.evaluation.metric_names import CASCADE_SUMMARY_NAMES, PRIOR_METRIC_NAMES
 
@@ -69,6 +80,58 @@ def install_log_handler(verbosity: int = 0) -> logging.Handler:
     root.setLevel(logging.WARNING)
     logging.getLogger("unclip").setLevel(VERBOSITY_LEVELS[max(-1, min(1, verbosity))])
     return handler
+
+
+class ProgressBars(logging.Handler):
+    """A terminal bar per task of the progress records (ingest and embed of each source, each
+    training run, the evaluation), drawn under the stage board."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            auto_refresh=False,  # the live display redraws it
+        )
+        self.tasks: dict[str, TaskID] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        update = progress_of(record)
+        if update is None:
+            return
+        task, done, total = update
+        if task not in self.tasks:
+            self.tasks[task] = self.progress.add_task(task, total=total)
+        self.progress.update(self.tasks[task], completed=done, total=total)
+
+
+def _no_progress(record: logging.LogRecord) -> bool:
+    return progress_of(record) is None
+
+
+@contextmanager
+def live_board(board: StageBoard) -> Iterator[ProgressBars]:
+    """On a terminal: the stage board and the progress bars, redrawn live; while it shows,
+    progress records draw bars instead of log lines (and training relays its progress here)."""
+    bars = ProgressBars()
+    root = logging.getLogger()
+    lines = [h for h in root.handlers if h.get_name() == LOG_HANDLER_NAME]
+    root.addHandler(bars)
+    for h in lines:
+        h.addFilter(_no_progress)
+    set_bars_drawn(True)
+    try:
+        with Live(Group(board, bars.progress), console=console, refresh_per_second=2):
+            yield bars
+    finally:
+        set_bars_drawn(False)
+        root.removeHandler(bars)
+        for h in lines:
+            h.removeFilter(_no_progress)
 
 
 class StageBoard:

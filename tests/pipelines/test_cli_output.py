@@ -74,3 +74,23 @@ def test_verbosity_options_come_before_the_command(root_logging, tmp_path, monke
         result = runner.invoke(app, [flag, "status", str(config)])
         assert result.exit_code == 0, result.output
         assert logging.getLogger("unclip").level == level
+
+
+def test_on_a_terminal_progress_records_draw_bars_instead_of_lines(root_logging, capsys):
+    from unclip.datasets.progress_records import bars_drawn, progress_extra
+    from unclip.pipelines.cli_output import StageBoard, live_board
+
+    install_log_handler(0)
+    log = logging.getLogger("unclip.datasets.embed")
+    with live_board(StageBoard(["embeddings"])) as bars:
+        assert bars_drawn()
+        log.info("embed s1: 1/4 shards done", extra=progress_extra("embed s1", 1, 4))
+        log.info("embed s1: 3/4 shards done", extra=progress_extra("embed s1", 3, 4))
+        log.info("an ordinary line")
+        (task,) = bars.progress.tasks
+        assert (task.description, task.completed, task.total) == ("embed s1", 3, 4)
+    assert not bars_drawn()
+    out = capsys.readouterr().out
+    assert "an ordinary line" in out and "shards done" not in out
+    log.info("embed s1: 4/4 shards done", extra=progress_extra("embed s1", 4, 4))
+    assert "embed s1: 4/4 shards done" in capsys.readouterr().out  # no bars: the line again

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -118,7 +119,7 @@ def _fits(exports, tmp_path, name: str) -> tuple[FitResult, FitResult]:
 
 
 def test_evaluate_cascade_pools_workers_and_writes_metrics_and_report(
-    ray_local, exports, embedded_store, tmp_path, monkeypatch
+    ray_local, exports, embedded_store, tmp_path, monkeypatch, caplog
 ):
     clip_dir = exports[0]
     prior_fit, decoder_fit = _fits(exports, tmp_path, "decoder-eval-test")
@@ -132,7 +133,14 @@ def test_evaluate_cascade_pools_workers_and_writes_metrics_and_report(
         loss_curves={"decoder": f"{decoder_fit.run_dir}/loss.png", "prior": "/nonexistent.png"},
     )
     runs = CascadeRuns(prior_fit, decoder_fit, TINY_DECODER, TINY_CLIP, clip_dir)
-    m = evaluate_cascade(layout, embedded_store.version, runs, cfg, options)
+    with caplog.at_level(logging.INFO, logger="unclip.training.evaluation.cascade_generation"):
+        m = evaluate_cascade(layout, embedded_store.version, runs, cfg, options)
+    # a progress line per finished task: trained and untrained cascades, 2 workers each
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluation:")]
+    assert [p.split(" images")[0] for p in progress] == [
+        f"evaluation: {n}/12" for n in (3, 6, 9, 12)
+    ]
+    assert all(p.split("(")[1].startswith(f"{i}/4 tasks") for i, p in enumerate(progress, 1))
 
     out = f"{layout.eval_dir(decoder_fit.run_name)}"
     saved = read_json(f"{out}/{DECODER_METRICS_FILE}")

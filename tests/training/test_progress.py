@@ -43,3 +43,27 @@ def test_a_process_without_logging_config_gets_the_lines_on_stderr():
     assert out.returncode == 0, out.stderr
     lines = [ln for ln in out.stderr.splitlines() if "decoder d-1" in ln]
     assert len(lines) == 1 and "step 4/8 (50%) loss 0.5" in lines[0]
+
+
+def test_a_relay_brings_a_workers_progress_to_the_driver_as_progress_records(ray_local, caplog):
+    import logging
+
+    from unclip.datasets.progress_records import progress_of
+    from unclip.training.engine.progress import ProgressRelay
+
+    def worker_logs(relay_queue, steps: list[int]) -> None:  # rank 0: a line per logged step
+        progress = TrainProgress("decoder d-1", start_step=0, max_steps=10, relay=relay_queue)
+        for s in steps:
+            progress.log(s, {"loss": 1.0 / s})
+
+    relay = ProgressRelay()
+    with caplog.at_level(logging.INFO, logger="unclip.training.progress"):
+        ray_local.get(ray_local.remote(worker_logs).remote(relay.queue, [2, 4, 10]))
+        relay.close()  # logs whatever is still queued
+    got = [progress_of(r) for r in caplog.records]
+    assert got == [
+        ("decoder d-1", 2.0, 10.0),
+        ("decoder d-1", 4.0, 10.0),
+        ("decoder d-1", 10.0, 10.0),
+    ]
+    assert caplog.records[-1].getMessage().startswith("decoder d-1 step 10/10 (100%) loss 0.1")

@@ -15,8 +15,9 @@ from training_helpers import KilledOnce, NanAt, Regression
 from unclip.datasets.storage import StorageLayout
 from unclip.training.config import PriorConfig, TrainerConfig
 from unclip.training.engine.fit_result import FitResult, run_name_for
+from unclip.training.engine.optimization import ds_config, warmup_cosine
 from unclip.training.engine.runlog import read_rows
-from unclip.training.engine.train_loop import Ema, ds_config, warmup_cosine
+from unclip.training.engine.train_loop import Ema
 from unclip.training.engine.trainer import (
     TRAINER_STATE,
     check_resumable,

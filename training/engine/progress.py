@@ -8,8 +8,10 @@ this logger one on stderr there.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +39,7 @@ class TrainProgress:
         start_step: int,
         max_steps: int,
         clock: Callable[[], float] = time.monotonic,
+        relay: Any = None,
     ) -> None:
         self.label, self.start_step, self.max_steps, self.clock = (
             label,
@@ -44,6 +47,7 @@ class TrainProgress:
             max_steps,
             clock,
         )
+        self.relay = relay  # a Ray queue the driver reads, or None: lines are logged here
         self.started = self.last_time = clock()
         self.last_step = start_step
 
@@ -64,8 +68,14 @@ class TrainProgress:
         return " ".join(parts)
 
     def log(self, step: int, row: dict[str, Any]) -> None:
-        """Log the line of ``step`` at INFO."""
-        log.info("%s", self.line(step, row))
+        """Log the line of ``step`` at INFO, or hand it to the driver's relay when it has one
+        (a terminal drawing bars; see :class:`ProgressRelay`)."""
+        line = self.line(step, row)
+        if self.relay is not None:
+            with contextlib.suppress(Exception):  # a full or gone queue costs a line, not the run
+                self.relay.put_nowait((self.label, step, self.max_steps, line))
+            return
+        log.info("%s", line)
 
 
 def ensure_progress_handler() -> None:
@@ -77,3 +87,39 @@ def ensure_progress_handler() -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+
+
+class ProgressRelay:
+    """The driver's end of rank 0's progress while a terminal draws bars: a Ray queue (no CPU)
+    the worker puts each line on, and a thread that logs them here as progress records."""
+
+    def __init__(self) -> None:
+        from ray.util.queue import Queue
+
+        self.queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._drain, name="unclip-progress", daemon=True)
+        self.thread.start()
+
+    def _drain(self) -> None:
+        from ray.util.queue import Empty
+
+        from unclip.datasets.progress_records import progress_extra
+
+        while True:
+            try:
+                label, step, max_steps, line = self.queue.get(timeout=0.5)
+            except Empty:
+                if self.stop.is_set():
+                    return  # stopped, and nothing left to log
+                continue
+            except Exception:  # the queue's actor is gone (Ray shut down): no more progress
+                return
+            log.info("%s", line, extra=progress_extra(label, step, max_steps))
+
+    def close(self) -> None:
+        """Log what is left, then stop the thread and the queue."""
+        self.stop.set()
+        self.thread.join(timeout=10)
+        with contextlib.suppress(Exception):
+            self.queue.shutdown()

@@ -16,7 +16,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,6 +28,7 @@ from ..config import TrainerConfig
 from .artifacts import publish_dir
 from .checkpoint_hashes import record_hashes, verify_hashes
 from .fit_result import EXPORT_DIRNAME, EXPORT_MARKER
+from .optimization import ds_config, make_optimizer, warmup_cosine
 from .progress import TrainProgress, ensure_progress_handler
 from .runlog import RunLog
 from .stream_position import StreamPosition, stream_totals
@@ -41,57 +41,11 @@ DS_TAG = "deepspeed"  # DeepSpeed's sub-folder inside each checkpoint
 EMA_FILE = "ema.pt"
 
 
-# --- pure parts: seeds, schedule, DeepSpeed config ---------------------------------------------
+# --- pure parts: seeds, devices ------------------------------------------------------------------
 def seed_micro_step(seed: int, micro_step: int, rank: int) -> None:
     """Seed torch (CPU and CUDA) from (seed, micro-step, rank): the noise a loss draws is replayable."""
     state = np.random.SeedSequence([seed % 2**32, micro_step, rank]).generate_state(1)[0]
     torch.manual_seed(int(state))
-
-
-def warmup_cosine(warmup_steps: int, max_steps: int) -> Callable[[int], float]:
-    """LR factor of optimizer step ``k``: linear warm-up to 1, then cosine decay towards 0.
-
-    Not diffusers' ``get_cosine_schedule_with_warmup``: its warm-up gives step k the factor
-    k / W (the first update has LR 0) where this one gives (k + 1) / W, and past ``max_steps``
-    its cosine rises again. Runs are named by their config, not by this code, so switching would
-    train different weights under the names of runs already trained or half-trained.
-    """
-
-    def factor(k: int) -> float:
-        if k < warmup_steps:
-            return (k + 1) / warmup_steps
-        progress = (k - warmup_steps) / max(1, max_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def ds_config(cfg: TrainerConfig) -> dict[str, Any]:
-    """The DeepSpeed config of a trainer config."""
-    conf: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": cfg.precision == "bf16"},
-        "zero_allow_untested_optimizer": True,  # a plain torch AdamW: no op compiles
-        "steps_per_print": 10**12,
-        "wall_clock_breakdown": False,
-    }
-    if cfg.grad_clip > 0:
-        conf["gradient_clipping"] = cfg.grad_clip
-    return conf
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norms and embeddings vectors (ndim < 2)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
 
 
 def to_device(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
@@ -181,7 +135,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     plan = StreamPlan.make(source.shards, rank, world, cfg.batch_size, cfg.shuffle_block, cfg.seed)
     num_samples = plan.num_samples
     task.setup(rank, world)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.warmup_steps, cfg.max_steps)
     )
@@ -204,7 +158,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     if runlog is not None:  # rank 0 alone keeps the run's record
         runlog.resume(start)
         ensure_progress_handler()
-        progress = TrainProgress(f"{model_kind} {run_name}", start, cfg.max_steps)
+        progress = TrainProgress(
+            f"{model_kind} {run_name}", start, cfg.max_steps, relay=config.get("progress_relay")
+        )
         params = {"run_name": run_name, "model_kind": model_kind, **ident["trainer"]}
         trackers = Trackers.open(cfg.report_to, run_dir, run_name, params, start)
     position = StreamPosition.resumed(state.get("stream"), plan, start * cfg.grad_accum, world)

@@ -17,12 +17,14 @@ import torch
 from fsspec.core import url_to_fs
 
 from unclip.datasets.lease import Lease
+from unclip.datasets.progress_records import bars_drawn
 from unclip.datasets.ray_runtime import ensure_started
 from unclip.datasets.storage import StorageLayout
 from unclip.datasets.stream import Columns, ShardSource, check_world_change
 
 from ..config import TrainerConfig
 from .fit_result import EXPORT_DIRNAME, FitResult, completed_fit, finished_run
+from .progress import ProgressRelay
 from .trackers import check_trackers
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,7 @@ def _fit_held(
     from .train_loop import train_loop
 
     ensure_started()  # RAY_ADDRESS, when set, picks the cluster
+    relay = ProgressRelay() if bars_drawn() else None  # a terminal's bar instead of lines
     storage_path, storage_fs = ray_storage(layout.runs_dir(model_kind))
     trainer = TorchTrainer(
         train_loop,
@@ -122,6 +125,7 @@ def _fit_held(
             "layout": layout,
             "model_kind": model_kind,
             "run_name": run_name,
+            "progress_relay": relay.queue if relay is not None else None,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -140,7 +144,11 @@ def _fit_held(
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if relay is not None:
+            relay.close()
     outcome = result.return_value or {}
     if "nonfinite_step" in outcome:
         raise FloatingPointError(

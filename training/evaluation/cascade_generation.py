@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
+import time
 from typing import Any
 
 import numpy as np
@@ -10,6 +12,7 @@ import torch
 
 from unclip.datasets.clip import encode_images
 from unclip.datasets.config import ClipConfig
+from unclip.datasets.progress_records import progress_extra
 from unclip.datasets.ray_runtime import ensure_started
 from unclip.datasets.storage import StorageLayout, exists, read_json
 
@@ -19,6 +22,8 @@ from ..inference.device import resolve_device
 from ..models.decoder import DecoderTask
 from ..sampling import load_pipeline
 from .inception_metrics import load_fid_inception
+
+log = logging.getLogger(__name__)
 
 UNTRAINED_MARKER = "untrained.json"
 
@@ -77,7 +82,24 @@ def run_chunks(jobs: list[dict[str, Any]], device: str = "auto") -> list[dict[st
     on = resolve_device(device, int(ray.cluster_resources().get("GPU", 0)))
     gpus = 1 if on.startswith("cuda") else 0
     task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(generate_chunk)
-    return ray.get([task.remote(**job, device="cuda" if gpus else "cpu") for job in jobs])
+    refs = [task.remote(**job, device="cuda" if gpus else "cpu") for job in jobs]
+    images = {ref: len(job["captions"]) for ref, job in zip(refs, jobs, strict=True)}
+    total, done, started, pending = sum(images.values()), 0, time.monotonic(), list(refs)
+    while pending:  # a progress line as each task finishes; results are taken in job order
+        finished, pending = ray.wait(pending, num_returns=1)
+        done += images[finished[0]]
+        rate = done / max(time.monotonic() - started, 1e-9)
+        log.info(
+            "evaluation: %d/%d images generated on %s (%d/%d tasks), %.1f images/s",
+            done,
+            total,
+            on,
+            len(refs) - len(pending),
+            len(refs),
+            rate,
+            extra=progress_extra("evaluation", done, total),
+        )
+    return ray.get(refs)
 
 
 def export_untrained_decoder(
