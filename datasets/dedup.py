@@ -13,6 +13,7 @@ beyond that the index should be partitioned by hash prefix.
 from __future__ import annotations
 
 import hashlib
+import posixpath
 
 import numpy as np
 import pyarrow as pa
@@ -54,17 +55,22 @@ def load_index(layout: StorageLayout, exclude: str | None = None) -> np.ndarray:
         return np.empty(0, HASH_DTYPE)
     parts = []
     for p in sorted(fs.ls(d, detail=False)):
-        name = p.rstrip("/").rsplit("/", 1)[-1]
+        name = posixpath.basename(p.rstrip("/"))
         if not name.endswith(".parquet") or name == f"{exclude}.parquet":
             continue  # temporaries of a killed writer, and the source being planned
         with fs.open(p, "rb") as f:
-            col = pq.read_table(f, columns=["hash"]).column("hash").combine_chunks()
-        if len(col):
-            buf = col.buffers()[1]
-            parts.append(np.frombuffer(buf, HASH_DTYPE, count=len(col), offset=col.offset * 16))
+            parts.append(hashes_of(pq.read_table(f, columns=["hash"]).column("hash")))
     if not parts:
         return np.empty(0, HASH_DTYPE)
     return np.unique(np.concatenate(parts))
+
+
+def hashes_of(column: pa.FixedSizeBinaryArray | pa.ChunkedArray) -> np.ndarray:
+    """A ``binary(16)`` column's values as an ``S16`` array, read from its buffer at its offset."""
+    col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if not len(col):
+        return np.empty(0, HASH_DTYPE)
+    return np.frombuffer(col.buffers()[1], HASH_DTYPE, count=len(col), offset=col.offset * 16)
 
 
 def duplicates(hashes: np.ndarray, index: np.ndarray) -> np.ndarray:

@@ -106,7 +106,7 @@ def refusal_reason(ip: str, allowed: tuple[str, ...] = ()) -> str | None:
 def _resolver(policy: NetPolicy, limits: RequestLimits):  # noqa: ANN202
     """(host, port, deadline) → addrinfo, every answer checked unless private networks are allowed."""
 
-    def resolve(host: str, port: int, deadline: float) -> list[tuple[Any, ...]]:
+    def resolve(host: str, port: int | None, deadline: float) -> list[tuple[Any, ...]]:
         infos = getaddrinfo_within(host, port, deadline, limits)
         if not policy.allow_private_networks:
             for info in infos:
@@ -122,10 +122,6 @@ def _resolver(policy: NetPolicy, limits: RequestLimits):  # noqa: ANN202
     return resolve
 
 
-def _deadline(limits: RequestLimits) -> float:
-    return getattr(_request, "deadline", None) or time.monotonic() + limits.max_time_s
-
-
 class _Handlers:
     """http and https handlers whose connections are limited and (for targets) checked."""
 
@@ -136,13 +132,13 @@ class _Handlers:
 
     def connection(self, cls: type, req: urllib.request.Request):  # noqa: ANN201
         """A connection factory for ``req``: to the proxy unchecked (configured), else checked."""
-        deadline = _deadline(self.limits)
+        # These handlers are reached only through _Opener.open, which set this thread's deadline.
+        deadline: float = _request.deadline
         resolve = self.checked
         if self.policy.proxy:
             target = urllib.parse.urlsplit(req.full_url)
-            port = target.port or (443 if target.scheme == "https" else 80)
-            try:  # the target, before anything is sent to the proxy
-                self.checked(target.hostname or "", port, deadline)
+            try:  # the target, before anything is sent to the proxy; its addresses, not a port
+                self.checked(target.hostname or "", target.port, deadline)
             except OSError as e:
                 raise urllib.error.URLError(e) from None
             resolve = self.any_address

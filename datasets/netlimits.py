@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 _CHUNK = 1 << 16
-Resolver = Callable[[str, int, float], list[tuple[Any, ...]]]  # (host, port, deadline) → addrinfo
+# (host, port or None, deadline) → addrinfo
+Resolver = Callable[[str, int | None, float], list[tuple[Any, ...]]]
 
 
 class LimitExceeded(OSError):
@@ -47,7 +48,7 @@ class RequestLimits:
         )
 
 
-def getaddrinfo_within(host: str, port: int, deadline: float, limits: RequestLimits) -> list:
+def getaddrinfo_within(host: str, port: int | None, deadline: float, limits: RequestLimits) -> list:
     """``socket.getaddrinfo`` that gives up at ``deadline`` (a resolver can stall for minutes)."""
     box: dict[str, Any] = {}
 

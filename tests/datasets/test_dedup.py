@@ -92,3 +92,14 @@ def test_a_row_repeated_in_a_list_is_kept_once_against_a_large_index():
     index = np.unique(dedup.url_caption_hashes([f"u{i}" for i in range(500)], ["c"] * 500))
     q = dedup.url_caption_hashes(["new", "new", "u3", "u3", "other"], ["c"] * 5)
     assert dedup.duplicates(q, index).tolist() == [False, True, True, True, False]
+
+
+def test_hashes_are_read_from_a_sliced_column_at_its_offset():
+    """An Arrow column may start inside its buffer (a slice): the hashes read are its own rows."""
+    rows = dedup.url_caption_hashes(["u1", "u2", "u3"], ["c"] * 3)
+    col = pa.array(rows.tolist(), pa.binary(16))
+    assert dedup.hashes_of(col).tolist() == rows.tolist()
+    assert dedup.hashes_of(col.slice(1)).tolist() == rows[1:].tolist()
+    assert dedup.hashes_of(col.slice(1, 1)).tolist() == rows[1:2].tolist()
+    assert dedup.hashes_of(col.slice(3)).tolist() == []
+    assert dedup.hashes_of(pa.array([], pa.binary(16))).dtype == np.dtype("S16")

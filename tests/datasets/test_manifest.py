@@ -247,7 +247,7 @@ def test_the_filter_threshold_is_the_kth_largest_score_and_may_be_negative():
     scores = rng.permutation(np.linspace(-0.9, 0.9, 4000)).astype(np.float32)
     entries = [_Entry("s", i, "p", "h", 4, part) for i, part in enumerate(np.split(scores, 4))]
     ranked = np.sort(scores.astype(np.float64))[::-1]
-    for frac in (0.5, 0.13, 0.9):
+    for frac in (0.5, 0.13, 0.9, 0.0001):  # the last: under one sample, the best one is kept
         k = math.ceil(frac * len(scores))
         assert _threshold(entries, ManifestConfig(clip_score_top_fraction=frac)) == ranked[k - 1]
     assert _threshold(entries, ManifestConfig(clip_score_top_fraction=1.0)) is None

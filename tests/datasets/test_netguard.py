@@ -372,6 +372,9 @@ def test_environment_proxies_are_ignored_and_a_configured_one_is_checked(
         assert proxied[f"http://public.test:{port}/p"] == 1
         with pytest.raises(urllib.error.URLError, match="refused: internal.test"):
             build_opener(via).open(f"http://internal.test:{port}/secret", timeout=5)
+        for url in ("http://localhost/secret", "https://localhost/secret"):  # no port: real DNS
+            with pytest.raises(urllib.error.URLError, match="refused: localhost resolves to"):
+                build_opener(via).open(url, timeout=5)
         assert sum(proxied.values()) == 1 and sum(internal.values()) == 0
 
 

@@ -267,6 +267,9 @@ def test_context_is_everything_but_the_model_under_test():
     ]:
         assert context_of("prior", base) != context_of("prior", {**base, key: value}), key
     assert context_of("prior", base) == context_of("prior", {**base, "cos_pred_true": 0.9})
+    # A model name built at run time (a caller's argument, not a literal) is compared by value.
+    runtime_prior = "".join(["pri", "or"])
+    assert context_of(runtime_prior, base) == context_of("prior", base)
     # A difference is one whichever side holds the larger value.
     newer = {**base, "data_version": "v2"}
     assert context_diff("prior", base, newer) == ["data_version: 'v1' vs 'v2'"]
@@ -350,6 +353,27 @@ def test_two_concurrent_promotions_keep_the_better_candidate(tmp_path):
     rec = promoted(cfg, "prior")
     assert rec["run"] == "prior-b" and rec["previous"] == "prior-0"
     assert not (tmp_path / "store/registry/prior.lock").exists()
+
+
+def test_a_registry_that_changes_on_every_try_is_given_up_after_20_judgements(tmp_path):
+    """Another writer promotes between each read and write: the candidate never overwrites it."""
+    cfg = _cfg(tmp_path)
+    layout = StorageLayout(cfg.storage)
+    _trained(layout, "prior-0", 0.5, "v1")
+    promote(cfg, "prior")
+    cand = _trained(layout, "prior-a", 0.6, "v2")
+    judged = []
+
+    def reevaluate(model, current, candidate):
+        judged.append(current["run"])
+        record, tag = registry.read_record(layout, "prior")
+        assert registry.swap(layout, "prior", tag, {**record, "run": f"other-{len(judged)}"})
+        return {"cos_pred_true": 0.5, **context("v2")}
+
+    with pytest.raises(registry.RegistryBusy, match="changed 20 times while prior-a was judged"):
+        promote(cfg, "prior", run=cand, reevaluate=reevaluate)
+    assert judged == ["prior-0", *[f"other-{i}" for i in range(1, 20)]]
+    assert promoted(cfg, "prior")["run"] == "other-20"
 
 
 def test_a_held_lock_makes_a_swap_wait_and_a_stale_one_is_broken(tmp_path):
