@@ -87,7 +87,7 @@ def embed_source(
     if not exists(identity_path):
         write_json(identity_path, {"clip_id": clip_id, **bundle.identity})
     all_shards = completed_shards(layout, source_id)
-    pending = pending_shards(layout, clip_id, source_id)
+    pending = pending_shards(layout, clip_id, source_id, all_shards)
     redone = [
         layout.embedding_shard(clip_id, source_id, s)
         for s in pending

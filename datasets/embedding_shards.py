@@ -50,11 +50,16 @@ def existing_embeddings_ok(path: str, clip_id: str) -> bool:
     return True
 
 
-def pending_shards(layout: StorageLayout, clip_id: str, source_id: str) -> list[int]:
-    """Committed image shards of ``source_id`` with no complete embedding file for ``clip_id``."""
+def pending_shards(
+    layout: StorageLayout, clip_id: str, source_id: str, shards: list[int] | None = None
+) -> list[int]:
+    """Committed image shards of ``source_id`` (``shards`` when the caller has listed them)
+    with no complete embedding file for ``clip_id``."""
+    if shards is None:
+        shards = completed_shards(layout, source_id)
     return [
         s
-        for s in completed_shards(layout, source_id)
+        for s in shards
         if not existing_embeddings_ok(layout.embedding_shard(clip_id, source_id, s), clip_id)
     ]
 
@@ -69,6 +74,6 @@ def embedded_source(layout: StorageLayout, source_id: str, clip_id: str) -> Embe
     if not exists(clip_identity_path(layout, clip_id)):
         return None
     shards = completed_shards(layout, source_id)
-    if pending_shards(layout, clip_id, source_id):
+    if pending_shards(layout, clip_id, source_id, shards):
         return None
     return EmbedResult(0, len(shards), clip_id)
