@@ -40,4 +40,28 @@ def ensure_started() -> None:
         ray.init(address=address, log_to_driver=True)
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(num_cpus=_settings.num_cpus, include_dashboard=False, log_to_driver=True)
+    ray.init(
+        num_cpus=_settings.num_cpus,
+        include_dashboard=False,
+        log_to_driver=True,
+        runtime_env={
+            "worker_process_setup_hook": f"{__name__}.{silence_state_api_warnings.__name__}"
+        },
+    )
+
+
+# Ray Train's placement-group cleaner asks the State API every second whether the run's
+# controller lives. The State API is served by the dashboard, which the embedded Ray does not
+# start, so every ask fails with a warning: hundreds of lines a run, over the progress lines.
+# The embedded Ray dies with its driver, placement groups included, so the cleaner has nothing
+# to clean; on a cluster (RAY_ADDRESS) the dashboard runs and its warnings stay on.
+PLACEMENT_GROUP_CLEANER_LOGGER = (
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+)
+
+
+def silence_state_api_warnings() -> None:
+    """Worker setup hook of the embedded Ray: the cleaner's logger shows errors only."""
+    import logging
+
+    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
