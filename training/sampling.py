@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -82,32 +81,6 @@ def load_cascade(
     upsamplers = [load_upsampler(e) for e in upsampler_exports]
     check_cascade(decoder, upsamplers)
     return decoder, upsamplers
-
-
-def decode(
-    decoder: DecoderSampler,
-    upsamplers: Sequence[UpsamplerSampler],
-    image_emb: torch.Tensor | None,
-    text_emb: torch.Tensor | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
-    seed: int = 0,
-    upsampler_steps: int | None = None,
-    captions: Sequence[str] | None = None,
-) -> np.ndarray:
-    """Image embeddings [N, D] (or, for a decoder of caption tokens, ``captions``) → uint8
-    images, stage after stage (decoder, then each upsampler)."""
-    pixels = decoder.sample(
-        image_emb,
-        steps=steps,
-        guidance_scale=guidance,
-        seed=seed,
-        text_emb=text_emb,
-        captions=captions,
-    )
-    for up in upsamplers:
-        pixels = up.sample(pixels, steps=upsampler_steps, seed=seed)
-    return pixels
 
 
 def load_pipeline(
