@@ -9,7 +9,7 @@ from paths to images. :func:`slerp` is the interpolation's path between two embe
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -106,37 +106,27 @@ def generate(
     prior_export: str | None,
     decoder_export: str,
     n_per_caption: int = 1,
-    steps: int | None = None,
-    guidance: float | None = None,
-    seed: int = 0,
-    prior_steps: int | None = None,
-    prior_guidance: float | None = None,
+    *,
     upsampler_exports: Sequence[str] = (),
-    upsampler_steps: int | None = None,
+    **options: Any,
 ) -> list[Image.Image]:
     """``n_per_caption`` images per caption, caption-major, through :class:`UnclipPipeline`.
 
-    Loads the exports for this one call; to sample repeatedly, build the pipeline once
-    (``UnclipPipeline.from_exports``) and call it. A decoder conditioned on caption tokens
-    (``decoder.condition: text_tokens``) reads the captions itself: it needs no prior
-    (``prior_export`` None), and any prior given is unused.
+    ``options`` are the pipeline call's keywords (``decoder_num_inference_steps``, ``seed``,
+    ``prior_guidance_scale``, …). Loads the exports for this one call; to sample repeatedly,
+    build the pipeline once (``UnclipPipeline.from_exports``) and call it. A decoder conditioned
+    on caption tokens (``decoder.condition: text_tokens``) reads the captions itself: it needs no
+    prior (``prior_export`` None), and any prior given is unused.
     """
     if isinstance(captions, str):
         raise TypeError("captions must be a list of strings, not one string")
     if n_per_caption < 1:
         raise ValueError(f"n_per_caption must be >= 1, got {n_per_caption}")
-    check_guidance(decoder=guidance, prior=prior_guidance)
+    check_guidance(
+        decoder=options.get("decoder_guidance_scale"), prior=options.get("prior_guidance_scale")
+    )
     pipe = load_pipeline(decoder_export, clip_cfg, clip_checkpoint, prior_export, upsampler_exports)
-    return pipe(
-        list(captions),
-        num_images_per_prompt=n_per_caption,
-        prior_num_inference_steps=prior_steps,
-        prior_guidance_scale=prior_guidance,
-        decoder_num_inference_steps=steps,
-        decoder_guidance_scale=guidance,
-        super_res_num_inference_steps=upsampler_steps,
-        seed=seed,
-    ).images
+    return pipe(list(captions), num_images_per_prompt=n_per_caption, **options).images
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:

@@ -62,7 +62,16 @@ def test_saved_folder_has_a_model_index_and_an_open_clip_folder(saved):
 
 def test_from_pretrained_reproduces_generate_bit_for_bit(exports, saved):
     clip_dir, prior_dir, decoder_dir = exports
-    expected = generate(CAPTIONS, TINY_CLIP, clip_dir, prior_dir, decoder_dir, 2, steps=2, seed=3)
+    expected = generate(
+        CAPTIONS,
+        TINY_CLIP,
+        clip_dir,
+        prior_dir,
+        decoder_dir,
+        2,
+        decoder_num_inference_steps=2,
+        seed=3,
+    )
     pipe = UnclipPipeline.from_pretrained(saved)
     out = pipe(CAPTIONS, num_images_per_prompt=2, decoder_num_inference_steps=2, seed=3)
     assert len(out.images) == 4 and out.images[0].size == (16, 16)
