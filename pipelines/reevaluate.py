@@ -14,8 +14,9 @@ from typing import Any
 from unclip.datasets.storage import StorageLayout, exists, read_json
 from unclip.pipelines.config import PipelineConfig
 from unclip.pipelines.promotion import NotComparable, Reevaluate, against_metrics
+from unclip.training.engine.fit_result import export_info_file
 
-INFO_FILES = {"prior": "unclip_prior.json", "decoder": "unclip_decoder.json"}
+INFO_FILES = {model: export_info_file(model) for model in ("prior", "decoder")}
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from unclip.pipelines.config import PipelineConfig
 from unclip.pipelines.model_bundle import ChosenRun, Which, choose_cascade, load_cascade
+from unclip.training.inference.call_options import DecodeOptions
 from unclip.training.inference.device import resolve_device
 
 
@@ -108,7 +109,7 @@ def sample_images(cfg: PipelineConfig, req: SampleRequest) -> list[tuple[str, Im
         pipe = load_cascade(cfg, cascade_for(cfg, req), device)
     except ValueError as e:
         raise SampleUsageError(str(e)) from e
-    common: dict[str, Any] = {
+    common: DecodeOptions = {
         "decoder_num_inference_steps": req.steps or cfg.decoder.sample_steps,
         "decoder_guidance_scale": req.guidance
         if req.guidance is not None

@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
+from pydantic_core import PydanticUndefined
 
 from unclip.datasets.config import ConfigSection
 
-# Marks a field that does not change what a run trains (sampling, bookkeeping): it is left
-# out of the run name's hash, so changing it reuses the trained run instead of retraining.
-NOT_IDENTITY = {"identity": False}
+NOT_IDENTITY = {"identity": False}  # see setting()
 # The sample grid's captions on the synthetic shapes (what evaluate.captions defaults to there).
 SHAPE_CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
 # Marks a field added after runs were named: it joins the hash only when set to something other
 # than its default, so every run named before it existed keeps its name.
 IDENTITY_UNLESS_DEFAULT = {"identity": "unless_default"}
+
+
+# T, the diffusion steps of a model's training noise schedule (prior, decoder, upsampler).
+DiffusionSteps = Annotated[int, Field(ge=1)]
+
+
+def setting(default: Any = PydanticUndefined, **kwargs: Any) -> Any:
+    """A ``Field`` that does not change what a run trains (sampling, bookkeeping): it is left out
+    of the run name's hash, so changing it reuses the trained run instead of retraining."""
+    return Field(default, json_schema_extra=NOT_IDENTITY, **kwargs)
 
 
 class IdentitySection(ConfigSection):
@@ -54,23 +63,19 @@ class TrainerConfig(IdentitySection):
     warmup_steps: int = Field(50, ge=0)
     max_steps: int = Field(1000, ge=1, description="Optimizer steps.")
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping.")
-    checkpoint_every: int = Field(250, ge=1, json_schema_extra=NOT_IDENTITY)
-    keep_last: int = Field(2, ge=1, json_schema_extra=NOT_IDENTITY)
-    log_every: int = Field(
-        10, ge=1, description="Steps per row of metrics.jsonl.", json_schema_extra=NOT_IDENTITY
-    )
-    report_every_s: float = Field(
+    checkpoint_every: int = setting(250, ge=1)
+    keep_last: int = setting(2, ge=1)
+    log_every: int = setting(10, ge=1, description="Steps per row of metrics.jsonl.")
+    report_every_s: float = setting(
         10.0,
         ge=0,
         description="Least seconds between metric reports to Ray Train (a report can wait for its controller).",
-        json_schema_extra=NOT_IDENTITY,
     )
     seed: int = 0
-    max_failures: int = Field(
+    max_failures: int = setting(
         0,
         ge=0,
         description="Ray Train restarts of a run whose worker died, from its last checkpoint.",
-        json_schema_extra=NOT_IDENTITY,
     )
     ema_decay: float = Field(
         0.0,
@@ -87,20 +92,18 @@ class TrainerConfig(IdentitySection):
         "epoch besides; a larger block mixes more, at more memory and a slower first step.",
         json_schema_extra=IDENTITY_UNLESS_DEFAULT,
     )
-    prefetch_batches: int = Field(
+    prefetch_batches: int = setting(
         4,
         ge=0,
         description="Micro-batches a worker's stream prepares ahead of the step, on a thread "
         "(0: read in the step's own thread).",
-        json_schema_extra=NOT_IDENTITY,
     )
-    decode_threads: int = Field(
+    decode_threads: int = setting(
         1,
         ge=1,
         description="Threads decoding images for a worker's stream (beside the prefetch thread).",
-        json_schema_extra=NOT_IDENTITY,
     )
-    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = setting(
         default_factory=list,
         description="Experiment trackers that get every metrics.jsonl row, and the evaluation's "
         "metrics (eval/...) and sample grid at the last step, as the --report_to of diffusers' "
@@ -109,7 +112,6 @@ class TrainerConfig(IdentitySection):
         "store mlflow.db in the run folder; a resume continues the MLflow run of the same name), "
         "wandb (W&B's own settings; run id = run name). Each needs its extra: pip install "
         "'unclip[tensorboard]'.",
-        json_schema_extra=NOT_IDENTITY,
     )
 
     @field_validator("report_to", mode="before")
@@ -136,7 +138,7 @@ class PriorConfig(IdentitySection):
     num_layers: int = Field(4, ge=1)
     num_attention_heads: int = Field(4, ge=1)
     attention_head_dim: int = Field(32, ge=1)
-    timesteps: int = Field(1000, ge=1)
+    timesteps: DiffusionSteps = 1000
     cond_drop_prob: float = Field(
         0.1,
         ge=0,
@@ -154,23 +156,19 @@ class PriorConfig(IdentitySection):
         "captions. Changes the run name when on.",
         json_schema_extra=IDENTITY_UNLESS_DEFAULT,
     )
-    sample_steps: int = Field(
-        50, ge=1, description="DDIM steps when sampling.", json_schema_extra=NOT_IDENTITY
-    )
-    guidance_scale: float = Field(1.0, gt=0, json_schema_extra=NOT_IDENTITY)
-    candidates: int = Field(
+    sample_steps: int = setting(50, ge=1, description="DDIM steps when sampling.")
+    guidance_scale: float = setting(1.0, gt=0)
+    candidates: int = setting(
         1,
         ge=1,
         description="Sampling: draw k image embeddings per text and keep the one with the "
         "highest dot product with the text embedding (DALL·E 2, sec. 2.2).",
-        json_schema_extra=NOT_IDENTITY,
     )
-    init_from: str | None = Field(
+    init_from: str | None = setting(
         None,
         description="Fine-tune from these weights: a PriorTransformer.save_pretrained folder or "
         "an unclip prior export, with this section's architecture and the data set's embedding "
         "dimension; its clip_mean/clip_std are kept. The run name hashes its content, not its path.",
-        json_schema_extra=NOT_IDENTITY,
     )
     trainer: TrainerConfig = TrainerConfig()
 
@@ -206,7 +204,7 @@ class DecoderConfig(PixelDiffusionObjective):
         description="How many of the lowest-resolution levels use attention (guided diffusion's "
         "attention_resolutions); attention at high resolution dominates the cost.",
     )
-    timesteps: int = Field(1000, ge=1)
+    timesteps: DiffusionSteps = 1000
     cond_drop_prob: float = Field(
         0.1, ge=0, le=1, description="Probability of dropping the image embedding (for guidance)."
     )
@@ -233,8 +231,8 @@ class DecoderConfig(PixelDiffusionObjective):
         "loss L_simple + vlb_weight·L_vlb (Nichol & Dhariwal 2021); DDPM sampling uses it.",
     )
     vlb_weight: float = Field(0.001, ge=0, description="λ of the hybrid loss.")
-    sample_steps: int = Field(50, ge=1, json_schema_extra=NOT_IDENTITY)
-    guidance_scale: float = Field(3.0, gt=0, json_schema_extra=NOT_IDENTITY)
+    sample_steps: int = setting(50, ge=1)
+    guidance_scale: float = setting(3.0, gt=0)
     trainer: TrainerConfig = TrainerConfig()
 
     @model_validator(mode="after")
@@ -263,7 +261,7 @@ class UpsamplerConfig(PixelDiffusionObjective):
     output_size: int = Field(64, ge=8, description="Resolution it produces.")
     block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = Field(1, ge=1)
-    timesteps: int = Field(1000, ge=1)
+    timesteps: DiffusionSteps = 1000
     blur_sigma_min: float = Field(
         0.4,
         ge=0,
@@ -281,14 +279,13 @@ class UpsamplerConfig(PixelDiffusionObjective):
     crop_size: int | None = Field(
         None, description="Train on random crops of this many high-res pixels (None: whole images)."
     )
-    sample_noise_aug: float = Field(
+    sample_noise_aug: float = setting(
         0.05,
         ge=0,
         lt=1,
         description="Noise augmentation level (fraction of T) of the conditioning when sampling.",
-        json_schema_extra=NOT_IDENTITY,
     )
-    sample_steps: int = Field(50, ge=1, json_schema_extra=NOT_IDENTITY)
+    sample_steps: int = setting(50, ge=1)
     trainer: TrainerConfig = TrainerConfig()
 
     @model_validator(mode="after")
@@ -325,48 +322,40 @@ class EvaluateConfig(IdentitySection):
     )
     # The decoder / cascade evaluation (training/evaluation/cascade_eval.py). None of these change a
     # trained run: they are left out of run names.
-    num_eval_samples: int = Field(
+    num_eval_samples: int = setting(
         200,
         ge=2,
         description="Images generated for FD-CLIP / CLIP score / attribute accuracy, captions "
         "cycled from the held-out split (single-object captions on the synthetic shapes).",
-        json_schema_extra=NOT_IDENTITY,
     )
-    eval_steps: int | None = Field(
+    eval_steps: int | None = setting(
         None,
         ge=1,
         description="Decoder DDIM steps when evaluating (None: the decoder's sample_steps).",
-        json_schema_extra=NOT_IDENTITY,
     )
-    eval_guidance: float | None = Field(
+    eval_guidance: float | None = setting(
         None,
         gt=0,
         description="Decoder guidance scale when evaluating (None: the decoder's guidance_scale).",
-        json_schema_extra=NOT_IDENTITY,
     )
-    eval_workers: int = Field(
+    eval_workers: int = setting(
         2,
         ge=1,
         description="Ray tasks the evaluation's generation is split over; their features are "
         "pooled before any Fréchet distance is computed.",
-        json_schema_extra=NOT_IDENTITY,
     )
-    eval_seed: int = Field(
-        0,
-        description="Seed of evaluation sampling and of the untrained baseline decoder.",
-        json_schema_extra=NOT_IDENTITY,
+    eval_seed: int = setting(
+        0, description="Seed of evaluation sampling and of the untrained baseline decoder."
     )
-    device: Literal["auto", "cpu", "cuda"] = Field(
+    device: Literal["auto", "cpu", "cuda"] = setting(
         "auto",
         description="Where the evaluation's generation runs: `cuda` (one GPU per Ray task), `cpu`, "
         "or `auto` (cuda when the Ray cluster has GPUs).",
-        json_schema_extra=NOT_IDENTITY,
     )
-    inception_checkpoint: str | None = Field(
+    inception_checkpoint: str | None = setting(
         None,
         description="The FID Inception-v3 weights (torch-fidelity's "
         "weights-inception-2015-12-05 state dict; local path or URI, never downloaded) for "
         "FID and KID (the `eval` extra); torchvision's ImageNet Inception is refused. "
         "None: `fid` and `kid` are null.",
-        json_schema_extra=NOT_IDENTITY,
     )

@@ -9,9 +9,8 @@ from paths to images. :func:`slerp` is the interpolation's path between two embe
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -84,32 +83,6 @@ def load_cascade(
     return decoder, upsamplers
 
 
-def decode(
-    decoder: DecoderSampler,
-    upsamplers: Sequence[UpsamplerSampler],
-    image_emb: torch.Tensor | None,
-    text_emb: torch.Tensor | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
-    seed: int = 0,
-    upsampler_steps: int | None = None,
-    captions: Sequence[str] | None = None,
-) -> np.ndarray:
-    """Image embeddings [N, D] (or, for a decoder of caption tokens, ``captions``) → uint8
-    images, stage after stage (decoder, then each upsampler)."""
-    pixels = decoder.sample(
-        image_emb,
-        steps=steps,
-        guidance_scale=guidance,
-        seed=seed,
-        text_emb=text_emb,
-        captions=captions,
-    )
-    for up in upsamplers:
-        pixels = up.sample(pixels, steps=upsampler_steps, seed=seed)
-    return pixels
-
-
 def load_pipeline(
     decoder_export: str,
     clip_cfg: ClipConfig | None = None,
@@ -133,37 +106,27 @@ def generate(
     prior_export: str | None,
     decoder_export: str,
     n_per_caption: int = 1,
-    steps: int | None = None,
-    guidance: float | None = None,
-    seed: int = 0,
-    prior_steps: int | None = None,
-    prior_guidance: float | None = None,
+    *,
     upsampler_exports: Sequence[str] = (),
-    upsampler_steps: int | None = None,
+    **options: Any,
 ) -> list[Image.Image]:
     """``n_per_caption`` images per caption, caption-major, through :class:`UnclipPipeline`.
 
-    Loads the exports for this one call; to sample repeatedly, build the pipeline once
-    (``UnclipPipeline.from_exports``) and call it. A decoder conditioned on caption tokens
-    (``decoder.condition: text_tokens``) reads the captions itself: it needs no prior
-    (``prior_export`` None), and any prior given is unused.
+    ``options`` are the pipeline call's keywords (``decoder_num_inference_steps``, ``seed``,
+    ``prior_guidance_scale``, …). Loads the exports for this one call; to sample repeatedly,
+    build the pipeline once (``UnclipPipeline.from_exports``) and call it. A decoder conditioned
+    on caption tokens (``decoder.condition: text_tokens``) reads the captions itself: it needs no
+    prior (``prior_export`` None), and any prior given is unused.
     """
     if isinstance(captions, str):
         raise TypeError("captions must be a list of strings, not one string")
     if n_per_caption < 1:
         raise ValueError(f"n_per_caption must be >= 1, got {n_per_caption}")
-    check_guidance(decoder=guidance, prior=prior_guidance)
+    check_guidance(
+        decoder=options.get("decoder_guidance_scale"), prior=options.get("prior_guidance_scale")
+    )
     pipe = load_pipeline(decoder_export, clip_cfg, clip_checkpoint, prior_export, upsampler_exports)
-    return pipe(
-        list(captions),
-        num_images_per_prompt=n_per_caption,
-        prior_num_inference_steps=prior_steps,
-        prior_guidance_scale=prior_guidance,
-        decoder_num_inference_steps=steps,
-        decoder_guidance_scale=guidance,
-        super_res_num_inference_steps=upsampler_steps,
-        seed=seed,
-    ).images
+    return pipe(list(captions), num_images_per_prompt=n_per_caption, **options).images
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:

@@ -137,6 +137,12 @@ def test_trains_resumes_after_a_killed_worker_exports_and_samples_from_captions(
 
     # The cascade needs no prior for it: captions → CLIP tokens → decoder.
     out = generate(
-        CAPTIONS, TINY_CLIP, clip_store.clip_dir, None, result.export_dir, n_per_caption=2, steps=2
+        CAPTIONS,
+        TINY_CLIP,
+        clip_store.clip_dir,
+        None,
+        result.export_dir,
+        n_per_caption=2,
+        decoder_num_inference_steps=2,
     )
     assert len(out) == 4 and out[0].size == (16, 16)

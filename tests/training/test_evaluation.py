@@ -79,7 +79,13 @@ def exports(tmp_path_factory):
 def test_generate_and_write_a_sample_grid(exports, embedded_store, tmp_path):
     clip_dir, prior_dir, decoder_dir = exports
     images = generate(
-        ["a red circle", "a blue square"], TINY_CLIP, clip_dir, prior_dir, decoder_dir, 2, steps=2
+        ["a red circle", "a blue square"],
+        TINY_CLIP,
+        clip_dir,
+        prior_dir,
+        decoder_dir,
+        2,
+        decoder_num_inference_steps=2,
     )
     assert len(images) == 4 and images[0].size == (16, 16)
     cfg = EvaluateConfig(captions=["a red circle", "a green triangle"], samples_per_caption=2)
@@ -103,7 +109,14 @@ def test_bad_captions_are_clear_errors(exports):
     with pytest.raises(ValueError, match="longer than the CLIP context"):
         generate(["a red circle " * 10], TINY_CLIP, clip_dir, prior_dir, decoder_dir)
     with pytest.raises(ValueError, match="guidance"):
-        generate(["a red circle"], TINY_CLIP, clip_dir, prior_dir, decoder_dir, guidance=0.0)
+        generate(
+            ["a red circle"],
+            TINY_CLIP,
+            clip_dir,
+            prior_dir,
+            decoder_dir,
+            decoder_guidance_scale=0.0,
+        )
 
 
 # --- the cascade evaluation (decoder_metrics.json + report.html) --------------------------------

@@ -62,7 +62,16 @@ def test_saved_folder_has_a_model_index_and_an_open_clip_folder(saved):
 
 def test_from_pretrained_reproduces_generate_bit_for_bit(exports, saved):
     clip_dir, prior_dir, decoder_dir = exports
-    expected = generate(CAPTIONS, TINY_CLIP, clip_dir, prior_dir, decoder_dir, 2, steps=2, seed=3)
+    expected = generate(
+        CAPTIONS,
+        TINY_CLIP,
+        clip_dir,
+        prior_dir,
+        decoder_dir,
+        2,
+        decoder_num_inference_steps=2,
+        seed=3,
+    )
     pipe = UnclipPipeline.from_pretrained(saved)
     out = pipe(CAPTIONS, num_images_per_prompt=2, decoder_num_inference_steps=2, seed=3)
     assert len(out.images) == 4 and out.images[0].size == (16, 16)
@@ -133,6 +142,10 @@ def test_variations_interpolation_and_embeddings(saved):
     emb = np.random.default_rng(0).normal(size=(TINY_CLIP.embed_dim,)).astype(np.float32)
     (decoded,) = pipe.decode_image_embeddings(emb, decoder_num_inference_steps=2, return_dict=False)
     assert len(decoded) == 1
+    kw = {"decoder_num_inference_steps": 2, "output_type": "np"}
+    same = [pipe.decode_image_embeddings(emb, seed=s, **kw).images for s in (7, 7, 8)]
+    assert isinstance(same[0], np.ndarray) and same[0].dtype == np.uint8
+    assert np.array_equal(same[0], same[1]) and not np.array_equal(same[0], same[2])
 
 
 def test_bad_requests_are_clear_errors(saved, exports):
@@ -143,6 +156,12 @@ def test_bad_requests_are_clear_errors(saved, exports):
         pipe(CAPTIONS, decoder_guidance_scale=0.0)
     with pytest.raises(ValueError, match="output_type"):
         pipe(CAPTIONS, output_type="latent")
+    with pytest.raises(ValueError, match="prior guidance"):
+        pipe.interpolate(*CAPTIONS, prior_guidance_scale=-1.0)
+    with pytest.raises(TypeError, match=r"image_variations\(\).*'decoder_steps'"):
+        pipe.image_variations(Image.new("RGB", (8, 8)), decoder_steps=2)
+    with pytest.raises(TypeError):  # the decoding options are keywords only
+        pipe(CAPTIONS, 1, None, None, None, 2)
     _, _, decoder_dir = exports
     no_clip = UnclipPipeline.from_exports(decoder_dir)
     with pytest.raises(ValueError, match="no CLIP"):

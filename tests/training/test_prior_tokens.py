@@ -210,7 +210,7 @@ def test_a_text_tokens_prior_trains_exports_and_samples_from_captions(
     decoder = make_decoder_task(dim=DIM, clip_id=clip_store.clip_id)
     decoder.export(decoder.build_model(), str(tmp_path / "decoder"))
     args = (TINY_CLIP, clip_store.clip_dir, fit.export_dir, str(tmp_path / "decoder"))
-    assert len(generate(CAPTIONS[:2], *args, n_per_caption=2, steps=2)) == 4
+    assert len(generate(CAPTIONS[:2], *args, n_per_caption=2, decoder_num_inference_steps=2)) == 4
     pipe = load_pipeline(args[3], TINY_CLIP, clip_store.clip_dir, fit.export_dir)
     frames = pipe.interpolate(CAPTIONS[0], CAPTIONS[1], 2, decoder_num_inference_steps=2)
     assert len(frames.images) == 2

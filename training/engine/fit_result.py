@@ -24,6 +24,11 @@ EXPORT_DIRNAME = "export"
 EXPORT_MARKER = "fit.json"  # written last into the export: its presence means the run is finished
 
 
+def export_info_file(model_kind: str) -> str:
+    """The json beside the model in a ``model_kind`` export: dimension, CLIP id, sampling defaults."""
+    return f"unclip_{model_kind}.json"
+
+
 @dataclass
 class FitResult:
     """What a training run produced; ``skipped`` when it had finished before."""

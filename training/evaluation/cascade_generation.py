@@ -19,7 +19,7 @@ from unclip.datasets.storage import StorageLayout, exists, read_json
 from ..config import DecoderConfig
 from ..engine.artifacts import publish_dir
 from ..inference.device import resolve_device
-from ..models.decoder import DecoderTask
+from ..models.decoder import INFO_FILE, DecoderTask
 from ..sampling import load_pipeline
 from .inception_metrics import load_fid_inception
 
@@ -117,7 +117,7 @@ def export_untrained_decoder(
     """
     if exists(f"{target}/{UNTRAINED_MARKER}"):
         return target
-    info = read_json(f"{trained_export.rstrip('/')}/{DecoderTask.INFO_FILE}")
+    info = read_json(f"{trained_export.rstrip('/')}/{INFO_FILE}")
     task = DecoderTask.of_embeddings(layout, version, cfg, holdout_fraction, info)
     torch.manual_seed(seed)
     model = task.build_model()

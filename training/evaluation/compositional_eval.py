@@ -149,7 +149,7 @@ def generate_prompt_images(
         prior_export,
         decoder_export,
         n_per_caption=samples_per_prompt,
-        steps=steps,
+        decoder_num_inference_steps=steps,
         seed=seed,
     )
     return np.stack([np.asarray(x.convert("RGB")) for x in images])

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 import torch
@@ -34,8 +34,8 @@ from unclip.datasets.clip import ClipBundle, encode_images, encode_texts
 from ..models.decoder import DecoderSampler, load_decoder
 from ..models.prior_sampler import PriorSampler, load_prior
 from ..models.upsampler import UpsamplerSampler, load_upsampler
-from ..sampling import check_captions, check_cascade, check_clip, check_guidance, decode, slerp
-from .call_options import check_output_type, resolve_seed, row_batches
+from ..sampling import check_captions, check_cascade, check_clip, slerp
+from .call_options import DecodeCall, DecodeOptions, row_batches
 from .clip_model import OpenClipModel
 
 PIPELINE_FILE = "unclip_pipeline.py"  # in a saved folder: where diffusers finds the class
@@ -202,28 +202,22 @@ class UnclipPipeline(DiffusionPipeline):
         prior_num_inference_steps: int | None = None,
         prior_guidance_scale: float | None = None,
         prior_candidates: int | None = None,
-        decoder_num_inference_steps: int | None = None,
-        decoder_guidance_scale: float | None = None,
-        super_res_num_inference_steps: int | None = None,
-        generator: torch.Generator | None = None,
-        seed: int | None = None,
+        *,
         batch_size: int | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
+        **options: Unpack[DecodeOptions],
     ) -> ImagePipelineOutput | tuple:
         """``num_images_per_prompt`` images per prompt, prompt-major.
 
         Steps, guidance scales and the prior's candidate count k default to the exports'. The
         noise comes from ``seed`` (or one drawn from ``generator``; default 0): the same seed
         and ``batch_size`` give the same images on any device. ``batch_size`` bounds how many
-        images run through the models at once (batch i uses seed + i).
+        images run through the models at once (batch i uses seed + i). The decoding options
+        are :class:`~unclip.training.inference.call_options.DecodeOptions`.
         """
         captions = [prompt] if isinstance(prompt, str) else list(prompt)
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        check_guidance(decoder=decoder_guidance_scale, prior=prior_guidance_scale)
-        check_output_type(output_type)
-        seed = resolve_seed(seed, generator)
+        call = DecodeCall.of("__call__", options, prior=prior_guidance_scale)
         bundle = self.clip_bundle()
         check_captions(captions, bundle)
         # A decoder of caption tokens reads the captions itself: no prior, no image embedding.
@@ -239,35 +233,19 @@ class UnclipPipeline(DiffusionPipeline):
                     text[rows],
                     steps=prior_num_inference_steps,
                     guidance_scale=prior_guidance_scale,
-                    seed=seed + i,
+                    seed=call.seed + i,
                     candidates=prior_candidates,
                     captions=repeated[rows],
                 )
-            chunks.append(
-                self._decode(
-                    image_emb,
-                    text[rows],
-                    decoder_num_inference_steps,
-                    decoder_guidance_scale,
-                    seed + i,
-                    super_res_num_inference_steps,
-                    repeated[rows],
-                )
-            )
-        return self._output(np.concatenate(chunks), output_type, return_dict)
+            chunks.append(self._decode(image_emb, text[rows], call, call.seed + i, repeated[rows]))
+        return self._output(np.concatenate(chunks), call)
 
     @torch.no_grad()
     def image_variations(
         self,
         images: Image.Image | Sequence[Image.Image],
         num_images_per_image: int = 1,
-        decoder_num_inference_steps: int | None = None,
-        decoder_guidance_scale: float | None = None,
-        super_res_num_inference_steps: int | None = None,
-        generator: torch.Generator | None = None,
-        seed: int | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
+        **options: Unpack[DecodeOptions],
     ) -> ImagePipelineOutput | tuple:
         """Variations of input images: each one's CLIP image embedding decoded several times."""
         images = [images] if isinstance(images, Image.Image) else list(images)
@@ -275,21 +253,12 @@ class UnclipPipeline(DiffusionPipeline):
             raise ValueError("no images given")
         if num_images_per_image < 1:
             raise ValueError(f"num_images_per_image must be >= 1, got {num_images_per_image}")
-        check_guidance(decoder=decoder_guidance_scale)
-        check_output_type(output_type)
+        call = DecodeCall.of("image_variations", options)
         bundle = self.clip_bundle()
         emb = torch.from_numpy(encode_images(bundle, [im.convert("RGB") for im in images]))
         emb = emb.repeat_interleave(num_images_per_image, dim=0)
         # no caption: a text-conditioned decoder gets the null caption
-        pixels = self._decode(
-            emb,
-            None,
-            decoder_num_inference_steps,
-            decoder_guidance_scale,
-            resolve_seed(seed, generator),
-            super_res_num_inference_steps,
-        )
-        return self._output(pixels, output_type, return_dict)
+        return self._output(self._decode(emb, None, call, call.seed), call)
 
     @torch.no_grad()
     def interpolate(
@@ -299,21 +268,13 @@ class UnclipPipeline(DiffusionPipeline):
         frames: int = 5,
         prior_num_inference_steps: int | None = None,
         prior_guidance_scale: float | None = None,
-        decoder_num_inference_steps: int | None = None,
-        decoder_guidance_scale: float | None = None,
-        super_res_num_inference_steps: int | None = None,
-        generator: torch.Generator | None = None,
-        seed: int | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
+        **options: Unpack[DecodeOptions],
     ) -> ImagePipelineOutput | tuple:
         """``frames`` images from prompt A's image embedding to prompt B's (slerp of the prior's
         samples); every frame decodes from the same noise, so only the embedding changes."""
         if frames < 2:
             raise ValueError(f"frames must be >= 2, got {frames}")
-        check_guidance(decoder=decoder_guidance_scale, prior=prior_guidance_scale)
-        check_output_type(output_type)
-        seed = resolve_seed(seed, generator)
+        call = DecodeCall.of("interpolate", options, prior=prior_guidance_scale)
         bundle = self.clip_bundle()
         check_captions([prompt_a, prompt_b], bundle)
         text = torch.from_numpy(encode_texts(bundle, [prompt_a, prompt_b]))
@@ -321,72 +282,54 @@ class UnclipPipeline(DiffusionPipeline):
             text,
             steps=prior_num_inference_steps,
             guidance_scale=prior_guidance_scale,
-            seed=seed,
+            seed=call.seed,
             captions=[prompt_a, prompt_b],
         )
         out = []
         for t in np.linspace(0.0, 1.0, frames):
             emb = slerp(ends[0:1], ends[1:2], float(t))
             txt = slerp(text[0:1], text[1:2], float(t))
-            out.append(
-                self._decode(
-                    emb,
-                    txt,
-                    decoder_num_inference_steps,
-                    decoder_guidance_scale,
-                    seed,
-                    super_res_num_inference_steps,
-                )
-            )
-        return self._output(np.concatenate(out), output_type, return_dict)
+            out.append(self._decode(emb, txt, call, call.seed))
+        return self._output(np.concatenate(out), call)
 
     @torch.no_grad()
     def decode_image_embeddings(
-        self,
-        image_embeds: np.ndarray | torch.Tensor,
-        decoder_num_inference_steps: int | None = None,
-        decoder_guidance_scale: float | None = None,
-        super_res_num_inference_steps: int | None = None,
-        generator: torch.Generator | None = None,
-        seed: int | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
+        self, image_embeds: np.ndarray | torch.Tensor, **options: Unpack[DecodeOptions]
     ) -> ImagePipelineOutput | tuple:
         """Images for given CLIP image embeddings [N, D] (or one [D]): decoder, then upsampler."""
-        check_guidance(decoder=decoder_guidance_scale)
-        check_output_type(output_type)
+        call = DecodeCall.of("decode_image_embeddings", options)
         emb = torch.as_tensor(np.asarray(image_embeds, dtype=np.float32))
         if emb.ndim == 1:
             emb = emb[None]
-        pixels = self._decode(
-            emb,
-            None,
-            decoder_num_inference_steps,
-            decoder_guidance_scale,
-            resolve_seed(seed, generator),
-            super_res_num_inference_steps,
-        )
-        return self._output(pixels, output_type, return_dict)
+        return self._output(self._decode(emb, None, call, call.seed), call)
 
     def _decode(
         self,
         image_emb: torch.Tensor | None,
         text_emb: torch.Tensor | None,
-        steps: int | None,
-        guidance: float | None,
+        call: DecodeCall,
         seed: int,
-        upsampler_steps: int | None,
         captions: Sequence[str] | None = None,
     ) -> np.ndarray:
-        upsampler = self.upsampler_sampler()
-        stages = [upsampler] if upsampler is not None else []
+        """Image embeddings [N, D] (or, for a decoder of caption tokens, ``captions``) → uint8
+        images, stage after stage (decoder, then the upsampler), every stage's noise from ``seed``."""
         decoder = self.decoder_sampler()
         if decoder.text_tokens:
             decoder.use_clip(self.clip_bundle())
-        args = (image_emb, text_emb, steps, guidance, seed, upsampler_steps, captions)
-        return decode(decoder, stages, *args)
+        pixels = decoder.sample(
+            image_emb,
+            steps=call.steps,
+            guidance_scale=call.guidance,
+            seed=seed,
+            text_emb=text_emb,
+            captions=captions,
+        )
+        upsampler = self.upsampler_sampler()
+        if upsampler is not None:
+            pixels = upsampler.sample(pixels, steps=call.upsampler_steps, seed=seed)
+        return pixels
 
     @staticmethod
-    def _output(pixels: np.ndarray, output_type: str, return_dict: bool) -> Any:
-        images = pixels if output_type == "np" else [Image.fromarray(p) for p in pixels]
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+    def _output(pixels: np.ndarray, call: DecodeCall) -> Any:
+        images = pixels if call.output_type == "np" else [Image.fromarray(p) for p in pixels]
+        return ImagePipelineOutput(images=images) if call.return_dict else (images,)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from unclip.datasets.stream import Columns, ShardSource
 
 from ..config import DecoderConfig
 from ..diffusion import Sampler, diffusion_mse, drop_condition, noised, sample_loop, vlb_term
-from ..engine.fit_result import FitResult
+from ..engine.fit_result import export_info_file
 from .caption_tokens import (
     CaptionClip,
     CaptionTokens,
@@ -49,10 +49,10 @@ from .caption_tokens import (
     token_condition,
     unpack_condition,
 )
-from .diffusion_task import ExportedDiffusion, ManifestDiffusionTask
+from .diffusion_task import ExportedDiffusion, InfoValue, PixelDiffusionTask
 
 MODEL_KIND = "decoder"
-INFO_FILE = "unclip_decoder.json"
+INFO_FILE = export_info_file(MODEL_KIND)
 TOKENS_KEY = "decoder.condition"
 
 
@@ -164,14 +164,10 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 @dataclass(kw_only=True)
-class DecoderTask(CaptionTokens, ManifestDiffusionTask):
+class DecoderTask(CaptionTokens, PixelDiffusionTask):
     """The decoder as a :class:`~unclip.training.engine.trainer.TrainTask` over one dataset version."""
 
     MODEL_KIND: ClassVar[str] = MODEL_KIND
-    SUBFOLDER: ClassVar[str] = "unet"
-    INFO_FILE: ClassVar[str] = INFO_FILE
-    PREDICTION: ClassVar[Literal["epsilon"]] = "epsilon"  # the default of cfg.prediction_type
-    CLIP_SAMPLE: ClassVar[bool] = True
     TOKENS_KEY: ClassVar[str] = TOKENS_KEY
 
     cfg: DecoderConfig
@@ -275,11 +271,8 @@ class DecoderTask(CaptionTokens, ManifestDiffusionTask):
         }
 
 
-def train_decoder(
-    layout: StorageLayout, manifest_version: str, cfg: DecoderConfig, holdout_fraction: float
-) -> FitResult:
-    """Train (or resume, or skip when done) the decoder on a dataset version; export to ``run_dir/export``."""
-    return DecoderTask.train(layout, manifest_version, cfg, holdout_fraction)
+# Train (or resume, or skip when done) on a dataset version; export to ``run_dir/export``.
+train_decoder = DecoderTask.train
 
 
 class DecoderSampler(CaptionClip, ExportedDiffusion):
@@ -287,14 +280,8 @@ class DecoderSampler(CaptionClip, ExportedDiffusion):
 
     TASK = DecoderTask
     MODEL_CLASS = UNet2DConditionModel
-
-    @property
-    def image_size(self) -> int:
-        return int(self.info["image_size"])
-
-    @property
-    def text_conditioning(self) -> bool:
-        return bool(self.info.get("text_conditioning", False))
+    image_size = InfoValue(int)
+    text_conditioning = InfoValue(bool, False)
 
     @property
     def text_context(self) -> int:
@@ -360,10 +347,8 @@ class DecoderSampler(CaptionClip, ExportedDiffusion):
                     f"caption embeddings must be {list(emb.shape)}, got {list(text.shape)}"
                 )
             emb = torch.cat([emb, text.float()], dim=1)
-        steps = int(steps if steps is not None else self.info.get("sample_steps", 50))
-        scale = float(
-            guidance_scale if guidance_scale is not None else self.info.get("guidance_scale", 1.0)
-        )
+        steps = self.sample_steps(steps)
+        scale = self.guidance_scale(guidance_scale)
         emb = emb.to(self.device, self.dtype)
         learned = bool(self.info.get("learned_variance", False))
         keep = 6 if learned and sampler == "ddpm" else 3  # DDIM (η = 0) has no use for Σ_θ

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import torch
 from diffusers import DDPMScheduler
@@ -22,7 +23,7 @@ from unclip.datasets.stream import ShardSource
 from ..config import IdentitySection
 from ..diffusion import Prediction, train_scheduler
 from ..engine.artifacts import local_dir
-from ..engine.fit_result import FitResult
+from ..engine.fit_result import FitResult, export_info_file
 from ..engine.trainer import TrainTask, fit
 from .run_names import manifest_run_name
 
@@ -33,7 +34,6 @@ class ManifestDiffusionTask(TrainTask):
 
     MODEL_KIND: ClassVar[str]  # runs/{MODEL_KIND}/…
     SUBFOLDER: ClassVar[str]  # the model's folder inside the export (diffusers layout)
-    INFO_FILE: ClassVar[str]  # unclip's json beside it: dimension, CLIP id, sampling defaults
     PREDICTION: ClassVar[Prediction]  # unless the config section sets prediction_type
     CLIP_SAMPLE: ClassVar[bool]
 
@@ -149,8 +149,40 @@ class ManifestDiffusionTask(TrainTask):
             "guidance_scale": getattr(self.cfg, "guidance_scale", 1.0),
             **self.export_info(),
         }
-        with open(os.path.join(directory, self.INFO_FILE), "w") as f:
+        with open(os.path.join(directory, export_info_file(self.MODEL_KIND)), "w") as f:
             json.dump(info, f, indent=2, sort_keys=True)
+
+
+@dataclass(kw_only=True)
+class PixelDiffusionTask(ManifestDiffusionTask):
+    """A pixel-space stage (decoder, upsampler): a diffusers UNet saved as ``unet/``, samples
+    clipped to [-1, 1], ε-prediction unless the section's ``prediction_type`` says otherwise."""
+
+    SUBFOLDER: ClassVar[str] = "unet"
+    PREDICTION: ClassVar[Literal["epsilon"]] = "epsilon"  # the default of cfg.prediction_type
+    CLIP_SAMPLE: ClassVar[bool] = True
+
+
+T = TypeVar("T")
+_REQUIRED = object()
+
+
+class InfoValue(Generic[T]):
+    """A sampler attribute read from the export's info json under the attribute's own name:
+    ``kind(info[name])``, or ``kind(default)`` where the export has no such entry."""
+
+    def __init__(self, kind: Callable[[Any], T], default: Any = _REQUIRED) -> None:
+        self.kind, self.default = kind, default
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = name
+
+    def __get__(self, obj: ExportedDiffusion | None, owner: type | None = None) -> T:
+        if obj is None:
+            return self  # type: ignore[return-value]
+        if self.default is _REQUIRED:
+            return self.kind(obj.info[self.key])
+        return self.kind(obj.info.get(self.key, self.default))
 
 
 class ExportedDiffusion:
@@ -174,10 +206,11 @@ class ExportedDiffusion:
         """Load an export written by the task's ``train(...)``."""
         task = cls.TASK
         with local_dir(export_dir) as d:
-            info_path = os.path.join(d, task.INFO_FILE)
+            info_file = export_info_file(task.MODEL_KIND)
+            info_path = os.path.join(d, info_file)
             if not os.path.isfile(info_path):
                 raise FileNotFoundError(
-                    f"{export_dir} is not a {task.MODEL_KIND} export (no {task.INFO_FILE})"
+                    f"{export_dir} is not a {task.MODEL_KIND} export (no {info_file})"
                 )
             with open(info_path) as f:
                 info = json.load(f)
@@ -186,3 +219,11 @@ class ExportedDiffusion:
             )
             scheduler_config = dict(DDPMScheduler.load_config(os.path.join(d, "scheduler")))
         return cls(model, scheduler_config, info, device)
+
+    def sample_steps(self, steps: int | None) -> int:
+        """The sampling steps of a call: ``steps``, else the export's ``sample_steps``."""
+        return int(steps if steps is not None else self.info.get("sample_steps", 50))
+
+    def guidance_scale(self, scale: float | None) -> float:
+        """The guidance scale of a call: ``scale``, else the export's ``guidance_scale``."""
+        return float(scale if scale is not None else self.info.get("guidance_scale", 1.0))

@@ -37,7 +37,6 @@ from .caption_tokens import CaptionTokens, pack_condition
 from .diffusion_task import ManifestDiffusionTask
 from .prior_init import INIT_KEY, load_init_prior
 from .prior_model import (
-    INFO_FILE,
     MODEL_KIND,
     STD_FLOOR,
     SUBFOLDER,
@@ -54,7 +53,6 @@ class PriorTask(CaptionTokens, ManifestDiffusionTask):
 
     MODEL_KIND: ClassVar[str] = MODEL_KIND
     SUBFOLDER: ClassVar[str] = SUBFOLDER
-    INFO_FILE: ClassVar[str] = INFO_FILE
     PREDICTION: ClassVar[Literal["epsilon", "sample"]] = "sample"
     CLIP_SAMPLE: ClassVar[bool] = False
     TOKENS_KEY: ClassVar[str] = TOKENS_KEY
@@ -90,6 +88,7 @@ class PriorTask(CaptionTokens, ManifestDiffusionTask):
     def train(
         cls, layout: StorageLayout, version: str, cfg: PriorConfig, holdout_fraction: float
     ) -> FitResult:
+        """Train (or resume, or skip when done) on a dataset version; export to ``run_dir/export``."""
         task = cls.from_manifest(layout, version, cfg, holdout_fraction)
         return fit(task, cfg.trainer, layout, cls.MODEL_KIND, task.run_name())
 
@@ -187,8 +186,5 @@ class PriorTask(CaptionTokens, ManifestDiffusionTask):
         return F.mse_loss(pred.float(), x0.float()), {}
 
 
-def train_prior(
-    layout: StorageLayout, manifest_version: str, cfg: PriorConfig, holdout_fraction: float
-) -> FitResult:
-    """Train (or resume, or skip when done) the prior on a dataset version; export to ``run_dir/export``."""
-    return PriorTask.train(layout, manifest_version, cfg, holdout_fraction)
+# Train (or resume, or skip when done) on a dataset version; export to ``run_dir/export``.
+train_prior = PriorTask.train

@@ -21,6 +21,7 @@ import torch
 from diffusers import PriorTransformer
 
 from ..config import PriorConfig
+from ..engine.fit_result import export_info_file
 from .caption_tokens import unpack_condition
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 MODEL_KIND = "prior"
 SUBFOLDER = "prior"  # the PriorTransformer's folder in an export
-INFO_FILE = "unclip_prior.json"
+INFO_FILE = export_info_file(MODEL_KIND)
 STD_FLOOR = 1e-4  # a dimension that never varies must not divide by ~0
 TOKENS_KEY = "prior.text_tokens"
 

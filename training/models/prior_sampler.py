@@ -11,7 +11,7 @@ from diffusers import PriorTransformer
 
 from ..diffusion import Sampler, sample_loop
 from .caption_tokens import CaptionClip, token_condition
-from .diffusion_task import ExportedDiffusion
+from .diffusion_task import ExportedDiffusion, InfoValue
 from .prior import PriorTask
 from .prior_model import TOKENS_KEY, predict_x0
 
@@ -24,11 +24,8 @@ class PriorSampler(CaptionClip, ExportedDiffusion):
 
     TASK = PriorTask
     MODEL_CLASS = PriorTransformer
-
-    @property
-    def text_tokens(self) -> bool:
-        """Whether this prior was trained with text-token encodings (``prior.text_tokens``)."""
-        return bool(self.info.get("text_tokens", False))
+    # whether this prior was trained with text-token encodings (``prior.text_tokens``)
+    text_tokens = InfoValue(bool, False)
 
     @torch.no_grad()
     def sample(
@@ -72,10 +69,8 @@ class PriorSampler(CaptionClip, ExportedDiffusion):
             candidates = int(self.info.get("candidates", 1))
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates}")
-        steps = int(steps if steps is not None else self.info.get("sample_steps", 50))
-        scale = float(
-            guidance_scale if guidance_scale is not None else self.info.get("guidance_scale", 1.0)
-        )
+        steps = self.sample_steps(steps)
+        scale = self.guidance_scale(guidance_scale)
         n = text.shape[0]
         text = text.to(self.device)
         if self.text_tokens:

@@ -21,25 +21,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
-from unclip.datasets.storage import StorageLayout
 from unclip.datasets.stream import Columns, ShardSource
 from unclip.datasets.stream_sources import ImagePairSource
 
 from ..config import UpsamplerConfig
 from ..diffusion import Sampler, diffusion_mse, noised, sample_loop
-from ..engine.fit_result import FitResult
+from ..engine.fit_result import export_info_file
 from .decoder import to_uint8, to_unit_range
-from .diffusion_task import ExportedDiffusion, ManifestDiffusionTask
+from .diffusion_task import ExportedDiffusion, InfoValue, PixelDiffusionTask
 
 MODEL_KIND = "upsampler"
-INFO_FILE = "unclip_upsampler.json"
+INFO_FILE = export_info_file(MODEL_KIND)
 
 
 def build_upsampler(cfg: UpsamplerConfig) -> UNet2DModel:
@@ -138,14 +137,10 @@ def aug_timestep(fraction: float, timesteps: int) -> int:
 
 
 @dataclass(kw_only=True)
-class UpsamplerTask(ManifestDiffusionTask):
+class UpsamplerTask(PixelDiffusionTask):
     """A super-resolution stage as a :class:`~unclip.training.engine.trainer.TrainTask`."""
 
     MODEL_KIND: ClassVar[str] = MODEL_KIND
-    SUBFOLDER: ClassVar[str] = "unet"
-    INFO_FILE: ClassVar[str] = INFO_FILE
-    PREDICTION: ClassVar[Literal["epsilon"]] = "epsilon"  # the default of cfg.prediction_type
-    CLIP_SAMPLE: ClassVar[bool] = True
 
     cfg: UpsamplerConfig
 
@@ -202,11 +197,8 @@ class UpsamplerTask(ManifestDiffusionTask):
         }
 
 
-def train_upsampler(
-    layout: StorageLayout, manifest_version: str, cfg: UpsamplerConfig, holdout_fraction: float
-) -> FitResult:
-    """Train (or resume, or skip when done) the upsampler on a dataset version's images."""
-    return UpsamplerTask.train(layout, manifest_version, cfg, holdout_fraction)
+# Train (or resume, or skip when done) on a dataset version; export to ``run_dir/export``.
+train_upsampler = UpsamplerTask.train
 
 
 class UpsamplerSampler(ExportedDiffusion):
@@ -214,14 +206,8 @@ class UpsamplerSampler(ExportedDiffusion):
 
     TASK = UpsamplerTask
     MODEL_CLASS = UNet2DModel
-
-    @property
-    def input_size(self) -> int:
-        return int(self.info["input_size"])
-
-    @property
-    def output_size(self) -> int:
-        return int(self.info["output_size"])
+    input_size = InfoValue(int)
+    output_size = InfoValue(int)
 
     @torch.no_grad()
     def sample(
@@ -240,7 +226,7 @@ class UpsamplerSampler(ExportedDiffusion):
                 f"upsampler input must be uint8 [N, {size}, {size}, 3], got "
                 f"{low_res.dtype} {list(low_res.shape)}"
             )
-        steps = int(steps if steps is not None else self.info.get("sample_steps", 50))
+        steps = self.sample_steps(steps)
         frac = float(noise_aug if noise_aug is not None else self.info.get("sample_noise_aug", 0.0))
         timesteps = int(self.scheduler_config["num_train_timesteps"])
         level = torch.full((len(low_res),), aug_timestep(frac, timesteps), dtype=torch.long)
