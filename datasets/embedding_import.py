@@ -145,10 +145,13 @@ class _NpyRows:
         """Rows ``[start, stop)`` in the file's dtype."""
         if self.array is not None:
             return self.array[start:stop]
-        width = self.shape[1] * self.dtype.itemsize
-        self.file.seek(self.offset + start * width)
-        data = self.file.read((stop - start) * width)
-        return np.frombuffer(data, self.dtype).reshape(-1, self.shape[1])
+        out = np.empty((stop - start, self.shape[1]), self.dtype)
+        self.file.seek(self.offset + start * out.strides[0])
+        # into the array: a bytes object of a chunk's size costs 4 times as long to fill
+        got = self.file.readinto(memoryview(out).cast("B"))
+        if got != out.nbytes:
+            raise ValueError(f"{self.path}: truncated: rows {start}-{stop} of {self.shape} short")
+        return out
 
     def close(self) -> None:
         if self.array is None:

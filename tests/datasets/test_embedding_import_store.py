@@ -114,3 +114,12 @@ def test_a_vector_type_other_than_its_version_stores_is_named(tmp_path):
         r"expected fixed_size_list<item: halffloat>\[32\]",
     ):
         check_embedding_schema(path, pq.read_schema(path), record["clip_id"], D)
+
+
+def test_a_truncated_npy_part_is_named(tmp_path):
+    src = _input(tmp_path, "float16-unit")
+    npy = src / "text_emb" / "text_emb_1.npy"
+    npy.write_bytes(npy.read_bytes()[:-10])  # the header still says 200 rows
+    spec = ImportSpec(str(src), "clip-retrieval", "M", "t", rows_per_shard=64)
+    with pytest.raises(ValueError, match=r"text_emb_1\.npy: truncated: rows 192-200"):
+        import_embeddings(StorageLayout(str(tmp_path / "store")), spec)
