@@ -5,12 +5,14 @@ the older ``fixed_size_list`` layout still read the same."""
 from __future__ import annotations
 
 import hashlib
+import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from unclip.datasets import embedding_import
 from unclip.datasets.embedding_file import (
     PIPELINE_VERSION,
     check_embedding_schema,
@@ -123,3 +125,50 @@ def test_a_truncated_npy_part_is_named(tmp_path):
     spec = ImportSpec(str(src), "clip-retrieval", "M", "t", rows_per_shard=64)
     with pytest.raises(ValueError, match=r"text_emb_1\.npy: truncated: rows 192-200"):
         import_embeddings(StorageLayout(str(tmp_path / "store")), spec)
+
+
+def test_a_write_failing_mid_import_leaves_no_visible_file_and_a_rerun_completes(
+    tmp_path, monkeypatch
+):
+    src = _input(tmp_path, "float32-raw")
+    layout = StorageLayout(str(tmp_path / "store"))
+    spec = ImportSpec(str(src), "clip-retrieval", "M", "t", rows_per_shard=64)
+    real = embedding_import.write_embedding_table
+
+    def failing(table, f):
+        if table.schema.metadata[b"unclip.shard"] == b"5":
+            f.write(b"PAR1 half a file")
+            raise OSError("disk full")
+        real(table, f)
+
+    monkeypatch.setattr(embedding_import, "write_embedding_table", failing)
+    with pytest.raises(OSError, match="disk full"):
+        import_embeddings(layout, spec)
+    folder = tmp_path / "store" / "embeddings" / spec.clip_id / spec.source_id
+    written = sorted(p.name for p in folder.iterdir())
+    assert "00005.parquet" not in written and "_import.json" not in written
+    assert all(p.endswith(".parquet") and pq.read_metadata(folder / p) for p in written)
+    monkeypatch.setattr(embedding_import, "write_embedding_table", real)
+    record = import_embeddings(layout, spec)
+    assert _digest(*_stored(layout, record)) == GOLDEN["float32-raw"]
+
+
+@pytest.mark.parametrize("write_threads", [1, 3])
+def test_chunks_in_flight_keep_their_own_rows_while_later_ones_are_read(
+    tmp_path, monkeypatch, write_threads
+):
+    """Slow writers: the reader runs ahead by as many chunks as there are threads."""
+    real = embedding_import.unit_pairs
+
+    def slow(image, text):
+        time.sleep(0.02)
+        return real(image, text)
+
+    monkeypatch.setattr(embedding_import, "unit_pairs", slow)
+    layout = StorageLayout(str(tmp_path / "store"))
+    src = _input(tmp_path, "float16-unit")
+    spec = ImportSpec(
+        str(src), "clip-retrieval", "M", "t", rows_per_shard=64, write_threads=write_threads
+    )
+    record = import_embeddings(layout, spec)
+    assert _digest(*_stored(layout, record)) == GOLDEN["float16-unit"]
