@@ -99,6 +99,9 @@ def test_vector_array_rounds_other_dtypes_and_byte_orders_to_little_endian_halve
         np.testing.assert_array_equal(vectors_to_numpy(arr), want)
     sliced = pa.chunked_array([vector_array(x)[1:3], vector_array(x)[4:]])
     np.testing.assert_array_equal(vectors_to_numpy(sliced), want[[1, 2, 4]])
+    np.testing.assert_array_equal(vectors_to_numpy(vector_array(x)[2:4]), want[2:4])  # offset 2
+    one = pa.chunked_array([vector_array(x)[3:]])
+    np.testing.assert_array_equal(vectors_to_numpy(one), want[3:])
 
 
 def test_a_vector_type_other_than_its_version_stores_is_named(tmp_path):
