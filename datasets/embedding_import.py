@@ -6,9 +6,10 @@ re-embedding. An import writes ordinary embedding files (``embedding_file``) und
 :func:`imported_clip_id` of the model name and pretrained tag the user gives, then
 ``_import.json`` (the commit record). There are no image shards: such a source serves the prior,
 and the decoder refuses it. Input parts are read in chunks of ``rows_per_shard`` rows (npy files
-by seeking, metadata by Parquet batches) and written on ``write_threads`` threads, so memory
-holds ``write_threads`` + 1 chunks whatever the part's size; a killed import resumes at the
-first shard not yet written.
+by seeking, metadata by Parquet batches) on this thread; each chunk is normalised, scored and
+written (temporary name, then rename) on one of ``write_threads`` threads while the next is read,
+so memory holds ``write_threads`` + 1 chunks whatever the part's size; a killed import resumes at
+the first shard not yet written.
 """
 
 from __future__ import annotations
