@@ -45,6 +45,17 @@ def _input(tmp_path, kind: str):
     return src
 
 
+def _import(tmp_path, kind: str, **options):
+    """(layout, record) of ``kind``'s input imported into a fresh store."""
+    layout = StorageLayout(str(tmp_path / "store"))
+    spec = ImportSpec(str(_input(tmp_path, kind)), "clip-retrieval", "M", "t", **options)
+    return layout, import_embeddings(layout, spec)
+
+
+def _first_file(layout, record) -> str:
+    return layout.embedding_shard(record["clip_id"], record["source"], 0)
+
+
 def _stored(layout, record):
     """(image float16, text float16, score float32) of every shard of an import, in shard order."""
     tables = [
@@ -66,18 +77,14 @@ def _digest(image, text, score) -> str:
 
 @pytest.mark.parametrize("kind", sorted(GOLDEN))
 def test_stored_bits_are_those_the_importer_always_stored(tmp_path, kind):
-    layout = StorageLayout(str(tmp_path / "store"))
-    spec = ImportSpec(str(_input(tmp_path, kind)), "clip-retrieval", "M", "t", rows_per_shard=64)
-    record = import_embeddings(layout, spec)
+    layout, record = _import(tmp_path, kind, rows_per_shard=64)
     assert len(record["shards"]) == 5 + 4  # 300 → 4 × 64 + 44, 200 → 3 × 64 + 8
     assert _digest(*_stored(layout, record)) == GOLDEN[kind]
 
 
 def test_vectors_are_one_fixed_size_binary_value_per_row_of_little_endian_halves(tmp_path):
-    layout = StorageLayout(str(tmp_path / "store"))
-    spec = ImportSpec(str(_input(tmp_path, "float16-unit")), "clip-retrieval", "M", "t")
-    record = import_embeddings(layout, spec)
-    path = layout.embedding_shard(record["clip_id"], record["source"], 0)
+    layout, record = _import(tmp_path, "float16-unit")
+    path = _first_file(layout, record)
     schema = pq.read_schema(path)
     assert schema.metadata[b"unclip.pipeline_version"].decode() == PIPELINE_VERSION == "2"
     assert schema.field("image_embedding").type == vector_type(D) == pa.binary(2 * D)
@@ -105,10 +112,8 @@ def test_vector_array_rounds_other_dtypes_and_byte_orders_to_little_endian_halve
 
 
 def test_a_vector_type_other_than_its_version_stores_is_named(tmp_path):
-    layout = StorageLayout(str(tmp_path / "store"))
-    spec = ImportSpec(str(_input(tmp_path, "float16-unit")), "clip-retrieval", "M", "t")
-    record = import_embeddings(layout, spec)
-    path = layout.embedding_shard(record["clip_id"], record["source"], 0)
+    layout, record = _import(tmp_path, "float16-unit")
+    path = _first_file(layout, record)
     t = pq.read_table(path)
     pq.write_table(
         t.replace_schema_metadata({**t.schema.metadata, b"unclip.pipeline_version": b"1"}), path
@@ -168,10 +173,7 @@ def test_chunks_in_flight_keep_their_own_rows_while_later_ones_are_read(
         return real(image, text)
 
     monkeypatch.setattr(embedding_import, "unit_pairs", slow)
-    layout = StorageLayout(str(tmp_path / "store"))
-    src = _input(tmp_path, "float16-unit")
-    spec = ImportSpec(
-        str(src), "clip-retrieval", "M", "t", rows_per_shard=64, write_threads=write_threads
+    layout, record = _import(
+        tmp_path, "float16-unit", rows_per_shard=64, write_threads=write_threads
     )
-    record = import_embeddings(layout, spec)
     assert _digest(*_stored(layout, record)) == GOLDEN["float16-unit"]
