@@ -178,6 +178,8 @@ def run_forward(bundle, x, args, tokens=None) -> tuple[float, int]:
 def parquet_bytes(layout, clip_id: str, source: str, d: int) -> dict[str, float]:
     import pyarrow.parquet as pq
 
+    from unclip.datasets.embedding_file import EMBEDDING_COLUMNS
+
     files = sorted(Path(layout.embeddings_dir(clip_id, source)).glob("*.parquet"))
     total = sum(p.stat().st_size for p in files)
     rows = emb = 0
@@ -187,7 +189,7 @@ def parquet_bytes(layout, clip_id: str, source: str, d: int) -> dict[str, float]
         for g in range(md.num_row_groups):
             rg = md.row_group(g)
             for c in range(rg.num_columns):
-                if rg.column(c).path_in_schema.endswith("embedding.list.element"):
+                if rg.column(c).path_in_schema.split(".")[0] in EMBEDDING_COLUMNS:
                     emb += rg.column(c).total_compressed_size
     vectors = 2 * rows  # an image and a text embedding per sample
     return {

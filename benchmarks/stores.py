@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from unclip.datasets.embedding_file import file_metadata, fixed_list, write_embedding_table
+from unclip.datasets.embedding_file import file_metadata, vector_array, write_embedding_table
 from unclip.datasets.manifest import assemble_manifest
 from unclip.datasets.shards import write_shard_unit
 from unclip.datasets.storage import StorageLayout, atomic_write
@@ -82,8 +82,8 @@ def write_shard(
             "key": pa.array(keys, pa.string()),
             "caption": pa.array(captions, pa.string()),
             "url": pa.array([f"http://127.0.0.1/{k}.jpg" for k in keys], pa.string()),
-            "image_embedding": fixed_list(emb[0]),
-            "text_embedding": fixed_list(emb[1]),
+            "image_embedding": vector_array(emb[0]),
+            "text_embedding": vector_array(emb[1]),
             "clip_score": pa.array((emb[0] * emb[1]).sum(1), pa.float32()),
         }
     ).replace_schema_metadata(file_metadata(clip_id, dim, {"benchmark": True}, source, shard))

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .embedding_file import fixed_list_to_numpy
+from .embedding_file import vectors_to_numpy
 from .readers import load_manifest, read_embedding_table
 from .served_rows import kept_mask
 from .storage import StorageLayout, atomic_write, exists, read_json, write_json
@@ -62,9 +62,9 @@ def export_embeddings(layout: StorageLayout, version: str, out: str) -> dict[str
             table = table.filter(pa.array(keep))
             # The metadata file is written last: its presence marks the part complete.
             with atomic_write(paths["img"]) as f:
-                f.write(_npy_bytes(fixed_list_to_numpy(table.column("image_embedding"))))
+                f.write(_npy_bytes(vectors_to_numpy(table.column("image_embedding"))))
             with atomic_write(paths["text"]) as f:
-                f.write(_npy_bytes(fixed_list_to_numpy(table.column("text_embedding"))))
+                f.write(_npy_bytes(vectors_to_numpy(table.column("text_embedding"))))
             meta = table.drop_columns(["image_embedding", "text_embedding"])
             with atomic_write(paths["metadata"]) as f:
                 pq.write_table(meta.replace_schema_metadata(None), f, compression="zstd")

@@ -6,9 +6,10 @@ re-embedding. An import writes ordinary embedding files (``embedding_file``) und
 :func:`imported_clip_id` of the model name and pretrained tag the user gives, then
 ``_import.json`` (the commit record). There are no image shards: such a source serves the prior,
 and the decoder refuses it. Input parts are read in chunks of ``rows_per_shard`` rows (npy files
-by seeking, metadata by Parquet batches) and written on ``write_threads`` threads, so memory
-holds ``write_threads`` + 1 chunks whatever the part's size; a killed import resumes at the
-first shard not yet written.
+by seeking, metadata by Parquet batches) on this thread; each chunk is normalised, scored and
+written (temporary name, then rename) on one of ``write_threads`` threads while the next is read,
+so memory holds ``write_threads`` + 1 chunks whatever the part's size; a killed import resumes at
+the first shard not yet written.
 """
 
 from __future__ import annotations
@@ -145,10 +146,13 @@ class _NpyRows:
         """Rows ``[start, stop)`` in the file's dtype."""
         if self.array is not None:
             return self.array[start:stop]
-        width = self.shape[1] * self.dtype.itemsize
-        self.file.seek(self.offset + start * width)
-        data = self.file.read((stop - start) * width)
-        return np.frombuffer(data, self.dtype).reshape(-1, self.shape[1])
+        out = np.empty((stop - start, self.shape[1]), self.dtype)
+        self.file.seek(self.offset + start * out.strides[0])
+        # into the array: a bytes object of a chunk's size costs 4 times as long to fill
+        got = self.file.readinto(memoryview(out).cast("B"))
+        if got != out.nbytes:
+            raise ValueError(f"{self.path}: truncated: rows {start}-{stop} of {self.shape} short")
+        return out
 
     def close(self) -> None:
         if self.array is None:
@@ -255,19 +259,34 @@ def _carried(meta: pa.Table) -> pa.Table:
     return meta.rename_columns(["key_src" if c == "key" else c for c in meta.column_names])
 
 
+@dataclass(frozen=True)
+class _Chunk:
+    """One shard's input as read: raw vectors (float16 or float32) and its metadata rows."""
+
+    part: InputPart
+    shard: int
+    start: int  # the part's row of the chunk's first row
+    image: np.ndarray
+    text: np.ndarray
+    meta: pa.Table
+
+
 class _Writers:
-    """Writes files on a few threads (Parquet encoding releases the GIL) while the next chunk is
-    read, holding at most ``workers`` tables in flight; the first failure is raised."""
+    """Turns chunks into files on a few threads while the next chunk is read: normalising, the
+    CLIP score and the Parquet encoding release the GIL, so on more than one core the import
+    takes about as long as its reads. At most ``workers`` chunks are in flight, each chunk goes
+    to its own shard's file whatever order the threads finish in, and the first failure is
+    raised."""
 
     def __init__(self, workers: int) -> None:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="import-write")
         self.workers = workers
         self.pending: deque[Future[None]] = deque()
 
-    def submit(self, path: str, table: pa.Table) -> None:
+    def submit(self, layout: StorageLayout, spec: ImportSpec, chunk: _Chunk) -> None:
         while len(self.pending) >= self.workers:
             self.pending.popleft().result()
-        self.pending.append(self.pool.submit(_write_file, path, table))
+        self.pending.append(self.pool.submit(_write_chunk, layout, spec, chunk))
 
     def close(self) -> None:
         try:
@@ -277,8 +296,26 @@ class _Writers:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _write_file(path: str, table: pa.Table) -> None:
-    with atomic_write(path) as f:
+def _write_chunk(layout: StorageLayout, spec: ImportSpec, chunk: _Chunk) -> None:
+    """One shard's embedding file (through a temporary name) from its chunk as read."""
+    img, txt, score = unit_pairs(chunk.image, chunk.text)
+    meta, part = chunk.meta, chunk.part
+    captions = meta.column(spec.caption_col)
+    table = embedding_table(
+        [f"{part.number:05d}_{r:09d}" for r in range(chunk.start, chunk.start + meta.num_rows)],
+        [str(c) for c in captions.to_pylist()],
+        meta.column(spec.url_col),
+        img,
+        txt,
+        score,
+        _carried(meta).drop_columns([spec.caption_col, spec.url_col]),
+    )
+    identity = {"model_name": spec.model_name, "pretrained": spec.pretrained, "imported": True}
+    d = chunk.image.shape[1]
+    table = table.replace_schema_metadata(
+        file_metadata(spec.clip_id, d, identity, spec.source_id, chunk.shard)
+    )
+    with atomic_write(layout.embedding_shard(spec.clip_id, spec.source_id, chunk.shard)) as f:
         write_embedding_table(table, f)
 
 
@@ -290,17 +327,17 @@ def _write_part_shards(
     first_shard: int,
     writers: _Writers,
 ) -> list[dict[str, Any]]:
-    """Write the shards of one input part (those not yet written); their record entries."""
+    """Read the chunks of one input part and hand those not yet written to ``writers``; the
+    record entries of all its shards."""
     image = _NpyRows(fs, part.image, part.image_key)
     text = _NpyRows(fs, part.text, part.text_key)
     try:
-        n, d = image.shape
+        n = image.shape[0]
         if text.shape != image.shape:
             raise ValueError(
                 f"{part.text}: text embeddings {text.shape}, image embeddings {image.shape} "
                 f"in {part.image}"
             )
-        identity = {"model_name": spec.model_name, "pretrained": spec.pretrained, "imported": True}
         out, start = [], 0
         for i, meta in enumerate(_metadata_chunks(fs, part.metadata, spec.rows_per_shard)):
             stop = start + meta.num_rows
@@ -309,25 +346,11 @@ def _write_part_shards(
                     f"{part.metadata}: more rows than the {n} embeddings of {part.image}"
                 )
             shard = first_shard + i
-            path = layout.embedding_shard(spec.clip_id, spec.source_id, shard)
-            if not exists(path):
-                img, txt, score = unit_pairs(image.rows(start, stop), text.rows(start, stop))
-                captions = _column(meta, spec.caption_col, part.metadata, "--caption-col")
-                urls = _column(meta, spec.url_col, part.metadata, "--url-col")
-                extra = _carried(meta)
-                table = embedding_table(
-                    [f"{part.number:05d}_{r:09d}" for r in range(start, stop)],
-                    [str(c) for c in captions.to_pylist()],
-                    urls,
-                    img,
-                    txt,
-                    score,
-                    extra.drop_columns([spec.caption_col, spec.url_col]),
-                )
-                table = table.replace_schema_metadata(
-                    file_metadata(spec.clip_id, d, identity, spec.source_id, shard)
-                )
-                writers.submit(path, table)
+            if not exists(layout.embedding_shard(spec.clip_id, spec.source_id, shard)):
+                _column(meta, spec.caption_col, part.metadata, "--caption-col")
+                _column(meta, spec.url_col, part.metadata, "--url-col")
+                rows = image.rows(start, stop), text.rows(start, stop)
+                writers.submit(layout, spec, _Chunk(part, shard, start, *rows, meta))
             out.append({"shard": shard, "part": part.number, "rows": stop - start})
             start = stop
         if start != n:

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from .embedding_file import fixed_list_to_numpy
+from .embedding_file import vectors_to_numpy
 from .storage import StorageLayout, atomic_write, exists, read_parquet
 
 LEGACY_VECTORS = "image_embedding"  # the kept Parquet's vector column before the .npy
@@ -87,9 +87,7 @@ def _vectors_of(kept_path: str, vectors_path: str, rows: int) -> np.ndarray:
                 f"semantic dedup: {vectors_path} is missing and {kept_path} holds no vectors; "
                 "run `unclip curate --recluster` to rebuild the version"
             )
-        _write_npy(
-            vectors_path, fixed_list_to_numpy(table.column(LEGACY_VECTORS)).astype(np.float16)
-        )
+        _write_npy(vectors_path, vectors_to_numpy(table.column(LEGACY_VECTORS)).astype(np.float16))
     vectors = _open_vectors(vectors_path)
     if vectors.ndim != 2 or len(vectors) != rows:
         raise ValueError(

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from .config import ManifestConfig
-from .embedding_file import check_embedding_schema, fixed_list_to_numpy
+from .embedding_file import check_embedding_schema, vectors_to_numpy
 from .embedding_import import imported_shards
 from .manifest_curation import select_rows
 from .readers import served_tables
@@ -242,8 +242,8 @@ def _write_stats(layout: StorageLayout, manifest: dict[str, Any]) -> None:
     columns = ["key", "image_embedding", "text_embedding", "clip_score"]
     for _, table, keep in served_tables(layout, manifest, columns):
         if keep.any():
-            image_m.add(fixed_list_to_numpy(table.column("image_embedding"))[keep])
-            text_m.add(fixed_list_to_numpy(table.column("text_embedding"))[keep])
+            image_m.add(vectors_to_numpy(table.column("image_embedding"))[keep])
+            text_m.add(vectors_to_numpy(table.column("text_embedding"))[keep])
     image_mean, image_std = image_m.mean_std()
     text_mean, text_std = text_m.mean_std()
     buf = io.BytesIO()

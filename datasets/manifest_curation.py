@@ -21,7 +21,7 @@ from fsspec.core import url_to_fs
 
 from .config import ManifestConfig
 from .duplicate_groups import assign
-from .embedding_file import fixed_list_to_numpy
+from .embedding_file import vector_dim, vectors_to_numpy
 from .recipes import PartitionInput, apply_recipe
 from .scores import load_head, partition_scores
 from .semantic_dedup import current_version, partition_name, read_centroids, read_state
@@ -109,7 +109,7 @@ def select_rows(
             ["key", "caption", "clip_score", "image_embedding"],
         )
         if d is None:
-            d = t.schema.field("image_embedding").type.list_size
+            d = vector_dim(t.schema.field("image_embedding").type)
             heads = {name: load_head(path, d) for name, path in cfg.heads.items()}
         scores = partition_scores(layout, t, source, shard, heads if recipe is not None else {})
         part = PartitionInput(scores)
@@ -120,7 +120,7 @@ def select_rows(
             )
             part.semdedup_removed = set(removals.column("key").to_pylist())
         if centroids is not None:
-            x = _unit(fixed_list_to_numpy(t.column("image_embedding")))
+            x = _unit(vectors_to_numpy(t.column("image_embedding")))
             part.near_reference = np.isin(assign(x, centroids), wanted)
         parts[name] = part
     result = apply_recipe(recipe, parts)

@@ -31,7 +31,7 @@ from .embedding_file import (
     DIM_KEY,
     check_embedding_metadata,
     check_embedding_schema,
-    fixed_list_to_numpy,
+    vectors_to_numpy,
 )
 from .served_rows import kept_mask, require_images
 from .shards import ShardReadStats, completed_shards, iter_shard
@@ -43,7 +43,7 @@ __all__ = [
     "EmbeddingArrays",
     "ImagePairs",
     "check_embedding_metadata",
-    "fixed_list_to_numpy",
+    "vectors_to_numpy",
     "in_holdout",
     "kept_mask",
     "load_embedding_stats",
@@ -210,8 +210,8 @@ def load_embeddings(
                 (
                     [gkeys[i] for i in picked],
                     t.column("caption").take(picked).to_pylist(),
-                    fixed_list_to_numpy(t.column("image_embedding"))[mask],
-                    fixed_list_to_numpy(t.column("text_embedding"))[mask],
+                    vectors_to_numpy(t.column("image_embedding"))[mask],
+                    vectors_to_numpy(t.column("text_embedding"))[mask],
                 )
             )
     empty = np.zeros((0, int(manifest["embedding_dim"])), np.float32)
@@ -270,8 +270,8 @@ def _iter_pairs(
         all_keys = t.column("key").to_pylist()
         index = {k: i for i, k in enumerate(all_keys) if keep[i]}
         left_out = {k for i, k in enumerate(all_keys) if not keep[i]}
-        ie = fixed_list_to_numpy(t.column("image_embedding"))
-        te = fixed_list_to_numpy(t.column("text_embedding"))
+        ie = vectors_to_numpy(t.column("image_embedding"))
+        te = vectors_to_numpy(t.column("text_embedding"))
         source = entry["source"]
         for s in iter_shard(layout.join(entry["images"]), stats):
             gkey = f"{source}/{s.key}"

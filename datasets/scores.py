@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from .embedding_file import fixed_list_to_numpy
+from .embedding_file import vectors_to_numpy
 from .perceptual_hash import PHASH_COLUMN
 from .storage import StorageLayout
 
@@ -117,7 +117,7 @@ def partition_scores(
             values[by_key[k]] if values is not None and k in by_key else None for k in keys
         ]
     if heads:
-        x = fixed_list_to_numpy(embedding_table.column("image_embedding"))
+        x = vectors_to_numpy(embedding_table.column("image_embedding"))
         for name, head in sorted(heads.items()):
             cols[f"head:{name}"] = pa.array(head(x), pa.float32())
     return pa.table(cols)

@@ -35,7 +35,7 @@ from fsspec.core import url_to_fs
 
 from .curation_config import SemanticDedupConfig
 from .duplicate_groups import assign, find_duplicates, fit_centroids
-from .embedding_file import fixed_list_to_numpy
+from .embedding_file import vector_dim, vectors_to_numpy
 from .kept_bank import KeptBank, read_bank, write_kept
 from .lease import Lease, LeaseHeld
 from .shards import completed_shards
@@ -125,10 +125,10 @@ def _load(layout: StorageLayout, clip_id: str, parts: list[Partition]) -> _Batch
         scores.append(t.column("clip_score").to_numpy().astype(np.float32))
         sizes.append(t.num_rows)
     offsets = np.cumsum(sizes)
-    d = half[0].type.list_size if half else 1
+    d = vector_dim(half[0].type) if half else 1
     x = np.empty((offsets[-1], d), np.float32)
     for column, lo, hi in zip(half, offsets[:-1], offsets[1:], strict=True):
-        x[lo:hi] = fixed_list_to_numpy(column)
+        x[lo:hi] = vectors_to_numpy(column)
         x[lo:hi] /= np.maximum(np.linalg.norm(x[lo:hi], axis=1, keepdims=True), 1e-12)
     return _Batch(
         parts, offsets, keys, x, np.concatenate(scores) if scores else np.zeros(0, np.float32)

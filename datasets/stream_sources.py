@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from PIL import Image
 
-from .embedding_file import fixed_list_to_numpy
+from .embedding_file import vectors_to_numpy
 from .readers import Split, _keep, _to_array, read_embedding_table
 from .served_rows import kept_mask, require_images
 from .shards import IMAGE_EXTS, ShardReadStats, completed_shards, iter_shard_members
@@ -154,8 +154,8 @@ class EmbeddingSource(_OneShard, ShardSource):
             [k for k, m in zip(keys, keep, strict=True) if m],
             {
                 "caption": [c for c, m in zip(captions, keep, strict=True) if m],
-                "image_embedding": fixed_list_to_numpy(table.column("image_embedding"))[keep],
-                "text_embedding": fixed_list_to_numpy(table.column("text_embedding"))[keep],
+                "image_embedding": vectors_to_numpy(table.column("image_embedding"))[keep],
+                "text_embedding": vectors_to_numpy(table.column("text_embedding"))[keep],
             },
         )
 

@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 from shrunk_config import REPO, SHRINK
 
+from unclip.datasets.embedding_file import vectors_to_numpy
 from unclip.pipelines.config import load_config
 from unclip.pipelines.runner import STAGES, run_pipeline
 
@@ -50,7 +51,7 @@ def test_demo_pipeline_end_to_end_then_rerun_does_no_work(tmp_path, ray_local, m
     assert {"key", "caption", "url", "image_embedding", "text_embedding", "clip_score"} <= set(
         t.column_names
     )
-    emb = np.stack(t.column("image_embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    emb = vectors_to_numpy(t.column("image_embedding"))
     assert emb.shape[1] == 32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-2)
 

@@ -29,7 +29,7 @@ from tiny import TINY_CLIP
 from unclip.datasets.clip import build_bootstrap_clip, encode_texts, load_clip, save_clip
 from unclip.datasets.clip_records import clip_record_path
 from unclip.datasets.config import SyntheticConfig
-from unclip.datasets.embedding_file import file_metadata, fixed_list, write_embedding_table
+from unclip.datasets.embedding_file import file_metadata, vector_array, write_embedding_table
 from unclip.datasets.manifest import assemble_manifest
 from unclip.datasets.shards import write_shard_unit
 from unclip.datasets.storage import StorageLayout, atomic_write, write_json
@@ -213,8 +213,8 @@ def add_empty_shard(store: EmbeddedStore, shard: int = 1) -> EmbeddedStore:
             "key": pa.array([], pa.string()),
             "caption": pa.array([], pa.string()),
             "url": pa.array([], pa.string()),
-            "image_embedding": fixed_list(text),
-            "text_embedding": fixed_list(text),
+            "image_embedding": vector_array(text),
+            "text_embedding": vector_array(text),
             "clip_score": pa.array([], pa.float32()),
         }
     ).replace_schema_metadata(file_metadata(CLIP_ID, DIM, {"fixture": True}, SOURCE, shard))
@@ -279,8 +279,8 @@ def _write_embeddings(
             "key": pa.array([k for k, _, _ in items], pa.string()),
             "caption": pa.array(captions, pa.string()),
             "url": pa.array([f"http://127.0.0.1/{i}.png" for i in range(num_pairs)], pa.string()),
-            "image_embedding": fixed_list(image),
-            "text_embedding": fixed_list(text),
+            "image_embedding": vector_array(image),
+            "text_embedding": vector_array(text),
             "clip_score": pa.array((image * text).sum(1).astype(np.float32), pa.float32()),
         }
     ).replace_schema_metadata(file_metadata(clip_id, dim, identity, SOURCE, 0))

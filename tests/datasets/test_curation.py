@@ -11,7 +11,7 @@ import pytest
 
 from unclip.datasets.config import FilterRecipe, ManifestConfig, ScoreFilter, SemanticDedupConfig
 from unclip.datasets.embedding_export import export_embeddings
-from unclip.datasets.embedding_file import fixed_list_to_numpy
+from unclip.datasets.embedding_file import vectors_to_numpy
 from unclip.datasets.manifest import assemble_manifest
 from unclip.datasets.readers import (
     holdout_captions,
@@ -37,7 +37,7 @@ def _embeddings(store) -> tuple[list[str], np.ndarray, list[str]]:
         t = pq.read_table(store.layout.embedding_shard(store.clip_id, store.source, shard))
         keys += [f"{store.source}/{k}" for k in t.column("key").to_pylist()]
         captions += t.column("caption").to_pylist()
-        xs.append(fixed_list_to_numpy(t.column("image_embedding")))
+        xs.append(vectors_to_numpy(t.column("image_embedding")))
     return keys, np.concatenate(xs), captions
 
 

@@ -19,9 +19,10 @@ from unclip.datasets.clip_preprocess import tokenize_captions
 from unclip.datasets.config import EmbedConfig
 from unclip.datasets.embed import embed_shard, embed_source
 from unclip.datasets.embed_encode import cached_clip, encode_arrays
+from unclip.datasets.embedding_file import vector_type
 from unclip.datasets.embedding_shards import pending_shards
 from unclip.datasets.ingest import shard_parquet_path
-from unclip.datasets.readers import fixed_list_to_numpy
+from unclip.datasets.readers import vectors_to_numpy
 from unclip.datasets.synthetic import shape_caption
 
 
@@ -52,8 +53,8 @@ def test_embed_source_schema_norms_and_skip(
     assert t.schema.field("key").type == pa.string()
     assert t.schema.field("caption").type == pa.string()
     assert t.schema.field("url").type == pa.string()
-    assert t.schema.field("image_embedding").type == pa.list_(pa.float16(), 32)
-    assert t.schema.field("text_embedding").type == pa.list_(pa.float16(), 32)
+    assert t.schema.field("image_embedding").type == vector_type(32)
+    assert t.schema.field("text_embedding").type == vector_type(32)
     assert t.schema.field("clip_score").type == pa.float32()
     assert {"color", "shape", "width", "sha256"} <= set(t.column_names)
     assert "status" not in t.column_names
@@ -62,8 +63,8 @@ def test_embed_source_schema_norms_and_skip(
     assert meta[b"unclip.embedding_dim"] == b"32"
     assert json.loads(meta[b"unclip.identity"])["weights_sha256"]
 
-    img = fixed_list_to_numpy(t.column("image_embedding"))
-    txt = fixed_list_to_numpy(t.column("text_embedding"))
+    img = vectors_to_numpy(t.column("image_embedding"))
+    txt = vectors_to_numpy(t.column("text_embedding"))
     np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1, atol=2e-3)
     np.testing.assert_allclose(np.linalg.norm(txt, axis=1), 1, atol=2e-3)
     np.testing.assert_allclose(t.column("clip_score").to_numpy(), (img * txt).sum(1), atol=2e-3)
@@ -85,7 +86,7 @@ def test_embed_source_schema_norms_and_skip(
         )
         for col in ("image_embedding", "text_embedding"):
             np.testing.assert_allclose(
-                fixed_list_to_numpy(got[col]), fixed_list_to_numpy(expected[col]), atol=1e-3
+                vectors_to_numpy(got[col]), vectors_to_numpy(expected[col]), atol=1e-3
             )
 
     mtime = Path(path).stat().st_mtime_ns
@@ -158,7 +159,7 @@ def test_shard_with_no_readable_sample_gets_an_empty_file(shapes_store, tiny_cli
     counts = embed_shard(layout, bundle, src, 1, batch_size=8)
     assert (counts["samples"], counts["corrupt"]) == (0, 20)
     t = pq.read_table(layout.embedding_shard(bundle.clip_id, src, 1))
-    assert t.num_rows == 0 and t.schema.field("image_embedding").type == pa.list_(pa.float16(), 32)
+    assert t.num_rows == 0 and t.schema.field("image_embedding").type == vector_type(32)
     assert pending_shards(layout, bundle.clip_id, src) == []  # done: not retried every run
 
 
@@ -190,7 +191,7 @@ def test_file_of_another_clip_in_the_folder_is_an_error(shapes_store, tiny_clip_
 
 
 def test_file_size_is_near_two_bytes_per_dimension(shapes_store):
-    """float16 vectors, PLAIN and snappy: the embedding columns stay under 2.1 B / dim."""
+    """float16 vectors, PLAIN and uncompressed: the embedding columns take 2 B / dim."""
     path = shapes_store.layout.embedding_shard(shapes_store.clip_id, shapes_store.source, 0)
     md = pq.ParquetFile(path).metadata
     rg = md.row_group(0)
@@ -198,9 +199,9 @@ def test_file_size_is_near_two_bytes_per_dimension(shapes_store):
         rg.column(i).path_in_schema: rg.column(i).total_compressed_size
         for i in range(rg.num_columns)
     }
-    emb = sizes["image_embedding.list.element"] + sizes["text_embedding.list.element"]
+    emb = sizes["image_embedding"] + sizes["text_embedding"]
     assert md.num_row_groups == 1
-    assert emb / (2 * md.num_rows * 32) < 2.1
+    assert emb / (2 * md.num_rows * 32) < 2.05
 
 
 def test_cached_clip_loads_once_per_process_and_refuses_another_clip(shapes_store, tiny_clip_cfg):
@@ -236,8 +237,8 @@ def test_caption_dedup_gives_what_encoding_every_caption_gives(shapes_store, tin
         deduped.drop(["text_embedding", "clip_score"])
     )
     np.testing.assert_allclose(
-        fixed_list_to_numpy(every["text_embedding"]),
-        fixed_list_to_numpy(deduped["text_embedding"]),
+        vectors_to_numpy(every["text_embedding"]),
+        vectors_to_numpy(deduped["text_embedding"]),
         atol=1e-3,
     )
 

@@ -14,9 +14,10 @@ import pytest
 
 from unclip.datasets.embedding_export import export_embeddings
 from unclip.datasets.embedding_file import (
+    EMBEDDING_COLUMNS,
     check_embedding_schema,
     embedding_table,
-    fixed_list_to_numpy,
+    vectors_to_numpy,
     write_embedding_table,
 )
 from unclip.datasets.embedding_import import (
@@ -69,10 +70,10 @@ def test_clip_retrieval_parts_become_checked_embedding_files(tmp_path, laion_dir
     img = np.concatenate([np.load(laion_dir / f"img_emb/img_emb_{i}.npy") for i in (0, 1)])
     txt = np.concatenate([np.load(laion_dir / f"text_emb/text_emb_{i}.npy") for i in (0, 1)])
     np.testing.assert_allclose(
-        fixed_list_to_numpy(got.column("image_embedding")), _unit(img), atol=1e-3
+        vectors_to_numpy(got.column("image_embedding")), _unit(img), atol=1e-3
     )
     np.testing.assert_allclose(
-        fixed_list_to_numpy(got.column("text_embedding")), _unit(txt), atol=1e-3
+        vectors_to_numpy(got.column("text_embedding")), _unit(txt), atol=1e-3
     )
     np.testing.assert_allclose(
         got.column("clip_score").to_numpy(), (_unit(img) * _unit(txt)).sum(1), atol=1e-5
@@ -128,7 +129,7 @@ def test_datacomp_npz_imports_the_chosen_arrays(tmp_path):
     )
     with np.load(src / "00000000.npz") as z:
         np.testing.assert_allclose(
-            fixed_list_to_numpy(got.column("image_embedding"))[:6], _unit(z["l14_img"]), atol=1e-3
+            vectors_to_numpy(got.column("image_embedding"))[:6], _unit(z["l14_img"]), atol=1e-3
         )
     assert got.column("caption").to_pylist()[6] == "a photo 1-0"
 
@@ -201,62 +202,75 @@ def test_export_is_read_by_embedding_reader_and_imports_back(tmp_path, laion_dir
         for s in again["shards"]
     )
     np.testing.assert_allclose(
-        fixed_list_to_numpy(back.column("image_embedding")), ours.image, atol=1e-3
+        vectors_to_numpy(back.column("image_embedding")), ours.image, atol=1e-3
     )
     with pytest.raises(ValueError, match="export each version to a folder of its own"):
         export_embeddings(layout, "another-version", str(out))
 
 
-def _written_file(tmp_path, encoding: str | None = None, rows: int = 6, dim: int = D) -> Path:
-    """One embedding file as the importer writes it, or rewritten with another vector encoding."""
+def _written_file(tmp_path, rows: int = 6, dim: int = D) -> Path:
+    """One embedding file as the importer writes it."""
     layout = StorageLayout(str(tmp_path / "store"))
     src = tmp_path / "src"
     write_clip_retrieval(str(src), [rows], dim, seed=3)
     record = import_embeddings(
         layout, ImportSpec(str(src), "clip-retrieval", MODEL, TAG, rows_per_shard=rows)
     )
-    path = Path(layout.embedding_shard(record["clip_id"], record["source"], 0))
-    if encoding is not None:
-        t = pq.read_table(path)
-        cols = {f"{c}.list.element": encoding for c in ("image_embedding", "text_embedding")}
-        pq.write_table(t, path, compression="zstd", use_dictionary=["key"], column_encoding=cols)
-    return path
+    return Path(layout.embedding_shard(record["clip_id"], record["source"], 0))
 
 
-def test_duckdb_polars_and_pandas_read_the_embedding_file(tmp_path):
+def as_version_1(path, **write_options) -> None:
+    """Rewrite an embedding file as unclip wrote it before: ``fixed_size_list<float16>[D]``
+    vectors, pipeline version 1."""
+    t = pq.read_table(path)
+    for name in EMBEDDING_COLUMNS:
+        x = vectors_to_numpy(t.column(name)).astype(np.float16)
+        listed = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+        t = t.set_column(t.schema.get_field_index(name), name, listed)
+    meta = {**t.schema.metadata, b"unclip.pipeline_version": b"1"}
+    pq.write_table(t.replace_schema_metadata(meta), path, **write_options)
+
+
+def _docs_sql(marker: str) -> str:
+    """The ```sql block of docs/embeddings.md that holds ``marker``."""
+    doc = (Path(__file__).parents[2] / "docs" / "embeddings.md").read_text()
+    blocks = doc.split("```sql\n")[1:]
+    return next(b.split("```")[0] for b in blocks if marker in b)
+
+
+def test_duckdb_polars_and_pandas_read_the_embedding_file_as_the_docs_say(tmp_path):
     import duckdb
     import pandas as pd
     import polars as pl
 
     path = _written_file(tmp_path)
     t = pq.read_table(path)
-    want = fixed_list_to_numpy(t.column("image_embedding"))
-    rows = duckdb.sql(f"SELECT caption, image_embedding FROM '{path}' ORDER BY key").fetchall()
-    assert [r[0] for r in rows] == t.column("caption").to_pylist()
-    np.testing.assert_array_equal(np.array([r[1] for r in rows], np.float32), want)
-    frame = pl.read_parquet(path)
-    np.testing.assert_array_equal(
-        np.stack(frame["image_embedding"].to_list()).astype(np.float32), want
+    want = vectors_to_numpy(t.column("image_embedding"))
+    con = duckdb.connect()
+    con.execute(_docs_sql("CREATE MACRO f16_vector"))
+    query = _docs_sql("f16_vector(image_embedding)").replace("embeddings/*/*/*.parquet", str(path))
+    rows = con.sql(query.replace("WHERE clip_score > 0.3", "ORDER BY key")).fetchall()
+    assert [r[1] for r in rows] == t.column("caption").to_pylist()
+    np.testing.assert_array_equal(np.array([r[3] for r in rows], np.float32), want)
+    frame = pl.read_parquet(path).select(
+        pl.col("image_embedding").bin.reinterpret(dtype=pl.Array(pl.Float16, D))
     )
+    np.testing.assert_array_equal(frame["image_embedding"].to_numpy().astype(np.float32), want)
     pdf = pd.read_parquet(path)
-    np.testing.assert_array_equal(
-        np.stack(pdf["image_embedding"].to_list()).astype(np.float32), want
-    )
+    got = np.stack([np.frombuffer(b, "<f2") for b in pdf["image_embedding"]])
+    np.testing.assert_array_equal(got.astype(np.float32), want)
 
 
-def test_embedding_columns_stay_under_2_1_bytes_per_dimension(tmp_path):
+def test_embedding_columns_take_two_bytes_per_dimension(tmp_path):
     path = _written_file(tmp_path, rows=2048, dim=512)
     md = pq.ParquetFile(path).metadata
     rg = md.row_group(0)
-    vec = sum(
-        rg.column(i).total_compressed_size
-        for i in range(rg.num_columns)
-        if rg.column(i).path_in_schema.endswith("embedding.list.element")
-    )
-    assert vec / (2 * md.num_rows * 512) <= 2.1
+    vec = [rg.column(i) for i in range(rg.num_columns)]
+    vec = [c.total_compressed_size for c in vec if c.path_in_schema in EMBEDDING_COLUMNS]
+    assert len(vec) == 2 and sum(vec) / (2 * md.num_rows * 512) <= 2.01
 
 
-def test_vectors_are_written_snappy_and_every_other_leaf_zstd(tmp_path):
+def test_vectors_are_written_uncompressed_and_every_other_leaf_zstd(tmp_path):
     rows = 5
     vectors = np.eye(rows, D, dtype=np.float16)
     nested = pa.table({"tags": [["a", "b"]] * rows, "size": pa.array(range(rows), pa.int32())})
@@ -278,15 +292,31 @@ def test_vectors_are_written_snappy_and_every_other_leaf_zstd(tmp_path):
         **dict.fromkeys(
             ["key", "caption", "url", "clip_score", "tags.list.element", "size"], "ZSTD"
         ),
-        "image_embedding.list.element": "SNAPPY",
-        "text_embedding.list.element": "SNAPPY",
+        "image_embedding": "UNCOMPRESSED",
+        "text_embedding": "UNCOMPRESSED",
     }
     assert pq.read_table(path).equals(table)
 
 
-def test_files_written_byte_stream_split_before_stay_readable(tmp_path):
-    path = _written_file(tmp_path, encoding="BYTE_STREAM_SPLIT")
-    schema = pq.read_schema(path)
-    clip_id = schema.metadata[b"unclip.clip_id"].decode()
-    assert check_embedding_schema(str(path), schema, clip_id, D) == D
-    assert fixed_list_to_numpy(pq.read_table(path).column("image_embedding")).shape == (6, D)
+@pytest.mark.parametrize("encoding", ["PLAIN", "BYTE_STREAM_SPLIT"])
+def test_files_of_the_fixed_size_list_layout_read_the_same(tmp_path, encoding):
+    """A store written before (list vectors, PLAIN + snappy or byte-stream-split + zstd), partly
+    rewritten by this unclip, reads as one."""
+    layout = StorageLayout(str(tmp_path / "store"))
+    src = tmp_path / "src"
+    write_clip_retrieval(str(src), [9, 7], D, seed=4)
+    record = import_embeddings(layout, _spec(src))
+    manifest = assemble_manifest(layout, record["clip_id"], [record["source"]])
+    now = load_embeddings(layout, manifest, "all", 0.0)
+    leaves = {f"{c}.list.element": encoding for c in EMBEDDING_COLUMNS}
+    for s in record["shards"][::2]:
+        path = layout.embedding_shard(record["clip_id"], record["source"], s["shard"])
+        as_version_1(path, column_encoding=leaves, compression="zstd", use_dictionary=["key"])
+        assert check_embedding_schema(path, pq.read_schema(path), record["clip_id"], D) == D
+    again = assemble_manifest(layout, record["clip_id"], [record["source"]])
+    before = load_embeddings(layout, again, "all", 0.0)
+    np.testing.assert_array_equal(before.image, now.image)
+    np.testing.assert_array_equal(before.text, now.text)
+    assert before.captions == now.captions
+    batches = _prior_batches(EmbeddingSource(layout, again, "all", 0.0), batch=4)
+    assert len({k for b in batches for k in b["key"]}) == 16  # the training stream too

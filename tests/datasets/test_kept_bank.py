@@ -18,7 +18,7 @@ import pytest
 from unclip.datasets import kept_bank, semantic_dedup
 from unclip.datasets.config import SemanticDedupConfig
 from unclip.datasets.duplicate_groups import assign
-from unclip.datasets.embedding_file import fixed_list
+from unclip.datasets.embedding_file import vectors_to_numpy
 from unclip.datasets.semantic_dedup import curate, read_centroids, read_state
 from unclip.datasets.storage import StorageLayout
 
@@ -91,9 +91,7 @@ def test_the_bank_holds_the_kept_rows_as_the_comparison_saw_them(store):
     for shard in (0, 1):
         emb = pq.read_table(layout.embedding_shard(CLIP, SOURCE, shard))
         row = {k: i for i, k in enumerate(emb.column("key").to_pylist())}
-        x = np.stack(emb.column("image_embedding").to_numpy(zero_copy_only=False)).astype(
-            np.float32
-        )
+        x = vectors_to_numpy(emb.column("image_embedding"))
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         table, vectors = _kept(layout, shard)
         removals = pq.read_table(layout.semdedup_removals(CLIP, _version(layout), SOURCE, shard))
@@ -148,7 +146,9 @@ def _to_older_layout(layout: StorageLayout, shard: int) -> None:
         {
             "key": table.column("key").take(pa.array(order)),
             "cluster": table.column("cluster").take(pa.array(order)),
-            "image_embedding": fixed_list(vectors[order].astype(np.float32)),
+            "image_embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(vectors[order].astype(np.float16).reshape(-1)), vectors.shape[1]
+            ),
         }
     )
     pq.write_table(older, layout.semdedup_kept(CLIP, _version(layout), SOURCE, shard))
@@ -199,8 +199,7 @@ def test_object_storage_gives_the_local_removal_lists(store):
     try:
         for shard in (0, 1):
             emb = pq.read_table(layout.embedding_shard(CLIP, SOURCE, shard))
-            x = np.stack(emb.column("image_embedding").to_numpy(zero_copy_only=False))
-            _add(remote, shard, x.astype(np.float32))
+            _add(remote, shard, vectors_to_numpy(emb.column("image_embedding")))
         curate(remote, CLIP, [SOURCE], CFG)
         for root in (layout, remote):
             _add(root, 2, new_rows)

@@ -12,6 +12,7 @@ import pytest
 from unclip.datasets.clip import load_clip
 from unclip.datasets.config import ManifestConfig
 from unclip.datasets.embed import embed_shard
+from unclip.datasets.embedding_file import vector_array, vectors_to_numpy
 from unclip.datasets.manifest import assemble_manifest, latest_manifest
 from unclip.datasets.readers import load_embedding_stats, load_embeddings, load_image_pairs
 
@@ -187,10 +188,16 @@ def test_file_of_another_clip_or_schema_is_an_error(shapes_store):
     wide = t.set_column(
         t.schema.get_field_index("image_embedding"),
         "image_embedding",
-        t["image_embedding"].cast(pa.list_(pa.float32(), 32)),
+        pa.FixedSizeListArray.from_arrays(
+            pa.array(vectors_to_numpy(t["image_embedding"]).reshape(-1)), 32
+        ),
     )
     pq.write_table(wide, path)
-    with pytest.raises(ValueError, match="column 'image_embedding' is fixed_size_list<") as e:
+    with pytest.raises(
+        ValueError,
+        match=r"column 'image_embedding' is fixed_size_list<element: float>\[32\], "
+        r"expected fixed_size_binary\[64\]",
+    ) as e:
         assemble_manifest(layout, clip_id, [src])
     assert str(path) in str(e.value)
 
@@ -199,7 +206,7 @@ def test_file_of_another_clip_or_schema_is_an_error(shapes_store):
     )
     with pytest.raises(
         ValueError,
-        match="column 'image_embedding' is fixed_size_list<element: halffloat>\\[32\\], expected",
+        match=r"column 'image_embedding' is fixed_size_binary\[64\], expected fixed_size_binary\[128\]",
     ):
         assemble_manifest(layout, clip_id, [src])
 
@@ -222,14 +229,12 @@ def test_changed_embeddings_with_the_same_counts_give_a_new_version(shapes_store
 
 
 def test_files_each_valid_but_of_two_dimensions_are_an_error(shapes_store):
-    from unclip.datasets.embedding_file import fixed_list, fixed_list_to_numpy
-
     layout, src, clip_id = shapes_store.layout, shapes_store.source, shapes_store.clip_id
     path = Path(layout.embedding_shard(clip_id, src, 1))
     t = pq.read_table(path)
     for name in ("image_embedding", "text_embedding"):
-        x = fixed_list_to_numpy(t[name])
-        t = t.set_column(t.schema.get_field_index(name), name, fixed_list(np.hstack([x, x])))
+        x = vectors_to_numpy(t[name])
+        t = t.set_column(t.schema.get_field_index(name), name, vector_array(np.hstack([x, x])))
     meta = {**t.schema.metadata, b"unclip.embedding_dim": b"64"}
     pq.write_table(t.replace_schema_metadata(meta), path)
     with pytest.raises(ValueError, match=r"embedding files of dimensions \[32, 64\]"):

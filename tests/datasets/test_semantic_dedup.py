@@ -15,7 +15,7 @@ import pytest
 
 from unclip.datasets.config import SemanticDedupConfig
 from unclip.datasets.duplicate_groups import assign, find_duplicates, fit_centroids
-from unclip.datasets.embedding_file import fixed_list_to_numpy
+from unclip.datasets.embedding_file import vectors_to_numpy
 from unclip.datasets.semantic_dedup import (
     curate,
     current_version,
@@ -69,7 +69,7 @@ def _threshold_with_some_duplicates(store) -> float:
     xs = []
     for shard in store.shards:
         t = pq.read_table(store.layout.embedding_shard(store.clip_id, store.source, shard))
-        xs.append(_unit(fixed_list_to_numpy(t.column("image_embedding"))))
+        xs.append(_unit(vectors_to_numpy(t.column("image_embedding"))))
     x = np.concatenate(xs)
     sims = (x @ x.T)[np.triu_indices(len(x), 1)]
     return float(np.quantile(sims, 0.97))
@@ -166,7 +166,7 @@ def _rows_of(store, shard: int, kept) -> np.ndarray:
     """The unit image embeddings of ``kept``'s keys, from the shard's embedding file."""
     t = pq.read_table(store.layout.embedding_shard(store.clip_id, store.source, shard))
     row = {k: i for i, k in enumerate(t.column("key").to_pylist())}
-    x = _unit(fixed_list_to_numpy(t.column("image_embedding")))
+    x = _unit(vectors_to_numpy(t.column("image_embedding")))
     return x[[row[k] for k in kept.column("key").to_pylist()]]
 
 
