@@ -2,12 +2,18 @@
 
 img2dataset's ``Downloader`` runs a thread pool whose threads cannot be interrupted: a server
 that never answers keeps them (and the pool's ``__exit__``) waiting. So the shard task
-(``shard_task.py``) starts this module as ``python -m unclip.datasets.shard_child SPEC`` and
-kills it when the try passes ``ingest.shard_deadline_s`` (counted from when the child has
-loaded its libraries, at most ``STARTUP_S`` later); the process and every thread in it end
+(``shard_task.py``) runs each try in a child process and kills it when the try passes
+``ingest.shard_deadline_s`` (counted from when the child has loaded its libraries, at most
+``STARTUP_S`` later); the process and every thread in it end
 for certain, and since the child writes only into the try's local temp folder, nothing partial
 reaches the storage root. The child installs the network guard for its whole life
 (``netguard.install_for_process``) and exits by itself if its parent dies.
+
+The children fork from a multiprocessing fork server that imported img2dataset once: its
+package imports torch (through webdataset), albumentations and OpenCV, about 3 s a process on
+2 CPUs, which a fresh interpreter per shard paid again for every shard. The fork server is
+started by the first try of a worker process and dies with it; each child is a new process
+(nothing of one try's threads or sockets reaches the next).
 
 Protocol: SPEC is a JSON file ``{"input", "out", "shard", "cfg", "phash_index"}``; on success the child writes
 ``{out}/result.json`` = ``{"stats": ...}`` (img2dataset's stats, filters folded in) beside
@@ -17,12 +23,10 @@ img2dataset's ``{shard}.tar`` / ``.parquet`` and exits 0.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
-import select
-import subprocess
 import sys
 import threading
-import time
 from typing import Any
 
 from .config import IngestConfig
@@ -31,6 +35,14 @@ from .netguard import NetPolicy, RequestLimits
 SHARD_NAME_DIGITS = 5  # shard names are {shard:05d}, as StorageLayout.image_shard
 RESULT = "result.json"
 STARTUP_S = 120.0  # the child's imports (img2dataset, OpenCV) before its deadline starts
+# Imported once by the fork server, so that each try's child starts with them loaded.
+FORK_SERVER_PRELOAD = [
+    __name__,
+    "img2dataset.downloader",
+    "img2dataset.resizer",
+    "img2dataset.writer",
+    "pyarrow",
+]
 
 
 class ShardError(RuntimeError):
@@ -102,19 +114,25 @@ def make_downloader(
 
 
 def _exit_with_parent() -> None:
-    """End this process when the shard task that started it is gone (killed worker)."""
-    parent = os.getppid()
+    """End this process when the shard task that started it is gone (killed worker).
+
+    Not by watching ``getppid()``: the parent is the fork server, which itself waits for every
+    child to close its copy of the server's liveness pipe, so the two would keep each other
+    alive. Multiprocessing's parent sentinel is a pipe from the shard task's own process."""
+    parent = multiprocessing.parent_process()
 
     def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
+        parent.join()  # returns when the shard task's end of the pipe closes
         os._exit(3)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def main(spec_path: str, ready_fd: int) -> int:
-    """The child: download one shard into ``spec["out"]``; 0 when img2dataset finished it."""
+def main(spec_path: str, ready: Any) -> int:
+    """The child: download one shard into ``spec["out"]``; 0 when img2dataset finished it.
+
+    ``ready``: the write end of a pipe (a multiprocessing ``Connection``), told when the
+    libraries are loaded."""
     _exit_with_parent()
     import pyarrow as pa
 
@@ -136,8 +154,8 @@ def main(spec_path: str, ready_fd: int) -> int:
             earlier = pa.ipc.open_file(f).read_all()
         near_duplicates = index_from_table(cfg.filters.phash_max_distance, earlier)
     downloader = make_downloader(cfg, spec["out"], column_list, tally, near_duplicates)
-    os.write(ready_fd, b"r")  # imports done: the try's deadline starts now
-    os.close(ready_fd)
+    ready.send_bytes(b"r")  # imports done: the try's deadline starts now
+    ready.close()
     ok, _ = downloader((spec["shard"], spec["input"]))  # img2dataset removes the input when done
     name = f"{spec['shard']:0{SHARD_NAME_DIGITS}d}"
     stats_file = os.path.join(spec["out"], f"{name}_stats.json")
@@ -150,15 +168,30 @@ def main(spec_path: str, ready_fd: int) -> int:
     return 0
 
 
-def _wait_ready(proc: subprocess.Popen, ready_r: int, label: str) -> None:
+def _fork_context() -> Any:
+    """The fork-server context the tries start from (the server starts on first use)."""
+    # img2dataset imports albumentations, which otherwise phones home for updates on import.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(FORK_SERVER_PRELOAD)
+    return ctx
+
+
+def _child(spec_path: str, ready: Any) -> None:
+    sys.exit(main(spec_path, ready))
+
+
+def _wait_ready(ready_r: Any, label: str) -> None:
     """Wait until the child has imported its libraries (or died); bounded by STARTUP_S."""
     try:
-        readable, _, _ = select.select([ready_r], [], [], STARTUP_S)
-        if not readable:
+        if not ready_r.poll(STARTUP_S):
             raise ShardError(f"{label}: the download process did not start within {STARTUP_S:g} s")
-        os.read(ready_r, 1)  # b"" when the child died first: its exit code tells
+        try:
+            ready_r.recv_bytes()
+        except EOFError:  # the child died first: its exit code tells
+            pass
     finally:
-        os.close(ready_r)
+        ready_r.close()
 
 
 def run_try(
@@ -184,30 +217,27 @@ def run_try(
     }
     with open(spec_path, "w") as f:
         json.dump(spec, f)
-    ready_r, ready_w = os.pipe()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", __name__, spec_path, str(ready_w)], pass_fds=(ready_w,)
-    )
-    os.close(ready_w)
+    ctx = _fork_context()
+    ready_r, ready_w = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(spec_path, ready_w), name=f"shard {label}")
+    proc.start()
+    ready_w.close()
     try:
-        _wait_ready(proc, ready_r, label)
-        rc = proc.wait(timeout=cfg.shard_deadline_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()  # every download thread ends with the process
-        proc.wait()
-        raise ShardDeadlineExceeded(
-            f"{label}: shard try ran past its {cfg.shard_deadline_s:g} s deadline and was killed"
-        ) from None
+        _wait_ready(ready_r, label)
+        proc.join(cfg.shard_deadline_s)
     except BaseException:
         proc.kill()
-        proc.wait()
+        proc.join()
         raise
+    if proc.exitcode is None:  # still running at the deadline
+        proc.kill()  # every download thread ends with the process
+        proc.join()
+        raise ShardDeadlineExceeded(
+            f"{label}: shard try ran past its {cfg.shard_deadline_s:g} s deadline and was killed"
+        )
+    rc = proc.exitcode
     result = os.path.join(out, RESULT)
     if rc != 0 or not os.path.exists(result):
         raise ShardError(f"{label}: img2dataset's downloader failed (exit {rc}; see worker log)")
     with open(result) as f:
         return json.load(f)["stats"]
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], int(sys.argv[2])))

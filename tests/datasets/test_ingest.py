@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 import tarfile
+import textwrap
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -218,6 +222,66 @@ def test_shard_deadline_ends_a_try_stalled_on_a_server_that_never_answers(
     assert 1 <= hits <= 4  # two threads, each on its first URL
     time.sleep(1.5)
     assert sum(state.hits[p] for p in paths) == hits  # the killed try sends nothing more
+
+
+KILLED_TASK = textwrap.dedent(
+    """
+    import sys
+    from unclip.datasets.config import IngestConfig
+    from unclip.datasets.shard_task import download_shard
+    from unclip.datasets.source_plan import plan_source
+    from unclip.datasets.storage import StorageLayout
+
+    root, url_list, cfg = sys.argv[1], sys.argv[2], IngestConfig.model_validate_json(sys.argv[3])
+    plan = plan_source(StorageLayout(root), url_list, cfg)
+    download_shard(root, plan.source_id, 0, cfg)
+    """
+)
+
+
+@pytest.mark.timeout(180)
+def test_a_killed_shard_task_takes_its_download_process_with_it(bad_server, tmp_path):
+    """A worker killed mid-try (OOM, node loss) leaves no download process behind: the try's
+    child and the fork server it came from end with the shard task's process."""
+    base, state = bad_server
+    paths = [f"/hang/killed-{i}.png" for i in range(10)]
+    url_list = _list(tmp_path / "killed.parquet", [base + p for p in paths])
+    cfg = ingest_cfg(samples_per_shard=10, thread_count=2, shard_deadline_s=120.0, timeout_s=120.0)
+    task = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            KILLED_TASK,
+            str(tmp_path / "store"),
+            url_list,
+            cfg.model_dump_json(),
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while sum(state.hits[p] for p in paths) == 0:  # the try's child is downloading
+            assert task.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        family = psutil.Process(task.pid).children(recursive=True)
+        assert family  # the fork server and the try
+    finally:
+        task.kill()
+        task.wait()
+
+    def running() -> list[psutil.Process]:
+        alive = []
+        for p in family:
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        return alive
+
+    end = time.monotonic() + 15
+    while running() and time.monotonic() < end:
+        time.sleep(0.2)
+    assert running() == []
 
 
 @pytest.mark.parametrize("keep", [0, 0.5])
