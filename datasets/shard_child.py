@@ -70,9 +70,8 @@ def make_downloader(
     tally: Any,
     near_duplicates: Any = None,
 ) -> Any:
-    """img2dataset's Downloader with this project's resizer guard and filtering writer."""
-    # img2dataset imports albumentations, which otherwise phones home for updates on import.
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    """img2dataset's Downloader with this project's resizer guard and filtering writer (its
+    modules are already loaded: the fork server imported them, see ``_fork_context``)."""
     from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer
     from img2dataset.writer import WebDatasetSampleWriter
