@@ -96,19 +96,18 @@ def url_lists(
 
 
 @source_asset(
-    deps=[url_lists],
     code_version="2",
     description="Webdataset image shards of one source, downloaded by img2dataset in Ray tasks.",
 )
 def image_shards(
     context: AssetExecutionContext,
+    url_lists: SourceList,
     config: IngestRun,
     unclip: UnclipConfigResource,
     storage: StorageResource,
     ray: RayResource,  # Ray starts inside ingest, only when shards are missing
 ) -> dg.Output[IngestSummary]:
-    cfg, sid = storage.config(unclip), context.partition_key
-    path = sources.url_list_of(cfg, sid)
+    cfg, sid, path = storage.config(unclip), context.partition_key, url_lists.url_list
     ingest_cfg = sources.ingest_config_of(cfg, sid, path)  # the source's own columns and filters
     results = []
     missing = not ingest.source_ingested(storage.layout, sid)
