@@ -189,8 +189,8 @@ def ingest(
     print_outputs(s.cfg, s.run.outputs)
 
 
-@app.command()
-def curate(
+@app.command("curate")
+def curate_command(
     config: ConfigArg,
     set_: SetOpt = None,
     recluster: Annotated[
@@ -215,13 +215,13 @@ embed = app.command("embed")(
         "Embed every image shard that has no embeddings yet (trains the bootstrap CLIP if needed).",
     )
 )
-train_prior = train_app.command("prior")(
+train_prior_command = train_app.command("prior")(
     _stage_command(["prior"], "Train the diffusion prior (text embedding → image embedding).")
 )
-train_decoder = train_app.command("decoder")(
+train_decoder_command = train_app.command("decoder")(
     _stage_command(["decoder"], "Train the diffusion decoder (image embedding → pixels).")
 )
-train_upsampler = train_app.command("upsampler")(
+train_upsampler_command = train_app.command("upsampler")(
     _stage_command(
         ["upsampler"],
         "Train the super-resolution stage (the config's `upsampler` section) after the decoder.",

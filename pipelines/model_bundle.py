@@ -19,11 +19,11 @@ from typing import Any, Literal
 from unclip.datasets.storage import StorageLayout, exists, read_json
 from unclip.pipelines.config import PipelineConfig
 from unclip.pipelines.registry import read_record
+from unclip.training.engine.fit_result import EXPORT_MARKER
 from unclip.training.engine.latest_runs import latest_export
 
 Which = Literal["promoted", "latest"]
 CARD_FILE = "README.md"
-FIT_MARKER = "fit.json"
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ def choose_run(
     layout = StorageLayout(cfg.storage)
     if run is not None:
         export = layout.join("runs", model, run, "export")
-        if not exists(f"{export}/{FIT_MARKER}"):
-            raise FileNotFoundError(f"{model} run {run!r}: {export}/{FIT_MARKER} is missing")
+        if not exists(f"{export}/{EXPORT_MARKER}"):
+            raise FileNotFoundError(f"{model} run {run!r}: {export}/{EXPORT_MARKER} is missing")
         return ChosenRun(model, run, export, "named")
     if which == "latest":
         export = latest_export(layout, model)
@@ -169,7 +169,7 @@ def model_card(chosen: list[ChosenRun], clip_id: str) -> str:
 
 def _fit(c: ChosenRun) -> dict[str, Any]:
     """What the run's ``fit.json`` says it was trained with (task and trainer)."""
-    marker = f"{c.export.rstrip('/')}/{FIT_MARKER}"
+    marker = f"{c.export.rstrip('/')}/{EXPORT_MARKER}"
     if not exists(marker):
         return {}
     fit = read_json(marker)

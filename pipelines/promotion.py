@@ -27,13 +27,13 @@ from fsspec.core import url_to_fs
 from unclip.datasets.storage import StorageLayout, atomic_write, exists, read_json, write_json
 from unclip.pipelines import registry
 from unclip.pipelines.config import PipelineConfig, PromotionMetric
+from unclip.training.engine.fit_result import EXPORT_MARKER  # the run's own identity
 
 EVAL_METRICS_FILES = {
     "prior": "prior_metrics.json",
     "decoder": "decoder_metrics.json",
     "upsampler": "upsampler_metrics.json",
 }
-FIT_MARKER = "fit.json"  # the trainer's completion marker in an export: the run's own identity
 SWAP_TRIES = 20
 
 # What an evaluation's numbers depend on besides the model under test.
@@ -172,7 +172,7 @@ def candidate_of(
 
 def run_config(model: str, export: str) -> dict[str, Any]:
     """The model section and trainer the run was trained with, from its export's ``fit.json``."""
-    marker = f"{export.rstrip('/')}/{FIT_MARKER}"
+    marker = f"{export.rstrip('/')}/{EXPORT_MARKER}"
     if not exists(marker):
         raise NotComparable(f"{marker} is missing: the export is not a finished training run")
     fit = read_json(marker)
@@ -212,7 +212,7 @@ def baseline_metrics(
     return metrics
 
 
-def judge(
+def judge_candidate(
     layout: StorageLayout,
     model: str,
     gates: list[PromotionMetric],
@@ -255,7 +255,9 @@ def promote(
     for _ in range(SWAP_TRIES):
         current, tag = registry.read_record(layout, model)
         decision, base = (
-            (failed, None) if failed else judge(layout, model, gates, cand, current, reevaluate)
+            (failed, None)
+            if failed
+            else judge_candidate(layout, model, gates, cand, current, reevaluate)
         )
         config: dict[str, Any] = {}
         if decision.promote:

@@ -17,8 +17,8 @@ from PIL import Image
 from unclip.datasets.clip import ClipBundle, load_clip
 from unclip.datasets.config import ClipConfig
 
-from .models.decoder import DecoderSampler, load_decoder
-from .models.upsampler import UpsamplerSampler, load_upsampler
+from .models.decoder import DecoderSampler
+from .models.upsampler import UpsamplerSampler
 
 if TYPE_CHECKING:
     from .inference import UnclipPipeline
@@ -71,16 +71,6 @@ def check_cascade(decoder: DecoderSampler, upsamplers: Sequence[UpsamplerSampler
                 f"{size} px images (upsampler input size {up.input_size} != {size})"
             )
         size, made_by = up.output_size, f"upsampler {i + 1}"
-
-
-def load_cascade(
-    decoder_export: str, upsampler_exports: Sequence[str] = ()
-) -> tuple[DecoderSampler, list[UpsamplerSampler]]:
-    """The decoder and its upsamplers, checked to fit together."""
-    decoder = load_decoder(decoder_export)
-    upsamplers = [load_upsampler(e) for e in upsampler_exports]
-    check_cascade(decoder, upsamplers)
-    return decoder, upsamplers
 
 
 def load_pipeline(

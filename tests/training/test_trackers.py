@@ -8,7 +8,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from unclip.training.config import TrainerConfig
 from unclip.training.engine import trackers as trackers_module
-from unclip.training.engine.trackers import Trackers, check_trackers, report_evaluation, scalars
+from unclip.training.engine.trackers import (
+    Trackers,
+    check_trackers,
+    numeric_entries,
+    report_evaluation,
+)
 from unclip.training.engine.trainer import validate_trainer_config
 
 
@@ -75,7 +80,7 @@ def test_a_tracker_whose_package_is_missing_stops_the_run_before_training(monkey
 
 
 def test_only_numbers_are_scalars():
-    assert scalars({"step": 3, "loss": 1, "lr": 0.5, "ok": True, "name": "a"}) == {
+    assert numeric_entries({"step": 3, "loss": 1, "lr": 0.5, "ok": True, "name": "a"}) == {
         "loss": 1.0,
         "lr": 0.5,
     }
@@ -142,6 +147,8 @@ def test_mlflow_resumes_the_runs_mlflow_run_for_a_resume_and_for_its_evaluation(
     from mlflow.tracking import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # artifacts go to the run folder, not the working one
     for steps in ((2, 4), (6,)):  # trained to 4, then resumed to 6
         t = Trackers.open(["mlflow"], str(tmp_path), "decoder-abc", {"lr": 0.1}, steps[0] - 2)
         for s in steps:
@@ -160,6 +167,9 @@ def test_mlflow_resumes_the_runs_mlflow_run_for_a_resume_and_for_its_evaluation(
     assert [a.path for a in client.list_artifacts(run.info.run_id, folder.path)] == [
         f"{folder.path}/samples.png"
     ]
+    assert list((tmp_path / "cwd").iterdir()) == []
+    (kept,) = (tmp_path / "mlflow-artifacts").rglob("samples.png")
+    assert kept.read_bytes() == (tmp_path / "samples.png").read_bytes()
 
 
 def test_no_tracker_named_means_nothing_is_opened(tmp_path):

@@ -15,6 +15,7 @@ from training_helpers import DIM, HOLDOUT, TINY_DECODER, make_decoder_task
 
 from unclip.datasets.storage import StorageLayout
 from unclip.training.config import UpsamplerConfig
+from unclip.training.models.decoder import load_decoder
 from unclip.training.models.upsampler import (
     UpsamplerTask,
     aug_timestep,
@@ -26,7 +27,7 @@ from unclip.training.models.upsampler import (
     train_upsampler,
     upsampler_prediction,
 )
-from unclip.training.sampling import check_cascade, load_cascade
+from unclip.training.sampling import check_cascade
 
 TINY = UpsamplerConfig(
     input_size=8,
@@ -136,12 +137,14 @@ def test_cascade_refuses_an_upsampler_of_another_input_size(tmp_path):
     make_task().export(build_upsampler(TINY), str(tmp_path / "up8"))
     fits = UpsamplerConfig(input_size=16, output_size=32, block_out_channels=[16, 32])
     make_task(fits).export(build_upsampler(fits), str(tmp_path / "up16"))
+    dec = load_decoder(str(tmp_path / "decoder"))
     with pytest.raises(ValueError, match="takes 8 px images but the decoder makes 16 px"):
-        load_cascade(str(tmp_path / "decoder"), [str(tmp_path / "up8")])
-    dec, ups = load_cascade(str(tmp_path / "decoder"), [str(tmp_path / "up16")])
-    assert ups[0].output_size == 32 and dec.image_size == TINY_DECODER.image_size
+        check_cascade(dec, [load_upsampler(str(tmp_path / "up8"))])
+    up16 = load_upsampler(str(tmp_path / "up16"))
+    check_cascade(dec, [up16])
+    assert up16.output_size == 32 and dec.image_size == TINY_DECODER.image_size
     with pytest.raises(ValueError, match="upsampler 2 takes 8 px images but upsampler 1 makes 32"):
-        check_cascade(dec, [ups[0], load_upsampler(str(tmp_path / "up8"))])
+        check_cascade(dec, [up16, load_upsampler(str(tmp_path / "up8"))])
 
 
 def test_trains_through_the_one_trainer_on_the_manifest_images(embedded_store, ray_local):

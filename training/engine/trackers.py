@@ -48,7 +48,7 @@ def check_trackers(names: list[str]) -> None:
             )
 
 
-def scalars(row: dict[str, Any]) -> dict[str, float]:
+def numeric_entries(row: dict[str, Any]) -> dict[str, float]:
     """The numeric entries of a row (step excluded), as floats."""
     return {
         k: float(v)
@@ -78,7 +78,7 @@ def local_file(path: str, folder: str) -> str:
 
 def tagged(row: dict[str, Any]) -> dict[str, float]:
     """:func:`scalars` under the names every tracker shows: a row's own group, else ``train/``."""
-    return {(k if "/" in k else f"train/{k}"): v for k, v in scalars(row).items()}
+    return {(k if "/" in k else f"train/{k}"): v for k, v in numeric_entries(row).items()}
 
 
 class TensorBoardTracker:
@@ -122,11 +122,26 @@ class TensorBoardTracker:
             shutil.rmtree(self.writer.log_dir, ignore_errors=True)
 
 
+MLFLOW_ARTIFACTS = "mlflow-artifacts"
+
+
+def _use_experiment(mlflow: Any, name: str, artifact_location: str) -> None:
+    """Make the experiment ``name`` active, created with ``artifact_location`` if new."""
+    found = mlflow.get_experiment_by_name(name)
+    experiment_id = (
+        found.experiment_id
+        if found
+        else mlflow.create_experiment(name, artifact_location=artifact_location)
+    )
+    mlflow.set_experiment(experiment_id=experiment_id)
+
+
 class MlflowTracker:
     """An MLflow run named after the unclip run, with the trainer config as its parameters.
 
     The tracking server is MLflow's own setting (``MLFLOW_TRACKING_URI``); without one, a local
-    run folder gets an SQLite store (``mlflow.db``) beside its checkpoints.
+    run folder gets an SQLite store (``mlflow.db``) and its artifacts (``mlflow-artifacts/``)
+    beside its checkpoints.
     """
 
     def __init__(self, run_dir: str, run_name: str, params: dict[str, Any]) -> None:
@@ -136,6 +151,9 @@ class MlflowTracker:
             fs, path = url_to_fs(run_dir)
             if isinstance(fs, LocalFileSystem):  # MLflow 3 keeps its file store for reads only
                 mlflow.set_tracking_uri(f"sqlite:///{path}/mlflow.db")
+                # An SQLite store's default experiment keeps artifacts in ./mlruns of whatever
+                # folder the process runs in; this one keeps them in the run folder.
+                _use_experiment(mlflow, "unclip", os.path.join(path, MLFLOW_ARTIFACTS))
         self.mlflow = mlflow
         # a resumed run (or its evaluation) continues the MLflow run of the same name
         earlier = mlflow.search_runs(

@@ -14,9 +14,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-RGB = tuple[int, int, int]
+from unclip.datasets.synthetic import SHAPES
 
-SHAPES = ("circle", "square", "triangle")
+RGB = tuple[int, int, int]
 
 
 # --- Fréchet distance -------------------------------------------------------------------------

@@ -36,7 +36,7 @@ class EmbeddingClip:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def clip_id_of(clip_cfg: ClipConfig, checkpoint: str | None) -> str:
+def embedding_clip_id(clip_cfg: ClipConfig, checkpoint: str | None) -> str:
     """The id the embeddings of this CLIP are filed under (loads the model once)."""
     from unclip.datasets.clip import load_clip
 
@@ -55,7 +55,7 @@ def embedding_clip(
     ``ingested_sources`` lists the fully ingested sources; it is asked only when no CLIP is pinned.
     """
     if clip_cfg.model_name is not None:
-        return EmbeddingClip(clip_id_of(clip_cfg, None), None, bootstrap=False)
+        return EmbeddingClip(embedding_clip_id(clip_cfg, None), None, bootstrap=False)
     pin_path = layout.latest_run("clip")
     pin = read_json(pin_path) if exists(pin_path) else {}
     trained_on = pin.get("sources") or ingested_sources()
@@ -72,7 +72,7 @@ def embedding_clip(
         fit = train_bootstrap_clip(layout, clip_cfg, boot, trained_on, holdout_fraction)
     clip_id = pin.get("clip_id")
     if pin.get("run") != fit.run_name or not clip_id:
-        clip_id = clip_id_of(clip_cfg, fit.export_dir)
+        clip_id = embedding_clip_id(clip_cfg, fit.export_dir)
         write_json(
             pin_path,
             {
