@@ -1,24 +1,28 @@
-"""What a resume loads and whether it may: checkpoint files, their hashes, the stream's position, the EMA.
+"""What a resume loads and whether it may: the checkpoint's files, their hashes, the driver's checks.
 
-No Ray and no DeepSpeed (seconds a run, the mutation session's test command): the engine is
-:class:`TorchEngine`, a real module, optimizer and LR schedule saved and loaded the way
-DeepSpeed's engine is called. The fits in ``test_trainer.py`` check the same code under Ray.
+No Ray and no DeepSpeed (seconds a run; with ``test_stream_position.py`` and ``test_ema.py``
+the mutation session's test command): the engine is ``resume_fakes.TorchEngine``, a real module,
+optimizer and LR schedule saved and loaded the way DeepSpeed's engine is called. The fits in
+``test_trainer.py`` check the same code under Ray.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 from typing import Any
 
 import fsspec
 import pytest
 import torch
+from resume_fakes import Described, Rows, TorchEngine
 from tiny import tiny_trainer
 
-from unclip.datasets.stream import ShardSource, StreamPlan, StreamShard
+from unclip.datasets.stream import StreamPlan
 from unclip.training.engine.checkpoint_hashes import record_hashes, verify_hashes
 from unclip.training.engine.checkpoints import (
     EMA_FILE,
@@ -29,79 +33,7 @@ from unclip.training.engine.checkpoints import (
     write_checkpoint,
 )
 from unclip.training.engine.ema import Ema
-from unclip.training.engine.stream_position import StreamPosition, stream_totals
-
-
-class Rows(ShardSource):
-    """A source known by its shard counts alone (what plans and identities are made of)."""
-
-    def __init__(self, n: int = 96, shard_size: int = 20) -> None:
-        sizes = [min(shard_size, n - i) for i in range(0, n, shard_size)]
-        self.shards = [StreamShard(f"rows/{i:05d}", c) for i, c in enumerate(sizes)]
-
-    def read(self, shard: int, start: int, stop: int, stats: Any) -> list[Any]:
-        raise AssertionError("nothing here reads samples")
-
-    def collate(self, samples: list[Any]) -> dict[str, Any]:
-        raise AssertionError("nothing here reads samples")
-
-
-class Described:
-    """A task as the driver's check sees it: its identity."""
-
-    def __init__(self, **identity: Any) -> None:
-        self.identity = {"model": "regression", "n": 96, **identity}
-
-    def describe(self) -> dict[str, Any]:
-        return self.identity
-
-
-class TorchEngine:
-    """DeepSpeed's engine as checkpoints call it: ``save_checkpoint`` / ``load_checkpoint`` of
-    a module with its AdamW state and LR schedule under ``{dir}/{tag}/``; ``(None, None)`` where
-    nothing was saved, as DeepSpeed answers."""
-
-    FILE = "mp_rank_00_model_states.pt"
-
-    def __init__(self, seed: int) -> None:
-        torch.manual_seed(seed)
-        self.module = torch.nn.Sequential(
-            torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)
-        )
-        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=0.1)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: 1 / (1 + k))
-        self.loads: list[str] = []
-
-    def train(self, steps: int, ema: Ema | None = None, first: int = 1) -> None:
-        for s in range(first, first + steps):
-            x = torch.linspace(-1, 1, 24).reshape(8, 3) * s
-            loss = (self.module(x) - x.sum(1, keepdim=True)).pow(2).mean()
-            self.optimizer.zero_grad()
-            loss.backward()
-            self.optimizer.step()
-            self.scheduler.step()
-            if ema is not None:
-                ema.update(self.module, s)
-
-    def save_checkpoint(self, save_dir: str, tag: str) -> None:
-        os.makedirs(os.path.join(save_dir, tag))
-        state = {
-            "module": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-        }
-        torch.save(state, os.path.join(save_dir, tag, self.FILE))
-
-    def load_checkpoint(self, load_dir: str, tag: str) -> tuple[str | None, Any]:
-        path = os.path.join(load_dir, tag, self.FILE)
-        self.loads.append(path)
-        if not os.path.isfile(path):
-            return None, None
-        state = torch.load(path, weights_only=True)
-        self.module.load_state_dict(state["module"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        return path, {}
+from unclip.training.engine.stream_position import StreamPosition
 
 
 def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -211,6 +143,40 @@ def test_a_checkpoint_file_changed_or_planted_after_saving_is_refused(tmp_path):
         verify_hashes(str(other / "deepspeed"))
 
 
+def test_any_change_to_a_listed_file_is_refused(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"weights")
+    record_hashes(str(tmp_path), 0)
+    saved = json.loads((tmp_path / "hashes" / "rank0.json").read_text())["model.pt"]
+    changes = [b"weights %d" % i for i in range(8)]
+    # digests that sort before and after the saved one: any difference is refused, not an order
+    assert {hashlib.sha256(c).hexdigest() > saved for c in changes} == {True, False}
+    for content in changes:
+        (tmp_path / "model.pt").write_bytes(content)
+        with pytest.raises(ValueError, match="model.pt in .* changed since it was saved"):
+            verify_hashes(str(tmp_path))
+
+
+class RunsCode:
+    """A pickle that runs code when unpickled (what ``weights_only`` refuses)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.makedirs, (self.marker,))
+
+
+def test_an_ema_file_is_loaded_as_tensors_only_even_when_its_hashes_match(tmp_path):
+    engine = TorchEngine(seed=0)
+    ema = Ema(engine.module, decay=0.5, update_after=0)
+    write_checkpoint(str(tmp_path), engine, ema, 2, 0, IDENT)
+    torch.save({"0.weight": RunsCode(str(tmp_path / "ran"))}, tmp_path / EMA_FILE)
+    record_hashes(str(tmp_path), 0)  # whoever can rewrite the hash records too
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_checkpoint(str(tmp_path), TorchEngine(seed=1), ema, "c")
+    assert not (tmp_path / "ran").exists()
+
+
 # --- the driver: the newest checkpoint, and whether it may be resumed -----------------------
 def test_the_newest_checkpoint_with_a_trainer_state_is_the_one_resumed(tmp_path):
     run = tmp_path / "run"
@@ -284,102 +250,3 @@ def test_a_resume_may_change_the_world_size_only_at_an_epoch_boundary(tmp_path):
     other = Rows(n=80)
     with pytest.raises(ValueError, match="streamed other data"):
         check_resumable(str(tmp_path / "run"), Described(), other, tiny_trainer())
-
-
-# --- the stream's position in a checkpoint ---------------------------------------------------
-def test_a_fresh_run_streams_from_the_start_and_a_checkpoint_records_where_it_stands():
-    source = Rows()
-    two = StreamPlan.make(source.shards, 1, 2, 8, 16, seed=0)  # 6 steps an epoch
-    for saved in (None, {}):  # a fresh run, or a checkpoint from before stream positions
-        fresh = StreamPosition.resumed(saved, two, 7, world=2)
-        assert (fresh.origin_step, fresh.origin_epoch, fresh.stream_step(7)) == (0, 0, 7)
-    assert StreamPosition(two, 0, 0).state(8, source) == {
-        "world": 2,
-        "epoch": 1,
-        "micro_in_epoch": 2,
-        "steps_per_epoch": 6,
-        "origin_step": 0,
-        "origin_epoch": 0,
-        "source": {"shards": 5, "samples": 96},
-    }
-
-
-def test_a_world_change_starts_a_new_origin_that_later_resumes_keep():
-    source = Rows()
-    two = StreamPlan.make(source.shards, 0, 2, 8, 16, seed=0)  # 6 steps an epoch
-    one = StreamPlan.make(source.shards, 0, 1, 8, 16, seed=0)  # 12 steps an epoch
-    # 2 epochs of world 2 (micro-steps 0-11), then world 1 from micro-step 12 at epoch 2
-    moved = StreamPosition.resumed(StreamPosition(two, 0, 0).state(12, source), one, 12, world=1)
-    assert (moved.origin_step, moved.origin_epoch) == (12, 2)
-    assert moved.stream_step(15) == 2 * 12 + 3
-    later = moved.state(15, source)
-    assert (later["world"], later["epoch"], later["micro_in_epoch"]) == (1, 2, 3)
-    assert (later["origin_step"], later["origin_epoch"], later["steps_per_epoch"]) == (12, 2, 12)
-    again = StreamPosition.resumed(later, one, 15, world=1)  # same world: the origin is kept
-    assert (again.origin_step, again.origin_epoch, again.stream_step(15)) == (12, 2, 27)
-    # a world change at a later epoch boundary: the new origin is that epoch, at that step
-    back = StreamPosition.resumed(moved.state(24, source), two, 24, world=2)
-    assert (back.origin_step, back.origin_epoch, back.stream_step(25)) == (24, 3, 19)
-
-
-def test_the_stream_totals_sum_the_counts_and_keep_the_worst_rank(tmp_path, caplog):
-    import resource
-    from types import SimpleNamespace
-
-    import torch.distributed as dist
-
-    from unclip.datasets.stream import StreamStats
-
-    stats = StreamStats(errors=["shard 3: bad jpeg"], bytes_read=4096, samples=40, replaced=2)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
-    try:
-        with caplog.at_level(logging.WARNING, logger="unclip.training.engine.stream_position"):
-            totals = stream_totals(SimpleNamespace(stats=stats), torch.device("cpu"), 1.5)
-        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        quiet = stream_totals(SimpleNamespace(stats=StreamStats()), torch.device("cpu"), 0.0)
-    finally:
-        dist.destroy_process_group()
-    assert totals == {
-        "stream_samples": 40.0,
-        "stream_replaced": 2.0,
-        "stream_bytes_read_max_rank": 4096.0,
-        "first_step_s_max_rank": 1.5,
-        "peak_rss_mb_max_rank": pytest.approx(rss_mb, rel=0.05),
-    }
-    assert "stream: 2 samples replaced, e.g. ['shard 3: bad jpeg']" in caplog.text
-    assert caplog.text.count("samples replaced") == 1  # none for a stream without errors
-    assert quiet["stream_samples"] == 0.0 and quiet["peak_rss_mb_max_rank"] > 50
-
-
-# --- the EMA a checkpoint holds -----------------------------------------------------------------
-def test_ema_follows_then_averages():
-    model = torch.nn.Linear(2, 1)
-    ema = Ema(model, decay=0.5, update_after=1)
-    with torch.no_grad():
-        model.weight.fill_(1.0)
-    ema.update(model, 1)  # before update_after: a copy
-    assert torch.all(ema.shadow["weight"] == 1.0)
-    with torch.no_grad():
-        model.weight.fill_(3.0)
-    ema.update(model, 2)
-    assert torch.allclose(ema.shadow["weight"], torch.full_like(model.weight, 2.0))
-    # What a checkpoint holds and a resume loads back: host copies, not views of the average.
-    saved = ema.state_dict()
-    ema.update(model, 3)
-    assert torch.allclose(saved["weight"], torch.full_like(model.weight, 2.0))
-    ema.load_state_dict(saved)
-    assert torch.equal(ema.shadow["weight"], saved["weight"])
-
-
-def test_ema_averages_trainable_weights_in_fp32_whatever_their_dtype():
-    model = torch.nn.Linear(2, 1).to(torch.bfloat16)
-    model.bias.requires_grad_(False)  # frozen: nothing to average
-    ema = Ema(model, decay=0.75, update_after=0)
-    assert list(ema.shadow) == ["weight"] and ema.shadow["weight"].dtype == torch.float32
-    start = model.weight.detach().float().clone()
-    with torch.no_grad():
-        model.weight.fill_(1.0)
-    ema.update(model, 1)
-    torch.testing.assert_close(ema.shadow["weight"], 0.75 * start + 0.25)
-    saved = ema.state_dict()
-    assert saved["weight"].dtype == torch.float32 and saved["weight"].device.type == "cpu"
