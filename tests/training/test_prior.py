@@ -25,8 +25,8 @@ from training_helpers import make_prior_task as make_task
 
 from unclip.datasets.storage import StorageLayout
 from unclip.training.config import EvaluateConfig, PriorConfig
+from unclip.training.engine.checkpoints import TRAINER_STATE, check_resumable
 from unclip.training.engine.fit_result import FitResult
-from unclip.training.engine.trainer import TRAINER_STATE, check_resumable
 from unclip.training.evaluation.metric_names import PRIOR_METRICS_FILE
 from unclip.training.evaluation.prior_eval import evaluate_prior
 from unclip.training.models.prior import PriorTask, train_prior

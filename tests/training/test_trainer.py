@@ -14,16 +14,11 @@ from training_helpers import KilledOnce, NanAt, Regression
 
 from unclip.datasets.storage import StorageLayout
 from unclip.training.config import PriorConfig, TrainerConfig
+from unclip.training.engine.checkpoints import TRAINER_STATE
 from unclip.training.engine.fit_result import FitResult, run_name_for
 from unclip.training.engine.optimization import ds_config, warmup_cosine
 from unclip.training.engine.runlog import read_rows
-from unclip.training.engine.train_loop import Ema
-from unclip.training.engine.trainer import (
-    TRAINER_STATE,
-    check_resumable,
-    fit,
-    validate_trainer_config,
-)
+from unclip.training.engine.trainer import fit, validate_trainer_config
 
 
 # --- pure parts ---------------------------------------------------------------------------
@@ -60,34 +55,6 @@ def test_bad_trainer_configs_fail_before_any_work():
         validate_trainer_config(TrainerConfig(ema_decay=0.9, zero_stage=3))
     with pytest.raises(Exception, match=r"zero_stage\n.*0, 1, 2 or 3"):
         TrainerConfig(zero_stage=4)
-
-
-def test_ema_follows_then_averages():
-    model = torch.nn.Linear(2, 1)
-    ema = Ema(model, decay=0.5, update_after=1)
-    with torch.no_grad():
-        model.weight.fill_(1.0)
-    ema.update(model, 1)  # before update_after: a copy
-    assert torch.all(ema.shadow["weight"] == 1.0)
-    with torch.no_grad():
-        model.weight.fill_(3.0)
-    ema.update(model, 2)
-    assert torch.allclose(ema.shadow["weight"], torch.full_like(model.weight, 2.0))
-    # What a checkpoint holds and a resume loads back: host copies, not views of the average.
-    saved = ema.state_dict()
-    ema.update(model, 3)
-    assert torch.allclose(saved["weight"], torch.full_like(model.weight, 2.0))
-    ema.load_state_dict(saved)
-    assert torch.equal(ema.shadow["weight"], saved["weight"])
-
-
-def test_a_checkpoint_of_another_model_is_refused(tmp_path):
-    ckpt = tmp_path / "run" / "checkpoint_000000004"
-    ckpt.mkdir(parents=True)
-    (ckpt / TRAINER_STATE).write_text(json.dumps({"step": 4, "task": {"model": "other"}}))
-    with pytest.raises(ValueError, match="another model config"):
-        check_resumable(str(tmp_path / "run"), Regression())
-    check_resumable(str(tmp_path / "nothing-here"), Regression())
 
 
 # --- fits on Ray ------------------------------------------------------------------------------
@@ -214,33 +181,6 @@ def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(ray
     assert os.path.getsize(os.path.join(run_dir, "loss.png")) > 0
 
 
-def test_a_checkpoint_file_changed_or_planted_after_saving_is_refused(tmp_path):
-    from unclip.training.engine.checkpoint_hashes import record_hashes, verify_hashes
-
-    ckpt = tmp_path / "checkpoint_000000004"
-    (ckpt / "deepspeed").mkdir(parents=True)
-    (ckpt / "deepspeed" / "mp_rank_00_model_states.pt").write_bytes(b"weights of rank 0")
-    (ckpt / TRAINER_STATE).write_text("{}")
-    record_hashes(str(ckpt), rank=0)
-    (ckpt / "deepspeed" / "zero_pp_rank_1_optim_states.pt").write_bytes(b"state of rank 1")
-    with pytest.raises(ValueError, match="zero_pp_rank_1_optim_states.pt .* not written"):
-        verify_hashes(str(ckpt))  # rank 1's record is not there yet: its file is unlisted
-    other = tmp_path / "rank1"
-    (other / "deepspeed").mkdir(parents=True)
-    (other / "deepspeed" / "zero_pp_rank_1_optim_states.pt").write_bytes(b"state of rank 1")
-    record_hashes(str(other), rank=1)
-    (ckpt / "hashes" / "rank1.json").write_text((other / "hashes" / "rank1.json").read_text())
-    verify_hashes(str(ckpt))  # every rank's files, as Ray Train merges them
-    (ckpt / "deepspeed" / "mp_rank_00_model_states.pt").write_bytes(b"a pickle that runs code")
-    with pytest.raises(ValueError, match="mp_rank_00_model_states.pt .* changed"):
-        verify_hashes(str(ckpt))
-    (ckpt / "deepspeed" / "mp_rank_00_model_states.pt").unlink()
-    with pytest.raises(ValueError, match="missing"):
-        verify_hashes(str(ckpt))
-    with pytest.raises(ValueError, match="no hashes/ records"):
-        verify_hashes(str(other / "deepspeed"))
-
-
 def test_a_second_process_training_the_same_run_stops_naming_the_first(tmp_path):
     from unclip.datasets.lease import Lease, LeaseHeld
 
@@ -249,33 +189,3 @@ def test_a_second_process_training_the_same_run_stops_naming_the_first(tmp_path)
     with first.hold(), pytest.raises(LeaseHeld, match="training busy elsewhere"):
         fit(Regression(), tiny_trainer(), layout, "regression", "busy")
     assert not os.path.exists(layout.run_dir("regression", "busy"))
-
-
-def test_a_resume_may_change_the_world_size_only_at_an_epoch_boundary(tmp_path):
-    from unclip.datasets.stream import StreamPlan
-    from unclip.training.engine.stream_position import StreamPosition
-
-    source = Regression().data()  # 96 rows
-    two = StreamPlan.make(source.shards, 0, 2, 8, 16, seed=0)  # 6 steps an epoch
-    one = StreamPlan.make(source.shards, 0, 1, 8, 16, seed=0)  # 12 steps an epoch
-    at_boundary = StreamPosition(two, 0, 0).state(12, source)  # after 2 epochs of world 2
-    assert (at_boundary["epoch"], at_boundary["micro_in_epoch"]) == (2, 0)
-    resumed = StreamPosition.resumed(at_boundary, one, 12, world=1)
-    assert one.locate(resumed.stream_step(12)) == (2, 0, 0)  # epoch 2 from its first block
-    assert one.locate(resumed.stream_step(13)) == (2, 0, 8)
-    same = StreamPosition.resumed(StreamPosition(two, 0, 0).state(9, source), two, 9, world=2)
-    assert two.locate(same.stream_step(9)) == (1, 1, 8)  # mid-epoch, same world: exact
-    mid = StreamPosition(two, 0, 0).state(9, source)
-    with pytest.raises(ValueError, match="written by 2 workers in the middle of an epoch.*with 1"):
-        StreamPosition.resumed(mid, one, 9, world=1)
-    # the driver refuses it before any worker starts, naming the checkpoint
-    ckpt = tmp_path / "run" / "checkpoint_000000009"
-    ckpt.mkdir(parents=True)
-    state = {"step": 9, "task": Regression().describe(), "stream": mid}
-    (ckpt / TRAINER_STATE).write_text(json.dumps(state))
-    with pytest.raises(ValueError, match="checkpoint_000000009: .*2 workers.*with 1"):
-        check_resumable(str(tmp_path / "run"), Regression(), source, tiny_trainer(num_workers=1))
-    check_resumable(str(tmp_path / "run"), Regression(), source, tiny_trainer(num_workers=2))
-    other = Regression(n=80).data()
-    with pytest.raises(ValueError, match="streamed other data"):
-        check_resumable(str(tmp_path / "run"), Regression(), other, tiny_trainer())

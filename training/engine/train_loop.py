@@ -9,7 +9,6 @@ wrote it; its stream starts at the block holding ``s`` and never re-reads earlie
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -26,19 +25,17 @@ from unclip.datasets.stream import RankStream, ShardSource, StreamPlan
 
 from ..config import TrainerConfig
 from .artifacts import publish_dir
-from .checkpoint_hashes import record_hashes, verify_hashes
+from .checkpoints import load_checkpoint, write_checkpoint
+from .ema import Ema
 from .fit_result import EXPORT_DIRNAME, EXPORT_MARKER
 from .optimization import ds_config, make_optimizer, warmup_cosine
 from .progress import TrainProgress, ensure_progress_handler
 from .runlog import RunLog
 from .stream_position import StreamPosition, stream_totals
 from .trackers import Trackers
-from .trainer import TRAINER_STATE, TrainTask
+from .trainer import TrainTask
 
 log = logging.getLogger(__name__)
-
-DS_TAG = "deepspeed"  # DeepSpeed's sub-folder inside each checkpoint
-EMA_FILE = "ema.pt"
 
 
 # --- pure parts: seeds, devices ------------------------------------------------------------------
@@ -59,47 +56,6 @@ def to_device(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
     if isinstance(batch, list | tuple):
         return type(batch)(to_device(v, device, dtype) for v in batch)
     return batch
-
-
-class Ema:
-    """Exponential moving average of the trainable weights, kept in fp32 on rank 0.
-
-    Not diffusers' ``EMAModel``: its decay ramps up as (1 + s) / (10 + s) where this one is
-    constant after ``ema_update_after`` steps (the config's meaning), it keeps the average in
-    the weights' dtype (bf16 under bf16 training: updates of (1 − decay)·Δw would round away),
-    and its state is an unnamed list, so the ``ema.pt`` (name → tensor) of every existing
-    checkpoint would no longer load.
-
-    ZeRO stages 0-2 keep the full weights on every rank after each step, so rank 0 alone can
-    average them; ZeRO-3 is refused by :func:`~unclip.training.engine.trainer.validate_trainer_config`.
-    The average lives beside the weights (on their device): a per-step copy to the host would
-    sync the GPU once per parameter. :meth:`state_dict` is the host copy that checkpoints hold.
-    """
-
-    def __init__(self, module: torch.nn.Module, decay: float, update_after: int) -> None:
-        self.decay, self.update_after = decay, update_after
-        self.shadow = {
-            n: p.detach().float().clone() for n, p in module.named_parameters() if p.requires_grad
-        }
-
-    @torch.no_grad()
-    def update(self, module: torch.nn.Module, step: int) -> None:
-        # ema <- decay * ema + (1 - decay) * w; before update_after it just follows w.
-        weight = 1.0 if step <= self.update_after else 1.0 - self.decay
-        params = dict(module.named_parameters())
-        names = list(self.shadow)
-        current = [params[n].detach() for n in names]
-        if any(w.dtype != torch.float32 for w in current):
-            current = [w.float() for w in current]
-        torch._foreach_lerp_([self.shadow[n] for n in names], current, weight)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The averaged weights, fp32 on the host."""
-        return {n: v.detach().to("cpu", copy=True) for n, v in self.shadow.items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for n, v in state.items():
-            self.shadow[n].copy_(v)
 
 
 # --- the worker ----------------------------------------------------------------------------
@@ -278,18 +234,7 @@ def _resume(engine: Any, ema: Ema | None) -> tuple[int, dict[str, Any]]:
     if checkpoint is None:
         return 0, {}
     with checkpoint.as_directory() as d:
-        verify_hashes(d)  # before DeepSpeed unpickles anything
-        with open(os.path.join(d, TRAINER_STATE)) as f:
-            state = json.load(f)
-        load_path, _ = engine.load_checkpoint(d, tag=DS_TAG)
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed found no checkpoint in {checkpoint.path}")
-        if ema is not None:
-            ema_path = os.path.join(d, EMA_FILE)
-            if os.path.exists(ema_path):
-                ema.load_state_dict(torch.load(ema_path, weights_only=True))
-    log.info("resumed at step %d from %s", state["step"], checkpoint.path)
-    return int(state["step"]), state
+        return load_checkpoint(d, engine, ema, checkpoint.path)
 
 
 def _save_and_report(
@@ -300,13 +245,7 @@ def _save_and_report(
 
     tmp = tempfile.mkdtemp(prefix=f"unclip-ckpt-{step}-")
     try:
-        engine.save_checkpoint(tmp, tag=DS_TAG)
-        if rank == 0:
-            with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
-                json.dump({**ident, "step": step, "ema": ema is not None}, f, indent=2)
-            if ema is not None:
-                torch.save(ema.state_dict(), os.path.join(tmp, EMA_FILE))
-        record_hashes(tmp, rank)
+        write_checkpoint(tmp, engine, ema, step, rank, ident)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),

@@ -8,7 +8,6 @@ finished run, the Ray Train configuration and the result.
 
 from __future__ import annotations
 
-import json
 import logging
 from abc import ABC, abstractmethod
 from typing import Any
@@ -20,16 +19,15 @@ from unclip.datasets.lease import Lease
 from unclip.datasets.progress_records import bars_drawn
 from unclip.datasets.ray_runtime import ensure_started
 from unclip.datasets.storage import StorageLayout
-from unclip.datasets.stream import Columns, ShardSource, check_world_change
+from unclip.datasets.stream import Columns, ShardSource
 
 from ..config import TrainerConfig
+from .checkpoints import check_resumable
 from .fit_result import EXPORT_DIRNAME, FitResult, completed_fit, finished_run
 from .progress import ProgressRelay
 from .trackers import check_trackers
 
 log = logging.getLogger(__name__)
-
-TRAINER_STATE = "trainer_state.json"  # rank 0's file in every checkpoint
 
 
 class TrainTask(ABC):
@@ -173,56 +171,6 @@ def validate_trainer_config(cfg: TrainerConfig) -> None:
         raise ValueError(
             "trainer.ema_decay: EMA weights need zero_stage <= 2 (ZeRO-3 shards the weights)"
         )
-
-
-def latest_checkpoint_state(run_dir: str) -> tuple[str, dict[str, Any]] | None:
-    """(path, trainer state) of the newest checkpoint under ``run_dir``, or None."""
-    fs, root = url_to_fs(run_dir)
-    if not fs.exists(root):
-        return None
-    found = []
-    for path in fs.ls(root, detail=False):
-        name = path.rstrip("/").rsplit("/", 1)[-1]
-        if name.startswith("checkpoint_") and fs.exists(f"{path}/{TRAINER_STATE}"):
-            found.append(path)
-    if not found:
-        return None
-    path = max(found)  # checkpoint_{step:09d}: the name orders them
-    with fs.open(f"{path}/{TRAINER_STATE}", "r") as f:
-        return path, json.load(f)
-
-
-def check_resumable(
-    run_dir: str,
-    task: TrainTask,
-    source: ShardSource | None = None,
-    cfg: TrainerConfig | None = None,
-) -> None:
-    """Refuse to resume a checkpoint of another model, other data, or a half-read epoch's world."""
-    latest = latest_checkpoint_state(run_dir)
-    if latest is None:
-        return
-    path, state = latest
-    want = json.loads(json.dumps(task.describe(), sort_keys=True, default=str))
-    if state.get("task") != want:
-        raise ValueError(
-            f"checkpoint {path} was written for another model config or data set "
-            f"({state.get('task')!r}, now {want!r}); use another run name or delete {run_dir}"
-        )
-    stream = state.get("stream")
-    if stream is None or source is None:
-        return
-    now = json.loads(json.dumps(source.identity(), sort_keys=True, default=str))
-    if stream.get("source") != now:
-        raise ValueError(
-            f"checkpoint {path} streamed other data ({stream.get('source')!r}, now {now!r}); "
-            f"use another run name or delete {run_dir}"
-        )
-    if cfg is not None:
-        try:
-            check_world_change(int(stream["world"]), cfg.num_workers, int(stream["micro_in_epoch"]))
-        except ValueError as e:
-            raise ValueError(f"checkpoint {path}: {e}") from None
 
 
 def ray_storage(runs_dir: str) -> tuple[str, Any]:
