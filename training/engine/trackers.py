@@ -77,7 +77,7 @@ def local_file(path: str, folder: str) -> str:
 
 
 def tagged(row: dict[str, Any]) -> dict[str, float]:
-    """:func:`scalars` under the names every tracker shows: a row's own group, else ``train/``."""
+    """:func:`numeric_entries` under the names every tracker shows: a row's own group, else ``train/``."""
     return {(k if "/" in k else f"train/{k}"): v for k, v in numeric_entries(row).items()}
 
 
@@ -152,7 +152,9 @@ class MlflowTracker:
             if isinstance(fs, LocalFileSystem):  # MLflow 3 keeps its file store for reads only
                 mlflow.set_tracking_uri(f"sqlite:///{path}/mlflow.db")
                 # An SQLite store's default experiment keeps artifacts in ./mlruns of whatever
-                # folder the process runs in; this one keeps them in the run folder.
+                # folder the process runs in; this one keeps them in the run folder. (A run
+                # resumed from a checkpoint that an older unclip logged to the default
+                # experiment starts a new MLflow run here.)
                 _use_experiment(mlflow, "unclip", os.path.join(path, MLFLOW_ARTIFACTS))
         self.mlflow = mlflow
         # a resumed run (or its evaluation) continues the MLflow run of the same name
