@@ -13,7 +13,7 @@ from unclip.datasets.clip import load_clip
 from unclip.datasets.config import ManifestConfig
 from unclip.datasets.embed import embed_shard
 from unclip.datasets.embedding_file import vector_array, vectors_to_numpy
-from unclip.datasets.manifest import assemble_manifest, latest_manifest
+from unclip.datasets.manifest import _Moments, assemble_manifest, latest_manifest
 from unclip.datasets.readers import load_embedding_stats, load_embeddings, load_image_pairs
 
 
@@ -31,6 +31,8 @@ def test_version_is_stable_and_files_written_once(shapes_store):
             and Path(layout.join(s["embeddings"])).is_file()
         )
         assert len(s["sha256"]) == 64
+        # what an unfiltered shard entry holds is hashed into the version: no more, no less
+        assert set(s) == {"source", "shard", "images", "embeddings", "count", "sha256"}
     path = Path(layout.manifest(m["version"]))
     pointer = Path(layout.latest_manifest_pointer())
     mtime, data = path.stat().st_mtime_ns, path.read_bytes()
@@ -259,3 +261,20 @@ def test_the_filter_threshold_is_the_kth_largest_score_and_may_be_negative():
     assert _threshold(entries, ManifestConfig(clip_score_min=-0.5)) == pytest.approx(-0.5)
     assert _threshold(entries, ManifestConfig(clip_score_min=-1.0)) is None
     assert _threshold(entries, ManifestConfig()) is None
+
+
+def test_moments_give_the_mean_and_std_of_every_row_added_even_one():
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(7, 3)).astype(np.float32)
+    one = _Moments()
+    one.add(rows[:1])
+    mean, std = one.mean_std()
+    np.testing.assert_allclose(mean, rows[0], rtol=1e-6)
+    np.testing.assert_allclose(std, 0.0, atol=1e-6)
+    parts = _Moments()
+    for chunk in (rows[:2], rows[2:3], rows[3:]):
+        parts.add(chunk)
+    mean, std = parts.mean_std()
+    assert mean.dtype == std.dtype == np.float32
+    np.testing.assert_allclose(mean, rows.astype(np.float64).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(std, rows.astype(np.float64).std(0), rtol=1e-5)
