@@ -54,8 +54,10 @@ from unclip.training.models.run_names import finished_manifest_run
 
 GROUP = "unclip"
 SOURCES = dg.DynamicPartitionsDefinition(name="sources")
+# Every asset is in one group; its docstring is its description in the UI.
+stage_asset = functools.partial(dg.asset, group_name=GROUP)
 # The assets of one source (URL list), one partition each.
-source_asset = functools.partial(dg.asset, group_name=GROUP, partitions_def=SOURCES)
+source_asset = functools.partial(stage_asset, partitions_def=SOURCES)
 
 
 def _output(
@@ -79,13 +81,11 @@ class IngestRun(dg.Config):
     )
 
 
-@source_asset(
-    code_version="2",
-    description="One URL list (one source), checked as ingest will read it.",
-)
+@source_asset(code_version="2")
 def url_lists(
     context: AssetExecutionContext, unclip: UnclipConfigResource, storage: StorageResource
 ) -> dg.Output[SourceList]:
+    """One URL list (one source), checked as ingest will read it."""
     cfg = storage.config(unclip)
     sources.write_synthetic_list(cfg)  # the synthetic list, when its partition runs first
     path = sources.url_list_of(cfg, context.partition_key)
@@ -95,10 +95,7 @@ def url_lists(
     return _output(SourceList(context.partition_key, path, checked.rows), context.partition_key)
 
 
-@source_asset(
-    code_version="2",
-    description="Webdataset image shards of one source, downloaded by img2dataset in Ray tasks.",
-)
+@source_asset(code_version="2")
 def image_shards(
     context: AssetExecutionContext,
     url_lists: SourceList,
@@ -107,6 +104,7 @@ def image_shards(
     storage: StorageResource,
     ray: RayResource,  # Ray starts inside ingest, only when shards are missing
 ) -> dg.Output[IngestSummary]:
+    """Webdataset image shards of one source, downloaded by img2dataset in Ray tasks."""
     cfg, sid, path = storage.config(unclip), context.partition_key, url_lists.url_list
     ingest_cfg = sources.ingest_config_of(cfg, sid, path)  # the source's own columns and filters
     results = []
@@ -122,16 +120,12 @@ def image_shards(
     return _output(IngestSummary.of(sid, results))
 
 
-@dg.asset(
-    group_name=GROUP,
-    deps=[image_shards],
-    code_version="2",
-    description="The CLIP that embeds the data: pretrained, or the bootstrap one, trained once "
-    "on the sources ingested first and then pinned (runs/clip/latest.json).",
-)
+@stage_asset(deps=[image_shards], code_version="2")
 def clip_model(
     unclip: UnclipConfigResource, storage: StorageResource, ray: RayResource
 ) -> dg.Output[EmbeddingClip]:
+    """The CLIP that embeds the data: pretrained, or the bootstrap one, trained once on the
+    sources ingested first and then pinned (runs/clip/latest.json)."""
     cfg, layout = storage.config(unclip), storage.layout
     clip = embedding_clip(
         layout,
@@ -145,11 +139,7 @@ def clip_model(
     return _output(clip, clip.clip_id)
 
 
-@source_asset(
-    deps=[image_shards],
-    code_version="2",
-    description="CLIP image and text embeddings of one source, one Parquet per image shard.",
-)
+@source_asset(deps=[image_shards], code_version="2")
 def embeddings(
     context: AssetExecutionContext,
     clip_model: EmbeddingClip,
@@ -157,6 +147,7 @@ def embeddings(
     storage: StorageResource,
     ray: RayResource,
 ) -> dg.Output[EmbedSummary]:
+    """CLIP image and text embeddings of one source, one Parquet per image shard."""
     cfg, sid = storage.config(unclip), context.partition_key
     r = embedded_source(storage.layout, sid, clip_model.clip_id)
     if r is None:  # open_clip and torch load only when there are shards to embed
@@ -166,16 +157,12 @@ def embeddings(
     return _output(EmbedSummary(sid, r.clip_id, r.shards_written, r.shards_skipped))
 
 
-@dg.asset(
-    group_name=GROUP,
-    deps=[embeddings, curated_embeddings],
-    code_version="3",
-    description="Dataset manifest over every source (version = content hash), the filter recipe "
-    "and semantic dedup's removal lists applied, and statistics.",
-)
+@stage_asset(deps=[embeddings, curated_embeddings], code_version="3")
 def dataset_manifest(
     clip_model: EmbeddingClip, unclip: UnclipConfigResource, storage: StorageResource
 ) -> dg.Output[DatasetVersion]:
+    """Dataset manifest over every source (version = content hash), the filter recipe and
+    semantic dedup's removal lists applied, and statistics."""
     cfg = storage.config(unclip)
     ids = list(sources.source_lists(cfg))
     m = manifest.assemble_manifest(storage.layout, clip_model.clip_id, ids, cfg=cfg.manifest)
@@ -193,9 +180,8 @@ def _training_asset(
     the model (the upsampler is optional).
     """
 
-    @dg.asset(
+    @stage_asset(
         name=model,
-        group_name=GROUP,
         deps=deps,
         code_version=code_version,
         description=f"{what} trained with Ray Train + DeepSpeed (resumes; skips when done).",
@@ -237,11 +223,7 @@ upsampler = _training_asset(
 )
 
 
-@dg.asset(
-    group_name=GROUP,
-    code_version="2",
-    description="Prior metrics, cascade metrics, samples and report under eval/{run}/.",
-)
+@stage_asset(code_version="2")
 def evaluation(
     dataset_manifest: DatasetVersion,
     clip_model: EmbeddingClip,
@@ -252,6 +234,7 @@ def evaluation(
     storage: StorageResource,
     ray: RayResource,
 ) -> dg.Output[CascadeEvaluation]:
+    """Prior metrics, cascade metrics, samples and report under eval/{run}/."""
     cfg = storage.config(unclip)
     palette = synthetic.color_palette(cfg.synthetic) if cfg.synthetic is not None else None
     result = evaluate_trained_cascade(
@@ -266,18 +249,14 @@ def evaluation(
     return _output(result, metadata=evaluation_metadata(result))
 
 
-@dg.asset(
-    group_name=GROUP,
-    deps=[evaluation],
-    code_version="1",
-    description="Promotion gate: registry/{model}.json moves only when the evaluation wins.",
-)
+@stage_asset(deps=[evaluation], code_version="1")
 def promotion(
     context: AssetExecutionContext,
     unclip: UnclipConfigResource,
     storage: StorageResource,
     ray: RayResource,
 ) -> dg.Output[list[PromotionOutcome]]:
+    """Promotion gate: registry/{model}.json moves only when the evaluation wins."""
     cfg = storage.config(unclip)
     outcomes = []
     for model in cfg.promotion.models:

@@ -20,16 +20,12 @@ from unclip.training.models.clip_pin import EmbeddingClip
 GROUP = "unclip"
 
 
-@dg.asset(
-    group_name=GROUP,
-    deps=[dg.AssetKey("embeddings")],
-    code_version="1",
-    description="Semantic dedup of the image embeddings against frozen k-means centroids: "
-    "removal lists per shard under curation/ (a no-op unless manifest.semantic_dedup).",
-)
+@dg.asset(group_name=GROUP, deps=[dg.AssetKey("embeddings")], code_version="1")
 def curated_embeddings(
     clip_model: EmbeddingClip, unclip: UnclipConfigResource, storage: StorageResource
 ) -> dg.Output[Optional[CurationResult]]:  # noqa: UP045 (Dagster reads the annotation)
+    """Semantic dedup of the image embeddings against frozen k-means centroids: removal lists
+    per shard under curation/ (a no-op unless manifest.semantic_dedup)."""
     cfg = storage.config(unclip)
     if not cfg.manifest.semantic_dedup:
         return dg.Output(None, metadata={"semantic_dedup": False})

@@ -63,6 +63,17 @@ def test_code_versions_are_set_on_every_asset(tmp_path):
         assert graph.get(key).code_version, key
 
 
+def test_every_asset_shows_a_description_and_the_group_in_the_ui(tmp_path):
+    defs = build_definitions(str(_config(tmp_path)))
+    graph = defs.resolve_asset_graph()
+    described = {k.to_user_string(): graph.get(k).description for k in graph.get_all_asset_keys()}
+    assert set(described) == set(ASSETS_IN_ORDER)
+    assert all(d and len(d) > 40 for d in described.values()), described
+    assert "img2dataset" in described["image_shards"]  # the asset's docstring
+    assert "Diffusion prior trained" in described["prior"]
+    assert {graph.get(k).group_name for k in graph.get_all_asset_keys()} == {"unclip"}
+
+
 def test_module_definitions_load_from_unclip_config(tmp_path, monkeypatch):
     monkeypatch.setenv("UNCLIP_CONFIG", str(_config(tmp_path)))
     from unclip.pipelines import definitions
