@@ -39,7 +39,8 @@ def _laion_parts(folder: Path, base_url: str) -> None:
 
 
 def _config(tmp_path: Path) -> Path:
-    tiny = {**TINY_TRAINER, "max_steps": 4, "checkpoint_every": 4, "batch_size": 4}
+    # batch 2 per worker: the 2 workers need 4 training pairs of the 18 kept (see the split below)
+    tiny = {**TINY_TRAINER, "max_steps": 4, "checkpoint_every": 4, "batch_size": 2}
     raw = {
         "name": "laion-shaped",
         "storage": str(tmp_path / "store"),
@@ -74,8 +75,11 @@ def _config(tmp_path: Path) -> Path:
             "trainer": tiny,
         },
         "evaluate": {
-            # the split hashes keys under a source id made from the (temporary) path: with 18
-            # kept rows, 0.4 leaves no hold-out pair with probability 0.6^18 ≈ 1e-4 (0.25: 0.6 %)
+            # the split hashes keys under a source id made from the URLs (the server's port
+            # differs per run): of 18 kept rows, 0.4 leaves no hold-out pair with probability
+            # 0.6^18 ≈ 1e-4 (0.25: 0.6 %), and fewer than the 4 training pairs the trainers need
+            # with probability P(≥ 15 held out) ≈ 2e-4 (a batch of 4 per worker needs 8 pairs:
+            # P(≥ 11 held out) ≈ 6 %, a failure seen once)
             "holdout_fraction": 0.4,
             "samples_per_caption": 1,
             "num_eval_samples": 4,
