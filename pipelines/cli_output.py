@@ -218,7 +218,7 @@ def print_outputs(cfg: PipelineConfig, outputs: dict[str, Any]) -> None:
     clip = outputs.get("clip_model")
     if clip is not None and clip.run:
         t.add_row("clip_model export", clip.checkpoint)
-    for model in ("prior", "decoder"):
+    for model in ("prior", "decoder", "upsampler"):
         if outputs.get(model) is not None:
             t.add_row(f"{model} export", outputs[model].export_dir)
     e = outputs.get("evaluation")

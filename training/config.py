@@ -279,6 +279,13 @@ class UpsamplerConfig(PixelDiffusionObjective):
     crop_size: int | None = Field(
         None, description="Train on random crops of this many high-res pixels (None: whole images)."
     )
+    residual: bool = Field(
+        False,
+        description="Diffuse the residual x_hi − bilinear(x_lo) rather than x_hi (SRDiff, Li et al. "
+        "2022); sampling adds the bilinear image back, so a short run starts from bilinear "
+        "upsampling instead of from noise.",
+        json_schema_extra=IDENTITY_UNLESS_DEFAULT,  # runs from before the option keep their names
+    )
     sample_noise_aug: float = setting(
         0.05,
         ge=0,

@@ -165,6 +165,8 @@ def test_evaluate_cascade_pools_workers_and_writes_metrics_and_report(
     assert saved["num_samples"] == 6 and saved["num_workers"] == 2 and saved["image_size"] == 16
     assert saved["data_version"] == embedded_store.version
     assert saved["holdout_fraction"] == HOLDOUT
+    # no upsampler: no bilinear baseline and no goal against it
+    assert saved["fd_clip_bilinear"] is None and "fd_clip_vs_bilinear" not in saved["goals"]
     # Every metric a promotion gate may name is one the evaluation writes.
     assert set(CASCADE_GATE_METRICS) <= set(saved)
     assert saved["goals"]["fd_clip_ratio"]["value"] == pytest.approx(
@@ -272,3 +274,63 @@ def test_the_cascade_compares_with_the_holdout_images_only(embedded_store):
     assert held.captions == [pairs.captions[i % len(pairs.captions)] for i in range(7)]
     train = readers.load_image_pairs(layout, embedded_store.manifest, "train", HOLDOUT)
     assert len(held.real_images) < len(train.images)
+
+
+def test_with_an_upsampler_its_images_are_scored_against_bilinear_upsampling(
+    ray_local, exports, embedded_store, tmp_path
+):
+    """The upsampled cascade's images are the pipeline's own, and the decoder's images under
+    them, upsampled bilinearly, are the baseline the upsampler is judged against."""
+    from unclip.datasets.clip import encode_images, load_clip
+    from unclip.training.config import UpsamplerConfig
+    from unclip.training.evaluation.cascade_generation import generate_chunk
+    from unclip.training.models.upsampler import UpsamplerTask
+    from unclip.training.sampling import load_pipeline
+
+    clip_dir, prior_dir, decoder_dir = exports
+    up_cfg = UpsamplerConfig(
+        input_size=16, output_size=32, block_out_channels=[16, 32], timesteps=100, sample_steps=2
+    )
+    torch.manual_seed(0)
+    task = UpsamplerTask(
+        layout=embedded_store.layout,
+        manifest_version=embedded_store.version,
+        cfg=up_cfg,
+        holdout_fraction=HOLDOUT,
+        dim=TINY_CLIP.embed_dim,
+        clip_id=load_clip(TINY_CLIP, clip_dir).clip_id,
+    )
+    up_dir = str(tmp_path / "upsampler")
+    task.export(task.build_model(), up_dir)
+    captions = ["a red circle", "a blue square", "a green triangle"]
+    chunk = generate_chunk(
+        captions, 3, TINY_CLIP, clip_dir, prior_dir, decoder_dir, 2, 1.0,
+        {"upsampler_exports": [up_dir]}, None,
+    )  # fmt: skip
+    pipe = load_pipeline(decoder_dir, TINY_CLIP, clip_dir, prior_dir, [up_dir])
+    options = {"decoder_num_inference_steps": 2, "decoder_guidance_scale": 1.0, "seed": 3}
+    whole = pipe(captions, output_type="np", **options).images
+    assert chunk["images"].shape == (3, 32, 32, 3)
+    np.testing.assert_array_equal(chunk["images"], whole)
+    base = pipe(captions, output_type="np", upsample=False, **options).images
+    assert base.shape == (3, 16, 16, 3)
+    assert chunk["clip_bilinear"].shape == chunk["clip"].shape
+    bilinear = Image.fromarray(base[0]).resize((32, 32), Image.Resampling.BILINEAR)
+    bundle = load_clip(TINY_CLIP, clip_dir)
+    # the baseline is the decoder's image upsampled, not the upsampler's output
+    assert np.abs(chunk["clip_bilinear"][0] - encode_images(bundle, [bilinear])[0]).max() < 0.05
+    assert np.abs(chunk["clip_bilinear"] - chunk["clip"]).max() > 0.05
+
+    prior_fit, decoder_fit = _fits(exports, tmp_path, "decoder-eval-upsampled")
+    cfg = EvaluateConfig(
+        holdout_fraction=HOLDOUT, num_eval_samples=4, eval_steps=2, eval_workers=2, eval_seed=1
+    )
+    stages = {"upsampler_exports": [up_dir]}
+    runs = CascadeRuns(prior_fit, decoder_fit, TINY_DECODER, TINY_CLIP, clip_dir, stages)
+    m = evaluate_cascade(embedded_store.layout, embedded_store.version, runs, cfg)
+    assert m["image_size"] == 32
+    assert isinstance(m["fd_clip_bilinear"], float) and m["fd_clip_bilinear"] != m["fd_clip"]
+    goal = m["goals"]["fd_clip_vs_bilinear"]
+    assert goal["value"] == pytest.approx(m["fd_clip"] / m["fd_clip_bilinear"])
+    assert goal["met"] == (m["fd_clip"] <= m["fd_clip_bilinear"])
+    assert "fd_clip_bilinear" in m["protocols"]

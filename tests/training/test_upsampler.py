@@ -25,6 +25,7 @@ from unclip.training.models.upsampler import (
     load_upsampler,
     random_crop,
     train_upsampler,
+    upsample,
     upsampler_prediction,
 )
 from unclip.training.sampling import check_cascade
@@ -129,6 +130,29 @@ def test_export_load_and_sample(tmp_path):
     assert np.array_equal(out, sampler.sample(low, steps=2, seed=3))
     with pytest.raises(ValueError, match="uint8 \\[N, 8, 8, 3\\]"):
         sampler.sample(np.zeros((1, 16, 16, 3), np.uint8))
+
+
+def test_a_residual_stage_learns_and_adds_back_what_bilinear_upsampling_misses(tmp_path):
+    """With ``residual``, the target is the image minus its bilinear conditioning, and sampling
+    adds the bilinear image back: a stage that predicts x_0 = 0 returns bilinear upsampling."""
+    cfg = TINY.model_copy(update={"prediction_type": "sample", "noise_aug_max": 0.0})
+    flat = np.broadcast_to(np.array([200, 40, 90], np.uint8), (2, 16, 16, 3)).copy()
+    zero = build_upsampler(cfg)
+    for p in zero.conv_out.parameters():
+        torch.nn.init.zeros_(p)  # predicts x_0 = 0 everywhere
+    plain, residual = make_task(cfg), make_task(cfg.model_copy(update={"residual": True}))
+    batch = plain.batch({"image": flat})
+    # a flat image is its own bilinear upsampling: nothing is left for a residual stage to learn
+    assert residual.loss(zero, batch)[0].item() == pytest.approx(0.0, abs=1e-10)
+    assert plain.loss(zero, batch)[0].item() > 0.05
+    low = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    bilinear = upsample(torch.from_numpy(low).permute(0, 3, 1, 2).float() / 127.5 - 1, 16)
+    bilinear = ((bilinear.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()
+    for task, expected in ((residual, bilinear), (plain, np.full_like(bilinear, 128))):
+        out_dir = tmp_path / str(task.cfg.residual)
+        task.export(zero, str(out_dir))
+        out = load_upsampler(str(out_dir)).sample(low, steps=2, seed=0, noise_aug=0.0)
+        assert np.abs(out.astype(float) - expected).max() <= 1.0
 
 
 def test_cascade_refuses_an_upsampler_of_another_input_size(tmp_path):

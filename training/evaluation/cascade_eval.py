@@ -228,6 +228,12 @@ def cascade_metrics(
         "attribute_accuracy": im.attribute_accuracy(matches) if matches else None,
         "fd_clip": im.pooled_fd([r["clip"] for r in trained], real_feats),
         "fd_clip_untrained": im.pooled_fd([r["clip"] for r in baseline], real_feats),
+        # the decoder's images upsampled bilinearly: what an upsampler has to beat
+        "fd_clip_bilinear": (
+            im.pooled_fd([r["clip_bilinear"] for r in trained], real_feats)
+            if "clip_bilinear" in trained[0]
+            else None
+        ),
         "clip_score": float(im.clip_scores(gen_feats, gen_text).mean()),
         "clip_score_real": float(im.clip_scores(real_feats, real_text).mean()),
         **inception_scores(inception, real, trained, baseline),
@@ -280,6 +286,10 @@ def protocols(
         },
     }
     out["fd_clip_untrained"] = out["fd_clip"]
+    out["fd_clip_bilinear"] = {
+        **out["fd_clip"],
+        "images": "the decoder's own images before the upsampler, upsampled bilinearly instead",
+    }
     if inception is not None:
         fid = {**inception.protocol(num_generated, num_real), "real_images": real_resize}
         kid = {**fid, "formula": "unbiased MMD², kernel (x·y/2048 + 1)³, whole sets up to 1000"}
@@ -298,7 +308,7 @@ def goals(m: dict[str, Any]) -> dict[str, Any]:
     fd_ratio = m["fd_clip"] / m["fd_clip_untrained"] if m["fd_clip_untrained"] else None
     clip_ratio = m["clip_score"] / m["clip_score_real"] if m["clip_score_real"] else None
     acc = m["attribute_accuracy"]
-    return {
+    out: dict[str, Any] = {
         "attribute_accuracy": {
             "value": acc,
             "target": f">= {GOAL_ATTRIBUTE_ACCURACY}",
@@ -315,3 +325,11 @@ def goals(m: dict[str, Any]) -> dict[str, Any]:
             "met": None if clip_ratio is None else clip_ratio >= GOAL_CLIP_SCORE_RATIO,
         },
     }
+    if m.get("fd_clip_bilinear") is not None:  # a cascade with an upsampler
+        ratio = m["fd_clip"] / m["fd_clip_bilinear"] if m["fd_clip_bilinear"] else None
+        out["fd_clip_vs_bilinear"] = {
+            "value": ratio,
+            "target": "<= 1 (the upsampler at least as good as bilinear upsampling)",
+            "met": None if ratio is None else ratio <= 1.0,
+        }
+    return out

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from unclip.datasets.clip import encode_images
 from unclip.datasets.config import ClipConfig
@@ -19,7 +20,8 @@ from unclip.datasets.storage import StorageLayout, exists, read_json
 from ..config import DecoderConfig
 from ..engine.artifacts import publish_dir
 from ..inference.device import resolve_device
-from ..models.decoder import INFO_FILE, DecoderTask
+from ..models.decoder import INFO_FILE, DecoderTask, to_uint8, to_unit_range
+from ..models.upsampler import upsample
 from ..sampling import load_pipeline
 from .inception_metrics import load_fid_inception
 
@@ -41,7 +43,11 @@ def generate_chunk(
     inception_checkpoint: str | None,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """One worker's share: images, their CLIP image features, their FID Inception features."""
+    """One worker's share: images, their CLIP image features, their FID Inception features.
+
+    With an upsampler, also the CLIP features of the decoder's own images upsampled bilinearly
+    (``clip_bilinear``): the baseline the upsampler has to beat, on the same images it starts from.
+    """
     pipe = load_pipeline(
         decoder_export,
         clip_cfg,
@@ -50,21 +56,33 @@ def generate_chunk(
         cascade.get("upsampler_exports", ()),
         device=device,
     )
-    images = pipe(
-        captions,
-        decoder_num_inference_steps=steps,
-        decoder_guidance_scale=guidance,
-        super_res_num_inference_steps=cascade.get("upsampler_steps"),
-        seed=seed,
-    ).images
-    arr = np.stack([np.asarray(x.convert("RGB")) for x in images])
-    return {
+    options = {
+        "decoder_num_inference_steps": steps,
+        "decoder_guidance_scale": guidance,
+        "seed": seed,
+        "output_type": "np",
+    }
+    upsampler = pipe.upsampler_sampler()
+    bilinear = None
+    if upsampler is None:
+        arr = pipe(captions, **options).images
+    else:
+        # the pipeline's own two stages (one batch, one seed): the images pipe(captions) gives
+        base = pipe(captions, upsample=False, **options).images
+        arr = upsampler.sample(base, steps=cascade.get("upsampler_steps"), seed=seed)
+        bilinear = to_uint8(upsample(to_unit_range(base), arr.shape[1]))
+    out = {
         "images": arr,
-        "clip": encode_images(pipe.clip_bundle(), images),
+        "clip": encode_images(pipe.clip_bundle(), [Image.fromarray(x) for x in arr]),
         "inception": (
             load_fid_inception(inception_checkpoint).features(arr) if inception_checkpoint else None
         ),
     }
+    if bilinear is not None:
+        out["clip_bilinear"] = encode_images(
+            pipe.clip_bundle(), [Image.fromarray(x) for x in bilinear]
+        )
+    return out
 
 
 def split(items: list[str], parts: int) -> list[tuple[int, list[str]]]:

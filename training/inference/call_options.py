@@ -41,11 +41,13 @@ class DecodeOptions(TypedDict, total=False):
     """The keyword arguments every ``UnclipPipeline`` entry point takes: the decoder's and the
     upsampler's steps and the decoder's guidance scale (each None: the export's), the noise
     (``seed``, else one drawn from ``generator``, else 0), and the output (``"pil"`` images or a
-    uint8 ``"np"`` array; ``return_dict`` False: a tuple)."""
+    uint8 ``"np"`` array; ``return_dict`` False: a tuple). ``upsample`` False stops at the
+    decoder's resolution: the images the upsampler would start from."""
 
     decoder_num_inference_steps: int | None
     decoder_guidance_scale: float | None
     super_res_num_inference_steps: int | None
+    upsample: bool
     generator: torch.Generator | None
     seed: int | None
     output_type: str
@@ -59,6 +61,7 @@ class DecodeCall:
     steps: int | None
     guidance: float | None
     upsampler_steps: int | None
+    upsample: bool
     seed: int
     output_type: str
     return_dict: bool
@@ -76,6 +79,7 @@ class DecodeCall:
             steps=options.get("decoder_num_inference_steps"),
             guidance=options.get("decoder_guidance_scale"),
             upsampler_steps=options.get("super_res_num_inference_steps"),
+            upsample=bool(options.get("upsample", True)),
             seed=resolve_seed(options.get("seed"), options.get("generator")),
             output_type=output_type,
             return_dict=options.get("return_dict", True),

@@ -312,7 +312,8 @@ class UnclipPipeline(DiffusionPipeline):
         captions: Sequence[str] | None = None,
     ) -> np.ndarray:
         """Image embeddings [N, D] (or, for a decoder of caption tokens, ``captions``) → uint8
-        images, stage after stage (decoder, then the upsampler), every stage's noise from ``seed``."""
+        images, stage after stage (decoder, then the upsampler unless ``call.upsample`` is
+        False), every stage's noise from ``seed``."""
         decoder = self.decoder_sampler()
         if decoder.text_tokens:
             decoder.use_clip(self.clip_bundle())
@@ -324,7 +325,7 @@ class UnclipPipeline(DiffusionPipeline):
             text_emb=text_emb,
             captions=captions,
         )
-        upsampler = self.upsampler_sampler()
+        upsampler = self.upsampler_sampler() if call.upsample else None
         if upsampler is not None:
             pixels = upsampler.sample(pixels, steps=call.upsampler_steps, seed=seed)
         return pixels

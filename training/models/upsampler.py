@@ -14,6 +14,10 @@ conditioning is degraded so the stage learns to fix what the stage before it get
 
 and the loss is the ε-prediction MSE (Ho et al. 2020, eq. 14) of the noised x_hi given c_s. When
 sampling, the conditioning gets a fixed, small augmentation level ``sample_noise_aug``.
+
+With ``residual``, the target is r = x_hi − c (c before noise augmentation), as in SRDiff (Li et
+al. 2022), and sampling returns c + r̂: the stage only adds what bilinear upsampling misses, so a
+barely trained one is close to bilinear rather than to noise.
 The model is fully convolutional (no attention), so it trains on crops and samples whole images.
 """
 
@@ -183,17 +187,19 @@ class UpsamplerTask(PixelDiffusionTask):
             hi, cond = random_crop(hi, cond, cfg.crop_size, step)
         top = aug_timestep(cfg.noise_aug_max, cfg.timesteps)
         level = torch.randint(0, top + 1, (hi.shape[0],), dtype=torch.long)
+        target = hi - cond if cfg.residual else hi
         cond = augment(sched, cond, level)
         # L_simple = ‖ε − ε_θ(x_t, t, c_s, s)‖²  (Ho et al. 2020, eq. 14), or against x_0 or v
-        x_t, noise, t = noised(sched, hi)
+        x_t, noise, t = noised(sched, target)
         pred = upsampler_prediction(model, x_t, t, cond, level)
-        return diffusion_mse(sched, pred, hi, noise, t, cfg.snr_gamma), {}
+        return diffusion_mse(sched, pred, target, noise, t, cfg.snr_gamma), {}
 
     def export_info(self) -> dict[str, Any]:
         return {
             "input_size": self.cfg.input_size,
             "output_size": self.cfg.output_size,
             "sample_noise_aug": self.cfg.sample_noise_aug,
+            "residual": self.cfg.residual,
         }
 
 
@@ -208,6 +214,7 @@ class UpsamplerSampler(ExportedDiffusion):
     MODEL_CLASS = UNet2DModel
     input_size = InfoValue(int)
     output_size = InfoValue(int)
+    residual = InfoValue(bool, False)  # exports from before the option: the whole image
 
     @torch.no_grad()
     def sample(
@@ -230,11 +237,11 @@ class UpsamplerSampler(ExportedDiffusion):
         frac = float(noise_aug if noise_aug is not None else self.info.get("sample_noise_aug", 0.0))
         timesteps = int(self.scheduler_config["num_train_timesteps"])
         level = torch.full((len(low_res),), aug_timestep(frac, timesteps), dtype=torch.long)
-        cond = upsample(to_unit_range(low_res), self.output_size)
+        bilinear = upsample(to_unit_range(low_res), self.output_size)
         # c_s with the sampling level s; its noise comes from the seed too (reproducible).
         g = torch.Generator("cpu").manual_seed(int(seed) + 1)
-        eps = torch.randn(cond.shape, generator=g)
-        cond = DDPMScheduler.from_config(self.scheduler_config).add_noise(cond, eps, level)
+        eps = torch.randn(bilinear.shape, generator=g)
+        cond = DDPMScheduler.from_config(self.scheduler_config).add_noise(bilinear, eps, level)
         cond, level = cond.to(self.device, self.dtype), level.to(self.device)
         x = sample_loop(
             lambda x, t, c: upsampler_prediction(self.model, x, t, c, level),
@@ -246,6 +253,8 @@ class UpsamplerSampler(ExportedDiffusion):
             seed,
             sampler,
         )
+        if self.residual:
+            x = bilinear.to(x.device, x.dtype) + x
         return to_uint8(x)
 
 
