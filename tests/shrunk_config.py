@@ -31,6 +31,14 @@ SHRINK = {
         "sample_steps": 5,
         "trainer": {**TINY_TRAINER, "max_steps": 12, "zero_stage": 2},
     },
+    "upsampler": {
+        "input_size": 16,
+        "output_size": 32,
+        "block_out_channels": [16, 32],
+        "crop_size": 16,
+        "sample_steps": 2,
+        "trainer": {**TINY_TRAINER, "max_steps": 6},
+    },
     "evaluate": {
         "holdout_fraction": 0.1,
         "captions": ["a red circle", "a blue square"],

@@ -62,7 +62,7 @@ def test_demo_pipeline_end_to_end_then_rerun_does_no_work(tmp_path, ray_local, m
     assert len(manifest["shards"]) == 3
 
     # training: DeepSpeed checkpoints reported to Ray Train, metrics, exports
-    for model in ("clip", "prior", "decoder"):
+    for model in ("clip", "prior", "decoder", "upsampler"):
         runs = [p for p in (store / "runs" / model).iterdir() if p.is_dir()]
         assert len(runs) == 1, runs
         assert list(runs[0].glob("checkpoint_*")), f"no Ray Train checkpoint for {model}"
@@ -76,6 +76,11 @@ def test_demo_pipeline_end_to_end_then_rerun_does_no_work(tmp_path, ray_local, m
         assert -1.0 <= metrics[key] <= 1.0
     grid = Image.open(out["evaluation"].sample_grid)
     assert grid.width >= 2 * 16 and grid.height >= 16
+    # the cascade ends at the upsampler's 32 px, judged against the decoder's images upsampled
+    # bilinearly
+    cascade = json.loads(Path(out["evaluation"].decoder_metrics_path).read_text())
+    assert cascade["image_size"] == 32 and isinstance(cascade["fd_clip_bilinear"], float)
+    assert "fd_clip_vs_bilinear" in cascade["goals"]
 
     # the evaluation reached the decoder run's TensorBoard: its metrics and the sample grid
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -112,7 +117,7 @@ def test_demo_pipeline_end_to_end_then_rerun_does_no_work(tmp_path, ray_local, m
     assert again_run.total("image_shards", "shards_written") == 0
     assert again_run.total("embeddings", "shards_written") == 0
     assert again["dataset_manifest"].version == version
-    for model in ("clip_model", "prior", "decoder"):
+    for model in ("clip_model", "prior", "decoder", "upsampler"):
         assert again[model].skipped is True, model
     assert {o.model: o.status for o in again["promotion"]}["prior"] == "current"
 

@@ -38,6 +38,28 @@ def test_ds_config_follows_the_trainer_config():
     assert "gradient_clipping" not in ds_config(TrainerConfig(grad_clip=0))
 
 
+def test_deepspeeds_inference_only_all_reduce_op_is_neither_built_nor_loaded():
+    """DeepSpeed's communication backend would JIT-build its CPU shared-memory all-reduce (about
+    30 s once per environment), which only inference all-reduces use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import deepspeed\n"
+        "from deepspeed.comm.torch import build_shm_op\n"
+        "from unclip.training.engine.optimization import skip_unused_ops\n"
+        "skip_unused_ops(deepspeed)\n"
+        "print('op', build_shm_op())\n"
+    )
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "op None"
+    assert "built successfully" not in done.stdout + done.stderr
+
+
 def test_run_name_is_a_content_hash_of_configs_data_and_seed():
     a = run_name_for("prior", PriorConfig(), data_version="v1", seed=0)
     assert a.startswith("prior-") and a == run_name_for(

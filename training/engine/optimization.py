@@ -47,6 +47,20 @@ def ds_config(cfg: TrainerConfig) -> dict[str, Any]:
     return conf
 
 
+# DeepSpeed ops that training never calls but DeepSpeed's communication backend loads: the CPU
+# shared-memory all-reduce serves only ``inference_all_reduce`` (tensor-parallel inference);
+# training all-reduces through torch.distributed. Loading it JIT-builds it once per environment
+# (about 30 s on 2 CPUs: a fresh clone's demo paid it in its first training run).
+UNUSED_OPS = ("deepspeed_shm_comm",)
+
+
+def skip_unused_ops(deepspeed: Any) -> None:
+    """Mark :data:`UNUSED_OPS` incompatible, so DeepSpeed neither builds nor loads them."""
+    compatible = deepspeed.ops.__compatible_ops__  # DeepSpeed's own cached dict: edits persist
+    for name in UNUSED_OPS:
+        compatible[name] = False
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on biases, norms and embeddings vectors (ndim < 2)."""
     decay, no_decay = [], []

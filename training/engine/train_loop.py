@@ -28,7 +28,7 @@ from .artifacts import publish_dir
 from .checkpoints import load_checkpoint, write_checkpoint
 from .ema import Ema
 from .fit_result import EXPORT_DIRNAME, EXPORT_MARKER
-from .optimization import ds_config, make_optimizer, warmup_cosine
+from .optimization import ds_config, make_optimizer, skip_unused_ops, warmup_cosine
 from .progress import TrainProgress, ensure_progress_handler
 from .runlog import RunLog
 from .stream_position import StreamPosition, stream_totals
@@ -80,6 +80,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     import torch.distributed as dist
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    skip_unused_ops(deepspeed)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
