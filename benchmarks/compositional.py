@@ -13,8 +13,10 @@ The three decoders are trained by the one trainer on the same dataset version wi
 ``decoder.trainer`` section (steps, batch, learning rate); the two unCLIP variants also use the
 prior, which the third does not need. Each is scored by the pixel oracle on the same prompts
 (``evaluation_prompts``), 4 samples per prompt; the table shows held-out compositions, the JSON
-line seen and held-out. ``oracle_accuracy_real`` is the oracle's worst per-task accuracy on the
-held-out real images of the dataset at the decoder's resolution (with near-miss prompts).
+line seen and held-out. With an ``upsampler`` section, every variant's images go through it,
+and the table shows each variant at the upsampler's resolution and, for the same samples, at the
+decoder's. ``oracle_accuracy_real`` is the oracle's worst per-task accuracy on the held-out real
+images of the dataset at each of those resolutions (with near-miss prompts).
 
     python benchmarks/compositional.py                # full size: ~60 min on 2 CPUs
     python benchmarks/compositional.py --shrunk       # seconds-scale models: checks it runs
@@ -63,6 +65,11 @@ SHRUNK = {
         "sample_steps": 2,
         "trainer": {**TINY_TRAINER, "max_steps": 8},
     },
+    "upsampler": {
+        "block_out_channels": [16, 32],
+        "sample_steps": 2,
+        "trainer": {**TINY_TRAINER, "max_steps": 6},
+    },
     "evaluate": {"holdout_fraction": 0.1, "captions": ["a red circle"], "num_eval_samples": 4},
 }
 
@@ -90,7 +97,8 @@ def train_all(config_path: str) -> dict[str, Any]:
     from unclip.training.models.decoder import train_decoder
 
     cfg = load_config(config_path)
-    run = run_pipeline(config_path, cfg, select=upstream_of(["prior", "decoder"]))
+    stages = ["prior", "decoder"] + (["upsampler"] if cfg.upsampler is not None else [])
+    run = run_pipeline(config_path, cfg, select=upstream_of(stages))
     if not run.success:
         raise RuntimeError(f"the pipeline failed: {run}")
     layout = StorageLayout(cfg.storage)
@@ -105,12 +113,14 @@ def train_all(config_path: str) -> dict[str, Any]:
     ):
         fit = train_decoder(layout, version, cfg.decoder.model_copy(update=update), holdout)
         exports[name] = fit.export_dir
+    upsampler = read_json(layout.latest_run("upsampler")) if cfg.upsampler is not None else None
     return {
         "cfg": cfg,
         "layout": layout,
         "version": version,
         "prior": prior["export"],
         "decoders": exports,
+        "upsamplers": [upsampler["export"]] if upsampler else [],
         "clip_checkpoint": clip["export"],
     }
 
@@ -174,20 +184,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             steps=cfg.evaluate.eval_steps,
             seed=cfg.evaluate.eval_seed,
             workers=cfg.evaluate.eval_workers,
+            upsampler_exports=trained["upsamplers"],
         )
-    oracle = real_oracle_accuracy(
-        cfg, trained["layout"], trained["version"], cfg.decoder.image_size
-    )
+    sizes = [cfg.decoder.image_size] + ([cfg.upsampler.output_size] if cfg.upsampler else [])
+    at_size = {
+        size: real_oracle_accuracy(cfg, trained["layout"], trained["version"], size)
+        for size in sizes
+    }
+    oracle = min(at_size.values(), key=lambda acc: acc["min"])
 
     columns = [*TASKS, "overall"]
     print(
         f"held-out compositions, {args.samples_per_prompt} samples per prompt "
         f"(oracle on real images: worst task {oracle['min']:.3f})"
     )
-    print(f"{'variant':<12}" + "".join(f"{c:>14}" for c in columns))
+    final_px = sizes[-1]
+    print(f"{'variant':<20}" + "".join(f"{c:>14}" for c in columns))
     for name in VARIANTS:
-        row = scores[name]["heldout"]
-        print(f"{name:<12}" + "".join(f"{row.get(c, float('nan')):>14.3f}" for c in columns))
+        rows = [(f"{name} {final_px}px", scores[name]["heldout"])]
+        if "before_upsampler" in scores[name]:
+            rows.append((f"{name} {sizes[0]}px", scores[name]["before_upsampler"]["heldout"]))
+        for label, row in rows:
+            print(f"{label:<20}" + "".join(f"{row.get(c, float('nan')):>14.3f}" for c in columns))
     winners = {}  # the variant with the best score, or every variant tied at it
     for task in columns:
         best = max(scores[v]["heldout"].get(task, -1.0) for v in VARIANTS)
@@ -200,6 +218,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "best_position_heldout": max(s["heldout"]["position"] for s in scores.values()),
         "oracle_accuracy_real": oracle["min"],
         "oracle_accuracy_real_per_task": oracle,
+        "oracle_accuracy_real_per_size": {str(k): v["min"] for k, v in at_size.items()},
+        "image_size": final_px,
         "winners_heldout": winners,
         "scores": scores,
         "prompts_per_task": per_task,
@@ -207,6 +227,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "decoder_steps_each": cfg.decoder.trainer.max_steps,
         "shrunk": args.shrunk,
     }
+    if cfg.upsampler is not None:
+        before = scores["unclip"]["before_upsampler"]["heldout"]["overall"]
+        result["unclip_overall_heldout_before_upsampler"] = before
     print(json.dumps(result, sort_keys=True))
     return result
 

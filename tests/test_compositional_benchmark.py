@@ -32,5 +32,12 @@ def test_shrunk_benchmark_runs_and_reports_every_variant_and_key(tmp_path, capsy
             "position",
             "color_attr",
         }
+        # the upsampled images' scores, and the same samples' at the decoder's 32 px
+        assert set(scores["before_upsampler"]) >= {"seen", "heldout"}
+    assert result["image_size"] == 64 and set(result["oracle_accuracy_real_per_size"]) == {
+        "32",
+        "64",
+    }
+    assert 0.0 <= result["unclip_overall_heldout_before_upsampler"] <= 1.0
     out = capsys.readouterr().out
     assert "text_tokens" in out and out.strip().splitlines()[-1].startswith("{")

@@ -138,21 +138,21 @@ def generate_prompt_images(
     prior_export: str | None,
     decoder_export: str,
     steps: int | None,
-) -> np.ndarray:
-    """One worker's share: ``samples_per_prompt`` uint8 images per caption, caption-major."""
-    from ..sampling import generate
+    upsampler_exports: Sequence[str] = (),
+) -> dict[str, np.ndarray]:
+    """One worker's share: ``samples_per_prompt`` uint8 images per caption, caption-major, under
+    ``final``; with an upsampler, the decoder's images it started from under ``decoder``."""
+    from ..sampling import load_pipeline
 
-    images = generate(
-        captions,
-        clip_cfg,
-        clip_checkpoint,
-        prior_export,
-        decoder_export,
-        n_per_caption=samples_per_prompt,
-        decoder_num_inference_steps=steps,
-        seed=seed,
-    )
-    return np.stack([np.asarray(x.convert("RGB")) for x in images])
+    pipe = load_pipeline(decoder_export, clip_cfg, clip_checkpoint, prior_export, upsampler_exports)
+    options = {"decoder_num_inference_steps": steps, "seed": seed, "output_type": "np"}
+    # the pipeline's two stages as one call runs them (one batch, one seed)
+    base = pipe(captions, num_images_per_prompt=samples_per_prompt, upsample=False, **options)
+    upsampler = pipe.upsampler_sampler()
+    if upsampler is None:
+        return {"final": base.images}
+    final = upsampler.sample(base.images, seed=seed)
+    return {"final": final, "decoder": base.images}
 
 
 def evaluate_compositional(
@@ -166,10 +166,13 @@ def evaluate_compositional(
     steps: int | None = None,
     seed: int = 0,
     workers: int = 2,
+    upsampler_exports: Sequence[str] = (),
 ) -> dict[str, dict[str, Any]]:
     """Draw every prompt ``samples_per_prompt`` times in Ray tasks, judge, score per task and split.
 
-    ``prior_export`` None: the decoder reads the captions' tokens itself (no prior).
+    ``prior_export`` None: the decoder reads the captions' tokens itself (no prior). With an
+    upsampler, the scores are the upsampled images', and ``before_upsampler`` holds the scores
+    of the same samples at the decoder's resolution.
     """
     import ray
 
@@ -186,8 +189,15 @@ def evaluate_compositional(
             prior_export,
             decoder_export,
             steps,
+            list(upsampler_exports),
         )
         for a, b in zip(bounds[:-1], bounds[1:], strict=True)
     ]
-    images = np.concatenate(ray.get(refs))
-    return task_scores(prompts, judge_images(prompts, images, palette))
+    chunks = ray.get(refs)
+    out: dict[str, Any] = task_scores(
+        prompts, judge_images(prompts, np.concatenate([c["final"] for c in chunks]), palette)
+    )
+    if upsampler_exports:
+        decoded = np.concatenate([c["decoder"] for c in chunks])
+        out["before_upsampler"] = task_scores(prompts, judge_images(prompts, decoded, palette))
+    return out
