@@ -97,6 +97,8 @@ def _default_gates(synthetic: bool = True) -> dict[str, list[PromotionMetric]]:
     return {
         "prior": [PromotionMetric(metric="cos_pred_true", mode="max", tolerance=0.005)],
         "decoder": decoder,
+        # judged by the same cascade metrics (skipped when the config has no upsampler)
+        "upsampler": list(decoder),
     }
 
 

@@ -55,6 +55,8 @@ def status_table(cfg: PipelineConfig) -> Table:
         elif model != "upsampler":
             t.add_row(f"latest {model}", "[dim]none[/dim]")
     for model in cfg.promotion.models:
+        if model == "upsampler" and cfg.upsampler is None:
+            continue
         rec = promotion.promoted(cfg, model)
         if rec is None:
             t.add_row(f"promoted {model}", "[dim]none[/dim]")

@@ -94,6 +94,9 @@ def test_demo_pipeline_end_to_end_then_rerun_does_no_work(tmp_path, ray_local, m
     # promotion: the first evaluated prior is promoted into the registry
     promoted = {o.model: o.status for o in out["promotion"]}
     assert promoted["prior"] == "first"
+    # the upsampler is gated as the decoder is: the first one is promoted too, so `unclip
+    # sample` and `unclip export` (which take the promoted runs) find the whole cascade
+    assert promoted["decoder"] == promoted["upsampler"] == "first"
     registry = json.loads((store / "registry" / "prior.json").read_text())
     assert registry["dataset_version"] == version
     assert registry["run"] == out["prior"].run_name

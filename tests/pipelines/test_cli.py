@@ -124,6 +124,7 @@ def test_status_on_an_empty_store(tmp_path, monkeypatch):
     result = runner.invoke(app, ["status", str(f)])
     assert result.exit_code == 0, result.output
     assert "dataset version" in result.output and "promoted prior" in result.output
+    assert "promoted upsampler" not in result.output  # the config has no upsampler
     # the store exists now; a config that names no data (to sample or export) still has a status
     (tmp_path / "store").mkdir(exist_ok=True)
     result = runner.invoke(app, ["status", str(f)])

@@ -27,6 +27,9 @@ def test_without_the_synthetic_set_the_default_gates_have_no_shape_metric():
     # promotion given without its models: the models still default to what fits the data
     other = parse_config({"storage": "x", "promotion": {}})
     assert _decoder_gates(other) == ["fd_clip", "clip_score"]
+    # the upsampler, judged by the same cascade metrics, gets the decoder's gates
+    for cfg in (real, demo, other):
+        assert cfg.promotion.models["upsampler"] == cfg.promotion.models["decoder"]
 
 
 def test_a_shape_metric_gate_without_the_synthetic_set_names_the_key():

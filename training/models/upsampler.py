@@ -18,6 +18,7 @@ sampling, the conditioning gets a fixed, small augmentation level ``sample_noise
 With ``residual``, the target is r = x_hi − c (c before noise augmentation), as in SRDiff (Li et
 al. 2022), and sampling returns c + r̂: the stage only adds what bilinear upsampling misses, so a
 barely trained one is close to bilinear rather than to noise.
+
 The model is fully convolutional (no attention), so it trains on crops and samples whole images.
 """
 
