@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -117,6 +118,25 @@ def generate(
     )
     pipe = load_pipeline(decoder_export, clip_cfg, clip_checkpoint, prior_export, upsampler_exports)
     return pipe(list(captions), num_images_per_prompt=n_per_caption, **options).images
+
+
+def sample_stages(
+    pipe: UnclipPipeline,
+    captions: Sequence[str],
+    seed: int,
+    upsampler_steps: int | None = None,
+    **options: Any,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the cascade's uint8 images, the decoder's images the upsampler started from, or None
+    without an upsampler), drawn as one ``pipe(captions, seed=seed, **options)`` call draws them:
+    one batch, every stage's noise from ``seed``."""
+    if "batch_size" in options:
+        raise ValueError("sample_stages draws one batch: pass no batch_size")
+    base = pipe(list(captions), seed=seed, upsample=False, output_type="np", **options).images
+    upsampler = pipe.upsampler_sampler()
+    if upsampler is None:
+        return base, None
+    return upsampler.sample(base, steps=upsampler_steps, seed=seed), base
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:

@@ -22,7 +22,7 @@ from ..engine.artifacts import publish_dir
 from ..inference.device import resolve_device
 from ..models.decoder import INFO_FILE, DecoderTask, to_uint8, to_unit_range
 from ..models.upsampler import upsample
-from ..sampling import load_pipeline
+from ..sampling import load_pipeline, sample_stages
 from .inception_metrics import load_fid_inception
 
 log = logging.getLogger(__name__)
@@ -56,21 +56,15 @@ def generate_chunk(
         cascade.get("upsampler_exports", ()),
         device=device,
     )
-    options = {
-        "decoder_num_inference_steps": steps,
-        "decoder_guidance_scale": guidance,
-        "seed": seed,
-        "output_type": "np",
-    }
-    upsampler = pipe.upsampler_sampler()
-    bilinear = None
-    if upsampler is None:
-        arr = pipe(captions, **options).images
-    else:
-        # the pipeline's own two stages (one batch, one seed): the images pipe(captions) gives
-        base = pipe(captions, upsample=False, **options).images
-        arr = upsampler.sample(base, steps=cascade.get("upsampler_steps"), seed=seed)
-        bilinear = to_uint8(upsample(to_unit_range(base), arr.shape[1]))
+    arr, base = sample_stages(
+        pipe,
+        captions,
+        seed,
+        cascade.get("upsampler_steps"),
+        decoder_num_inference_steps=steps,
+        decoder_guidance_scale=guidance,
+    )
+    bilinear = None if base is None else to_uint8(upsample(to_unit_range(base), arr.shape[1]))
     out = {
         "images": arr,
         "clip": encode_images(pipe.clip_bundle(), [Image.fromarray(x) for x in arr]),

@@ -142,17 +142,17 @@ def generate_prompt_images(
 ) -> dict[str, np.ndarray]:
     """One worker's share: ``samples_per_prompt`` uint8 images per caption, caption-major, under
     ``final``; with an upsampler, the decoder's images it started from under ``decoder``."""
-    from ..sampling import load_pipeline
+    from ..sampling import load_pipeline, sample_stages
 
     pipe = load_pipeline(decoder_export, clip_cfg, clip_checkpoint, prior_export, upsampler_exports)
-    options = {"decoder_num_inference_steps": steps, "seed": seed, "output_type": "np"}
-    # the pipeline's two stages as one call runs them (one batch, one seed)
-    base = pipe(captions, num_images_per_prompt=samples_per_prompt, upsample=False, **options)
-    upsampler = pipe.upsampler_sampler()
-    if upsampler is None:
-        return {"final": base.images}
-    final = upsampler.sample(base.images, seed=seed)
-    return {"final": final, "decoder": base.images}
+    final, base = sample_stages(
+        pipe,
+        captions,
+        seed,
+        num_images_per_prompt=samples_per_prompt,
+        decoder_num_inference_steps=steps,
+    )
+    return {"final": final} if base is None else {"final": final, "decoder": base}
 
 
 def evaluate_compositional(
