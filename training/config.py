@@ -205,6 +205,13 @@ class DecoderConfig(PixelDiffusionObjective):
         "attention_resolutions); attention at high resolution dominates the cost.",
     )
     timesteps: DiffusionSteps = 1000
+    adaptive_norm: bool = Field(
+        False,
+        description="Condition each ResNet block by a scale and shift of its group norm "
+        "(AdaGN; Dhariwal & Nichol 2021, sec. 3) rather than by adding the timestep-and-"
+        "condition embedding to its activations (diffusers' resnet_time_scale_shift).",
+        json_schema_extra=IDENTITY_UNLESS_DEFAULT,
+    )
     cond_drop_prob: float = Field(
         0.1, ge=0, le=1, description="Probability of dropping the image embedding (for guidance)."
     )

@@ -245,6 +245,28 @@ def test_learned_variance_needs_the_epsilon_parameterisation():
 
 def test_objective_keys_keep_existing_run_names_at_their_defaults():
     base = DecoderConfig()
-    assert "prediction_type" not in base.identity() and "snr_gamma" not in base.identity()
-    changed = DecoderConfig(prediction_type="sample", snr_gamma=5.0).identity()
+    assert not {"prediction_type", "snr_gamma", "adaptive_norm"} & set(base.identity())
+    changed = DecoderConfig(prediction_type="sample", snr_gamma=5.0, adaptive_norm=True).identity()
     assert changed["prediction_type"] == "sample" and changed["snr_gamma"] == 5.0
+    assert changed["adaptive_norm"] is True
+
+
+def test_adaptive_norm_scales_and_shifts_every_block_by_the_condition_and_survives_export(tmp_path):
+    from diffusers.models.resnet import ResnetBlock2D
+
+    task = make_task()
+    task.cfg = TINY.model_copy(update={"adaptive_norm": True})
+    torch.manual_seed(0)
+    model = task.build_model()
+    resnets = [m for m in model.modules() if isinstance(m, ResnetBlock2D)]
+    # each block's embedding projection gives a scale and a shift per channel, not one addend
+    assert resnets and all(r.time_emb_proj.out_features == 2 * r.out_channels for r in resnets)
+    x, t, emb = torch.randn(2, 3, 16, 16), torch.tensor([5, 60]), torch.randn(2, DIM)
+    with torch.no_grad():
+        out = decoder_prediction(model, x, t, emb)
+        assert not torch.allclose(out, decoder_prediction(model, x, t, torch.zeros_like(emb)))
+    task.export(model, str(tmp_path))
+    loaded = UNet2DConditionModel.from_pretrained(str(tmp_path), subfolder="unet")
+    assert loaded.config.resnet_time_scale_shift == "scale_shift"
+    with torch.no_grad():
+        torch.testing.assert_close(decoder_prediction(loaded, x, t, emb), out)

@@ -5,7 +5,9 @@ is projected and added to the timestep embedding (``addition_embed_type="image"`
 to extra context tokens the cross-attention layers read (``encoder_hid_dim_type="image_proj"``).
 Optionally (``text_conditioning``) the caption's CLIP text embedding joins it as in Kandinsky 2.1
 (``addition_embed_type="text_image"``, ``encoder_hid_dim_type="text_image_proj"``): added to the
-timestep embedding too, and one more context token. Trained with the MSE of the UNet's output
+timestep embedding too, and one more context token. With ``adaptive_norm`` that embedding
+scales and shifts each ResNet block's group norm (AdaGN, Dhariwal & Nichol 2021) instead of being
+added to its activations. Trained with the MSE of the UNet's output
 against ε (Ho et al. 2020, eq. 14; the default), x_0 or v (``prediction_type``), optionally
 Min-SNR-γ weighted (``snr_gamma``), on the cosine schedule; the image embedding is dropped
 (zeroed) with ``cond_drop_prob`` and the caption embedding, independently, with
@@ -111,6 +113,7 @@ def build_decoder(cfg: DecoderConfig, dim: int) -> UNet2DConditionModel:
         # misnomer): pass heads so each head really has cfg.attention_head_dim channels.
         attention_head_dim=tuple(c // cfg.attention_head_dim for c in channels),
         norm_num_groups=min(32, math.gcd(*channels)),
+        resnet_time_scale_shift="scale_shift" if cfg.adaptive_norm else "default",
         encoder_hid_dim=dim,
         **conditioning,
     )
