@@ -60,6 +60,27 @@ def test_deepspeeds_inference_only_all_reduce_op_is_neither_built_nor_loaded():
     assert "built successfully" not in done.stdout + done.stderr
 
 
+def test_deepspeed_is_imported_without_mlflow_which_stays_importable():
+    """DeepSpeed's autotuner imports mlflow (1-2 s of each worker's start) for nothing."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from unclip.training.engine.optimization import import_deepspeed\n"
+        "ds = import_deepspeed()\n"
+        "print('ds', ds.__name__, 'mlflow' in sys.modules)\n"
+        "import mlflow\n"
+        "print('mlflow', mlflow.__name__)\n"
+    )
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-2:] == ["ds deepspeed False", "mlflow mlflow"]
+
+
 def test_run_name_is_a_content_hash_of_configs_data_and_seed():
     a = run_name_for("prior", PriorConfig(), data_version="v1", seed=0)
     assert a.startswith("prior-") and a == run_name_for(

@@ -54,6 +54,28 @@ def ds_config(cfg: TrainerConfig) -> dict[str, Any]:
 UNUSED_OPS = ("deepspeed_shm_comm",)
 
 
+def import_deepspeed() -> Any:
+    """``import deepspeed``, without the mlflow import its autotuner makes at import time.
+
+    DeepSpeed's autotuner imports mlflow, if installed, only to log autotuning experiments, which
+    training never runs; the import costs each Ray Train worker 1-2 s of its start on 2 CPUs. A
+    worker whose run reports to mlflow imports it anyway, later and as usual.
+    """
+    import sys
+
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+        import deepspeed
+
+        return deepspeed
+    sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError
+    try:
+        import deepspeed
+    finally:
+        if sys.modules.get("mlflow", 0) is None:
+            del sys.modules["mlflow"]
+    return deepspeed
+
+
 def skip_unused_ops(deepspeed: Any) -> None:
     """Mark :data:`UNUSED_OPS` incompatible, so DeepSpeed neither builds nor loads them."""
     compatible = deepspeed.ops.__compatible_ops__  # DeepSpeed's own cached dict: edits persist

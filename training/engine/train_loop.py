@@ -28,7 +28,13 @@ from .artifacts import publish_dir
 from .checkpoints import load_checkpoint, write_checkpoint
 from .ema import Ema
 from .fit_result import EXPORT_DIRNAME, EXPORT_MARKER
-from .optimization import ds_config, make_optimizer, skip_unused_ops, warmup_cosine
+from .optimization import (
+    ds_config,
+    import_deepspeed,
+    make_optimizer,
+    skip_unused_ops,
+    warmup_cosine,
+)
 from .progress import TrainProgress, ensure_progress_handler
 from .runlog import RunLog
 from .stream_position import StreamPosition, stream_totals
@@ -74,11 +80,11 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     run_name: str = config["run_name"]
     # The accelerator must be chosen before deepspeed is first imported in this process.
     os.environ["DS_ACCELERATOR"] = "cuda" if cfg.use_gpu else "cpu"
-    import deepspeed
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
 
+    deepspeed = import_deepspeed()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     skip_unused_ops(deepspeed)
     ctx = ray.train.get_context()
