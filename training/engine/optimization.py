@@ -1,6 +1,6 @@
 """How the trainer optimizes: AdamW (fused) with its weight-decay groups, the warm-up + cosine
-learning-rate schedule, and the DeepSpeed config of a trainer config. Pure functions; the
-worker loop (:mod:`.train_loop`) puts them together."""
+learning-rate schedule, the DeepSpeed config of a trainer config, and DeepSpeed imported without
+what training never uses. The worker loop (:mod:`.train_loop`) puts them together."""
 
 from __future__ import annotations
 
