@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -38,37 +40,34 @@ def test_ds_config_follows_the_trainer_config():
     assert "gradient_clipping" not in ds_config(TrainerConfig(grad_clip=0))
 
 
-def python_with_deepspeed_on_cpu(code: str) -> str:
+def python_with_deepspeed_on_cpu(code: str) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter (DeepSpeed's imports and op cache are per process);
-    return its stdout and stderr, after checking it exited cleanly."""
-    import subprocess
-    import sys
-
+    return the finished process, after checking it exited cleanly."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout + done.stderr
+    return done
 
 
 def test_deepspeeds_inference_only_all_reduce_op_is_neither_built_nor_loaded():
     """DeepSpeed's communication backend would JIT-build its CPU shared-memory all-reduce (about
     30 s once per environment), which only inference all-reduces use."""
-    out = python_with_deepspeed_on_cpu(
+    done = python_with_deepspeed_on_cpu(
         "import deepspeed\n"
         "from deepspeed.comm.torch import build_shm_op\n"
         "from unclip.training.engine.optimization import skip_unused_ops\n"
         "skip_unused_ops(deepspeed)\n"
         "print('op', build_shm_op())\n"
     )
-    assert "op None" in out.splitlines()
-    assert "built successfully" not in out
+    assert done.stdout.strip().splitlines()[-1] == "op None"
+    assert "built successfully" not in done.stdout + done.stderr
 
 
 def test_deepspeed_is_imported_without_mlflow_which_stays_importable():
     """DeepSpeed's autotuner imports mlflow (1-2 s of each worker's start) for nothing."""
-    out = python_with_deepspeed_on_cpu(
+    done = python_with_deepspeed_on_cpu(
         "import sys\n"
         "from unclip.training.engine.optimization import import_deepspeed\n"
         "ds = import_deepspeed()\n"
@@ -76,8 +75,7 @@ def test_deepspeed_is_imported_without_mlflow_which_stays_importable():
         "import mlflow\n"
         "print('mlflow', mlflow.__name__)\n"
     )
-    lines = out.splitlines()
-    assert "ds deepspeed False" in lines and "mlflow mlflow" in lines
+    assert done.stdout.strip().splitlines()[-2:] == ["ds deepspeed False", "mlflow mlflow"]
 
 
 def test_run_name_is_a_content_hash_of_configs_data_and_seed():
