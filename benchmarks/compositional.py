@@ -18,6 +18,12 @@ and the table shows each variant at the upsampler's resolution and, for the same
 decoder's. ``oracle_accuracy_real`` is the oracle's worst per-task accuracy on the held-out real
 images of the dataset at each of those resolutions (with near-miss prompts).
 
+A second table, ``where_composition_is_lost``, follows composition through the unCLIP stages on
+the held-out real samples (seen compositions, unseen images), at the decoder's resolution: how
+often CLIP scores each sample's caption above its near misses, what the real images meet, what
+each unCLIP decoder draws from the samples' own embeddings (no prior), and what the cascade
+draws from their captions.
+
     python benchmarks/compositional.py                # full size: ~60 min on 2 CPUs
     python benchmarks/compositional.py --shrunk       # seconds-scale models: checks it runs
 """
@@ -25,6 +31,7 @@ images of the dataset at each of those resolutions (with near-miss prompts).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -125,31 +132,91 @@ def train_all(config_path: str) -> dict[str, Any]:
     }
 
 
-def real_oracle_accuracy(cfg: Any, layout: Any, version: str, size: int) -> dict[str, float]:
-    """The oracle on the held-out real images (resized to ``size``) with their near misses."""
-    import numpy as np
-
+def holdout_samples(cfg: Any, layout: Any, version: str) -> tuple[Any, list[list[Any]]]:
+    """The dataset's held-out real samples (``ImagePairs``) and each one's (prompt, truth) checks:
+    the prompts it satisfies and their near misses."""
     from unclip.datasets import readers
     from unclip.datasets.compositional import sample_prompts
-    from unclip.datasets.synthetic import color_palette, sample_spec
-    from unclip.training.evaluation.cascade_eval import resize_all
-    from unclip.training.evaluation.compositional_eval import oracle_accuracy
+    from unclip.datasets.synthetic import sample_spec
 
     manifest = readers.load_manifest(layout, version)
     pairs = readers.load_image_pairs(layout, manifest, "holdout", cfg.evaluate.holdout_fraction)
-    images = resize_all(pairs.images, size)
     # What an image must show follows from its caption alone (kinds, objects and relations are
     # all in the grammar), so any generated sample of the same caption gives its checks.
     spec_of: dict[str, dict[str, Any]] = {}
     for i in range(cfg.synthetic.num_pairs):
         spec = sample_spec(cfg.synthetic, i)
         spec_of.setdefault(spec["caption"], spec)
-    checks, judged = [], []
-    for image, caption in zip(images, pairs.captions, strict=True):
-        for check in sample_prompts(spec_of[caption], cfg.synthetic):
-            checks.append(check)
-            judged.append(np.asarray(image))
-    return oracle_accuracy(checks, judged, color_palette(cfg.synthetic))
+    return pairs, [sample_prompts(spec_of[caption], cfg.synthetic) for caption in pairs.captions]
+
+
+def real_oracle_accuracy(
+    cfg: Any, pairs: Any, checks: list[list[Any]], size: int
+) -> dict[str, float]:
+    """The oracle on the held-out real images (resized to ``size``) with their near misses."""
+    from unclip.datasets.synthetic import color_palette
+    from unclip.training.evaluation.cascade_eval import resize_all
+    from unclip.training.evaluation.compositional_eval import oracle_accuracy
+
+    images = resize_all(pairs.images, size)
+    flat = [
+        (check, image)
+        for image, image_checks in zip(images, checks, strict=True)
+        for check in image_checks
+    ]
+    return oracle_accuracy([c for c, _ in flat], [i for _, i in flat], color_palette(cfg.synthetic))
+
+
+def where_composition_is_lost(
+    cfg: Any, trained: dict[str, Any], pairs: Any, checks: list[list[Any]]
+) -> dict[str, dict[str, float]]:
+    """Which stage loses composition, on the held-out samples (seen compositions, unseen images)
+    at the decoder's resolution, per task:
+
+    - ``clip_near_miss``: CLIP scores the image's caption above each near miss (0.5 is chance);
+    - ``real``: the real images, judged by the oracle (its ceiling);
+    - ``<variant> reconstruction``: the unCLIP decoder from each sample's own image embedding
+      (and caption embedding), so no prior: what the decoder can draw from a perfect embedding;
+    - ``<variant> cascade``: prior then decoder from each sample's caption.
+    """
+    import torch
+
+    from unclip.datasets.clip import encode_texts
+    from unclip.datasets.synthetic import color_palette
+    from unclip.training.evaluation.cascade_eval import resize_all
+    from unclip.training.evaluation.compositional_eval import near_miss_accuracy, true_check_scores
+    from unclip.training.sampling import load_pipeline
+
+    palette = color_palette(cfg.synthetic)
+    steps, seed = cfg.evaluate.eval_steps, cfg.evaluate.eval_seed
+    out: dict[str, dict[str, float]] = {
+        "real": true_check_scores(resize_all(pairs.images, cfg.decoder.image_size), checks, palette)
+    }
+    for name in ("unclip", "unclip_text"):
+        pipe = load_pipeline(
+            trained["decoders"][name], cfg.clip, trained["clip_checkpoint"], trained["prior"]
+        )
+        if "clip_near_miss" not in out:
+            encode = functools.partial(encode_texts, pipe.clip_bundle())
+            out["clip_near_miss"] = near_miss_accuracy(
+                pairs.image_emb, pairs.captions, checks, encode
+            )
+        rebuilt = pipe.decoder_sampler().sample(
+            torch.from_numpy(pairs.image_emb),
+            steps=steps,
+            seed=seed,
+            text_emb=torch.from_numpy(pairs.text_emb),
+        )
+        out[f"{name} reconstruction"] = true_check_scores(rebuilt, checks, palette)
+        drawn = pipe(
+            list(pairs.captions),
+            seed=seed,
+            upsample=False,
+            output_type="np",
+            decoder_num_inference_steps=steps,
+        ).images
+        out[f"{name} cascade"] = true_check_scores(drawn, checks, palette)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -187,10 +254,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             upsampler_exports=trained["upsamplers"],
         )
     sizes = [cfg.decoder.image_size] + ([cfg.upsampler.output_size] if cfg.upsampler else [])
-    at_size = {
-        size: real_oracle_accuracy(cfg, trained["layout"], trained["version"], size)
-        for size in sizes
-    }
+    pairs, checks = holdout_samples(cfg, trained["layout"], trained["version"])
+    at_size = {size: real_oracle_accuracy(cfg, pairs, checks, size) for size in sizes}
     oracle = min(at_size.values(), key=lambda acc: acc["min"])
 
     columns = [*TASKS, "overall"]
@@ -212,7 +277,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tied = [v for v in VARIANTS if scores[v]["heldout"].get(task, -1.0) == best]
         winners[task] = tied[0] if len(tied) == 1 else "tie: " + " = ".join(tied)
     print("best per task (held out): " + ", ".join(f"{t}: {v}" for t, v in winners.items()))
+    lost = where_composition_is_lost(cfg, trained, pairs, checks)
+    print(
+        f"where composition is lost: {len(pairs.captions)} held-out samples of seen "
+        f"compositions, {sizes[0]}px, fraction of true checks met (clip_near_miss: of near misses "
+        "told apart)"
+    )
+    print(f"{'stage':<28}" + "".join(f"{t:>14}" for t in TASKS))
+    for label, row in lost.items():
+        print(f"{label:<28}" + "".join(f"{row.get(t, float('nan')):>14.3f}" for t in TASKS))
     result = {
+        "where_composition_is_lost": lost,
         "unclip_overall_heldout": scores["unclip"]["heldout"]["overall"],
         "best_color_attribution_heldout": max(s["heldout"]["color_attr"] for s in scores.values()),
         "best_position_heldout": max(s["heldout"]["position"] for s in scores.values()),

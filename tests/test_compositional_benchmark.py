@@ -39,5 +39,19 @@ def test_shrunk_benchmark_runs_and_reports_every_variant_and_key(tmp_path, capsy
         "64",
     }
     assert 0.0 <= result["unclip_overall_heldout_before_upsampler"] <= 1.0
+    lost = result["where_composition_is_lost"]
+    assert set(lost) == {
+        "real",
+        "clip_near_miss",
+        "unclip reconstruction",
+        "unclip cascade",
+        "unclip_text reconstruction",
+        "unclip_text cascade",
+    }
+    assert set(lost["real"]) == set(scores["heldout"]["images"])  # every task's true checks
+    assert min(lost["real"].values()) >= 0.99  # the real images meet what their captions say
+    for row in lost.values():
+        assert all(0.0 <= v <= 1.0 for v in row.values())
     out = capsys.readouterr().out
+    assert "where composition is lost" in out and "unclip_text reconstruction" in out
     assert "text_tokens" in out and out.strip().splitlines()[-1].startswith("{")

@@ -12,8 +12,10 @@ from unclip.datasets.synthetic import color_palette, render_image, sample_spec
 from unclip.training.evaluation.compositional_eval import (
     judge,
     judge_images,
+    near_miss_accuracy,
     oracle_accuracy,
     task_scores,
+    true_check_scores,
 )
 from unclip.training.evaluation.image_metrics import DetectedObject
 
@@ -110,3 +112,43 @@ def test_judged_images_are_the_prompts_own_samples_in_order():
     assert judge_images(prompts, np.stack([image] * 4), PALETTE) == [True, True, False, False]
     with pytest.raises(ValueError, match="whole number"):
         judge_images(prompts, np.stack([image] * 3), PALETTE)
+
+
+def first_of_kind(kind: str) -> int:
+    return next(i for i in range(CFG.num_pairs) if sample_spec(CFG, i)["kind"] == kind)
+
+
+def test_near_misses_count_as_told_apart_only_when_scored_below_the_caption():
+    spec = sample_spec(CFG, first_of_kind("pair"))
+    checks = sample_prompts(spec, CFG)
+    vocab = sorted({p.caption for p, _ in checks})
+    onehot = {c: np.eye(len(vocab))[i] for i, c in enumerate(vocab)}
+
+    def encode(texts):
+        return np.stack([onehot[t] for t in texts])
+
+    swapped = next(p.caption for p, t in checks if p.task == "color_attr" and not t)
+    embeddings = np.stack(
+        [
+            onehot[spec["caption"]],  # tells every near miss apart
+            onehot[swapped] + 0.5 * onehot[spec["caption"]],  # prefers the swapped colours
+            onehot[swapped],  # a tie with the caption is not told apart
+        ]
+    )
+    acc = near_miss_accuracy(embeddings, [spec["caption"]] * 3, [checks] * 3, encode)
+    assert acc == {"color_attr": pytest.approx(1 / 3), "two_object": pytest.approx(2 / 3)}
+    with pytest.raises(ValueError, match="check lists"):
+        near_miss_accuracy(embeddings, [spec["caption"]] * 3, [checks] * 2, encode)
+
+
+def test_true_checks_are_scored_on_the_image_drawn_for_them():
+    pair, single = first_of_kind("pair"), first_of_kind("single")
+    checks = sample_prompts(sample_spec(CFG, pair), CFG)
+    # the pair's own render meets its checks; a one-object render meets neither of them
+    images = np.stack([as_evaluated(pair, 32), as_evaluated(single, 32)])
+    assert true_check_scores(images, [checks, checks], PALETTE) == {
+        "color_attr": 0.5,
+        "two_object": 0.5,
+    }
+    with pytest.raises(ValueError, match="check lists"):
+        true_check_scores(images, [checks], PALETTE)

@@ -11,7 +11,7 @@ apart. :func:`oracle_accuracy` measures the oracle itself on real rendered image
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -127,6 +127,50 @@ def oracle_accuracy(
         right.setdefault(prompt.task, []).append(verdict == truth)
     acc = {task: sum(r) / len(r) for task, r in sorted(right.items())}
     return {**acc, "min": min(acc.values())}
+
+
+def near_miss_accuracy(
+    image_emb: np.ndarray,
+    captions: Sequence[str],
+    checks: Sequence[Sequence[tuple[Prompt, bool]]],
+    encode_texts: Callable[[list[str]], np.ndarray],
+) -> dict[str, float]:
+    """CLIP's zero-shot view of composition: per task, the fraction of near misses (another
+    colour, count or shape, swapped colours, the inverse relation) whose caption the image's
+    embedding scores below the image's own caption. 0.5 is chance; the decoder can only draw
+    what the embedding tells apart. ``checks[i]`` are image ``i``'s (prompt, truth) pairs."""
+    if not (len(image_emb) == len(captions) == len(checks)) or not captions:
+        raise ValueError(
+            f"{len(image_emb)} embeddings, {len(captions)} captions and {len(checks)} check lists"
+        )
+    right: dict[str, list[bool]] = {}
+    for emb, caption, image_checks in zip(image_emb, captions, checks, strict=True):
+        misses = [p for p, truth in image_checks if not truth]
+        if not misses:
+            continue
+        text = encode_texts([caption] + [p.caption for p in misses])
+        sims = text @ emb
+        for prompt, sim in zip(misses, sims[1:], strict=True):
+            right.setdefault(prompt.task, []).append(bool(sims[0] > sim))
+    return {task: sum(r) / len(r) for task, r in sorted(right.items())}
+
+
+def true_check_scores(
+    images: np.ndarray,
+    checks: Sequence[Sequence[tuple[Prompt, bool]]],
+    palette: Mapping[str, RGB],
+) -> dict[str, float]:
+    """Per task, the fraction of each image's true checks the oracle finds it satisfies:
+    ``images[i]`` drawn for (or of) the caption that ``checks[i]`` are about."""
+    if len(images) != len(checks) or not checks:
+        raise ValueError(f"{len(images)} images for {len(checks)} check lists")
+    right: dict[str, list[bool]] = {}
+    for image, image_checks in zip(images, checks, strict=True):
+        objects = detect_objects(image, palette)
+        for prompt, truth in image_checks:
+            if truth:
+                right.setdefault(prompt.task, []).append(judge(prompt, objects))
+    return {task: sum(r) / len(r) for task, r in sorted(right.items())}
 
 
 def generate_prompt_images(
