@@ -178,45 +178,77 @@ def where_composition_is_lost(
     - ``<variant> reconstruction``: the unCLIP decoder from each sample's own image embedding
       (and caption embedding), so no prior: what the decoder can draw from a perfect embedding;
     - ``<variant> cascade``: prior then decoder from each sample's caption.
-    """
-    import torch
 
-    from unclip.datasets.clip import encode_texts
-    from unclip.datasets.synthetic import color_palette
+    ``heldout_pairs`` has the same rows for images no training sample shows: each held-out
+    colour–shape pair, rendered alone (``heldout_pair_specs``).
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from unclip.datasets.clip import encode_images, encode_texts
+    from unclip.datasets.compositional import Prompt, heldout_pair_specs
+    from unclip.datasets.synthetic import color_palette, render_spec
     from unclip.training.evaluation.cascade_eval import resize_all
     from unclip.training.evaluation.compositional_eval import near_miss_accuracy, true_check_scores
     from unclip.training.sampling import load_pipeline
 
+    bicubic = Image.Resampling.BICUBIC
     palette = color_palette(cfg.synthetic)
     steps, seed = cfg.evaluate.eval_steps, cfg.evaluate.eval_seed
+    size = cfg.decoder.image_size
+    held = heldout_pair_specs(cfg.synthetic, per_pair=24)
+    held_images = np.stack(
+        [
+            np.asarray(render_spec(cfg.synthetic, spec).resize((cfg.clip.image_size,) * 2, bicubic))
+            for spec in held
+        ]
+    )
+    held_captions = [spec["caption"] for spec in held]
+    held_checks = [
+        [
+            (Prompt(task, spec["caption"], ((spec["color"], spec["shape"]),), True), True)
+            for task in ("single_object", "colors")
+        ]
+        for spec in held
+    ]
     out: dict[str, dict[str, float]] = {
-        "real": true_check_scores(resize_all(pairs.images, cfg.decoder.image_size), checks, palette)
+        "real": true_check_scores(resize_all(pairs.images, size), checks, palette)
+    }
+    unseen: dict[str, dict[str, float]] = {
+        "real": true_check_scores(resize_all(held_images, size), held_checks, palette)
     }
     for name in ("unclip", "unclip_text"):
         pipe = load_pipeline(
             trained["decoders"][name], cfg.clip, trained["clip_checkpoint"], trained["prior"]
         )
+        bundle = pipe.clip_bundle()
         if "clip_near_miss" not in out:
-            encode = functools.partial(encode_texts, pipe.clip_bundle())
+            encode = functools.partial(encode_texts, bundle)
             out["clip_near_miss"] = near_miss_accuracy(
                 pairs.image_emb, pairs.captions, checks, encode
             )
-        rebuilt = pipe.decoder_sampler().sample(
-            torch.from_numpy(pairs.image_emb),
-            steps=steps,
-            seed=seed,
-            text_emb=torch.from_numpy(pairs.text_emb),
-        )
-        out[f"{name} reconstruction"] = true_check_scores(rebuilt, checks, palette)
-        drawn = pipe(
-            list(pairs.captions),
-            seed=seed,
-            upsample=False,
-            output_type="np",
-            decoder_num_inference_steps=steps,
-        ).images
-        out[f"{name} cascade"] = true_check_scores(drawn, checks, palette)
-    return out
+        held_emb = encode_images(bundle, [Image.fromarray(x) for x in held_images])
+        for table, image_emb, text_emb, captions, truths in (
+            (out, pairs.image_emb, pairs.text_emb, pairs.captions, checks),
+            (unseen, held_emb, encode_texts(bundle, held_captions), held_captions, held_checks),
+        ):
+            rebuilt = pipe.decoder_sampler().sample(
+                torch.from_numpy(image_emb),
+                steps=steps,
+                seed=seed,
+                text_emb=torch.from_numpy(text_emb),
+            )
+            table[f"{name} reconstruction"] = true_check_scores(rebuilt, truths, palette)
+            drawn = pipe(
+                list(captions),
+                seed=seed,
+                upsample=False,
+                output_type="np",
+                decoder_num_inference_steps=steps,
+            ).images
+            table[f"{name} cascade"] = true_check_scores(drawn, truths, palette)
+    return {**out, "heldout_pairs": unseen}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -285,6 +317,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     print(f"{'stage':<28}" + "".join(f"{t:>14}" for t in TASKS))
     for label, row in lost.items():
+        if label != "heldout_pairs":
+            print(f"{label:<28}" + "".join(f"{row.get(t, float('nan')):>14.3f}" for t in TASKS))
+    print("held-out colour-shape pairs, each rendered alone: the same stages")
+    for label, row in lost["heldout_pairs"].items():
         print(f"{label:<28}" + "".join(f"{row.get(t, float('nan')):>14.3f}" for t in TASKS))
     result = {
         "where_composition_is_lost": lost,

@@ -173,6 +173,36 @@ def compositional_spec(cfg: SyntheticConfig, index: int) -> dict[str, Any]:
     }
 
 
+def heldout_pair_specs(cfg: SyntheticConfig, per_pair: int) -> list[dict[str, Any]]:
+    """Images no training sample shows: each held-out colour–shape pair drawn alone, ``per_pair``
+    times, in the geometry and background of the first ``per_pair`` single-object samples. They
+    tell what a decoder draws from a held-out pair's real image embedding."""
+    comp = Compositions.of(cfg)
+    singles: list[dict[str, Any]] = []
+    index = 0
+    while len(singles) < per_pair:
+        spec = compositional_spec(cfg, index)
+        if spec["kind"] == "single":
+            singles.append(spec)
+        index += 1
+    out = []
+    for color, shape in comp.heldout_pairs:
+        for spec in singles:
+            obj = {**spec["objects"][0], "color": color, "shape": shape}
+            caption = object_phrase(color, shape)
+            out.append(
+                {
+                    **spec,
+                    "index": None,
+                    "caption": caption,
+                    "color": color,
+                    "shape": shape,
+                    "objects": [obj],
+                }
+            )
+    return out
+
+
 @dataclass(frozen=True)
 class Prompt:
     """One evaluation prompt: its task, caption, what the image must show, and whether held out."""

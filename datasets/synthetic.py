@@ -103,7 +103,11 @@ def draw_shape(
 
 def render_image(cfg: SyntheticConfig, index: int) -> Image.Image:
     """Sample ``index`` as a PIL RGB image."""
-    spec = sample_spec(cfg, index)
+    return render_spec(cfg, sample_spec(cfg, index))
+
+
+def render_spec(cfg: SyntheticConfig, spec: dict[str, Any]) -> Image.Image:
+    """A sample's spec (``sample_spec``'s, or one built like it) as a PIL RGB image."""
     n = cfg.image_size
     if "objects" in spec:  # the compositional set
         image = Image.new("RGB", (n, n), spec["background"])

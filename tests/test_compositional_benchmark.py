@@ -47,11 +47,19 @@ def test_shrunk_benchmark_runs_and_reports_every_variant_and_key(tmp_path, capsy
         "unclip cascade",
         "unclip_text reconstruction",
         "unclip_text cascade",
+        "heldout_pairs",
     }
+    unseen = lost.pop("heldout_pairs")
+    assert set(unseen) == {
+        "real",
+        *(f"{v} {s}" for v in ("unclip", "unclip_text") for s in ("reconstruction", "cascade")),
+    }
+    assert unseen["real"] == {"colors": 1.0, "single_object": 1.0}
     assert set(lost["real"]) == set(scores["heldout"]["images"])  # every task's true checks
     assert min(lost["real"].values()) >= 0.99  # the real images meet what their captions say
-    for row in lost.values():
+    for row in [*lost.values(), *unseen.values()]:
         assert all(0.0 <= v <= 1.0 for v in row.values())
     out = capsys.readouterr().out
     assert "where composition is lost" in out and "unclip_text reconstruction" in out
+    assert "held-out colour-shape pairs" in out
     assert "text_tokens" in out and out.strip().splitlines()[-1].startswith("{")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -16,7 +17,13 @@ from unclip.datasets.compositional import (
     evaluation_prompts,
 )
 from unclip.datasets.config import CompositionalConfig, SyntheticConfig
-from unclip.datasets.synthetic import render_png, sample_spec, serve_synthetic, write_url_list
+from unclip.datasets.synthetic import (
+    render_image,
+    render_png,
+    sample_spec,
+    serve_synthetic,
+    write_url_list,
+)
 
 CFG = SyntheticConfig(num_pairs=400, image_size=96, seed=3, compositional=CompositionalConfig())
 
@@ -134,3 +141,24 @@ def test_the_server_and_url_list_serve_the_compositional_images(tmp_path):
     assert Image.open(io.BytesIO(body)).size == (96, 96)
     table = pq.read_table(tmp_path / "urls.parquet").to_pydict()
     assert table["caption"] == [sample_spec(cfg, i)["caption"] for i in range(6)]
+
+
+def test_heldout_pair_specs_render_each_heldout_pair_no_sample_shows():
+    from unclip.datasets.compositional import heldout_pair_specs
+    from unclip.datasets.synthetic import color_palette, render_spec
+    from unclip.training.evaluation.image_metrics import detect_objects
+
+    cfg = SyntheticConfig(num_pairs=200, seed=3, compositional=CompositionalConfig())
+    specs = heldout_pair_specs(cfg, per_pair=3)
+    held = cfg.compositional.pair_list()
+    assert [(s["color"], s["shape"]) for s in specs] == [p for p in held for _ in range(3)]
+    seen = {sample_spec(cfg, i)["caption"] for i in range(cfg.num_pairs)}
+    assert not {s["caption"] for s in specs} & seen
+    palette = color_palette(cfg)
+    for spec in specs:
+        objects = detect_objects(np.asarray(render_spec(cfg, spec)), palette)
+        assert [(o.color, o.shape) for o in objects] == [(spec["color"], spec["shape"])]
+    # a sample's own spec renders as the sample does
+    assert np.array_equal(
+        np.asarray(render_spec(cfg, sample_spec(cfg, 5))), np.asarray(render_image(cfg, 5))
+    )
