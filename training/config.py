@@ -130,6 +130,26 @@ class BootstrapClipConfig(IdentitySection):
     trainer: TrainerConfig = TrainerConfig(
         max_steps=200, batch_size=64, lr=1e-3, warmup_steps=20, checkpoint_every=100
     )
+    negative_swaps: list[tuple[str, str]] = Field(
+        default_factory=list,
+        description="Word pairs whose exchange makes a caption's hard negative (NegCLIP; "
+        "Yuksekgonul et al. 2023): a caption holding a word of a pair joins the batch with the "
+        "words exchanged, as one more text every image must score below its own caption. "
+        "[[left, right], [above, below]] teaches relations that random captions of a batch "
+        "rarely contrast. Changes the run name when set.",
+        json_schema_extra=IDENTITY_UNLESS_DEFAULT,
+    )
+
+    @model_validator(mode="after")
+    def _each_word_swaps_once(self) -> BootstrapClipConfig:
+        words = [w for pair in self.negative_swaps for w in pair]
+        twice = sorted({w for w in words if words.count(w) > 1})
+        if twice:
+            raise ValueError(
+                f"bootstrap.negative_swaps: {twice} appear more than once in "
+                f"{[list(p) for p in self.negative_swaps]}; each word may swap with one other"
+            )
+        return self
 
 
 class PriorConfig(IdentitySection):

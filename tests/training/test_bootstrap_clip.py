@@ -11,7 +11,7 @@ from unclip.datasets.clip import load_clip
 from unclip.datasets.config import ClipConfig
 from unclip.datasets.stream import RankStream, StreamPlan
 from unclip.training.config import BootstrapClipConfig
-from unclip.training.models.bootstrap_clip import ClipTask, train_bootstrap_clip
+from unclip.training.models.bootstrap_clip import ClipTask, swapped_caption, train_bootstrap_clip
 
 
 @pytest.fixture
@@ -82,3 +82,75 @@ def test_a_few_contrastive_steps_beat_the_untrained_clip_at_zero_shot(task):
         opt.step()
     after = task.evaluate(model)["zero_shot_accuracy"]
     assert after > before + 0.15, (before, after)
+
+
+def test_swapped_caption_exchanges_whole_words_both_ways():
+    swaps = [("left", "right"), ("above", "below")]
+    assert swapped_caption("a red circle left of a blue square", swaps) == (
+        "a red circle right of a blue square"
+    )
+    assert swapped_caption("a red circle below a blue square", swaps) == (
+        "a red circle above a blue square"
+    )
+    assert swapped_caption("two leftover squares", swaps) == "two leftover squares"
+
+
+def test_hard_negatives_are_extra_texts_each_image_must_score_below_its_caption(task):
+    import dataclasses
+
+    import numpy as np
+    import torch.nn.functional as F
+
+    captions = [
+        "a red circle left of a blue square",
+        "a green square",
+        "a blue triangle right of a red circle",
+        "a red square",
+    ]
+    rng = np.random.default_rng(0)
+    columns = {
+        "image": rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+        "caption": np.array(captions, dtype=object),
+    }
+    hard = dataclasses.replace(task, negative_swaps=(("left", "right"),))
+    plain_batch, hard_batch = task.batch(columns), hard.batch(columns)
+    assert plain_batch["text"].shape[0] == 4
+    assert hard_batch["text"].shape[0] == 6  # the two relation captions, inverted
+    assert torch.equal(hard_batch["text"][:4], plain_batch["text"])
+    assert torch.equal(
+        hard_batch["text"][4:],
+        task.tokenize(
+            ["a red circle right of a blue square", "a blue triangle left of a red circle"]
+        ),
+    )
+    assert hard.describe()["negative_swaps"] == [["left", "right"]]
+    assert "negative_swaps" not in task.describe()
+
+    torch.manual_seed(0)
+    model = task.build_model().eval()
+    with torch.no_grad():
+        loss, _ = hard.loss(model, hard_batch)
+        plain, _ = task.loss(model, plain_batch)
+        image_f = model.encode_image(hard_batch["image"], normalize=True)
+        text_f = model.encode_text(hard_batch["text"], normalize=True)
+        scale = model.logit_scale.exp().clamp(max=100.0)
+    labels = torch.arange(4)
+    want = (
+        F.cross_entropy(scale * image_f @ text_f.T, labels)
+        + F.cross_entropy(scale * text_f[:4] @ image_f.T, labels)
+    ) / 2
+    assert float(loss) == pytest.approx(float(want), rel=1e-5)
+    assert float(loss) > float(plain)  # more wrong texts in each image's softmax
+
+
+def test_negative_swaps_change_the_run_name_only_when_set():
+    from unclip.training.models.run_names import bootstrap_clip_run_name
+
+    default = bootstrap_clip_run_name(TINY_CLIP, BootstrapClipConfig(), 0.1, [SOURCE])
+    explicit = BootstrapClipConfig(negative_swaps=[])
+    swaps = BootstrapClipConfig(negative_swaps=[("left", "right")])
+    assert bootstrap_clip_run_name(TINY_CLIP, explicit, 0.1, [SOURCE]) == default
+    assert bootstrap_clip_run_name(TINY_CLIP, swaps, 0.1, [SOURCE]) != default
+
+    with pytest.raises(ValueError, match=r"\['left'\] appear more than once"):
+        BootstrapClipConfig(negative_swaps=[("left", "right"), ("left", "above")])

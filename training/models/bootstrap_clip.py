@@ -8,6 +8,7 @@ loads it like any other open_clip model.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,13 @@ def normalize_images(images: np.ndarray, mean: torch.Tensor, std: torch.Tensor) 
     return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 
+def swapped_caption(caption: str, swaps: Sequence[tuple[str, str]]) -> str:
+    """The caption with every word of each pair exchanged for the other ("a red circle left of
+    a blue square" → "… right of …" for ("left", "right")); unchanged when it has none."""
+    exchange = {a: b for a, b in swaps} | {b: a for a, b in swaps}
+    return " ".join(exchange.get(word, word) for word in caption.split(" "))
+
+
 def _digest(keys: frozenset[str]) -> str:
     return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16]
 
@@ -60,6 +68,7 @@ class ClipTask(TrainTask):
     source_ids: list[str]
     holdout_fraction: float
     removed: frozenset[str] = frozenset()  # global keys of semantic dedup's removal lists
+    negative_swaps: tuple[tuple[str, str], ...] = ()  # BootstrapClipConfig.negative_swaps
     _mean_std: tuple[torch.Tensor, torch.Tensor] | None = field(
         default=None, init=False, repr=False
     )
@@ -72,6 +81,11 @@ class ClipTask(TrainTask):
             "sources": sorted(self.source_ids),
             "holdout_fraction": self.holdout_fraction,
             **({"removed": _digest(self.removed)} if self.removed else {}),
+            **(
+                {"negative_swaps": [list(p) for p in self.negative_swaps]}
+                if self.negative_swaps
+                else {}
+            ),
         }
 
     def build_model(self) -> torch.nn.Module:
@@ -104,20 +118,32 @@ class ClipTask(TrainTask):
         if self._mean_std is None:
             self._mean_std = self._norm()
         mean, std = self._mean_std
+        captions = list(columns["caption"])
+        # hard negatives (negative_swaps) follow the captions: text rows beyond the images'
+        negatives = [n for c in captions if (n := swapped_caption(c, self.negative_swaps)) != c]
         return {
             "image": normalize_images(images, mean, std),
-            "text": self.tokenize(list(columns["caption"])),
+            "text": self.tokenize(captions + negatives),
         }
 
     def loss(
         self, model: Any, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        # Symmetric InfoNCE over the micro-batch (Radford et al. 2021, fig. 3).
-        if self._loss is None:
-            self._loss = ClipLoss()
+        # Symmetric InfoNCE over the micro-batch (Radford et al. 2021, fig. 3); hard-negative
+        # captions are extra columns of the image-to-text softmax only (NegCLIP).
         image_f, text_f, scale = clip_outputs(model(batch["image"], batch["text"]))
-        scale = scale.clamp(max=MAX_LOGIT_SCALE)
-        loss = self._loss(image_f.float(), text_f.float(), scale.float())
+        scale = scale.clamp(max=MAX_LOGIT_SCALE).float()
+        image_f, text_f = image_f.float(), text_f.float()
+        n = len(image_f)
+        if len(text_f) == n:
+            if self._loss is None:
+                self._loss = ClipLoss()
+            loss = self._loss(image_f, text_f, scale)
+        else:
+            labels = torch.arange(n, device=image_f.device)
+            per_image = torch.nn.functional.cross_entropy(scale * image_f @ text_f.T, labels)
+            per_text = torch.nn.functional.cross_entropy(scale * text_f[:n] @ image_f.T, labels)
+            loss = (per_image + per_text) / 2
         return loss, {"logit_scale": float(scale.detach())}
 
     @torch.no_grad()
@@ -184,6 +210,12 @@ def train_bootstrap_clip(
         )
     if not source_ids:
         raise ValueError("train_bootstrap_clip: no source ids to train on")
-    task = ClipTask(layout, clip_cfg, sorted(source_ids), holdout_fraction)
+    task = ClipTask(
+        layout,
+        clip_cfg,
+        sorted(source_ids),
+        holdout_fraction,
+        negative_swaps=tuple(tuple(p) for p in boot.negative_swaps),
+    )
     name = bootstrap_clip_run_name(clip_cfg, boot, holdout_fraction, source_ids)
     return fit(task, boot.trainer, layout, MODEL_KIND, name)
