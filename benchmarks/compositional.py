@@ -36,6 +36,7 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -186,24 +187,22 @@ def where_composition_is_lost(
     import torch
     from PIL import Image
 
-    from unclip.datasets.clip import encode_images, encode_texts
+    from unclip.datasets.clip import encode_images, encode_texts, load_clip
     from unclip.datasets.compositional import Prompt, heldout_pair_specs
     from unclip.datasets.synthetic import color_palette, render_spec
     from unclip.training.evaluation.cascade_eval import resize_all
     from unclip.training.evaluation.compositional_eval import near_miss_accuracy, true_check_scores
-    from unclip.training.sampling import load_pipeline
+    from unclip.training.inference import UnclipPipeline
 
     bicubic = Image.Resampling.BICUBIC
     palette = color_palette(cfg.synthetic)
     steps, seed = cfg.evaluate.eval_steps, cfg.evaluate.eval_seed
     size = cfg.decoder.image_size
     held = heldout_pair_specs(cfg.synthetic, per_pair=24)
-    held_images = np.stack(
-        [
-            np.asarray(render_spec(cfg.synthetic, spec).resize((cfg.clip.image_size,) * 2, bicubic))
-            for spec in held
-        ]
-    )
+    held_images = [
+        render_spec(cfg.synthetic, spec).resize((cfg.clip.image_size,) * 2, bicubic)
+        for spec in held
+    ]
     held_captions = [spec["caption"] for spec in held]
     held_checks = [
         [
@@ -212,27 +211,29 @@ def where_composition_is_lost(
         ]
         for spec in held
     ]
+    clip = load_clip(cfg.clip, trained["clip_checkpoint"])
+    encode = functools.partial(encode_texts, clip)
     out: dict[str, dict[str, float]] = {
-        "real": true_check_scores(resize_all(pairs.images, size), checks, palette)
+        "real": true_check_scores(resize_all(pairs.images, size), checks, palette),
+        "clip_near_miss": near_miss_accuracy(pairs.image_emb, pairs.captions, checks, encode),
     }
+    held_real = resize_all(np.stack([np.asarray(x) for x in held_images]), size)
     unseen: dict[str, dict[str, float]] = {
-        "real": true_check_scores(resize_all(held_images, size), held_checks, palette)
+        "real": true_check_scores(held_real, held_checks, palette)
     }
+    samples = (
+        (out, pairs.image_emb, pairs.text_emb, pairs.captions, checks),
+        (
+            unseen,
+            encode_images(clip, held_images),
+            encode(held_captions),
+            held_captions,
+            held_checks,
+        ),
+    )
     for name in ("unclip", "unclip_text"):
-        pipe = load_pipeline(
-            trained["decoders"][name], cfg.clip, trained["clip_checkpoint"], trained["prior"]
-        )
-        bundle = pipe.clip_bundle()
-        if "clip_near_miss" not in out:
-            encode = functools.partial(encode_texts, bundle)
-            out["clip_near_miss"] = near_miss_accuracy(
-                pairs.image_emb, pairs.captions, checks, encode
-            )
-        held_emb = encode_images(bundle, [Image.fromarray(x) for x in held_images])
-        for table, image_emb, text_emb, captions, truths in (
-            (out, pairs.image_emb, pairs.text_emb, pairs.captions, checks),
-            (unseen, held_emb, encode_texts(bundle, held_captions), held_captions, held_checks),
-        ):
+        pipe = UnclipPipeline.from_exports(trained["decoders"][name], clip, trained["prior"])
+        for table, image_emb, text_emb, captions, truths in samples:
             rebuilt = pipe.decoder_sampler().sample(
                 torch.from_numpy(image_emb),
                 steps=steps,
@@ -249,6 +250,15 @@ def where_composition_is_lost(
             ).images
             table[f"{name} cascade"] = true_check_scores(drawn, truths, palette)
     return {**out, "heldout_pairs": unseen}
+
+
+def print_table(
+    head: str, rows: list[tuple[str, dict[str, float]]], columns: Sequence[str], width: int
+) -> None:
+    """One line per (label, scores) row, a score per column (nan where the row has none)."""
+    print(f"{head:<{width}}" + "".join(f"{c:>14}" for c in columns))
+    for label, row in rows:
+        print(f"{label:<{width}}" + "".join(f"{row.get(c, float('nan')):>14.3f}" for c in columns))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -296,13 +306,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"(oracle on real images: worst task {oracle['min']:.3f})"
     )
     final_px = sizes[-1]
-    print(f"{'variant':<20}" + "".join(f"{c:>14}" for c in columns))
+    rows = []
     for name in VARIANTS:
-        rows = [(f"{name} {final_px}px", scores[name]["heldout"])]
+        rows.append((f"{name} {final_px}px", scores[name]["heldout"]))
         if "before_upsampler" in scores[name]:
             rows.append((f"{name} {sizes[0]}px", scores[name]["before_upsampler"]["heldout"]))
-        for label, row in rows:
-            print(f"{label:<20}" + "".join(f"{row.get(c, float('nan')):>14.3f}" for c in columns))
+    print_table("variant", rows, columns, width=20)
     winners = {}  # the variant with the best score, or every variant tied at it
     for task in columns:
         best = max(scores[v]["heldout"].get(task, -1.0) for v in VARIANTS)
@@ -315,13 +324,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"compositions, {sizes[0]}px, fraction of true checks met (clip_near_miss: of near misses "
         "told apart)"
     )
-    print(f"{'stage':<28}" + "".join(f"{t:>14}" for t in TASKS))
-    for label, row in lost.items():
-        if label != "heldout_pairs":
-            print(f"{label:<28}" + "".join(f"{row.get(t, float('nan')):>14.3f}" for t in TASKS))
+    stages = [(label, row) for label, row in lost.items() if label != "heldout_pairs"]
+    print_table("stage", stages, TASKS, width=28)
     print("held-out colour-shape pairs, each rendered alone: the same stages")
-    for label, row in lost["heldout_pairs"].items():
-        print(f"{label:<28}" + "".join(f"{row.get(t, float('nan')):>14.3f}" for t in TASKS))
+    print_table("stage", list(lost["heldout_pairs"].items()), TASKS, width=28)
     result = {
         "where_composition_is_lost": lost,
         "unclip_overall_heldout": scores["unclip"]["heldout"]["overall"],
