@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 from tiny import tiny_trainer
-from training_helpers import KilledOnce, NanAt, Regression
+from training_helpers import KilledOnce, NanAt, Regression, make_prior_task
 
 from unclip.datasets.storage import StorageLayout
 from unclip.training.config import PriorConfig, TrainerConfig
@@ -20,7 +20,7 @@ from unclip.training.engine.checkpoints import TRAINER_STATE
 from unclip.training.engine.fit_result import FitResult, run_name_for
 from unclip.training.engine.optimization import ds_config, warmup_cosine
 from unclip.training.engine.runlog import read_rows
-from unclip.training.engine.trainer import fit, validate_trainer_config
+from unclip.training.engine.trainer import fit, validate_trainer_config, worker_config
 
 
 # --- pure parts ---------------------------------------------------------------------------
@@ -76,6 +76,36 @@ def test_deepspeed_is_imported_without_mlflow_which_stays_importable():
         "print('mlflow', mlflow.__name__)\n"
     )
     assert done.stdout.strip().splitlines()[-2:] == ["ds deepspeed False", "mlflow mlflow"]
+
+
+def test_ray_trains_controller_unpickles_the_config_without_importing_the_model(tmp_path):
+    """Ray Train gives train_loop_config to its controller too: there it must stay bytes, so the
+    controller, which starts first in every run, does not import torch's model stack."""
+    import ray.cloudpickle
+
+    config = {"task": make_prior_task(), "cfg": TrainerConfig(), "run_name": "prior-x"}
+    sent = tmp_path / "train_loop_config.pkl"
+    sent.write_bytes(ray.cloudpickle.dumps(worker_config(config, None)))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import pickle, sys\n"
+            f"config = pickle.loads(open({str(sent)!r}, 'rb').read())\n"
+            "print(sorted(config), sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('diffusers', 'torch', 'open_clip') or m.startswith('unclip.training.models')))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["['payload',", "'progress_relay']", "[]"]
+    # and the worker gets the config back whole
+    payload = worker_config(config, None)["payload"]
+    back = ray.cloudpickle.loads(payload)
+    assert set(back) == set(config) and back["cfg"] == config["cfg"]
+    assert back["task"].describe() == config["task"].describe()
 
 
 def test_run_name_is_a_content_hash_of_configs_data_and_seed():

@@ -39,7 +39,7 @@ from .progress import TrainProgress, ensure_progress_handler
 from .runlog import RunLog
 from .stream_position import StreamPosition, stream_totals
 from .trackers import Trackers
-from .trainer import TrainTask
+from .trainer import PAYLOAD_KEY, TrainTask
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,16 @@ def to_device(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
 
 
 # --- the worker ----------------------------------------------------------------------------
+def train_loop_from_payload(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's entry point: :func:`train_loop` on the config that
+    :func:`~unclip.training.engine.trainer.worker_config` pickled on the driver."""
+    import ray.cloudpickle
+
+    return train_loop(
+        {**ray.cloudpickle.loads(config[PAYLOAD_KEY]), "progress_relay": config["progress_relay"]}
+    )
+
+
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train's per-worker function (see :func:`unclip.training.engine.trainer.fit`).
 

@@ -29,6 +29,8 @@ from .trackers import check_trackers
 
 log = logging.getLogger(__name__)
 
+PAYLOAD_KEY = "payload"  # train_loop_config's pickled part (see worker_config)
+
 
 class TrainTask(ABC):
     """What a model supplies to the trainer; the trainer owns everything else.
@@ -109,22 +111,24 @@ def _fit_held(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .train_loop import train_loop
+    from .train_loop import train_loop_from_payload
 
     ensure_started()  # RAY_ADDRESS, when set, picks the cluster
     relay = ProgressRelay() if bars_drawn() else None  # a terminal's bar instead of lines
     storage_path, storage_fs = ray_storage(layout.runs_dir(model_kind))
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "task": task,
-            "source": source,
-            "cfg": cfg,
-            "layout": layout,
-            "model_kind": model_kind,
-            "run_name": run_name,
-            "progress_relay": relay.queue if relay is not None else None,
-        },
+        train_loop_from_payload,
+        train_loop_config=worker_config(
+            {
+                "task": task,
+                "source": source,
+                "cfg": cfg,
+                "layout": layout,
+                "model_kind": model_kind,
+                "run_name": run_name,
+            },
+            relay.queue if relay is not None else None,
+        ),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
@@ -158,6 +162,20 @@ def _fit_held(
     if done is None:
         raise RuntimeError(f"run {run_name} ended without an export in {export_dir}")
     return FitResult(run_name, run_dir, export_dir, done.get("metrics", {}), skipped=False)
+
+
+def worker_config(config: dict[str, Any], progress_relay: Any) -> dict[str, Any]:
+    """Ray Train's ``train_loop_config``: ``config`` pickled into bytes, and the progress queue.
+
+    Ray Train hands this dict to its controller actor as well as to the workers. As bytes, the
+    task (a model's classes: torch, diffusers, open_clip) is unpickled only where it trains, and
+    the controller, which every run starts first, skips those imports: on 2 CPUs a 3-step prior
+    run's ``fit`` took 24 s instead of 31. The queue, an actor handle, stays outside for Ray to
+    serialize.
+    """
+    import ray.cloudpickle  # honours register_pickle_by_value, as Ray's own pickling does
+
+    return {PAYLOAD_KEY: ray.cloudpickle.dumps(config), "progress_relay": progress_relay}
 
 
 def validate_trainer_config(cfg: TrainerConfig) -> None:
