@@ -169,9 +169,9 @@ def worker_config(config: dict[str, Any], progress_relay: Any) -> dict[str, Any]
 
     Ray Train hands this dict to its controller actor as well as to the workers. As bytes, the
     task (a model's classes: torch, diffusers, open_clip) is unpickled only where it trains, and
-    the controller, which every run starts first, skips those imports: on 2 CPUs a 3-step prior
-    run's ``fit`` took 24 s instead of 31. The queue, an actor handle, stays outside for Ray to
-    serialize.
+    the controller, which every run starts first, skips those imports (about 5 s of its start
+    on 2 CPUs; a 3-step prior fit took 25.0 s instead of 27.3, mean of three). The queue, an
+    actor handle, stays outside for Ray to serialize.
     """
     import ray.cloudpickle  # honours register_pickle_by_value, as Ray's own pickling does
 
