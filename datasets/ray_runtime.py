@@ -29,6 +29,12 @@ def configure(settings: RaySettings) -> None:
     _settings = settings
 
 
+# The embedded Ray's environment. Ray Train's controller polls its workers every 2 s by default,
+# and a run's start and end each wait for a poll; at 0.5 s a 3-step prior fit took 22.1 s instead
+# of 23.6 (on 2 CPUs, mean of two), at the cost of a few more small RPCs. A cluster keeps its own.
+EMBEDDED_RAY_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
 def ensure_started() -> None:
     """Join ``RAY_ADDRESS`` when set, else start an embedded Ray; a no-op once Ray runs."""
     import ray
@@ -39,7 +45,8 @@ def ensure_started() -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    for name, value in EMBEDDED_RAY_ENV.items():  # a user's own setting wins
+        os.environ.setdefault(name, value)  # before ray.init: its processes inherit them
     ray.init(
         num_cpus=_settings.num_cpus,
         include_dashboard=False,

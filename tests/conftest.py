@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from unclip.datasets.ray_runtime import EMBEDDED_RAY_ENV
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+for _name, _value in EMBEDDED_RAY_ENV.items():  # ray_local's Ray runs as the embedded one does
+    os.environ.setdefault(_name, _value)
 
 
 @pytest.fixture(scope="module")
