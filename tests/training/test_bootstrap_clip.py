@@ -141,6 +141,12 @@ def test_hard_negatives_are_extra_texts_each_image_must_score_below_its_caption(
     ) / 2
     assert float(loss) == pytest.approx(float(want), rel=1e-5)
     assert float(loss) > float(plain)  # more wrong texts in each image's softmax
+    # with no hard negatives, the loss is open_clip's ClipLoss to the bit
+    from open_clip.loss import ClipLoss
+
+    with torch.no_grad():
+        plain_f = model.encode_text(plain_batch["text"], normalize=True)
+        assert torch.equal(plain, ClipLoss()(image_f, plain_f, scale))
 
 
 def test_negative_swaps_change_the_run_name_only_when_set():

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import open_clip
 import torch
-from open_clip.loss import ClipLoss
 
 from unclip.datasets import readers
 from unclip.datasets.clip import bootstrap_preprocess_config, build_bootstrap_clip, save_clip
@@ -72,7 +71,6 @@ class ClipTask(TrainTask):
     _mean_std: tuple[torch.Tensor, torch.Tensor] | None = field(
         default=None, init=False, repr=False
     )
-    _loss: ClipLoss | None = field(default=None, init=False, repr=False)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -129,22 +127,17 @@ class ClipTask(TrainTask):
     def loss(
         self, model: Any, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        # Symmetric InfoNCE over the micro-batch (Radford et al. 2021, fig. 3); hard-negative
-        # captions are extra columns of the image-to-text softmax only (NegCLIP).
+        # Symmetric InfoNCE over the micro-batch (Radford et al. 2021, fig. 3), as open_clip's
+        # ClipLoss on one process computes it; hard-negative captions (the text rows beyond the
+        # images') are extra columns of the image-to-text softmax only (NegCLIP).
         image_f, text_f, scale = clip_outputs(model(batch["image"], batch["text"]))
         scale = scale.clamp(max=MAX_LOGIT_SCALE).float()
         image_f, text_f = image_f.float(), text_f.float()
         n = len(image_f)
-        if len(text_f) == n:
-            if self._loss is None:
-                self._loss = ClipLoss()
-            loss = self._loss(image_f, text_f, scale)
-        else:
-            labels = torch.arange(n, device=image_f.device)
-            per_image = torch.nn.functional.cross_entropy(scale * image_f @ text_f.T, labels)
-            per_text = torch.nn.functional.cross_entropy(scale * text_f[:n] @ image_f.T, labels)
-            loss = (per_image + per_text) / 2
-        return loss, {"logit_scale": float(scale.detach())}
+        labels = torch.arange(n, device=image_f.device)
+        per_image = torch.nn.functional.cross_entropy(scale * image_f @ text_f.T, labels)
+        per_text = torch.nn.functional.cross_entropy(scale * text_f[:n] @ image_f.T, labels)
+        return (per_image + per_text) / 2, {"logit_scale": float(scale.detach())}
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
