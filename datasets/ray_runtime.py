@@ -35,6 +35,13 @@ def configure(settings: RaySettings) -> None:
 EMBEDDED_RAY_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
+def set_embedded_ray_env() -> None:
+    """Put :data:`EMBEDDED_RAY_ENV` into this process's environment, keeping a user's own
+    values; before ``ray.init``, so that every process of the Ray it starts inherits them."""
+    for name, value in EMBEDDED_RAY_ENV.items():
+        os.environ.setdefault(name, value)
+
+
 def ensure_started() -> None:
     """Join ``RAY_ADDRESS`` when set, else start an embedded Ray; a no-op once Ray runs."""
     import ray
@@ -45,8 +52,7 @@ def ensure_started() -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    for name, value in EMBEDDED_RAY_ENV.items():  # a user's own setting wins
-        os.environ.setdefault(name, value)  # before ray.init: its processes inherit them
+    set_embedded_ray_env()
     ray.init(
         num_cpus=_settings.num_cpus,
         include_dashboard=False,

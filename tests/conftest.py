@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from unclip.datasets.ray_runtime import EMBEDDED_RAY_ENV
+from unclip.datasets.ray_runtime import set_embedded_ray_env
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-for _name, _value in EMBEDDED_RAY_ENV.items():  # ray_local's Ray runs as the embedded one does
-    os.environ.setdefault(_name, _value)
+set_embedded_ray_env()  # ray_local's Ray runs as the embedded one does
 
 
 @pytest.fixture(scope="module")
