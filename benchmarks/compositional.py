@@ -26,6 +26,7 @@ draws from their captions.
 
     python benchmarks/compositional.py                # full size: ~60 min on 2 CPUs
     python benchmarks/compositional.py --shrunk       # seconds-scale models: checks it runs
+    python benchmarks/compositional.py --config my-variant.yaml   # another config, same table
 """
 
 from __future__ import annotations
@@ -87,15 +88,15 @@ SHRUNK = {
 }
 
 
-def write_config(shrunk: bool, storage: str | None, folder: str) -> str:
-    """The config to run: compositional.yaml (shrunk), its storage made absolute or overridden."""
+def write_config(shrunk: bool, storage: str | None, folder: str, config: Path = CONFIG) -> str:
+    """The config to run: ``config`` (shrunk), its storage made absolute or overridden."""
     from unclip.pipelines.config import deep_merge
 
-    raw = yaml.safe_load(CONFIG.read_text())
+    raw = yaml.safe_load(config.read_text())
     if shrunk:
         raw = deep_merge(raw, SHRUNK)
     raw["storage"] = (
-        os.path.abspath(storage) if storage else str((CONFIG.parent / raw["storage"]).resolve())
+        os.path.abspath(storage) if storage else str((config.parent / raw["storage"]).resolve())
     )
     path = os.path.join(folder, "compositional.yaml")
     Path(path).write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -271,10 +272,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--shrunk", action="store_true", help="tiny models and data: checks it runs"
     )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=CONFIG,
+        help="a variant of configs/compositional.yaml to compare (default: that file); its "
+        "relative storage is resolved against its own folder",
+    )
     parser.add_argument("--storage", help="storage root (default: the config's)")
     parser.add_argument("--prompts-per-task", type=int, default=None)
     parser.add_argument("--samples-per-prompt", type=int, default=4)
     args = parser.parse_args(argv)
+    if not args.config.is_file():
+        parser.error(f"--config {args.config}: no such file")
     per_task = args.prompts_per_task or (1 if args.shrunk else 12)
 
     from unclip.datasets.compositional import TASKS, evaluation_prompts
@@ -282,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from unclip.training.evaluation.compositional_eval import evaluate_compositional
 
     with tempfile.TemporaryDirectory(prefix="unclip-compositional-") as folder:
-        trained = train_all(write_config(args.shrunk, args.storage, folder))
+        trained = train_all(write_config(args.shrunk, args.storage, folder, args.config))
     cfg = trained["cfg"]
     prompts = evaluation_prompts(cfg.synthetic, per_task, seed=cfg.evaluate.eval_seed)
     scores = {}

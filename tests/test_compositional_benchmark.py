@@ -5,15 +5,44 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_shrunk_benchmark_runs_and_reports_every_variant_and_key(tmp_path, capsys):
+def _benchmark():  # noqa: ANN202
     spec = importlib.util.spec_from_file_location(
         "compositional_bench", REPO / "benchmarks" / "compositional.py"
     )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_another_config_is_run_with_its_own_storage_and_shrunk_on_request(tmp_path):
+    bench = _benchmark()
+    raw = yaml.safe_load(bench.CONFIG.read_text())
+    raw["bootstrap"]["negative_swaps"] = [["left", "right"]]
+    raw["storage"] = "stores/negatives"
+    variant = tmp_path / "variant" / "negatives.yaml"
+    variant.parent.mkdir()
+    variant.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    out.mkdir()
+
+    written = yaml.safe_load(Path(bench.write_config(True, None, str(out), variant)).read_text())
+    assert written["storage"] == str(variant.parent / "stores" / "negatives")
+    assert written["bootstrap"]["negative_swaps"] == [["left", "right"]]
+    assert written["bootstrap"]["trainer"]["max_steps"] == 10  # the shrunk sizes on top
+    assert written["synthetic"]["num_pairs"] == bench.SHRUNK["synthetic"]["num_pairs"]
+
+    with pytest.raises(SystemExit):
+        bench.main(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_shrunk_benchmark_runs_and_reports_every_variant_and_key(tmp_path, capsys):
+    bench = _benchmark()
     result = bench.main(["--shrunk", "--storage", str(tmp_path / "store")])
     for key in (
         "unclip_overall_heldout",
