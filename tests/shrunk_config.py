@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import yaml
 from tiny import TINY_CLIP_WIDTHS, TINY_TRAINER
+
+from unclip.pipelines.config import deep_merge
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -49,23 +50,12 @@ SHRINK = {
 }
 
 
-def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``override`` merged in, key by key (neither is modified)."""
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def write_shrunk_config(
     path: Path, storage: str | Path, extra: dict[str, Any] | None = None
 ) -> Path:
     """Write demo.yaml + SHRINK (+ ``extra``) with ``storage`` as one self-contained config."""
     raw = yaml.safe_load(DEMO_CONFIG.read_text())
-    raw = merge(merge(raw, SHRINK), extra or {})
+    raw = deep_merge(deep_merge(raw, SHRINK), extra or {})
     raw["storage"] = str(storage)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
