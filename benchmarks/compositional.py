@@ -358,6 +358,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "samples_per_prompt": args.samples_per_prompt,
         "decoder_steps_each": cfg.decoder.trainer.max_steps,
         "shrunk": args.shrunk,
+        "config": str(args.config.resolve()),
     }
     if cfg.upsampler is not None:
         before = scores["unclip"]["before_upsampler"]["heldout"]["overall"]

@@ -50,6 +50,7 @@ def test_shrunk_benchmark_runs_and_reports_every_variant_and_key(tmp_path, capsy
         "best_position_heldout",
     ):
         assert 0.0 <= result[key] <= 1.0
+    assert result["config"] == str(bench.CONFIG)  # the JSON line says what it ran
     assert result["oracle_accuracy_real"] >= 0.99  # real images, whatever the tiny models draw
     assert set(result["scores"]) == {"unclip", "unclip_text", "text_tokens"}
     for scores in result["scores"].values():
