@@ -20,7 +20,7 @@ def _benchmark():  # noqa: ANN202
     return bench
 
 
-def test_another_config_is_run_with_its_own_storage_and_shrunk_on_request(tmp_path):
+def test_another_config_is_run_with_its_own_storage_and_shrunk_on_request(tmp_path, capsys):
     bench = _benchmark()
     raw = yaml.safe_load(bench.CONFIG.read_text())
     raw["bootstrap"]["negative_swaps"] = [["left", "right"]]
@@ -32,13 +32,14 @@ def test_another_config_is_run_with_its_own_storage_and_shrunk_on_request(tmp_pa
     out.mkdir()
 
     written = yaml.safe_load(Path(bench.write_config(True, None, str(out), variant)).read_text())
-    assert written["storage"] == str(variant.parent / "stores" / "negatives")
+    assert written["storage"] == str((variant.parent / "stores" / "negatives").resolve())
     assert written["bootstrap"]["negative_swaps"] == [["left", "right"]]
     assert written["bootstrap"]["trainer"]["max_steps"] == 10  # the shrunk sizes on top
     assert written["synthetic"]["num_pairs"] == bench.SHRUNK["synthetic"]["num_pairs"]
 
     with pytest.raises(SystemExit):
         bench.main(["--config", str(tmp_path / "missing.yaml")])
+    assert f"--config {tmp_path / 'missing.yaml'}: no such file" in capsys.readouterr().err
 
 
 def test_shrunk_benchmark_runs_and_reports_every_variant_and_key(tmp_path, capsys):
