@@ -48,26 +48,44 @@ class ClipBundle:
     device: str = "cpu"
 
 
+RESNET_STRIDE = 32  # ModifiedResNet: stem 4x, then stages of stride 1, 2, 2, 2
+RESNET_HEAD_WIDTH = 64  # its attention pool's head width, as in open_clip's RN50
+
+
 def bootstrap_model_config(cfg: ClipConfig) -> dict[str, Any]:
     """The bootstrap architecture as an open_clip model config dict (the model_configs/*.json format)."""
-    if cfg.vision_width % cfg.heads or cfg.text_width % cfg.heads:
+    if cfg.text_width % cfg.heads or (cfg.vision_tower == "vit" and cfg.vision_width % cfg.heads):
         raise ValueError(
             f"clip: vision_width ({cfg.vision_width}) and text_width ({cfg.text_width}) "
             f"must be divisible by heads ({cfg.heads})"
         )
-    if cfg.image_size % cfg.patch_size:
+    if cfg.vision_tower == "resnet":
+        if cfg.image_size % RESNET_STRIDE:
+            raise ValueError(
+                f"clip: image_size ({cfg.image_size}) must be divisible by {RESNET_STRIDE} "
+                "with vision_tower: resnet (its last feature map is image_size / 32 on a side)"
+            )
+        vision = {  # open_clip's ModifiedResNet: a list of stage depths selects it
+            "image_size": cfg.image_size,
+            "layers": [cfg.vision_layers] * 4,
+            "width": cfg.vision_width,
+            "head_width": RESNET_HEAD_WIDTH,
+        }
+    elif cfg.image_size % cfg.patch_size:
         raise ValueError(
             f"clip: image_size ({cfg.image_size}) must be divisible by patch_size ({cfg.patch_size})"
         )
-    return {
-        "embed_dim": cfg.embed_dim,
-        "vision_cfg": {
+    else:
+        vision = {
             "image_size": cfg.image_size,
             "layers": cfg.vision_layers,
             "width": cfg.vision_width,
             "head_width": cfg.vision_width // cfg.heads,
             "patch_size": cfg.patch_size,
-        },
+        }
+    return {
+        "embed_dim": cfg.embed_dim,
+        "vision_cfg": vision,
         "text_cfg": {
             "context_length": cfg.context_length,
             "vocab_size": VOCAB_SIZE,

@@ -281,9 +281,22 @@ class ClipConfig(ConfigSection):
     # Bootstrap-only: the architecture of the CLIP trained here when model_name is None.
     embed_dim: int = Field(64, ge=8, description=f"{_BOOT} Embedding dimension D.")
     image_size: int = Field(64, ge=8, description=f"{_BOOT} Input side in pixels.")
+    vision_tower: Literal["vit", "resnet"] = Field(
+        "vit",
+        description=f"{_BOOT} vit: a vision transformer of `patch_size` patches, `vision_layers` "
+        "blocks `vision_width` wide, pooled through its class token. resnet: open_clip's "
+        "ModifiedResNet, four stages of `vision_layers` bottleneck blocks from a stem "
+        "`vision_width` wide (the last stage 32 × as wide), pooled by attention over its last "
+        "feature map (`image_size` / 32 on a side); it tells relative positions apart where the "
+        "ViT does not (docs/compositional.md). Changes the CLIP's run name only when set.",
+    )
     patch_size: int = Field(8, ge=1, description=f"{_BOOT} ViT patch side.")
-    vision_width: int = Field(128, ge=8, description=f"{_BOOT} Vision transformer width.")
-    vision_layers: int = Field(3, ge=1, description=f"{_BOOT} Vision transformer layers.")
+    vision_width: int = Field(
+        128, ge=8, description=f"{_BOOT} Vision transformer width (resnet: stem width)."
+    )
+    vision_layers: int = Field(
+        3, ge=1, description=f"{_BOOT} Vision transformer layers (resnet: blocks per stage)."
+    )
     text_width: int = Field(128, ge=8, description=f"{_BOOT} Text transformer width.")
     text_layers: int = Field(3, ge=1, description=f"{_BOOT} Text transformer layers.")
     heads: int = Field(4, ge=1, description=f"{_BOOT} Attention heads of both towers.")
@@ -302,7 +315,7 @@ class ClipConfig(ConfigSection):
 
 
 BOOTSTRAP_ONLY_KEYS = frozenset(
-    ["embed_dim", "image_size", "patch_size", "vision_width", "vision_layers"]
+    ["embed_dim", "image_size", "vision_tower", "patch_size", "vision_width", "vision_layers"]
     + ["text_width", "text_layers", "heads", "context_length"]
 )
 

@@ -18,6 +18,7 @@ from unclip.datasets.clip import (
     load_clip,
     save_clip,
 )
+from unclip.datasets.config import ClipConfig
 
 IMAGES = [Image.new("RGB", (48, 40), c) for c in [(255, 0, 0), (0, 200, 0), (10, 10, 240)]]
 TEXTS = ["a red circle", "a green square", "a blue triangle"]
@@ -29,6 +30,36 @@ def test_bootstrap_is_open_clip_clip_of_configured_size(tiny_clip_cfg):
     assert model.visual.image_size == (32, 32)
     assert model.context_length == 16
     assert model.text_projection.shape[1] == 32
+
+
+def test_the_resnet_tower_is_open_clips_with_attention_pooling_and_round_trips(
+    tiny_clip_cfg, tmp_path
+):
+    cfg = tiny_clip_cfg.model_copy(
+        update={"vision_tower": "resnet", "vision_layers": 1, "vision_width": 8}
+    )
+    torch.manual_seed(0)
+    model = build_bootstrap_clip(cfg).eval()
+    assert isinstance(model.visual, open_clip.model.ModifiedResNet)
+    assert [len(model.visual.get_submodule(f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1]
+    assert model.visual.attnpool.positional_embedding.shape[0] == 1 + (32 // 32) ** 2
+    directory = save_clip(model, cfg, str(tmp_path / "ckpt"))
+    bundle = load_clip(cfg, directory)
+    with torch.no_grad():
+        x = torch.stack([bundle.preprocess(im) for im in IMAGES])
+        expected = model.encode_image(x, normalize=True).numpy()
+    emb = encode_images(bundle, IMAGES)
+    np.testing.assert_array_equal(emb, expected)  # the saved tower is the built one
+    assert emb.shape == (3, cfg.embed_dim)
+    assert not np.allclose(emb[0], emb[1])  # it sees the colours
+    # open_clip itself builds the same tower from the saved folder
+    m2, _, _ = open_clip.create_model_and_transforms(f"local-dir:{directory}")
+    assert isinstance(m2.visual, open_clip.model.ModifiedResNet)
+
+    with pytest.raises(ValueError, match=r"image_size \(48\) must be divisible by 32"):
+        build_bootstrap_clip(cfg.model_copy(update={"image_size": 48}))
+    with pytest.raises(ValueError, match="clip.vision_tower: a bootstrap-only key"):
+        ClipConfig(model_name="ViT-B-32", vision_tower="resnet")
 
 
 def test_save_load_round_trip_and_open_clip_loads_the_dir(tiny_clip_cfg, tmp_path):

@@ -55,6 +55,30 @@ def test_zero_shot_metric_and_export_load_with_open_clip(task, tmp_path):
         assert torch.allclose(bundle.model.encode_image(x), model.eval().encode_image(x), atol=1e-5)
 
 
+def test_the_resnet_tower_learns_and_exports_what_it_learnt(embedded_store, tmp_path):
+    cfg = TINY_CLIP.model_copy(
+        update={"vision_tower": "resnet", "vision_layers": 1, "vision_width": 8}
+    )
+    task = ClipTask(embedded_store.layout, cfg, [SOURCE], HOLDOUT)
+    torch.manual_seed(0)
+    model = task.build_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = task.batch(first_columns(task, 16))
+    losses = []
+    for _ in range(15):
+        loss, _ = task.loss(model, batch)
+        losses.append(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < 0.8 * losses[0], losses
+    task.export(model, str(tmp_path / "clip"))
+    bundle = load_clip(cfg, str(tmp_path / "clip"))
+    with torch.no_grad():  # eval mode: the batch norms' running statistics travel too
+        x = batch["image"][:4]
+        assert torch.allclose(bundle.model.encode_image(x), model.eval().encode_image(x), atol=1e-5)
+
+
 def test_a_pretrained_clip_is_not_bootstrapped(embedded_store):
     with pytest.raises(ValueError, match="bootstrap"):
         train_bootstrap_clip(

@@ -35,3 +35,27 @@ def test_text_tokens_names_a_new_run_only_when_on():
     assert _name(PriorConfig(text_tokens=False)) == _name(PriorConfig())
     assert PriorConfig(text_tokens=True).identity()["text_tokens"] is True
     assert _name(PriorConfig(text_tokens=True)) != _name(PriorConfig())
+
+
+def test_vision_tower_names_a_new_clip_run_only_when_set(tmp_path):
+    from unclip.datasets.config import ClipConfig
+    from unclip.datasets.storage import StorageLayout
+    from unclip.training.config import BootstrapClipConfig
+    from unclip.training.models.bootstrap_clip import ClipTask
+    from unclip.training.models.run_names import bootstrap_clip_run_name
+
+    def name(clip):
+        return bootstrap_clip_run_name(clip, BootstrapClipConfig(), 0.05, ["abc"])
+
+    # Added after CLIP runs were named and checkpointed: at its default, names and the task's
+    # record (which a resumed checkpoint must match) are what they were before the key existed.
+    assert name(ClipConfig()) == "clip-a11c9b8f8348"
+    assert name(ClipConfig(vision_tower="vit")) == name(ClipConfig())
+    assert name(ClipConfig(vision_tower="resnet")) != name(ClipConfig())
+
+    def recorded(clip):
+        task = ClipTask(StorageLayout(str(tmp_path)), clip, ["abc"], 0.05)
+        return task.describe()["clip"]
+
+    assert "vision_tower" not in recorded(ClipConfig())
+    assert recorded(ClipConfig(vision_tower="resnet"))["vision_tower"] == "resnet"
