@@ -99,6 +99,28 @@ def bootstrap_model_config(cfg: ClipConfig) -> dict[str, Any]:
     }
 
 
+def bootstrap_config_of(model_cfg: dict[str, Any], **kw: Any) -> ClipConfig:
+    """The ``ClipConfig`` whose ``bootstrap_model_config`` is ``model_cfg`` (and ``kw``)."""
+    v, t = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    resnet = isinstance(v["layers"], list | tuple)
+    vision = (
+        {"vision_tower": "resnet", "vision_layers": v["layers"][0]}
+        if resnet
+        else {"patch_size": v["patch_size"], "vision_layers": v["layers"]}
+    )
+    return ClipConfig(
+        embed_dim=model_cfg["embed_dim"],
+        image_size=v["image_size"],
+        vision_width=v["width"],
+        text_width=t["width"],
+        text_layers=t["layers"],
+        heads=t["heads"],
+        context_length=t["context_length"],
+        **vision,
+        **kw,
+    )
+
+
 def bootstrap_preprocess_config(cfg: ClipConfig) -> dict[str, Any]:
     """open_clip's default preprocessing at the bootstrap image size."""
     return asdict(PreprocessCfg(size=cfg.image_size))

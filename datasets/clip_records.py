@@ -7,7 +7,7 @@ from typing import Any
 
 from fsspec.core import url_to_fs
 
-from .clip import CONFIG_NAME, ClipBundle, load_clip
+from .clip import CONFIG_NAME, ClipBundle, bootstrap_config_of, load_clip
 from .config import ClipConfig
 from .storage import StorageLayout, exists, read_json
 
@@ -46,20 +46,7 @@ def _source_config(source: str, model_cfg: dict[str, Any]) -> tuple[ClipConfig, 
     if os.path.isdir(source):
         return ClipConfig(pretrained=source), None
     if os.path.isfile(source):  # a weights file in the bootstrap architecture
-        v, t = model_cfg["vision_cfg"], model_cfg["text_cfg"]
-        arch = ClipConfig(
-            pretrained=source,
-            embed_dim=model_cfg["embed_dim"],
-            image_size=v["image_size"],
-            patch_size=v["patch_size"],
-            vision_width=v["width"],
-            vision_layers=v["layers"],
-            text_width=t["width"],
-            text_layers=t["layers"],
-            heads=t["heads"],
-            context_length=t["context_length"],
-        )
-        return arch, None
+        return bootstrap_config_of(model_cfg, pretrained=source), None
     name, _, pretrained = source.partition(":")  # load_clip writes "{model_name}:{pretrained}"
     return ClipConfig(
         model_name=name, pretrained=None if pretrained in ("", "None") else pretrained

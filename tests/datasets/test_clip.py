@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from unclip.datasets.clip import (
+    bootstrap_config_of,
     bootstrap_model_config,
     build_bootstrap_clip,
     encode_images,
@@ -18,6 +19,7 @@ from unclip.datasets.clip import (
     load_clip,
     save_clip,
 )
+from unclip.datasets.clip_records import load_clip_from_record
 from unclip.datasets.config import ClipConfig
 
 IMAGES = [Image.new("RGB", (48, 40), c) for c in [(255, 0, 0), (0, 200, 0), (10, 10, 240)]]
@@ -56,10 +58,28 @@ def test_the_resnet_tower_is_open_clips_with_attention_pooling_and_round_trips(
     m2, _, _ = open_clip.create_model_and_transforms(f"local-dir:{directory}")
     assert isinstance(m2.visual, open_clip.model.ModifiedResNet)
 
+    # a record naming a weights file of this tower loads it (the bootstrap architecture's path)
+    weights = tmp_path / "resnet.pt"
+    torch.save(model.state_dict(), weights)
+    record = {
+        "source": str(weights),
+        "model_cfg": bootstrap_model_config(cfg),
+        "clip_id": bundle.clip_id,
+    }
+    np.testing.assert_array_equal(encode_images(load_clip_from_record(record), IMAGES), emb)
+
     with pytest.raises(ValueError, match=r"image_size \(48\) must be divisible by 32"):
         build_bootstrap_clip(cfg.model_copy(update={"image_size": 48}))
     with pytest.raises(ValueError, match="clip.vision_tower: a bootstrap-only key"):
         ClipConfig(model_name="ViT-B-32", vision_tower="resnet")
+
+
+@pytest.mark.parametrize("tower", [{}, {"vision_tower": "resnet", "vision_layers": 2}])
+def test_bootstrap_config_of_inverts_bootstrap_model_config(tiny_clip_cfg, tower):
+    cfg = tiny_clip_cfg.model_copy(update=tower)
+    model_cfg = bootstrap_model_config(cfg)
+    assert bootstrap_config_of(model_cfg) == cfg
+    assert bootstrap_model_config(bootstrap_config_of(model_cfg)) == model_cfg
 
 
 def test_save_load_round_trip_and_open_clip_loads_the_dir(tiny_clip_cfg, tmp_path):
