@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .config_base import ConfigSection
+from .config_base import IDENTITY_UNLESS_DEFAULT, ConfigSection, IdentitySection
 from .curation_config import (
     FilterRecipe,
     ManifestConfig,
@@ -262,11 +262,12 @@ def ingest_config_with(base: IngestConfig, options: dict[str, object]) -> Ingest
 _BOOT = "Bootstrap only (clip.model_name unset):"
 
 
-class ClipConfig(ConfigSection):
+class ClipConfig(IdentitySection):
     """Which CLIP embeds the data: a pretrained open_clip model, or a bootstrap one trained here.
 
     With ``pretrained`` unset, a small model of this architecture is trained on the ingested
-    pairs (see ``unclip.training`` and the ``bootstrap`` section of the pipeline config).
+    pairs (see ``unclip.training`` and the ``bootstrap`` section of the pipeline config); its
+    :meth:`identity` names that run and is recorded in its checkpoints.
     """
 
     model_name: str | None = Field(
@@ -289,6 +290,7 @@ class ClipConfig(ConfigSection):
         "`vision_width` wide (the last stage 32 × as wide), pooled by attention over its last "
         "feature map (`image_size` / 32 on a side); it tells relative positions apart where the "
         "ViT does not (docs/compositional.md). Changes the CLIP's run name only when set.",
+        json_schema_extra=IDENTITY_UNLESS_DEFAULT,  # runs from before the option keep their names
     )
     patch_size: int = Field(8, ge=1, description=f"{_BOOT} ViT patch side.")
     vision_width: int = Field(

@@ -8,14 +8,14 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticUndefined
 
-from unclip.datasets.config import ConfigSection
+from unclip.datasets.config_base import (
+    IDENTITY_UNLESS_DEFAULT,
+    NOT_IDENTITY,
+    IdentitySection,
+)
 
-NOT_IDENTITY = {"identity": False}  # see setting()
 # The sample grid's captions on the synthetic shapes (what evaluate.captions defaults to there).
 SHAPE_CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
-# Marks a field added after runs were named: it joins the hash only when set to something other
-# than its default, so every run named before it existed keeps its name.
-IDENTITY_UNLESS_DEFAULT = {"identity": "unless_default"}
 
 
 # T, the diffusion steps of a model's training noise schedule (prior, decoder, upsampler).
@@ -26,26 +26,6 @@ def setting(default: Any = PydanticUndefined, **kwargs: Any) -> Any:
     """A ``Field`` that does not change what a run trains (sampling, bookkeeping): it is left out
     of the run name's hash, so changing it reuses the trained run instead of retraining."""
     return Field(default, json_schema_extra=NOT_IDENTITY, **kwargs)
-
-
-class IdentitySection(ConfigSection):
-    """A section of what is trained: its identity fields name runs and checkpoints."""
-
-    def identity(self) -> dict:
-        """The fields that shape a trained model, as JSON: what run names and checkpoints hash."""
-        out = {}
-        for name, field in type(self).model_fields.items():
-            kind = (field.json_schema_extra or {}).get("identity")
-            if kind is False:
-                continue
-            value = getattr(self, name)
-            if kind == "unless_default" and value == field.get_default(call_default_factory=True):
-                continue
-            out[name] = value.identity() if isinstance(value, IdentitySection) else self._json(name)
-        return out
-
-    def _json(self, name: str):
-        return self.model_dump(mode="json", include={name})[name]
 
 
 class TrainerConfig(IdentitySection):

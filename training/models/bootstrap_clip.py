@@ -25,7 +25,7 @@ from unclip.datasets.stream import Columns
 from ..config import BootstrapClipConfig
 from ..engine.fit_result import FitResult
 from ..engine.trainer import TrainTask, fit
-from .run_names import CLIP_KIND, bootstrap_clip_run_name, clip_config_json
+from .run_names import CLIP_KIND, bootstrap_clip_run_name
 
 if TYPE_CHECKING:
     from unclip.datasets.stream_sources import IngestedImageSource
@@ -75,7 +75,7 @@ class ClipTask(TrainTask):
     def describe(self) -> dict[str, Any]:
         return {
             "model": MODEL_KIND,
-            "clip": clip_config_json(self.clip_cfg),
+            "clip": self.clip_cfg.identity(),
             "sources": sorted(self.source_ids),
             "holdout_fraction": self.holdout_fraction,
             **({"removed": _digest(self.removed)} if self.removed else {}),

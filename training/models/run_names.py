@@ -23,23 +23,13 @@ def sources_version(source_ids: list[str]) -> str:
     return hashlib.sha256(json.dumps(sorted(source_ids)).encode()).hexdigest()[:16]
 
 
-def clip_config_json(clip_cfg: ClipConfig) -> dict:
-    """The CLIP config as its run name and its checkpoints record it. ``vision_tower`` came after
-    runs were named and checkpointed: at its default it is left out, so they keep their names and
-    still resume."""
-    out = clip_cfg.model_dump(mode="json")
-    if clip_cfg.vision_tower == "vit":
-        del out["vision_tower"]
-    return out
-
-
 def bootstrap_clip_run_name(
     clip_cfg: ClipConfig, boot: BootstrapClipConfig, holdout_fraction: float, source_ids: list[str]
 ) -> str:
     """The bootstrap CLIP's run: its config, the sources it trains on, the hold-out and seed."""
     return run_name_for(
         CLIP_KIND,
-        clip_config_json(clip_cfg),
+        clip_cfg,
         boot,
         holdout_fraction,
         data_version=sources_version(source_ids),
