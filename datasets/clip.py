@@ -54,11 +54,11 @@ RESNET_HEAD_WIDTH = 64  # its attention pool's head width, as in open_clip's RN5
 
 def bootstrap_model_config(cfg: ClipConfig) -> dict[str, Any]:
     """The bootstrap architecture as an open_clip model config dict (the model_configs/*.json format)."""
-    if cfg.text_width % cfg.heads or (cfg.vision_tower == "vit" and cfg.vision_width % cfg.heads):
-        raise ValueError(
-            f"clip: vision_width ({cfg.vision_width}) and text_width ({cfg.text_width}) "
-            f"must be divisible by heads ({cfg.heads})"
-        )
+    # The ResNet tower's attention pool has heads of its own width (RESNET_HEAD_WIDTH).
+    widths = ["text_width"] + (["vision_width"] if cfg.vision_tower == "vit" else [])
+    uneven = [f"{w} ({getattr(cfg, w)})" for w in widths if getattr(cfg, w) % cfg.heads]
+    if uneven:
+        raise ValueError(f"clip: {' and '.join(uneven)} must be divisible by heads ({cfg.heads})")
     if cfg.vision_tower == "resnet":
         if cfg.image_size % RESNET_STRIDE:
             raise ValueError(

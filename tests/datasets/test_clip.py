@@ -74,6 +74,16 @@ def test_the_resnet_tower_is_open_clips_with_attention_pooling_and_round_trips(
         ClipConfig(model_name="ViT-B-32", vision_tower="resnet")
 
 
+def test_widths_not_divisible_by_heads_are_named():
+    with pytest.raises(ValueError, match=r"^clip: vision_width \(130\) must be divisible by heads"):
+        bootstrap_model_config(ClipConfig(vision_width=130, heads=4))
+    # the ResNet tower's attention pool has heads of its own width: only the text width counts
+    resnet = ClipConfig(vision_tower="resnet", vision_width=30, heads=4)
+    assert bootstrap_model_config(resnet)["vision_cfg"]["width"] == 30
+    with pytest.raises(ValueError, match=r"^clip: text_width \(130\) must be divisible by heads"):
+        bootstrap_model_config(resnet.model_copy(update={"text_width": 130}))
+
+
 @pytest.mark.parametrize("tower", [{}, {"vision_tower": "resnet", "vision_layers": 2}])
 def test_bootstrap_config_of_inverts_bootstrap_model_config(tiny_clip_cfg, tower):
     cfg = tiny_clip_cfg.model_copy(update=tower)
