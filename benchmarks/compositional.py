@@ -12,10 +12,10 @@ From ``configs/compositional.yaml`` (the compositional shapes with held-out comp
 The three decoders are trained by the one trainer on the same dataset version with the same
 ``decoder.trainer`` section (steps, batch, learning rate); the two unCLIP variants also use the
 prior, which the third does not need. Each is scored by the pixel oracle on the same prompts
-(``evaluation_prompts``), 4 samples per prompt; the table shows held-out compositions, the JSON
-line seen and held-out. With an ``upsampler`` section, every variant's images go through it,
-and the table shows each variant at the upsampler's resolution and, for the same samples, at the
-decoder's. ``oracle_accuracy_real`` is the oracle's worst per-task accuracy on the held-out real
+(``evaluation_prompts``), 4 samples per prompt; one table shows held-out compositions (and
+which variant wins each task), the next seen ones. With an ``upsampler`` section, every variant's
+images go through it, and each table shows each variant at the upsampler's resolution and, for
+the same samples, at the decoder's. ``oracle_accuracy_real`` is the oracle's worst per-task accuracy on the held-out real
 images of the dataset at each of those resolutions (with near-miss prompts).
 
 A second table, ``where_composition_is_lost``, follows composition through the unCLIP stages on
@@ -174,6 +174,18 @@ def real_oracle_accuracy(
     return oracle_accuracy([c for c, _ in flat], [i for _, i in flat], color_palette(cfg.synthetic))
 
 
+def variant_rows(
+    scores: dict[str, Any], split: str, sizes: list[int]
+) -> list[tuple[str, dict[str, float]]]:
+    """Each variant's scores on ``split`` at the final size, then before the upsampler."""
+    rows = []
+    for name in VARIANTS:
+        rows.append((f"{name} {sizes[-1]}px", scores[name][split]))
+        if "before_upsampler" in scores[name]:
+            rows.append((f"{name} {sizes[0]}px", scores[name]["before_upsampler"][split]))
+    return rows
+
+
 def where_composition_is_lost(
     cfg: Any, trained: dict[str, Any], pairs: Any, checks: list[list[Any]]
 ) -> dict[str, dict[str, float]]:
@@ -320,19 +332,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"held-out compositions, {args.samples_per_prompt} samples per prompt "
         f"(oracle on real images: worst task {oracle['min']:.3f})"
     )
-    final_px = sizes[-1]
-    rows = []
-    for name in VARIANTS:
-        rows.append((f"{name} {final_px}px", scores[name]["heldout"]))
-        if "before_upsampler" in scores[name]:
-            rows.append((f"{name} {sizes[0]}px", scores[name]["before_upsampler"]["heldout"]))
-    print_table("variant", rows, columns, width=20)
+    print_table("variant", variant_rows(scores, "heldout", sizes), columns, width=20)
     winners = {}  # the variant with the best score, or every variant tied at it
     for task in columns:
         best = max(scores[v]["heldout"].get(task, -1.0) for v in VARIANTS)
         tied = [v for v in VARIANTS if scores[v]["heldout"].get(task, -1.0) == best]
         winners[task] = tied[0] if len(tied) == 1 else "tie: " + " = ".join(tied)
     print("best per task (held out): " + ", ".join(f"{t}: {v}" for t, v in winners.items()))
+    print(f"seen compositions, {args.samples_per_prompt} samples per prompt")
+    print_table("variant", variant_rows(scores, "seen", sizes), columns, width=20)
     lost = where_composition_is_lost(cfg, trained, pairs, checks)
     print(
         f"where composition is lost: {len(pairs.captions)} held-out samples of seen "
@@ -351,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "oracle_accuracy_real": oracle["min"],
         "oracle_accuracy_real_per_task": oracle,
         "oracle_accuracy_real_per_size": {str(k): v["min"] for k, v in at_size.items()},
-        "image_size": final_px,
+        "image_size": sizes[-1],
         "winners_heldout": winners,
         "scores": scores,
         "prompts_per_task": per_task,

@@ -93,4 +93,25 @@ def test_shrunk_benchmark_runs_and_reports_every_variant_and_key(tmp_path, capsy
     out = capsys.readouterr().out
     assert "where composition is lost" in out and "unclip_text reconstruction" in out
     assert "held-out colour-shape pairs" in out
+    seen_table = out.split("\nseen compositions, ")[1].split("where composition")[0]
+    assert "unclip_text 32px" in seen_table
     assert "text_tokens" in out and out.strip().splitlines()[-1].startswith("{")
+
+
+def test_variant_rows_take_the_split_asked_for_at_both_sizes():
+    bench = _benchmark()
+    scores = {
+        v: {
+            "heldout": {"overall": 0.1},
+            "seen": {"overall": 0.2},
+            "before_upsampler": {"heldout": {"overall": 0.3}, "seen": {"overall": 0.4}},
+        }
+        for v in bench.VARIANTS
+    }
+    rows = bench.variant_rows(scores, "seen", [32, 64])
+    assert [label for label, _ in rows[:2]] == ["unclip 64px", "unclip 32px"]
+    assert [row["overall"] for _, row in rows] == [0.2, 0.4] * 3
+    assert [row["overall"] for _, row in bench.variant_rows(scores, "heldout", [32, 64])] == [
+        0.1,
+        0.3,
+    ] * 3
