@@ -15,8 +15,9 @@ prior, which the third does not need. Each is scored by the pixel oracle on the 
 (``evaluation_prompts``), 4 samples per prompt; one table shows held-out compositions (and
 which variant wins each task), the next seen ones. With an ``upsampler`` section, every variant's
 images go through it, and each table shows each variant at the upsampler's resolution and, for
-the same samples, at the decoder's. ``oracle_accuracy_real`` is the oracle's worst per-task accuracy on the held-out real
-images of the dataset at each of those resolutions (with near-miss prompts).
+the same samples, at the decoder's. ``oracle_accuracy_real`` is the oracle's worst per-task
+accuracy on the held-out real images of the dataset at each of those resolutions (with near-miss
+prompts).
 
 A second table, ``where_composition_is_lost``, follows composition through the unCLIP stages on
 the held-out real samples (seen compositions, unseen images), at the decoder's resolution: how
