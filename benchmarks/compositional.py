@@ -19,11 +19,11 @@ the same samples, at the decoder's. ``oracle_accuracy_real`` is the oracle's wor
 accuracy on the held-out real images of the dataset at each of those resolutions (with near-miss
 prompts).
 
-A second table, ``where_composition_is_lost``, follows composition through the unCLIP stages on
-the held-out real samples (seen compositions, unseen images), at the decoder's resolution: how
-often CLIP scores each sample's caption above its near misses, what the real images meet, what
-each unCLIP decoder draws from the samples' own embeddings (no prior), and what the cascade
-draws from their captions.
+A second table, ``where_composition_is_lost``, follows composition through the unCLIP stages on the
+first ``--lost-samples`` held-out real samples (seen compositions, unseen images), at the decoder's
+resolution: how often CLIP scores each sample's caption above its near misses, what the real images
+meet, what each unCLIP decoder draws from the samples' own embeddings (no prior), and what the
+cascade draws from their captions.
 
     python benchmarks/compositional.py                # full size: ~60 min on 2 CPUs
     python benchmarks/compositional.py --shrunk       # seconds-scale models: checks it runs
@@ -33,6 +33,7 @@ draws from their captions.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -156,6 +157,20 @@ def holdout_samples(cfg: Any, layout: Any, version: str) -> tuple[Any, list[list
         spec = sample_spec(cfg.synthetic, i)
         spec_of.setdefault(spec["caption"], spec)
     return pairs, [sample_prompts(spec_of[caption], cfg.synthetic) for caption in pairs.captions]
+
+
+def first_samples(pairs: Any, checks: list[list[Any]], n: int) -> tuple[Any, list[list[Any]]]:
+    """The first ``n`` held-out samples and their checks (all of them when ``n`` is 0)."""
+    if n <= 0 or n >= len(pairs.captions):
+        return pairs, checks
+    cut = {
+        "keys": pairs.keys[:n],
+        "captions": pairs.captions[:n],
+        "images": pairs.images[:n],
+        "image_emb": None if pairs.image_emb is None else pairs.image_emb[:n],
+        "text_emb": None if pairs.text_emb is None else pairs.text_emb[:n],
+    }
+    return dataclasses.replace(pairs, **cut), checks[:n]
 
 
 def real_oracle_accuracy(
@@ -295,6 +310,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--storage", help="storage root (default: the config's)")
     parser.add_argument("--prompts-per-task", type=int, default=None)
     parser.add_argument("--samples-per-prompt", type=int, default=4)
+    parser.add_argument(
+        "--lost-samples",
+        type=int,
+        default=300,
+        help="held-out samples the 'where composition is lost' stages draw from (the first N; "
+        "0: all of them)",
+    )
     args = parser.parse_args(argv)
     if not args.config.is_file():
         parser.error(f"--config {args.config}: no such file")
@@ -342,9 +364,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("best per task (held out): " + ", ".join(f"{t}: {v}" for t, v in winners.items()))
     print(f"seen compositions, {args.samples_per_prompt} samples per prompt")
     print_table("variant", variant_rows(scores, "seen", sizes), columns, width=20)
-    lost = where_composition_is_lost(cfg, trained, pairs, checks)
+    lost_pairs, lost_checks = first_samples(pairs, checks, args.lost_samples)
+    lost = where_composition_is_lost(cfg, trained, lost_pairs, lost_checks)
     print(
-        f"where composition is lost: {len(pairs.captions)} held-out samples of seen "
+        f"where composition is lost: {len(lost_pairs.captions)} held-out samples of seen "
         f"compositions, {sizes[0]}px, fraction of true checks met (clip_near_miss: of near misses "
         "told apart)"
     )
@@ -365,6 +388,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "scores": scores,
         "prompts_per_task": per_task,
         "samples_per_prompt": args.samples_per_prompt,
+        "lost_samples": len(lost_pairs.captions),
         "decoder_steps_each": cfg.decoder.trainer.max_steps,
         "shrunk": args.shrunk,
         "config": str(args.config.resolve()),

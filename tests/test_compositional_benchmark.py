@@ -44,7 +44,8 @@ def test_another_config_is_run_with_its_own_storage_and_shrunk_on_request(tmp_pa
 
 def test_shrunk_benchmark_runs_and_reports_every_variant_and_key(tmp_path, capsys):
     bench = _benchmark()
-    result = bench.main(["--shrunk", "--storage", str(tmp_path / "store")])
+    argv = ["--shrunk", "--storage", str(tmp_path / "store"), "--lost-samples", "10"]
+    result = bench.main(argv)
     for key in (
         "unclip_overall_heldout",
         "best_color_attribution_heldout",
@@ -91,7 +92,8 @@ def test_shrunk_benchmark_runs_and_reports_every_variant_and_key(tmp_path, capsy
     for row in [*lost.values(), *unseen.values()]:
         assert all(0.0 <= v <= 1.0 for v in row.values())
     out = capsys.readouterr().out
-    assert "where composition is lost" in out and "unclip_text reconstruction" in out
+    assert "where composition is lost: 10 held-out samples" in out  # the first 10 of ~24
+    assert result["lost_samples"] == 10 and "unclip_text reconstruction" in out
     assert "held-out colour-shape pairs" in out
     seen_table = out.split("\nseen compositions, ")[1].split("where composition")[0]
     assert "unclip_text 32px" in seen_table
@@ -115,3 +117,28 @@ def test_variant_rows_take_the_split_asked_for_at_both_sizes():
         0.1,
         0.3,
     ] * 3
+
+
+def test_first_samples_cut_every_column_and_the_checks_alike():
+    import numpy as np
+
+    from unclip.datasets.readers import ImagePairs
+
+    bench = _benchmark()
+    n = 5
+    pairs = ImagePairs(
+        keys=[f"k{i}" for i in range(n)],
+        captions=[f"c{i}" for i in range(n)],
+        images=np.arange(n)[:, None, None, None] * np.ones((n, 2, 2, 3), np.uint8),
+        image_emb=np.arange(n, dtype=np.float32)[:, None],
+        text_emb=None,
+    )
+    checks = [[f"check{i}"] for i in range(n)]
+    cut, cut_checks = bench.first_samples(pairs, checks, 3)
+    assert cut.keys == ["k0", "k1", "k2"] and cut.captions == ["c0", "c1", "c2"]
+    assert cut.images.shape == (3, 2, 2, 3) and cut.images[2].max() == 2
+    assert cut.image_emb[:, 0].tolist() == [0.0, 1.0, 2.0] and cut.text_emb is None
+    assert cut_checks == checks[:3]
+    for everything in (0, n, n + 1):  # 0 and too many: all of them
+        whole, whole_checks = bench.first_samples(pairs, checks, everything)
+        assert whole.captions == pairs.captions and whole_checks == checks
