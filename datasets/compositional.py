@@ -11,8 +11,10 @@ Each sample is one of four kinds, drawn with equal odds from its own RNG seeded 
 Several objects sit in distinct cells of a 2 × 2 grid, each 45–70% of its cell and at least a
 tenth of a cell from the cell's edges, so objects never touch and the relation between two
 neighbours is unambiguous (their centres differ mostly along the relation's axis). Held-out
-colour–shape pairs and shape–relation–shape triples (``CompositionalConfig``) never occur in a
-generated image; :func:`evaluation_prompts` asks for them apart from the seen compositions.
+colour–shape pairs (``CompositionalConfig``) never occur in a generated image, and held-out
+shape–relation–shape triples never in a caption (a pair sample, which names no relation, may
+still show the arrangement); :func:`evaluation_prompts` asks for them apart from the seen
+compositions.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ RELATIONS = ("left of", "right of", "above", "below")
 class CompositionalConfig(ConfigSection):
     """The compositional variant of the shapes: one to four objects, counts, relative positions.
 
-    Held-out compositions never occur in the generated (training) images; the compositional
-    evaluation prompts for them apart from the seen ones.
+    Held-out colour–shape pairs never occur in the generated (training) images, and held-out
+    relations never in their captions (a pair sample, captioned without a relation, may still
+    show the arrangement); the compositional evaluation prompts for them apart from the seen ones.
     """
 
     heldout_pairs: list[str] = Field(
@@ -23,9 +24,10 @@ class CompositionalConfig(ConfigSection):
     )
     heldout_relations: list[str] = Field(
         default_factory=lambda: ["triangle above circle", "square left of triangle"],
-        description='Shape–relation–shape triples no image shows ("triangle above circle"; its '
-        'inverse, "circle below triangle", is the same picture and is held out too). Relations: '
-        "left of, right of, above, below.",
+        description='Shape–relation–shape triples no caption names ("triangle above circle"; '
+        'its inverse, "circle below triangle", is the same picture and is held out too; pair '
+        "samples, captioned without a relation, may show the arrangement). Relations: left of, "
+        "right of, above, below.",
     )
 
     def pair_list(self) -> list[tuple[str, str]]:
