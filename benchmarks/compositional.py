@@ -215,55 +215,93 @@ def where_composition_is_lost(
     - ``<variant> cascade``: prior then decoder from each sample's caption.
 
     ``heldout_pairs`` has the same rows for images no training sample shows: each held-out
-    colour–shape pair, rendered alone (``heldout_pair_specs``).
+    colour–shape pair, rendered alone (``heldout_pair_specs``). ``heldout_relations`` has them
+    for pictures of the held-out relations, which no training caption names
+    (``heldout_relation_specs``), and ``clip_picture_pick``: how often a caption's text embedding
+    scores its picture above the inverse relation's picture (``picture_pick_accuracy``).
     """
     import numpy as np
     import torch
     from PIL import Image
 
     from unclip.datasets.clip import encode_images, encode_texts, load_clip
-    from unclip.datasets.compositional import Prompt, heldout_pair_specs
+    from unclip.datasets.compositional import (
+        Prompt,
+        heldout_pair_specs,
+        heldout_relation_specs,
+        sample_prompts,
+        swap_places,
+    )
     from unclip.datasets.synthetic import color_palette, render_spec
     from unclip.training.evaluation.cascade_eval import resize_all
-    from unclip.training.evaluation.compositional_eval import near_miss_accuracy, true_check_scores
+    from unclip.training.evaluation.compositional_eval import (
+        near_miss_accuracy,
+        picture_pick_accuracy,
+        true_check_scores,
+    )
     from unclip.training.inference import UnclipPipeline
 
     bicubic = Image.Resampling.BICUBIC
     palette = color_palette(cfg.synthetic)
     steps, seed = cfg.evaluate.eval_steps, cfg.evaluate.eval_seed
     size = cfg.decoder.image_size
-    held = heldout_pair_specs(cfg.synthetic, per_pair=24)
-    held_images = [
-        render_spec(cfg.synthetic, spec).resize((cfg.clip.image_size,) * 2, bicubic)
-        for spec in held
-    ]
-    held_captions = [spec["caption"] for spec in held]
-    held_checks = [
+    clip = load_clip(cfg.clip, trained["clip_checkpoint"])
+    encode = functools.partial(encode_texts, clip)
+
+    def rendered(specs: list[dict[str, Any]]) -> tuple[list[Any], np.ndarray]:
+        """The specs drawn at CLIP's input size, and at the decoder's for the oracle."""
+        images = [
+            render_spec(cfg.synthetic, spec).resize((cfg.clip.image_size,) * 2, bicubic)
+            for spec in specs
+        ]
+        return images, resize_all(np.stack([np.asarray(x) for x in images]), size)
+
+    pair_specs = heldout_pair_specs(cfg.synthetic, per_pair=24)
+    pair_images, pair_real = rendered(pair_specs)
+    pair_checks = [
         [
             (Prompt(task, spec["caption"], ((spec["color"], spec["shape"]),), True), True)
             for task in ("single_object", "colors")
         ]
-        for spec in held
+        for spec in pair_specs
     ]
-    clip = load_clip(cfg.clip, trained["clip_checkpoint"])
-    encode = functools.partial(encode_texts, clip)
+    relation_specs = heldout_relation_specs(cfg.synthetic, per_relation=24)
+    relation_images, relation_real = rendered(relation_specs)
+    swapped_images, _ = rendered([swap_places(s, cfg.synthetic.image_size) for s in relation_specs])
+    relation_checks = [sample_prompts(spec, cfg.synthetic) for spec in relation_specs]
+
     out: dict[str, dict[str, float]] = {
         "real": true_check_scores(resize_all(pairs.images, size), checks, palette),
         "clip_near_miss": near_miss_accuracy(pairs.image_emb, pairs.captions, checks, encode),
     }
-    held_real = resize_all(np.stack([np.asarray(x) for x in held_images]), size)
     unseen: dict[str, dict[str, float]] = {
-        "real": true_check_scores(held_real, held_checks, palette)
+        "real": true_check_scores(pair_real, pair_checks, palette)
     }
+    relation_emb = encode_images(clip, relation_images)
+    relation_captions = [spec["caption"] for spec in relation_specs]
+    relation_text = encode(relation_captions)
+    unnamed: dict[str, dict[str, float]] = {
+        "real": true_check_scores(relation_real, relation_checks, palette),
+        "clip_near_miss": near_miss_accuracy(
+            relation_emb, relation_captions, relation_checks, encode
+        ),
+        "clip_picture_pick": {
+            "position": picture_pick_accuracy(
+                relation_text, relation_emb, encode_images(clip, swapped_images)
+            )
+        },
+    }
+    pair_captions = [spec["caption"] for spec in pair_specs]
     samples = (
         (out, pairs.image_emb, pairs.text_emb, pairs.captions, checks),
         (
             unseen,
-            encode_images(clip, held_images),
-            encode(held_captions),
-            held_captions,
-            held_checks,
+            encode_images(clip, pair_images),
+            encode(pair_captions),
+            pair_captions,
+            pair_checks,
         ),
+        (unnamed, relation_emb, relation_text, relation_captions, relation_checks),
     )
     for name in ("unclip", "unclip_text"):
         pipe = UnclipPipeline.from_exports(trained["decoders"][name], clip, trained["prior"])
@@ -283,7 +321,7 @@ def where_composition_is_lost(
                 decoder_num_inference_steps=steps,
             ).images
             table[f"{name} cascade"] = true_check_scores(drawn, truths, palette)
-    return {**out, "heldout_pairs": unseen}
+    return {**out, "heldout_pairs": unseen, "heldout_relations": unnamed}
 
 
 def print_table(
@@ -371,10 +409,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"compositions, {sizes[0]}px, fraction of true checks met (clip_near_miss: of near misses "
         "told apart)"
     )
-    stages = [(label, row) for label, row in lost.items() if label != "heldout_pairs"]
+    rendered = ("heldout_pairs", "heldout_relations")
+    stages = [(label, row) for label, row in lost.items() if label not in rendered]
     print_table("stage", stages, TASKS, width=28)
     print("held-out colour-shape pairs, each rendered alone: the same stages")
     print_table("stage", list(lost["heldout_pairs"].items()), TASKS, width=28)
+    print(
+        "held-out relations, rendered as relation samples (no training caption names them; "
+        "clip_picture_pick: the caption's text embedding scores its picture above the inverse "
+        "relation's)"
+    )
+    print_table("stage", list(lost["heldout_relations"].items()), TASKS, width=28)
     result = {
         "where_composition_is_lost": lost,
         "unclip_overall_heldout": scores["unclip"]["heldout"]["overall"],

@@ -205,6 +205,65 @@ def heldout_pair_specs(cfg: SyntheticConfig, per_pair: int) -> list[dict[str, An
     return out
 
 
+def heldout_relation_specs(cfg: SyntheticConfig, per_relation: int) -> list[dict[str, Any]]:
+    """Pictures of the held-out relations, drawn as relation samples: ``per_relation`` for each
+    triple of ``heldout_relations``, captioned alternately in its wording and its inverse's
+    ("a red triangle above a blue circle", "a blue circle below a red triangle"), each object a
+    colour–shape pair training images show. No training caption names these relations, though a
+    pair sample may show the arrangement. With :func:`swap_places` they tell whether CLIP's text
+    side points a held-out relation at its picture rather than at the inverse one."""
+    comp = Compositions.of(cfg)
+    n = cfg.image_size
+    out = []
+    for a, rel, b in cfg.compositional.relation_list() if cfg.compositional else []:
+        for i in range(per_relation):
+            rng = random.Random(f"unclip-heldout-relation:{cfg.seed}:{a}:{rel}:{b}:{i}")
+            color_a = rng.choice([c for c, s in comp.pairs if s == a])
+            color_b = rng.choice([c for c, s in comp.pairs if s == b and c != color_a])
+            cells = rng.choice(_RELATION_CELLS[rel])
+            first = _cell_object(rng, n, cells[0], color_a, a)
+            second = _cell_object(rng, n, cells[1], color_b, b)
+            if i % 2:  # the inverse wording of the same picture
+                first, second, relation = second, first, INVERSE[rel]
+            else:
+                relation = rel
+            pair_a = (first["color"], first["shape"])
+            pair_b = (second["color"], second["shape"])
+            out.append(
+                {
+                    "index": None,
+                    "kind": "relation",
+                    "caption": relation_phrase(pair_a, relation, pair_b),
+                    "color": pair_a[0],
+                    "shape": pair_a[1],
+                    "objects": [first, second],
+                    "relation": relation,
+                    "background": tuple(rng.randint(232, 255) for _ in range(3)),
+                }
+            )
+    return out
+
+
+def swap_places(spec: dict[str, Any], image_size: int) -> dict[str, Any]:
+    """A spec of two objects in grid cells with the cells traded: the inverse relation's picture.
+    Each object keeps its size and its offset inside its cell, so it keeps its margins; the
+    background stays, and so does the caption."""
+    side = image_size / 2
+
+    def corner(obj: dict[str, Any]) -> tuple[float, float]:
+        return (obj["cx"] // side) * side, (obj["cy"] // side) * side
+
+    first, second = spec["objects"]
+    (ax, ay), (bx, by) = corner(first), corner(second)
+    return {
+        **spec,
+        "objects": [
+            {**first, "cx": first["cx"] - ax + bx, "cy": first["cy"] - ay + by},
+            {**second, "cx": second["cx"] - bx + ax, "cy": second["cy"] - by + ay},
+        ],
+    }
+
+
 @dataclass(frozen=True)
 class Prompt:
     """One evaluation prompt: its task, caption, what the image must show, and whether held out."""

@@ -80,8 +80,15 @@ def test_shrunk_benchmark_runs_and_reports_every_variant_and_key(tmp_path, capsy
         "unclip_text reconstruction",
         "unclip_text cascade",
         "heldout_pairs",
+        "heldout_relations",
     }
     unseen = lost.pop("heldout_pairs")
+    unnamed = lost.pop("heldout_relations")
+    assert set(unnamed) == set(unseen) | {"clip_near_miss", "clip_picture_pick"}
+    # each rendered held-out relation shows both objects, both colour-shape pairs and the relation
+    assert unnamed["real"] == {"two_object": 1.0, "color_attr": 1.0, "position": 1.0}
+    assert set(unnamed["clip_near_miss"]) == {"two_object", "color_attr", "position"}
+    assert set(unnamed["clip_picture_pick"]) == {"position"}
     assert set(unseen) == {
         "real",
         *(f"{v} {s}" for v in ("unclip", "unclip_text") for s in ("reconstruction", "cascade")),
@@ -89,12 +96,14 @@ def test_shrunk_benchmark_runs_and_reports_every_variant_and_key(tmp_path, capsy
     assert unseen["real"] == {"colors": 1.0, "single_object": 1.0}
     assert set(lost["real"]) == set(scores["heldout"]["images"])  # every task's true checks
     assert min(lost["real"].values()) >= 0.99  # the real images meet what their captions say
-    for row in [*lost.values(), *unseen.values()]:
+    for row in [*lost.values(), *unseen.values(), *unnamed.values()]:
         assert all(0.0 <= v <= 1.0 for v in row.values())
     out = capsys.readouterr().out
     assert "where composition is lost: 10 held-out samples" in out  # the first 10 of ~24
     assert result["lost_samples"] == 10 and "unclip_text reconstruction" in out
     assert "held-out colour-shape pairs" in out
+    relations_table = out.split("held-out relations, rendered")[1].split("\n{")[0]
+    assert "clip_picture_pick" in relations_table and "unclip cascade" in relations_table
     seen_table = out.split("\nseen compositions, ")[1].split("where composition")[0]
     assert "unclip_text 32px" in seen_table
     assert "text_tokens" in out and out.strip().splitlines()[-1].startswith("{")

@@ -15,6 +15,9 @@ from unclip.datasets.compositional import (
     TASKS,
     Compositions,
     evaluation_prompts,
+    heldout_relation_specs,
+    sample_prompts,
+    swap_places,
 )
 from unclip.datasets.config import CompositionalConfig, SyntheticConfig
 from unclip.datasets.synthetic import (
@@ -162,3 +165,39 @@ def test_heldout_pair_specs_render_each_heldout_pair_no_sample_shows():
     assert np.array_equal(
         np.asarray(render_spec(cfg, sample_spec(cfg, 5))), np.asarray(render_image(cfg, 5))
     )
+
+
+def test_heldout_relation_specs_draw_each_heldout_relation_in_both_wordings():
+    from unclip.datasets.synthetic import color_palette, render_spec
+    from unclip.training.evaluation.compositional_eval import judge
+    from unclip.training.evaluation.image_metrics import detect_objects
+
+    cfg = SyntheticConfig(num_pairs=400, seed=3, compositional=CompositionalConfig())
+    comp = Compositions.of(cfg)
+    specs = heldout_relation_specs(cfg, per_relation=4)
+    listed = cfg.compositional.relation_list()
+    assert len(specs) == 4 * len(listed)
+    for k, (a, rel, b) in enumerate(listed):
+        wordings = [
+            (s["objects"][0]["shape"], s["relation"], s["objects"][1]["shape"])
+            for s in specs[4 * k : 4 * k + 4]
+        ]
+        assert wordings == [(a, rel, b), (b, INVERSE[rel], a)] * 2
+    seen_captions = {sample_spec(cfg, i)["caption"] for i in range(cfg.num_pairs)}
+    palette = color_palette(cfg)
+    for spec in specs:
+        first, second = ((o["color"], o["shape"]) for o in spec["objects"])
+        assert first in comp.pairs and second in comp.pairs and first[0] != second[0]
+        assert not comp.seen_relation(first[1], spec["relation"], second[1])
+        assert spec["caption"] not in seen_captions
+        positions = [p for p, _ in sample_prompts(spec, cfg) if p.task == "position"]
+        asked, inverse = positions  # the caption's relation, then its near miss
+        drawn = detect_objects(np.asarray(render_spec(cfg, spec)), palette)
+        traded = detect_objects(
+            np.asarray(render_spec(cfg, swap_places(spec, cfg.image_size))), palette
+        )
+        assert asked.caption == spec["caption"]
+        assert [judge(asked, drawn), judge(inverse, drawn)] == [True, False]
+        # the places traded: the inverse relation's picture, the same two objects
+        assert [judge(asked, traded), judge(inverse, traded)] == [False, True]
+        assert sorted((o.color, o.shape) for o in traded) == sorted([first, second])

@@ -14,6 +14,7 @@ from unclip.training.evaluation.compositional_eval import (
     judge_images,
     near_miss_accuracy,
     oracle_accuracy,
+    picture_pick_accuracy,
     task_scores,
     true_check_scores,
 )
@@ -139,6 +140,17 @@ def test_near_misses_count_as_told_apart_only_when_scored_below_the_caption():
     assert acc == {"color_attr": pytest.approx(1 / 3), "two_object": pytest.approx(2 / 3)}
     with pytest.raises(ValueError, match="check lists"):
         near_miss_accuracy(embeddings, [spec["caption"]] * 3, [checks] * 2, encode)
+
+
+def test_a_picture_is_picked_only_when_its_caption_scores_it_above_the_swapped_one():
+    x, y, z = np.eye(3)
+    text = np.stack([x, x, x, y])
+    own = np.stack([x, 0.5 * x, y, y])
+    swapped = np.stack([y, x, 0.5 * x, y])  # picked, not (lower), not (other way), a tie: not
+    assert picture_pick_accuracy(text, own, swapped) == pytest.approx(0.25)
+    assert picture_pick_accuracy(text, swapped, own) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="swapped pictures"):
+        picture_pick_accuracy(text, own, swapped[:3])
 
 
 def test_true_checks_are_scored_on_the_image_drawn_for_them():

@@ -155,6 +155,22 @@ def near_miss_accuracy(
     return {task: sum(r) / len(r) for task, r in sorted(right.items())}
 
 
+def picture_pick_accuracy(
+    text_emb: np.ndarray, image_emb: np.ndarray, swapped_emb: np.ndarray
+) -> float:
+    """How often each caption's text embedding scores its own picture above the same objects with
+    their places traded (the inverse relation's picture): what a prior trained on CLIP's pairs
+    can follow from the words. 0.5 is chance. Row ``i`` of each array belongs together."""
+    if not (len(text_emb) == len(image_emb) == len(swapped_emb)) or not len(text_emb):
+        raise ValueError(
+            f"{len(text_emb)} captions, {len(image_emb)} pictures and {len(swapped_emb)} swapped "
+            "pictures"
+        )
+    own = (text_emb * image_emb).sum(axis=1)
+    swapped = (text_emb * swapped_emb).sum(axis=1)
+    return float(np.mean(own > swapped))
+
+
 def true_check_scores(
     images: np.ndarray,
     checks: Sequence[Sequence[tuple[Prompt, bool]]],
