@@ -201,3 +201,16 @@ def test_heldout_relation_specs_draw_each_heldout_relation_in_both_wordings():
         # the places traded: the inverse relation's picture, the same two objects
         assert [judge(asked, traded), judge(inverse, traded)] == [False, True]
         assert sorted((o.color, o.shape) for o in traded) == sorted([first, second])
+
+
+def test_heldout_relation_specs_name_a_relation_they_cannot_draw():
+    cfg = SyntheticConfig(
+        colors=["red", "blue"],
+        shapes=["circle", "square", "triangle"],
+        compositional=CompositionalConfig(
+            heldout_pairs=["blue triangle", "blue circle"],
+            heldout_relations=["triangle above circle"],
+        ),
+    )
+    with pytest.raises(ValueError, match="'triangle above circle' needs a seen triangle"):
+        heldout_relation_specs(cfg, per_relation=2)
