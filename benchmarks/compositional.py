@@ -23,7 +23,10 @@ A second table, ``where_composition_is_lost``, follows composition through the u
 first ``--lost-samples`` held-out real samples (seen compositions, unseen images), at the decoder's
 resolution: how often CLIP scores each sample's caption above its near misses, what the real images
 meet, what each unCLIP decoder draws from the samples' own embeddings (no prior), and what the
-cascade draws from their captions.
+cascade draws from their captions. Two more tables have the same stages for pictures no training
+caption names: each held-out colour–shape pair rendered alone, and each held-out relation drawn as
+a relation sample, with ``clip_picture_pick`` (does the caption's text embedding prefer its picture
+to the inverse relation's?).
 
     python benchmarks/compositional.py                # full size: ~60 min on 2 CPUs
     python benchmarks/compositional.py --shrunk       # seconds-scale models: checks it runs
