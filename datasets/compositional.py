@@ -216,15 +216,15 @@ def heldout_relation_specs(cfg: SyntheticConfig, per_relation: int) -> list[dict
     n = cfg.image_size
     out = []
     for a, rel, b in cfg.compositional.relation_list() if cfg.compositional else []:
+        colors_b = [c for c, s in comp.pairs if s == b]
+        colors_a = [c for c, s in comp.pairs if s == a and set(colors_b) - {c}]
+        if not colors_a:
+            raise ValueError(
+                f"synthetic.compositional: drawing the held-out relation '{a} {rel} {b}' "
+                f"needs a seen {a} and a seen {b} of another colour"
+            )
         for i in range(per_relation):
             rng = random.Random(f"unclip-heldout-relation:{cfg.seed}:{a}:{rel}:{b}:{i}")
-            colors_b = [c for c, s in comp.pairs if s == b]
-            colors_a = [c for c, s in comp.pairs if s == a and set(colors_b) - {c}]
-            if not colors_a:
-                raise ValueError(
-                    f"synthetic.compositional: drawing the held-out relation '{a} {rel} {b}' "
-                    f"needs a seen {a} and a seen {b} of another colour"
-                )
             color_a = rng.choice(colors_a)
             color_b = rng.choice([c for c in colors_b if c != color_a])
             cells = rng.choice(_RELATION_CELLS[rel])
