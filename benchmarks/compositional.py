@@ -1,4 +1,4 @@
-"""Compositional quality of three text-to-image variants under equal compute, GenEval-style.
+"""Compositional quality of four text-to-image variants under equal compute, GenEval-style.
 
 From ``configs/compositional.yaml`` (the compositional shapes with held-out compositions):
 
@@ -7,11 +7,14 @@ From ``configs/compositional.yaml`` (the compositional shapes with held-out comp
 2. **unclip_text**: the same prior, and a decoder conditioned on the image embedding and the
    caption's text embedding (``decoder.text_conditioning``, the DALL·E 2 paper's default);
 3. **text_tokens**: an Imagen-style decoder on the caption's CLIP token sequence by
-   cross-attention (``decoder.condition: text_tokens``), no prior.
+   cross-attention (``decoder.condition: text_tokens``), no prior;
+4. **caption_transformer**: a GLIDE-style decoder, the same but for its text side: a small text
+   transformer trained with the UNet on the pixel loss (``decoder.condition:
+   caption_transformer``), no prior and no CLIP.
 
-The three decoders are trained by the one trainer on the same dataset version with the same
+The four decoders are trained by the one trainer on the same dataset version with the same
 ``decoder.trainer`` section (steps, batch, learning rate); the two unCLIP variants also use the
-prior, which the third does not need. Each is scored by the pixel oracle on the same prompts
+prior, which the other two do not need. Each is scored by the pixel oracle on the same prompts
 (``evaluation_prompts``), 4 samples per prompt; one table shows held-out compositions (and
 which variant wins each task), the next seen ones. With an ``upsampler`` section, every variant's
 images go through it, and each table shows each variant at the upsampler's resolution and, for
@@ -50,7 +53,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "compositional.yaml"
-VARIANTS = ("unclip", "unclip_text", "text_tokens")
+VARIANTS = ("unclip", "unclip_text", "text_tokens", "caption_transformer")
+WITHOUT_PRIOR = ("text_tokens", "caption_transformer")  # they read the caption themselves
 
 TINY_TRAINER = {"num_workers": 2, "batch_size": 16, "warmup_steps": 2, "checkpoint_every": 20}
 SHRUNK = {
@@ -129,6 +133,7 @@ def train_all(config_path: str) -> dict[str, Any]:
     for name, update in (
         ("unclip_text", {"text_conditioning": True}),
         ("text_tokens", {"condition": "text_tokens"}),
+        ("caption_transformer", {"condition": "caption_transformer"}),
     ):
         fit = train_decoder(layout, version, cfg.decoder.model_copy(update=update), holdout)
         exports[name] = fit.export_dir
@@ -378,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             color_palette(cfg.synthetic),
             cfg.clip,
             trained["clip_checkpoint"],
-            None if name == "text_tokens" else trained["prior"],
+            None if name in WITHOUT_PRIOR else trained["prior"],
             trained["decoders"][name],
             samples_per_prompt=args.samples_per_prompt,
             steps=cfg.evaluate.eval_steps,

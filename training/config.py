@@ -223,13 +223,39 @@ class DecoderConfig(PixelDiffusionObjective):
     text_drop_prob: float = Field(
         0.5, ge=0, le=1, description="Probability of dropping the caption embedding (unCLIP: 50%)."
     )
-    condition: Literal["image_embedding", "text_tokens"] = Field(
+    condition: Literal["image_embedding", "text_tokens", "caption_transformer"] = Field(
         "image_embedding",
         description="What the decoder is conditioned on: the CLIP image embedding (unCLIP, from "
-        "the prior at sampling time), or the caption alone as Imagen / GLIDE: the frozen CLIP "
-        "text transformer's token sequence read by cross-attention, with the pooled text "
-        "embedding added to the timestep embedding; no prior. Token dropout for guidance uses "
-        "cond_drop_prob.",
+        "the prior at sampling time); or the caption alone, no prior: 'text_tokens' (Imagen) "
+        "reads the frozen CLIP text transformer's token sequence by cross-attention, with the "
+        "pooled text embedding added to the timestep embedding; 'caption_transformer' (GLIDE) "
+        "reads the states of its own text transformer (text_encoder_*), trained with the UNet on "
+        "the pixel loss, the same way. Token dropout for guidance uses cond_drop_prob.",
+        json_schema_extra=IDENTITY_UNLESS_DEFAULT,
+    )
+    text_encoder_width: int = Field(
+        128,
+        ge=8,
+        description="condition 'caption_transformer': the width of its text transformer.",
+        json_schema_extra=IDENTITY_UNLESS_DEFAULT,
+    )
+    text_encoder_layers: int = Field(
+        2,
+        ge=1,
+        description="condition 'caption_transformer': its transformer layers.",
+        json_schema_extra=IDENTITY_UNLESS_DEFAULT,
+    )
+    text_encoder_heads: int = Field(
+        4,
+        ge=1,
+        description="condition 'caption_transformer': its attention heads (dividing the width).",
+        json_schema_extra=IDENTITY_UNLESS_DEFAULT,
+    )
+    text_encoder_context: int = Field(
+        32,
+        ge=4,
+        description="condition 'caption_transformer': tokens per caption (CLIP's byte-pair "
+        "encoding, start- and end-of-text included); longer captions are cut.",
         json_schema_extra=IDENTITY_UNLESS_DEFAULT,
     )
     learned_variance: bool = Field(
@@ -244,10 +270,15 @@ class DecoderConfig(PixelDiffusionObjective):
 
     @model_validator(mode="after")
     def _text_once(self) -> DecoderConfig:
-        if self.condition == "text_tokens" and self.text_conditioning:
+        if self.condition != "image_embedding" and self.text_conditioning:
             raise ValueError(
                 "decoder.text_conditioning adds the caption to the image embedding; with "
-                "decoder.condition 'text_tokens' the caption is the whole condition: set one"
+                f"decoder.condition {self.condition!r} the caption is the whole condition: set one"
+            )
+        if self.text_encoder_width % self.text_encoder_heads:
+            raise ValueError(
+                f"decoder.text_encoder_width {self.text_encoder_width} must divide by "
+                f"text_encoder_heads {self.text_encoder_heads}"
             )
         return self
 

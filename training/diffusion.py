@@ -231,8 +231,10 @@ def sample_loop(
     seed: int,
     sampler: Sampler = "ddim",
     guided_channels: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Draw x_0 by running the reverse process from pure noise.
+    """Draw x_0 by running the reverse process from pure noise (in ``dtype``, by default the
+    condition's; an integer condition, token ids, needs it given).
 
     1. x_T ~ N(0, I), drawn from a CPU generator seeded by ``seed`` (same noise on any device)
     2. for each t of the ``steps`` sub-sampled timesteps: out = guided(model, x_t, t, c)
@@ -244,7 +246,8 @@ def sample_loop(
     device = cond.device
     scheduler.set_timesteps(int(steps), device=device)
     generator = torch.Generator("cpu").manual_seed(int(seed))
-    x = torch.randn(shape, generator=generator).to(device=device, dtype=cond.dtype)
+    dtype = cond.dtype if dtype is None else dtype
+    x = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
     x = x * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         t_batch = t.expand(shape[0]).to(device)

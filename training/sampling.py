@@ -106,8 +106,8 @@ def generate(
     ``options`` are the pipeline call's keywords (``decoder_num_inference_steps``, ``seed``,
     ``prior_guidance_scale``, …). Loads the exports for this one call; to sample repeatedly,
     build the pipeline once (``UnclipPipeline.from_exports``) and call it. A decoder conditioned
-    on caption tokens (``decoder.condition: text_tokens``) reads the captions itself: it needs no
-    prior (``prior_export`` None), and any prior given is unused.
+    on the caption (``decoder.condition: text_tokens`` or ``caption_transformer``) reads the
+    captions itself: it needs no prior (``prior_export`` None), and any prior given is unused.
     """
     if isinstance(captions, str):
         raise TypeError("captions must be a list of strings, not one string")

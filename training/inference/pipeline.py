@@ -31,6 +31,7 @@ from PIL import Image
 
 from unclip.datasets.clip import ClipBundle, encode_images, encode_texts
 
+from ..models.caption_transformer import CaptionTransformer
 from ..models.decoder import DecoderSampler, load_decoder
 from ..models.prior_sampler import PriorSampler, load_prior
 from ..models.upsampler import UpsamplerSampler, load_upsampler
@@ -59,11 +60,21 @@ class UnclipPipeline(DiffusionPipeline):
         prior_scheduler (`DDPMScheduler`, *optional*): the prior's training noise schedule.
         upsampler (`UNet2DModel`, *optional*): low-res image → ``upsampler_info["output_size"]``.
         upsampler_scheduler (`DDPMScheduler`, *optional*): the upsampler's noise schedule.
+        text_encoder (`CaptionTransformer`, *optional*): the text transformer a decoder of
+            condition ``caption_transformer`` was trained with (GLIDE-style); such a decoder
+            reads the captions through it and needs no prior.
         prior_info, decoder_info, upsampler_info (`dict`): each export's sampling defaults.
     """
 
-    model_cpu_offload_seq = "clip->prior->decoder->upsampler"
-    _optional_components = ["clip", "prior", "prior_scheduler", "upsampler", "upsampler_scheduler"]
+    model_cpu_offload_seq = "clip->prior->text_encoder->decoder->upsampler"
+    _optional_components = [
+        "clip",
+        "prior",
+        "prior_scheduler",
+        "upsampler",
+        "upsampler_scheduler",
+        "text_encoder",
+    ]
 
     def __init__(
         self,
@@ -74,6 +85,7 @@ class UnclipPipeline(DiffusionPipeline):
         prior_scheduler: DDPMScheduler | None = None,
         upsampler: UNet2DModel | None = None,
         upsampler_scheduler: DDPMScheduler | None = None,
+        text_encoder: CaptionTransformer | None = None,
         prior_info: dict[str, Any] | None = None,
         decoder_info: dict[str, Any] | None = None,
         upsampler_info: dict[str, Any] | None = None,
@@ -91,6 +103,7 @@ class UnclipPipeline(DiffusionPipeline):
             decoder_scheduler=decoder_scheduler,
             upsampler=upsampler,
             upsampler_scheduler=upsampler_scheduler,
+            text_encoder=text_encoder,
         )
         self.register_to_config(
             prior_info=dict(prior_info or {}),
@@ -134,6 +147,7 @@ class UnclipPipeline(DiffusionPipeline):
             decoder=decoder.model,
             decoder_scheduler=DDPMScheduler.from_config(decoder.scheduler_config),
             decoder_info=decoder.info,
+            text_encoder=decoder.text_encoder,
             **parts,
         )
 
@@ -170,8 +184,8 @@ class UnclipPipeline(DiffusionPipeline):
 
     @property
     def decoder_reads_captions(self) -> bool:
-        """Whether the decoder is conditioned on caption tokens (and needs no prior)."""
-        return self.config.decoder_info.get("condition") == "text_tokens"
+        """Whether the decoder is conditioned on the caption alone (and needs no prior)."""
+        return self.config.decoder_info.get("condition") in ("text_tokens", "caption_transformer")
 
     def decoder_sampler(self) -> DecoderSampler:
         """The decoder with its scheduler and sampling defaults."""
@@ -180,6 +194,7 @@ class UnclipPipeline(DiffusionPipeline):
             dict(self.decoder_scheduler.config),
             dict(self.config.decoder_info),
             str(self.decoder.device),
+            text_encoder=self.text_encoder,
         )
 
     def upsampler_sampler(self) -> UpsamplerSampler | None:

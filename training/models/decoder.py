@@ -20,16 +20,21 @@ With ``condition="text_tokens"`` the decoder reads the caption alone, as Imagen 
 frozen CLIP text transformer's token sequence (``caption_tokens``), projected to the
 cross-attention width (``encoder_hid_dim_type="text_proj"``) and attended to by every attention
 block, and the pooled text embedding projected and added to the timestep embedding
-(``class_embed_type="projection"``); no image embedding and no prior.
+(``class_embed_type="projection"``); no image embedding and no prior. With
+``condition="caption_transformer"`` the same two inputs come from a text transformer trained with
+the UNet (``caption_transformer``, GLIDE's text side); the export then holds ``text_encoder/``
+beside ``unet/``.
 
 The condition a model function receives is one tensor: the image embedding [N, D], with text
-conditioning [image ‖ text] [N, 2D], or with text tokens the packed [text | tokens | mask] row,
-so the shared guidance's null condition (zeros) drops all of it.
+conditioning [image ‖ text] [N, 2D], with text tokens the packed [text | tokens | mask] row, or
+with the caption transformer the integer [token ids | mask] row, so the shared guidance's null
+condition (zeros) drops all of it.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -51,11 +56,19 @@ from .caption_tokens import (
     token_condition,
     unpack_condition,
 )
+from .caption_transformer import (
+    CaptionConditionedUNet,
+    CaptionTransformer,
+    caption_ids,
+    pack_caption_ids,
+    unpack_caption_ids,
+)
 from .diffusion_task import ExportedDiffusion, InfoValue, PixelDiffusionTask
 
 MODEL_KIND = "decoder"
 INFO_FILE = export_info_file(MODEL_KIND)
 TOKENS_KEY = "decoder.condition"
+TEXT_ENCODER_FOLDER = "text_encoder"  # in the export, beside unet/, with a caption transformer
 
 
 def build_decoder(cfg: DecoderConfig, dim: int) -> UNet2DConditionModel:
@@ -80,7 +93,9 @@ def build_decoder(cfg: DecoderConfig, dim: int) -> UNet2DConditionModel:
         )
     plain = n - cfg.attention_levels
     down = ("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * cfg.attention_levels
-    if cfg.condition == "text_tokens":
+    if cfg.condition in ("text_tokens", "caption_transformer"):
+        if cfg.condition == "caption_transformer":
+            dim = cfg.text_encoder_width  # the token states are the caption transformer's
         conditioning = {
             "cross_attention_dim": channels[-1],
             "encoder_hid_dim_type": "text_proj",  # token encodings → cross-attention width
@@ -119,6 +134,16 @@ def build_decoder(cfg: DecoderConfig, dim: int) -> UNet2DConditionModel:
     )
 
 
+def build_caption_transformer(cfg: DecoderConfig) -> CaptionTransformer:
+    """The untrained text transformer of ``decoder.condition: caption_transformer``."""
+    return CaptionTransformer(
+        context_length=cfg.text_encoder_context,
+        width=cfg.text_encoder_width,
+        layers=cfg.text_encoder_layers,
+        heads=cfg.text_encoder_heads,
+    )
+
+
 def decoder_prediction(
     model: Any,
     x_t: torch.Tensor,
@@ -132,8 +157,11 @@ def decoder_prediction(
     ``with_text``: the model is text-conditioned and ``cond`` is [image ‖ text];
     ``text_context`` > 0: the model reads that many caption tokens and ``cond`` is a packed
     [text | tokens | mask] row (both passed in, not read from ``model.config``: under the
-    trainer ``model`` is a DeepSpeed engine).
+    trainer ``model`` is a DeepSpeed engine); an integer ``cond`` is a caption transformer's
+    [token ids | mask] row and ``model`` a :class:`CaptionConditionedUNet`.
     """
+    if not cond.is_floating_point():
+        return model(x_t, t, *unpack_caption_ids(cond))
     if text_context:
         dim = (cond.shape[1] - text_context) // (text_context + 1)
         text, tokens, mask = unpack_condition(cond, text_context, dim)
@@ -180,7 +208,7 @@ class DecoderTask(CaptionTokens, PixelDiffusionTask):
         cls, layout: StorageLayout, version: str, cfg: DecoderConfig, holdout_fraction: float
     ) -> DecoderTask:
         task = super().from_manifest(layout, version, cfg, holdout_fraction)
-        if cfg.condition == "text_tokens":
+        if cfg.condition == "text_tokens":  # the caption transformer needs no CLIP
             task.attach_clip_record(layout, task.clip_id)
         return task
 
@@ -188,8 +216,21 @@ class DecoderTask(CaptionTokens, PixelDiffusionTask):
     def uses_text_tokens(self) -> bool:
         return self.cfg.condition == "text_tokens"
 
-    def build_model(self) -> UNet2DConditionModel:
-        return build_decoder(self.cfg, self.dim)
+    @property
+    def trains_text_encoder(self) -> bool:
+        return self.cfg.condition == "caption_transformer"
+
+    def build_model(self) -> UNet2DConditionModel | CaptionConditionedUNet:
+        unet = build_decoder(self.cfg, self.dim)
+        if self.trains_text_encoder:
+            return CaptionConditionedUNet(unet, build_caption_transformer(self.cfg))
+        return unet
+
+    def save_model(self, model: torch.nn.Module, directory: str) -> None:
+        if not self.trains_text_encoder:
+            return super().save_model(model, directory)
+        model.unet.save_pretrained(os.path.join(directory, self.SUBFOLDER))
+        model.text_encoder.save_pretrained(os.path.join(directory, TEXT_ENCODER_FOLDER))
 
     def stream_source(self, manifest: dict[str, Any]) -> ShardSource:
         from unclip.datasets.stream_sources import ImagePairSource
@@ -203,6 +244,9 @@ class DecoderTask(CaptionTokens, PixelDiffusionTask):
         size = self.cfg.image_size
         if images.ndim != 4 or images.shape[1:] != (size, size, 3):
             raise ValueError(f"decoder images must be [N, {size}, {size}, 3], got {images.shape}")
+        if self.trains_text_encoder:  # captions alone: no embeddings read
+            ids, mask = caption_ids(list(columns["caption"]), self.cfg.text_encoder_context)
+            return {"images": to_unit_range(images), "caption_ids": ids, "caption_mask": mask}
         if image_emb.shape != (len(images), self.dim):
             raise ValueError(
                 f"image embeddings must be [{len(images)}, {self.dim}], got {image_emb.shape}"
@@ -227,6 +271,9 @@ class DecoderTask(CaptionTokens, PixelDiffusionTask):
 
     def condition(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The condition rows of a batch, dropped for guidance (each part with its own rate)."""
+        if self.trains_text_encoder:
+            packed = pack_caption_ids(batch["caption_ids"], batch["caption_mask"])
+            return drop_condition(packed, self.cfg.cond_drop_prob)
         if self.uses_text_tokens:
             packed = pack_condition(batch["text_emb"], batch["tokens"], batch["token_mask"])
             return drop_condition(packed, self.cfg.cond_drop_prob)
@@ -271,6 +318,7 @@ class DecoderTask(CaptionTokens, PixelDiffusionTask):
             "learned_variance": self.cfg.learned_variance,
             "condition": self.cfg.condition,
             **self.token_export_info(),
+            **({"text_encoder": TEXT_ENCODER_FOLDER} if self.trains_text_encoder else {}),
         }
 
 
@@ -285,6 +333,35 @@ class DecoderSampler(CaptionClip, ExportedDiffusion):
     MODEL_CLASS = UNet2DConditionModel
     image_size = InfoValue(int)
     text_conditioning = InfoValue(bool, False)
+
+    def __init__(
+        self,
+        model: Any,
+        scheduler_config: dict[str, Any],
+        info: dict[str, Any],
+        device: str,
+        text_encoder: CaptionTransformer | None = None,
+    ) -> None:
+        super().__init__(model, scheduler_config, info, device)
+        if (text_encoder is None) == (info.get("condition") == "caption_transformer"):
+            raise ValueError(
+                "a decoder of condition 'caption_transformer' is loaded with its text encoder, "
+                "and no other decoder is"
+            )
+        self.text_encoder = None if text_encoder is None else text_encoder.to(device).eval()
+
+    @classmethod
+    def load_parts(cls, export_dir: str, info: dict[str, Any]) -> dict[str, Any]:
+        folder = info.get("text_encoder")
+        if not folder:
+            return {}
+        path = os.path.join(export_dir, folder)
+        return {"text_encoder": CaptionTransformer.from_pretrained(path, low_cpu_mem_usage=False)}
+
+    @property
+    def reads_captions(self) -> bool:
+        """Whether the decoder is conditioned on the caption alone (either kind; no prior)."""
+        return self.text_tokens or self.text_encoder is not None
 
     @property
     def text_context(self) -> int:
@@ -335,10 +412,19 @@ class DecoderSampler(CaptionClip, ExportedDiffusion):
 
         A text-conditioned decoder given no caption embeddings decodes with the null caption. A
         decoder conditioned on caption tokens ignores ``image_emb`` and reads ``captions`` (or
-        ``text_emb`` with ``token_encodings`` = (encodings [N, L, D], mask [N, L])).
+        ``text_emb`` with ``token_encodings`` = (encodings [N, L, D], mask [N, L])); one with its
+        own caption transformer reads ``captions`` alone.
         """
+        model = self.model
         if self.text_tokens:
             emb = self.caption_condition(text_emb, captions, token_encodings)
+        elif self.text_encoder is not None:
+            if captions is None:
+                raise ValueError(
+                    "this decoder reads captions with its own text encoder: pass captions="
+                )
+            emb = pack_caption_ids(*caption_ids(captions, self.text_encoder.config.context_length))
+            model = CaptionConditionedUNet(self.model, self.text_encoder)
         else:
             emb = torch.as_tensor(image_emb, dtype=torch.float32)
             if emb.ndim != 2 or emb.shape[1] != self.dim:
@@ -352,12 +438,12 @@ class DecoderSampler(CaptionClip, ExportedDiffusion):
             emb = torch.cat([emb, text.float()], dim=1)
         steps = self.sample_steps(steps)
         scale = self.guidance_scale(guidance_scale)
-        emb = emb.to(self.device, self.dtype)
+        emb = emb.to(self.device, self.dtype if emb.is_floating_point() else emb.dtype)
         learned = bool(self.info.get("learned_variance", False))
         keep = 6 if learned and sampler == "ddpm" else 3  # DDIM (η = 0) has no use for Σ_θ
         x = sample_loop(
             lambda x, t, c: decoder_prediction(
-                self.model, x, t, c, self.text_conditioning, self.text_context
+                model, x, t, c, self.text_conditioning, self.text_context
             )[:, :keep],
             (emb.shape[0], 3, self.image_size, self.image_size),
             emb,
@@ -367,6 +453,7 @@ class DecoderSampler(CaptionClip, ExportedDiffusion):
             seed,
             sampler,
             guided_channels=3 if keep == 6 else None,
+            dtype=self.dtype,
         )
         return to_uint8(x)
 

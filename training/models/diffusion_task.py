@@ -136,8 +136,12 @@ class ManifestDiffusionTask(TrainTask):
         """Model-specific entries of the export's json (beyond the shared ones)."""
         return {}
 
-    def export(self, model: torch.nn.Module, directory: str) -> None:
+    def save_model(self, model: torch.nn.Module, directory: str) -> None:
+        """Write the trained model into the export folder (diffusers layout)."""
         model.save_pretrained(os.path.join(directory, self.SUBFOLDER))
+
+    def export(self, model: torch.nn.Module, directory: str) -> None:
+        self.save_model(model, directory)
         self.scheduler().save_pretrained(os.path.join(directory, "scheduler"))
         info = {
             "embedding_dim": self.dim,
@@ -218,7 +222,13 @@ class ExportedDiffusion:
                 os.path.join(d, task.SUBFOLDER), low_cpu_mem_usage=False
             )
             scheduler_config = dict(DDPMScheduler.load_config(os.path.join(d, "scheduler")))
-        return cls(model, scheduler_config, info, device)
+            parts = cls.load_parts(d, info)
+        return cls(model, scheduler_config, info, device, **parts)
+
+    @classmethod
+    def load_parts(cls, export_dir: str, info: dict[str, Any]) -> dict[str, Any]:
+        """Further trained parts of an export beside its model (none by default)."""
+        return {}
 
     def sample_steps(self, steps: int | None) -> int:
         """The sampling steps of a call: ``steps``, else the export's ``sample_steps``."""
