@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.cloudpickle
 import torch
-from tiny import TINY_CLIP
+from tiny import TINY_CLIP, tiny_trainer
 
 from unclip.datasets.clip import build_bootstrap_clip, encode_texts, load_clip, save_clip
 from unclip.datasets.clip_records import clip_record_path
@@ -36,7 +36,9 @@ from unclip.datasets.storage import StorageLayout, atomic_write, write_json
 from unclip.datasets.stream import RankStream, ShardSource, StreamPlan, StreamShard, StreamStats
 from unclip.datasets.synthetic import render_image, sample_spec
 from unclip.training.config import DecoderConfig, PriorConfig
-from unclip.training.engine.trainer import TrainTask
+from unclip.training.engine.fit_result import FitResult
+from unclip.training.engine.runlog import read_rows
+from unclip.training.engine.trainer import TrainTask, fit
 from unclip.training.models.decoder import DecoderTask
 from unclip.training.models.prior import PriorTask
 
@@ -421,6 +423,27 @@ class DecoderDiesOnce(DecoderTask):
             open(self.marker, "w").close()
             os._exit(1)
         return super().batch(columns)
+
+
+def fit_decoder_killed_once(
+    store: EmbeddedStore, cfg: DecoderConfig, folder: str, run_name: str
+) -> tuple[FitResult, list[float]]:
+    """Train ``cfg`` (v-prediction) 40 steps on one ZeRO-1 worker that dies once at step 25;
+    check that it resumed from its step-20 checkpoint, not from scratch. → (fit, logged losses)."""
+    trainer = tiny_trainer(
+        num_workers=1, zero_stage=1, max_steps=40, checkpoint_every=10, log_every=2, lr=5e-3
+    )
+    trainer = trainer.model_copy(update={"max_failures": 1, "batch_size": 16})
+    cfg = cfg.model_copy(update={"trainer": trainer, "prediction_type": "v_prediction"})
+    task = DecoderTask.from_manifest(store.layout, store.version, cfg, HOLDOUT)
+    marker = os.path.join(folder, "died")
+    same = {f.name: getattr(task, f.name) for f in fields(task) if f.init}
+    dying = DecoderDiesOnce(**same, marker=marker, die_at=25)
+    result = fit(dying, trainer, store.layout, "decoder", run_name)
+    assert os.path.exists(marker)  # it died once, after the checkpoint at step 20
+    rows = read_rows(os.path.join(result.run_dir, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == list(range(2, 41, 2))  # resumed, not restarted
+    return result, [r["loss"] for r in rows]
 
 
 def export_untrained_cascade(root: str) -> tuple[str, str, str]:

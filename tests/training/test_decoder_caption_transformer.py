@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import fields
 
 import numpy as np
 import pytest
 import torch
-from tiny import TINY_CLIP, tiny_trainer
-from training_helpers import HOLDOUT, TINY_DECODER, DecoderDiesOnce, build_clip_store
+from tiny import TINY_CLIP
+from training_helpers import HOLDOUT, TINY_DECODER, build_clip_store, fit_decoder_killed_once
 
 from unclip.datasets.clip import load_clip
 from unclip.training.config import DecoderConfig
-from unclip.training.engine.runlog import read_rows
-from unclip.training.engine.trainer import fit
 from unclip.training.inference import UnclipPipeline
 from unclip.training.models.caption_transformer import (
     CaptionTransformer,
@@ -129,20 +126,7 @@ def clip_store(tmp_path_factory):
 def test_trains_resumes_after_a_killed_worker_exports_and_samples_without_a_prior(
     ray_local, clip_store, tmp_path
 ):
-    trainer = tiny_trainer(
-        num_workers=1, zero_stage=1, max_steps=40, checkpoint_every=10, log_every=2, lr=5e-3
-    )
-    trainer = trainer.model_copy(update={"max_failures": 1, "batch_size": 16})
-    cfg = GLIDE.model_copy(update={"trainer": trainer, "prediction_type": "v_prediction"})
-    layout, version = clip_store.layout, clip_store.version
-    task = DecoderTask.from_manifest(layout, version, cfg, HOLDOUT)
-    marker = str(tmp_path / "died")
-    same = {f.name: getattr(task, f.name) for f in fields(task) if f.init}
-    result = fit(DecoderDiesOnce(**same, marker=marker, die_at=25), trainer, layout, "decoder", "g")
-    assert os.path.exists(marker)  # it died once, after the checkpoint at step 20
-    rows = read_rows(os.path.join(result.run_dir, "metrics.jsonl"))
-    assert [r["step"] for r in rows] == list(range(2, 41, 2))  # resumed, not restarted
-    losses = [r["loss"] for r in rows]
+    result, losses = fit_decoder_killed_once(clip_store, GLIDE, str(tmp_path), "glide-killed")
     assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:2]), losses
 
     info = json.load(open(os.path.join(result.export_dir, "unclip_decoder.json")))
@@ -161,14 +145,8 @@ def test_trains_resumes_after_a_killed_worker_exports_and_samples_without_a_prio
         sampler.sample(torch.randn(2, 8))
 
     # The cascade and the diffusers pipeline need no prior; the pipeline saves and loads whole.
-    out = generate(
-        CAPTIONS,
-        TINY_CLIP,
-        clip_store.clip_dir,
-        None,
-        result.export_dir,
-        decoder_num_inference_steps=2,
-    )
+    clip_dir, export = clip_store.clip_dir, result.export_dir
+    out = generate(CAPTIONS, TINY_CLIP, clip_dir, None, export, decoder_num_inference_steps=2)
     assert np.array_equal(np.stack([np.asarray(im) for im in out]), images)
     pipe = UnclipPipeline.from_exports(result.export_dir, load_clip(TINY_CLIP, clip_store.clip_dir))
     saved = str(tmp_path / "pipe")

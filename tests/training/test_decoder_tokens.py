@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import fields
 
 import numpy as np
 import pytest
 import torch
-from tiny import TINY_CLIP, tiny_trainer
-from training_helpers import HOLDOUT, TINY_DECODER, DecoderDiesOnce, build_clip_store
+from tiny import TINY_CLIP
+from training_helpers import HOLDOUT, TINY_DECODER, build_clip_store, fit_decoder_killed_once
 
 from unclip.datasets.clip import encode_texts
 from unclip.datasets.clip_text_tokens import encode_text_tokens
 from unclip.training.config import DecoderConfig
-from unclip.training.engine.runlog import read_rows
-from unclip.training.engine.trainer import fit
 from unclip.training.models.caption_tokens import pack_condition
 from unclip.training.models.decoder import DecoderTask, decoder_prediction, load_decoder
 from unclip.training.sampling import generate
@@ -97,21 +94,7 @@ def test_text_tokens_and_caption_embedding_conditioning_are_one_or_the_other():
 def test_trains_resumes_after_a_killed_worker_exports_and_samples_from_captions(
     ray_local, clip_store, tmp_path
 ):
-    trainer = tiny_trainer(
-        num_workers=1, zero_stage=1, max_steps=40, checkpoint_every=10, log_every=2, lr=5e-3
-    )
-    trainer = trainer.model_copy(update={"max_failures": 1, "batch_size": 16})
-    cfg = TOKENS.model_copy(update={"trainer": trainer, "prediction_type": "v_prediction"})
-    layout, version = clip_store.layout, clip_store.version
-    task = DecoderTask.from_manifest(layout, version, cfg, HOLDOUT)
-    marker = str(tmp_path / "died")
-    same = {f.name: getattr(task, f.name) for f in fields(task) if f.init}
-    dying = DecoderDiesOnce(**same, marker=marker, die_at=25)
-    result = fit(dying, trainer, layout, "decoder", "tokens-killed")
-    assert os.path.exists(marker)  # it died once, after the checkpoint at step 20
-    rows = read_rows(os.path.join(result.run_dir, "metrics.jsonl"))
-    assert [r["step"] for r in rows] == list(range(2, 41, 2))  # resumed, not restarted
-    losses = [r["loss"] for r in rows]
+    result, losses = fit_decoder_killed_once(clip_store, TOKENS, str(tmp_path), "tokens-killed")
     assert np.isfinite(losses).all()
     assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:2]), losses
 
