@@ -185,7 +185,7 @@ class UnclipPipeline(DiffusionPipeline):
     @property
     def decoder_reads_captions(self) -> bool:
         """Whether the decoder is conditioned on the caption alone (and needs no prior)."""
-        return self.config.decoder_info.get("condition") in ("text_tokens", "caption_transformer")
+        return self.decoder_sampler().reads_captions
 
     def decoder_sampler(self) -> DecoderSampler:
         """The decoder with its scheduler and sampling defaults."""
