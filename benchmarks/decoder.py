@@ -64,7 +64,8 @@ from stores import ArraySource  # noqa: E402
 
 from unclip.datasets.storage import StorageLayout  # noqa: E402
 from unclip.training.config import DecoderConfig, TrainerConfig  # noqa: E402
-from unclip.training.models.decoder import DecoderTask, load_decoder  # noqa: E402
+from unclip.training.models.decoder import DecoderTask  # noqa: E402
+from unclip.training.models.decoder_sampler import load_decoder  # noqa: E402
 
 
 def image_columns(n: int, size: int, dim: int) -> dict[str, Any]:

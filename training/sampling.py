@@ -18,7 +18,7 @@ from PIL import Image
 from unclip.datasets.clip import ClipBundle, load_clip
 from unclip.datasets.config import ClipConfig
 
-from .models.decoder import DecoderSampler
+from .models.decoder_sampler import DecoderSampler
 from .models.upsampler import UpsamplerSampler
 
 if TYPE_CHECKING:

@@ -12,7 +12,8 @@ from training_helpers import DIM, TINY_DECODER, first_columns
 from training_helpers import make_decoder_task as make_task
 
 from unclip.training.config import DecoderConfig
-from unclip.training.models.decoder import build_decoder, decoder_prediction, load_decoder
+from unclip.training.models.decoder import build_decoder, decoder_prediction
+from unclip.training.models.decoder_sampler import load_decoder
 
 TINY = TINY_DECODER
 

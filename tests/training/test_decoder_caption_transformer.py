@@ -20,7 +20,8 @@ from unclip.training.models.caption_transformer import (
     pack_caption_ids,
     unpack_caption_ids,
 )
-from unclip.training.models.decoder import DecoderTask, decoder_prediction, load_decoder
+from unclip.training.models.decoder import DecoderTask, decoder_prediction
+from unclip.training.models.decoder_sampler import load_decoder
 from unclip.training.sampling import generate
 
 CONTEXT = 12

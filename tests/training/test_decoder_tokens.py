@@ -15,7 +15,8 @@ from unclip.datasets.clip import encode_texts
 from unclip.datasets.clip_text_tokens import encode_text_tokens
 from unclip.training.config import DecoderConfig
 from unclip.training.models.caption_tokens import pack_condition
-from unclip.training.models.decoder import DecoderTask, decoder_prediction, load_decoder
+from unclip.training.models.decoder import DecoderTask, decoder_prediction
+from unclip.training.models.decoder_sampler import load_decoder
 from unclip.training.sampling import generate
 
 DIM = TINY_CLIP.embed_dim

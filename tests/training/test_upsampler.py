@@ -15,7 +15,7 @@ from training_helpers import DIM, HOLDOUT, TINY_DECODER, make_decoder_task
 
 from unclip.datasets.storage import StorageLayout
 from unclip.training.config import UpsamplerConfig
-from unclip.training.models.decoder import load_decoder
+from unclip.training.models.decoder_sampler import load_decoder
 from unclip.training.models.upsampler import (
     UpsamplerTask,
     aug_timestep,

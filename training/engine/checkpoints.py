@@ -24,7 +24,7 @@ from .checkpoint_hashes import record_hashes, verify_hashes
 from .ema import Ema
 
 if TYPE_CHECKING:
-    from ..config import TrainerConfig
+    from ..trainer_config import TrainerConfig
     from .trainer import TrainTask
 
 log = logging.getLogger(__name__)

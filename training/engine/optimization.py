@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..config import TrainerConfig
+from ..trainer_config import TrainerConfig
 
 
 def warmup_cosine(warmup_steps: int, max_steps: int) -> Callable[[int], float]:

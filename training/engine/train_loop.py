@@ -23,7 +23,7 @@ import torch
 from unclip.datasets.storage import StorageLayout
 from unclip.datasets.stream import RankStream, ShardSource, StreamPlan
 
-from ..config import TrainerConfig
+from ..trainer_config import TrainerConfig
 from .artifacts import publish_dir
 from .checkpoints import load_checkpoint, write_checkpoint
 from .ema import Ema

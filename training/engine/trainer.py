@@ -21,7 +21,7 @@ from unclip.datasets.ray_runtime import ensure_started
 from unclip.datasets.storage import StorageLayout
 from unclip.datasets.stream import Columns, ShardSource
 
-from ..config import TrainerConfig
+from ..trainer_config import TrainerConfig
 from .checkpoints import check_resumable
 from .fit_result import EXPORT_DIRNAME, FitResult, completed_fit, finished_run
 from .progress import ProgressRelay

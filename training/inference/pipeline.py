@@ -32,7 +32,7 @@ from PIL import Image
 from unclip.datasets.clip import ClipBundle, encode_images, encode_texts
 
 from ..models.caption_transformer import CaptionTransformer
-from ..models.decoder import DecoderSampler, load_decoder
+from ..models.decoder_sampler import DecoderSampler, load_decoder
 from ..models.prior_sampler import PriorSampler, load_prior
 from ..models.upsampler import UpsamplerSampler, load_upsampler
 from ..sampling import check_captions, check_cascade, check_clip, slerp
