@@ -31,7 +31,7 @@ caption names: each held-out colour–shape pair rendered alone, and each held-o
 a relation sample, with ``clip_picture_pick`` (does the caption's text embedding prefer its picture
 to the inverse relation's?).
 
-    python benchmarks/compositional.py                # full size: ~70 min on 2 CPUs
+    python benchmarks/compositional.py                # full size: ~41 min on 2 CPUs
     python benchmarks/compositional.py --shrunk       # seconds-scale models: checks it runs
     python benchmarks/compositional.py --config my-variant.yaml   # another config, same table
 """
