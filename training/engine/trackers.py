@@ -217,7 +217,14 @@ class WandbTracker:
         return None  # W&B syncs on its own thread
 
     def close(self) -> None:
+        import wandb
+
         self.run.finish()
+        # finish() can return before W&B's service has written the run's records (an offline
+        # run's .wandb file was seen holding its header alone), and its atexit teardown does not
+        # run reliably in a Ray worker: wait for it here, unless this process has another run.
+        if wandb.run is None:
+            wandb.teardown()
 
 
 class Trackers:
